@@ -1,0 +1,5 @@
+"""`python -m meshproxy`."""
+
+from .cli import main
+
+main()

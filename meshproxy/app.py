@@ -1,0 +1,189 @@
+"""Wiring and lifecycle: load -> compile -> listeners + admin + watcher; reload swaps the table; drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+
+from .istio.load import load
+from .istio.model import Snapshot
+from .istio.problems import ConfigError, Problem
+from .istio.watch import config_signature
+from .proxy.listener import DownstreamProtocol, ListenerContext
+from .proxy.upstream import UpstreamPool
+from .routing.cluster import Cluster, Endpoint
+from .routing.compile import Identity, compile_table
+from .routing.match import CATCH_ALL
+from .routing.picker import WeightedPicker
+from .routing.policy import ACTION_ROUTE, HeaderMutation, RetryPolicy, Route, RouteDestination
+from .routing.table import RouteTable, VirtualHost
+from .settings import InboundSpec, Settings
+
+log = logging.getLogger("meshproxy")
+
+INBOUND_SERVER = HeaderMutation(set=((b"server", b"istio-envoy"),))
+# Istio's inbound route retry: only what cannot have reached the app (ConvertInboundPolicy).
+INBOUND_RETRY = RetryPolicy.compile(2, "reset-before-request,connect-failure")
+
+
+def identity_of(settings: Settings) -> Identity:
+    return Identity(name=settings.workload, namespace=settings.namespace, labels=dict(settings.labels),
+                    gateways=settings.gateways)
+
+
+def inbound_table(spec: InboundSpec) -> RouteTable:
+    """The inbound side: every request goes to the local app (cluster inbound|PORT||)."""
+    port = spec.app[1]
+    cluster = Cluster(Cluster.name_of("inbound", port, "", ""), "", port, "", (Endpoint(spec.app[0], port),))
+    dest = RouteDestination("", "", cluster)
+    route = Route(name="default", virtual_service="", index=-1, match=CATCH_ALL, action=ACTION_ROUTE,
+                  picker=WeightedPicker.compile([(dest, 1)]), retry=INBOUND_RETRY, operation=f"inbound|{port}||")
+    vhost = VirtualHost(f"inbound|http|{port}", ("*",), (route,))
+    return RouteTable(exact={}, wildcards=(), catch_all=vhost)
+
+
+@dataclass(slots=True)
+class ConfigState:
+    """The running configuration; `table` is replaced whole on reload, never edited."""
+
+    table: RouteTable
+    snapshot: Snapshot
+    warnings: list[Problem]
+    version: int = 1
+    loaded_at: float = field(default_factory=time.time)
+    reloads_accepted: int = 0
+    reloads_rejected: int = 0
+    last_error: str = ""
+
+
+def load_config(settings: Settings) -> tuple[RouteTable, Snapshot, list[Problem]]:
+    """Load and compile; raises ConfigError. Warnings are returned, not raised."""
+    result = load(settings.config)
+    table, warnings = compile_table(result.snapshot, identity_of(settings))
+    return table, result.snapshot, result.warnings + warnings
+
+
+class ProxyApp:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        table, snapshot, warnings = load_config(settings)
+        for problem in warnings:
+            log.warning("%s", problem)
+        self.config = ConfigState(table, snapshot, warnings)
+        self.signature = config_signature(settings.config)
+        self.rng = random.Random(settings.seed)
+        self.pool = UpstreamPool(settings.upstream_idle_timeout, settings.connect_timeout)
+        self.contexts: list[ListenerContext] = []
+        self.servers: list[asyncio.Server] = []
+        self.ready = False
+        self.stopping: asyncio.Event | None = None  # created in start(), inside the loop
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self._watcher: asyncio.Task[None] | None = None
+
+    # ---- config
+
+    def reload(self, reason: str) -> bool:
+        """Load the config again; a bad one changes nothing and says why."""
+        try:
+            table, snapshot, warnings = load_config(self.settings)
+        except ConfigError as exc:
+            self.config.reloads_rejected += 1
+            errors = [p for p in exc.problems if p.severity == "error"]
+            self.config.last_error = "\n".join(str(p) for p in errors)
+            log.error("config rejected (%s), keeping version %d: %s", reason, self.config.version,
+                      "; ".join(str(p) for p in errors))
+            return False
+        for problem in warnings:
+            log.warning("%s", problem)
+        state = self.config
+        self.config = ConfigState(table, snapshot, warnings, state.version + 1, time.time(),
+                                  state.reloads_accepted + 1, state.reloads_rejected)
+        log.info("config version %d loaded (%s)", self.config.version, reason)
+        return True
+
+    async def watch(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            signature = config_signature(self.settings.config)
+            if signature != self.signature:
+                self.signature = signature
+                self.reload("files changed")
+
+    # ---- lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        settings = self.settings
+        if settings.listen is not None:
+            ctx = ListenerContext("outbound", lambda: self.config.table, self.pool, rng=self.rng)
+            await self._listen(ctx, settings.listen)
+        for spec in settings.inbound:
+            table = inbound_table(spec)
+            ctx = ListenerContext(f"inbound:{spec.app[1]}", lambda t=table: t, self.pool, server_name=b"istio-envoy",
+                                  response_mutation=INBOUND_SERVER, rng=self.rng)
+            await self._listen(ctx, spec.listen)
+        if settings.admin is not None:
+            from .admin import start_admin  # aiohttp is only needed for the admin port
+
+            self.addresses["admin"] = await start_admin(self, settings.admin)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
+        if settings.watch_interval > 0 and settings.config:
+            self._watcher = loop.create_task(self.watch(settings.watch_interval))
+        self.ready = True
+        for name, (host, port) in self.addresses.items():
+            log.info("%s listening on %s:%d", name, host, port)
+
+    async def _listen(self, ctx: ListenerContext, address: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: DownstreamProtocol(ctx), address[0], address[1],
+                                          reuse_address=True, backlog=4096)
+        sock = server.sockets[0].getsockname()
+        self.addresses[ctx.name] = (sock[0], sock[1])
+        self.contexts.append(ctx)
+        self.servers.append(server)
+
+    def request_stop(self) -> None:
+        if self.stopping is not None:
+            self.stopping.set()
+
+    async def drain(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded by drain_time), then close."""
+        self.ready = False
+        for server in self.servers:
+            server.close()
+        for ctx in self.contexts:
+            ctx.start_draining()
+        deadline = time.monotonic() + self.settings.drain_time
+        while any(ctx.connections for ctx in self.contexts) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        left = sum(len(ctx.connections) for ctx in self.contexts)
+        if left:
+            log.warning("drain time over: closing %d connections", left)
+            for ctx in self.contexts:
+                for conn in list(ctx.connections):
+                    conn.reset_after_write()
+        self.pool.close_idle()
+
+    async def run(self) -> None:
+        await self.start()
+        assert self.stopping is not None
+        await self.stopping.wait()
+        log.info("draining (up to %.1fs)", self.settings.drain_time)
+        await self.drain()
+        log.info("stopped")
+
+
+def run(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; 0 after a clean drain."""
+    import uvloop
+
+    app = ProxyApp(settings)
+    uvloop.run(app.run())
+    return 0

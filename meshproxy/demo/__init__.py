@@ -1,0 +1,1 @@
+"""Demo workloads that run behind meshproxy (Istio's Bookinfo sample)."""

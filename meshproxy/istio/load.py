@@ -1,0 +1,831 @@
+"""Files and folders of Istio YAML -> a validated Snapshot of model resources.
+
+Two passes per document: the schema (unknown fields, wrong types: what the CRD's
+structural schema rejects), then the values (what Istio's validation webhook
+rejects: RE2 regexes, weights, durations, status codes...). Every problem is
+collected with its file, document index and field path; nothing is applied
+unless the whole set is valid.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import ipaddress
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import re2
+import yaml
+
+from . import model as m
+from .problems import ConfigError, Problem
+from .schema import DEPRECATED, KINDS, MESSAGES, METADATA, ONEOFS
+
+log = logging.getLogger("meshproxy.config")
+
+GROUP = "networking.istio.io"
+SERVED_VERSIONS = ("v1", "v1beta1", "v1alpha3")
+YAML_SUFFIXES = (".yaml", ".yml", ".json")
+MAX_FILE_BYTES = 1 << 20  # a bigger file is refused, not parsed
+MAX_YAML_NODES = 200_000  # counted with aliases expanded: no alias bombs
+MAX_REGEX_LENGTH = 1024  # Istio validateStringRegexp
+MAX_REGEX_PROGRAM_SIZE = 32768  # Istio's re2.max_program_size.error_level
+MAX_DIRECT_RESPONSE_BYTES = 1 << 20
+
+RE2_OPTIONS = re2.Options()
+RE2_OPTIONS.log_errors = False
+
+DURATION_RE = re.compile(r"(?:(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+")
+DURATION_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+PSEUDO_HEADERS = (":method", ":scheme", ":authority", ":path", ":status")
+DNS1123_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+HOST_LABEL_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?")
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+RETRY_ON_POLICIES = frozenset(
+    {
+        "5xx", "gateway-error", "reset", "reset-before-request", "connect-failure", "envoy-ratelimited",
+        "retriable-4xx", "refused-stream", "retriable-status-codes", "retriable-headers",
+        "http3-post-connect-failure", "cancelled", "deadline-exceeded", "internal",
+        "resource-exhausted", "unavailable",
+    }
+)
+SE_RESOLUTIONS = ("NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS")
+PORT_PROTOCOLS = ("HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "TCP", "TLS", "UDP", "REDIS", "MYSQL")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def config_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand folders (recursively, sorted, hidden entries skipped as Kubernetes' `..data` links)."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                rel = child.relative_to(path).parts
+                if child.is_file() and child.suffix in YAML_SUFFIXES and not any(p.startswith(".") for p in rel):
+                    files.append(child)
+        else:
+            files.append(path)
+    return files
+
+
+@dataclass(slots=True)
+class LoadResult:
+    snapshot: m.Snapshot
+    warnings: list[Problem] = field(default_factory=list)
+
+
+def load(paths: Iterable[str | Path]) -> LoadResult:
+    """Load files and folders; raise ConfigError (errors and warnings) if anything is invalid."""
+    files = config_files(paths)
+    problems: list[Problem] = []
+    resources: dict[tuple[str, str, str], Any] = {}
+    for path in files:
+        name = str(path)
+        try:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                problems.append(Problem(name, 0, "", f"file is larger than {MAX_FILE_BYTES} bytes"))
+                continue
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(Problem(name, 0, "", f"cannot read: {exc}"))
+            continue
+        for resource in load_text(text, name, problems):
+            key = resource.meta.key
+            if key in resources:
+                old = resources[key].meta.origin
+                problems.append(
+                    Problem(name, resource.meta.origin.doc, "metadata.name",
+                            f"replaces {key[0]} {key[1]}/{key[2]} from {old}", "warning")
+                )
+            resources[key] = resource
+    if any(p.severity == "error" for p in problems):
+        raise ConfigError(problems)
+    return LoadResult(snapshot_of(resources.values(), tuple(str(f) for f in files)), problems)
+
+
+def snapshot_of(resources: Iterable[Any], files: tuple[str, ...] = ()) -> m.Snapshot:
+    items = list(resources)
+    return m.Snapshot(
+        virtual_services=tuple(r for r in items if isinstance(r, m.VirtualService)),
+        destination_rules=tuple(r for r in items if isinstance(r, m.DestinationRule)),
+        service_entries=tuple(r for r in items if isinstance(r, m.ServiceEntry)),
+        gateways=tuple(r for r in items if isinstance(r, m.Gateway)),
+        files=files,
+    )
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and documents that expand past MAX_YAML_NODES."""
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    cached = memo.get(id(node))
+    if cached is not None:
+        return cached
+    memo[id(node)] = MAX_YAML_NODES + 1  # a cycle counts as too big
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    memo[id(node)] = size
+    return size
+
+
+def _duplicate_key(node: yaml.Node) -> str | None:
+    stack = [node]
+    seen_nodes: set[int] = set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen_nodes:
+            continue
+        seen_nodes.add(id(current))
+        if isinstance(current, yaml.MappingNode):
+            keys: set[str] = set()
+            for key, value in current.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    if key.value in keys:
+                        return f"duplicate key {key.value!r} at line {key.start_mark.line + 1}"
+                    keys.add(key.value)
+                stack.append(value)
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend(current.value)
+    return None
+
+
+def yaml_documents(text: str, file: str, problems: list[Problem]) -> list[tuple[int, Any]]:
+    """Parse a multi-document YAML stream safely; (index, data) for each non-empty document."""
+    docs: list[tuple[int, Any]] = []
+    loader = _SafeLoader(text)
+    index = 0
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is not None:
+                if _expanded_size(node, {}) > MAX_YAML_NODES:
+                    problems.append(Problem(file, index, "", f"document expands to more than {MAX_YAML_NODES} nodes"))
+                elif (dup := _duplicate_key(node)) is not None:
+                    problems.append(Problem(file, index, "", dup))
+                else:
+                    data = loader.construct_document(node)
+                    if data is not None:
+                        docs.append((index, data))
+            index += 1
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        reason = getattr(exc, "problem", None) or str(exc)
+        problems.append(Problem(file, index, "", f"invalid YAML{where}: {reason}"))
+    except RecursionError:
+        problems.append(Problem(file, index, "", "document nests too deeply"))
+    finally:
+        loader.dispose()
+    return docs
+
+
+# --------------------------------------------------------------------------- documents
+
+
+class _Doc:
+    """Problem collector for one document."""
+
+    __slots__ = ("file", "index", "problems", "errors")
+
+    def __init__(self, file: str, index: int, problems: list[Problem]) -> None:
+        self.file, self.index, self.problems, self.errors = file, index, problems, 0
+
+    def error(self, path: str, message: str) -> None:
+        self.errors += 1
+        self.problems.append(Problem(self.file, self.index, path, message))
+
+    def warn(self, path: str, message: str) -> None:
+        self.problems.append(Problem(self.file, self.index, path, message, "warning"))
+
+
+def load_text(text: str, file: str, problems: list[Problem]) -> list[Any]:
+    """Resources of one file's text; problems are appended to `problems`."""
+    resources = []
+    for index, data in yaml_documents(text, file, problems):
+        doc = _Doc(file, index, problems)
+        resource = _load_document(data, doc)
+        if resource is not None and doc.errors == 0:
+            resources.append(resource)
+    return resources
+
+
+def _load_document(data: Any, doc: _Doc) -> Any:
+    if not isinstance(data, dict):
+        doc.error("", f"a document must be a mapping, got {_type_name(data)}")
+        return None
+    kind, api_version = data.get("kind"), data.get("apiVersion")
+    if not isinstance(kind, str) or not isinstance(api_version, str):
+        missing = [k for k, v in (("apiVersion", api_version), ("kind", kind)) if not isinstance(v, str)]
+        doc.error(missing[0], f"not a Kubernetes resource: {' and '.join(missing)} must be set")
+        return None
+    group, _, version = api_version.rpartition("/")
+    if group != GROUP or kind not in KINDS:
+        log.debug("%s:%d: skipping %s %s (not an Istio networking resource meshproxy uses)",
+                  doc.file, doc.index, api_version, kind)
+        return None
+    if version not in SERVED_VERSIONS:
+        doc.error("apiVersion", f"{api_version} is not served; use one of {', '.join(f'{GROUP}/{v}' for v in SERVED_VERSIONS)}")
+        return None
+    for key in data:
+        if key not in ("apiVersion", "kind", "metadata", "spec", "status"):
+            doc.error(str(key), f"unknown field {key!r}")
+    metadata = data.get("metadata")
+    if not isinstance(metadata, dict):
+        doc.error("metadata", "is required and must be a mapping")
+        return None
+    _check_message(doc, metadata, METADATA, "metadata", "ObjectMeta")
+    name, namespace = metadata.get("name"), metadata.get("namespace", "default")
+    if not isinstance(name, str) or not DNS1123_SUBDOMAIN_RE.fullmatch(name):
+        doc.error("metadata.name", f"{name!r} is not a valid resource name (lower-case DNS-1123 subdomain)")
+    if not isinstance(namespace, str) or not DNS1123_SUBDOMAIN_RE.fullmatch(namespace):
+        doc.error("metadata.namespace", f"{namespace!r} is not a valid namespace")
+    spec = data.get("spec")
+    if not isinstance(spec, dict):
+        doc.error("spec", "is required and must be a mapping")
+        return None
+    message = KINDS[kind]
+    _check(doc, spec, message, "spec")
+    if doc.errors:
+        return None
+    meta = m.Resource(kind, str(name), str(namespace), m.Origin(doc.file, doc.index), spec)
+    return BUILDERS[kind](doc, meta, spec)
+
+
+# --------------------------------------------------------------------------- schema pass
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _check(doc: _Doc, value: Any, typ: Any, path: str) -> None:
+    if isinstance(typ, tuple):
+        tag = typ[0]
+        if tag == "list":
+            if not isinstance(value, list):
+                doc.error(path, f"expected a list, got {_type_name(value)}")
+                return
+            for i, item in enumerate(value):
+                _check(doc, item, typ[1], f"{path}[{i}]")
+        elif tag == "map":
+            if not isinstance(value, dict):
+                doc.error(path, f"expected a mapping, got {_type_name(value)}")
+                return
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    doc.error(path, f"keys must be strings, got {_type_name(key)} {key!r}")
+                    continue
+                _check(doc, item, typ[1], f"{path}.{key}")
+        elif tag == "enum":
+            if isinstance(value, str) and value in typ[1]:
+                return
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(typ[1]):
+                return
+            doc.error(path, f"{value!r} is not one of {', '.join(sorted(typ[1]))}")
+        return
+    if typ in MESSAGES:
+        if not isinstance(value, dict):
+            doc.error(path, f"expected a mapping ({typ}), got {_type_name(value)}")
+            return
+        _check_message(doc, value, MESSAGES[typ], path, typ)
+        return
+    _check_scalar(doc, value, typ, path)
+
+
+def _check_message(doc: _Doc, value: dict[Any, Any], fields: Mapping[str, Any], path: str, message: str) -> None:
+    for key, item in value.items():
+        sub = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            doc.error(sub, f"unknown field {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+            continue
+        note = DEPRECATED.get((message, key))
+        if note:
+            doc.warn(sub, f"deprecated: {note}")
+        if item is None:
+            continue  # YAML `field:` with no value is the field left out
+        _check(doc, item, fields[key], sub)
+    for group in ONEOFS.get(message, ()):
+        present = [f for f in group if value.get(f) is not None]
+        if len(present) > 1:
+            doc.error(path, f"only one of {', '.join(group)} may be set, got {', '.join(present)}")
+
+
+INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "uint32": (0, 2**32 - 1), "int64": (-(2**63), 2**63 - 1)}
+
+
+def _check_scalar(doc: _Doc, value: Any, typ: str, path: str) -> None:
+    if typ in ("value", "struct"):
+        if typ == "struct" and not isinstance(value, dict):
+            doc.error(path, f"expected a mapping, got {_type_name(value)}")
+        return
+    if typ in ("string", "bytes"):
+        ok = isinstance(value, str)
+    elif typ == "bool":
+        ok = isinstance(value, bool)
+    elif typ in INT_RANGES:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and not INT_RANGES[typ][0] <= value <= INT_RANGES[typ][1]:
+            doc.error(path, f"{value} is out of range for {typ}")
+            return
+    elif typ == "double":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif typ == "duration":
+        ok = isinstance(value, str) and DURATION_RE.fullmatch(value) is not None
+        if not ok:
+            doc.error(path, f"{value!r} is not a duration (like 1.5s, 100ms, 1m30s)")
+            return
+    else:
+        raise AssertionError(f"schema names unknown type {typ!r} at {path}")
+    if not ok:
+        hint = " (quote it)" if typ == "string" and isinstance(value, (int, float, bool)) else ""
+        doc.error(path, f"expected {typ}, got {_type_name(value)} {value!r}{hint}")
+
+
+# --------------------------------------------------------------------------- value pass and model
+
+
+def parse_duration(text: str) -> float:
+    """Go/Istio duration text (already schema-checked) -> seconds."""
+    return sum(float(num) * DURATION_UNITS[unit] for num, unit in DURATION_PART_RE.findall(text))
+
+
+def _duration(doc: _Doc, spec: Mapping[str, Any], key: str, path: str, *, ms_precision: bool = True) -> float | None:
+    raw = spec.get(key)
+    if raw is None:
+        return None
+    seconds = parse_duration(raw)
+    if ms_precision:
+        if seconds < 0.001:
+            doc.error(f"{path}.{key}", f"{raw!r}: duration must be at least 1ms")
+        elif abs(seconds * 1000 - round(seconds * 1000)) > 1e-6:
+            doc.error(f"{path}.{key}", f"{raw!r}: only durations to ms precision are supported")
+    return seconds
+
+
+def compile_regex(pattern: str) -> Any:
+    """The one place config regexes are compiled: RE2 (Istio's engine), with Istio's limits."""
+    if not pattern:
+        raise ValueError("regex must not be empty")
+    if len(pattern) > MAX_REGEX_LENGTH:
+        raise ValueError(f"regex is longer than {MAX_REGEX_LENGTH} characters")
+    try:
+        compiled = re2.compile(pattern, RE2_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise ValueError(f"{pattern!r} is not a valid RE2 regex: {reason}") from None
+    if compiled.programsize > MAX_REGEX_PROGRAM_SIZE:
+        raise ValueError(f"regex program size {compiled.programsize} is over the limit {MAX_REGEX_PROGRAM_SIZE}")
+    return compiled
+
+
+def _regex_ok(doc: _Doc, pattern: str, path: str) -> bool:
+    try:
+        compile_regex(pattern)
+    except ValueError as exc:
+        doc.error(path, str(exc))
+        return False
+    return True
+
+
+def _string_match(doc: _Doc, spec: Mapping[str, Any] | None, path: str, *, header: bool = False) -> m.StringMatch | None:
+    if spec is None:
+        return None
+    if not spec:
+        return m.StringMatch("present")
+    if "exact" in spec:
+        return m.StringMatch("exact", spec["exact"])
+    if "prefix" in spec:
+        if spec["prefix"] == "":
+            doc.error(f"{path}.prefix", "empty prefix is invalid; use {} to match presence")
+        return m.StringMatch("prefix", spec["prefix"])
+    regex = spec.get("regex", "")
+    if header and regex == "*":
+        return m.StringMatch("present")  # Istio special-cases regex "*" as presence
+    _regex_ok(doc, regex, f"{path}.regex")
+    return m.StringMatch("regex", regex)
+
+
+def _header_name_ok(doc: _Doc, name: str, path: str) -> None:
+    if name in PSEUDO_HEADERS:
+        return
+    if not HEADER_NAME_RE.fullmatch(name):
+        doc.error(path, f"{name!r} is not a valid HTTP header name")
+    elif "_" in name:
+        doc.warn(path, f"header name {name!r} has an underscore: proxies and load balancers often drop such headers")
+
+
+def _header_matches(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> tuple[tuple[str, m.StringMatch], ...]:
+    out = []
+    for name, match in (spec or {}).items():
+        sub = f"{path}.{name}"
+        if name.startswith("@request.auth.claims"):
+            doc.warn(sub, "JWT claim matches need RequestAuthentication, which meshproxy does not implement: never matches")
+        else:
+            _header_name_ok(doc, name, sub)
+        string_match = _string_match(doc, match or {}, sub, header=True)
+        if string_match is not None:
+            out.append((name.lower(), string_match))
+    return tuple(out)
+
+
+def _match_request(doc: _Doc, spec: Mapping[str, Any], path: str) -> m.HTTPMatchRequest:
+    query = []
+    for name, match in (spec.get("queryParams") or {}).items():
+        query.append((name, _string_match(doc, match or {}, f"{path}.queryParams.{name}") or m.StringMatch("present")))
+    port = spec.get("port")
+    if port is not None and not 1 <= port <= 65535:
+        doc.error(f"{path}.port", f"{port} is not a valid port")
+    uri = _string_match(doc, spec.get("uri"), f"{path}.uri")
+    if spec.get("ignoreUriCase") and uri is not None and uri.kind == "regex":
+        doc.warn(f"{path}.ignoreUriCase", "ignoreUriCase does not apply to regex matches (as in Envoy)")
+    return m.HTTPMatchRequest(
+        name=spec.get("name", ""),
+        uri=uri,
+        scheme=_string_match(doc, spec.get("scheme"), f"{path}.scheme"),
+        method=_string_match(doc, spec.get("method"), f"{path}.method"),
+        authority=_string_match(doc, spec.get("authority"), f"{path}.authority"),
+        headers=_header_matches(doc, spec.get("headers"), f"{path}.headers"),
+        without_headers=_header_matches(doc, spec.get("withoutHeaders"), f"{path}.withoutHeaders"),
+        query_params=tuple(query),
+        ignore_uri_case=bool(spec.get("ignoreUriCase", False)),
+        port=port,
+        source_labels=dict(spec.get("sourceLabels") or {}),
+        source_namespace=spec.get("sourceNamespace", ""),
+        gateways=tuple(spec.get("gateways") or ()),
+    )
+
+
+def _port_selector(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> int | None:
+    if not spec or spec.get("number") is None:
+        return None
+    number = int(spec["number"])
+    if not 1 <= number <= 65535:
+        doc.error(f"{path}.number", f"{number} is not a valid port")
+    return number
+
+
+def _destination(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.Destination:
+    spec = spec or {}
+    host = spec.get("host", "")
+    if not host:
+        doc.error(f"{path}.host", "destination host is required")
+    elif host != "*" and not _valid_host(host.removeprefix("*.")):
+        doc.error(f"{path}.host", f"{host!r} is not a valid host name")
+    return m.Destination(host=host, subset=spec.get("subset", ""), port=_port_selector(doc, spec.get("port"), f"{path}.port"))
+
+
+def _header_operations(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.HeaderOperations:
+    spec = spec or {}
+    for op in ("set", "add"):
+        for name in spec.get(op) or {}:
+            _header_name_ok(doc, name, f"{path}.{op}.{name}")
+    for i, name in enumerate(spec.get("remove") or ()):
+        _header_name_ok(doc, name, f"{path}.remove[{i}]")
+    return m.HeaderOperations(
+        set=tuple((k.lower(), v) for k, v in (spec.get("set") or {}).items()),
+        add=tuple((k.lower(), v) for k, v in (spec.get("add") or {}).items()),
+        remove=tuple(n.lower() for n in spec.get("remove") or ()),
+    )
+
+
+def _headers(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.Headers | None:
+    if spec is None:
+        return None
+    return m.Headers(
+        request=_header_operations(doc, spec.get("request"), f"{path}.request"),
+        response=_header_operations(doc, spec.get("response"), f"{path}.response"),
+    )
+
+
+def _percentage(doc: _Doc, spec: Mapping[str, Any], path: str) -> float:
+    """`percentage: {value: double}`, or the deprecated integer `percent`; absent -> 0 (never fires)."""
+    if spec.get("percentage") is not None:
+        value = float(spec["percentage"].get("value", 0.0))
+        sub = f"{path}.percentage.value"
+    elif spec.get("percent") is not None:
+        value, sub = float(spec["percent"]), f"{path}.percent"
+    else:
+        return 0.0
+    if not 0.0 <= value <= 100.0:
+        doc.error(sub, f"{value} is not a percentage between 0 and 100")
+    return value
+
+
+def _fault(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.HTTPFaultInjection | None:
+    if spec is None:
+        return None
+    delay = abort = None
+    if (d := spec.get("delay")) is not None:
+        sub = f"{path}.delay"
+        if d.get("exponentialDelay") is not None:
+            doc.error(f"{sub}.exponentialDelay", "exponentialDelay is not supported (as in Istio)")
+        fixed = _duration(doc, d, "fixedDelay", sub)
+        if fixed is None:
+            doc.error(f"{sub}.fixedDelay", "fixedDelay is required")
+        delay = m.Delay(fixed_delay=fixed or 0.0, percentage=_percentage(doc, d, sub))
+    if (a := spec.get("abort")) is not None:
+        sub = f"{path}.abort"
+        status = a.get("httpStatus")
+        if status is not None and not 200 <= status <= 600:
+            doc.error(f"{sub}.httpStatus", f"invalid abort http status {status}: not in range 200-599")
+        if status is None and not a.get("grpcStatus"):
+            if a.get("http2Error"):
+                doc.error(f"{sub}.http2Error", "http2Error aborts are not supported on HTTP/1.1")
+            else:
+                doc.error(sub, "one of httpStatus or grpcStatus is required")
+        abort = m.Abort(http_status=status or 0, grpc_status=a.get("grpcStatus", ""), percentage=_percentage(doc, a, sub))
+    if delay is None and abort is None:
+        doc.error(path, "fault must have a delay or an abort")
+    return m.HTTPFaultInjection(delay=delay, abort=abort)
+
+
+def _retries(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.HTTPRetry | None:
+    if spec is None:
+        return None
+    attempts = spec.get("attempts", 0)
+    if attempts < 0:
+        doc.error(f"{path}.attempts", "attempts cannot be negative")
+    retry_on = spec.get("retryOn", "")
+    for token in filter(None, (t.strip() for t in retry_on.split(","))):
+        if token.isdigit():
+            if not 100 <= int(token) <= 599:
+                doc.error(f"{path}.retryOn", f"{token} is not an HTTP status code")
+        elif token not in RETRY_ON_POLICIES:
+            doc.error(f"{path}.retryOn", f"{token!r} is not a valid retryOn policy")
+    per_try = _duration(doc, spec, "perTryTimeout", path)
+    if attempts == 0 and (per_try is not None or retry_on):
+        doc.error(path, "http retry policy configured when attempts are set to 0 (disabled)")
+    return m.HTTPRetry(
+        attempts=attempts,
+        per_try_timeout=per_try,
+        retry_on=retry_on,
+        retry_remote_localities=bool(spec.get("retryRemoteLocalities", False)),
+        retry_ignore_previous_hosts=bool(spec.get("retryIgnorePreviousHosts", True)),
+        backoff=_duration(doc, spec, "backoff", path),
+    )
+
+
+def _redirect(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.HTTPRedirect | None:
+    if spec is None:
+        return None
+    code = spec.get("redirectCode", 301)
+    if code not in REDIRECT_CODES:
+        doc.error(f"{path}.redirectCode", f"{code} is not a redirect code ({', '.join(map(str, REDIRECT_CODES))})")
+    if spec.get("uri") and spec.get("prefixRewrite"):
+        doc.error(path, "uri and prefixRewrite cannot both be set")
+    if not any(spec.get(k) for k in ("uri", "prefixRewrite", "authority", "scheme", "port", "derivePort")):
+        doc.error(path, "redirect must specify uri, prefixRewrite, authority, scheme, port or derivePort")
+    return m.HTTPRedirect(
+        uri=spec.get("uri", ""), prefix_rewrite=spec.get("prefixRewrite", ""), authority=spec.get("authority", ""),
+        scheme=spec.get("scheme", ""), port=spec.get("port"), derive_port=spec.get("derivePort", ""),
+        redirect_code=code,
+    )
+
+
+def _direct_response(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.HTTPDirectResponse | None:
+    if spec is None:
+        return None
+    status = spec.get("status")
+    if status is None or not 200 <= status <= 599:
+        doc.error(f"{path}.status", f"status {status} must be in range 200-599")
+    body_spec = spec.get("body") or {}
+    body = b""
+    if "string" in body_spec:
+        body = body_spec["string"].encode()
+    elif "bytes" in body_spec:
+        try:
+            body = base64.b64decode(body_spec["bytes"], validate=True)
+        except ValueError:
+            doc.error(f"{path}.body.bytes", "is not valid base64")
+    if len(body) > MAX_DIRECT_RESPONSE_BYTES:
+        doc.error(f"{path}.body", "direct response body is larger than 1 MB")
+    return m.HTTPDirectResponse(status=status or 200, body=body)
+
+
+def _rewrite(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.HTTPRewrite | None:
+    if spec is None:
+        return None
+    regex = spec.get("uriRegexRewrite") or {}
+    if spec.get("uri") and regex:
+        doc.error(path, "uri and uriRegexRewrite cannot both be set")
+    if regex:
+        _regex_ok(doc, regex.get("match", ""), f"{path}.uriRegexRewrite.match")
+    return m.HTTPRewrite(
+        uri=spec.get("uri", ""), authority=spec.get("authority", ""),
+        uri_regex_match=regex.get("match", ""), uri_regex_rewrite=regex.get("rewrite", ""),
+    )
+
+
+def _mirrors(doc: _Doc, spec: Mapping[str, Any], path: str) -> tuple[m.HTTPMirrorPolicy, ...]:
+    if spec.get("mirror") and spec.get("mirrors"):
+        doc.error(f"{path}.mirrors", "mirror and mirrors cannot both be set")
+    out = []
+    if spec.get("mirror"):
+        percent = 100.0
+        if spec.get("mirrorPercentage") is not None:
+            percent = float(spec["mirrorPercentage"].get("value", 0.0))
+        elif spec.get("mirrorPercent") is not None:
+            percent = float(spec["mirrorPercent"])
+        out.append(m.HTTPMirrorPolicy(_destination(doc, spec["mirror"], f"{path}.mirror"), percent))
+    for i, mirror in enumerate(spec.get("mirrors") or ()):
+        percent = float((mirror.get("percentage") or {"value": 100.0}).get("value", 0.0))
+        out.append(m.HTTPMirrorPolicy(_destination(doc, mirror.get("destination"), f"{path}.mirrors[{i}].destination"), percent))
+    for policy in out:
+        if not 0.0 <= policy.percentage <= 100.0:
+            doc.error(path, f"mirror percentage {policy.percentage} is not between 0 and 100")
+    return tuple(out)
+
+
+def _http_route(doc: _Doc, spec: Mapping[str, Any], path: str) -> m.HTTPRoute:
+    has_route, has_redirect = bool(spec.get("route")), spec.get("redirect") is not None
+    has_direct, has_delegate = spec.get("directResponse") is not None, spec.get("delegate") is not None
+    if has_delegate:
+        doc.error(f"{path}.delegate", "delegate VirtualServices are not supported by meshproxy")
+    elif has_route + has_redirect + has_direct == 0:
+        doc.error(path, "HTTP route, redirect or direct response is required")
+    elif has_route and has_redirect:
+        doc.error(path, "HTTP route cannot contain both route and redirect")
+    elif has_direct and (has_route or has_redirect):
+        doc.error(path, "HTTP route cannot contain directResponse together with route or redirect")
+    if has_redirect and spec.get("rewrite") is not None:
+        doc.error(path, "HTTP route cannot contain both rewrite and redirect")
+    destinations = []
+    for i, dest in enumerate(spec.get("route") or ()):
+        sub = f"{path}.route[{i}]"
+        weight = dest.get("weight", 0)
+        if weight < 0:
+            doc.error(f"{sub}.weight", "weight must not be negative")
+        destinations.append(m.HTTPRouteDestination(
+            destination=_destination(doc, dest.get("destination"), f"{sub}.destination"),
+            weight=weight,
+            headers=_headers(doc, dest.get("headers"), f"{sub}.headers"),
+        ))
+    if len(destinations) > 1 and sum(d.weight for d in destinations) <= 0:
+        doc.error(f"{path}.route", "total destination weight must be greater than 0")
+    return m.HTTPRoute(
+        name=spec.get("name", ""),
+        match=tuple(_match_request(doc, mr or {}, f"{path}.match[{i}]") for i, mr in enumerate(spec.get("match") or ())),
+        route=tuple(destinations),
+        redirect=_redirect(doc, spec.get("redirect"), f"{path}.redirect"),
+        direct_response=_direct_response(doc, spec.get("directResponse"), f"{path}.directResponse"),
+        rewrite=_rewrite(doc, spec.get("rewrite"), f"{path}.rewrite"),
+        timeout=_timeout(doc, spec, path),
+        retries=_retries(doc, spec.get("retries"), f"{path}.retries"),
+        fault=_fault(doc, spec.get("fault"), f"{path}.fault"),
+        mirrors=_mirrors(doc, spec, path),
+        cors_policy=spec.get("corsPolicy"),
+        headers=_headers(doc, spec.get("headers"), f"{path}.headers"),
+    )
+
+
+def _timeout(doc: _Doc, spec: Mapping[str, Any], path: str) -> float | None:
+    raw = spec.get("timeout")
+    if raw is not None and parse_duration(raw) == 0:
+        doc.warn(f"{path}.timeout", "0s is rejected by current Istio validation; omit the field to disable the timeout")
+        return None  # tolerant: 0s means no timeout, as Envoy reads it
+    return _duration(doc, spec, "timeout", path)
+
+
+def _valid_host(host: str) -> bool:
+    return bool(host) and len(host) <= 253 and all(HOST_LABEL_RE.fullmatch(label) for label in host.split("."))
+
+
+def _hosts(doc: _Doc, hosts: list[str], path: str, *, wildcard: bool) -> tuple[str, ...]:
+    for i, host in enumerate(hosts):
+        name = host.removeprefix("*.") if wildcard and host != "*" else host
+        if wildcard and host == "*":
+            continue
+        if not _valid_host(name):
+            doc.error(f"{path}[{i}]", f"{host!r} is not a valid host name" + (" (a wildcard must be a whole leading label: *.example.com)" if "*" in host else ""))
+    return tuple(h.lower() for h in hosts)
+
+
+def _build_virtual_service(doc: _Doc, meta: m.Resource, spec: Mapping[str, Any]) -> m.VirtualService:
+    hosts = spec.get("hosts") or []
+    if not hosts:
+        doc.error("spec.hosts", "at least one host is required (delegate VirtualServices are not supported)")
+    if spec.get("tcp") or spec.get("tls"):
+        doc.warn("spec", "tcp and tls routes are not served by meshproxy (HTTP only)")
+    return m.VirtualService(
+        meta=meta,
+        hosts=_hosts(doc, hosts, "spec.hosts", wildcard=True),
+        gateways=tuple(spec.get("gateways") or ("mesh",)),
+        http=tuple(_http_route(doc, r, f"spec.http[{i}]") for i, r in enumerate(spec.get("http") or ())),
+        export_to=tuple(spec.get("exportTo") or ()),
+    )
+
+
+def _build_destination_rule(doc: _Doc, meta: m.Resource, spec: Mapping[str, Any]) -> m.DestinationRule:
+    host = spec.get("host", "")
+    if not host:
+        doc.error("spec.host", "host is required")
+    else:
+        _hosts(doc, [host], "spec.host", wildcard=True)
+    subsets, seen = [], set()
+    for i, subset in enumerate(spec.get("subsets") or ()):
+        name = subset.get("name", "")
+        if not name:
+            doc.error(f"spec.subsets[{i}].name", "subset name is required")
+        elif name in seen:
+            doc.error(f"spec.subsets[{i}].name", f"duplicate subset name {name!r}")
+        seen.add(name)
+        subsets.append(m.Subset(name=name, labels=dict(subset.get("labels") or {}), traffic_policy=subset.get("trafficPolicy")))
+    return m.DestinationRule(meta=meta, host=host.lower(), subsets=tuple(subsets), traffic_policy=spec.get("trafficPolicy"),
+                             export_to=tuple(spec.get("exportTo") or ()))
+
+
+def _build_service_entry(doc: _Doc, meta: m.Resource, spec: Mapping[str, Any]) -> m.ServiceEntry:
+    hosts = spec.get("hosts") or []
+    if not hosts:
+        doc.error("spec.hosts", "at least one host is required")
+    resolution = spec.get("resolution", "NONE")
+    if isinstance(resolution, int):
+        resolution = SE_RESOLUTIONS[resolution]
+    ports, numbers, names = [], set(), set()
+    for i, port in enumerate(spec.get("ports") or ()):
+        sub = f"spec.ports[{i}]"
+        number = port.get("number", 0)
+        if not 1 <= number <= 65535:
+            doc.error(f"{sub}.number", f"{number} is not a valid port")
+        elif number in numbers:
+            doc.error(f"{sub}.number", f"port number {number} is used twice")
+        numbers.add(number)
+        name, protocol = port.get("name", ""), port.get("protocol", "")
+        if name and name in names:
+            doc.error(f"{sub}.name", f"port name {name!r} is used twice")
+        names.add(name)
+        if protocol and protocol.upper() not in PORT_PROTOCOLS:
+            doc.warn(f"{sub}.protocol", f"unknown protocol {protocol!r}: treated as TCP by Istio")
+        ports.append(m.ServicePort(number=number, protocol=protocol.upper(), name=name, target_port=port.get("targetPort")))
+    endpoints = []
+    for i, ep in enumerate(spec.get("endpoints") or ()):
+        sub = f"spec.endpoints[{i}]"
+        address = ep.get("address", "")
+        if not address:
+            doc.error(f"{sub}.address", "endpoint address is required")
+        elif resolution == "STATIC" and not address.startswith("unix://"):
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                doc.error(f"{sub}.address", f"{address!r} is not an IP address (required for STATIC resolution)")
+        for port_name in ep.get("ports") or {}:
+            if port_name not in names:
+                doc.error(f"{sub}.ports.{port_name}", f"endpoint port {port_name!r} is not defined by the service entry")
+        endpoints.append(m.WorkloadEntry(address=address, ports=dict(ep.get("ports") or {}),
+                                         labels=dict(ep.get("labels") or {}), weight=ep.get("weight", 0)))
+    if resolution == "STATIC" and not endpoints and not spec.get("workloadSelector"):
+        doc.warn("spec.endpoints", "STATIC resolution with no endpoints: requests to these hosts get 503 no healthy upstream")
+    if spec.get("workloadSelector"):
+        doc.warn("spec.workloadSelector", "workloadSelector needs WorkloadEntries, which meshproxy does not read: use endpoints")
+    return m.ServiceEntry(
+        meta=meta,
+        hosts=_hosts(doc, hosts, "spec.hosts", wildcard=True),
+        addresses=tuple(spec.get("addresses") or ()),
+        ports=tuple(ports),
+        location=str(spec.get("location", "MESH_EXTERNAL")),
+        resolution=str(resolution),
+        endpoints=tuple(endpoints),
+    )
+
+
+def _build_gateway(doc: _Doc, meta: m.Resource, spec: Mapping[str, Any]) -> m.Gateway:
+    servers = spec.get("servers") or []
+    if not servers:
+        doc.error("spec.servers", "at least one server is required")
+    return m.Gateway(meta=meta, selector=dict(spec.get("selector") or {}), servers=tuple(servers))
+
+
+def _build_workload_entry(doc: _Doc, meta: m.Resource, spec: Mapping[str, Any]) -> None:
+    doc.warn("kind", "WorkloadEntry resources are not used by meshproxy: list endpoints in the ServiceEntry")
+    return None
+
+
+BUILDERS = {
+    "VirtualService": _build_virtual_service,
+    "DestinationRule": _build_destination_rule,
+    "ServiceEntry": _build_service_entry,
+    "Gateway": _build_gateway,
+    "WorkloadEntry": _build_workload_entry,
+}

@@ -1,0 +1,238 @@
+"""Istio networking resources as frozen dataclasses, named as in Istio's API.
+
+Only what the data plane acts on is typed here; every resource also keeps its
+validated `spec` mapping for `/config_dump`. Durations are float seconds,
+percentages are floats in 0..100, host names are as written (short names are
+expanded by the compiler, which knows the namespace rules).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+MatchKind = Literal["exact", "prefix", "regex", "present"]
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a resource came from, for messages: file and 0-based document index."""
+
+    file: str
+    doc: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.doc}"
+
+
+@dataclass(frozen=True, slots=True)
+class StringMatch:
+    kind: MatchKind
+    value: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPMatchRequest:
+    name: str = ""
+    uri: StringMatch | None = None
+    scheme: StringMatch | None = None
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    headers: tuple[tuple[str, StringMatch], ...] = ()
+    without_headers: tuple[tuple[str, StringMatch], ...] = ()
+    query_params: tuple[tuple[str, StringMatch], ...] = ()
+    ignore_uri_case: bool = False
+    port: int | None = None
+    source_labels: Mapping[str, str] = field(default_factory=dict)
+    source_namespace: str = ""
+    gateways: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOperations:
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Headers:
+    request: HeaderOperations = HeaderOperations()
+    response: HeaderOperations = HeaderOperations()
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    host: str
+    subset: str = ""
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRouteDestination:
+    destination: Destination
+    weight: int = 0
+    headers: Headers | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRedirect:
+    uri: str = ""
+    prefix_rewrite: str = ""
+    authority: str = ""
+    scheme: str = ""
+    port: int | None = None
+    derive_port: str = ""
+    redirect_code: int = 301
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPDirectResponse:
+    status: int
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRewrite:
+    uri: str = ""
+    authority: str = ""
+    uri_regex_match: str = ""
+    uri_regex_rewrite: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRetry:
+    attempts: int
+    per_try_timeout: float | None = None
+    retry_on: str = ""
+    retry_remote_localities: bool = False
+    retry_ignore_previous_hosts: bool = True
+    backoff: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delay:
+    fixed_delay: float
+    percentage: float  # 0..100; 0 when absent (a missing percentage never fires)
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    http_status: int = 0
+    grpc_status: str = ""
+    percentage: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPFaultInjection:
+    delay: Delay | None = None
+    abort: Abort | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPMirrorPolicy:
+    destination: Destination
+    percentage: float = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPRoute:
+    name: str = ""
+    match: tuple[HTTPMatchRequest, ...] = ()
+    route: tuple[HTTPRouteDestination, ...] = ()
+    redirect: HTTPRedirect | None = None
+    direct_response: HTTPDirectResponse | None = None
+    rewrite: HTTPRewrite | None = None
+    timeout: float | None = None
+    retries: HTTPRetry | None = None
+    fault: HTTPFaultInjection | None = None
+    mirrors: tuple[HTTPMirrorPolicy, ...] = ()
+    cors_policy: Mapping[str, Any] | None = None
+    headers: Headers | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """Common part of every resource: identity and where it was read."""
+
+    kind: str
+    name: str
+    namespace: str
+    origin: Origin
+    spec: Mapping[str, Any]
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """Identity as `kubectl apply` sees it: a later resource with the same key replaces this one."""
+        return (self.kind, self.namespace, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualService:
+    meta: Resource
+    hosts: tuple[str, ...]
+    gateways: tuple[str, ...]
+    http: tuple[HTTPRoute, ...]
+    export_to: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Subset:
+    name: str
+    labels: Mapping[str, str]
+    traffic_policy: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationRule:
+    meta: Resource
+    host: str
+    subsets: tuple[Subset, ...]
+    traffic_policy: Mapping[str, Any] | None = None
+    export_to: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    number: int
+    protocol: str = ""
+    name: str = ""
+    target_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadEntry:
+    address: str
+    ports: Mapping[str, int] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    weight: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEntry:
+    meta: Resource
+    hosts: tuple[str, ...]
+    addresses: tuple[str, ...]
+    ports: tuple[ServicePort, ...]
+    location: str
+    resolution: str
+    endpoints: tuple[WorkloadEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    meta: Resource
+    selector: Mapping[str, str]
+    servers: tuple[Mapping[str, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every resource of one configuration, in the order read."""
+
+    virtual_services: tuple[VirtualService, ...] = ()
+    destination_rules: tuple[DestinationRule, ...] = ()
+    service_entries: tuple[ServiceEntry, ...] = ()
+    gateways: tuple[Gateway, ...] = ()
+    files: tuple[str, ...] = ()

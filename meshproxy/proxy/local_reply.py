@@ -1,0 +1,76 @@
+"""Errors -> Envoy's local replies: status, body and response flag, in one place.
+
+Bodies are Envoy's own strings, so clients and tests written against Istio see
+the same answers (router.cc onUpstreamReset / sendNoHealthyUpstreamResponse,
+fault_filter.cc, conn_manager_impl.cc).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Response flags (Envoy %RESPONSE_FLAGS% short names).
+NR = "NR"  # no route
+NC = "NC"  # no cluster
+UH = "UH"  # no healthy upstream
+UF = "UF"  # upstream connection failure
+UC = "UC"  # upstream connection termination
+UT = "UT"  # upstream request timeout
+UO = "UO"  # upstream overflow (circuit breaker)
+URX = "URX"  # retry limit exceeded
+UPE = "UPE"  # upstream protocol error
+DC = "DC"  # downstream connection termination
+DPE = "DPE"  # downstream protocol error
+FI = "FI"  # fault injection abort
+DI = "DI"  # fault injection delay
+
+RESET_PREFIX = "upstream connect error or disconnect/reset before headers. "
+
+
+class UpstreamError(Exception):
+    """An attempt that ended without a usable response; carries the reply Envoy would make."""
+
+    status = 503
+    flag = UC
+    reason = "connection termination"
+    retriable_as_connect_failure = False
+
+    def body(self, retried: bool) -> bytes:
+        lead = "retried and the latest " if retried else ""
+        return f"{RESET_PREFIX}{lead}reset reason: {self.reason}".encode()
+
+
+class ConnectFailureError(UpstreamError):
+    flag = UF
+    retriable_as_connect_failure = True
+
+    def __init__(self, reason: str = "remote connection failure", transport: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason + (f", transport failure reason: {transport}" if transport else "")
+
+
+class ConnectionTerminationError(UpstreamError):
+    """The upstream closed or reset before a complete response head."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    status = 502
+    flag = UPE
+    reason = "protocol error"
+
+
+class ResponseResetError(UpstreamError):
+    """The upstream went away after the response head was sent downstream: reset the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    body: bytes
+    flag: str
+
+
+NO_ROUTE = Reply(404, b"", NR)
+NO_CLUSTER = Reply(503, b"", NC)
+NO_HEALTHY_UPSTREAM = Reply(503, b"no healthy upstream", UH)
+FAULT_ABORT_BODY = b"fault filter abort"

@@ -1,0 +1,307 @@
+"""Upstream connections and their pool, keyed by endpoint.
+
+One UpstreamConnection carries one request at a time (HTTP/1.1). Its parser
+callbacks hand the response straight to the attached `ResponseSink` (the
+exchange's stream), which writes it downstream, so no response byte waits for
+a task switch. Idle connections are kept per endpoint for reuse and closed
+after `idle_timeout`, shorter than the usual application keep-alive, so the
+proxy is not the one surprised by a server-side close (istio/istio#55138).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+import httptools
+
+from ..http1.wire import CRLF, LAST_CHUNK, chunk
+from .local_reply import (
+    ConnectFailureError,
+    ConnectionTerminationError,
+    ResponseResetError,
+    UpstreamError,
+    UpstreamProtocolError,
+)
+
+log = logging.getLogger("meshproxy.upstream")
+
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+FRAMING_LENGTH = 0  # content-length
+FRAMING_CHUNKED = 1
+FRAMING_EOF = 2  # body runs until the upstream closes
+FRAMING_NONE = 3  # no body (HEAD, 1xx, 204, 304)
+
+
+class ResponseSink(Protocol):
+    """What an UpstreamConnection reports to (implemented by the exchange's Stream)."""
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int,
+                         content_length: int | None) -> None: ...
+    def on_response_body(self, data: bytes) -> None: ...
+    def on_response_end(self) -> None: ...
+    def on_upstream_error(self, error: UpstreamError) -> None: ...
+    def pause_upstream_writes(self) -> None: ...
+    def resume_upstream_writes(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "pool", "key", "transport", "parser", "sink", "head_only", "chunked_request", "status", "headers",
+        "head_done", "framing", "content_length", "keep_alive", "closed", "reused", "idle_handle", "served",
+    )
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.sink: ResponseSink | None = None
+        self.head_only = False
+        self.chunked_request = False
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_done = False
+        self.framing = FRAMING_LENGTH
+        self.content_length: int | None = None
+        self.keep_alive = True
+        self.closed = False
+        self.reused = False
+        self.idle_handle: asyncio.TimerHandle | None = None
+        self.served = 0
+
+    # ---- request side (called by the exchange)
+
+    def attach(self, sink: ResponseSink, head_only: bool, chunked_request: bool) -> None:
+        self.sink = sink
+        self.head_only = head_only
+        self.chunked_request = chunked_request
+        self.status = 0
+        self.headers = []
+        self.head_done = False
+        self.content_length = None
+        self.keep_alive = True
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def write_body(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(chunk(data) if self.chunked_request else data)
+
+    def end_body(self) -> None:
+        if self.chunked_request:
+            assert self.transport is not None
+            self.transport.write(LAST_CHUNK)
+
+    def detach(self) -> None:
+        """The exchange is over; keep the connection only if the response ended cleanly."""
+        self.sink = None
+
+    def abort(self) -> None:
+        self.sink = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ---- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        if self.sink is None:
+            # Bytes on an idle connection (or after a complete response): the connection is unusable.
+            log.debug("upstream %s sent %d unexpected bytes; closing", self.key, len(data))
+            self.abort()
+            self.pool.forget(self)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            self._fail(UpstreamProtocolError(), str(exc.__context__))
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamProtocolError(), str(exc))
+
+    def eof_received(self) -> bool:
+        self._closed_by_peer()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed_by_peer()
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.pause_upstream_writes()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.resume_upstream_writes()
+
+    # ---- httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head_done:
+            self.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            self.headers = []  # 1xx interim response: dropped (the proxy answers Expect itself)
+            return
+        self.head_done = True
+        self.status = status
+        self.keep_alive = self.parser.should_keep_alive()
+        framing = FRAMING_EOF
+        for name, value in self.headers:
+            if name == b"content-length":
+                framing, self.content_length = FRAMING_LENGTH, int(value)
+            elif name == b"transfer-encoding":
+                framing = FRAMING_CHUNKED
+        if self.head_only or status in (204, 304):
+            framing = FRAMING_NONE
+        if framing == FRAMING_EOF:
+            self.keep_alive = False
+        self.framing = framing
+        sink = self.sink
+        if sink is not None:
+            sink.on_response_head(status, self.headers, framing, self.content_length)
+        if self.head_only and self.sink is not None:
+            self.parser = httptools.HttpResponseParser(self)  # llhttp would wait for a body a HEAD never gets
+            self._finish()
+
+    def on_body(self, body: bytes) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.head_done and self.sink is not None:
+            self._finish()
+
+    # ---- internals
+
+    def _finish(self) -> None:
+        sink = self.sink
+        self.sink = None
+        self.served += 1
+        if sink is not None:
+            sink.on_response_end()
+
+    def _fail(self, error: UpstreamError, detail: str) -> None:
+        log.debug("upstream %s: %s (%s)", self.key, error.reason, detail)
+        sink = self.sink
+        self.abort()
+        self.pool.forget(self)
+        if sink is not None:
+            sink.on_upstream_error(ResponseResetError() if self.head_done else error)
+
+    def _closed_by_peer(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.pool.forget(self)
+        sink = self.sink
+        if sink is None:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self.head_done and self.framing == FRAMING_EOF:
+            self._finish()  # a close-delimited body ends here
+        else:
+            self.sink = None
+            sink.on_upstream_error(ResponseResetError() if self.head_done else ConnectionTerminationError())
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per endpoint; new ones on demand."""
+
+    def __init__(self, idle_timeout: float, connect_timeout: float) -> None:
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
+        self.active = 0  # connections out of the pool, carrying a request
+        self.opened = 0
+
+    async def acquire(self, key: tuple[str, int], connect_timeout: float | None = None) -> UpstreamConnection:
+        idle = self.idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.idle_handle is not None:
+                conn.idle_handle.cancel()
+                conn.idle_handle = None
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                conn.reused = True
+                self.active += 1
+                return conn
+        conn = await self._connect(key, connect_timeout or self.connect_timeout)
+        self.active += 1
+        return conn
+
+    async def _connect(self, key: tuple[str, int], timeout: float) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        factory: Callable[[], UpstreamConnection] = lambda: UpstreamConnection(self, key)  # noqa: E731
+        try:
+            async with asyncio.timeout(timeout):
+                _, protocol = await loop.create_connection(factory, key[0], key[1])
+        except TimeoutError:
+            raise ConnectFailureError("connection timeout") from None
+        except ConnectionRefusedError as exc:
+            raise ConnectFailureError("remote connection failure",
+                                      f"delayed connect error: {exc.errno or errno.ECONNREFUSED}") from None
+        except OSError as exc:
+            raise ConnectFailureError("remote connection failure", f"delayed connect error: {exc.errno}") from None
+        self.opened += 1
+        return protocol
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Back to the pool after a complete response, or closed if it cannot be reused."""
+        self.active -= 1
+        conn.sink = None
+        if conn.closed or not conn.keep_alive or conn.transport is None or conn.transport.is_closing():
+            conn.closed = True
+            if conn.transport is not None:
+                conn.transport.close()
+            return
+        loop = asyncio.get_running_loop()
+        conn.idle_handle = loop.call_later(self.idle_timeout, self._expire, conn)
+        self.idle.setdefault(conn.key, []).append(conn)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        """Give back a connection whose exchange did not end cleanly: never reused."""
+        self.active -= 1
+        conn.abort()
+        self.forget(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        idle = self.idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+            if conn.idle_handle is not None:
+                conn.idle_handle.cancel()
+                conn.idle_handle = None
+
+    def _expire(self, conn: UpstreamConnection) -> None:
+        conn.idle_handle = None
+        self.forget(conn)
+        conn.closed = True
+        if conn.transport is not None:
+            conn.transport.close()
+
+    @property
+    def idle_count(self) -> int:
+        return sum(len(v) for v in self.idle.values())
+
+    def close_idle(self) -> None:
+        for conns in list(self.idle.values()):
+            for conn in list(conns):
+                self._expire(conn)

@@ -1,0 +1,377 @@
+"""Istio model -> RouteTable, once per config snapshot, for one proxy's identity.
+
+Everything a request would otherwise look up or parse is settled here: host
+aliases, which VirtualService applies to this proxy (gateways, sourceLabels),
+subset endpoints, per-port clusters, weights, policies. Problems Istio accepts
+but that will not work are returned as warnings naming the place
+(`istioctl analyze`-style).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from ..istio import model as m
+from ..istio.problems import Problem
+from .cluster import Cluster, Endpoint
+from .match import CATCH_ALL, RouteMatch, compile_match
+from .picker import WeightedPicker
+from .policy import (
+    ACTION_DIRECT_RESPONSE,
+    ACTION_REDIRECT,
+    ACTION_ROUTE,
+    DEFAULT_RETRY,
+    NO_FAULT,
+    NO_HEADERS,
+    FaultPolicy,
+    HeaderMutation,
+    RetryPolicy,
+    Route,
+    RouteDestination,
+)
+from .table import RouteTable, VirtualHost
+
+CLUSTER_DOMAIN = "svc.cluster.local"
+MESH_GATEWAY = "mesh"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """The workload this proxy runs beside (Istio's pod metadata)."""
+
+    name: str = "unknown"
+    namespace: str = "default"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    gateways: tuple[str, ...] = (MESH_GATEWAY,)  # "mesh" for a sidecar; "ns/name" or "name" for a gateway
+    default_retry: RetryPolicy = DEFAULT_RETRY
+
+
+def fqdn(host: str, namespace: str) -> str:
+    """Kubernetes short name -> FQDN in the resource's namespace; dotted and wildcard names stay."""
+    if "." in host or host.startswith("*"):
+        return host
+    return f"{host}.{namespace}.{CLUSTER_DOMAIN}"
+
+
+def aliases(name: str, proxy_namespace: str) -> list[str]:
+    """Names a request may use for a host, as in the domains of Istio's sidecar virtual hosts."""
+    out = [name]
+    suffix = f".{CLUSTER_DOMAIN}"
+    if name.endswith(suffix):
+        short, _, ns = name[: -len(suffix)].rpartition(".")
+        if short:
+            out += [f"{short}.{ns}", f"{short}.{ns}.svc"]
+            if ns == proxy_namespace:
+                out.append(short)
+    return out
+
+
+@dataclass(slots=True)
+class Service:
+    """Registry entry built from ServiceEntries: a host, its ports and endpoints."""
+
+    host: str
+    namespace: str
+    ports: list[m.ServicePort]
+    entries: list[m.WorkloadEntry]
+    resolution: str
+    origin: m.Origin
+
+    def endpoints(self, port: m.ServicePort, labels: Mapping[str, str]) -> tuple[Endpoint, ...]:
+        out = []
+        for ep in self.entries:
+            if all(ep.labels.get(k) == v for k, v in labels.items()):
+                number = ep.ports.get(port.name) or port.target_port or port.number
+                out.append(Endpoint(ep.address, number, ep.labels))
+        if not self.entries and self.resolution in ("DNS", "DNS_ROUND_ROBIN", "NONE") and not labels \
+                and not self.host.startswith("*"):
+            out.append(Endpoint(self.host, port.target_port or port.number))
+        return tuple(out)
+
+
+class _Compiler:
+    def __init__(self, snapshot: m.Snapshot, identity: Identity) -> None:
+        self.snapshot, self.identity = snapshot, identity
+        self.warnings: list[Problem] = []
+        self.services: dict[str, Service] = {}
+        self.rules: dict[str, m.DestinationRule] = {}
+        self.clusters: dict[tuple[str, int, str], Cluster | None] = {}
+
+    def warn(self, origin: m.Origin, path: str, message: str) -> None:
+        self.warnings.append(Problem(origin.file, origin.doc, path, message, "warning"))
+
+    # ---- registry
+
+    def build_registry(self) -> None:
+        for se in self.snapshot.service_entries:
+            for host in se.hosts:
+                name = fqdn(host, se.meta.namespace)
+                service = self.services.get(name)
+                if service is None:
+                    self.services[name] = Service(name, se.meta.namespace, list(se.ports), list(se.endpoints),
+                                                  se.resolution, se.meta.origin)
+                else:  # several entries for one host: union of ports and endpoints
+                    known = {p.number for p in service.ports}
+                    service.ports += [p for p in se.ports if p.number not in known]
+                    service.entries += se.endpoints
+        for dr in self.snapshot.destination_rules:
+            name = fqdn(dr.host, dr.meta.namespace)
+            if name in self.rules:
+                other = self.rules[name].meta.origin
+                self.warn(dr.meta.origin, "spec.host", f"another DestinationRule for {name} at {other} applies; this one is ignored")
+                continue
+            self.rules[name] = dr
+
+    def cluster(self, host: str, port: int, subset: str) -> Cluster | None:
+        key = (host, port, subset)
+        if key in self.clusters:
+            return self.clusters[key]
+        service = self.services.get(host)
+        cluster = None
+        if service is not None:
+            service_port = next((p for p in service.ports if p.number == port), None)
+            labels: Mapping[str, str] | None = {}
+            policy = None
+            rule = self.rules.get(host)
+            if rule is not None:
+                policy = rule.traffic_policy
+            if subset:
+                found = next((s for s in rule.subsets if s.name == subset), None) if rule else None
+                labels = found.labels if found else None
+                if found and found.traffic_policy:
+                    policy = found.traffic_policy
+            if service_port is not None and labels is not None:
+                cluster = Cluster(Cluster.name_of("outbound", port, subset, host), host, port, subset,
+                                  service.endpoints(service_port, labels), policy)
+        self.clusters[key] = cluster
+        return cluster
+
+    # ---- routes
+
+    def applies_here(self, gateways: Iterable[str], namespace: str) -> bool:
+        for gateway in gateways:
+            if gateway == MESH_GATEWAY and MESH_GATEWAY in self.identity.gateways:
+                return True
+            qualified = gateway if "/" in gateway else f"{namespace}/{gateway}"
+            for mine in self.identity.gateways:
+                if mine != MESH_GATEWAY and (mine == qualified or f"{namespace}/{mine}" == qualified):
+                    return True
+        return False
+
+    def source_matches(self, block: m.HTTPMatchRequest, vs: m.VirtualService) -> bool:
+        """sourceLabels/sourceNamespace/gateways select proxies at config time, never per request."""
+        if block.gateways and not self.applies_here(block.gateways, vs.meta.namespace):
+            return False
+        gateways = block.gateways or vs.gateways
+        if MESH_GATEWAY not in gateways:
+            return True  # Istio ignores source matches for gateway-only rules
+        if block.source_namespace and block.source_namespace != self.identity.namespace:
+            return False
+        return all(self.identity.labels.get(k) == v for k, v in block.source_labels.items())
+
+    def destination(self, vs: m.VirtualService, dest: m.HTTPRouteDestination, path: str,
+                    route_headers: m.Headers | None, weighted: bool) -> RouteDestination:
+        ns, origin = vs.meta.namespace, vs.meta.origin
+        host, subset = fqdn(dest.destination.host, ns), dest.destination.subset
+        service = self.services.get(host)
+        by_port: dict[int, Cluster] = {}
+        cluster = None
+        if service is None:
+            self.warn(origin, f"{path}.destination.host", f"referenced host {host!r} not found (no ServiceEntry): requests get 503 NC")
+        else:
+            if subset:
+                rule = self.rules.get(host)
+                if rule is None:
+                    self.warn(origin, f"{path}.destination.subset",
+                              f"no DestinationRule for {host!r} defines subset {subset!r}: requests get 503 NC")
+                elif not any(s.name == subset for s in rule.subsets):
+                    self.warn(origin, f"{path}.destination.subset",
+                              f"subset {subset!r} is not defined by DestinationRule {rule.meta.namespace}/{rule.meta.name} "
+                              f"({rule.meta.origin}): requests get 503 NC")
+            ports = [p.number for p in service.ports]
+            if dest.destination.port is not None:
+                if dest.destination.port not in ports:
+                    self.warn(origin, f"{path}.destination.port", f"port {dest.destination.port} is not a port of {host!r}")
+                cluster = self.cluster(host, dest.destination.port, subset)
+            elif len(ports) == 1:
+                cluster = self.cluster(host, ports[0], subset)
+            elif ports:
+                cluster = self.cluster(host, ports[0], subset)
+                by_port = {p: c for p in ports if (c := self.cluster(host, p, subset)) is not None}
+        route_req, route_resp = _mutations(route_headers)
+        dest_req, dest_resp = _mutations(dest.headers)
+        # Istio/Envoy: with one destination the destination-level `set` wins; with weights the route-level one.
+        first, second = ((route_req, dest_req), (route_resp, dest_resp)) if not weighted else ((dest_req, route_req), (dest_resp, route_resp))
+        return RouteDestination(host, subset, cluster, by_port, _merge(*first), _merge(*second))
+
+    def http_routes(self, vs: m.VirtualService) -> list[Route]:
+        routes: list[Route] = []
+        ns = vs.meta.namespace
+        for index, http in enumerate(vs.http):
+            path = f"spec.http[{index}]"
+            blocks = [b for b in http.match if self.source_matches(b, vs)]
+            if http.match and not blocks:
+                continue  # no block applies to this proxy
+            matches = [compile_match(b) for b in blocks] or [CATCH_ALL]
+            common = self.route_policy(vs, http, path)
+            for block, match in zip(blocks or [None], matches):
+                name = http.name + (f".{block.name}" if block is not None and block.name else "")
+                routes.append(Route(name=name, virtual_service=f"{ns}/{vs.meta.name}", index=index, match=match, **common))
+        return routes
+
+    def route_policy(self, vs: m.VirtualService, http: m.HTTPRoute, path: str) -> dict[str, object]:
+        weighted = len(http.route) > 1
+        picker = None
+        operation = ""
+        if http.route:
+            dests = [(self.destination(vs, d, f"{path}.route[{i}]", http.headers, weighted), d.weight)
+                     for i, d in enumerate(http.route)]
+            picker = WeightedPicker.compile(dests)
+            first = dests[0][0]
+            port = first.cluster.port if first.cluster else (http.route[0].destination.port or 80)
+            operation = f"{first.host}:{port}/*" if not weighted else f"{vs.meta.name}:{port}/*"
+        action = ACTION_ROUTE
+        extra: dict[str, object] = {}
+        if http.redirect is not None:
+            r = http.redirect
+            action = ACTION_REDIRECT
+            extra = {"redirect_location": (r.scheme, r.authority + (f":{r.port}" if r.port else ""), r.uri, r.prefix_rewrite),
+                     "redirect_code": r.redirect_code}
+        elif http.direct_response is not None:
+            action = ACTION_DIRECT_RESPONSE
+            extra = {"direct_status": http.direct_response.status, "direct_body": http.direct_response.body}
+        req, resp = _mutations(http.headers)
+        return {
+            "action": action,
+            "picker": picker,
+            "timeout": http.timeout,
+            "retry": _retry(http.retries, self.identity.default_retry),
+            "fault": _fault(http.fault),
+            "request_headers": req,
+            "response_headers": resp,
+            "operation": operation,
+            **extra,
+        }
+
+    def default_route(self, service: Service) -> list[Route]:
+        """A host without a VirtualService: the whole service, default retries, no timeout."""
+        ports = [p.number for p in service.ports]
+        by_port = {p: c for p in ports if (c := self.cluster(service.host, p, "")) is not None}
+        first = by_port.get(ports[0]) if ports else None
+        dest = RouteDestination(service.host, "", first, by_port if len(ports) > 1 else {})
+        port = ports[0] if ports else 80
+        return [Route(name="default", virtual_service="", index=-1, match=CATCH_ALL, action=ACTION_ROUTE,
+                      picker=WeightedPicker.compile([(dest, 1)]), retry=self.identity.default_retry,
+                      operation=f"{service.host}:{port}/*")]
+
+    # ---- table
+
+    def compile(self) -> RouteTable:
+        self.build_registry()
+        self.check_gateways()
+        owner: dict[str, m.VirtualService] = {}
+        hosts: dict[str, list[Route]] = {}
+        vhost_names: dict[str, str] = {}
+        for vs in self.snapshot.virtual_services:
+            if not self.applies_here(vs.gateways, vs.meta.namespace):
+                continue
+            routes = self.http_routes(vs)
+            self.check_shadowing(vs, routes)
+            for i, host in enumerate(vs.hosts):
+                name = fqdn(host, vs.meta.namespace)
+                if name in owner:
+                    first = owner[name]
+                    self.warn(vs.meta.origin, f"spec.hosts[{i}]",
+                              f"host {name!r} is also claimed by VirtualService {first.meta.namespace}/{first.meta.name} "
+                              f"({first.meta.origin}); sidecars use only that one, this one is ignored for it")
+                    continue
+                owner[name] = vs
+                hosts[name] = routes
+                vhost_names[name] = name
+        for name, service in self.services.items():
+            if name not in hosts:
+                hosts[name] = self.default_route(service)
+                vhost_names[name] = name
+        exact: dict[str, VirtualHost] = {}
+        wildcards: list[tuple[str, VirtualHost]] = []
+        catch_all = None
+        for name, routes in hosts.items():
+            domains = aliases(name, self.identity.namespace)
+            vhost = VirtualHost(name, tuple(domains), tuple(routes))
+            if name == "*":
+                catch_all = vhost
+            elif name.startswith("*."):
+                wildcards.append((name[1:], vhost))
+            else:
+                for domain in domains:
+                    exact.setdefault(domain, vhost)
+        wildcards.sort(key=lambda item: len(item[0]), reverse=True)
+        return RouteTable(exact=exact, wildcards=tuple(wildcards), catch_all=catch_all)
+
+    def check_shadowing(self, vs: m.VirtualService, routes: list[Route]) -> None:
+        for pos, route in enumerate(routes):
+            if route.match.catch_all and pos + 1 < len(routes):
+                later = routes[pos + 1]
+                self.warn(vs.meta.origin, f"spec.http[{later.index}]",
+                          f"never matches: spec.http[{route.index}] before it matches every request")
+                return
+
+    def check_gateways(self) -> None:
+        defined = {f"{g.meta.namespace}/{g.meta.name}" for g in self.snapshot.gateways}
+        for vs in self.snapshot.virtual_services:
+            for i, gateway in enumerate(vs.gateways):
+                qualified = gateway if "/" in gateway else f"{vs.meta.namespace}/{gateway}"
+                if gateway != MESH_GATEWAY and qualified not in defined:
+                    self.warn(vs.meta.origin, f"spec.gateways[{i}]", f"gateway {qualified!r} is not defined in this configuration")
+
+
+def _mutations(headers: m.Headers | None) -> tuple[HeaderMutation, HeaderMutation]:
+    if headers is None:
+        return NO_HEADERS, NO_HEADERS
+    return _mutation(headers.request), _mutation(headers.response)
+
+
+def _mutation(ops: m.HeaderOperations) -> HeaderMutation:
+    if not (ops.set or ops.add or ops.remove):
+        return NO_HEADERS
+    return HeaderMutation(
+        remove=frozenset(n.encode() for n in ops.remove),
+        set=tuple((k.encode(), v.encode()) for k, v in ops.set),
+        add=tuple((k.encode(), v.encode()) for k, v in ops.add),
+    )
+
+
+def _merge(first: HeaderMutation, then: HeaderMutation) -> HeaderMutation:
+    """Apply `first`, then `then` (whose `set` wins)."""
+    if first.empty:
+        return then
+    if then.empty:
+        return first
+    return HeaderMutation(first.remove | then.remove, first.set + then.set, first.add + then.add)
+
+
+def _retry(retries: m.HTTPRetry | None, default: RetryPolicy) -> RetryPolicy:
+    if retries is None:
+        return default
+    return RetryPolicy.compile(retries.attempts, retries.retry_on, retries.per_try_timeout, retries.backoff,
+                               retries.retry_ignore_previous_hosts)
+
+
+def _fault(fault: m.HTTPFaultInjection | None) -> FaultPolicy:
+    if fault is None:
+        return NO_FAULT
+    delay, abort = fault.delay, fault.abort
+    return FaultPolicy(
+        delay=delay.fixed_delay if delay else 0.0,
+        delay_per_million=int(delay.percentage * 10000) if delay else 0,
+        abort_status=abort.http_status if abort else 0,
+        abort_grpc_status=abort.grpc_status if abort else "",
+        abort_per_million=int(abort.percentage * 10000) if abort else 0,
+    )
+
+
+def compile_table(snapshot: m.Snapshot, identity: Identity = Identity()) -> tuple[RouteTable, list[Problem]]:
+    compiler = _Compiler(snapshot, identity)
+    table = compiler.compile()
+    return table, compiler.warnings

@@ -1,0 +1,166 @@
+"""Compiled per-route policy (Envoy's names): what a request does once its route is known.
+
+Every field is ready to use on the hot path: bytes for header names, bitmasks for
+retry conditions, per-million integers for fault percentages, float seconds.
+Shared defaults (NO_RETRY, NO_FAULT, NO_HEADERS) stand in for "none".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .cluster import Cluster
+
+if TYPE_CHECKING:
+    from .match import RouteMatch
+    from .picker import WeightedPicker
+
+# Retry-on conditions as bits (Envoy RetryPolicy::RETRY_ON_*).
+RETRY_ON_5XX = 1 << 0
+RETRY_ON_GATEWAY_ERROR = 1 << 1
+RETRY_ON_CONNECT_FAILURE = 1 << 2
+RETRY_ON_RETRIABLE_4XX = 1 << 3
+RETRY_ON_REFUSED_STREAM = 1 << 4
+RETRY_ON_RETRIABLE_STATUS_CODES = 1 << 5
+RETRY_ON_RESET = 1 << 6
+RETRY_ON_RESET_BEFORE_REQUEST = 1 << 7
+RETRY_ON_RETRIABLE_HEADERS = 1 << 8
+RETRY_ON_ENVOY_RATELIMITED = 1 << 9
+RETRY_ON_HTTP3_POST_CONNECT_FAILURE = 1 << 10
+RETRY_ON_GRPC_CANCELLED = 1 << 11
+RETRY_ON_GRPC_DEADLINE_EXCEEDED = 1 << 12
+RETRY_ON_GRPC_INTERNAL = 1 << 13
+RETRY_ON_GRPC_RESOURCE_EXHAUSTED = 1 << 14
+RETRY_ON_GRPC_UNAVAILABLE = 1 << 15
+
+RETRY_ON_BITS: Mapping[str, int] = {
+    "5xx": RETRY_ON_5XX,
+    "gateway-error": RETRY_ON_GATEWAY_ERROR,
+    "connect-failure": RETRY_ON_CONNECT_FAILURE,
+    "retriable-4xx": RETRY_ON_RETRIABLE_4XX,
+    "refused-stream": RETRY_ON_REFUSED_STREAM,
+    "retriable-status-codes": RETRY_ON_RETRIABLE_STATUS_CODES,
+    "reset": RETRY_ON_RESET,
+    "reset-before-request": RETRY_ON_RESET_BEFORE_REQUEST,
+    "retriable-headers": RETRY_ON_RETRIABLE_HEADERS,
+    "envoy-ratelimited": RETRY_ON_ENVOY_RATELIMITED,
+    "http3-post-connect-failure": RETRY_ON_HTTP3_POST_CONNECT_FAILURE,
+    "cancelled": RETRY_ON_GRPC_CANCELLED,
+    "deadline-exceeded": RETRY_ON_GRPC_DEADLINE_EXCEEDED,
+    "internal": RETRY_ON_GRPC_INTERNAL,
+    "resource-exhausted": RETRY_ON_GRPC_RESOURCE_EXHAUSTED,
+    "unavailable": RETRY_ON_GRPC_UNAVAILABLE,
+}
+
+# Istio's default when a route has no `retries` (retry.go DefaultPolicy, 1.24+: no 503).
+DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+DEFAULT_RETRY_ATTEMPTS = 2
+DEFAULT_BACKOFF_BASE = 0.025
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    num_retries: int
+    retry_on: int  # RETRY_ON_* bits
+    retriable_status_codes: frozenset[int] = frozenset()
+    per_try_timeout: float | None = None
+    backoff_base: float = DEFAULT_BACKOFF_BASE
+    backoff_max: float = DEFAULT_BACKOFF_BASE * 10
+    avoid_previous_hosts: bool = True
+
+    @classmethod
+    def compile(cls, attempts: int, retry_on: str, per_try_timeout: float | None = None,
+                backoff: float | None = None, avoid_previous_hosts: bool = True) -> RetryPolicy:
+        if attempts <= 0:
+            return NO_RETRY
+        bits, codes = 0, set()
+        for token in filter(None, (t.strip() for t in retry_on.split(","))):
+            if token.isdigit():
+                codes.add(int(token))
+                bits |= RETRY_ON_RETRIABLE_STATUS_CODES  # Istio appends it for bare codes
+            else:
+                bits |= RETRY_ON_BITS[token]
+        base = backoff if backoff is not None else DEFAULT_BACKOFF_BASE
+        return cls(attempts, bits, frozenset(codes), per_try_timeout, base, base * 10, avoid_previous_hosts)
+
+
+NO_RETRY = RetryPolicy(num_retries=0, retry_on=0)
+DEFAULT_RETRY = RetryPolicy.compile(DEFAULT_RETRY_ATTEMPTS, DEFAULT_RETRY_ON)
+
+
+@dataclass(frozen=True, slots=True)
+class FaultPolicy:
+    """Percentages as Istio sends them to Envoy: per million, truncated (0.57 % -> 5699)."""
+
+    delay: float = 0.0
+    delay_per_million: int = 0
+    abort_status: int = 0
+    abort_grpc_status: str = ""
+    abort_per_million: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.delay_per_million > 0 or self.abort_per_million > 0
+
+
+NO_FAULT = FaultPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMutation:
+    """Envoy order: remove, then set (overwrite or add), then add (append)."""
+
+    remove: frozenset[bytes] = frozenset()
+    set: tuple[tuple[bytes, bytes], ...] = ()
+    add: tuple[tuple[bytes, bytes], ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.remove or self.set or self.add)
+
+
+NO_HEADERS = HeaderMutation()
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDestination:
+    """One weighted destination. `cluster` is None when Istio would have no such cluster (503 NC)."""
+
+    host: str
+    subset: str
+    cluster: Cluster | None
+    by_port: Mapping[int, Cluster] = field(default_factory=dict)  # service with several ports, no port given
+    request_headers: HeaderMutation = NO_HEADERS
+    response_headers: HeaderMutation = NO_HEADERS
+
+    def cluster_for(self, port: int) -> Cluster | None:
+        if self.by_port:
+            return self.by_port.get(port) or self.cluster
+        return self.cluster
+
+
+ACTION_ROUTE = 0
+ACTION_REDIRECT = 1
+ACTION_DIRECT_RESPONSE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str  # Envoy route name: `<http route name>.<match name>` or "default"
+    virtual_service: str  # "namespace/name", or "" for a default route
+    index: int  # HTTPRoute index in its VirtualService (-1 for a default route)
+    match: RouteMatch
+    action: int
+    picker: WeightedPicker[RouteDestination] | None
+    timeout: float | None = None
+    retry: RetryPolicy = DEFAULT_RETRY
+    fault: FaultPolicy = NO_FAULT
+    request_headers: HeaderMutation = NO_HEADERS
+    response_headers: HeaderMutation = NO_HEADERS
+    direct_status: int = 0
+    direct_body: bytes = b""
+    redirect_location: tuple[str, str, str, str] | None = None  # scheme, authority, uri, prefix rewrite
+    redirect_code: int = 301
+    operation: str = ""  # span name / decorator, e.g. reviews.default.svc.cluster.local:9080/*

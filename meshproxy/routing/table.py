@@ -1,0 +1,82 @@
+"""The compiled route table: authority -> virtual host -> first matching route."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .match import MatchInput
+from .policy import Route
+
+DEFAULT_PORT = 80
+AUTHORITY_CACHE_MAX = 4096  # authorities seen -> (virtual host, port); bounded against hostile Host values
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualHost:
+    name: str  # the service FQDN or the VirtualService host it was built for
+    domains: tuple[str, ...]
+    routes: tuple[Route, ...]
+
+    def match(self, req: MatchInput, port: int) -> Route | None:
+        """First route in declaration order whose match holds (Istio: first match wins)."""
+        for route in self.routes:
+            if route.match.matches(req, port):
+                return route
+        return None
+
+
+def split_authority(authority: bytes) -> tuple[str, int | None]:
+    """`Host` value -> (lower-case host, port or None). Accepts `[v6]:port`."""
+    text = authority.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, ""
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            return text, None
+        return host.rstrip("."), int(port_text)
+    return host.rstrip("."), None
+
+
+@dataclass(slots=True)
+class RouteTable:
+    exact: dict[str, VirtualHost]
+    wildcards: tuple[tuple[str, VirtualHost], ...]  # (".suffix", vhost), longest suffix first
+    catch_all: VirtualHost | None = None  # host "*"
+    version: str = ""
+    _cache: dict[bytes, tuple[VirtualHost | None, int]] = field(default_factory=dict)
+
+    def virtual_host(self, authority: bytes) -> tuple[VirtualHost | None, int]:
+        hit = self._cache.get(authority)
+        if hit is not None:
+            return hit
+        host, port = split_authority(authority)
+        vhost = self.exact.get(host)
+        if vhost is None:
+            for suffix, candidate in self.wildcards:
+                if host.endswith(suffix):
+                    vhost = candidate
+                    break
+            else:
+                vhost = self.catch_all
+        result = (vhost, port or DEFAULT_PORT)
+        if vhost is not None and len(self._cache) < AUTHORITY_CACHE_MAX:
+            self._cache[authority] = result
+        return result
+
+    def match(self, req: MatchInput) -> tuple[Route | None, int]:
+        vhost, port = self.virtual_host(req.authority)
+        if vhost is None:
+            return None, port
+        return vhost.match(req, port), port
+
+    @property
+    def virtual_hosts(self) -> list[VirtualHost]:
+        seen: dict[int, VirtualHost] = {}
+        for vhost in [*self.exact.values(), *(v for _, v in self.wildcards), *([self.catch_all] if self.catch_all else [])]:
+            seen.setdefault(id(vhost), vhost)
+        return list(seen.values())
