@@ -22,6 +22,7 @@ from .routing.picker import WeightedPicker
 from .routing.policy import ACTION_ROUTE, HeaderMutation, RetryPolicy, Route, RouteDestination
 from .routing.table import RouteTable, VirtualHost
 from .settings import InboundSpec, Settings
+from .telemetry.access_log import AccessLog
 
 log = logging.getLogger("meshproxy")
 
@@ -77,6 +78,7 @@ class ProxyApp:
         self.signature = config_signature(settings.config)
         self.rng = random.Random(settings.seed)
         self.pool = UpstreamPool(settings.upstream_idle_timeout, settings.connect_timeout)
+        self.access_log = AccessLog(settings.access_log)
         self.contexts: list[ListenerContext] = []
         self.servers: list[asyncio.Server] = []
         self.ready = False
@@ -120,12 +122,13 @@ class ProxyApp:
         self.stopping = asyncio.Event()
         settings = self.settings
         if settings.listen is not None:
-            ctx = ListenerContext("outbound", lambda: self.config.table, self.pool, rng=self.rng)
+            ctx = ListenerContext("outbound", lambda: self.config.table, self.pool, rng=self.rng,
+                                  access_log=self.access_log)
             await self._listen(ctx, settings.listen)
         for spec in settings.inbound:
             table = inbound_table(spec)
             ctx = ListenerContext(f"inbound:{spec.app[1]}", lambda t=table: t, self.pool, server_name=b"istio-envoy",
-                                  response_mutation=INBOUND_SERVER, rng=self.rng)
+                                  response_mutation=INBOUND_SERVER, rng=self.rng, access_log=self.access_log)
             await self._listen(ctx, spec.listen)
         if settings.admin is not None:
             from .admin import start_admin  # aiohttp is only needed for the admin port

@@ -78,12 +78,15 @@ def main() -> None:
 @click.option("--watch-interval", default=1.0, show_default=True, type=float, envvar="MESHPROXY_WATCH_INTERVAL",
               help="Seconds between config file checks (0: reload on SIGHUP only).")
 @click.option("--seed", type=int, default=None, envvar="MESHPROXY_SEED", help="Seed for weighted picks and faults.")
+@click.option("--access-log", default="off", show_default=True, envvar="MESHPROXY_ACCESS_LOG",
+              type=click.Choice(["off", "text", "json"]), help="One line per request to stdout, Envoy format.")
 @click.option("--log-level", default="info", show_default=True, envvar="MESHPROXY_LOG_LEVEL",
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[InboundSpec, ...],
         admin: tuple[str, int] | None, admin_allow_remote: bool, workload: str, namespace: str,
         labels: dict[str, str], gateways: tuple[str, ...], drain_time: float, connect_timeout: float,
-        upstream_idle_timeout: float, watch_interval: float, seed: int | None, log_level: str) -> None:
+        upstream_idle_timeout: float, watch_interval: float, seed: int | None, access_log: str,
+        log_level: str) -> None:
     """Run the proxy: outbound and inbound listeners, admin, config hot reload."""
     from .app import run as run_app
 
@@ -92,7 +95,7 @@ def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[
         config=config, listen=listen, inbound=inbound, admin=admin, admin_allow_remote=admin_allow_remote,
         workload=workload, namespace=namespace, labels=labels,
         gateways=tuple(g for item in gateways for g in item.replace(",", " ").split()) or ("mesh",),
-        log_level=log_level, drain_time=drain_time, connect_timeout=connect_timeout,
+        log_level=log_level, access_log=access_log, drain_time=drain_time, connect_timeout=connect_timeout,
         upstream_idle_timeout=upstream_idle_timeout, watch_interval=watch_interval, seed=seed,
     )
     try:

@@ -45,6 +45,7 @@ class Settings:
     labels: Mapping[str, str] = field(default_factory=dict)
     gateways: tuple[str, ...] = ("mesh",)
     log_level: str = "info"
+    access_log: str = "off"  # off | text | json, to stdout
     drain_time: float = 5.0  # Istio terminationDrainDuration
     connect_timeout: float = 10.0  # Istio's mesh connectTimeout default
     upstream_idle_timeout: float = 4.0  # below common app keep-alives (Node 5 s), so the proxy closes first

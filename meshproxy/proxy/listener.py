@@ -22,6 +22,7 @@ from ..http1.head import MAX_HEADER_BYTES, MAX_HEADER_COUNT, build_request_head
 from ..http1.wire import local_reply
 from ..routing.policy import HeaderMutation
 from ..routing.table import RouteTable
+from ..telemetry.access_log import AccessLog
 from .exchange import Stream, exchange
 from .upstream import WRITE_HIGH_WATER, WRITE_LOW_WATER, UpstreamPool
 
@@ -44,6 +45,7 @@ class ListenerContext:
     connections: set[DownstreamProtocol] = field(default_factory=set)
     draining: bool = False
     rr_counters: dict[str, int] = field(default_factory=dict)
+    access_log: AccessLog = field(default_factory=AccessLog)
 
     def start_draining(self) -> None:
         self.draining = True
@@ -224,6 +226,8 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.streams and self.streams[0] is stream:
             self.streams.popleft()
         self.active_task = None
+        if self.ctx.access_log.enabled:
+            self.ctx.access_log.log(stream, self.ctx.name)
         if self.closed:
             return
         if self.error is not None and (not self.streams or not stream.request_complete):
