@@ -1,0 +1,156 @@
+"""Bodies streamed with flat memory; SIGTERM drains in-flight requests; config hot reload."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+
+from harness import ProxyProcess, Upstream, service_entry, write_config
+
+VS = """---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: backend}
+spec:
+  hosts: [backend]
+  http: [{route: [{destination: {host: backend}}]}]
+"""
+BODY = 64 * 1024 * 1024
+RSS_BOUND = 24 * 1024 * 1024  # the proxy may not hold the body: growth stays far below 64 MiB
+
+
+@pytest.fixture
+def proxy(tmp_path: Path, upstream: Upstream):
+    p = ProxyProcess(write_config(tmp_path / "cfg", "c.yaml", service_entry("backend", [(upstream.port, {})], port=80), VS))
+    yield p
+    assert p.stop() == 0, p.log
+
+
+class PeakRss:
+    """Samples a process's RSS in a thread while a transfer runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def growth(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak - self.base
+
+
+def _warm_up(port: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/upload", body=b"x" * 1_000_000, headers={"Host": "backend"})
+    conn.getresponse().read()
+    conn.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_64mib_upload_streams_with_flat_memory(proxy: ProxyProcess, chunked: bool) -> None:
+    _warm_up(proxy.port)
+    block = bytes(range(256)) * 256  # 64 KiB
+    expected = hashlib.sha256()
+    for _ in range(BODY // len(block)):
+        expected.update(block)
+    rss = PeakRss(proxy.proc.pid)
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+    headers = {"Host": "backend"}
+    if not chunked:
+        headers["Content-Length"] = str(BODY)
+    conn.request("POST", "/upload", body=(block for _ in range(BODY // len(block))), headers=headers,
+                 encode_chunked=chunked)
+    resp = conn.getresponse()
+    result = json.loads(resp.read())
+    conn.close()
+    growth = rss.growth()
+    assert resp.status == 200
+    assert result == {"size": BODY, "sha256": expected.hexdigest()}
+    assert growth < RSS_BOUND, f"proxy RSS grew by {growth / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("path", ["/bytes", "/stream"])
+def test_64mib_download_streams_with_flat_memory(proxy: ProxyProcess, path: str) -> None:
+    _warm_up(proxy.port)
+    rss = PeakRss(proxy.proc.pid)
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+    conn.request("GET", f"{path}?size={BODY}", headers={"Host": "backend"})
+    resp = conn.getresponse()
+    received = 0
+    while piece := resp.read(1 << 16):
+        received += len(piece)
+        if received < 8 * (1 << 20):
+            time.sleep(0.0005)  # a slower reader at first: backpressure must hold the upstream back
+    conn.close()
+    growth = rss.growth()
+    assert resp.status == 200 and received == BODY
+    assert growth < RSS_BOUND, f"proxy RSS grew by {growth / 2**20:.1f} MiB"
+
+
+def test_sigterm_lets_in_flight_requests_finish(proxy: ProxyProcess) -> None:
+    def slow(i: int) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        conn.request("GET", f"/slow?delay=1&i={i}", headers={"Host": "backend"})
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        return resp.status, body
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(slow, i) for i in range(8)]
+        time.sleep(0.4)  # all eight are in flight at the upstream
+        proxy.proc.send_signal(signal.SIGTERM)
+        results = [f.result() for f in futures]
+    assert results == [(200, b"slow done")] * 8
+    assert proxy.stop() == 0
+    assert "draining" in proxy.log
+
+
+def test_reload_swaps_routes_and_a_bad_file_changes_nothing(tmp_path: Path, upstream: Upstream) -> None:
+    other = Upstream("other")
+    folder = tmp_path / "cfg"
+    write_config(folder, "se.yaml", service_entry("backend", [(upstream.port, {})], port=80),
+                 service_entry("other", [(other.port, {})], port=80))
+    write_config(folder, "vs.yaml", VS)
+    p = ProxyProcess(folder)
+    try:
+        def upstream_name() -> str:
+            conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=10)
+            conn.request("GET", "/echo", headers={"Host": "backend"})
+            resp = conn.getresponse()
+            resp.read()
+            conn.close()
+            return resp.getheader("x-upstream") or ""
+
+        assert upstream_name() == "backend"
+        write_config(folder, "vs.yaml", VS.replace("destination: {host: backend}", "destination: {host: other}"))
+        deadline = time.monotonic() + 10
+        while upstream_name() != "other" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert upstream_name() == "other"
+        write_config(folder, "vs.yaml", VS.replace("http:", "htp:"))  # invalid: unknown field
+        deadline = time.monotonic() + 10
+        while "config rejected" not in p.log and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "vs.yaml:0: spec.htp: unknown field 'htp'" in p.log
+        assert upstream_name() == "other"  # the running config stayed
+    finally:
+        assert p.stop() == 0
+        other.close()
