@@ -202,14 +202,14 @@ def run_scenario(bench: Bench, name: str, scenario: Scenario) -> tuple[list[Samp
     try:
         for position, phase in enumerate(phases(bench.options)):
             for target in rotated(targets, position):
-                say(f"{name}: {phase.label}: {target.name}")
                 try:
                     result, cpu = measure(bench, target, request, phase.load, workdir / "wrk.log")
                 except ChildError as error:
-                    say(f"{target.name} failed during {name}: {error.reason}")
+                    say(f"{name}: {phase.label}: {target.name} failed: {error.reason}")
                     failures.append(Failure(name, target.name, error.name, error.reason, error.log_tail))
                     targets.remove(target)
                     continue
+                say(f"{name}: {phase.label}: {target.name}: {result.requests_per_second:.0f} req/s")
                 if phase.round_index is not None:
                     samples.append(Sample(name, target.name, phase.round_index, result, cpu))
     finally:

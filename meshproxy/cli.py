@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import click
 
@@ -159,6 +160,55 @@ def routes(config: tuple[str, ...], namespace: str, labels: dict[str, str], gate
         sys.exit(1)
     table, _ = compile_table(result.snapshot, Identity(namespace=namespace, labels=labels, gateways=gateways or ("mesh",)))
     click.echo(describe_table(table), nl=False)
+
+
+@main.group(invoke_without_command=True)
+@click.option("--dir", "demo_dir", type=click.Path(path_type=Path), default=None, envvar="MESHPROXY_DEMO_DIR",
+              help="State folder (routing files, logs)  [default: $TMPDIR/meshproxy-demo]")
+@click.option("--port", default=9080, show_default=True, help="Ingress gateway port (the product page).")
+@click.option("--base-port", default=19000, show_default=True, help="First of the ports used by apps and sidecars.")
+@click.option("--access-log", default="text", show_default=True, type=click.Choice(["off", "text", "json"]),
+              help="Access log of every proxy, in the logs folder.")
+@click.pass_context
+def demo(ctx: click.Context, demo_dir: Path | None, port: int, base_port: int, access_log: str) -> None:
+    """Run Istio's Bookinfo on this machine: apps, sidecars, ingress. Ctrl-C stops it all."""
+    from .demo.state import DEFAULT_DEMO_DIR
+
+    ctx.obj = demo_dir or DEFAULT_DEMO_DIR
+    if ctx.invoked_subcommand is None:
+        from .demo.run import run_demo
+
+        sys.exit(run_demo(ctx.obj, base_port, port, access_log))
+
+
+def _demo_change(demo_dir: Path, files: tuple[str, ...], delete: bool) -> None:
+    from .demo.state import change, config_dir
+
+    if not config_dir(demo_dir).is_dir():
+        raise click.ClickException(f"no demo state in {demo_dir}: start `meshproxy demo` first")
+    try:
+        for line in change(demo_dir, [Path(f) for f in files], delete=delete):
+            click.echo(line)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        raise click.ClickException("rejected: the running demo is unchanged") from None
+
+
+@demo.command("apply")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True))
+@click.pass_obj
+def demo_apply(demo_dir: Path, files: tuple[str, ...]) -> None:
+    """Apply Istio YAML to the running demo, as `kubectl apply -f`."""
+    _demo_change(demo_dir, files, delete=False)
+
+
+@demo.command("delete")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True))
+@click.pass_obj
+def demo_delete(demo_dir: Path, files: tuple[str, ...]) -> None:
+    """Delete the resources of these files from the running demo, as `kubectl delete -f`."""
+    _demo_change(demo_dir, files, delete=True)
 
 
 if __name__ == "__main__":

@@ -491,7 +491,9 @@ def _destination(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.Dest
     host = spec.get("host", "")
     if not host:
         doc.error(f"{path}.host", "destination host is required")
-    elif host != "*" and not _valid_host(host.removeprefix("*.")):
+    elif host == "*":
+        doc.error(f"{path}.host", "invalid destination host *")
+    elif not _valid_host(host.removeprefix("*.")):
         doc.error(f"{path}.host", f"{host!r} is not a valid host name")
     return m.Destination(host=host, subset=spec.get("subset", ""), port=_port_selector(doc, spec.get("port"), f"{path}.port"))
 
@@ -575,7 +577,7 @@ def _retries(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.HTTPRetr
         elif token not in RETRY_ON_POLICIES:
             doc.error(f"{path}.retryOn", f"{token!r} is not a valid retryOn policy")
     per_try = _duration(doc, spec, "perTryTimeout", path)
-    if attempts == 0 and (per_try is not None or retry_on):
+    if attempts == 0 and (per_try is not None or retry_on or spec.get("retryRemoteLocalities") is not None):
         doc.error(path, "http retry policy configured when attempts are set to 0 (disabled)")
     return m.HTTPRetry(
         attempts=attempts,
@@ -590,7 +592,7 @@ def _retries(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.HTTPRetr
 def _redirect(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.HTTPRedirect | None:
     if spec is None:
         return None
-    code = spec.get("redirectCode", 301)
+    code = spec.get("redirectCode") or 301  # proto3: 0 is unset, Envoy's default 301
     if code not in REDIRECT_CODES:
         doc.error(f"{path}.redirectCode", f"{code} is not a redirect code ({', '.join(map(str, REDIRECT_CODES))})")
     if spec.get("uri") and spec.get("prefixRewrite"):
@@ -608,7 +610,7 @@ def _direct_response(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.
     if spec is None:
         return None
     status = spec.get("status")
-    if status is None or not 200 <= status <= 599:
+    if status is None or not 200 <= status <= 600:  # Istio validateHTTPStatus: 200..600
         doc.error(f"{path}.status", f"status {status} must be in range 200-599")
     body_spec = spec.get("body") or {}
     body = b""
@@ -728,6 +730,10 @@ def _build_virtual_service(doc: _Doc, meta: m.Resource, spec: Mapping[str, Any])
         doc.error("spec.hosts", "at least one host is required (delegate VirtualServices are not supported)")
     if spec.get("tcp") or spec.get("tls"):
         doc.warn("spec", "tcp and tls routes are not served by meshproxy (HTTP only)")
+    gateways = spec.get("gateways") or ["mesh"]
+    if "mesh" in gateways and "*" in hosts:
+        doc.error(f"spec.hosts[{hosts.index('*')}]",
+                  "wildcard host * is not allowed for virtual services bound to the mesh gateway")
     return m.VirtualService(
         meta=meta,
         hosts=_hosts(doc, hosts, "spec.hosts", wildcard=True),

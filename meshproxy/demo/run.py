@@ -1,0 +1,158 @@
+"""`meshproxy demo`: Bookinfo on one machine, every app with its own sidecar, an ingress gateway in front.
+
+Each process is real: six aiohttp apps, six `meshproxy run` sidecars (inbound in
+front of the app, outbound for its calls, the workload's own identity), and a
+`meshproxy run --gateway bookinfo-gateway` ingress. All sidecars watch one
+config folder, which `meshproxy demo apply/delete` changes.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import state
+from .topology import CONFIG_DIR, INITIAL_FILES, Workload, ingress_admin_port, layout, services_yaml
+
+READY_TIMEOUT = 30.0
+
+
+@dataclass
+class Demo:
+    demo_dir: Path
+    base_port: int
+    ingress_port: int
+    access_log: str = "off"
+    processes: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
+
+    @property
+    def logs(self) -> Path:
+        return self.demo_dir / "logs"
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        out = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child for its lifetime
+        proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # Ctrl-C reaches the demo, which stops its children
+        out.close()
+        self.processes.append((name, proc))
+
+    def prepare(self) -> None:
+        initial = self.demo_dir / "initial"
+        initial.mkdir(parents=True, exist_ok=True)
+        (initial / "services.yaml").write_text(services_yaml(self.base_port))
+        files = [initial / "services.yaml"] + [CONFIG_DIR / f for f in INITIAL_FILES if f != "services.yaml"]
+        state.reset(self.demo_dir, files)
+
+    def start(self) -> None:
+        config = str(state.config_dir(self.demo_dir))
+        common = ["--config", config, "--watch-interval", "0.5", "--access-log", self.access_log,
+                  "--drain-time", "2"]
+        for w in layout(self.base_port):
+            self._spawn(w.name, ["-m", "meshproxy.demo.bookinfo", w.service, "--version", w.version,
+                                 "--port", str(w.app_port), "--proxy", f"http://127.0.0.1:{w.outbound_port}",
+                                 "--pod-name", f"{w.name}-0"])
+            self._spawn(f"{w.name}.sidecar", [
+                "-m", "meshproxy", "run", *common,
+                "--listen", f"127.0.0.1:{w.outbound_port}",
+                "--inbound", f"127.0.0.1:{w.inbound_port}=127.0.0.1:{w.app_port}",
+                "--admin", f"127.0.0.1:{w.admin_port}",
+                "--workload", w.name, "--label", f"app={w.service}", "--label", f"version={w.version}",
+            ])
+        self._spawn("istio-ingressgateway", [
+            "-m", "meshproxy", "run", *common, "--gateway", "bookinfo-gateway",
+            "--listen", f"127.0.0.1:{self.ingress_port}", "--admin", f"127.0.0.1:{ingress_admin_port(self.base_port)}",
+            "--workload", "istio-ingressgateway", "--label", "app=istio-ingressgateway",
+            "--label", "istio=ingressgateway",
+        ])
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        admins = [w.admin_port for w in layout(self.base_port)] + [ingress_admin_port(self.base_port)]
+        apps = [w.app_port for w in layout(self.base_port)]
+        while time.monotonic() < deadline:
+            dead = [name for name, proc in self.processes if proc.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} exited; see {self.logs}")
+            if all(_ready(port) for port in admins) and all(_listening(port) for port in apps):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"the demo did not get ready in {READY_TIMEOUT:.0f}s; see {self.logs}")
+
+    def stop(self) -> None:
+        for _, proc in self.processes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _, proc in self.processes:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def banner(self) -> str:
+        workloads: list[Workload] = layout(self.base_port)
+        lines = [
+            "Bookinfo is running: 6 apps, each with its meshproxy sidecar, behind an ingress gateway.",
+            f"  product page:   http://127.0.0.1:{self.ingress_port}/productpage",
+            f"  ingress admin:  http://127.0.0.1:{ingress_admin_port(self.base_port)}  "
+            "(/stats/prometheus, /routes, /config_dump)",
+        ]
+        for w in workloads:
+            lines.append(f"  {w.name + ' sidecar:':24} http://127.0.0.1:{w.admin_port}/stats/prometheus")
+        lines += [
+            f"  routing files:  {state.config_dir(self.demo_dir)}",
+            "  change routing: meshproxy demo apply ../shared/istio-samples/virtual-service-all-v1.yaml",
+            f"  logs:           {self.logs}",
+            "Press Ctrl-C to stop.",
+        ]
+        return "\n".join(lines)
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=0.5) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def run_demo(demo_dir: Path, base_port: int, ingress_port: int, access_log: str) -> int:
+    demo = Demo(demo_dir, base_port, ingress_port, access_log)
+    stop = False
+
+    def on_signal(signum: int, _: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        demo.prepare()
+        demo.start()
+        demo.wait_ready()
+        print(demo.banner(), flush=True)
+        while not stop:
+            if any(proc.poll() is not None for _, proc in demo.processes):
+                print(f"a demo process exited; see {demo.logs}", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        print("stopping...", flush=True)
+        return 0
+    finally:
+        demo.stop()
