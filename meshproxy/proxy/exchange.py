@@ -10,23 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..http1.head import RequestHead
-from ..http1.wire import CONTINUE_100, CRLF, DATE, HOP_BY_HOP, LAST_CHUNK, chunk, local_reply, status_line
+from ..http1.wire import CONTINUE_100, CRLF, HOP_BY_HOP, LAST_CHUNK, chunk, local_reply, status_line
 from ..routing.cluster import Cluster, Endpoint
-from ..routing.policy import ACTION_DIRECT_RESPONSE, ACTION_REDIRECT, RETRY_ON_CONNECT_FAILURE, HeaderMutation, Route
+from ..routing.policy import ACTION_DIRECT_RESPONSE, ACTION_REDIRECT, FaultPolicy, HeaderMutation, RetryPolicy, Route
+from .fault import GRPC_CODES, decide_abort, decide_delay
 from .local_reply import (
     DC,
+    DI,
+    FAULT_ABORT_BODY,
+    FI,
     NO_CLUSTER,
     NO_HEALTHY_UPSTREAM,
     NO_ROUTE,
+    UC,
     URX,
-    ResponseResetError,
+    Reply,
+    RetriableResponse,
     UpstreamError,
+    UpstreamTimeoutError,
 )
+from .retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET, backoff, should_retry_failure, should_retry_response
 from .upstream import FRAMING_CHUNKED, FRAMING_EOF, FRAMING_LENGTH, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -37,6 +45,7 @@ log = logging.getLogger("meshproxy.exchange")
 READ_PAUSED_BY_UPSTREAM = 1
 READ_PAUSED_BY_BUFFER = 2
 PENDING_BODY_LIMIT = 1 << 20  # request body held while connecting; above it, stop reading the client
+RETRY_BUFFER_LIMIT = 64 * 1024  # request bodies up to this size are kept for a retry (Envoy buffers for replay)
 RESPONSE_HOP_BY_HOP = HOP_BY_HOP
 
 
@@ -46,7 +55,8 @@ class Stream:
     __slots__ = (
         "conn", "head", "pending", "pending_size", "request_complete", "upstream", "waiter", "response_started",
         "response_chunked", "response_complete", "status", "flags", "start", "response_bytes", "close_after",
-        "request_mutation", "response_mutation", "route", "cluster", "endpoint", "head_only",
+        "request_mutation", "response_mutation", "route", "cluster", "endpoint", "head_only", "sent", "replayable",
+        "body_size", "retries_left", "timer", "sent_at",
     )
 
     def __init__(self, conn: DownstreamProtocol, head: RequestHead) -> None:
@@ -71,13 +81,25 @@ class Stream:
         self.cluster: Cluster | None = None
         self.endpoint: Endpoint | None = None
         self.head_only = head.method == b"HEAD"
+        self.sent: list[bytes] = []  # body bytes written to the current attempt, kept for a retry
+        self.replayable = True  # false once the body outgrew RETRY_BUFFER_LIMIT: no retry after sending
+        self.body_size = 0
+        self.retries_left = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.sent_at = 0.0
 
     # ---- request body, from the downstream protocol
 
     def on_request_body(self, data: bytes) -> None:
+        self.body_size += len(data)
+        if self.replayable and self.body_size > RETRY_BUFFER_LIMIT:
+            self.replayable = False
+            self.sent = []
         upstream = self.upstream
         if upstream is not None:
             upstream.write_body(data)
+            if self.replayable:
+                self.sent.append(data)
             return
         self.pending.append(data)
         self.pending_size += len(data)
@@ -93,6 +115,14 @@ class Stream:
 
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int,
                          content_length: int | None) -> None:
+        route = self.route
+        if route is not None and route.retry.num_retries and should_retry_response(route.retry, status, headers):
+            if self.retries_left > 0 and self.replayable:
+                self._resolve(RetriableResponse(status))  # discarded: the exchange retries
+                if self.upstream is not None:
+                    self.upstream.sink = None
+                return
+            self.flags.append(URX)  # retries exhausted: the last upstream answer goes to the client
         self.status = status
         self.response_started = True
         conn = self.conn
@@ -111,6 +141,9 @@ class Stream:
                 self.response_chunked = True
             else:
                 self.close_after = True  # HTTP/1.0 client: the body ends when we close
+        if self.sent_at:
+            parts += [b"x-envoy-upstream-service-time: ", str(int((conn.loop.time() - self.sent_at) * 1000)).encode(),
+                      CRLF]
         if conn.draining:
             self.close_after = True
         if self.close_after:
@@ -128,14 +161,24 @@ class Stream:
         if self.response_chunked and not self.head_only:
             self.conn.write(LAST_CHUNK)
         self.response_complete = True
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._resolve(None)
 
     def on_upstream_error(self, error: UpstreamError) -> None:
+        self._resolve(error)
+
+    def on_timeout(self, per_try: bool) -> None:
+        self.timer = None
+        self._resolve(UpstreamTimeoutError(per_try))
+
+    def _resolve(self, outcome: UpstreamError | None) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(error)
+            waiter.set_result(outcome)
+
+    def cancel_timers(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def pause_upstream_writes(self) -> None:
         self.conn.pause_reading(READ_PAUSED_BY_UPSTREAM)
@@ -167,7 +210,8 @@ def apply_mutation(headers: list[tuple[bytes, bytes]], mutation: HeaderMutation)
     return out
 
 
-def request_head_bytes(stream: Stream, head: RequestHead, attempt: int) -> bytes:
+def request_head_bytes(stream: Stream, head: RequestHead, attempt: int, deadline: float | None = None,
+                       now: float = 0.0) -> bytes:
     """The upstream request head: origin-form, hop-by-hop removed, framing regenerated."""
     conn = stream.conn
     drop = HOP_BY_HOP | head.connection_tokens if head.connection_tokens else HOP_BY_HOP
@@ -187,7 +231,7 @@ def request_head_bytes(stream: Stream, head: RequestHead, attempt: int) -> bytes
             has_proto = True
         if name == b"host":
             value = head.authority
-        elif name.startswith(b"x-envoy-attempt-count"):
+        elif name == b"x-envoy-attempt-count" or name == b"x-envoy-expected-rq-timeout-ms":
             continue
         parts += [name, b": ", value, CRLF]
     if head.header(b"host") is None:
@@ -197,6 +241,8 @@ def request_head_bytes(stream: Stream, head: RequestHead, attempt: int) -> bytes
     if not has_proto:
         parts.append(b"x-forwarded-proto: http\r\n")
     parts += [b"x-envoy-attempt-count: ", str(attempt).encode(), CRLF]
+    if deadline is not None:
+        parts += [b"x-envoy-expected-rq-timeout-ms: ", str(max(0, int((deadline - now) * 1000))).encode(), CRLF]
     if head.chunked:
         parts.append(b"transfer-encoding: chunked\r\n")
     elif head.content_length is not None:
@@ -220,6 +266,7 @@ async def exchange(conn: DownstreamProtocol, stream: Stream) -> None:
         else:
             stream.close_after = True
     finally:
+        stream.cancel_timers()
         conn.stream_done(stream)
 
 
@@ -237,6 +284,16 @@ async def _exchange(conn: DownstreamProtocol, stream: Stream) -> None:
         stream.reply(*_reply_args(NO_ROUTE))
         return
     stream.route = route
+    # Fault filter: before routing to the upstream, in the caller's proxy.
+    fault = route.fault
+    if fault.active:
+        delay = decide_delay(fault, conn.randbelow)
+        if delay:
+            stream.flags.append(DI)
+            await asyncio.sleep(delay)
+        if decide_abort(fault, conn.randbelow):
+            _reply_abort(stream, fault)
+            return
     if route.action == ACTION_DIRECT_RESPONSE:
         stream.reply(route.direct_status, route.direct_body, "")
         return
@@ -259,63 +316,145 @@ async def _exchange(conn: DownstreamProtocol, stream: Stream) -> None:
         stream.response_mutation = dest.response_headers
     if head.expect_continue and not stream.request_complete:
         conn.write(CONTINUE_100)
+    await _attempts(conn, stream, route, cluster)
 
+
+async def _attempts(conn: DownstreamProtocol, stream: Stream, route: Route, cluster: Cluster) -> None:
+    """Attempts until a response goes downstream, within the route timeout (which starts after any fault delay)."""
+    loop = conn.loop
     retry = route.retry
-    retries_left = retry.num_retries if retry.retry_on & RETRY_ON_CONNECT_FAILURE else 0
-    attempt = 0
+    stream.retries_left = retry.num_retries
+    deadline = loop.time() + route.timeout if route.timeout else None
     tried: list[Endpoint] = []
-    loop = asyncio.get_running_loop()
+    reused_reset_retry = True  # one free retry when a kept-alive connection turns out closed by the server
+    attempt = 0
     while True:
         attempt += 1
         endpoint = _pick_endpoint(conn, cluster, tried if retry.avoid_previous_hosts else ())
         stream.endpoint = endpoint
         tried.append(endpoint)
+        remaining = deadline - loop.time() if deadline is not None else None
         try:
-            upstream = await conn.pool.acquire(endpoint.key)
+            if remaining is not None and remaining <= 0:
+                raise UpstreamTimeoutError()
+            upstream = await conn.pool.acquire(endpoint.key, min(remaining, conn.pool.connect_timeout)
+                                               if remaining is not None else None)
         except UpstreamError as error:
-            if retries_left > 0 and error.retriable_as_connect_failure:
-                retries_left -= 1
-                await asyncio.sleep(_backoff(retry.backoff_base, retry.backoff_max, attempt, conn.random))
+            if isinstance(error, UpstreamTimeoutError) or (deadline is not None and loop.time() >= deadline):
+                _finish_timeout(stream, attempt)
+                return
+            if stream.retries_left > 0 and should_retry_failure(retry, CONNECT_FAILURE, False):
+                if not await _back_off(stream, retry, attempt, deadline, conn):
+                    return
                 continue
-            if attempt > 1:
+            if attempt > 1 or (retry.num_retries and should_retry_failure(retry, CONNECT_FAILURE, False)):
                 stream.flags.append(URX)
             stream.reply(error.status, error.body(attempt > 1), error.flag)
             return
-        break
 
+        outcome = await _send(conn, stream, upstream, attempt, deadline, retry.per_try_timeout)
+        if outcome is None:
+            conn.pool.release(upstream)
+            return
+        conn.pool.discard(upstream)
+        if stream.response_started:  # bytes went downstream: never pretend the response was complete
+            stream.flags.append(outcome.flag if not isinstance(outcome, RetriableResponse) else UC)
+            stream.close_after = True
+            conn.reset_after_write()
+            return
+        if isinstance(outcome, RetriableResponse):
+            if not await _back_off(stream, retry, attempt, deadline, conn):
+                return
+            continue
+        if isinstance(outcome, UpstreamTimeoutError) and not outcome.per_try:
+            _finish_timeout(stream, attempt)
+            return
+        kind = PER_TRY_TIMEOUT if isinstance(outcome, UpstreamTimeoutError) else RESET
+        if kind == RESET and upstream.reused and upstream.served and reused_reset_retry and stream.replayable \
+                and stream.head.method in IDEMPOTENT:
+            reused_reset_retry = False  # the server closed a kept-alive connection as we used it
+            tried.pop()
+            attempt -= 1
+            continue
+        if stream.retries_left > 0 and stream.replayable and should_retry_failure(retry, kind, True):
+            if not await _back_off(stream, retry, attempt, deadline, conn):
+                return
+            continue
+        if attempt > 1 or (retry.num_retries and should_retry_failure(retry, kind, True)):
+            stream.flags.append(URX)
+        stream.reply(outcome.status, outcome.body(attempt > 1), outcome.flag)
+        return
+
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+
+async def _send(conn: DownstreamProtocol, stream: Stream, upstream: UpstreamConnection, attempt: int,
+                deadline: float | None, per_try: float | None) -> UpstreamError | None:
+    """One attempt on one connection: write the request, wait for the response to end (or fail)."""
+    loop = conn.loop
+    head = stream.head
     stream.upstream = upstream
     upstream.attach(stream, stream.head_only, head.chunked)
     waiter: asyncio.Future[UpstreamError | None] = loop.create_future()
     stream.waiter = waiter
-    body = b"".join(stream.pending)
-    stream.pending.clear()
+    timeout_at = deadline
+    if per_try is not None and (deadline is None or loop.time() + per_try < deadline):
+        timeout_at = loop.time() + per_try
+        stream.timer = loop.call_at(timeout_at, stream.on_timeout, True)
+    elif deadline is not None:
+        stream.timer = loop.call_at(deadline, stream.on_timeout, False)
+    body = stream.sent + stream.pending if stream.sent else stream.pending
+    stream.sent = body if stream.replayable else []
+    stream.pending = []
     stream.pending_size = 0
-    head_bytes = request_head_bytes(stream, head, attempt)
-    upstream.write(head_bytes)
-    if body:
-        upstream.write_body(body)
+    stream.sent_at = loop.time()
+    upstream.write(request_head_bytes(stream, head, attempt, deadline, loop.time()))
+    for data in body:
+        upstream.write_body(data)
     conn.resume_reading(READ_PAUSED_BY_BUFFER)
     if stream.request_complete:
         upstream.end_body()
-    error = await waiter
+    outcome = await waiter
+    stream.cancel_timers()
     stream.upstream = None
-    if error is None:
-        conn.pool.release(upstream)
-        return
-    conn.pool.discard(upstream)
-    if isinstance(error, ResponseResetError) or stream.response_started:
-        stream.flags.append(error.flag)
-        stream.close_after = True
-        conn.reset_after_write()  # never let a cut response look complete
-        return
+    upstream.sink = None
+    return outcome
+
+
+async def _back_off(stream: Stream, retry: RetryPolicy, attempt: int, deadline: float | None,
+                    conn: DownstreamProtocol) -> bool:
+    """Spend one retry and wait the jittered back-off; False (after replying 504) if the route timeout ends first."""
+    stream.retries_left -= 1
+    wait = backoff(retry, attempt, conn.random)
+    if deadline is not None and conn.loop.time() + wait >= deadline:
+        await asyncio.sleep(max(0.0, deadline - conn.loop.time()))
+        _finish_timeout(stream, attempt)
+        return False
+    await asyncio.sleep(wait)
+    return True
+
+
+def _finish_timeout(stream: Stream, attempt: int) -> None:
+    error = UpstreamTimeoutError()
     stream.reply(error.status, error.body(attempt > 1), error.flag)
 
 
-def _reply_args(reply: object) -> tuple[int, bytes, str]:
-    return reply.status, reply.body, reply.flag  # type: ignore[attr-defined]
+def _reply_abort(stream: Stream, fault: FaultPolicy) -> None:
+    stream.flags.append(FI)
+    if fault.abort_grpc_status:
+        code = str(GRPC_CODES.get(fault.abort_grpc_status, 2)).encode()
+        stream.reply(200, b"", "", ((b"content-type", b"application/grpc"), (b"grpc-status", code),
+                                    (b"grpc-message", FAULT_ABORT_BODY)))
+    else:
+        stream.reply(fault.abort_status, FAULT_ABORT_BODY, "")
 
 
-def _pick_endpoint(conn: DownstreamProtocol, cluster: Cluster, avoid: object) -> Endpoint:
+def _reply_args(reply: Reply) -> tuple[int, bytes, str]:
+    return reply.status, reply.body, reply.flag
+
+
+def _pick_endpoint(conn: DownstreamProtocol, cluster: Cluster, avoid: Sequence[Endpoint]) -> Endpoint:
     """Round robin over the cluster's endpoints, skipping ones already tried when others exist."""
     endpoints = cluster.endpoints
     if len(endpoints) == 1:
@@ -324,16 +463,11 @@ def _pick_endpoint(conn: DownstreamProtocol, cluster: Cluster, avoid: object) ->
     start = counters.get(cluster.name, 0)
     for i in range(len(endpoints)):
         endpoint = endpoints[(start + i) % len(endpoints)]
-        if endpoint not in avoid:  # type: ignore[operator]
+        if endpoint not in avoid:
             counters[cluster.name] = start + i + 1
             return endpoint
     counters[cluster.name] = start + 1
     return endpoints[start % len(endpoints)]
-
-
-def _backoff(base: float, cap: float, attempt: int, rng: random.Random) -> float:
-    """Envoy's fully jittered exponential back-off: uniform in [0, (2^n - 1) * base), capped."""
-    return rng.random() * min((2 ** (attempt) - 1) * base, cap)
 
 
 def _redirect_location(route: Route, head: RequestHead) -> bytes:

@@ -63,6 +63,29 @@ class ResponseResetError(UpstreamError):
     """The upstream went away after the response head was sent downstream: reset the client."""
 
 
+class UpstreamTimeoutError(UpstreamError):
+    """The route timeout (or the last per-try timeout) expired: 504, never retried after the route timeout."""
+
+    status = 504
+    flag = UT
+    reason = "upstream request timeout"
+
+    def __init__(self, per_try: bool = False) -> None:
+        super().__init__(self.reason)
+        self.per_try = per_try
+
+    def body(self, retried: bool) -> bytes:
+        return b"upstream request timeout"
+
+
+class RetriableResponse(UpstreamError):
+    """A real upstream response the retry policy discards (not an error the client sees)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"retriable response {status}")
+        self.status = status
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     status: int

@@ -1,0 +1,69 @@
+"""Retry decisions, pure: values in, values out (Envoy RetryStateImpl). The exchange acts on them."""
+
+from __future__ import annotations
+
+import random
+
+from ..routing.policy import (
+    RETRY_ON_5XX,
+    RETRY_ON_CONNECT_FAILURE,
+    RETRY_ON_GATEWAY_ERROR,
+    RETRY_ON_GRPC_CANCELLED,
+    RETRY_ON_GRPC_DEADLINE_EXCEEDED,
+    RETRY_ON_GRPC_INTERNAL,
+    RETRY_ON_GRPC_RESOURCE_EXHAUSTED,
+    RETRY_ON_GRPC_UNAVAILABLE,
+    RETRY_ON_RESET,
+    RETRY_ON_RESET_BEFORE_REQUEST,
+    RETRY_ON_RETRIABLE_4XX,
+    RETRY_ON_RETRIABLE_STATUS_CODES,
+    RetryPolicy,
+)
+
+# Why an attempt produced no response.
+CONNECT_FAILURE = 0
+RESET = 1  # the upstream closed or reset before the response head
+PER_TRY_TIMEOUT = 2
+
+GRPC_BITS = {
+    b"1": RETRY_ON_GRPC_CANCELLED,
+    b"4": RETRY_ON_GRPC_DEADLINE_EXCEEDED,
+    b"8": RETRY_ON_GRPC_RESOURCE_EXHAUSTED,
+    b"13": RETRY_ON_GRPC_INTERNAL,
+    b"14": RETRY_ON_GRPC_UNAVAILABLE,
+}
+GRPC_ANY = (RETRY_ON_GRPC_CANCELLED | RETRY_ON_GRPC_DEADLINE_EXCEEDED | RETRY_ON_GRPC_RESOURCE_EXHAUSTED
+            | RETRY_ON_GRPC_INTERNAL | RETRY_ON_GRPC_UNAVAILABLE)
+
+
+def should_retry_response(policy: RetryPolicy, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Would Envoy retry this real upstream response? (A proxy-made 503 never reaches here.)"""
+    on = policy.retry_on
+    if on & RETRY_ON_5XX and status >= 500:
+        return True
+    if on & RETRY_ON_GATEWAY_ERROR and status in (502, 503, 504):
+        return True
+    if on & RETRY_ON_RETRIABLE_4XX and status == 409:
+        return True
+    if on & RETRY_ON_RETRIABLE_STATUS_CODES and status in policy.retriable_status_codes:
+        return True
+    if on & GRPC_ANY:
+        for name, value in headers:
+            if name == b"grpc-status":
+                return bool(on & GRPC_BITS.get(value.strip(), 0))
+    return False
+
+
+def should_retry_failure(policy: RetryPolicy, kind: int, request_sent: bool) -> bool:
+    """Would Envoy retry an attempt that got no response? (wouldRetryFromReset)"""
+    on = policy.retry_on
+    if on & (RETRY_ON_5XX | RETRY_ON_GATEWAY_ERROR | RETRY_ON_RESET):
+        return True
+    if kind == CONNECT_FAILURE:
+        return bool(on & (RETRY_ON_CONNECT_FAILURE | RETRY_ON_RESET_BEFORE_REQUEST))
+    return kind == RESET and not request_sent and bool(on & RETRY_ON_RESET_BEFORE_REQUEST)
+
+
+def backoff(policy: RetryPolicy, retry_number: int, rng: random.Random) -> float:
+    """Fully jittered exponential back-off: retry n waits uniform in [0, (2^n - 1) * base), capped at max."""
+    return rng.random() * min(((1 << retry_number) - 1) * policy.backoff_base, policy.backoff_max)
