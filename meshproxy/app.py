@@ -23,6 +23,7 @@ from .routing.policy import ACTION_ROUTE, HeaderMutation, RetryPolicy, Route, Ro
 from .routing.table import RouteTable, VirtualHost
 from .settings import InboundSpec, Settings
 from .telemetry.access_log import AccessLog
+from .telemetry.core import Telemetry
 
 log = logging.getLogger("meshproxy")
 
@@ -123,12 +124,14 @@ class ProxyApp:
         settings = self.settings
         if settings.listen is not None:
             ctx = ListenerContext("outbound", lambda: self.config.table, self.pool, rng=self.rng,
-                                  access_log=self.access_log)
+                                  telemetry=Telemetry("outbound", "outbound", self.access_log))
             await self._listen(ctx, settings.listen)
         for spec in settings.inbound:
             table = inbound_table(spec)
-            ctx = ListenerContext(f"inbound:{spec.app[1]}", lambda t=table: t, self.pool, server_name=b"istio-envoy",
-                                  response_mutation=INBOUND_SERVER, rng=self.rng, access_log=self.access_log)
+            name = f"inbound:{spec.app[1]}"
+            ctx = ListenerContext(name, lambda t=table: t, self.pool, server_name=b"istio-envoy",
+                                  response_mutation=INBOUND_SERVER, rng=self.rng,
+                                  telemetry=Telemetry(name, "inbound", self.access_log))
             await self._listen(ctx, spec.listen)
         if settings.admin is not None:
             from .admin import start_admin  # aiohttp is only needed for the admin port

@@ -56,7 +56,7 @@ class Stream:
         "conn", "head", "pending", "pending_size", "request_complete", "upstream", "waiter", "response_started",
         "response_chunked", "response_complete", "status", "flags", "start", "response_bytes", "close_after",
         "request_mutation", "response_mutation", "route", "cluster", "endpoint", "head_only", "sent", "replayable",
-        "body_size", "retries_left", "timer", "sent_at",
+        "body_size", "retries_left", "timer", "sent_at", "upstream_extra", "request_id",
     )
 
     def __init__(self, conn: DownstreamProtocol, head: RequestHead) -> None:
@@ -87,6 +87,8 @@ class Stream:
         self.retries_left = 0
         self.timer: asyncio.TimerHandle | None = None
         self.sent_at = 0.0
+        self.upstream_extra: list[tuple[bytes, bytes]] = []  # added to the upstream request (telemetry)
+        self.request_id: bytes | None = None
 
     # ---- request body, from the downstream protocol
 
@@ -214,7 +216,7 @@ def request_head_bytes(stream: Stream, head: RequestHead, attempt: int, deadline
                        now: float = 0.0) -> bytes:
     """The upstream request head: origin-form, hop-by-hop removed, framing regenerated."""
     conn = stream.conn
-    drop = HOP_BY_HOP | head.connection_tokens if head.connection_tokens else HOP_BY_HOP
+    drop = conn.strip_request | head.connection_tokens if head.connection_tokens else conn.strip_request
     headers = head.headers
     if stream.request_mutation is not None:
         headers = apply_mutation(headers, stream.request_mutation)
@@ -240,6 +242,8 @@ def request_head_bytes(stream: Stream, head: RequestHead, attempt: int, deadline
     parts += [b"x-forwarded-for: ", (xff + b", " + peer) if xff else peer, CRLF]
     if not has_proto:
         parts.append(b"x-forwarded-proto: http\r\n")
+    for name, value in stream.upstream_extra:
+        parts += [name, b": ", value, CRLF]
     parts += [b"x-envoy-attempt-count: ", str(attempt).encode(), CRLF]
     if deadline is not None:
         parts += [b"x-envoy-expected-rq-timeout-ms: ", str(max(0, int((deadline - now) * 1000))).encode(), CRLF]

@@ -22,7 +22,9 @@ from ..http1.head import MAX_HEADER_BYTES, MAX_HEADER_COUNT, build_request_head
 from ..http1.wire import local_reply
 from ..routing.policy import HeaderMutation
 from ..routing.table import RouteTable
+from ..http1.wire import HOP_BY_HOP
 from ..telemetry.access_log import AccessLog
+from ..telemetry.core import Telemetry
 from .exchange import Stream, exchange
 from .upstream import WRITE_HIGH_WATER, WRITE_LOW_WATER, UpstreamPool
 
@@ -45,7 +47,11 @@ class ListenerContext:
     connections: set[DownstreamProtocol] = field(default_factory=set)
     draining: bool = False
     rr_counters: dict[str, int] = field(default_factory=dict)
-    access_log: AccessLog = field(default_factory=AccessLog)
+    telemetry: Telemetry | None = None
+
+    def __post_init__(self) -> None:
+        if self.telemetry is None:
+            self.telemetry = Telemetry(self.name, "outbound", AccessLog())
 
     def start_draining(self) -> None:
         self.draining = True
@@ -60,7 +66,8 @@ class _HeaderLimitError(Exception):
 class DownstreamProtocol(asyncio.Protocol):
     __slots__ = (
         "ctx", "loop", "transport", "parser", "peer_ip", "streams", "parsing", "active_task", "url", "headers",
-        "head_size", "in_head", "head_fed", "read_paused", "closed", "error", "randbelow", "random",
+        "head_size", "in_head", "head_fed", "read_paused", "closed", "error", "randbelow", "random", "telemetry",
+        "strip_request",
     )
 
     def __init__(self, ctx: ListenerContext) -> None:
@@ -82,6 +89,9 @@ class DownstreamProtocol(asyncio.Protocol):
         self.error: ProtocolError | None = None
         self.randbelow = ctx.rng.randrange
         self.random = ctx.rng
+        assert ctx.telemetry is not None
+        self.telemetry = ctx.telemetry
+        self.strip_request = HOP_BY_HOP | ctx.telemetry.strip_request  # never forwarded upstream
 
     # ---- what the exchange reads
 
@@ -195,6 +205,7 @@ class DownstreamProtocol(asyncio.Protocol):
         stream = Stream(self, head)
         if self.ctx.response_mutation is not None:
             stream.response_mutation = self.ctx.response_mutation
+        self.telemetry.on_request(stream)
         self.parsing = stream
         if not head.has_body:
             stream.request_complete = True
@@ -226,8 +237,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.streams and self.streams[0] is stream:
             self.streams.popleft()
         self.active_task = None
-        if self.ctx.access_log.enabled:
-            self.ctx.access_log.log(stream, self.ctx.name)
+        self.telemetry.on_complete(stream)
         if self.closed:
             return
         if self.error is not None and (not self.streams or not stream.request_complete):

@@ -48,7 +48,7 @@ class AccessLog:
             "duration": int((time.monotonic() - stream.start) * 1000),
             "x_forwarded_for": _text(get(b"x-forwarded-for")),
             "user_agent": _text(get(b"user-agent")),
-            "request_id": _text(get(b"x-request-id")),
+            "request_id": _text(stream.request_id),
             "authority": head.authority.decode("latin-1"),
             "upstream_host": str(stream.endpoint) if stream.endpoint else "-",
             "upstream_cluster": stream.cluster.name if stream.cluster else "-",

@@ -247,3 +247,12 @@ def test_inbound_listener_forwards_to_the_local_app(tmp_path: Path, upstream: Up
         assert upstream.header_values(-1, "host") == ["reviews:9080"]
     finally:
         assert p.stop() == 0
+
+
+def test_x_request_id_is_generated_when_absent_and_kept_when_present(proxy: ProxyProcess, upstream: Upstream) -> None:
+    get(proxy.port, "/echo")
+    generated = upstream.header_values(-1, "x-request-id")
+    assert len(generated) == 1 and len(generated[0]) == 36
+    get(proxy.port, "/echo", headers={"X-Request-Id": "abc-123"})
+    assert upstream.header_values(-1, "x-request-id") == ["abc-123"]
+    assert [e["request_id"] for e in proxy.access_entries(2)] == [generated[0], "abc-123"]
