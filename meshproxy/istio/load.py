@@ -264,7 +264,9 @@ def _load_document(data: Any, doc: _Doc) -> Any:
     _check(doc, spec, message, "spec")
     if doc.errors:
         return None
-    meta = m.Resource(kind, str(name), str(namespace), m.Origin(doc.file, doc.index), spec)
+    annotations = metadata.get("annotations") or {}
+    meta = m.Resource(kind, str(name), str(namespace), m.Origin(doc.file, doc.index), spec,
+                      {str(k): str(v) for k, v in annotations.items()})
     return BUILDERS[kind](doc, meta, spec)
 
 
@@ -541,10 +543,10 @@ def _fault(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.HTTPFaultI
     delay = abort = None
     if (d := spec.get("delay")) is not None:
         sub = f"{path}.delay"
+        fixed = _duration(doc, d, "fixedDelay", sub)
         if d.get("exponentialDelay") is not None:
             doc.error(f"{sub}.exponentialDelay", "exponentialDelay is not supported (as in Istio)")
-        fixed = _duration(doc, d, "fixedDelay", sub)
-        if fixed is None:
+        elif fixed is None:
             doc.error(f"{sub}.fixedDelay", "fixedDelay is required")
         delay = m.Delay(fixed_delay=fixed or 0.0, percentage=_percentage(doc, d, sub))
     if (a := spec.get("abort")) is not None:

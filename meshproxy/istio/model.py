@@ -161,6 +161,7 @@ class Resource:
     namespace: str
     origin: Origin
     spec: Mapping[str, Any]
+    annotations: Mapping[str, str] = field(default_factory=dict)  # metadata.annotations (meshproxy.io/* extensions)
 
     @property
     def key(self) -> tuple[str, str, str]:
