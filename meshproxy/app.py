@@ -13,6 +13,7 @@ from .istio.load import load
 from .istio.model import Snapshot
 from .istio.problems import ConfigError, Problem
 from .istio.watch import config_signature
+from .proxy.balancer import Clusters
 from .proxy.listener import DownstreamProtocol, ListenerContext
 from .proxy.upstream import UpstreamPool
 from .routing.cluster import Cluster, Endpoint
@@ -80,6 +81,7 @@ class ProxyApp:
         self.rng = random.Random(settings.seed)
         self.pool = UpstreamPool(settings.upstream_idle_timeout, settings.connect_timeout)
         self.access_log = AccessLog(settings.access_log)
+        self.clusters = Clusters()
         self.contexts: list[ListenerContext] = []
         self.servers: list[asyncio.Server] = []
         self.ready = False
@@ -123,14 +125,14 @@ class ProxyApp:
         self.stopping = asyncio.Event()
         settings = self.settings
         if settings.listen is not None:
-            ctx = ListenerContext("outbound", lambda: self.config.table, self.pool, rng=self.rng,
+            ctx = ListenerContext("outbound", lambda: self.config.table, self.pool, rng=self.rng, clusters=self.clusters,
                                   telemetry=Telemetry("outbound", "outbound", self.access_log))
             await self._listen(ctx, settings.listen)
         for spec in settings.inbound:
             table = inbound_table(spec)
             name = f"inbound:{spec.app[1]}"
             ctx = ListenerContext(name, lambda t=table: t, self.pool, server_name=b"istio-envoy",
-                                  response_mutation=INBOUND_SERVER, rng=self.rng,
+                                  response_mutation=INBOUND_SERVER, rng=self.rng, clusters=self.clusters,
                                   telemetry=Telemetry(name, "inbound", self.access_log))
             await self._listen(ctx, spec.listen)
         if settings.admin is not None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..http1.head import RequestHead
 from ..http1.wire import CONTINUE_100, CRLF, HOP_BY_HOP, LAST_CHUNK, chunk, local_reply, status_line
 from ..routing.cluster import Cluster, Endpoint
 from ..routing.policy import ACTION_DIRECT_RESPONSE, ACTION_REDIRECT, FaultPolicy, HeaderMutation, RetryPolicy, Route
+from .balancer import ClusterState
 from .fault import GRPC_CODES, decide_abort, decide_delay
 from .local_reply import (
     DC,
@@ -27,11 +27,14 @@ from .local_reply import (
     NO_CLUSTER,
     NO_HEALTHY_UPSTREAM,
     NO_ROUTE,
+    OVERLOADED_HEADER,
     UC,
+    UO,
     URX,
     Reply,
     RetriableResponse,
     UpstreamError,
+    UpstreamOverflowError,
     UpstreamTimeoutError,
 )
 from .retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET, backoff, should_retry_failure, should_retry_response
@@ -56,7 +59,7 @@ class Stream:
         "conn", "head", "pending", "pending_size", "request_complete", "upstream", "waiter", "response_started",
         "response_chunked", "response_complete", "status", "flags", "start", "response_bytes", "close_after",
         "request_mutation", "response_mutation", "route", "cluster", "endpoint", "head_only", "sent", "replayable",
-        "body_size", "retries_left", "timer", "sent_at", "upstream_extra", "request_id",
+        "body_size", "retries_left", "timer", "sent_at", "upstream_extra", "request_id", "cluster_state",
     )
 
     def __init__(self, conn: DownstreamProtocol, head: RequestHead) -> None:
@@ -89,6 +92,7 @@ class Stream:
         self.sent_at = 0.0
         self.upstream_extra: list[tuple[bytes, bytes]] = []  # added to the upstream request (telemetry)
         self.request_id: bytes | None = None
+        self.cluster_state: ClusterState | None = None
 
     # ---- request body, from the downstream protocol
 
@@ -119,7 +123,8 @@ class Stream:
                          content_length: int | None) -> None:
         route = self.route
         if route is not None and route.retry.num_retries and should_retry_response(route.retry, status, headers):
-            if self.retries_left > 0 and self.replayable:
+            if self.retries_left > 0 and self.replayable and self.cluster_state is not None \
+                    and _retry_allowed(self, self.cluster_state):
                 self._resolve(RetriableResponse(status))  # discarded: the exchange retries
                 if self.upstream is not None:
                     self.upstream.sink = None
@@ -318,76 +323,132 @@ async def _exchange(conn: DownstreamProtocol, stream: Stream) -> None:
         stream.request_mutation = dest.request_headers
     if not dest.response_headers.empty:
         stream.response_mutation = dest.response_headers
+    state = conn.clusters.state(cluster)
+    if state.active_requests >= state.policy.pool.max_requests:  # http2MaxRequests: active requests per cluster
+        _reply_overflow(stream)
+        return
     if head.expect_continue and not stream.request_complete:
         conn.write(CONTINUE_100)
-    await _attempts(conn, stream, route, cluster)
+    state.active_requests += 1
+    try:
+        await _attempts(conn, stream, route, state)
+    finally:
+        state.active_requests -= 1
 
 
-async def _attempts(conn: DownstreamProtocol, stream: Stream, route: Route, cluster: Cluster) -> None:
+async def _attempts(conn: DownstreamProtocol, stream: Stream, route: Route, state: ClusterState) -> None:
     """Attempts until a response goes downstream, within the route timeout (which starts after any fault delay)."""
     loop = conn.loop
     retry = route.retry
     stream.retries_left = retry.num_retries
+    stream.cluster_state = state
     deadline = loop.time() + route.timeout if route.timeout else None
+    key = state.hash_key(stream.head, conn.peer_ip)
+    avoid_previous = retry.avoid_previous_hosts and key is None  # Istio turns it off with consistent hashing
     tried: list[Endpoint] = []
     reused_reset_retry = True  # one free retry when a kept-alive connection turns out closed by the server
     attempt = 0
-    while True:
-        attempt += 1
-        endpoint = _pick_endpoint(conn, cluster, tried if retry.avoid_previous_hosts else ())
-        stream.endpoint = endpoint
-        tried.append(endpoint)
-        remaining = deadline - loop.time() if deadline is not None else None
-        try:
-            if remaining is not None and remaining <= 0:
-                raise UpstreamTimeoutError()
-            upstream = await conn.pool.acquire(endpoint.key, min(remaining, conn.pool.connect_timeout)
-                                               if remaining is not None else None)
-        except UpstreamError as error:
-            if isinstance(error, UpstreamTimeoutError) or (deadline is not None and loop.time() >= deadline):
-                _finish_timeout(stream, attempt)
+    retrying = False
+    try:
+        while True:
+            attempt += 1
+            target = state.pick(key, tried if avoid_previous else (), conn.random, loop.time())
+            if target is None:  # every endpoint ejected
+                stream.reply(*_reply_args(NO_HEALTHY_UPSTREAM))
                 return
-            if stream.retries_left > 0 and should_retry_failure(retry, CONNECT_FAILURE, False):
+            endpoint = target.endpoint
+            stream.endpoint = endpoint
+            tried.append(endpoint)
+            remaining = deadline - loop.time() if deadline is not None else None
+            try:
+                if remaining is not None and remaining <= 0:
+                    raise UpstreamTimeoutError()
+                upstream = await conn.pool.acquire(state, endpoint, min(remaining, conn.pool.connect_timeout)
+                                                   if remaining is not None else None)
+            except UpstreamOverflowError:
+                _reply_overflow(stream)
+                return
+            except UpstreamError as error:
+                if isinstance(error, UpstreamTimeoutError) or (deadline is not None and loop.time() >= deadline):
+                    _finish_timeout(stream, attempt)
+                    return
+                state.report(target, 0, loop.time())
+                if retrying:
+                    state.active_retries -= 1
+                    retrying = False
+                if stream.retries_left > 0 and should_retry_failure(retry, CONNECT_FAILURE, False) \
+                        and _retry_allowed(stream, state):
+                    retrying = True
+                    if not await _back_off(stream, retry, attempt, deadline, conn):
+                        return
+                    continue
+                if attempt > 1 or (retry.num_retries and should_retry_failure(retry, CONNECT_FAILURE, False)):
+                    stream.flags.append(URX)
+                stream.reply(error.status, error.body(attempt > 1), error.flag)
+                return
+
+            target.active += 1
+            try:
+                outcome = await _send(conn, stream, upstream, attempt, deadline, retry.per_try_timeout)
+            finally:
+                target.active -= 1
+            if retrying:
+                state.active_retries -= 1
+                retrying = False
+            if outcome is None:
+                state.report(target, stream.status, loop.time())
+                conn.pool.release(upstream)
+                return
+            state.report(target, outcome.status if isinstance(outcome, RetriableResponse) else 0, loop.time())
+            conn.pool.discard(upstream)
+            if stream.response_started:  # bytes went downstream: never pretend the response was complete
+                stream.flags.append(outcome.flag if not isinstance(outcome, RetriableResponse) else UC)
+                stream.close_after = True
+                conn.reset_after_write()
+                return
+            if isinstance(outcome, RetriableResponse):
+                retrying = True  # the retry slot was taken when the response was judged retriable
                 if not await _back_off(stream, retry, attempt, deadline, conn):
                     return
                 continue
-            if attempt > 1 or (retry.num_retries and should_retry_failure(retry, CONNECT_FAILURE, False)):
+            if isinstance(outcome, UpstreamTimeoutError) and not outcome.per_try:
+                _finish_timeout(stream, attempt)
+                return
+            kind = PER_TRY_TIMEOUT if isinstance(outcome, UpstreamTimeoutError) else RESET
+            if kind == RESET and upstream.reused and upstream.served and reused_reset_retry and stream.replayable \
+                    and stream.head.method in IDEMPOTENT:
+                reused_reset_retry = False  # the server closed a kept-alive connection as we used it
+                tried.pop()
+                attempt -= 1
+                continue
+            if stream.retries_left > 0 and stream.replayable and should_retry_failure(retry, kind, True) \
+                    and _retry_allowed(stream, state):
+                retrying = True
+                if not await _back_off(stream, retry, attempt, deadline, conn):
+                    return
+                continue
+            if attempt > 1 or (retry.num_retries and should_retry_failure(retry, kind, True)):
                 stream.flags.append(URX)
-            stream.reply(error.status, error.body(attempt > 1), error.flag)
+            stream.reply(outcome.status, outcome.body(attempt > 1), outcome.flag)
             return
+    finally:
+        if retrying:
+            state.active_retries -= 1
 
-        outcome = await _send(conn, stream, upstream, attempt, deadline, retry.per_try_timeout)
-        if outcome is None:
-            conn.pool.release(upstream)
-            return
-        conn.pool.discard(upstream)
-        if stream.response_started:  # bytes went downstream: never pretend the response was complete
-            stream.flags.append(outcome.flag if not isinstance(outcome, RetriableResponse) else UC)
-            stream.close_after = True
-            conn.reset_after_write()
-            return
-        if isinstance(outcome, RetriableResponse):
-            if not await _back_off(stream, retry, attempt, deadline, conn):
-                return
-            continue
-        if isinstance(outcome, UpstreamTimeoutError) and not outcome.per_try:
-            _finish_timeout(stream, attempt)
-            return
-        kind = PER_TRY_TIMEOUT if isinstance(outcome, UpstreamTimeoutError) else RESET
-        if kind == RESET and upstream.reused and upstream.served and reused_reset_retry and stream.replayable \
-                and stream.head.method in IDEMPOTENT:
-            reused_reset_retry = False  # the server closed a kept-alive connection as we used it
-            tried.pop()
-            attempt -= 1
-            continue
-        if stream.retries_left > 0 and stream.replayable and should_retry_failure(retry, kind, True):
-            if not await _back_off(stream, retry, attempt, deadline, conn):
-                return
-            continue
-        if attempt > 1 or (retry.num_retries and should_retry_failure(retry, kind, True)):
-            stream.flags.append(URX)
-        stream.reply(outcome.status, outcome.body(attempt > 1), outcome.flag)
-        return
+
+def _retry_allowed(stream: Stream, state: ClusterState) -> bool:
+    """Take a retry slot (maxRetries, retryBudget); a refused retry marks UO, as Envoy's retry overflow."""
+    if state.retry_allowed():
+        state.active_retries += 1
+        return True
+    if UO not in stream.flags:
+        stream.flags.append(UO)
+    return False
+
+
+def _reply_overflow(stream: Stream) -> None:
+    error = UpstreamOverflowError()
+    stream.reply(error.status, error.body(False), error.flag, OVERLOADED_HEADER)
 
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -456,22 +517,6 @@ def _reply_abort(stream: Stream, fault: FaultPolicy) -> None:
 
 def _reply_args(reply: Reply) -> tuple[int, bytes, str]:
     return reply.status, reply.body, reply.flag
-
-
-def _pick_endpoint(conn: DownstreamProtocol, cluster: Cluster, avoid: Sequence[Endpoint]) -> Endpoint:
-    """Round robin over the cluster's endpoints, skipping ones already tried when others exist."""
-    endpoints = cluster.endpoints
-    if len(endpoints) == 1:
-        return endpoints[0]
-    counters = conn.rr_counters
-    start = counters.get(cluster.name, 0)
-    for i in range(len(endpoints)):
-        endpoint = endpoints[(start + i) % len(endpoints)]
-        if endpoint not in avoid:
-            counters[cluster.name] = start + i + 1
-            return endpoint
-    counters[cluster.name] = start + 1
-    return endpoints[start % len(endpoints)]
 
 
 def _redirect_location(route: Route, head: RequestHead) -> bytes:

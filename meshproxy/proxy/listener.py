@@ -25,6 +25,7 @@ from ..routing.table import RouteTable
 from ..http1.wire import HOP_BY_HOP
 from ..telemetry.access_log import AccessLog
 from ..telemetry.core import Telemetry
+from .balancer import Clusters
 from .exchange import Stream, exchange
 from .upstream import WRITE_HIGH_WATER, WRITE_LOW_WATER, UpstreamPool
 
@@ -46,7 +47,7 @@ class ListenerContext:
     rng: random.Random = field(default_factory=random.Random)
     connections: set[DownstreamProtocol] = field(default_factory=set)
     draining: bool = False
-    rr_counters: dict[str, int] = field(default_factory=dict)
+    clusters: Clusters = field(default_factory=Clusters)  # shared by all listeners of the process
     telemetry: Telemetry | None = None
 
     def __post_init__(self) -> None:
@@ -112,8 +113,8 @@ class DownstreamProtocol(asyncio.Protocol):
         return self.ctx.server_name
 
     @property
-    def rr_counters(self) -> dict[str, int]:
-        return self.ctx.rr_counters
+    def clusters(self) -> Clusters:
+        return self.ctx.clusters
 
     # ---- asyncio callbacks
 

@@ -63,6 +63,16 @@ class ResponseResetError(UpstreamError):
     """The upstream went away after the response head was sent downstream: reset the client."""
 
 
+class UpstreamOverflowError(UpstreamError):
+    """A circuit breaker limit was hit (connections + pending, requests): 503 UO, never retried."""
+
+    flag = UO
+    reason = "overflow"
+
+
+OVERLOADED_HEADER = ((b"x-envoy-overloaded", b"true"),)
+
+
 class UpstreamTimeoutError(UpstreamError):
     """The route timeout (or the last per-try timeout) expired: 504, never retried after the route timeout."""
 

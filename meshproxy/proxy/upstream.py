@@ -14,7 +14,7 @@ import asyncio
 import errno
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
@@ -24,8 +24,13 @@ from .local_reply import (
     ConnectionTerminationError,
     ResponseResetError,
     UpstreamError,
+    UpstreamOverflowError,
     UpstreamProtocolError,
 )
+
+if TYPE_CHECKING:
+    from ..routing.cluster import Endpoint
+    from .balancer import ClusterState
 
 log = logging.getLogger("meshproxy.upstream")
 
@@ -53,12 +58,13 @@ class ResponseSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "key", "transport", "parser", "sink", "head_only", "chunked_request", "status", "headers",
-        "head_done", "framing", "content_length", "keep_alive", "closed", "reused", "idle_handle", "served",
+        "head_done", "framing", "content_length", "keep_alive", "closed", "reused", "idle_handle", "served", "owner",
     )
 
-    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
+    def __init__(self, pool: UpstreamPool, key: tuple[str, str, int], owner: ClusterState | None = None) -> None:
         self.pool = pool
-        self.key = key
+        self.key = key  # (cluster name, address, port): each cluster has its own connections, as in Envoy
+        self.owner = owner
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.sink: ResponseSink | None = None
@@ -106,9 +112,19 @@ class UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.sink = None
-        self.closed = True
+        self.mark_closed()
         if self.transport is not None:
             self.transport.abort()
+
+    def mark_closed(self) -> None:
+        """Once per connection: give its slot back to the cluster's circuit breaker."""
+        if self.closed:
+            return
+        self.closed = True
+        owner = self.owner
+        if owner is not None:
+            owner.connections -= 1
+            owner.wake_one()
 
     # ---- asyncio callbacks
 
@@ -206,7 +222,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _closed_by_peer(self) -> None:
         if self.closed:
             return
-        self.closed = True
+        self.mark_closed()
         self.pool.forget(self)
         sink = self.sink
         if sink is None:
@@ -223,16 +239,46 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections per endpoint; new ones on demand."""
+    """Idle keep-alive connections per (cluster, endpoint); new ones on demand, within the cluster's limits."""
 
     def __init__(self, idle_timeout: float, connect_timeout: float) -> None:
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
-        self.idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
+        self.idle: dict[tuple[str, str, int], list[UpstreamConnection]] = {}
         self.active = 0  # connections out of the pool, carrying a request
         self.opened = 0
 
-    async def acquire(self, key: tuple[str, int], connect_timeout: float | None = None) -> UpstreamConnection:
+    async def acquire(self, state: ClusterState, endpoint: Endpoint, connect_timeout: float | None = None
+                      ) -> UpstreamConnection:
+        key = (state.cluster.name, endpoint.address, endpoint.port)
+        limits = state.policy.pool
+        while True:
+            conn = self._reuse(key)
+            if conn is not None:
+                return conn
+            if state.connections < limits.max_connections or self._evict_idle(state):
+                break
+            # tcp.maxConnections reached: queue as a pending request, within http1MaxPendingRequests.
+            if state.pending >= limits.max_pending:
+                raise UpstreamOverflowError()
+            waiter = asyncio.get_running_loop().create_future()
+            state.waiters.append(waiter)
+            state.pending += 1
+            try:
+                await waiter
+            finally:
+                state.pending -= 1
+        state.connections += 1
+        try:
+            conn = await self._connect(key, state, connect_timeout or limits.connect_timeout or self.connect_timeout)
+        except BaseException:
+            state.connections -= 1
+            state.wake_one()
+            raise
+        self.active += 1
+        return conn
+
+    def _reuse(self, key: tuple[str, str, int]) -> UpstreamConnection | None:
         idle = self.idle.get(key)
         while idle:
             conn = idle.pop()
@@ -243,16 +289,23 @@ class UpstreamPool:
                 conn.reused = True
                 self.active += 1
                 return conn
-        conn = await self._connect(key, connect_timeout or self.connect_timeout)
-        self.active += 1
-        return conn
+        return None
 
-    async def _connect(self, key: tuple[str, int], timeout: float) -> UpstreamConnection:
+    def _evict_idle(self, state: ClusterState) -> bool:
+        """At the connection limit, an idle connection to another endpoint of the cluster makes room."""
+        name = state.cluster.name
+        for key, conns in self.idle.items():
+            if key[0] == name and conns:
+                self._expire(conns[0])
+                return True
+        return False
+
+    async def _connect(self, key: tuple[str, str, int], state: ClusterState, timeout: float) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
-        factory: Callable[[], UpstreamConnection] = lambda: UpstreamConnection(self, key)  # noqa: E731
+        factory: Callable[[], UpstreamConnection] = lambda: UpstreamConnection(self, key, state)  # noqa: E731
         try:
             async with asyncio.timeout(timeout):
-                _, protocol = await loop.create_connection(factory, key[0], key[1])
+                _, protocol = await loop.create_connection(factory, key[1], key[2])
         except TimeoutError:
             raise ConnectFailureError("connection timeout") from None
         except ConnectionRefusedError as exc:
@@ -267,14 +320,20 @@ class UpstreamPool:
         """Back to the pool after a complete response, or closed if it cannot be reused."""
         self.active -= 1
         conn.sink = None
-        if conn.closed or not conn.keep_alive or conn.transport is None or conn.transport.is_closing():
-            conn.closed = True
+        owner = conn.owner
+        limits = owner.policy.pool if owner is not None else None
+        if conn.closed or not conn.keep_alive or conn.transport is None or conn.transport.is_closing() or \
+                (limits is not None and limits.max_requests_per_connection
+                 and conn.served >= limits.max_requests_per_connection):
+            conn.mark_closed()
             if conn.transport is not None:
                 conn.transport.close()
             return
-        loop = asyncio.get_running_loop()
-        conn.idle_handle = loop.call_later(self.idle_timeout, self._expire, conn)
+        idle_timeout = limits.idle_timeout if limits is not None and limits.idle_timeout else self.idle_timeout
+        conn.idle_handle = asyncio.get_running_loop().call_later(idle_timeout, self._expire, conn)
         self.idle.setdefault(conn.key, []).append(conn)
+        if owner is not None:
+            owner.wake_one()
 
     def discard(self, conn: UpstreamConnection) -> None:
         """Give back a connection whose exchange did not end cleanly: never reused."""
@@ -293,7 +352,7 @@ class UpstreamPool:
     def _expire(self, conn: UpstreamConnection) -> None:
         conn.idle_handle = None
         self.forget(conn)
-        conn.closed = True
+        conn.mark_closed()
         if conn.transport is not None:
             conn.transport.close()
 

@@ -1,0 +1,246 @@
+"""Per-cluster runtime state: load balancing, circuit breaker counters, outlier ejection, retry budget.
+
+The policy is compiled once per cluster of a config snapshot (the first time the
+cluster is used); counters live in `ClusterState`, which survives reloads for a
+cluster of the same name so that in-flight counts stay right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from bisect import bisect_left
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..routing.cluster import Cluster, Endpoint
+from ..routing.match import parse_query
+from ..routing.traffic import (
+    LB_RANDOM,
+    LB_ROUND_ROBIN,
+    HashPolicy,
+    TrafficPolicy,
+    compile_traffic_policy,
+)
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from ..http1.head import RequestHead
+
+MAX_EJECTION_TIME = 300.0  # Envoy's max_ejection_time default
+
+
+def hash64(data: bytes) -> int:
+    """Stable across processes and runs (unlike hash()): a user keeps their endpoint after a restart."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+@dataclass(slots=True)
+class EndpointState:
+    endpoint: Endpoint
+    active: int = 0  # requests in flight (LEAST_REQUEST)
+    consecutive_5xx: int = 0
+    consecutive_gateway: int = 0
+    ejections: int = 0
+    ejected_until: float = 0.0
+
+    def ejected(self, now: float) -> bool:
+        return now < self.ejected_until
+
+
+@dataclass(slots=True)
+class ClusterState:
+    cluster: Cluster
+    policy: TrafficPolicy
+    endpoints: list[EndpointState]
+    rr: int = 0
+    active_requests: int = 0
+    active_retries: int = 0
+    connections: int = 0
+    pending: int = 0
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+    ring: tuple[tuple[int, ...], tuple[EndpointState, ...]] | None = None  # ring hash points, or maglev table
+
+    # ---- load balancing
+
+    def hash_key(self, head: RequestHead, peer_ip: bytes) -> int | None:
+        policy = self.policy.hash
+        if policy is None:
+            return None
+        value: bytes | None
+        if policy.source == "header":
+            value = head.header(policy.name)
+        elif policy.source == "cookie":
+            value = _cookie(head.header(b"cookie"), policy.name)
+        elif policy.source == "query":
+            value = parse_query(head.query).get(policy.name)
+        else:
+            value = peer_ip
+        return hash64(value) if value is not None else None
+
+    def pick(self, key: int | None, avoid: Sequence[Endpoint], rng: random.Random, now: float) -> EndpointState | None:
+        healthy = self._healthy(now)
+        if not healthy:
+            return None
+        if key is not None and self.policy.hash is not None:
+            return self._pick_hashed(key, now)
+        candidates = [e for e in healthy if e.endpoint not in avoid] if avoid else healthy
+        if not candidates:
+            candidates = healthy
+        if len(candidates) == 1:
+            return candidates[0]
+        lb = self.policy.lb
+        if lb == LB_ROUND_ROBIN:
+            self.rr += 1
+            return candidates[self.rr % len(candidates)]
+        if lb == LB_RANDOM:
+            return candidates[rng.randrange(len(candidates))]
+        # LEAST_REQUEST with equal weights: power of two choices (Envoy's default choice_count 2).
+        first = candidates[rng.randrange(len(candidates))]
+        second = candidates[rng.randrange(len(candidates))]
+        return first if first.active <= second.active else second
+
+    def _healthy(self, now: float) -> list[EndpointState]:
+        healthy = [e for e in self.endpoints if not e.ejected(now)]
+        outlier = self.policy.outlier
+        if outlier is not None and outlier.min_health_percent > 0 and self.endpoints \
+                and 100 * len(healthy) / len(self.endpoints) < outlier.min_health_percent:
+            return self.endpoints  # panic mode: ignore health, as Envoy's healthy_panic_threshold
+        return healthy
+
+    def _pick_hashed(self, key: int, now: float) -> EndpointState | None:
+        if self.ring is None:
+            self.ring = _build_table(self.policy.hash, self.endpoints)  # type: ignore[arg-type]
+        points, owners = self.ring
+        assert self.policy.hash is not None
+        if self.policy.hash.algorithm == "maglev":
+            start = key % len(owners)
+            for i in range(len(owners)):  # next entry whose endpoint is not ejected
+                owner = owners[(start + i) % len(owners)]
+                if not owner.ejected(now):
+                    return owner
+            return None
+        index = bisect_left(points, key % (1 << 64))
+        for i in range(len(owners)):
+            owner = owners[(index + i) % len(owners)]
+            if not owner.ejected(now):
+                return owner
+        return None
+
+    # ---- circuit breaking and retry budget
+
+    def retry_allowed(self) -> bool:
+        """maxRetries and retryBudget: retries in flight stay within the limit (no retry storms)."""
+        if self.active_retries >= self.policy.pool.max_retries:
+            return False
+        budget = self.policy.retry_budget
+        if budget is not None:
+            allowed = max(budget.min_retry_concurrency, budget.percent / 100.0 * (self.active_requests + self.pending))
+            if self.active_retries >= allowed:
+                return False
+        return True
+
+    def wake_one(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    # ---- outlier detection
+
+    def report(self, state: EndpointState, status: int, now: float) -> None:
+        """An attempt's result: status code, or 503-like 0 for a local-origin failure (connect, reset, timeout)."""
+        outlier = self.policy.outlier
+        if outlier is None:
+            return
+        if status >= 500 or status == 0:
+            state.consecutive_5xx += 1
+            if status in (0, 502, 503, 504):
+                state.consecutive_gateway += 1
+            if (outlier.consecutive_5xx and state.consecutive_5xx >= outlier.consecutive_5xx) or \
+                    (outlier.consecutive_gateway and state.consecutive_gateway >= outlier.consecutive_gateway):
+                self._eject(state, now)
+        else:
+            state.consecutive_5xx = state.consecutive_gateway = 0
+
+    def _eject(self, state: EndpointState, now: float) -> None:
+        outlier = self.policy.outlier
+        assert outlier is not None
+        if state.ejected(now):
+            return
+        ejected = sum(e.ejected(now) for e in self.endpoints)
+        # maxEjectionPercent caps ejections, but Envoy always allows ejecting one host.
+        if ejected and 100 * (ejected + 1) / len(self.endpoints) > outlier.max_ejection_percent:
+            return
+        state.ejections += 1
+        state.ejected_until = now + min(outlier.base_ejection_time * state.ejections,
+                                        max(MAX_EJECTION_TIME, outlier.base_ejection_time))
+        state.consecutive_5xx = state.consecutive_gateway = 0
+
+
+def _cookie(header: bytes | None, name: bytes) -> bytes | None:
+    if header is None:
+        return None
+    for part in header.split(b";"):
+        key, sep, value = part.strip().partition(b"=")
+        if sep and key == name:
+            return value
+    return None
+
+
+def _build_table(policy: HashPolicy, endpoints: list[EndpointState]) -> tuple[tuple[int, ...], tuple[EndpointState, ...]]:
+    if policy.algorithm == "maglev":
+        return (), _maglev(policy.size, endpoints)
+    per_host = max(1, -(-policy.size // max(1, len(endpoints))))
+    points = sorted((hash64(f"{e.endpoint}_{i}".encode()), n)
+                    for n, e in enumerate(endpoints) for i in range(per_host))
+    return tuple(p for p, _ in points), tuple(endpoints[n] for _, n in points)
+
+
+def _maglev(size: int, endpoints: list[EndpointState]) -> tuple[EndpointState, ...]:
+    """Maglev lookup table (Eisenbud et al. 2016), as Envoy builds it for equal weights."""
+    if not endpoints:
+        return ()
+    n = len(endpoints)
+    offsets = [hash64(str(e.endpoint).encode()) % size for e in endpoints]
+    skips = [hash64(b"skip" + str(e.endpoint).encode()) % (size - 1) + 1 for e in endpoints]
+    nexts = [0] * n
+    table: list[int] = [-1] * size
+    filled = 0
+    while True:
+        for i in range(n):
+            c = (offsets[i] + nexts[i] * skips[i]) % size
+            while table[c] >= 0:
+                nexts[i] += 1
+                c = (offsets[i] + nexts[i] * skips[i]) % size
+            table[c] = i
+            nexts[i] += 1
+            filled += 1
+            if filled == size:
+                return tuple(endpoints[i] for i in table)
+
+
+class Clusters:
+    """ClusterState by cluster name, rebuilt (keeping counters) when a reload brings a new Cluster object."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, ClusterState] = {}
+
+    def state(self, cluster: Cluster) -> ClusterState:
+        state = self.states.get(cluster.name)
+        if state is not None and (state.cluster is cluster or state.cluster == cluster):
+            return state
+        previous = {e.endpoint.key: e for e in state.endpoints} if state is not None else {}
+        endpoints = [previous.get(ep.key) or EndpointState(ep) for ep in cluster.endpoints]
+        for e, ep in zip(endpoints, cluster.endpoints):
+            e.endpoint = ep
+        fresh = ClusterState(cluster, compile_traffic_policy(cluster.traffic_policy), endpoints)
+        if state is not None:  # in-flight counts carry over
+            fresh.active_requests, fresh.active_retries = state.active_requests, state.active_retries
+            fresh.connections, fresh.pending, fresh.waiters = state.connections, state.pending, state.waiters
+        self.states[cluster.name] = fresh
+        return fresh
