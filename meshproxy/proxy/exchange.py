@@ -59,7 +59,7 @@ class Stream:
         "conn", "head", "pending", "pending_size", "request_complete", "upstream", "waiter", "response_started",
         "response_chunked", "response_complete", "status", "flags", "start", "response_bytes", "close_after",
         "request_mutation", "response_mutation", "route", "cluster", "endpoint", "head_only", "sent", "replayable",
-        "body_size", "retries_left", "timer", "sent_at", "upstream_extra", "request_id", "cluster_state",
+        "body_size", "retries_left", "timer", "sent_at", "upstream_extra", "request_id", "cluster_state", "out",
     )
 
     def __init__(self, conn: DownstreamProtocol, head: RequestHead) -> None:
@@ -93,6 +93,7 @@ class Stream:
         self.upstream_extra: list[tuple[bytes, bytes]] = []  # added to the upstream request (telemetry)
         self.request_id: bytes | None = None
         self.cluster_state: ClusterState | None = None
+        self.out: list[bytes] = []  # response bytes not yet written downstream (see flush)
 
     # ---- request body, from the downstream protocol
 
@@ -156,17 +157,25 @@ class Stream:
         if self.close_after:
             parts.append(b"connection: close\r\n")
         parts.append(CRLF)
-        conn.write(b"".join(parts))
+        self.out.append(b"".join(parts))  # written with the body bytes of the same read: one send
 
     def on_response_body(self, data: bytes) -> None:
         self.response_bytes += len(data)
         if self.head_only:
             return
-        self.conn.write(chunk(data) if self.response_chunked else data)
+        self.out.append(chunk(data) if self.response_chunked else data)
+
+    def flush(self) -> None:
+        """Write what the last upstream read produced, in one call (the upstream calls this after each read)."""
+        out = self.out
+        if out:
+            self.conn.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
 
     def on_response_end(self) -> None:
         if self.response_chunked and not self.head_only:
-            self.conn.write(LAST_CHUNK)
+            self.out.append(LAST_CHUNK)
+        self.flush()
         self.response_complete = True
         self._resolve(None)
 
