@@ -319,7 +319,7 @@ async def _exchange(conn: DownstreamProtocol, stream: Stream) -> None:
         stream.reply(route.redirect_code, b"", "", ((b"location", _redirect_location(route, head)),))
         return
     assert route.picker is not None
-    dest = route.picker.pick(conn.randbelow)
+    dest = route.pick(head, conn.randbelow)
     cluster = dest.cluster_for(port)
     if cluster is None:
         stream.reply(*_reply_args(NO_CLUSTER))

@@ -13,9 +13,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..istio import model as m
+from ..istio.load import HEADER_NAME_RE
 from ..istio.problems import Problem
 from .cluster import Cluster, Endpoint
-from .match import CATCH_ALL, RouteMatch, compile_match
+from .match import CATCH_ALL, IGNORED_HEADER_KEYS, RouteMatch, compile_match
 from .picker import WeightedPicker
 from .policy import (
     ACTION_DIRECT_RESPONSE,
@@ -27,13 +28,21 @@ from .policy import (
     FaultPolicy,
     HeaderMutation,
     RetryPolicy,
+    STICKY_COOKIE,
+    STICKY_HEADER,
     Route,
     RouteDestination,
+    StickyKey,
 )
 from .table import RouteTable, VirtualHost
+from .traffic import merge_policies
 
 CLUSTER_DOMAIN = "svc.cluster.local"
 MESH_GATEWAY = "mesh"
+ANNOTATION_PREFIX = "meshproxy.io/"
+STICKY_HEADER_ANNOTATION = "meshproxy.io/sticky-header"
+STICKY_COOKIE_ANNOTATION = "meshproxy.io/sticky-cookie"
+KNOWN_ANNOTATIONS = frozenset({STICKY_HEADER_ANNOTATION, STICKY_COOKIE_ANNOTATION})
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,15 +141,12 @@ class _Compiler:
         if service is not None:
             service_port = next((p for p in service.ports if p.number == port), None)
             labels: Mapping[str, str] | None = {}
-            policy = None
             rule = self.rules.get(host)
-            if rule is not None:
-                policy = rule.traffic_policy
+            found = None
             if subset:
                 found = next((s for s in rule.subsets if s.name == subset), None) if rule else None
                 labels = found.labels if found else None
-                if found and found.traffic_policy:
-                    policy = found.traffic_policy
+            policy = merge_policies(rule.traffic_policy if rule else None, found.traffic_policy if found else None, port)
             if service_port is not None and labels is not None:
                 cluster = Cluster(Cluster.name_of("outbound", port, subset, host), host, port, subset,
                                   service.endpoints(service_port, labels), policy)
@@ -160,11 +166,15 @@ class _Compiler:
         return False
 
     def source_matches(self, block: m.HTTPMatchRequest, vs: m.VirtualService) -> bool:
-        """sourceLabels/sourceNamespace/gateways select proxies at config time, never per request."""
-        if block.gateways and not self.applies_here(block.gateways, vs.meta.namespace):
-            return False
-        gateways = block.gateways or vs.gateways
-        if MESH_GATEWAY not in gateways:
+        """sourceLabels/sourceNamespace/gateways select proxies at config time, never per request.
+
+        As Istio's sourceMatchHTTP: a block that lists gateways applies when one of them is this proxy's
+        (its sourceLabels are then not looked at); otherwise the proxy's labels must contain
+        sourceLabels and its namespace equal sourceNamespace. Rules bound only to gateways ignore both.
+        """
+        if block.gateways:
+            return self.applies_here(block.gateways, vs.meta.namespace)
+        if MESH_GATEWAY not in vs.gateways:
             return True  # Istio ignores source matches for gateway-only rules
         if block.source_namespace and block.source_namespace != self.identity.namespace:
             return False
@@ -207,18 +217,61 @@ class _Compiler:
 
     def http_routes(self, vs: m.VirtualService) -> list[Route]:
         routes: list[Route] = []
+        places: list[str] = []  # spec path of each route's match block, for warnings
         ns = vs.meta.namespace
+        sticky = self.sticky_key(vs)
         for index, http in enumerate(vs.http):
             path = f"spec.http[{index}]"
-            blocks = [b for b in http.match if self.source_matches(b, vs)]
+            self.check_header_keys(vs, http, path)
+            blocks = [(k, b) for k, b in enumerate(http.match) if self.source_matches(b, vs)]
             if http.match and not blocks:
                 continue  # no block applies to this proxy
-            matches = [compile_match(b) for b in blocks] or [CATCH_ALL]
             common = self.route_policy(vs, http, path)
-            for block, match in zip(blocks or [None], matches):
+            picker = common["picker"]
+            if sticky is not None and isinstance(picker, WeightedPicker) and len(picker.choices) > 1:
+                common["sticky"] = sticky
+            for k, block in blocks or [(-1, None)]:
+                match = compile_match(block) if block is not None else CATCH_ALL
                 name = http.name + (f".{block.name}" if block is not None and block.name else "")
                 routes.append(Route(name=name, virtual_service=f"{ns}/{vs.meta.name}", index=index, match=match, **common))
+                places.append(f"{path}.match[{k}]" if k >= 0 else path)
+        self.check_shadowing(vs, routes, places)
         return routes
+
+    def sticky_key(self, vs: m.VirtualService) -> StickyKey | None:
+        """The meshproxy.io/sticky-header or -cookie annotation of a VirtualService (see policy.StickyKey)."""
+        annotations, origin = vs.meta.annotations, vs.meta.origin
+        for key in annotations:
+            if key.startswith(ANNOTATION_PREFIX) and key not in KNOWN_ANNOTATIONS:
+                self.warn(origin, f"metadata.annotations.{key}",
+                          f"unknown meshproxy annotation (known: {', '.join(sorted(KNOWN_ANNOTATIONS))}); ignored")
+        header, cookie = annotations.get(STICKY_HEADER_ANNOTATION), annotations.get(STICKY_COOKIE_ANNOTATION)
+        if header is None and cookie is None:
+            return None
+        if header is not None and cookie is not None:
+            self.warn(origin, f"metadata.annotations.{STICKY_COOKIE_ANNOTATION}",
+                      f"{STICKY_HEADER_ANNOTATION} is also set: the header is used, the cookie ignored")
+        kind, name, key = ((STICKY_HEADER, header, STICKY_HEADER_ANNOTATION) if header is not None
+                           else (STICKY_COOKIE, cookie, STICKY_COOKIE_ANNOTATION))
+        assert name is not None
+        name = name.strip()
+        if not HEADER_NAME_RE.fullmatch(name):
+            self.warn(origin, f"metadata.annotations.{key}", f"{name!r} is not a valid {kind} name; picks stay random")
+            return None
+        if not any(len(http.route) > 1 for http in vs.http):
+            self.warn(origin, f"metadata.annotations.{key}",
+                      "no route of this VirtualService has several destinations: nothing to keep sticky")
+        return StickyKey(kind, name.lower().encode() if kind == STICKY_HEADER else name.encode())
+
+    def check_header_keys(self, vs: m.VirtualService, http: m.HTTPRoute, path: str) -> None:
+        for k, block in enumerate(http.match):
+            for field_name, items in (("headers", block.headers), ("withoutHeaders", block.without_headers)):
+                for name, _ in items:
+                    if name in IGNORED_HEADER_KEYS:
+                        self.warn(vs.meta.origin, f"{path}.match[{k}].{field_name}.{name}",
+                                  f"Istio ignores the header key {name!r}: use match.{name} (or ':{name}' for the "
+                                  "pseudo-header)" if name != "uri" else
+                                  "Istio ignores the header key 'uri': use match.uri")
 
     def route_policy(self, vs: m.VirtualService, http: m.HTTPRoute, path: str) -> dict[str, object]:
         weighted = len(http.route) > 1
@@ -277,7 +330,6 @@ class _Compiler:
             if not self.applies_here(vs.gateways, vs.meta.namespace):
                 continue
             routes = self.http_routes(vs)
-            self.check_shadowing(vs, routes)
             for i, host in enumerate(vs.hosts):
                 name = fqdn(host, vs.meta.namespace)
                 if name in owner:
@@ -309,13 +361,23 @@ class _Compiler:
         wildcards.sort(key=lambda item: len(item[0]), reverse=True)
         return RouteTable(exact=exact, wildcards=tuple(wildcards), catch_all=catch_all)
 
-    def check_shadowing(self, vs: m.VirtualService, routes: list[Route]) -> None:
+    def check_shadowing(self, vs: m.VirtualService, routes: list[Route], places: list[str]) -> None:
+        """istioctl-analyze-style: an HTTPRoute after a catch-all never matches (Istio even stops emitting
+        routes after one), nor does a match block whose conditions an earlier block already has."""
+        seen: dict[RouteMatch, int] = {}
         for pos, route in enumerate(routes):
-            if route.match.catch_all and pos + 1 < len(routes):
-                later = routes[pos + 1]
-                self.warn(vs.meta.origin, f"spec.http[{later.index}]",
-                          f"never matches: spec.http[{route.index}] before it matches every request")
+            match = route.match
+            if match.matches_every_path:
+                later = next((r for r in routes[pos + 1:] if r.index != route.index), None)
+                if later is not None:
+                    self.warn(vs.meta.origin, f"spec.http[{later.index}]",
+                              f"never matches: spec.http[{route.index}] before it matches every request")
                 return
+            key = _conditions(match)
+            first = seen.setdefault(key, pos)
+            if first != pos and routes[first].index != route.index:
+                self.warn(vs.meta.origin, places[pos],
+                          f"never matches: {places[first]} before it has the same conditions")
 
     def check_gateways(self) -> None:
         defined = {f"{g.meta.namespace}/{g.meta.name}" for g in self.snapshot.gateways}
@@ -324,6 +386,12 @@ class _Compiler:
                 qualified = gateway if "/" in gateway else f"{vs.meta.namespace}/{gateway}"
                 if gateway != MESH_GATEWAY and qualified not in defined:
                     self.warn(vs.meta.origin, f"spec.gateways[{i}]", f"gateway {qualified!r} is not defined in this configuration")
+
+
+def _conditions(match: RouteMatch) -> RouteMatch:
+    """A match without its name: equal conditions compare equal (regexes only by identity)."""
+    return RouteMatch(path=match.path, method=match.method, scheme=match.scheme, authority=match.authority,
+                      headers=match.headers, query=match.query, port=match.port)
 
 
 def _mutations(headers: m.Headers | None) -> tuple[HeaderMutation, HeaderMutation]:

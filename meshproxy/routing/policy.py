@@ -7,14 +7,15 @@ Shared defaults (NO_RETRY, NO_FAULT, NO_HEADERS) stand in for "none".
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from hashlib import blake2b
 from typing import TYPE_CHECKING
 
 from .cluster import Cluster
 
 if TYPE_CHECKING:
-    from .match import RouteMatch
+    from .match import MatchInput, RouteMatch
     from .picker import WeightedPicker
 
 # Retry-on conditions as bits (Envoy RetryPolicy::RETRY_ON_*).
@@ -145,6 +146,53 @@ ACTION_ROUTE = 0
 ACTION_REDIRECT = 1
 ACTION_DIRECT_RESPONSE = 2
 
+STICKY_HEADER = "header"
+STICKY_COOKIE = "cookie"
+COOKIE = b"cookie"
+
+
+def sticky_hash(value: bytes) -> int:
+    """Stable 64-bit hash of a sticky key: the same in every process and release (not Python's salted
+    `hash()`), so every worker and every proxy of a workload sends one user to one version."""
+    return int.from_bytes(blake2b(value, digest_size=8).digest(), "big")
+
+
+def cookie_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """Value of cookie `name` from the Cookie header lines (first occurrence; quotes removed, as Envoy's
+    parseCookieValue)."""
+    for key, value in headers:
+        if key != COOKIE:
+            continue
+        for pair in value.split(b";"):
+            cookie, sep, content = pair.strip().partition(b"=")
+            if sep and cookie == name:
+                if len(content) >= 2 and content[:1] == content[-1:] == b'"':
+                    content = content[1:-1]
+                return content
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class StickyKey:
+    """meshproxy extension: what a weighted pick hashes on so one user stays on one destination.
+
+    Set per VirtualService with the annotation `meshproxy.io/sticky-header: <header name>` or
+    `meshproxy.io/sticky-cookie: <cookie name>` (Istio has no field for it: its weighted pick is per
+    request, istio/istio#9764). See Route.pick.
+    """
+
+    kind: str  # STICKY_HEADER | STICKY_COOKIE
+    name: bytes  # header name lower-case, or cookie name as written
+
+    def value(self, req: MatchInput) -> bytes | None:
+        if self.kind == STICKY_COOKIE:
+            return cookie_value(req.headers, self.name)
+        name = self.name
+        for key, value in req.headers:
+            if key == name:
+                return value
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -164,3 +212,20 @@ class Route:
     redirect_location: tuple[str, str, str, str] | None = None  # scheme, authority, uri, prefix rewrite
     redirect_code: int = 301
     operation: str = ""  # span name / decorator, e.g. reviews.default.svc.cluster.local:9080/*
+    sticky: StickyKey | None = None  # meshproxy.io/sticky-header or -cookie of the VirtualService
+
+    def pick(self, req: MatchInput, randbelow: Callable[[int], int]) -> RouteDestination:
+        """The destination for this request: Envoy's weighted pick (`randbelow(total)` over cumulative
+        ranges), or, when the route is sticky and the request carries the key, the stable hash of the
+        key's value over the same ranges, so one user always lands on one destination while the weights
+        stay the same. Changing weights moves only the users whose hash falls in the changed part of a
+        range. A request without the key falls back to the random pick. Only ACTION_ROUTE routes pick.
+        """
+        picker = self.picker
+        assert picker is not None
+        sticky = self.sticky
+        if sticky is not None and len(picker.choices) > 1:
+            value = sticky.value(req)
+            if value is not None:
+                return picker.pick_hashed(sticky_hash(value))
+        return picker.pick(randbelow)
