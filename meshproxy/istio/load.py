@@ -316,6 +316,9 @@ def _check(doc: _Doc, value: Any, typ: Any, path: str) -> None:
 
 
 def _check_message(doc: _Doc, value: dict[Any, Any], fields: Mapping[str, Any], path: str, message: str) -> None:
+    nulls = [key for key, item in value.items() if item is None and key in fields]
+    for key in nulls:  # YAML `field:` / `field: null` is the field left out, for the builders too
+        del value[key]
     for key, item in value.items():
         sub = f"{path}.{key}" if path else str(key)
         if key not in fields:

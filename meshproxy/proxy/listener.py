@@ -4,6 +4,27 @@ httptools calls back into this object; each complete request head becomes a
 Stream. Requests on one connection are served one at a time, in order
 (pipelined requests wait, and reading pauses while they do), so responses
 leave in request order. After any protocol error the connection answers and closes.
+
+Limits and timeouts (Envoy's names; values from `ListenerLimits`, built from Settings):
+- request head over `max_header_bytes` (request-target + names + values) or `max_header_count`
+  lines -> 431; a request body over `max_body_bytes` -> 413 (declared: before any byte is
+  forwarded; chunked: when the count passes the limit); at most MAX_PIPELINED requests queued.
+- request_headers_timeout: a request head (or, on a new connection, its first request) must be
+  complete within it -> 408 and close (a connection that sent nothing is closed without a reply).
+- idle_timeout: a keep-alive connection with no request in progress is closed after it.
+- stream_idle_timeout: no byte either way on the active request for this long -> 408 while the
+  request is still being received, 504 once it is complete (flag SI); reset if the response began.
+- max connections: a ConnectionBudget shared by the listeners of a process; connections over it
+  are closed at accept, the open ones are not touched.
+Errors are answered with `connection: close`, then the proxy half-closes and discards what the
+client still sends for up to LINGER_SECONDS (a lingering close, as nginx), so the client reads the
+answer instead of a reset caused by its own unread request bytes.
+
+Mesh edge: the listener's HeadPolicy strips x-envoy-* control headers before routing. The
+outbound listener's client is the local app (trusted): nothing is stripped. The inbound listener
+(traffic from other workloads, or anything that reaches the pod port) strips Envoy's control
+headers (ENVOY_CONTROL_HEADERS: retry, timeout, force-trace, internal, ...) and keeps the
+informational ones (attempt count, peer metadata). A gateway (`--gateway`) strips every x-envoy-*.
 """
 
 from __future__ import annotations
@@ -11,28 +32,103 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import resource
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import httptools
 
 from ..http1.errors import ProtocolError
-from ..http1.head import MAX_HEADER_BYTES, MAX_HEADER_COUNT, build_request_head
-from ..http1.wire import local_reply
+from ..http1.head import DEFAULT_POLICY, ENVOY_CONTROL_HEADERS, ENVOY_PREFIX, HeadPolicy, build_request_head
+from ..http1.wire import HOP_BY_HOP, local_reply
 from ..routing.policy import HeaderMutation
 from ..routing.table import RouteTable
-from ..http1.wire import HOP_BY_HOP
 from ..telemetry.access_log import AccessLog
 from ..telemetry.core import Telemetry
 from .balancer import Clusters
 from .exchange import Stream, exchange
+from .local_reply import DC, DPE
 from .upstream import WRITE_HIGH_WATER, WRITE_LOW_WATER, UpstreamPool
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 log = logging.getLogger("meshproxy.listener")
 
 READ_PAUSED_BY_PIPELINE = 4
 READ_PAUSED_BY_ERROR = 8
+
+SI = "SI"  # Envoy's response flag for a stream idle timeout
+MAX_PIPELINED = 100  # requests held per connection (the active one + parsed ahead); one more is a 400 (memory bound)
+LINGER_SECONDS = 2.0  # after an error reply: how long the client's remaining bytes are read and discarded
+MAX_CONNECTIONS_CAP = 50_000  # Envoy's edge advice for global_downstream_max_connections
+
+H2C_SETTINGS = frozenset({b"http2-settings"})  # only meaningful with an h2c upgrade, which is not taken
+
+EDGE_NONE = "none"  # outbound sidecar listener: the client is the local app
+EDGE_INBOUND = "inbound"  # inbound sidecar listener: Envoy's control headers stripped
+EDGE_GATEWAY = "gateway"  # gateway: every x-envoy-* request header stripped
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    """One listener's request limits and timeouts (seconds; 0 disables a timeout)."""
+
+    head: HeadPolicy = DEFAULT_POLICY
+    request_headers_timeout: float = 10.0
+    idle_timeout: float = 3600.0  # Envoy's HTTP connection idle_timeout default (1 h)
+    stream_idle_timeout: float = 300.0  # Envoy's default (5 min)
+
+
+DEFAULT_LIMITS = ListenerLimits()
+
+
+def default_max_connections() -> int:
+    """Half the open-file limit (a client connection may need an upstream one too), at most 50 000."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return MAX_CONNECTIONS_CAP
+    return max(1, min(MAX_CONNECTIONS_CAP, soft // 2))
+
+
+class ConnectionBudget:
+    """Downstream connections open across the listeners of one process; 0 = no limit."""
+
+    __slots__ = ("limit", "open", "refused")
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+
+    def take(self) -> bool:
+        if self.limit and self.open >= self.limit:
+            self.refused += 1
+            return False
+        self.open += 1
+        return True
+
+    def give_back(self) -> None:
+        self.open -= 1
+
+
+def listener_limits(settings: Settings, edge: str = EDGE_NONE) -> ListenerLimits:
+    """Settings -> the limits of one listener; `edge` says which x-envoy-* headers it strips."""
+    strip_names: frozenset[bytes] = ENVOY_CONTROL_HEADERS if edge == EDGE_INBOUND else frozenset()
+    strip_prefix = ENVOY_PREFIX if edge == EDGE_GATEWAY else b""
+    head = HeadPolicy(max_header_bytes=settings.max_request_headers_kb * 1024,
+                      max_header_count=settings.max_request_headers_count,
+                      max_body_bytes=settings.max_request_body, underscores=settings.headers_with_underscores,
+                      strip_names=strip_names, strip_prefix=strip_prefix)
+    return ListenerLimits(head, settings.request_headers_timeout, settings.idle_timeout,
+                          settings.stream_idle_timeout)
+
+
+def connection_budget(settings: Settings) -> ConnectionBudget:
+    limit = settings.max_connections
+    return ConnectionBudget(default_max_connections() if limit == 0 else max(0, limit))
 
 
 @dataclass(slots=True)
@@ -49,6 +145,8 @@ class ListenerContext:
     draining: bool = False
     clusters: Clusters = field(default_factory=Clusters)  # shared by all listeners of the process
     telemetry: Telemetry | None = None
+    limits: ListenerLimits = DEFAULT_LIMITS
+    budget: ConnectionBudget = field(default_factory=ConnectionBudget)  # shared by all listeners of the process
 
     def __post_init__(self) -> None:
         if self.telemetry is None:
@@ -64,11 +162,21 @@ class _HeaderLimitError(Exception):
     pass
 
 
+class _BodyLimitError(Exception):
+    pass
+
+
+class _PipelineLimitError(Exception):
+    pass
+
+
 class DownstreamProtocol(asyncio.Protocol):
     __slots__ = (
         "ctx", "loop", "transport", "parser", "peer_ip", "streams", "parsing", "active_task", "url", "headers",
         "head_size", "in_head", "head_fed", "read_paused", "closed", "error", "randbelow", "random", "telemetry",
-        "strip_request",
+        "strip_request", "limits", "policy", "max_body", "body_bytes", "head_started", "head_deadline",
+        "last_activity", "timer", "timer_at", "aborted", "lingering", "counted", "upgrade_ignored", "max_head_bytes",
+        "max_head_count", "header_timeout", "stream_idle", "idle_timeout",
     )
 
     def __init__(self, ctx: ListenerContext) -> None:
@@ -92,7 +200,25 @@ class DownstreamProtocol(asyncio.Protocol):
         self.random = ctx.rng
         assert ctx.telemetry is not None
         self.telemetry = ctx.telemetry
-        self.strip_request = HOP_BY_HOP | ctx.telemetry.strip_request  # never forwarded upstream
+        self.strip_request = HOP_BY_HOP | H2C_SETTINGS | ctx.telemetry.strip_request  # never forwarded upstream
+        self.limits = ctx.limits
+        self.policy = ctx.limits.head
+        self.max_body = self.policy.max_body_bytes
+        self.max_head_bytes = self.policy.max_header_bytes  # read per header line: plain attributes
+        self.max_head_count = self.policy.max_header_count
+        self.header_timeout = ctx.limits.request_headers_timeout
+        self.stream_idle = ctx.limits.stream_idle_timeout
+        self.idle_timeout = ctx.limits.idle_timeout
+        self.body_bytes = 0  # body bytes of the request being parsed (counted only with a body limit)
+        self.head_started = False  # bytes of a request head arrived, the head is not complete yet
+        self.head_deadline = 0.0  # when the head in progress (or the first one) must be complete; 0 = none
+        self.last_activity = 0.0  # loop time of the last byte read or written
+        self.timer: asyncio.TimerHandle | None = None  # the one timer of the connection (see _on_timer)
+        self.timer_at = 0.0
+        self.aborted: Stream | None = None  # the active stream stopped by the listener (self.error says why)
+        self.lingering = False
+        self.counted = False  # holds a slot of the connection budget
+        self.upgrade_ignored = False  # the request being parsed is an h2c upgrade served as HTTP/1.1
 
     # ---- what the exchange reads
 
@@ -120,50 +246,84 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
+        if not self.ctx.budget.take():
+            log.debug("downstream connection over the limit of %d: closed at accept", self.ctx.budget.limit)
+            self.closed = True
+            transport.abort()
+            return
+        self.counted = True
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer_ip = str(peer[0]).encode()
         self.ctx.connections.add(self)
         if self.ctx.draining:
-            transport.close()
+            self._close()
+            return
+        now = self.last_activity = self.loop.time()
+        limits = self.limits
+        if limits.request_headers_timeout:
+            self.head_deadline = now + limits.request_headers_timeout  # the first request, from accept
+            self._arm(self.head_deadline)
+        elif limits.idle_timeout:
+            self._arm(now + limits.idle_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.error is not None:
-            return
+            return  # after an error reply: discarded (lingering close)
+        self.last_activity = self.loop.time()
         if self.in_head:
             self.head_fed += len(data)
         try:
             self.parser.feed_data(data)
-        except _HeaderLimitError:
-            self._protocol_error(ProtocolError(431, "http1.headers_too_large"))
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, ProtocolError):
                 self._protocol_error(cause)
             elif isinstance(cause, _HeaderLimitError):
                 self._protocol_error(ProtocolError(431, "http1.headers_too_large"))
+            elif isinstance(cause, _BodyLimitError):
+                self._protocol_error(ProtocolError(413, "request_payload_too_large"))
+            elif isinstance(cause, _PipelineLimitError):
+                self._protocol_error(ProtocolError(400, "http1.too_many_pipelined_requests"))
             else:
                 log.exception("request callback failed", exc_info=cause)
                 self._protocol_error(ProtocolError(400, "http1.codec_error"))
-        except httptools.HttpParserUpgrade:
-            if self.parser.get_method() == b"CONNECT":
-                self._protocol_error(ProtocolError(403, "http1.connect_not_supported"))
+        except httptools.HttpParserUpgrade as exc:
+            if self.upgrade_ignored:  # an h2c upgrade served as a plain request: parse on after it
+                self.upgrade_ignored = False
+                self.parser = httptools.HttpRequestParser(self)
+                rest = data[int(exc.args[0]):]
+                if rest:
+                    self.data_received(rest)
             else:
-                self._protocol_error(ProtocolError(400, "http1.upgrade_not_supported"))
+                self._protocol_error(ProtocolError(403, "upgrade_failed"))
         except httptools.HttpParserInvalidMethodError:
             self._protocol_error(ProtocolError(400, "http1.invalid_method"))
         except httptools.HttpParserError:
             self._protocol_error(ProtocolError(400, "http1.codec_error"))
         else:
-            if self.in_head and self.head_fed > MAX_HEADER_BYTES + 4096:
+            if self.in_head and self.head_fed > self.max_head_bytes + 4096:
                 self._protocol_error(ProtocolError(431, "http1.headers_too_large"))
+            elif self.head_started and not self.head_deadline and self.header_timeout:
+                self.head_deadline = self.last_activity + self.header_timeout
+                self._arm(self.head_deadline)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._cancel_timer()
+        if self.counted:
+            self.counted = False
+            self.ctx.budget.give_back()
         self.ctx.connections.discard(self)
-        if self.active_task is not None and not self.active_task.done():
-            self.active_task.cancel()
+        task = self.active_task
+        if task is not None and not task.done():
+            task.cancel()
+            task.add_done_callback(self._finish_if_never_ran)
+        for stream in list(self.streams)[1:]:  # queued behind the active one: never started
+            self.streams.remove(stream)
+            stream.flags.append(DC)
+            self.telemetry.on_complete(stream)
 
     def pause_writing(self) -> None:
         stream = self.streams[0] if self.streams else None
@@ -182,11 +342,12 @@ class DownstreamProtocol(asyncio.Protocol):
         self.headers = []
         self.head_size = 0
         self.in_head = True
+        self.head_started = True
 
     def on_url(self, url: bytes) -> None:
         self.url += url
         self.head_size += len(url)
-        if self.head_size > MAX_HEADER_BYTES:
+        if self.head_size > self.max_head_bytes:
             raise _HeaderLimitError
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -194,15 +355,22 @@ class DownstreamProtocol(asyncio.Protocol):
             return  # trailers: not forwarded
         self.head_size += len(name) + len(value)
         self.headers.append((name.lower(), value))
-        if self.head_size > MAX_HEADER_BYTES or len(self.headers) > MAX_HEADER_COUNT:
+        if self.head_size > self.max_head_bytes or len(self.headers) > self.max_head_count:
             raise _HeaderLimitError
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_fed = 0
+        self.head_started = False
+        self.head_deadline = 0.0
+        self.body_bytes = 0
+        if len(self.streams) >= MAX_PIPELINED:
+            raise _PipelineLimitError
         parser = self.parser
+        if parser.should_upgrade():
+            self._check_upgrade(parser.get_method())
         head = build_request_head(parser.get_method(), self.url, self.headers, parser.get_http_version(),
-                                  parser.should_keep_alive())
+                                  parser.should_keep_alive(), self.policy)
         stream = Stream(self, head)
         if self.ctx.response_mutation is not None:
             stream.response_mutation = self.ctx.response_mutation
@@ -216,7 +384,26 @@ class DownstreamProtocol(asyncio.Protocol):
         else:
             self.pause_reading(READ_PAUSED_BY_PIPELINE)
 
+    def _check_upgrade(self, method: bytes) -> None:
+        """CONNECT and protocol upgrades are not proxied: 403 as Envoy without upgrade_configs. An h2c
+        upgrade without a body is served as the plain HTTP/1.1 request it also is (RFC 9113 3.2 lets a
+        server ignore it; Envoy strips it); httptools skips the body of an upgrade request, so with a
+        body it is refused too."""
+        if method == b"CONNECT":
+            raise ProtocolError(403, "http1.connect_not_supported")
+        upgrade = [v for n, v in self.headers if n == b"upgrade"]
+        framed = [v for n, v in self.headers if n == b"transfer-encoding" or (n == b"content-length" and v.strip(b" \t")
+                                                                              not in (b"0", b""))]
+        if len(upgrade) == 1 and upgrade[0].strip(b" \t").lower() == b"h2c" and not framed:
+            self.upgrade_ignored = True
+            return
+        raise ProtocolError(403, "upgrade_failed")
+
     def on_body(self, body: bytes) -> None:
+        if self.max_body:
+            self.body_bytes += len(body)
+            if self.body_bytes > self.max_body:
+                raise _BodyLimitError
         if self.parsing is not None:
             self.parsing.on_request_body(body)
 
@@ -232,21 +419,45 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _start(self, stream: Stream) -> None:
         self.active_task = self.loop.create_task(exchange(self, stream))
+        if self.stream_idle:
+            self._arm(self.last_activity + self.stream_idle)
 
     def stream_done(self, stream: Stream) -> None:
         """Called by the exchange when its response is fully written (or abandoned)."""
         if self.streams and self.streams[0] is stream:
             self.streams.popleft()
         self.active_task = None
+        error = self.error
+        if stream is self.aborted and error is not None:
+            self.aborted = None
+            if DC in stream.flags:  # the exchange saw a cancel; the listener knows the reason
+                stream.flags.remove(DC)
+            stream.flags.append(SI if error.status in (408, 504) else DPE)
+            if not stream.response_started:
+                stream.status = error.status
+            own_error = True
+        else:
+            own_error = error is not None and not stream.request_complete
         self.telemetry.on_complete(stream)
         if self.closed:
             return
-        if self.error is not None and (not self.streams or not stream.request_complete):
-            if stream.response_started:
-                self._close()
-            else:
-                self._send_error(self.error)
+        self.last_activity = self.loop.time()
+        if stream.response_started and not stream.response_complete:
+            self.reset_after_write()  # a response cut short must not look complete
             return
+        if error is not None:
+            if own_error:  # this request is the bad one: its answer is the error, unless a response began
+                if stream.response_started:
+                    self._close()
+                else:
+                    self._send_error(error)
+                return
+            if not self.streams:  # the bad request came after this one
+                if stream.close_after or not stream.request_complete:
+                    self._close()
+                else:
+                    self._send_error(error)
+                return
         if stream.close_after or self.ctx.draining or not stream.request_complete:
             self._close()
             return
@@ -254,16 +465,81 @@ class DownstreamProtocol(asyncio.Protocol):
             if len(self.streams) == 1:
                 self.resume_reading(READ_PAUSED_BY_PIPELINE)
             self._start(self.streams[0])
+        elif self.head_started and self.header_timeout:
+            # The next head began while this request was served: its time starts now (Envoy parses one at a time).
+            self.head_deadline = self.last_activity + self.header_timeout
+            self._arm(self.head_deadline)
+        elif self.idle_timeout:
+            self._arm(self.last_activity + self.idle_timeout)
+
+    def _finish_if_never_ran(self, task: asyncio.Task[None]) -> None:
+        """A task cancelled before its first step never runs exchange()'s finally: finish its stream here."""
+        if task.cancelled() and self.streams and self.active_task is task:
+            self.stream_done(self.streams[0])
 
     def drain(self) -> None:
         """Stop keep-alive: idle connections close now, busy ones after their response."""
         if not self.streams:
             self._close()
 
+    # ---- timers: one per connection, re-armed only when a deadline moves earlier
+
+    def _arm(self, at: float) -> None:
+        timer = self.timer
+        if timer is not None:
+            if self.timer_at <= at:
+                return  # fires first; _on_timer then looks at the state and re-arms
+            timer.cancel()
+        self.timer_at = at
+        self.timer = self.loop.call_at(at, self._on_timer)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.transport is None or (self.closed and not self.lingering):
+            return
+        now = self.loop.time()
+        if self.lingering:
+            if now >= self.head_deadline:
+                self.lingering = False
+                self.transport.abort()
+            else:
+                self._arm(self.head_deadline)
+            return
+        limits = self.limits
+        if self.streams:
+            if limits.stream_idle_timeout:
+                at = self.last_activity + limits.stream_idle_timeout
+                if now < at:
+                    self._arm(at)
+                elif self.aborted is None:
+                    stream = self.streams[0]
+                    self._fail_active(ProtocolError(504 if stream.request_complete else 408, "stream_idle_timeout"))
+            return
+        if self.head_deadline:
+            if now < self.head_deadline:
+                self._arm(self.head_deadline)
+            elif self.head_started:
+                self._protocol_error(ProtocolError(408, "request_header_timeout"))
+            else:
+                self._close()  # nothing of a request arrived: no reply to send
+            return
+        if limits.idle_timeout:
+            at = self.last_activity + limits.idle_timeout
+            if now < at:
+                self._arm(at)
+            else:
+                self._close()
+
     # ---- writing and flow control
 
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
+            self.last_activity = self.loop.time()
             self.transport.write(data)
 
     def pause_reading(self, reason: int) -> None:
@@ -281,11 +557,15 @@ class DownstreamProtocol(asyncio.Protocol):
     def reset_after_write(self) -> None:
         """Abort the connection: a response cut short must not look complete to the client."""
         self.closed = True
+        self.lingering = False
+        self._cancel_timer()
         if self.transport is not None:
             self.transport.abort()
 
     def _close(self) -> None:
         self.closed = True
+        self.lingering = False
+        self._cancel_timer()
         if self.transport is not None:
             self.transport.close()
 
@@ -293,18 +573,48 @@ class DownstreamProtocol(asyncio.Protocol):
         log.debug("downstream %s: %s", self.peer_ip.decode(), error)
         self.error = error
         self.pause_reading(READ_PAUSED_BY_ERROR)
-        if self.parsing is not None and self.parsing in self.streams and self.streams[0] is not self.parsing:
-            self.streams.remove(self.parsing)  # a queued request whose body was bad: never started
+        parsing = self.parsing
         self.parsing = None
+        self.head_started = False
+        self.head_deadline = 0.0
+        if parsing is not None and parsing in self.streams and self.streams[0] is not parsing:
+            self.streams.remove(parsing)  # a queued request whose body was bad: never started
+            parsing.flags.append(DPE)
+            parsing.status = error.status
+            self.telemetry.on_complete(parsing)
         if not self.streams:
             self._send_error(error)
-        elif not self.streams[0].request_complete and self.active_task is not None:
-            self.active_task.cancel()  # the active request's own body is bad: stop its exchange
+        elif not self.streams[0].request_complete:
+            self._fail_active(error)  # the active request's own body is bad: stop its exchange
+
+    def _fail_active(self, error: ProtocolError) -> None:
+        """Stop the active stream's exchange; stream_done then answers with `error` (or resets)."""
+        self.error = error
+        self.aborted = self.streams[0]
+        self.pause_reading(READ_PAUSED_BY_ERROR)
+        task = self.active_task
+        if task is not None and not task.done():
+            task.cancel()
+            task.add_done_callback(self._finish_if_never_ran)
+        else:
+            self.reset_after_write()
 
     def _send_error(self, error: ProtocolError) -> None:
-        self.write(local_reply(error.status, _ERROR_BODIES.get(error.status, b"Bad Request"), close=True,
-                               server=self.ctx.server_name))
-        self._close()
+        """Answer, close our side, and read (discarding) what the client still sends for a moment."""
+        self.error = error
+        body = _ERROR_DETAIL_BODIES.get(error.detail) or _ERROR_BODIES.get(error.status, b"Bad Request")
+        self.write(local_reply(error.status, body, close=True, server=self.ctx.server_name))
+        transport = self.transport
+        if transport is None or self.closed or not transport.can_write_eof():
+            self._close()
+            return
+        self.closed = True
+        transport.write_eof()
+        self.lingering = True
+        self.head_deadline = self.loop.time() + LINGER_SECONDS
+        self._arm(self.head_deadline)
+        self.read_paused = 0
+        transport.resume_reading()
 
 
 _ERROR_BODIES = {
@@ -314,5 +624,10 @@ _ERROR_BODIES = {
     413: b"Payload Too Large",
     431: b"Request Header Fields Too Large",
     501: b"Not Implemented",
+    504: b"stream timeout",
     505: b"HTTP Version Not Supported",
+}
+_ERROR_DETAIL_BODIES = {
+    "stream_idle_timeout": b"stream timeout",  # Envoy's local reply body for SI
+    "request_header_timeout": b"request header timeout",
 }

@@ -43,6 +43,10 @@ FRAMING_EOF = 2  # body runs until the upstream closes
 FRAMING_NONE = 3  # no body (HEAD, 1xx, 204, 304)
 
 
+class UnexpectedResponseError(Exception):
+    """The upstream started a response while no request was waiting for one."""
+
+
 class ResponseSink(Protocol):
     """What an UpstreamConnection reports to (implemented by the exchange's Stream)."""
 
@@ -165,6 +169,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.sink.resume_upstream_writes()
 
     # ---- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self.sink is None:
+            # A response nobody asked for (bytes after a complete response, e.g. a smuggled second one):
+            # stop here; _fail discards the connection, so the next request never reads these bytes.
+            raise UnexpectedResponseError
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.head_done:
