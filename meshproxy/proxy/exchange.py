@@ -16,9 +16,13 @@ from typing import TYPE_CHECKING
 from ..http1.head import RequestHead
 from ..http1.wire import CONTINUE_100, CRLF, HOP_BY_HOP, LAST_CHUNK, chunk, local_reply, status_line
 from ..routing.cluster import Cluster, Endpoint
+from ..routing.cors import ORIGIN as CORS_ORIGIN
+from ..routing.cors import REQUEST_METHOD as CORS_REQUEST_METHOD
+from ..routing.cors import CorsPolicy
+from ..routing.rewrite import ORIGINAL_PATH
 from ..routing.policy import ACTION_DIRECT_RESPONSE, ACTION_REDIRECT, FaultPolicy, HeaderMutation, RetryPolicy, Route
 from .balancer import ClusterState
-from .fault import GRPC_CODES, decide_abort, decide_delay
+from .fault import GRPC_CODES, MILLION, decide_abort, decide_delay
 from .local_reply import (
     DC,
     DI,
@@ -60,6 +64,7 @@ class Stream:
         "response_chunked", "response_complete", "status", "flags", "start", "response_bytes", "close_after",
         "request_mutation", "response_mutation", "route", "cluster", "endpoint", "head_only", "sent", "replayable",
         "body_size", "retries_left", "timer", "sent_at", "upstream_extra", "request_id", "cluster_state", "out",
+        "downstream_extra", "peer", "trace",
     )
 
     def __init__(self, conn: DownstreamProtocol, head: RequestHead) -> None:
@@ -94,6 +99,9 @@ class Stream:
         self.request_id: bytes | None = None
         self.cluster_state: ClusterState | None = None
         self.out: list[bytes] = []  # response bytes not yet written downstream (see flush)
+        self.downstream_extra: tuple[tuple[bytes, bytes], ...] = ()  # added to the response (telemetry)
+        self.peer: bytes | None = None  # the other side's peer metadata header (telemetry)
+        self.trace: tuple[bytes, bytes, bytes | None] | None = None  # span ids when sampled (telemetry)
 
     # ---- request body, from the downstream protocol
 
@@ -134,6 +142,8 @@ class Stream:
         self.status = status
         self.response_started = True
         conn = self.conn
+        if conn.telemetry.reads_response:
+            headers = conn.telemetry.on_response(self, headers)
         parts = [status_line(status)]
         mutation = self.response_mutation
         if mutation is not None:
@@ -141,6 +151,8 @@ class Stream:
         for name, value in headers:
             if name not in RESPONSE_HOP_BY_HOP:
                 parts += [name, b": ", value, CRLF]
+        for name, value in self.downstream_extra:
+            parts += [name, b": ", value, CRLF]
         if framing == FRAMING_LENGTH:
             parts += [b"content-length: ", str(content_length).encode(), CRLF]
         elif framing == FRAMING_CHUNKED or framing == FRAMING_EOF:
@@ -213,8 +225,8 @@ class Stream:
         if not self.request_complete:
             self.close_after = True  # the rest of the request body is not read
         close = self.close_after or self.conn.draining
-        self.conn.write(local_reply(status, body, close=close, server=self.conn.server_name, extra=extra,
-                                    head_only=self.head_only))
+        self.conn.write(local_reply(status, body, close=close, server=self.conn.server_name,
+                                    extra=extra + self.downstream_extra, head_only=self.head_only))
 
 
 def apply_mutation(headers: list[tuple[bytes, bytes]], mutation: HeaderMutation) -> list[tuple[bytes, bytes]]:
@@ -226,15 +238,42 @@ def apply_mutation(headers: list[tuple[bytes, bytes]], mutation: HeaderMutation)
     return out
 
 
+PROXY_SET_HEADERS = frozenset({b"host", b"x-envoy-attempt-count", b"x-envoy-expected-rq-timeout-ms", ORIGINAL_PATH})
+
+
+def shadow_authority(authority: bytes) -> bytes:
+    """Envoy's mirror host: `-shadow` after the host name, before any port."""
+    host, sep, port = authority.rpartition(b":")
+    if sep and port.isdigit():
+        return host + b"-shadow:" + port
+    return authority + b"-shadow"
+
+
 def request_head_bytes(stream: Stream, head: RequestHead, attempt: int, deadline: float | None = None,
-                       now: float = 0.0) -> bytes:
-    """The upstream request head: origin-form, hop-by-hop removed, framing regenerated."""
+                       now: float = 0.0, shadow: bool = False) -> bytes:
+    """The upstream request head: origin-form, rewritten as the route says, hop-by-hop removed, framing regenerated."""
     conn = stream.conn
     drop = conn.strip_request | head.connection_tokens if head.connection_tokens else conn.strip_request
     headers = head.headers
     if stream.request_mutation is not None:
         headers = apply_mutation(headers, stream.request_mutation)
-    parts = [head.method, b" ", head.path_and_query, b" HTTP/1.1\r\n"]
+    path, authority = head.path_and_query, head.authority
+    route = stream.route
+    rewrite = route.rewrite if route is not None else None
+    original_path = None
+    if rewrite is not None:
+        if rewrite.rewrites_path:
+            rewritten = rewrite.path(head.path)
+            if rewritten != head.path:
+                original_path = head.path_and_query
+                path = rewritten + b"?" + head.query if head.query else rewritten
+        if rewrite.authority:
+            authority = rewrite.authority
+    if shadow:
+        authority = shadow_authority(authority)
+    parts = [head.method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, CRLF]
+    if original_path is not None:
+        parts += [ORIGINAL_PATH, b": ", original_path, CRLF]
     xff = None
     has_proto = False
     for name, value in headers:
@@ -245,13 +284,9 @@ def request_head_bytes(stream: Stream, head: RequestHead, attempt: int, deadline
             continue
         if name == b"x-forwarded-proto":
             has_proto = True
-        if name == b"host":
-            value = head.authority
-        elif name == b"x-envoy-attempt-count" or name == b"x-envoy-expected-rq-timeout-ms":
+        if name in PROXY_SET_HEADERS:
             continue
         parts += [name, b": ", value, CRLF]
-    if head.header(b"host") is None:
-        parts += [b"host: ", head.authority, CRLF]
     peer = conn.peer_ip
     parts += [b"x-forwarded-for: ", (xff + b", " + peer) if xff else peer, CRLF]
     if not has_proto:
@@ -302,6 +337,8 @@ async def _exchange(conn: DownstreamProtocol, stream: Stream) -> None:
         stream.reply(*_reply_args(NO_ROUTE))
         return
     stream.route = route
+    if route.cors is not None and _cors(stream, route.cors):
+        return  # a preflight answered here
     # Fault filter: before routing to the upstream, in the caller's proxy.
     fault = route.fault
     if fault.active:
@@ -316,7 +353,9 @@ async def _exchange(conn: DownstreamProtocol, stream: Stream) -> None:
         stream.reply(route.direct_status, route.direct_body, "")
         return
     if route.action == ACTION_REDIRECT:
-        stream.reply(route.redirect_code, b"", "", ((b"location", _redirect_location(route, head)),))
+        redirect = route.redirect
+        assert redirect is not None
+        stream.reply(redirect.code, b"", "", ((b"location", redirect.location(head.authority, head.path, head.query)),))
         return
     assert route.picker is not None
     dest = route.pick(head, conn.randbelow)
@@ -332,6 +371,8 @@ async def _exchange(conn: DownstreamProtocol, stream: Stream) -> None:
         stream.request_mutation = dest.request_headers
     if not dest.response_headers.empty:
         stream.response_mutation = dest.response_headers
+    if route.mirrors:
+        _start_mirrors(conn, stream, route, port)
     state = conn.clusters.state(cluster)
     if state.active_requests >= state.policy.pool.max_requests:  # http2MaxRequests: active requests per cluster
         _reply_overflow(stream)
@@ -445,6 +486,110 @@ async def _attempts(conn: DownstreamProtocol, stream: Stream, route: Route, stat
             state.active_retries -= 1
 
 
+def _cors(stream: Stream, cors: CorsPolicy) -> bool:
+    """Envoy's cors filter (before faults and the router); True when it answered a preflight itself."""
+    head = stream.head
+    origin = head.header(CORS_ORIGIN)
+    if origin is None:
+        return False
+    preflight = head.method == b"OPTIONS" and head.header(CORS_REQUEST_METHOD) is not None
+    if cors.allowed(origin):
+        if preflight:
+            stream.reply(200, b"", "", cors.preflight_reply(origin))
+            return True
+        added = HeaderMutation(set=cors.response_headers(origin))
+        current = stream.response_mutation
+        stream.response_mutation = added if current is None else \
+            HeaderMutation(current.remove, current.set + added.set, current.add)
+        return False
+    if preflight and not cors.forward_unmatched_preflight:
+        stream.reply(200, b"", "")
+        return True
+    return False
+
+
+MIRROR_TIMEOUT = 30.0  # a shadow request never outlives this, whatever the mirror does
+
+
+def _start_mirrors(conn: DownstreamProtocol, stream: Stream, route: Route, port: int) -> None:
+    """Fire-and-forget copies (mirrorPercentage dice per mirror): they never delay or fail the request."""
+    for mirror in route.mirrors:
+        if mirror.per_million < MILLION and conn.randbelow(MILLION) >= mirror.per_million:
+            continue
+        cluster = mirror.destination.cluster_for(port)
+        if cluster is None or not cluster.endpoints:
+            continue
+        task = conn.loop.create_task(_mirror(conn, stream, cluster))
+        MIRRORS.add(task)
+        task.add_done_callback(MIRRORS.discard)
+
+
+MIRRORS: set[asyncio.Task[None]] = set()  # strong references: a running mirror is not garbage-collected
+
+
+class _MirrorSink:
+    """Swallows the shadow response; only its end (or failure) matters."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+
+    def on_response_head(self, *_: object) -> None:
+        pass
+
+    def on_response_body(self, data: bytes) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def on_response_end(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def on_upstream_error(self, error: UpstreamError) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+
+    def pause_upstream_writes(self) -> None:
+        pass
+
+    def resume_upstream_writes(self) -> None:
+        pass
+
+
+async def _mirror(conn: DownstreamProtocol, stream: Stream, cluster: Cluster) -> None:
+    head = stream.head
+    try:
+        async with asyncio.timeout(MIRROR_TIMEOUT):
+            while not stream.request_complete and stream.replayable:  # the copy needs the whole body
+                await asyncio.sleep(0.01)
+            if not stream.replayable:
+                log.debug("mirror of %r skipped: body larger than the retry buffer", head.target)
+                return
+            body = b"".join(stream.sent) + b"".join(stream.pending)
+            state = conn.clusters.state(cluster)
+            target = state.pick(None, (), conn.random, conn.loop.time())
+            if target is None:
+                return
+            upstream = await conn.pool.acquire(state, target.endpoint)
+            done: asyncio.Future[None] = conn.loop.create_future()
+            upstream.attach(_MirrorSink(done), head.method == b"HEAD", head.chunked)  # type: ignore[arg-type]
+            upstream.write(request_head_bytes(stream, head, 1, shadow=True))
+            if body:
+                upstream.write_body(body)
+            upstream.end_body()
+            try:
+                await done
+            except BaseException:
+                conn.pool.discard(upstream)
+                raise
+            conn.pool.release(upstream)
+    except (UpstreamError, TimeoutError, OSError) as exc:
+        log.debug("mirror of %r to %s failed: %s", head.target, cluster.name, exc)
+
+
 def _retry_allowed(stream: Stream, state: ClusterState) -> bool:
     """Take a retry slot (maxRetries, retryBudget); a refused retry marks UO, as Envoy's retry overflow."""
     if state.retry_allowed():
@@ -526,14 +671,3 @@ def _reply_abort(stream: Stream, fault: FaultPolicy) -> None:
 
 def _reply_args(reply: Reply) -> tuple[int, bytes, str]:
     return reply.status, reply.body, reply.flag
-
-
-def _redirect_location(route: Route, head: RequestHead) -> bytes:
-    scheme, authority, uri, prefix = route.redirect_location or ("", "", "", "")
-    path = head.path_and_query.decode("latin-1")
-    if uri:
-        path = uri
-    elif prefix and route.match.path is not None and route.match.path.kind == "prefix":
-        path = prefix + path[len(route.match.path.value):]
-    host = authority or head.authority.decode("latin-1")
-    return f"{scheme or 'http'}://{host}{path}".encode()

@@ -9,14 +9,15 @@ but that will not work are returned as warnings naming the place
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..istio import model as m
-from ..istio.load import HEADER_NAME_RE
+from ..istio.load import HEADER_NAME_RE, compile_regex, parse_duration
 from ..istio.problems import Problem
 from .cluster import Cluster, Endpoint
-from .match import CATCH_ALL, IGNORED_HEADER_KEYS, RouteMatch, compile_match
+from .match import CATCH_ALL, IGNORED_HEADER_KEYS, RouteMatch, StringMatcher, compile_match
 from .picker import WeightedPicker
 from .policy import (
     ACTION_DIRECT_RESPONSE,
@@ -27,6 +28,7 @@ from .policy import (
     NO_HEADERS,
     FaultPolicy,
     HeaderMutation,
+    Mirror,
     RetryPolicy,
     STICKY_COOKIE,
     STICKY_HEADER,
@@ -34,6 +36,9 @@ from .policy import (
     RouteDestination,
     StickyKey,
 )
+from .cors import CorsPolicy
+from .cors import join as cors_join
+from .rewrite import Redirect, Rewrite
 from .table import RouteTable, VirtualHost
 from .traffic import merge_policies
 
@@ -233,7 +238,14 @@ class _Compiler:
             for k, block in blocks or [(-1, None)]:
                 match = compile_match(block) if block is not None else CATCH_ALL
                 name = http.name + (f".{block.name}" if block is not None and block.name else "")
-                routes.append(Route(name=name, virtual_service=f"{ns}/{vs.meta.name}", index=index, match=match, **common))
+                rewrite = _rewrite(http, match)
+                redirect = common.get("redirect")
+                if isinstance(redirect, Redirect) and redirect.prefix:
+                    # prefixRewrite replaces the prefix this block matched
+                    strip = match.path.value if match.path is not None and match.path.kind == "prefix" else b"/"
+                    redirect = dataclasses.replace(redirect, strip=strip)
+                routes.append(Route(name=name, virtual_service=f"{ns}/{vs.meta.name}", index=index, match=match,
+                                    rewrite=rewrite, **{**common, "redirect": redirect}))
                 places.append(f"{path}.match[{k}]" if k >= 0 else path)
         self.check_shadowing(vs, routes, places)
         return routes
@@ -289,13 +301,19 @@ class _Compiler:
         if http.redirect is not None:
             r = http.redirect
             action = ACTION_REDIRECT
-            extra = {"redirect_location": (r.scheme, r.authority + (f":{r.port}" if r.port else ""), r.uri, r.prefix_rewrite),
-                     "redirect_code": r.redirect_code}
+            extra = {"redirect": Redirect(code=r.redirect_code, scheme=r.scheme.encode(), host=r.authority.encode(),
+                                          port=r.port, derive_port=r.derive_port, path=r.uri.encode(),
+                                          prefix=r.prefix_rewrite.encode())}
         elif http.direct_response is not None:
             action = ACTION_DIRECT_RESPONSE
             extra = {"direct_status": http.direct_response.status, "direct_body": http.direct_response.body}
         req, resp = _mutations(http.headers)
+        mirrors = tuple(Mirror(self.destination(vs, m.HTTPRouteDestination(mp.destination), f"{path}.mirror", None, False),
+                               int(mp.percentage * 10000))
+                        for mp in http.mirrors if mp.percentage > 0)
         return {
+            "mirrors": mirrors,
+            "cors": _cors(http.cors_policy),
             "action": action,
             "picker": picker,
             "timeout": http.timeout,
@@ -394,6 +412,62 @@ def _conditions(match: RouteMatch) -> RouteMatch:
                       headers=match.headers, query=match.query, port=match.port)
 
 
+def _rewrite(http: m.HTTPRoute, match: RouteMatch) -> Rewrite | None:
+    """HTTPRewrite for one match block: the prefix to replace is that block's own uri match."""
+    rw = http.rewrite
+    authority = _authority_from_headers(http.headers)
+    if rw is None and not authority:
+        return None
+    rw = rw or m.HTTPRewrite()
+    authority = rw.authority.encode() or authority
+    if rw.uri_regex_match:
+        return Rewrite(regex=compile_regex(rw.uri_regex_match), substitution=rw.uri_regex_rewrite.encode(),
+                       authority=authority)
+    if rw.uri:
+        path = match.path
+        if path is None or path.kind not in ("exact", "prefix"):
+            strip, ignore_case = b"/", False  # Istio: a route without a uri match is a "/" prefix match
+        else:
+            strip, ignore_case = path.value, path.ignore_case
+        return Rewrite(strip=strip, strip_ignore_case=ignore_case, prefix=rw.uri.encode(), authority=authority)
+    return Rewrite(authority=authority) if authority else None
+
+
+def _authority_from_headers(headers: m.Headers | None) -> bytes:
+    """`headers.request.set/add` of host or :authority is an authority rewrite in Istio."""
+    if headers is None:
+        return b""
+    for name, value in headers.request.set + headers.request.add:
+        if name in ("host", ":authority"):
+            return value.encode()
+    return b""
+
+
+def _cors(spec: Mapping[str, object] | None) -> CorsPolicy | None:
+    if not spec:
+        return None
+    origins = [StringMatcher.compile(_string_match(o)) for o in spec.get("allowOrigins") or ()]  # type: ignore[union-attr]
+    origins += [StringMatcher.compile(m.StringMatch("exact", o)) for o in spec.get("allowOrigin") or ()]  # type: ignore[union-attr]
+    max_age = spec.get("maxAge")
+    return CorsPolicy(
+        origins=tuple(origins),
+        allow_methods=cors_join(spec.get("allowMethods") or ()),  # type: ignore[arg-type]
+        allow_headers=cors_join(spec.get("allowHeaders") or ()),  # type: ignore[arg-type]
+        expose_headers=cors_join(spec.get("exposeHeaders") or ()),  # type: ignore[arg-type]
+        max_age=str(int(parse_duration(max_age))).encode() if isinstance(max_age, str) else b"",
+        allow_credentials=bool(spec.get("allowCredentials", False)),
+        forward_unmatched_preflight=spec.get("unmatchedPreflights", "FORWARD") != "IGNORE",
+    )
+
+
+def _string_match(spec: object) -> m.StringMatch:
+    assert isinstance(spec, dict)
+    for kind in ("exact", "prefix", "regex"):
+        if kind in spec:
+            return m.StringMatch(kind, spec[kind])  # type: ignore[arg-type]
+    return m.StringMatch("present")
+
+
 def _mutations(headers: m.Headers | None) -> tuple[HeaderMutation, HeaderMutation]:
     if headers is None:
         return NO_HEADERS, NO_HEADERS
@@ -401,13 +475,16 @@ def _mutations(headers: m.Headers | None) -> tuple[HeaderMutation, HeaderMutatio
 
 
 def _mutation(ops: m.HeaderOperations) -> HeaderMutation:
-    if not (ops.set or ops.add or ops.remove):
+    # host / :authority are never set as headers: they become the authority rewrite (see _rewrite).
+    set_ = tuple((k.encode(), v.encode()) for k, v in ops.set if k not in AUTHORITY_KEYS)
+    add = tuple((k.encode(), v.encode()) for k, v in ops.add if k not in AUTHORITY_KEYS)
+    remove = frozenset(n.encode() for n in ops.remove if n not in AUTHORITY_KEYS)
+    if not (set_ or add or remove):
         return NO_HEADERS
-    return HeaderMutation(
-        remove=frozenset(n.encode() for n in ops.remove),
-        set=tuple((k.encode(), v.encode()) for k, v in ops.set),
-        add=tuple((k.encode(), v.encode()) for k, v in ops.add),
-    )
+    return HeaderMutation(remove=remove, set=set_, add=add)
+
+
+AUTHORITY_KEYS = frozenset({"host", ":authority"})
 
 
 def _merge(first: HeaderMutation, then: HeaderMutation) -> HeaderMutation:
@@ -416,7 +493,8 @@ def _merge(first: HeaderMutation, then: HeaderMutation) -> HeaderMutation:
         return then
     if then.empty:
         return first
-    return HeaderMutation(first.remove | then.remove, first.set + then.set, first.add + then.add)
+    set_ = tuple(dict(first.set + then.set).items())  # one value per name: the later `set` wins
+    return HeaderMutation(first.remove | then.remove, set_, first.add + then.add)
 
 
 def _retry(retries: m.HTTPRetry | None, default: RetryPolicy) -> RetryPolicy:

@@ -33,7 +33,7 @@ def describe_action(route: Route) -> str:
     if route.action == ACTION_DIRECT_RESPONSE:
         return f"direct response {route.direct_status}"
     if route.action == ACTION_REDIRECT:
-        return f"redirect {route.redirect_code}"
+        return f"redirect {route.redirect.code if route.redirect else 301}"
     assert route.picker is not None
     picker = route.picker
     shares = []
@@ -81,7 +81,7 @@ def describe_destinations(route: Route, req: MatchInput | None = None) -> list[s
     if route.action == ACTION_DIRECT_RESPONSE:
         return [f"direct response {route.direct_status} ({len(route.direct_body)} bytes)"]
     if route.action == ACTION_REDIRECT:
-        return [f"redirect {route.redirect_code} {route.redirect_location}"]
+        return [f"redirect {route.redirect.code if route.redirect else 301} {route.redirect}"]
     assert route.picker is not None
     picker = route.picker
     lines, previous = [], 0

@@ -13,6 +13,8 @@ from hashlib import blake2b
 from typing import TYPE_CHECKING
 
 from .cluster import Cluster
+from .cors import CorsPolicy
+from .rewrite import Redirect, Rewrite
 
 if TYPE_CHECKING:
     from .match import MatchInput, RouteMatch
@@ -195,6 +197,14 @@ class StickyKey:
 
 
 @dataclass(frozen=True, slots=True)
+class Mirror:
+    """A shadow copy of the request to another destination, fire-and-forget (`-shadow` host suffix)."""
+
+    destination: RouteDestination
+    per_million: int  # mirrorPercentage, as a fraction of a million (absent: 100 %)
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str  # Envoy route name: `<http route name>.<match name>` or "default"
     virtual_service: str  # "namespace/name", or "" for a default route
@@ -209,10 +219,12 @@ class Route:
     response_headers: HeaderMutation = NO_HEADERS
     direct_status: int = 0
     direct_body: bytes = b""
-    redirect_location: tuple[str, str, str, str] | None = None  # scheme, authority, uri, prefix rewrite
-    redirect_code: int = 301
+    redirect: Redirect | None = None
     operation: str = ""  # span name / decorator, e.g. reviews.default.svc.cluster.local:9080/*
     sticky: StickyKey | None = None  # meshproxy.io/sticky-header or -cookie of the VirtualService
+    rewrite: Rewrite | None = None
+    mirrors: tuple[Mirror, ...] = ()
+    cors: CorsPolicy | None = None
 
     def pick(self, req: MatchInput, randbelow: Callable[[int], int]) -> RouteDestination:
         """The destination for this request: Envoy's weighted pick (`randbelow(total)` over cumulative

@@ -485,7 +485,7 @@ def test_redirect_and_direct_response_routes():
         - match: [{uri: {exact: /gone}}]
           directResponse: {status: 410, body: {string: bye}}
         """)
-    assert route_of(table, request("/old")).redirect_code == 302
+    assert route_of(table, request("/old")).redirect.code == 302
     gone = route_of(table, request("/gone"))
     assert (gone.direct_status, gone.direct_body) == (410, b"bye")
 
