@@ -8,19 +8,22 @@ config folder, which `meshproxy demo apply/delete` changes.
 
 from __future__ import annotations
 
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import state
-from .topology import CONFIG_DIR, INITIAL_FILES, Workload, ingress_admin_port, layout, services_yaml
+from .topology import CONFIG_DIR, INITIAL_FILES, Workload, ingress_admin_port, layout, listen_ports, services_yaml
 
 READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0  # the sidecars drain for 2 s first
 
 
 @dataclass
@@ -72,30 +75,49 @@ class Demo:
             "--label", "istio=ingressgateway",
         ])
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, stopping: Callable[[], bool] = lambda: False) -> bool:
+        """True once every app listens and every proxy is ready; False if `stopping()` became true first."""
         deadline = time.monotonic() + READY_TIMEOUT
         admins = [w.admin_port for w in layout(self.base_port)] + [ingress_admin_port(self.base_port)]
         apps = [w.app_port for w in layout(self.base_port)]
         while time.monotonic() < deadline:
+            if stopping():
+                return False
             dead = [name for name, proc in self.processes if proc.poll() is not None]
             if dead:
                 raise RuntimeError(f"{', '.join(dead)} exited; see {self.logs}")
             if all(_ready(port) for port in admins) and all(_listening(port) for port in apps):
-                return
+                return True
             time.sleep(0.1)
         raise RuntimeError(f"the demo did not get ready in {READY_TIMEOUT:.0f}s; see {self.logs}")
 
-    def stop(self) -> None:
-        for _, proc in self.processes:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for _, proc in self.processes:
+    def stop(self) -> list[str]:
+        """Stop every process (SIGTERM, then SIGKILL after STOP_TIMEOUT); the ones that did not exit cleanly."""
+        running = [(name, proc) for name, proc in self.processes if proc.poll() is None]
+        for _, proc in running:
+            proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        unclean = []
+        for name, proc in running:
             try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
+                code = proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+                unclean.append(f"{name} (killed after {STOP_TIMEOUT:.0f}s)")
+            else:
+                if code not in (0, -signal.SIGTERM):  # -SIGTERM: still starting, before its handler was set
+                    unclean.append(f"{name} (exit status {code})")
+        return unclean
+
+    def apply_command(self, file: Path) -> str:
+        """The command that changes this demo's routing, as a user would type it here."""
+        where = "" if self.demo_dir == state.DEFAULT_DEMO_DIR else f" --dir {shlex.quote(str(self.demo_dir))}"
+        try:
+            shown = file.relative_to(Path.cwd())
+        except ValueError:
+            shown = file
+        return f"meshproxy demo{where} apply {shlex.quote(str(shown))}"
 
     def banner(self) -> str:
         workloads: list[Workload] = layout(self.base_port)
@@ -109,7 +131,7 @@ class Demo:
             lines.append(f"  {w.name + ' sidecar:':24} http://127.0.0.1:{w.admin_port}/stats/prometheus")
         lines += [
             f"  routing files:  {state.config_dir(self.demo_dir)}",
-            "  change routing: meshproxy demo apply ../shared/istio-samples/virtual-service-all-v1.yaml",
+            f"  change routing: {self.apply_command(CONFIG_DIR / 'virtual-service-all-v1.yaml')}",
             f"  logs:           {self.logs}",
             "Press Ctrl-C to stop.",
         ]
@@ -124,6 +146,18 @@ def _ready(port: int) -> bool:
         return False
 
 
+def _busy_ports(base_port: int, ingress_port: int) -> list[str]:
+    busy = []
+    for port, what in listen_ports(base_port, ingress_port):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is no use
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                busy.append(f"{port} ({what})")
+    return busy
+
+
 def _listening(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -133,6 +167,11 @@ def _listening(port: int) -> bool:
 
 
 def run_demo(demo_dir: Path, base_port: int, ingress_port: int, access_log: str) -> int:
+    busy = _busy_ports(base_port, ingress_port)
+    if busy:  # checked before the state folder is reset: it may be a running demo's
+        print(f"in use: port {', '.join(busy)}; is a demo already running? Choose other ports with --port "
+              f"(ingress) and --base-port (base .. base+99)", file=sys.stderr)
+        return 1
     demo = Demo(demo_dir, base_port, ingress_port, access_log)
     stop = False
 
@@ -143,16 +182,31 @@ def run_demo(demo_dir: Path, base_port: int, ingress_port: int, access_log: str)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        status = _serve(demo, lambda: stop)
+    finally:
+        unclean = demo.stop()
+    if unclean:
+        print(f"did not stop cleanly: {', '.join(unclean)}; see {demo.logs}", file=sys.stderr)
+        return 1
+    print("stopped.", flush=True)
+    return status
+
+
+def _serve(demo: Demo, stopping: Callable[[], bool]) -> int:
+    """Start the demo and watch it until `stopping()`: 0, or 1 when it could not start or a process died."""
+    try:
         demo.prepare()
         demo.start()
-        demo.wait_ready()
-        print(demo.banner(), flush=True)
-        while not stop:
-            if any(proc.poll() is not None for _, proc in demo.processes):
-                print(f"a demo process exited; see {demo.logs}", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
-        print("stopping...", flush=True)
-        return 0
-    finally:
-        demo.stop()
+        if demo.wait_ready(stopping):
+            print(demo.banner(), flush=True)
+    except RuntimeError as exc:  # a process exited, or not ready in time: say why (the caller stops the rest)
+        print(exc, file=sys.stderr)
+        return 1
+    while not stopping():
+        dead = [name for name, proc in demo.processes if proc.poll() is not None]
+        if dead:
+            print(f"{', '.join(dead)} exited; see {demo.logs}", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    print("stopping...", flush=True)
+    return 0
