@@ -76,6 +76,8 @@ async def start_admin(proxy: ProxyApp, address: tuple[str, int]) -> tuple[str, i
         raise ValueError(f"admin address {host} is not loopback: pass --admin-allow-remote to open it")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_ProxyCollector(proxy))  # type: ignore[arg-type]
+    if proxy.telemetry.metrics is not None:
+        registry.register(proxy.telemetry.metrics)  # type: ignore[arg-type]  # Istio standard metrics
     proxy.registry = registry  # type: ignore[attr-defined]
 
     async def ready(_: web.Request) -> web.Response:

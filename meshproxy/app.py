@@ -14,7 +14,15 @@ from .istio.model import Snapshot
 from .istio.problems import ConfigError, Problem
 from .istio.watch import config_signature
 from .proxy.balancer import Clusters
-from .proxy.listener import DownstreamProtocol, ListenerContext
+from .proxy.listener import (
+    EDGE_GATEWAY,
+    EDGE_INBOUND,
+    EDGE_NONE,
+    DownstreamProtocol,
+    ListenerContext,
+    connection_budget,
+    listener_limits,
+)
 from .proxy.upstream import UpstreamPool
 from .routing.cluster import Cluster, Endpoint
 from .routing.compile import Identity, compile_table
@@ -24,7 +32,7 @@ from .routing.policy import ACTION_ROUTE, HeaderMutation, RetryPolicy, Route, Ro
 from .routing.table import RouteTable, VirtualHost
 from .settings import InboundSpec, Settings
 from .telemetry.access_log import AccessLog
-from .telemetry.core import Telemetry
+from .telemetry.core import MeshTelemetry, Telemetry
 
 log = logging.getLogger("meshproxy")
 
@@ -81,6 +89,7 @@ class ProxyApp:
         self.rng = random.Random(settings.seed)
         self.pool = UpstreamPool(settings.upstream_idle_timeout, settings.connect_timeout)
         self.access_log = AccessLog(settings.access_log)
+        self.telemetry = MeshTelemetry.from_settings(settings)  # metrics, tracing, peer metadata: one per process
         self.clusters = Clusters()
         self.contexts: list[ListenerContext] = []
         self.servers: list[asyncio.Server] = []
@@ -124,16 +133,21 @@ class ProxyApp:
         loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         settings = self.settings
+        budget = connection_budget(settings)  # one downstream connection limit for the whole process
         if settings.listen is not None:
+            edge = EDGE_NONE if "mesh" in settings.gateways else EDGE_GATEWAY  # a gateway's clients are outside
             ctx = ListenerContext("outbound", lambda: self.config.table, self.pool, rng=self.rng, clusters=self.clusters,
-                                  telemetry=Telemetry("outbound", "outbound", self.access_log))
+                                  telemetry=Telemetry("outbound", "outbound", self.access_log, self.telemetry),
+                                  limits=listener_limits(settings, edge), budget=budget)
             await self._listen(ctx, settings.listen)
         for spec in settings.inbound:
             table = inbound_table(spec)
             name = f"inbound:{spec.app[1]}"
             ctx = ListenerContext(name, lambda t=table: t, self.pool, server_name=b"istio-envoy",
                                   response_mutation=INBOUND_SERVER, rng=self.rng, clusters=self.clusters,
-                                  telemetry=Telemetry(name, "inbound", self.access_log))
+                                  telemetry=Telemetry(name, "inbound", self.access_log, self.telemetry,
+                                                      table=lambda: self.config.table, address=spec.listen),
+                                  limits=listener_limits(settings, EDGE_INBOUND), budget=budget)
             await self._listen(ctx, spec.listen)
         if settings.admin is not None:
             from .admin import start_admin  # aiohttp is only needed for the admin port

@@ -1,11 +1,12 @@
-"""Command line: `meshproxy run | validate | routes | demo`. Every `run` option also reads MESHPROXY_<NAME>."""
+"""Command line: `meshproxy run | validate | routes | route | demo`. Every `run` option also reads MESHPROXY_<NAME>."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -38,6 +39,55 @@ def _labels(_: click.Context, __: click.Parameter, values: Sequence[str]) -> dic
                 raise click.BadParameter(f"{pair!r} is not key=value")
             labels[key] = value
     return labels
+
+
+def _limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Downstream limits and timeouts of `run` (Settings fields of the same names)."""
+    options = [
+        click.option("--request-headers-timeout", type=float, default=10.0, show_default=True,
+                     envvar="MESHPROXY_REQUEST_HEADERS_TIMEOUT",
+                     help="Seconds a request head may take to arrive; then 408 and close (0: off)."),
+        click.option("--idle-timeout", type=float, default=3600.0, show_default=True, envvar="MESHPROXY_IDLE_TIMEOUT",
+                     help="Seconds an idle keep-alive client connection is kept (0: off)."),
+        click.option("--stream-idle-timeout", type=float, default=300.0, show_default=True,
+                     envvar="MESHPROXY_STREAM_IDLE_TIMEOUT",
+                     help="Seconds without a byte either way on a request; then 408/504 (0: off)."),
+        click.option("--max-connections", type=int, default=0, show_default=True, envvar="MESHPROXY_MAX_CONNECTIONS",
+                     help="Client connections of the process; more are closed at accept (0: half the file limit)."),
+        click.option("--max-request-body", type=int, default=0, show_default=True, envvar="MESHPROXY_MAX_REQUEST_BODY",
+                     help="Request body bytes; larger bodies get 413 (0: no limit)."),
+        click.option("--max-request-headers-kb", type=click.IntRange(1, 8192), default=60, show_default=True,
+                     envvar="MESHPROXY_MAX_REQUEST_HEADERS_KB", help="Request head size; larger gets 431."),
+        click.option("--max-request-headers-count", type=click.IntRange(1, 10000), default=100, show_default=True,
+                     envvar="MESHPROXY_MAX_REQUEST_HEADERS_COUNT", help="Request header lines; more gets 431."),
+        click.option("--headers-with-underscores", default="reject", show_default=True,
+                     envvar="MESHPROXY_HEADERS_WITH_UNDERSCORES", type=click.Choice(["allow", "drop", "reject"]),
+                     help="Header names with '_': forward, drop the header, or answer 400."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _telemetry_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Telemetry of `run` (Settings fields of the same names): Istio metrics, trace propagation, spans."""
+    options = [
+        click.option("--cluster-id", default="Kubernetes", show_default=True, envvar="MESHPROXY_CLUSTER_ID",
+                     help="Istio CLUSTER_ID of this workload (source_cluster/destination_cluster labels)."),
+        click.option("--metrics/--no-metrics", default=True, show_default=True, envvar="MESHPROXY_METRICS",
+                     help="Istio standard metrics at /stats/prometheus (and the peer metadata headers they need)."),
+        click.option("--tracing/--no-tracing", default=True, show_default=True, envvar="MESHPROXY_TRACING",
+                     help="B3/W3C trace headers rewritten per hop and sampled spans exported (off: forwarded as is)."),
+        click.option("--tracing-sampling", type=click.FloatRange(0, 100), default=1.0, show_default=True,
+                     envvar="MESHPROXY_TRACING_SAMPLING",
+                     help="Percent of new traces sampled; a decision in the request's headers wins."),
+        click.option("--otlp-endpoint", default=None, envvar="MESHPROXY_OTLP_ENDPOINT",
+                     help="OTLP/HTTP traces URL  [default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "
+                          "OTEL_EXPORTER_OTLP_ENDPOINT, else http://127.0.0.1:4318/v1/traces]"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def _setup_logging(level: str) -> None:
@@ -79,6 +129,8 @@ def main() -> None:
 @click.option("--watch-interval", default=1.0, show_default=True, type=float, envvar="MESHPROXY_WATCH_INTERVAL",
               help="Seconds between config file checks (0: reload on SIGHUP only).")
 @click.option("--seed", type=int, default=None, envvar="MESHPROXY_SEED", help="Seed for weighted picks and faults.")
+@_limit_options
+@_telemetry_options
 @click.option("--access-log", default="off", show_default=True, envvar="MESHPROXY_ACCESS_LOG",
               type=click.Choice(["off", "text", "json"]), help="One line per request to stdout, Envoy format.")
 @click.option("--log-level", default="info", show_default=True, envvar="MESHPROXY_LOG_LEVEL",
@@ -87,7 +139,7 @@ def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[
         admin: tuple[str, int] | None, admin_allow_remote: bool, workload: str, namespace: str,
         labels: dict[str, str], gateways: tuple[str, ...], drain_time: float, connect_timeout: float,
         upstream_idle_timeout: float, watch_interval: float, seed: int | None, access_log: str,
-        log_level: str) -> None:
+        log_level: str, **limits: Any) -> None:
     """Run the proxy: outbound and inbound listeners, admin, config hot reload."""
     from .app import run as run_app
 
@@ -97,7 +149,7 @@ def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[
         workload=workload, namespace=namespace, labels=labels,
         gateways=tuple(g for item in gateways for g in item.replace(",", " ").split()) or ("mesh",),
         log_level=log_level, access_log=access_log, drain_time=drain_time, connect_timeout=connect_timeout,
-        upstream_idle_timeout=upstream_idle_timeout, watch_interval=watch_interval, seed=seed,
+        upstream_idle_timeout=upstream_idle_timeout, watch_interval=watch_interval, seed=seed, **limits,
     )
     try:
         sys.exit(run_app(settings))
@@ -160,6 +212,63 @@ def routes(config: tuple[str, ...], namespace: str, labels: dict[str, str], gate
         sys.exit(1)
     table, _ = compile_table(result.snapshot, Identity(namespace=namespace, labels=labels, gateways=gateways or ("mesh",)))
     click.echo(describe_table(table), nl=False)
+
+
+def _header_line(_: click.Context, __: click.Parameter, values: Sequence[str]) -> list[tuple[bytes, bytes]]:
+    headers = []
+    for item in values:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip() or name != name.strip():
+            raise click.BadParameter(f"{item!r} is not 'name: value'")
+        headers.append((name.lower().encode("latin-1"), value.strip().encode("latin-1")))
+    return headers
+
+
+@main.command("route")
+@click.option("--config", "-c", "config", multiple=True, required=True, type=click.Path(exists=True))
+@click.option("--header", "-H", "headers", multiple=True, callback=_header_line,
+              help="Request header 'name: value' (repeatable; a name given twice sends two lines).")
+@click.option("--method", "-X", "method", default="GET", show_default=True, help="Request method.")
+@click.option("--namespace", default="default", show_default=True, help="Namespace of the proxy.")
+@click.option("--label", "labels", multiple=True, callback=_labels, help="Proxy workload label key=value.")
+@click.option("--gateway", "gateways", multiple=True, help="Route as this gateway instead of a sidecar.")
+@click.argument("url")
+def route(config: tuple[str, ...], headers: list[tuple[bytes, bytes]], method: str, namespace: str,
+          labels: dict[str, str], gateways: tuple[str, ...], url: str) -> None:
+    """Explain where a request to URL goes: the route that wins and why the earlier ones do not.
+
+    URL is absolute (http://reviews:9080/reviews/0); the authority comes from it. Exit 0 when routed,
+    1 when the request would get 404 NR.
+    """
+    from .http1.errors import ProtocolError
+    from .http1.head import build_request_head
+    from .istio.load import load
+    from .routing.compile import Identity, compile_table
+    from .routing.describe import explain_request
+
+    _setup_logging("error")
+    try:
+        result = load(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        sys.exit(2)
+    target = url if "://" in url else f"http://{url}"
+    try:
+        head = build_request_head(method.upper().encode("latin-1"), target.encode("latin-1"),
+                                  list(headers), "1.1", True)
+    except (ProtocolError, UnicodeEncodeError) as exc:
+        raise click.BadParameter(f"{url!r}: {exc}", param_hint="URL") from None
+    identity = Identity(namespace=namespace, labels=labels,
+                        gateways=tuple(g for item in gateways for g in item.replace(",", " ").split()) or ("mesh",))
+    table, _ = compile_table(result.snapshot, identity)
+    query = f"?{head.query.decode('latin-1')}" if head.query else ""
+    click.echo(f"request: {head.method.decode()} {head.path.decode('latin-1')}{query}  "
+               f"(authority {head.authority.decode('latin-1')!r}, {len(head.headers)} header line(s))")
+    lines, chosen = explain_request(table, head)
+    for line in lines:
+        click.echo(line)
+    sys.exit(0 if chosen is not None else 1)
 
 
 @main.group(invoke_without_command=True)

@@ -51,3 +51,18 @@ class Settings:
     upstream_idle_timeout: float = 4.0  # below common app keep-alives (Node 5 s), so the proxy closes first
     watch_interval: float = 1.0  # seconds between config file checks; 0 disables (SIGHUP still reloads)
     seed: int | None = None  # fixed seed for weights and faults (tests); None = random
+    # Downstream limits and timeouts (Envoy's names and defaults; see proxy/listener.py). 0 disables a timeout.
+    request_headers_timeout: float = 10.0  # a request head must arrive within this -> else 408 and close
+    idle_timeout: float = 3600.0  # keep-alive connection with no request in progress
+    stream_idle_timeout: float = 300.0  # no byte either way on an active request -> 408 / 504 (SI)
+    max_connections: int = 0  # downstream connections of the process; 0: half the open-file limit (<= 50 000)
+    max_request_body: int = 0  # bytes; larger bodies get 413; 0: no limit
+    max_request_headers_kb: int = 60  # request-target + header names and values -> else 431
+    max_request_headers_count: int = 100  # header lines -> else 431
+    headers_with_underscores: str = "reject"  # allow | drop | reject (Envoy's edge advice)
+    # Telemetry (see meshproxy/telemetry/): Istio metrics, B3/W3C propagation and OTLP spans.
+    cluster_id: str = "Kubernetes"  # Istio's CLUSTER_ID: the source_cluster / destination_cluster label
+    metrics: bool = True  # Istio standard metrics at /stats/prometheus, with the peer metadata exchange
+    tracing: bool = True  # rewrite trace headers per hop and record sampled spans; off: forward them unchanged
+    tracing_sampling: float = 1.0  # percent of new traces sampled (Istio's default); incoming decisions win
+    otlp_endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, else 127.0.0.1:4318/v1/traces

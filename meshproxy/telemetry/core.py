@@ -1,48 +1,430 @@
 """The one object the data path calls for telemetry; telemetry never calls back into the data path.
 
 Hooks, in request order:
-- `on_request(stream)`: the request head is known. Decide what the upstream request carries
-  (`stream.upstream_extra`) and which incoming headers are not forwarded (`strip_request`).
-- `on_complete(stream)`: the exchange is over (response written, or failed). Access log, metrics, spans.
-Everything here must cost next to nothing when its feature is off.
+- `on_request(stream)`: the request head is known. One pass over the headers picks out x-request-id, the
+  trace headers and (inbound) the peer metadata; the upstream request gets the request id when it had
+  none, this hop's trace headers and (outbound) this workload's peer metadata (`stream.upstream_extra`).
+  Incoming headers that are rewritten are never forwarded (`strip_request`, read at connection setup).
+  The response gets (inbound) this workload's peer metadata (`stream.downstream_extra`).
+- `on_response(stream, headers)` (outbound, only when `reads_response`): the upstream response head that
+  goes downstream; the callee's peer metadata is read and removed before the app sees the response.
+- `on_complete(stream)`: the exchange is over (response written, or failed): access log, metrics, span.
+
+Costs: with everything off, one pass over the headers for x-request-id. Unsampled requests create no
+span objects (the trace headers are rewritten from bytes). Metrics use a series bound once per
+(service, peer, response code, flags) and cached here (see metrics.py).
+
+`MeshTelemetry` is what every listener's `Telemetry` shares, one per process: workload identity, the
+Istio metrics registry, the span recorder, the peer metadata encoded once, ids and sampling.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
+import random
+import time
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from .access_log import AccessLog
+from .metrics import DESTINATION, SOURCE, UNKNOWN_SERVICE, IstioMetrics, Series, Service, label_values
+from .peer import (
+    DEFAULT_CLUSTER_ID,
+    MESH_ID,
+    PEER_HEADERS,
+    PEER_METADATA,
+    PEER_METADATA_ID,
+    UNKNOWN_WORKLOAD,
+    PeerCache,
+    Workload,
+    encode_metadata,
+    node_id,
+)
+from .propagation import (
+    REQUEST_ID,
+    SAMPLED,
+    SPAN_ID,
+    TRACE_HEADERS,
+    TRACE_ID,
+    TRACEPARENT,
+    extract,
+    inject,
+    new_span_id,
+    new_trace_id,
+    request_id_dice,
+    uuid4,
+)
 
 if TYPE_CHECKING:
     from ..proxy.exchange import Stream
+    from ..routing.cluster import Cluster
+    from ..routing.policy import Route
+    from ..routing.table import RouteTable
+    from ..settings import Settings
+    from .tracing import SpanRecorder
 
-REQUEST_ID = b"x-request-id"
-VARIANT = "89ab89ab89ab89ab"  # hex digit -> RFC 4122 variant digit (10xx)
+log = logging.getLogger("meshproxy.telemetry")
+
+DEFAULT_SAMPLING = 1.0  # percent: Istio's PILOT_TRACE_SAMPLING default
+MAX_SERIES_KEYS = 10000  # per listener; beyond, series are still found (by labels) but not cached here
+MAX_URL_TAG = 256  # Envoy's max_path_tag_length default
+_IDS = random.Random(int.from_bytes(os.urandom(16), "big"))  # ids when no MeshTelemetry is given
+# One 320-bit draw for a new request: a UUID4 (top 128 bits: version nibble 4, RFC 4122 variant), a 128-bit
+# trace id and a 64-bit span id; the lowest bit of each id is set so that neither can be all zeros.
+NEW_TRACE_KEEP = ((1 << 320) - 1) ^ (0xF000 << 256) ^ (0xC000 << 240)
+NEW_TRACE_SET = (0x4000 << 256) | (0x8000 << 240) | (1 << 64) | 1
 
 
-def uuid4_bytes() -> bytes:
-    """A random version-4 UUID as text, without uuid.UUID's object overhead (about 5x cheaper)."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{VARIANT[int(h[16], 16)]}{h[17:20]}-{h[20:]}".encode()
+class MeshTelemetry:
+    """Shared by the listeners of one process. `metrics=False` also turns the peer metadata exchange off;
+    `tracing=False` forwards trace headers unchanged and records nothing; `recorder=None` propagates and
+    decides sampling but keeps no spans."""
+
+    def __init__(self, own: Workload, labels: Mapping[str, str] | None = None, *, metrics: bool = True,
+                 tracing: bool = True, sampling: float = DEFAULT_SAMPLING, recorder: SpanRecorder | None = None,
+                 node: str = "", rng: random.Random | None = None) -> None:
+        if not 0.0 <= sampling <= 100.0:
+            raise ValueError(f"tracing sampling must be a percentage from 0 to 100, not {sampling}")
+        self.own = own
+        self.metrics = IstioMetrics() if metrics else None
+        self.tracing = tracing
+        self.sampling = sampling
+        self.threshold = round(sampling * 100)  # out of 10000, as Envoy's random_sampling
+        self.recorder = recorder if tracing else None
+        self.node_id = node or node_id(own.workload, own.namespace)
+        self.randbits = (rng or random.Random(int.from_bytes(os.urandom(16), "big"))).getrandbits
+        self.peers = PeerCache()
+        self.metadata: tuple[tuple[bytes, bytes], ...] = ()
+        if metrics:
+            self.metadata = ((PEER_METADATA_ID, self.node_id.encode()),
+                             (PEER_METADATA, encode_metadata(own, labels or {})))
+        self.services: dict[object, Service] = {}
+        self.span_tags = {
+            "component": "proxy",
+            "node_id": self.node_id,
+            "zone": "",
+            "istio.canonical_service": own.canonical_service,
+            "istio.canonical_revision": own.canonical_revision,
+            "istio.namespace": own.namespace,
+            "istio.mesh_id": MESH_ID,
+            "istio.cluster_id": own.cluster,
+        }
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MeshTelemetry:
+        labels = dict(settings.labels)
+        own = Workload.of(settings.workload, settings.namespace, labels, settings.cluster_id or DEFAULT_CLUSTER_ID)
+        gateway = tuple(settings.gateways) != ("mesh",)
+        ip = settings.inbound[0].listen[0] if settings.inbound else "127.0.0.1"
+        node = node_id(own.workload, own.namespace, ip, gateway)
+        recorder = None
+        if settings.tracing:
+            from .tracing import SpanRecorder, otlp_exporter
+
+            exporter = otlp_exporter(settings.otlp_endpoint)
+            service_name = f"{labels.get('app') or own.workload}.{own.namespace}"  # Istio's service cluster
+            recorder = SpanRecorder.batched(exporter, service_name)
+            log.info("tracing: %s%% of new traces sampled (incoming B3/W3C decisions honoured); "
+                     "spans by OTLP/HTTP to %s", f"{settings.tracing_sampling:g}", exporter.endpoint)
+        else:
+            log.info("tracing: off (trace headers are forwarded unchanged)")
+        mesh = cls(own, labels, metrics=settings.metrics, tracing=settings.tracing,
+                   sampling=settings.tracing_sampling, recorder=recorder, node=node)
+        if mesh.metrics is not None:
+            log.info("metrics: Istio standard metrics at /stats/prometheus as %s.%s (cluster %s)",
+                     own.workload, own.namespace, own.cluster)
+        else:
+            log.info("metrics: off")
+        if recorder is not None:
+            atexit.register(mesh.close)
+        return mesh
+
+    def service(self, host: str, port: int) -> Service:
+        """One Service object per (host, port), so series keys compare by identity."""
+        key = (host, port)
+        service = self.services.get(key)
+        if service is None:
+            service = self.services[key] = Service.of(host, port)
+        return service
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
 
 
 class Telemetry:
-    __slots__ = ("listener", "direction", "access_log", "strip_request")
+    __slots__ = ("listener", "direction", "access_log", "strip_request", "mesh", "inbound", "watched", "tracing",
+                 "metrics", "request_extra", "response_extra", "reads_response", "randbits", "series", "clusters", "peers",
+                 "peer_cache",
+                 "table", "address", "seen_table", "service", "operation")
 
-    def __init__(self, listener: str, direction: str, access_log: AccessLog) -> None:
+    def __init__(self, listener: str, direction: str, access_log: AccessLog, mesh: MeshTelemetry | None = None, *,
+                 table: Callable[[], RouteTable] | None = None, address: tuple[str, int] | None = None) -> None:
+        """`direction` "outbound" reports as source (client side), "inbound" as destination (server side).
+        An inbound listener finds its service in `table()` (the mesh's routes): the one whose endpoint is
+        `address`, its listen address."""
         self.listener = listener
-        self.direction = direction  # "outbound" (reporter=source) or "inbound" (reporter=destination)
+        self.direction = direction
         self.access_log = access_log
-        self.strip_request: frozenset[bytes] = frozenset()  # incoming headers replaced by upstream_extra
+        self.mesh = mesh
+        self.inbound = inbound = direction == "inbound"
+        self.tracing = mesh is not None and mesh.tracing
+        self.metrics = mesh.metrics if mesh is not None else None
+        exchange = self.metrics is not None  # the peer metadata exchange exists for the metrics' labels
+        strip: set[bytes] = set()
+        watched = {REQUEST_ID}
+        if self.tracing:
+            strip |= TRACE_HEADERS
+            watched |= TRACE_HEADERS
+        if exchange:
+            strip |= PEER_HEADERS  # replaced by this workload's own (outbound), or kept from the app (inbound)
+            if inbound:
+                watched.add(PEER_METADATA)
+        self.strip_request: frozenset[bytes] = frozenset(strip)  # incoming headers replaced by upstream_extra
+        self.watched = frozenset(watched)
+        metadata = mesh.metadata if mesh is not None and exchange else ()
+        self.request_extra = () if inbound else metadata
+        self.response_extra = metadata if inbound else ()
+        self.reads_response = exchange and not inbound
+        self.randbits = mesh.randbits if mesh is not None else _IDS.getrandbits
+        self.series: dict[tuple[Service, Workload, int, str], Series] = {}
+        self.clusters: dict[str, Service] = {}
+        self.peer_cache = mesh.peers if mesh is not None else PeerCache()
+        self.peers = self.peer_cache.peers  # decoded peers by header value: the hit is a dict lookup here
+        self.table = table
+        self.address = address
+        self.seen_table: object = self  # never a table: the first use resolves
+        self.service = UNKNOWN_SERVICE
+        self.operation = ""
+
+    # ---- hooks
 
     def on_request(self, stream: Stream) -> None:
-        request_id = stream.head.header(REQUEST_ID)
-        if request_id is None:  # Envoy's UUID request-id extension: generated by the first proxy
-            request_id = uuid4_bytes()
-            stream.upstream_extra.append((REQUEST_ID, request_id))
+        found: dict[bytes, bytes] = {}
+        watched = self.watched
+        for name, value in stream.head.headers:
+            if name in watched and name not in found:
+                found[name] = value
+        extra = stream.upstream_extra
+        request_id = found.get(REQUEST_ID)
+        if not self.tracing:
+            if request_id is None:  # Envoy's UUID request-id extension: generated by the first proxy
+                request_id = uuid4(self.randbits(128))
+                extra.append((REQUEST_ID, request_id))
+        elif request_id is None and len(found) == (PEER_METADATA in found):
+            request_id = self._new_trace(stream, extra)  # the first proxy of a request: the common edge case
+        else:
+            request_id = self._propagate(stream, found, request_id, extra)
         stream.request_id = request_id
+        if self.request_extra:
+            extra.extend(self.request_extra)
+        elif self.response_extra:
+            stream.peer = found.get(PEER_METADATA)
+            stream.downstream_extra = self.response_extra
+
+    def _new_trace(self, stream: Stream, extra: list[tuple[bytes, bytes]]) -> bytes:
+        """No request id and no trace headers: request id, trace id and span id from one random draw, and
+        the sampling dice from the request id (the first 8 hex digits, as `request_id_dice` reads them)."""
+        h = (self.randbits(320) & NEW_TRACE_KEEP | NEW_TRACE_SET).to_bytes(40, "big").hex()
+        request_id = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}".encode()
+        trace_id, span_id = h[32:64].encode(), h[64:80].encode()
+        mesh = self.mesh
+        assert mesh is not None
+        if int(h[:8], 16) % 10000 < mesh.threshold:
+            extra += ((REQUEST_ID, request_id), (TRACE_ID, trace_id), (SPAN_ID, span_id), (SAMPLED, b"1"),
+                      (TRACEPARENT, b"00-" + trace_id + b"-" + span_id + b"-01"))
+            if mesh.recorder is not None:
+                stream.trace = (trace_id, span_id, None)
+        else:
+            extra += ((REQUEST_ID, request_id), (TRACE_ID, trace_id), (SPAN_ID, span_id), (SAMPLED, b"0"),
+                      (TRACEPARENT, b"00-" + trace_id + b"-" + span_id + b"-00"))
+        return request_id
+
+    def _propagate(self, stream: Stream, found: dict[bytes, bytes], request_id: bytes | None,
+                   extra: list[tuple[bytes, bytes]]) -> bytes:
+        """Continue (or start) the trace the request brought; returns the request id."""
+        mesh = self.mesh
+        assert mesh is not None
+        randbits = self.randbits
+        dice = -1
+        if request_id is None:
+            bits = randbits(128)
+            request_id = uuid4(bits)
+            dice = (bits >> 96) % 10000  # the first 8 hex digits, as request_id_dice reads them
+            extra.append((REQUEST_ID, request_id))
+        trace_id = parent_id = tracestate = None
+        sampled = None
+        debug = b3_single = False
+        if len(found) > (REQUEST_ID in found) + (PEER_METADATA in found):
+            incoming = extract(found)
+            trace_id, parent_id, sampled = incoming.trace_id, incoming.parent_id, incoming.sampled
+            debug, tracestate, b3_single = incoming.debug, incoming.tracestate, incoming.b3_single
+        if trace_id is None:
+            trace_id = new_trace_id(randbits)
+        if sampled is None:  # Envoy's random sampling: the request id's dice, so every hop agrees
+            if dice < 0:
+                dice = request_id_dice(request_id)
+                if dice is None:
+                    dice = randbits(32) % 10000
+            sampled = dice < mesh.threshold
+        span_id = new_span_id(randbits)
+        inject(extra, trace_id, span_id, parent_id, sampled, debug, tracestate, b3_single)
+        if sampled and mesh.recorder is not None:
+            stream.trace = (trace_id, span_id, parent_id)
+        return request_id
+
+    def on_response(self, stream: Stream, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """Outbound: the callee's peer metadata, read and removed from the response before the app."""
+        found = False
+        for name, value in headers:
+            if name in PEER_HEADERS:
+                found = True
+                if name == PEER_METADATA:
+                    stream.peer = value
+        return [(n, v) for n, v in headers if n not in PEER_HEADERS] if found else headers
 
     def on_complete(self, stream: Stream) -> None:
         if self.access_log.enabled:
             self.access_log.log(stream, self.listener)
+        metrics = self.metrics
+        if metrics is None and stream.trace is None:
+            return
+        try:
+            if self.inbound:
+                table = self.table() if self.table is not None else None
+                if table is not self.seen_table:
+                    self._resolve(table)
+                service = self.service
+            else:
+                cluster = stream.cluster
+                service = self.clusters.get(cluster.name) if cluster is not None else None
+                if service is None:
+                    service = self._outbound_service(stream)
+            if metrics is not None:
+                raw = stream.peer
+                peer = UNKNOWN_WORKLOAD if raw is None else self.peers.get(raw) or self.peer_cache.get(raw)
+                flags = stream.flags
+                key = (service, peer, stream.status, ",".join(flags) if flags else "-")
+                series = self.series.get(key) or self._bind(key)
+                series.record((time.monotonic() - stream.start) * 1000.0, stream.body_size, stream.response_bytes)
+            if stream.trace is not None:
+                self._span(stream, service)
+        except Exception:  # telemetry must never break the connection it observes
+            log.exception("telemetry failed for a request (%s)", self.listener)
+
+    # ---- metrics
+
+    def _outbound_service(self, stream: Stream) -> Service:
+        cluster = stream.cluster
+        if cluster is None:  # replied before an upstream was picked (fault, no cluster): the route's first
+            cluster = route_cluster(stream.route)
+            if cluster is None:
+                return UNKNOWN_SERVICE
+        service = self.clusters.get(cluster.name)
+        if service is None:
+            assert self.mesh is not None
+            service = self.clusters[cluster.name] = self.mesh.service(cluster.service, cluster.port)
+        return service
+
+    def _resolve(self, table: RouteTable | None) -> None:
+        """Inbound: which service this listener serves, from the mesh's config (Istio's service instances)."""
+        mesh = self.mesh
+        assert mesh is not None
+        self.seen_table = table
+        found = services_at(table, self.address) if table is not None and self.address is not None else []
+        if found:
+            self.service = mesh.service(*found[0])
+            self.operation = self.service.operation
+        else:  # Istio: the workload's canonical service and namespace
+            own = mesh.own
+            self.service = mesh.services.setdefault(("", own.canonical_service),
+                                                    Service(own.canonical_service, own.canonical_service,
+                                                            own.namespace))
+            self.operation = ""
+
+    def _bind(self, key: tuple[Service, Workload, int, str]) -> Series:
+        service, peer, status, flags = key
+        mesh = self.mesh
+        assert mesh is not None and self.metrics is not None
+        if self.inbound:  # the callee's sidecar: the source is the peer; with mTLS this would say mutual_tls
+            labels = label_values(DESTINATION, peer, mesh.own, service, status, flags, "none")
+        else:
+            labels = label_values(SOURCE, mesh.own, peer, service, status, flags, "unknown")
+        series = self.metrics.bind(labels)
+        if len(self.series) < MAX_SERIES_KEYS:
+            self.series[key] = series
+        return series
+
+    # ---- spans (sampled requests only)
+
+    def _span(self, stream: Stream, service: Service) -> None:
+        mesh = self.mesh
+        assert mesh is not None and mesh.recorder is not None
+        trace_id, span_id, parent_id = stream.trace
+        head = stream.head
+        route = stream.route
+        if self.inbound:
+            name = self.operation or (route.operation if route is not None and route.operation else "ingress")
+        elif route is not None and route.operation:
+            name = route.operation
+        else:
+            name = "egress " + head.authority.decode("latin-1")[:MAX_URL_TAG]
+        status = stream.status
+        cluster = stream.cluster
+        cluster_name = cluster.name if cluster is not None else "-"
+        user_agent = head.header(b"user-agent")
+        tags = dict(mesh.span_tags)
+        tags.update({
+            "guid:x-request-id": (stream.request_id or b"").decode("latin-1"),
+            "http.url": ("http://" + head.authority.decode("latin-1") +
+                         head.path_and_query.decode("latin-1"))[:MAX_URL_TAG],
+            "http.method": head.method.decode("latin-1"),
+            "http.protocol": "HTTP/" + head.version.decode("latin-1"),
+            "user_agent": user_agent.decode("latin-1") if user_agent is not None else "-",
+            "downstream_cluster": "-",
+            "peer.address": stream.conn.peer_ip.decode("latin-1"),
+            "request_size": str(stream.body_size),
+            "response_size": str(stream.response_bytes),
+            "upstream_cluster": cluster_name,
+            "upstream_cluster.name": cluster_name,
+            "http.status_code": str(status),
+            "response_flags": ",".join(stream.flags) or "-",
+        })
+        if stream.endpoint is not None:
+            tags["upstream_address"] = str(stream.endpoint)
+        error = status == 0 or status >= 500
+        if error:
+            tags["error"] = "true"
+        end = time.time_ns()
+        start = end - int((time.monotonic() - stream.start) * 1e9)
+        mesh.recorder.record(name, self.inbound, int(trace_id, 16), int(span_id, 16),
+                             int(parent_id, 16) if parent_id is not None else None, start, end, tags, error)
+
+
+def route_cluster(route: Route | None) -> Cluster | None:
+    """The cluster a route sends to first (its first weighted destination): the service of a request
+    answered before any pick (fault abort), as Envoy knows it from the route entry."""
+    if route is None or route.picker is None or not route.picker.choices:
+        return None
+    return route.picker.choices[0].cluster
+
+
+def services_at(table: RouteTable, address: tuple[str, int]) -> list[tuple[str, int]]:
+    """(service host, service port) of every cluster with an endpoint at `address`, sorted."""
+    host, port = address
+    any_host = host in ("0.0.0.0", "::", "")
+    found: set[tuple[str, int]] = set()
+    for vhost in table.virtual_hosts:
+        for route in vhost.routes:
+            if route.picker is None:
+                continue
+            for dest in route.picker.choices:
+                for cluster in (dest.cluster, *dest.by_port.values()):
+                    if cluster is None or not cluster.service:
+                        continue
+                    for endpoint in cluster.endpoints:
+                        if endpoint.port == port and (any_host or endpoint.address == host):
+                            found.add((cluster.service, cluster.port))
+    return sorted(found)
