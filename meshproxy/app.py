@@ -43,7 +43,8 @@ INBOUND_RETRY = RetryPolicy.compile(2, "reset-before-request,connect-failure")
 
 def identity_of(settings: Settings) -> Identity:
     return Identity(name=settings.workload, namespace=settings.namespace, labels=dict(settings.labels),
-                    gateways=settings.gateways)
+                    gateways=settings.gateways,
+                    default_retry=RetryPolicy.compile(settings.default_retry_attempts, settings.default_retry_on))
 
 
 def inbound_table(spec: InboundSpec) -> RouteTable:

@@ -90,6 +90,15 @@ def _telemetry_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def _retry_on(_: click.Context, __: click.Parameter, value: str) -> str:
+    from .istio.load import RETRY_ON_POLICIES
+
+    for token in filter(None, (t.strip() for t in value.split(","))):
+        if not token.isdigit() and token not in RETRY_ON_POLICIES:
+            raise click.BadParameter(f"{token!r} is not a retryOn policy")
+    return value
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -129,6 +138,12 @@ def main() -> None:
 @click.option("--watch-interval", default=1.0, show_default=True, type=float, envvar="MESHPROXY_WATCH_INTERVAL",
               help="Seconds between config file checks (0: reload on SIGHUP only).")
 @click.option("--seed", type=int, default=None, envvar="MESHPROXY_SEED", help="Seed for weighted picks and faults.")
+@click.option("--default-retry-attempts", type=click.IntRange(0), default=2, show_default=True,
+              envvar="MESHPROXY_DEFAULT_RETRY_ATTEMPTS",
+              help="Retries of routes without `retries` (Istio's meshConfig.defaultHttpRetryPolicy; 0 disables).")
+@click.option("--default-retry-on", default="connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+              show_default=True, envvar="MESHPROXY_DEFAULT_RETRY_ON", callback=_retry_on,
+              help="retryOn of routes without `retries` (Istio 1.24+ default: no 503).")
 @_limit_options
 @_telemetry_options
 @click.option("--access-log", default="off", show_default=True, envvar="MESHPROXY_ACCESS_LOG",
@@ -138,8 +153,8 @@ def main() -> None:
 def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[InboundSpec, ...],
         admin: tuple[str, int] | None, admin_allow_remote: bool, workload: str, namespace: str,
         labels: dict[str, str], gateways: tuple[str, ...], drain_time: float, connect_timeout: float,
-        upstream_idle_timeout: float, watch_interval: float, seed: int | None, access_log: str,
-        log_level: str, **limits: Any) -> None:
+        upstream_idle_timeout: float, watch_interval: float, seed: int | None, default_retry_attempts: int,
+        default_retry_on: str, access_log: str, log_level: str, **limits: Any) -> None:
     """Run the proxy: outbound and inbound listeners, admin, config hot reload."""
     from .app import run as run_app
 
@@ -149,7 +164,8 @@ def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[
         workload=workload, namespace=namespace, labels=labels,
         gateways=tuple(g for item in gateways for g in item.replace(",", " ").split()) or ("mesh",),
         log_level=log_level, access_log=access_log, drain_time=drain_time, connect_timeout=connect_timeout,
-        upstream_idle_timeout=upstream_idle_timeout, watch_interval=watch_interval, seed=seed, **limits,
+        upstream_idle_timeout=upstream_idle_timeout, watch_interval=watch_interval, seed=seed,
+        default_retry_attempts=default_retry_attempts, default_retry_on=default_retry_on, **limits,
     )
     try:
         sys.exit(run_app(settings))

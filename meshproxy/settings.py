@@ -51,6 +51,9 @@ class Settings:
     upstream_idle_timeout: float = 4.0  # below common app keep-alives (Node 5 s), so the proxy closes first
     watch_interval: float = 1.0  # seconds between config file checks; 0 disables (SIGHUP still reloads)
     seed: int | None = None  # fixed seed for weights and faults (tests); None = random
+    # Mesh-wide retry policy of routes without `retries` (meshConfig.defaultHttpRetryPolicy).
+    default_retry_attempts: int = 2
+    default_retry_on: str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
     # Downstream limits and timeouts (Envoy's names and defaults; see proxy/listener.py). 0 disables a timeout.
     request_headers_timeout: float = 10.0  # a request head must arrive within this -> else 408 and close
     idle_timeout: float = 3600.0  # keep-alive connection with no request in progress

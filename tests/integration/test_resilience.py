@@ -206,3 +206,14 @@ def test_retry_avoids_the_host_that_failed(make_proxy) -> None:
     finally:
         bad.server.close()
         good.server.close()
+
+
+def test_mesh_wide_default_retry_policy_is_configurable(tmp_path: Path) -> None:
+    script = Scripted([503, 200])
+    docs = [service_entry("backend", [(script.server.port, {})], port=80), vs("  - route: [{destination: {host: backend}}]")]
+    p = ProxyProcess(write_config(tmp_path, "c.yaml", *docs), args=["--default-retry-on", "5xx"])
+    try:
+        assert request(p.port)[0] == 200 and script.attempts == ["1", "2"]
+    finally:
+        assert p.stop() == 0
+        script.server.close()
