@@ -6,11 +6,14 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .istio.problems import ConfigError
+
+if TYPE_CHECKING:
+    from .istio.load import LoadResult
 from .settings import InboundSpec, Settings, parse_address
 
 
@@ -97,6 +100,18 @@ def _retry_on(_: click.Context, __: click.Parameter, value: str) -> str:
         if not token.isdigit() and token not in RETRY_ON_POLICIES:
             raise click.BadParameter(f"{token!r} is not a retryOn policy")
     return value
+
+
+def _load_or_exit(config: Sequence[str], code: int) -> LoadResult:
+    """Load config for a read-only command; on errors print them and exit with `code`."""
+    from .istio.load import load
+
+    try:
+        return load(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        sys.exit(code)
 
 
 def _setup_logging(level: str) -> None:
@@ -215,17 +230,11 @@ def validate(paths: tuple[str, ...], namespace: str) -> None:
 @click.option("--gateway", "gateways", multiple=True, help="Show the table of this gateway instead of a sidecar.")
 def routes(config: tuple[str, ...], namespace: str, labels: dict[str, str], gateways: tuple[str, ...]) -> None:
     """Print the compiled route table (like `istioctl proxy-config routes`)."""
-    from .istio.load import load
     from .routing.compile import Identity, compile_table
     from .routing.describe import describe_table
 
     _setup_logging("error")
-    try:
-        result = load(config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(str(problem), err=True)
-        sys.exit(1)
+    result = _load_or_exit(config, 1)
     table, _ = compile_table(result.snapshot, Identity(namespace=namespace, labels=labels, gateways=gateways or ("mesh",)))
     click.echo(describe_table(table), nl=False)
 
@@ -258,17 +267,11 @@ def route(config: tuple[str, ...], headers: list[tuple[bytes, bytes]], method: s
     """
     from .http1.errors import ProtocolError
     from .http1.head import build_request_head
-    from .istio.load import load
     from .routing.compile import Identity, compile_table
     from .routing.describe import explain_request
 
     _setup_logging("error")
-    try:
-        result = load(config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(str(problem), err=True)
-        sys.exit(2)
+    result = _load_or_exit(config, 2)
     target = url if "://" in url else f"http://{url}"
     try:
         head = build_request_head(method.upper().encode("latin-1"), target.encode("latin-1"),

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import psutil
 from aiohttp import web
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +46,16 @@ def service_entry(host: str, endpoints: Iterable[tuple[int, dict[str, str]]], po
                  "resolution": "STATIC", "endpoints": eps},
     }
     return "---\n" + json.dumps(doc) + "\n"
+
+
+BACKEND_VS = """---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: backend}
+spec:
+  hosts: [backend]
+  http: [{route: [{destination: {host: backend}}]}]
+"""
 
 
 def write_config(folder: Path, name: str, *docs: str) -> Path:
@@ -227,6 +238,27 @@ class Upstream:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+class PeakRss:
+    """Samples a process's RSS in a thread while a transfer runs; `growth()` stops and returns peak - start."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def growth(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak - self.base
 
 
 def free_port() -> int:

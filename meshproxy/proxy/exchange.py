@@ -426,15 +426,12 @@ async def _attempts(conn: DownstreamProtocol, stream: Stream, route: Route, stat
                 if retrying:
                     state.active_retries -= 1
                     retrying = False
-                if stream.retries_left > 0 and should_retry_failure(retry, CONNECT_FAILURE, False) \
-                        and _retry_allowed(stream, state):
+                if _should_retry(stream, state, retry, CONNECT_FAILURE, False):
                     retrying = True
                     if not await _back_off(stream, retry, attempt, deadline, conn):
                         return
                     continue
-                if attempt > 1 or (retry.num_retries and should_retry_failure(retry, CONNECT_FAILURE, False)):
-                    stream.flags.append(URX)
-                stream.reply(error.status, error.body(attempt > 1), error.flag)
+                _give_up(stream, retry, attempt, CONNECT_FAILURE, False, error)
                 return
 
             target.active += 1
@@ -471,15 +468,12 @@ async def _attempts(conn: DownstreamProtocol, stream: Stream, route: Route, stat
                 tried.pop()
                 attempt -= 1
                 continue
-            if stream.retries_left > 0 and stream.replayable and should_retry_failure(retry, kind, True) \
-                    and _retry_allowed(stream, state):
+            if _should_retry(stream, state, retry, kind, True):
                 retrying = True
                 if not await _back_off(stream, retry, attempt, deadline, conn):
                     return
                 continue
-            if attempt > 1 or (retry.num_retries and should_retry_failure(retry, kind, True)):
-                stream.flags.append(URX)
-            stream.reply(outcome.status, outcome.body(attempt > 1), outcome.flag)
+            _give_up(stream, retry, attempt, kind, True, outcome)
             return
     finally:
         if retrying:
@@ -588,6 +582,20 @@ async def _mirror(conn: DownstreamProtocol, stream: Stream, cluster: Cluster) ->
             conn.pool.release(upstream)
     except (UpstreamError, TimeoutError, OSError) as exc:
         log.debug("mirror of %r to %s failed: %s", head.target, cluster.name, exc)
+
+
+def _should_retry(stream: Stream, state: ClusterState, retry: RetryPolicy, kind: int, request_sent: bool) -> bool:
+    """An attempt got no response: retry if retries are left, the body can be replayed, the policy and budget agree."""
+    return stream.retries_left > 0 and (stream.replayable or not request_sent) \
+        and should_retry_failure(retry, kind, request_sent) and _retry_allowed(stream, state)
+
+
+def _give_up(stream: Stream, retry: RetryPolicy, attempt: int, kind: int, request_sent: bool,
+             error: UpstreamError) -> None:
+    """Answer with the last failure; URX when retries ran out (or were never possible for a retriable failure)."""
+    if attempt > 1 or (retry.num_retries and should_retry_failure(retry, kind, request_sent)):
+        stream.flags.append(URX)
+    stream.reply(error.status, error.body(attempt > 1), error.flag)
 
 
 def _retry_allowed(stream: Stream, state: ClusterState) -> bool:

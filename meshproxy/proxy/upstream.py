@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
-from ..http1.wire import CRLF, LAST_CHUNK, chunk
+from ..http1.wire import LAST_CHUNK, chunk
 from .local_reply import (
     ConnectFailureError,
     ConnectionTerminationError,

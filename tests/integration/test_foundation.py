@@ -9,16 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import ProxyProcess, Upstream, free_port, raw_exchange, service_entry, write_config
+from harness import BACKEND_VS, ProxyProcess, Upstream, free_port, raw_exchange, service_entry, write_config
 
-VS = """---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: backend}
-spec:
-  hosts: [backend]
-  http: [{route: [{destination: {host: backend}}]}]
-"""
+VS = BACKEND_VS
 
 
 @pytest.fixture

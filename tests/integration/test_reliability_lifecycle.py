@@ -22,7 +22,7 @@ import psutil
 import pytest
 from aiohttp import web
 
-from harness import ProxyProcess, Upstream, service_entry, write_config
+from harness import PeakRss, ProxyProcess, Upstream, service_entry, write_config
 
 SOAK = os.environ.get("MESHPROXY_SOAK") == "1"
 pytestmark = pytest.mark.timeout(3600 if SOAK else 120)
@@ -198,23 +198,6 @@ def test_rss_is_flat_under_a_soak(tmp_path: Path, upstream: Upstream) -> None:
     assert load.failures == [] and load.connection_errors == []
 
 
-class PeakRss:
-    def __init__(self, pid: int) -> None:
-        self.proc = psutil.Process(pid)
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def growth(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak - self.base
 
 
 def test_transfer_to_a_slow_reader_keeps_memory_bounded(tmp_path: Path, upstream: Upstream) -> None:

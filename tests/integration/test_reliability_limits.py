@@ -15,17 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import ProxyProcess, Upstream, service_entry, write_config
+from harness import BACKEND_VS, ProxyProcess, Upstream, service_entry, write_config
 
 SOAK = os.environ.get("MESHPROXY_SOAK") == "1"
-VS = """---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: backend}
-spec:
-  hosts: [backend]
-  http: [{route: [{destination: {host: backend}}]}]
-"""
+VS = BACKEND_VS
 
 
 def config(folder: Path, upstream: Upstream) -> Path:

@@ -14,18 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import REPO, ProxyProcess, Upstream, free_port, service_entry, write_config
+from harness import BACKEND_VS, ProxyProcess, REPO, Upstream, free_port, service_entry, write_config
 from meshproxy.istio.load import MAX_FILE_BYTES, compile_regex, load
 from meshproxy.istio.problems import ConfigError
 
-VS = """---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: backend}
-spec:
-  hosts: [backend]
-  http: [{route: [{destination: {host: backend}}]}]
-"""
+VS = BACKEND_VS
 CONTROL = {"x-envoy-retry-on": "5xx", "x-envoy-max-retries": "9", "x-envoy-upstream-rq-timeout-ms": "1",
            "x-envoy-force-trace": "true", "x-envoy-internal": "true", "x-envoy-decorator-operation": "evil"}
 INFORMATIONAL = {"x-envoy-peer-metadata-id": "sidecar~10.0.0.1~caller.default~default.svc.cluster.local"}

@@ -6,24 +6,15 @@ import hashlib
 import http.client
 import json
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
 import pytest
 
-from harness import ProxyProcess, Upstream, service_entry, write_config
+from harness import BACKEND_VS, PeakRss, ProxyProcess, Upstream, service_entry, write_config
 
-VS = """---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: backend}
-spec:
-  hosts: [backend]
-  http: [{route: [{destination: {host: backend}}]}]
-"""
+VS = BACKEND_VS
 BODY = 64 * 1024 * 1024
 RSS_BOUND = 24 * 1024 * 1024  # the proxy may not hold the body: growth stays far below 64 MiB
 
@@ -35,25 +26,6 @@ def proxy(tmp_path: Path, upstream: Upstream):
     assert p.stop() == 0, p.log
 
 
-class PeakRss:
-    """Samples a process's RSS in a thread while a transfer runs."""
-
-    def __init__(self, pid: int) -> None:
-        self.proc = psutil.Process(pid)
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def growth(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak - self.base
 
 
 def _warm_up(port: int) -> None:
