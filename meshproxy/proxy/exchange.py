@@ -52,6 +52,7 @@ log = logging.getLogger("meshproxy.exchange")
 READ_PAUSED_BY_UPSTREAM = 1
 READ_PAUSED_BY_BUFFER = 2
 PENDING_BODY_LIMIT = 1 << 20  # request body held while connecting; above it, stop reading the client
+RETRIABLE_HEADER_NAMES = b"x-envoy-retriable-header-names"  # request header naming retriable response headers
 RETRY_BUFFER_LIMIT = 64 * 1024  # request bodies up to this size are kept for a retry (Envoy buffers for replay)
 RESPONSE_HOP_BY_HOP = HOP_BY_HOP
 
@@ -131,7 +132,8 @@ class Stream:
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int,
                          content_length: int | None) -> None:
         route = self.route
-        if route is not None and route.retry.num_retries and should_retry_response(route.retry, status, headers):
+        if route is not None and route.retry.num_retries and \
+                should_retry_response(route.retry, status, headers, self.head.header(RETRIABLE_HEADER_NAMES)):
             if self.retries_left > 0 and self.replayable and self.cluster_state is not None \
                     and _retry_allowed(self, self.cluster_state):
                 self._resolve(RetriableResponse(status))  # discarded: the exchange retries

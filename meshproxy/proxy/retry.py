@@ -7,6 +7,7 @@ import random
 from ..routing.policy import (
     RETRY_ON_5XX,
     RETRY_ON_CONNECT_FAILURE,
+    RETRY_ON_ENVOY_RATELIMITED,
     RETRY_ON_GATEWAY_ERROR,
     RETRY_ON_GRPC_CANCELLED,
     RETRY_ON_GRPC_DEADLINE_EXCEEDED,
@@ -16,6 +17,7 @@ from ..routing.policy import (
     RETRY_ON_RESET,
     RETRY_ON_RESET_BEFORE_REQUEST,
     RETRY_ON_RETRIABLE_4XX,
+    RETRY_ON_RETRIABLE_HEADERS,
     RETRY_ON_RETRIABLE_STATUS_CODES,
     RetryPolicy,
 )
@@ -36,9 +38,19 @@ GRPC_ANY = (RETRY_ON_GRPC_CANCELLED | RETRY_ON_GRPC_DEADLINE_EXCEEDED | RETRY_ON
             | RETRY_ON_GRPC_INTERNAL | RETRY_ON_GRPC_UNAVAILABLE)
 
 
-def should_retry_response(policy: RetryPolicy, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
-    """Would Envoy retry this real upstream response? (A proxy-made 503 never reaches here.)"""
+def should_retry_response(policy: RetryPolicy, status: int, headers: list[tuple[bytes, bytes]],
+                          retriable_header_names: bytes | None = None) -> bool:
+    """Would Envoy retry this real upstream response? (A proxy-made 503 never reaches here.)
+
+    `retriable_header_names` is the request's `x-envoy-retriable-header-names` (for retriable-headers).
+    """
     on = policy.retry_on
+    if on & RETRY_ON_ENVOY_RATELIMITED and any(name == b"x-envoy-ratelimited" for name, _ in headers):
+        return True
+    if on & RETRY_ON_RETRIABLE_HEADERS and retriable_header_names:
+        wanted = {n.strip().lower() for n in retriable_header_names.split(b",")}
+        if any(name in wanted for name, _ in headers):
+            return True
     if on & RETRY_ON_5XX and status >= 500:
         return True
     if on & RETRY_ON_GATEWAY_ERROR and status in (502, 503, 504):

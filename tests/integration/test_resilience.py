@@ -217,3 +217,59 @@ def test_mesh_wide_default_retry_policy_is_configurable(tmp_path: Path) -> None:
     finally:
         assert p.stop() == 0
         script.server.close()
+
+
+class HeaderScript(Scripted):
+    """Answers 200 with a given header first, then a plain 200: for retry policies that look at headers."""
+
+    def __init__(self, first_headers: dict[str, str]) -> None:
+        self.first_headers = first_headers
+        super().__init__([200])
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.attempts.append(request.headers.get("x-envoy-attempt-count", ""))
+        headers = self.first_headers if len(self.attempts) == 1 else {}
+        return web.Response(status=200, text=f"answer {len(self.attempts)}", headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("retry_on", "first_headers", "request_headers", "retried"),
+    [
+        ("unavailable", {"grpc-status": "14"}, {}, True),  # gRPC status in response headers
+        ("cancelled", {"grpc-status": "14"}, {}, False),  # another gRPC code: not this policy
+        ("envoy-ratelimited", {"x-envoy-ratelimited": "true"}, {}, True),
+        ("retriable-headers", {"x-retry-me": "1"}, {"x-envoy-retriable-header-names": "x-retry-me"}, True),
+        ("retriable-headers", {"x-retry-me": "1"}, {}, False),  # no header names asked for
+    ],
+)
+def test_retry_on_response_headers(make_proxy, retry_on: str, first_headers: dict[str, str],
+                                   request_headers: dict[str, str], retried: bool) -> None:
+    script = HeaderScript(first_headers)
+    try:
+        p = make_proxy([script.server.port], f"""  - retries: {{attempts: 2, retryOn: "{retry_on}"}}
+    route: [{{destination: {{host: backend}}}}]""")
+        status, body, _ = request(p.port, headers=request_headers)
+        assert status == 200
+        assert body == (b"answer 2" if retried else b"answer 1")
+    finally:
+        script.server.close()
+
+
+def test_reset_before_request_retries_connect_failures_but_not_a_reset_after_sending(make_proxy) -> None:
+    closing = Scripted([200])
+
+    async def close_connection(request: web.Request) -> web.Response:
+        closing.attempts.append(request.headers.get("x-envoy-attempt-count", ""))
+        assert request.transport is not None
+        request.transport.close()  # the request reached the app: reset-before-request must not replay it
+        return web.Response(text="never sent")
+
+    closing.server.close()
+    closing.server = Upstream("closing", close_connection)
+    try:
+        p = make_proxy([closing.server.port], """  - retries: {attempts: 2, retryOn: reset-before-request}
+    route: [{destination: {host: backend}}]""")
+        status, _, _ = request(p.port, method="POST", body=b"pay once")
+        assert status == 503 and closing.attempts == ["1"]
+    finally:
+        closing.server.close()
