@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class AccessLog:
         elapsed = time.monotonic() - stream.start
         transport = stream.conn.transport
         return {
-            "start_time": datetime.fromtimestamp(time.time() - elapsed, timezone.utc)
+            "start_time": datetime.fromtimestamp(time.time() - elapsed, UTC)
             .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "method": head.method.decode("latin-1"),
             "path": head.path_and_query.decode("latin-1"),

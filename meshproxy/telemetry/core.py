@@ -116,7 +116,7 @@ class MeshTelemetry:
     def from_settings(cls, settings: Settings) -> MeshTelemetry:
         labels = dict(settings.labels)
         own = Workload.of(settings.workload, settings.namespace, labels, settings.cluster_id or DEFAULT_CLUSTER_ID)
-        gateway = tuple(settings.gateways) != ("mesh",)
+        gateway = "mesh" not in settings.gateways
         ip = settings.inbound[0].listen[0] if settings.inbound else "127.0.0.1"
         node = node_id(own.workload, own.namespace, ip, gateway)
         recorder = None
@@ -155,10 +155,11 @@ class MeshTelemetry:
 
 
 class Telemetry:
+    """One listener's telemetry: the hooks the data path calls (see the module docstring)."""
+
     __slots__ = ("listener", "direction", "access_log", "strip_request", "mesh", "inbound", "watched", "tracing",
-                 "metrics", "request_extra", "response_extra", "reads_response", "randbits", "series", "clusters", "peers",
-                 "peer_cache",
-                 "table", "address", "seen_table", "service", "operation")
+                 "metrics", "request_extra", "response_extra", "reads_response", "randbits", "series", "clusters",
+                 "peers", "peer_cache", "table", "address", "seen_table", "service", "operation")
 
     def __init__(self, listener: str, direction: str, access_log: AccessLog, mesh: MeshTelemetry | None = None, *,
                  table: Callable[[], RouteTable] | None = None, address: tuple[str, int] | None = None) -> None:
@@ -179,7 +180,7 @@ class Telemetry:
             strip |= TRACE_HEADERS
             watched |= TRACE_HEADERS
         if exchange:
-            strip |= PEER_HEADERS  # replaced by this workload's own (outbound), or kept from the app (inbound)
+            strip |= PEER_HEADERS  # replaced by this workload's own (outbound), never given to the app (inbound)
             if inbound:
                 watched.add(PEER_METADATA)
         self.strip_request: frozenset[bytes] = frozenset(strip)  # incoming headers replaced by upstream_extra

@@ -195,11 +195,10 @@ class Mesh:
     async def _reviews(self, request: web.Request) -> web.Response:
         """The reviews app: calls ratings through its own sidecar, propagating the trace headers (as Bookinfo)."""
         headers = {k: v for k, v in request.headers.items() if k.lower() in PROPAGATED}
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{self.b_outbound}/ratings/0",
-                                   headers={**headers, "Host": "ratings:9080"}) as resp:
-                ratings = await resp.json()
-                status = resp.status
+        async with aiohttp.ClientSession() as session, session.get(
+                f"http://127.0.0.1:{self.b_outbound}/ratings/0", headers={**headers, "Host": "ratings:9080"}) as resp:
+            ratings = await resp.json()
+            status = resp.status
         return web.json_response({"ratings_status": status, "ratings_saw": ratings["headers"],
                                   "reviews_saw": [[k, v] for k, v in request.headers.items()]})
 

@@ -253,7 +253,7 @@ def test_every_hop_gets_its_own_span_id_and_the_same_trace() -> None:
     incoming: list[tuple[str, str]] = [("x-request-id", UNLUCKY)]
     seen_spans, traces = [], set()
     for _ in range(5):  # each hop forwards what the previous one sent
-        stream, out = request(incoming, telemetry)
+        _, out = request(incoming, telemetry)
         traces.add(one(out, "x-b3-traceid"))
         parent = one(out, "x-b3-parentspanid")
         assert parent == (seen_spans[-1] if seen_spans else None)
