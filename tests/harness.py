@@ -34,7 +34,7 @@ LISTENING_RE = re.compile(r"(\S+) listening on (\S+):(\d+)")
 
 
 def service_entry(host: str, endpoints: Iterable[tuple[int, dict[str, str]]], port: int = 9080,
-                  name: str | None = None, address: str = "127.0.0.1") -> str:
+                  name: str | None = None, address: str = "127.0.0.1", location: str = "MESH_EXTERNAL") -> str:
     """A ServiceEntry placing `host` on loopback ports, each endpoint with labels."""
     eps = [{"address": address, "ports": {"http": p}, "labels": labels} for p, labels in endpoints]
     doc = {
@@ -43,7 +43,7 @@ def service_entry(host: str, endpoints: Iterable[tuple[int, dict[str, str]]], po
         "metadata": {"name": name or host.split(".")[0]},
         "spec": {"hosts": [host if "." in host else f"{host}.default.svc.cluster.local"],
                  "ports": [{"number": port, "name": "http", "protocol": "HTTP"}],
-                 "resolution": "STATIC", "endpoints": eps},
+                 "resolution": "STATIC", "endpoints": eps, "location": location},
     }
     return "---\n" + json.dumps(doc) + "\n"
 

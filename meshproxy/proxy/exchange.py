@@ -20,6 +20,7 @@ from ..routing.cors import ORIGIN as CORS_ORIGIN
 from ..routing.cors import REQUEST_METHOD as CORS_REQUEST_METHOD
 from ..routing.cors import CorsPolicy
 from ..routing.rewrite import ORIGINAL_PATH
+from ..telemetry.peer import PEER_HEADERS
 from ..routing.policy import ACTION_DIRECT_RESPONSE, ACTION_REDIRECT, FaultPolicy, HeaderMutation, RetryPolicy, Route
 from .balancer import ClusterState
 from .fault import GRPC_CODES, MILLION, decide_abort, decide_delay
@@ -293,7 +294,11 @@ def request_head_bytes(stream: Stream, head: RequestHead, attempt: int, deadline
     parts += [b"x-forwarded-for: ", (xff + b", " + peer) if xff else peer, CRLF]
     if not has_proto:
         parts.append(b"x-forwarded-proto: http\r\n")
+    cluster = stream.cluster
+    leaving_mesh = cluster is not None and cluster.external
     for name, value in stream.upstream_extra:
+        if leaving_mesh and name in PEER_HEADERS:
+            continue  # peer metadata stays inside the mesh (Istio strips it for MESH_EXTERNAL services)
         parts += [name, b": ", value, CRLF]
     parts += [b"x-envoy-attempt-count: ", str(attempt).encode(), CRLF]
     if deadline is not None:

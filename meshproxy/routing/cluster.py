@@ -31,6 +31,7 @@ class Cluster:
     subset: str
     endpoints: tuple[Endpoint, ...]
     traffic_policy: Mapping[str, object] | None = None
+    external: bool = False  # MESH_EXTERNAL: requests leave the mesh, so mesh-internal headers are stripped
 
     @staticmethod
     def name_of(direction: str, port: int, subset: str, service: str) -> str:

@@ -91,6 +91,7 @@ class Service:
     entries: list[m.WorkloadEntry]
     resolution: str
     origin: m.Origin
+    external: bool = False  # ServiceEntry location MESH_EXTERNAL (Istio's default): outside the mesh
 
     def endpoints(self, port: m.ServicePort, labels: Mapping[str, str]) -> tuple[Endpoint, ...]:
         out = []
@@ -124,7 +125,7 @@ class _Compiler:
                 service = self.services.get(name)
                 if service is None:
                     self.services[name] = Service(name, se.meta.namespace, list(se.ports), list(se.endpoints),
-                                                  se.resolution, se.meta.origin)
+                                                  se.resolution, se.meta.origin, se.location != "MESH_INTERNAL")
                 else:  # several entries for one host: union of ports and endpoints
                     known = {p.number for p in service.ports}
                     service.ports += [p for p in se.ports if p.number not in known]
@@ -154,7 +155,7 @@ class _Compiler:
             policy = merge_policies(rule.traffic_policy if rule else None, found.traffic_policy if found else None, port)
             if service_port is not None and labels is not None:
                 cluster = Cluster(Cluster.name_of("outbound", port, subset, host), host, port, subset,
-                                  service.endpoints(service_port, labels), policy)
+                                  service.endpoints(service_port, labels), policy, service.external)
         self.clusters[key] = cluster
         return cluster
 

@@ -249,3 +249,18 @@ def test_x_request_id_is_generated_when_absent_and_kept_when_present(proxy: Prox
     get(proxy.port, "/echo", headers={"X-Request-Id": "abc-123"})
     assert upstream.header_values(-1, "x-request-id") == ["abc-123"]
     assert [e["request_id"] for e in proxy.access_entries(2)] == [generated[0], "abc-123"]
+
+
+def test_peer_metadata_stays_inside_the_mesh(tmp_path: Path, upstream: Upstream) -> None:
+    internal = Upstream("internal")
+    docs = [service_entry("backend", [(upstream.port, {})], port=80),  # MESH_EXTERNAL, Istio's default
+            service_entry("internal", [(internal.port, {})], port=80, location="MESH_INTERNAL")]
+    p = ProxyProcess(write_config(tmp_path, "c.yaml", *docs))
+    try:
+        assert get(p.port, "/echo", "backend")[0].status == 200
+        assert get(p.port, "/echo", "internal")[0].status == 200
+        assert upstream.header_values(-1, "x-envoy-peer-metadata") == []
+        assert len(internal.header_values(-1, "x-envoy-peer-metadata")) == 1
+    finally:
+        assert p.stop() == 0
+        internal.close()

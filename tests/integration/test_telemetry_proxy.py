@@ -30,7 +30,8 @@ def scrape(proxy: ProxyProcess) -> str:
 
 
 def config(tmp_path: Path, upstream: Upstream) -> Path:
-    return write_config(tmp_path / "config", "backend.yaml", service_entry("backend", [(upstream.port, {})], port=80))
+    return write_config(tmp_path / "config", "backend.yaml", service_entry("backend", [(upstream.port, {})], port=80,
+                                                                          location="MESH_INTERNAL"))
 
 
 def test_defaults_are_printed_at_start_up_and_metrics_count(tmp_path: Path, upstream: Upstream) -> None:
