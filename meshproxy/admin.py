@@ -5,6 +5,7 @@ Bound to 127.0.0.1 unless explicitly opened: it exposes configuration and a drai
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 from typing import TYPE_CHECKING, Any
@@ -27,6 +28,9 @@ class _ProxyCollector:
 
     def collect(self) -> Any:
         proxy = self.proxy
+        tasks = GaugeMetricFamily("meshproxy_event_loop_tasks", "asyncio tasks alive (exchanges, timers, admin)")
+        tasks.add_metric([], len(asyncio.all_tasks()))
+        yield tasks
         reloads = CounterMetricFamily("meshproxy_config_reloads", "Config reloads by result", labels=["result"])
         reloads.add_metric(["accepted"], proxy.config.reloads_accepted)
         reloads.add_metric(["rejected"], proxy.config.reloads_rejected)

@@ -104,9 +104,11 @@ class ClusterState:
         return first if first.active <= second.active else second
 
     def _healthy(self, now: float) -> list[EndpointState]:
-        healthy = [e for e in self.endpoints if not e.ejected(now)]
         outlier = self.policy.outlier
-        if outlier is not None and outlier.min_health_percent > 0 and self.endpoints \
+        if outlier is None:
+            return self.endpoints  # no outlier detection: nobody is ever ejected
+        healthy = [e for e in self.endpoints if not e.ejected(now)]
+        if outlier.min_health_percent > 0 and self.endpoints \
                 and 100 * len(healthy) / len(self.endpoints) < outlier.min_health_percent:
             return self.endpoints  # panic mode: ignore health, as Envoy's healthy_panic_threshold
         return healthy

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import struct
 import threading
@@ -216,6 +217,18 @@ def baseline(proxy: ProxyProcess) -> int:
     return settle_fds(proxy, None)
 
 
+def tasks(proxy: ProxyProcess) -> int:
+    """asyncio tasks alive in the proxy (admin gauge meshproxy_event_loop_tasks)."""
+    with urllib.request.urlopen(proxy.admin + "/stats/prometheus", timeout=5) as resp:
+        text = resp.read().decode()
+    return int(float(re.search(r"^meshproxy_event_loop_tasks ([0-9.e+]+)$", text, re.M).group(1)))
+
+
+@pytest.fixture(scope="module")
+def baseline_tasks(proxy: ProxyProcess, baseline: int) -> int:
+    return tasks(proxy)
+
+
 def settle_fds(proxy: ProxyProcess, baseline: int | None, timeout: float = 5.0) -> int:
     """The proxy's open file descriptors once idle upstream connections have expired."""
     process = psutil.Process(proxy.proc.pid)
@@ -246,6 +259,7 @@ def settle_fds(proxy: ProxyProcess, baseline: int | None, timeout: float = 5.0) 
     ],
 )
 def test_failure_before_the_response_gets_envoys_answer(proxy: ProxyProcess, faults: FaultServer, baseline: int,
+                                                        baseline_tasks: int,  # measured before any fault
                                                         mode: str, status: int, flag: str, ending: str) -> None:
     host = mode.replace("_", "-")
     count = PER_MODE if mode != "hang" else min(PER_MODE, 4)
@@ -291,7 +305,8 @@ def test_bytes_after_a_response_discard_the_upstream_connection(proxy: ProxyProc
 
 def test_good_upstream_connection_is_reused_and_everything_returns_to_baseline(proxy: ProxyProcess,
                                                                                faults: FaultServer,
-                                                                               baseline: int) -> None:
+                                                                               baseline: int,
+                                                                               baseline_tasks: int) -> None:
     before = faults.accepted["ok"]
     for _ in range(10):
         assert fetch(proxy.port, "ok")[:2] == (200, OK_BODY)
@@ -302,3 +317,4 @@ def test_good_upstream_connection_is_reused_and_everything_returns_to_baseline(p
     assert figures.get('meshproxy_upstream_connections{state="active"}') == 0
     assert all(v == 0 for k, v in figures.items() if k.startswith("meshproxy_downstream_connections")), figures
     assert "Traceback" not in proxy.log, proxy.log
+    assert tasks(proxy) <= baseline_tasks  # no exchange task left behind by any fault mode
