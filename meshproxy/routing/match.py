@@ -26,6 +26,7 @@ What each condition reads (Envoy's view of an HTTP/1 request):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -34,6 +35,8 @@ import re2
 
 from ..istio import model as m
 from ..istio.load import compile_regex
+
+log = logging.getLogger("meshproxy.routing")
 
 SCHEME_HTTP = b"http"
 
@@ -74,8 +77,8 @@ def _fullmatch_test(compiled: Any) -> Callable[[bytes], bool]:
         try:
             if all(test(v) == (compiled.fullmatch(v) is not None) for v in (b"", b"/", b"/a/b?c")):
                 return test
-        except Exception:  # noqa: BLE001 - any surprise from the private API: use the public one
-            pass
+        except Exception as exc:  # noqa: BLE001 - any surprise from the private API: use the public one
+            log.debug("RE2 private Match API unusable (%s); using fullmatch", exc)
     fullmatch = compiled.fullmatch
     return lambda value: fullmatch(value) is not None
 
