@@ -66,6 +66,8 @@ def _limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--headers-with-underscores", default="reject", show_default=True,
                      envvar="MESHPROXY_HEADERS_WITH_UNDERSCORES", type=click.Choice(["allow", "drop", "reject"]),
                      help="Header names with '_': forward, drop the header, or answer 400."),
+        click.option("--accept-http10", is_flag=True, envvar="MESHPROXY_ACCEPT_HTTP10",
+                     help="Serve HTTP/1.0 requests (Istio's ISTIO_META_HTTP10); by default they get 426."),
     ]
     for option in reversed(options):
         command = option(command)

@@ -63,6 +63,7 @@ class Settings:
     max_request_headers_kb: int = 60  # request-target + header names and values -> else 431
     max_request_headers_count: int = 100  # header lines -> else 431
     headers_with_underscores: str = "reject"  # allow | drop | reject (Envoy's edge advice)
+    accept_http10: bool = False  # HTTP/1.0 requests get 426 unless enabled, as Istio's sidecars
     # Telemetry (see meshproxy/telemetry/): Istio metrics, B3/W3C propagation and OTLP spans.
     cluster_id: str = "Kubernetes"  # Istio's CLUSTER_ID: the source_cluster / destination_cluster label
     metrics: bool = True  # Istio standard metrics at /stats/prometheus, with the peer metadata exchange

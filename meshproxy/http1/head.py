@@ -68,6 +68,7 @@ class HeadPolicy:
     underscores: str = UNDERSCORE_REJECT  # Envoy's edge advice: headers_with_underscores_action REJECT_REQUEST
     strip_names: frozenset[bytes] = frozenset()  # request headers removed before routing (mesh edge)
     strip_prefix: bytes = b""  # every request header starting with this is removed ("" = none)
+    accept_http10: bool = False  # Envoy's accept_http_10 (Istio: off unless ISTIO_META_HTTP10): else 426
 
     filters_names: bool = field(init=False, default=False)  # any per-name check at all (computed)
 
@@ -181,8 +182,11 @@ def valid_authority(value: bytes) -> bool:
 def build_request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]],
                        version: str, keep_alive: bool, policy: HeadPolicy = DEFAULT_POLICY) -> RequestHead:
     """Validate what httptools let through and reduce framing to two fields (names are lower-case)."""
-    if version != "1.1" and version != "1.0":
-        raise ProtocolError(505 if version.startswith("2") else 400, "http1.invalid_version")
+    if version != "1.1":
+        if version != "1.0":
+            raise ProtocolError(505 if version.startswith("2") else 400, "http1.invalid_version")
+        if not policy.accept_http10:
+            raise ProtocolError(426, "http1.http10_not_supported")
     host: bytes | None = None
     content_length: int | None = None
     chunked = False

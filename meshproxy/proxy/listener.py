@@ -121,7 +121,7 @@ def listener_limits(settings: Settings, edge: str = EDGE_NONE) -> ListenerLimits
     head = HeadPolicy(max_header_bytes=settings.max_request_headers_kb * 1024,
                       max_header_count=settings.max_request_headers_count,
                       max_body_bytes=settings.max_request_body, underscores=settings.headers_with_underscores,
-                      strip_names=strip_names, strip_prefix=strip_prefix)
+                      strip_names=strip_names, strip_prefix=strip_prefix, accept_http10=settings.accept_http10)
     return ListenerLimits(head, settings.request_headers_timeout, settings.idle_timeout,
                           settings.stream_idle_timeout)
 
@@ -622,6 +622,7 @@ _ERROR_BODIES = {
     403: b"Forbidden",
     408: b"Request Timeout",
     413: b"Payload Too Large",
+    426: b"Upgrade Required",
     431: b"Request Header Fields Too Large",
     501: b"Not Implemented",
     504: b"stream timeout",

@@ -76,8 +76,17 @@ def test_smuggling_shapes_are_refused(headers, status) -> None:
     assert refused(HOST, *headers)[0] == status
 
 
+HTTP10 = HeadPolicy(accept_http10=True)
+
+
+def test_http_1_0_gets_426_unless_accepted_as_istio_default() -> None:
+    assert refused(HOST, version="1.0") == (426, "http1.http10_not_supported")
+    assert head(HOST, version="1.0", policy=HTTP10).version == b"1.0"
+
+
 def test_transfer_encoding_on_http_1_0_is_faulty_framing() -> None:
-    assert refused(HOST, (b"transfer-encoding", b"chunked"), version="1.0") == (400, "http1.invalid_transfer_encoding")
+    assert refused(HOST, (b"transfer-encoding", b"chunked"), version="1.0", policy=HTTP10) == \
+        (400, "http1.invalid_transfer_encoding")
 
 
 # ---- request line
@@ -89,7 +98,7 @@ def test_versions_other_than_1_0_and_1_1(version: str, status: int) -> None:
 
 
 def test_http_1_0_without_host_is_accepted_with_an_empty_authority() -> None:
-    h = head(version="1.0")
+    h = head(version="1.0", policy=HTTP10)
     assert h.authority == b"" and h.version == b"1.0"
 
 
