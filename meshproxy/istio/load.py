@@ -86,6 +86,8 @@ class LoadResult:
 
 def load(paths: Iterable[str | Path]) -> LoadResult:
     """Load files and folders; raise ConfigError (errors and warnings) if anything is invalid."""
+    paths = list(paths)
+    named = {Path(p) for p in paths}
     files = config_files(paths)
     problems: list[Problem] = []
     resources: dict[tuple[str, str, str], Any] = {}
@@ -96,6 +98,12 @@ def load(paths: Iterable[str | Path]) -> LoadResult:
                 problems.append(Problem(name, 0, "", f"file is larger than {MAX_FILE_BYTES} bytes"))
                 continue
             text = path.read_text(encoding="utf-8")
+        except FileNotFoundError as exc:
+            if path not in named:  # listed in a folder, removed before we read it: the folder changed under us
+                log.debug("%s disappeared while loading; skipped", name)
+                continue
+            problems.append(Problem(name, 0, "", f"cannot read: {exc}"))
+            continue
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(Problem(name, 0, "", f"cannot read: {exc}"))
             continue

@@ -638,3 +638,17 @@ def test_short_destination_host_without_a_service_names_the_expanded_host():
     _, warnings = compile_table(snapshot, Identity(namespace="test"))
     assert [(w.path, w.severity) for w in warnings] == [("spec.http[0].route[0].destination.host", "warning")]
     assert "'reviews.test.svc.cluster.local' not found" in warnings[0].message
+
+
+def test_a_file_removed_from_a_folder_while_loading_is_skipped(tmp_path, monkeypatch) -> None:
+    import meshproxy.istio.load as loader
+
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "gone.yaml").write_text("kind: Nothing\n")
+    listed = loader.config_files([folder])
+    (folder / "gone.yaml").unlink()  # a `demo delete` or ConfigMap update between listing and reading
+    monkeypatch.setattr(loader, "config_files", lambda paths: listed)
+    assert loader.load([folder]).snapshot.files == (str(folder / "gone.yaml"),)
+    with pytest.raises(loader.ConfigError, match="cannot read"):
+        loader.load([folder / "gone.yaml"])  # a file named on the command line must exist
