@@ -200,6 +200,12 @@ class ProxyApp:
         await self.stopping.wait()
         log.info("draining (up to %.1fs)", self.settings.drain_time)
         await self.drain()
+        # Once stopping, a repeated SIGTERM/SIGINT (an orchestrator's second signal) must not kill the
+        # process on its way out: the loop would restore the default action when it closes.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
         log.info("stopped")
 
 

@@ -126,3 +126,24 @@ def test_reload_swaps_routes_and_a_bad_file_changes_nothing(tmp_path: Path, upst
     finally:
         assert p.stop() == 0
         other.close()
+
+
+def test_a_second_sigterm_while_stopping_still_exits_0(proxy: ProxyProcess) -> None:
+    import signal as signals
+
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    conn.request("GET", "/slow?delay=0.5", headers={"Host": "backend"})
+    time.sleep(0.2)
+    proxy.proc.send_signal(signals.SIGTERM)
+    time.sleep(0.1)
+    proxy.proc.send_signal(signals.SIGTERM)  # an orchestrator repeating itself, mid-drain
+    assert conn.getresponse().read() == b"slow done"
+    conn.close()
+    deadline = time.monotonic() + 10
+    while proxy.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            proxy.proc.send_signal(signals.SIGTERM)  # and again while the process is on its way out
+        except ProcessLookupError:
+            break
+        time.sleep(0.01)
+    assert proxy.stop() == 0
