@@ -10,8 +10,7 @@ from click.testing import CliRunner
 from meshproxy.cli import main
 from meshproxy.demo.topology import services_yaml
 
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "istio-samples"
-needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"Istio sample YAML not found at {SAMPLES}")
+from harness import SAMPLES, needs_samples
 
 CANARY = """\
 apiVersion: networking.istio.io/v1

@@ -22,8 +22,7 @@ from meshproxy.routing.compile import Identity, compile_table
 from meshproxy.routing.policy import Route
 from meshproxy.routing.table import RouteTable
 
-SHARED = Path(__file__).resolve().parents[3] / "shared"
-SAMPLES = SHARED / "istio-samples"
+from harness import SAMPLES
 
 if not SAMPLES.is_dir():
     pytest.skip(f"Istio sample YAML not found at {SAMPLES} (the shared folder is not mounted)", allow_module_level=True)

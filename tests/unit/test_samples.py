@@ -11,8 +11,7 @@ from meshproxy.istio.load import load
 from meshproxy.istio.problems import ConfigError
 from meshproxy.routing.compile import Identity, compile_table
 
-SHARED = Path(__file__).resolve().parents[3] / "shared"
-SAMPLES = SHARED / "istio-samples"
+from harness import SAMPLES
 
 if not SAMPLES.is_dir():
     pytest.skip(f"Istio sample YAML not found at {SAMPLES} (the shared folder is not mounted)", allow_module_level=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import yaml
@@ -10,7 +9,7 @@ import yaml
 from meshproxy.istio import schema
 from meshproxy.istio.schema import DEPRECATED, DEPRECATED_ENUM_VALUES, KINDS, MESSAGES, METADATA, ONEOFS
 
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "istio-samples"
+from harness import SAMPLES
 
 
 def _check_type(t: object, where: str) -> list[str]:

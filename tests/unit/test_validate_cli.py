@@ -12,8 +12,7 @@ from click.testing import CliRunner
 
 from meshproxy.cli import main
 
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "istio-samples"
-needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"Istio sample YAML not found at {SAMPLES}")
+from harness import SAMPLES, needs_samples
 
 REVIEWS_SE = """\
 apiVersion: networking.istio.io/v1
