@@ -1,9 +1,13 @@
-"""One request, top to bottom, as in DESIGN.md's diagram: one linear coroutine.
+"""One request, top to bottom, as in DESIGN.md's diagram.
 
 `Stream` is the per-request state both protocols talk to: the downstream side
 feeds it request body bytes, the upstream side feeds it the response, and it
 writes the response downstream as it arrives (backpressure both ways). The
-coroutine `exchange()` makes the decisions: route, local replies, attempts.
+functions below make the decisions (route, local replies, attempts, retries).
+They run as callbacks, synchronously, from the moment a request head is parsed
+to the end of its response; a task carries on only across a wait (a fault
+delay, a connect, a retry back-off), so a request served on a kept-alive
+upstream connection costs no task, no future and no task switch.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from ..http1.head import RequestHead
@@ -22,7 +27,7 @@ from ..routing.cors import CorsPolicy
 from ..routing.rewrite import ORIGINAL_PATH
 from ..telemetry.peer import PEER_HEADERS
 from ..routing.policy import ACTION_DIRECT_RESPONSE, ACTION_REDIRECT, FaultPolicy, HeaderMutation, RetryPolicy, Route
-from .balancer import ClusterState
+from .balancer import ClusterState, EndpointState
 from .fault import GRPC_CODES, MILLION, decide_abort, decide_delay
 from .local_reply import (
     DC,
@@ -62,11 +67,12 @@ class Stream:
     """Per-request state shared by the downstream and upstream protocols."""
 
     __slots__ = (
-        "conn", "head", "pending", "pending_size", "request_complete", "upstream", "waiter", "response_started",
+        "conn", "head", "pending", "pending_size", "request_complete", "upstream", "response_started",
         "response_chunked", "response_complete", "status", "flags", "start", "response_bytes", "close_after",
         "request_mutation", "response_mutation", "route", "cluster", "endpoint", "head_only", "sent", "replayable",
         "body_size", "retries_left", "timer", "sent_at", "upstream_extra", "request_id", "cluster_state", "out",
-        "downstream_extra", "peer", "trace",
+        "downstream_extra", "peer", "trace", "target", "attempt", "tried", "deadline", "hash_key", "avoid_previous",
+        "retrying", "second_chance", "ended",
     )
 
     def __init__(self, conn: DownstreamProtocol, head: RequestHead) -> None:
@@ -75,8 +81,7 @@ class Stream:
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.request_complete = False
-        self.upstream: UpstreamConnection | None = None
-        self.waiter: asyncio.Future[UpstreamError | None] | None = None
+        self.upstream: UpstreamConnection | None = None  # the attempt in flight, if any
         self.response_started = False
         self.response_chunked = False
         self.response_complete = False
@@ -104,6 +109,16 @@ class Stream:
         self.downstream_extra: tuple[tuple[bytes, bytes], ...] = ()  # added to the response (telemetry)
         self.peer: bytes | None = None  # the other side's peer metadata header (telemetry)
         self.trace: tuple[bytes, bytes, bytes | None] | None = None  # span ids when sampled (telemetry)
+        # Attempts (see _forward and _attempt): their endpoint, count, and the retry state across them.
+        self.target: EndpointState | None = None
+        self.attempt = 0
+        self.tried: list[Endpoint] = []
+        self.deadline: float | None = None  # the route timeout, as loop time
+        self.hash_key: int | None = None
+        self.avoid_previous = False
+        self.retrying = False  # holds a retry slot of the cluster (maxRetries, retry budget)
+        self.second_chance = True  # one free retry when a kept-alive connection turns out closed by the server
+        self.ended = False
 
     # ---- request body, from the downstream protocol
 
@@ -138,8 +153,6 @@ class Stream:
             if self.retries_left > 0 and self.replayable and self.cluster_state is not None \
                     and _retry_allowed(self, self.cluster_state):
                 self._resolve(RetriableResponse(status))  # discarded: the exchange retries
-                if self.upstream is not None:
-                    self.upstream.sink = None
                 return
             self.flags.append(URX)  # retries exhausted: the last upstream answer goes to the client
         self.status = status
@@ -181,18 +194,20 @@ class Stream:
         self.out.append(chunk(data) if self.response_chunked else data)
 
     def flush(self) -> None:
-        """Write what the last upstream read produced, in one call (the upstream calls this after each read)."""
+        """Write what the last upstream read produced, in one call (the upstream calls this after each read), and
+        finish the attempt if its response ended: after the read, so bytes after the response, in the same read,
+        are judged on this connection before it goes back to the pool."""
         out = self.out
         if out:
             self.conn.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
+        if self.response_complete and self.upstream is not None:
+            attempt_over(self, None)
 
     def on_response_end(self) -> None:
         if self.response_chunked and not self.head_only:
             self.out.append(LAST_CHUNK)
-        self.flush()
         self.response_complete = True
-        self._resolve(None)
 
     def on_upstream_error(self, error: UpstreamError) -> None:
         self._resolve(error)
@@ -201,10 +216,8 @@ class Stream:
         self.timer = None
         self._resolve(UpstreamTimeoutError(per_try))
 
-    def _resolve(self, outcome: UpstreamError | None) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(outcome)
+    def _resolve(self, outcome: UpstreamError) -> None:
+        attempt_over(self, outcome)
 
     def cancel_timers(self) -> None:
         if self.timer is not None:
@@ -311,69 +324,140 @@ def request_head_bytes(stream: Stream, head: RequestHead, attempt: int, deadline
     return b"".join(parts)
 
 
-async def exchange(conn: DownstreamProtocol, stream: Stream) -> None:
-    """Route, then attempts against the upstream, then finish the stream (never raises)."""
+def start(conn: DownstreamProtocol, stream: Stream) -> None:
+    """Begin a request's exchange; the listener calls this for each request in turn (never raises).
+
+    It runs synchronously, from the parser's callback, as far as it can: routing, local replies and, when an idle
+    upstream connection is ready, the attempt itself, whose response then arrives through the upstream's callbacks
+    (`attempt_over`). A task is made only for what must wait: a fault delay, a connect, a retry back-off.
+    """
     try:
-        await _exchange(conn, stream)
+        finished = _route(conn, stream)
+    except Exception:  # noqa: BLE001  # a bug must cost one request, not the connection or the process
+        _failed(conn, stream)
+        return
+    if finished:
+        _end(conn, stream)
+
+
+def _spawn(conn: DownstreamProtocol, stream: Stream, step: Callable[..., Awaitable[bool]], *args: object) -> None:
+    """Continue the exchange in a task, `step(conn, stream, *args)`; the listener cancels it if the client goes away
+    or times out. (The step's coroutine is made in the task: a task cancelled before it ran leaves none behind.)"""
+    conn.active_task = conn.loop.create_task(_run(conn, stream, step, args))
+
+
+async def _run(conn: DownstreamProtocol, stream: Stream, step: Callable[..., Awaitable[bool]],
+               args: tuple[object, ...]) -> None:
+    try:
+        finished = await step(conn, stream, *args)
     except asyncio.CancelledError:
-        stream.flags.append(DC)  # the client went away
-        _drop_upstream(conn, stream)
-    except Exception:  # the process must survive anything a peer can make happen
-        log.exception("exchange failed for %s %r", stream.head.method, stream.head.target)
+        abandon(conn, stream)
+        return
+    except Exception:  # noqa: BLE001  # as in start()
+        _failed(conn, stream)
+        return
+    if finished:
+        _end(conn, stream)
+
+
+def abandon(conn: DownstreamProtocol, stream: Stream) -> None:
+    """The listener stopped the exchange (client gone, stream idle timeout, bad request body)."""
+    stream.flags.append(DC)  # the listener replaces it when it knows a better reason
+    _drop_upstream(conn, stream)
+    _end(conn, stream)
+
+
+def _failed(conn: DownstreamProtocol, stream: Stream) -> None:
+    """A bug met on this request: the process must survive anything a peer can make happen."""
+    log.exception("exchange failed for %s %r", stream.head.method, stream.head.target)
+    try:
         _drop_upstream(conn, stream)
         if not stream.response_started:
             stream.reply(500, b"internal error", "")
         else:
             stream.close_after = True
     finally:
-        stream.cancel_timers()
-        conn.stream_done(stream)
+        _end(conn, stream)
+
+
+def _end(conn: DownstreamProtocol, stream: Stream) -> None:
+    """The one way a stream finishes: counters back, then the listener writes the access log and goes on."""
+    if stream.ended:
+        return
+    stream.ended = True
+    stream.cancel_timers()
+    state = stream.cluster_state
+    if state is not None:
+        state.active_requests -= 1
+        if stream.retrying:
+            state.active_retries -= 1
+            stream.retrying = False
+    conn.stream_done(stream)
 
 
 def _drop_upstream(conn: DownstreamProtocol, stream: Stream) -> None:
     upstream = stream.upstream
     if upstream is not None:
         stream.upstream = None
+        upstream.sink = None
+        if stream.target is not None:
+            stream.target.active -= 1
         conn.pool.discard(upstream)
 
 
-async def _exchange(conn: DownstreamProtocol, stream: Stream) -> None:
+def _route(conn: DownstreamProtocol, stream: Stream) -> bool:
+    """Route and apply the route's filters; True when the request was answered here."""
     head = stream.head
-    route, port = conn.table.match(head)  # one read of the table: a reload never changes this request
+    route, port = conn.ctx.table().match(head)  # one read of the table: a reload never changes this request
     if route is None:
         stream.reply(*_reply_args(NO_ROUTE))
-        return
+        return True
     stream.route = route
     if route.cors is not None and _cors(stream, route.cors):
-        return  # a preflight answered here
+        return True  # a preflight answered here
     # Fault filter: before routing to the upstream, in the caller's proxy.
     fault = route.fault
     if fault.active:
         delay = decide_delay(fault, conn.randbelow)
         if delay:
             stream.flags.append(DI)
-            await asyncio.sleep(delay)
+            _spawn(conn, stream, _delayed, route, port, delay)
+            return False
         if decide_abort(fault, conn.randbelow):
             _reply_abort(stream, fault)
-            return
+            return True
+    return _forward(conn, stream, route, port)
+
+
+async def _delayed(conn: DownstreamProtocol, stream: Stream, route: Route, port: int, delay: float) -> bool:
+    await asyncio.sleep(delay)
+    if decide_abort(route.fault, conn.randbelow):
+        _reply_abort(stream, route.fault)
+        return True
+    return _forward(conn, stream, route, port)
+
+
+def _forward(conn: DownstreamProtocol, stream: Stream, route: Route, port: int) -> bool:
+    """The router: direct response, redirect, or a destination and the first attempt to it."""
+    head = stream.head
     if route.action == ACTION_DIRECT_RESPONSE:
         stream.reply(route.direct_status, route.direct_body, "")
-        return
+        return True
     if route.action == ACTION_REDIRECT:
         redirect = route.redirect
         assert redirect is not None
         stream.reply(redirect.code, b"", "", ((b"location", redirect.location(head.authority, head.path, head.query)),))
-        return
+        return True
     assert route.picker is not None
     dest = route.pick(head, conn.randbelow)
     cluster = dest.cluster_for(port)
     if cluster is None:
         stream.reply(*_reply_args(NO_CLUSTER))
-        return
+        return True
     stream.cluster = cluster
     if not cluster.endpoints:
         stream.reply(*_reply_args(NO_HEALTHY_UPSTREAM))
-        return
+        return True
     if not dest.request_headers.empty:
         stream.request_mutation = dest.request_headers
     if not dest.response_headers.empty:
@@ -383,108 +467,165 @@ async def _exchange(conn: DownstreamProtocol, stream: Stream) -> None:
     state = conn.clusters.state(cluster)
     if state.active_requests >= state.policy.pool.max_requests:  # http2MaxRequests: active requests per cluster
         _reply_overflow(stream)
-        return
+        return True
     if head.expect_continue and not stream.request_complete:
         conn.write(CONTINUE_100)
     state.active_requests += 1
-    try:
-        await _attempts(conn, stream, route, state)
-    finally:
-        state.active_requests -= 1
-
-
-async def _attempts(conn: DownstreamProtocol, stream: Stream, route: Route, state: ClusterState) -> None:
-    """Attempts until a response goes downstream, within the route timeout (which starts after any fault delay)."""
-    loop = conn.loop
+    stream.cluster_state = state
     retry = route.retry
     stream.retries_left = retry.num_retries
-    stream.cluster_state = state
-    deadline = loop.time() + route.timeout if route.timeout else None
-    key = state.hash_key(stream.head, conn.peer_ip)
-    avoid_previous = retry.avoid_previous_hosts and key is None  # Istio turns it off with consistent hashing
-    tried: list[Endpoint] = []
-    reused_reset_retry = True  # one free retry when a kept-alive connection turns out closed by the server
-    attempt = 0
-    retrying = False
-    try:
-        while True:
-            attempt += 1
-            target = state.pick(key, tried if avoid_previous else (), conn.random, loop.time())
-            if target is None:  # every endpoint ejected
-                stream.reply(*_reply_args(NO_HEALTHY_UPSTREAM))
-                return
-            endpoint = target.endpoint
-            stream.endpoint = endpoint
-            tried.append(endpoint)
-            remaining = deadline - loop.time() if deadline is not None else None
-            try:
-                if remaining is not None and remaining <= 0:
-                    raise UpstreamTimeoutError()
-                upstream = await conn.pool.acquire(state, endpoint, min(remaining, conn.pool.connect_timeout)
-                                                   if remaining is not None else None)
-            except UpstreamOverflowError:
-                _reply_overflow(stream)
-                return
-            except UpstreamError as error:
-                if isinstance(error, UpstreamTimeoutError) or (deadline is not None and loop.time() >= deadline):
-                    _finish_timeout(stream, attempt)
-                    return
-                state.report(target, 0, loop.time())
-                if retrying:
-                    state.active_retries -= 1
-                    retrying = False
-                if _should_retry(stream, state, retry, CONNECT_FAILURE, False):
-                    retrying = True
-                    if not await _back_off(stream, retry, attempt, deadline, conn):
-                        return
-                    continue
-                _give_up(stream, retry, attempt, CONNECT_FAILURE, False, error)
-                return
+    # The route timeout covers every attempt and back-off; it starts after any fault delay.
+    stream.deadline = conn.loop.time() + route.timeout if route.timeout else None
+    key = stream.hash_key = state.hash_key(head, conn.peer_ip)
+    stream.avoid_previous = retry.avoid_previous_hosts and key is None  # Istio turns it off with consistent hashing
+    return _attempt(conn, stream)
 
-            target.active += 1
-            try:
-                outcome = await _send(conn, stream, upstream, attempt, deadline, retry.per_try_timeout)
-            finally:
-                target.active -= 1
-            if retrying:
-                state.active_retries -= 1
-                retrying = False
-            if outcome is None:
-                state.report(target, stream.status, loop.time())
-                conn.pool.release(upstream)
-                return
-            state.report(target, outcome.status if isinstance(outcome, RetriableResponse) else 0, loop.time())
-            conn.pool.discard(upstream)
-            if stream.response_started:  # bytes went downstream: never pretend the response was complete
-                stream.flags.append(outcome.flag if not isinstance(outcome, RetriableResponse) else UC)
-                stream.close_after = True
-                conn.reset_after_write()
-                return
-            if isinstance(outcome, RetriableResponse):
-                retrying = True  # the retry slot was taken when the response was judged retriable
-                if not await _back_off(stream, retry, attempt, deadline, conn):
-                    return
-                continue
-            if isinstance(outcome, UpstreamTimeoutError) and not outcome.per_try:
-                _finish_timeout(stream, attempt)
-                return
-            kind = PER_TRY_TIMEOUT if isinstance(outcome, UpstreamTimeoutError) else RESET
-            if kind == RESET and upstream.reused and upstream.served and reused_reset_retry and stream.replayable \
-                    and stream.head.method in IDEMPOTENT:
-                reused_reset_retry = False  # the server closed a kept-alive connection as we used it
-                tried.pop()
-                attempt -= 1
-                continue
-            if _should_retry(stream, state, retry, kind, True):
-                retrying = True
-                if not await _back_off(stream, retry, attempt, deadline, conn):
-                    return
-                continue
-            _give_up(stream, retry, attempt, kind, True, outcome)
-            return
-    finally:
-        if retrying:
+
+def _attempt(conn: DownstreamProtocol, stream: Stream) -> bool:
+    """Start the next attempt: on an idle connection at once, else in a task that connects first."""
+    state = stream.cluster_state
+    assert state is not None
+    stream.attempt += 1
+    now = conn.loop.time()
+    target = state.pick(stream.hash_key, stream.tried if stream.avoid_previous else (), conn.random, now)
+    if target is None:  # every endpoint ejected
+        stream.reply(*_reply_args(NO_HEALTHY_UPSTREAM))
+        return True
+    endpoint = stream.endpoint = target.endpoint
+    stream.tried.append(endpoint)
+    if stream.deadline is not None and now >= stream.deadline:
+        _finish_timeout(stream, stream.attempt)
+        return True
+    upstream = conn.pool.reuse(state, endpoint)
+    if upstream is None:
+        _spawn(conn, stream, _connect, target)
+    else:
+        _send(conn, stream, upstream, target)
+    return False
+
+
+async def _connect(conn: DownstreamProtocol, stream: Stream, target: EndpointState) -> bool:
+    """The attempt needs a new connection (or waits for one within the circuit breaker), then sends."""
+    state = stream.cluster_state
+    assert state is not None
+    loop = conn.loop
+    deadline = stream.deadline
+    timeout = conn.pool.connect_timeout if deadline is None else min(deadline - loop.time(), conn.pool.connect_timeout)
+    try:
+        upstream = await conn.pool.acquire(state, target.endpoint, timeout if deadline is not None else None)
+    except UpstreamOverflowError:
+        _reply_overflow(stream)
+        return True
+    except UpstreamError as error:
+        if isinstance(error, UpstreamTimeoutError) or (deadline is not None and loop.time() >= deadline):
+            _finish_timeout(stream, stream.attempt)
+            return True
+        state.report(target, 0, loop.time())
+        if stream.retrying:
             state.active_retries -= 1
+            stream.retrying = False
+        retry = stream.route.retry  # type: ignore[union-attr]
+        if _should_retry(stream, state, retry, CONNECT_FAILURE, False):
+            stream.retrying = True
+            return _back_off(conn, stream)
+        _give_up(stream, retry, stream.attempt, CONNECT_FAILURE, False, error)
+        return True
+    _send(conn, stream, upstream, target)
+    return False
+
+
+def _send(conn: DownstreamProtocol, stream: Stream, upstream: UpstreamConnection, target: EndpointState) -> None:
+    """Write the request on `upstream`; its response comes back through the Stream's sink callbacks."""
+    loop = conn.loop
+    head = stream.head
+    route = stream.route
+    assert route is not None
+    stream.upstream = upstream
+    stream.target = target
+    target.active += 1
+    upstream.attach(stream, stream.head_only, head.chunked)
+    now = loop.time()
+    deadline = stream.deadline
+    per_try = route.retry.per_try_timeout
+    if per_try is not None and (deadline is None or now + per_try < deadline):
+        stream.timer = loop.call_at(now + per_try, stream.on_timeout, True)
+    elif deadline is not None:
+        stream.timer = loop.call_at(deadline, stream.on_timeout, False)
+    body = stream.sent + stream.pending if stream.sent else stream.pending
+    stream.sent = body if stream.replayable else []
+    stream.pending = []
+    stream.pending_size = 0
+    stream.sent_at = now
+    upstream.write(request_head_bytes(stream, head, stream.attempt, deadline, now))
+    for data in body:
+        upstream.write_body(data)
+    conn.resume_reading(READ_PAUSED_BY_BUFFER)
+    if stream.request_complete:
+        upstream.end_body()
+
+
+def attempt_over(stream: Stream, outcome: UpstreamError | None) -> None:
+    """The attempt in flight ended (None: its response went downstream whole): finish, or retry (never raises)."""
+    upstream = stream.upstream
+    if upstream is None:
+        return  # already over: a late timer or a second report
+    conn = stream.conn
+    try:
+        stream.upstream = None
+        upstream.sink = None
+        stream.cancel_timers()
+        target = stream.target
+        state = stream.cluster_state
+        assert target is not None and state is not None
+        target.active -= 1
+        if stream.retrying:
+            state.active_retries -= 1
+            stream.retrying = False
+        if outcome is None:
+            state.report(target, stream.status, conn.loop.time())
+            conn.pool.release(upstream)
+            finished = True
+        else:
+            state.report(target, outcome.status if isinstance(outcome, RetriableResponse) else 0, conn.loop.time())
+            conn.pool.discard(upstream)
+            finished = _after_failure(conn, stream, upstream, outcome)
+    except Exception:  # noqa: BLE001  # as in start(); called from the upstream's callbacks and timers
+        _failed(conn, stream)
+        return
+    if finished:
+        _end(conn, stream)
+
+
+def _after_failure(conn: DownstreamProtocol, stream: Stream, upstream: UpstreamConnection,
+                   outcome: UpstreamError) -> bool:
+    """An attempt that sent its request failed: retry (True if a reply was made instead)."""
+    if stream.response_started:  # bytes went downstream: never pretend the response was complete
+        stream.flags.append(outcome.flag if not isinstance(outcome, RetriableResponse) else UC)
+        stream.close_after = True
+        conn.reset_after_write()
+        return True
+    state = stream.cluster_state
+    route = stream.route
+    assert state is not None and route is not None
+    retry = route.retry
+    if isinstance(outcome, RetriableResponse):
+        stream.retrying = True  # the retry slot was taken when the response was judged retriable
+        return _back_off(conn, stream)
+    if isinstance(outcome, UpstreamTimeoutError) and not outcome.per_try:
+        _finish_timeout(stream, stream.attempt)
+        return True
+    kind = PER_TRY_TIMEOUT if isinstance(outcome, UpstreamTimeoutError) else RESET
+    if kind == RESET and upstream.reused and upstream.served and stream.second_chance and stream.replayable \
+            and stream.head.method in IDEMPOTENT:
+        stream.second_chance = False  # the server closed a kept-alive connection as we used it: a free retry
+        stream.tried.pop()
+        stream.attempt -= 1
+        return _attempt(conn, stream)
+    if _should_retry(stream, state, retry, kind, True):
+        stream.retrying = True
+        return _back_off(conn, stream)
+    _give_up(stream, retry, stream.attempt, kind, True, outcome)
+    return True
 
 
 def _cors(stream: Stream, cors: CorsPolicy) -> bool:
@@ -623,49 +764,29 @@ def _reply_overflow(stream: Stream) -> None:
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
-async def _send(conn: DownstreamProtocol, stream: Stream, upstream: UpstreamConnection, attempt: int,
-                deadline: float | None, per_try: float | None) -> UpstreamError | None:
-    """One attempt on one connection: write the request, wait for the response to end (or fail)."""
-    loop = conn.loop
-    head = stream.head
-    stream.upstream = upstream
-    upstream.attach(stream, stream.head_only, head.chunked)
-    waiter: asyncio.Future[UpstreamError | None] = loop.create_future()
-    stream.waiter = waiter
-    timeout_at = deadline
-    if per_try is not None and (deadline is None or loop.time() + per_try < deadline):
-        timeout_at = loop.time() + per_try
-        stream.timer = loop.call_at(timeout_at, stream.on_timeout, True)
-    elif deadline is not None:
-        stream.timer = loop.call_at(deadline, stream.on_timeout, False)
-    body = stream.sent + stream.pending if stream.sent else stream.pending
-    stream.sent = body if stream.replayable else []
-    stream.pending = []
-    stream.pending_size = 0
-    stream.sent_at = loop.time()
-    upstream.write(request_head_bytes(stream, head, attempt, deadline, loop.time()))
-    for data in body:
-        upstream.write_body(data)
-    conn.resume_reading(READ_PAUSED_BY_BUFFER)
-    if stream.request_complete:
-        upstream.end_body()
-    outcome = await waiter
-    stream.cancel_timers()
-    stream.upstream = None
-    upstream.sink = None
-    return outcome
-
-
-async def _back_off(stream: Stream, retry: RetryPolicy, attempt: int, deadline: float | None,
-                    conn: DownstreamProtocol) -> bool:
-    """Spend one retry and wait the jittered back-off; False (after replying 504) if the route timeout ends first."""
+def _back_off(conn: DownstreamProtocol, stream: Stream) -> bool:
+    """Spend one retry and wait its jittered back-off in a task, then attempt again; if the route timeout ends
+    first, wait for it and answer 504 instead."""
+    route = stream.route
+    assert route is not None
     stream.retries_left -= 1
-    wait = backoff(retry, attempt, conn.random)
+    wait = backoff(route.retry, stream.attempt, conn.random)
+    deadline = stream.deadline
     if deadline is not None and conn.loop.time() + wait >= deadline:
-        await asyncio.sleep(max(0.0, deadline - conn.loop.time()))
-        _finish_timeout(stream, attempt)
-        return False
+        _spawn(conn, stream, _time_out_at, deadline)
+    else:
+        _spawn(conn, stream, _retry_after, wait)
+    return False
+
+
+async def _retry_after(conn: DownstreamProtocol, stream: Stream, wait: float) -> bool:
     await asyncio.sleep(wait)
+    return _attempt(conn, stream)
+
+
+async def _time_out_at(conn: DownstreamProtocol, stream: Stream, deadline: float) -> bool:
+    await asyncio.sleep(max(0.0, deadline - conn.loop.time()))
+    _finish_timeout(stream, stream.attempt)
     return True
 
 

@@ -48,7 +48,7 @@ from ..routing.table import RouteTable
 from ..telemetry.access_log import AccessLog
 from ..telemetry.core import Telemetry
 from .balancer import Clusters
-from .exchange import Stream, exchange
+from .exchange import Stream, abandon, start
 from .local_reply import DC, DPE
 from .upstream import WRITE_HIGH_WATER, WRITE_LOW_WATER, UpstreamPool
 
@@ -176,7 +176,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "head_size", "in_head", "head_fed", "read_paused", "closed", "error", "randbelow", "random", "telemetry",
         "strip_request", "limits", "policy", "max_body", "body_bytes", "head_started", "head_deadline",
         "last_activity", "timer", "timer_at", "aborted", "lingering", "counted", "upgrade_ignored", "max_head_bytes",
-        "max_head_count", "header_timeout", "stream_idle", "idle_timeout",
+        "max_head_count", "header_timeout", "stream_idle", "idle_timeout", "starting", "start_next",
     )
 
     def __init__(self, ctx: ListenerContext) -> None:
@@ -219,6 +219,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.lingering = False
         self.counted = False  # holds a slot of the connection budget
         self.upgrade_ignored = False  # the request being parsed is an h2c upgrade served as HTTP/1.1
+        self.starting = False  # in _start_queued's loop
+        self.start_next = False
 
     # ---- what the exchange reads
 
@@ -316,12 +318,11 @@ class DownstreamProtocol(asyncio.Protocol):
             self.counted = False
             self.ctx.budget.give_back()
         self.ctx.connections.discard(self)
-        task = self.active_task
-        if task is not None and not task.done():
-            task.cancel()
-            task.add_done_callback(self._finish_if_never_ran)
-        for stream in list(self.streams)[1:]:  # queued behind the active one: never started
+        queued = list(self.streams)[1:]  # behind the active one: never started
+        for stream in queued:
             self.streams.remove(stream)
+        self._stop_active()
+        for stream in queued:
             stream.flags.append(DC)
             self.telemetry.on_complete(stream)
 
@@ -418,9 +419,9 @@ class DownstreamProtocol(asyncio.Protocol):
     # ---- stream lifecycle
 
     def _start(self, stream: Stream) -> None:
-        self.active_task = self.loop.create_task(exchange(self, stream))
         if self.stream_idle:
             self._arm(self.last_activity + self.stream_idle)
+        start(self, stream)  # may finish the stream (stream_done) before it returns
 
     def stream_done(self, stream: Stream) -> None:
         """Called by the exchange when its response is fully written (or abandoned)."""
@@ -464,7 +465,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.streams:
             if len(self.streams) == 1:
                 self.resume_reading(READ_PAUSED_BY_PIPELINE)
-            self._start(self.streams[0])
+            self._start_queued()
         elif self.head_started and self.header_timeout:
             # The next head began while this request was served: its time starts now (Envoy parses one at a time).
             self.head_deadline = self.last_activity + self.header_timeout
@@ -472,10 +473,38 @@ class DownstreamProtocol(asyncio.Protocol):
         elif self.idle_timeout:
             self._arm(self.last_activity + self.idle_timeout)
 
+    def _start_queued(self) -> None:
+        """Start the next pipelined request. One that is answered at once finishes (stream_done) inside _start; its
+        successor is then started by this loop, not from inside that call, so a long pipeline never nests deeper."""
+        if self.starting:
+            self.start_next = True
+            return
+        self.starting = True
+        try:
+            while True:
+                self.start_next = False
+                self._start(self.streams[0])
+                if not self.start_next:
+                    return
+        finally:
+            self.starting = False
+
+    def _stop_active(self) -> bool:
+        """Stop the active stream's exchange, which then finishes it (stream_done); False if none is running."""
+        task = self.active_task
+        if task is not None and not task.done():
+            task.cancel()
+            task.add_done_callback(self._finish_if_never_ran)
+            return True
+        if self.streams and not self.streams[0].ended:
+            abandon(self, self.streams[0])  # between callbacks (waiting for its upstream): no task to cancel
+            return True
+        return False
+
     def _finish_if_never_ran(self, task: asyncio.Task[None]) -> None:
-        """A task cancelled before its first step never runs exchange()'s finally: finish its stream here."""
+        """A task cancelled before its first step never ran: finish its stream here."""
         if task.cancelled() and self.streams and self.active_task is task:
-            self.stream_done(self.streams[0])
+            abandon(self, self.streams[0])
 
     def drain(self) -> None:
         """Stop keep-alive: idle connections close now, busy ones after their response."""
@@ -592,11 +621,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.error = error
         self.aborted = self.streams[0]
         self.pause_reading(READ_PAUSED_BY_ERROR)
-        task = self.active_task
-        if task is not None and not task.done():
-            task.cancel()
-            task.add_done_callback(self._finish_if_never_ran)
-        else:
+        if not self._stop_active():
             self.reset_after_write()
 
     def _send_error(self, error: ProtocolError) -> None:

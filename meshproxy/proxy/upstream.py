@@ -53,8 +53,8 @@ class ResponseSink(Protocol):
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int,
                          content_length: int | None) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
-    def on_response_end(self) -> None: ...
-    def flush(self) -> None: ...
+    def on_response_end(self) -> None: ...  # the response is complete (nothing more of it will come)
+    def flush(self) -> None: ...  # after each read (and after an end by close): deliver what it produced
     def on_upstream_error(self, error: UpstreamError) -> None: ...
     def pause_upstream_writes(self) -> None: ...
     def resume_upstream_writes(self) -> None: ...
@@ -147,11 +147,11 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         try:
             self.parser.feed_data(data)
-            sink.flush()
         except httptools.HttpParserCallbackError as exc:
             self._fail(UpstreamProtocolError(), str(exc.__context__))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamProtocolError(), str(exc))
+        sink.flush()  # after the whole read: a response that ended in it is handed over only now
 
     def eof_received(self) -> bool:
         self._closed_by_peer()
@@ -244,6 +244,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.head_done and self.framing == FRAMING_EOF:
             self._finish()  # a close-delimited body ends here
+            sink.flush()
         else:
             self.sink = None
             sink.on_upstream_error(ResponseResetError() if self.head_done else ConnectionTerminationError())
@@ -290,6 +291,10 @@ class UpstreamPool:
             raise
         self.active += 1
         return conn
+
+    def reuse(self, state: ClusterState, endpoint: Endpoint) -> UpstreamConnection | None:
+        """An idle keep-alive connection to `endpoint` for `state`'s cluster, without waiting; None if there is none."""
+        return self._reuse((state.cluster.name, endpoint.address, endpoint.port))
 
     def _reuse(self, key: tuple[str, str, int]) -> UpstreamConnection | None:
         idle = self.idle.get(key)

@@ -7,11 +7,14 @@ also checks that what reached it re-parses identically with h11.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import sys
 
 from fuzz.inmemory import Pipeline, run
 
 from meshproxy.http1.head import HeadPolicy
 from meshproxy.proxy.listener import MAX_PIPELINED
+from meshproxy.routing.table import RouteTable
 
 GET = b"GET /x HTTP/1.1\r\nHost: svc\r\n\r\n"
 
@@ -43,6 +46,28 @@ def test_pipelined_requests_answer_in_order_and_the_queue_is_bounded() -> None:
             assert outcome.statuses() == [200] * MAX_PIPELINED + [400]
             assert outcome.closed
             assert p.differential() == []
+
+    run(body)
+
+
+def test_a_long_pipeline_of_local_replies_behind_a_proxied_request() -> None:
+    # The 404s are answered synchronously as each one starts: started one after another by a loop, they must
+    # not nest one call deeper each (a recursion of MAX_PIPELINED streams).
+    unrouted = b"GET /x HTTP/1.1\r\nHost: nowhere\r\n\r\n"
+
+    async def body() -> None:
+        async with Pipeline() as p:
+            catch_all = p.ctx.table().catch_all
+            only_svc = RouteTable(exact={"svc": catch_all}, wildcards=())  # other hosts: 404 NR, a local reply
+            p.ctx.table = lambda: only_svc
+            limit = sys.getrecursionlimit()
+            sys.setrecursionlimit(len(inspect.stack()) + 250)  # room for one request, not for 98 nested ones
+            try:
+                outcome = await p.exchange([GET + unrouted * (MAX_PIPELINED - 2) + GET])
+            finally:
+                sys.setrecursionlimit(limit)
+            assert outcome.statuses() == [200] + [404] * (MAX_PIPELINED - 2) + [200]
+            assert not outcome.closed and len(outcome.seen) == 2
 
     run(body)
 
