@@ -126,6 +126,7 @@ class Children:
         cpu: int | None = None,
         log: Path | None = None,
         stdout_pipe: bool = False,
+        stdin_pipe: bool = False,
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
     ) -> Child:
@@ -135,7 +136,7 @@ class Children:
             stdout = subprocess.PIPE if stdout_pipe else (log_file or subprocess.DEVNULL)
             process = subprocess.Popen(
                 pinned(argv, cpu),
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
                 stdout=stdout,
                 stderr=log_file or subprocess.DEVNULL,
                 cwd=cwd,
@@ -198,8 +199,10 @@ def _terminate(process: subprocess.Popen[bytes]) -> int:
             _signal_group(process, signal.SIGKILL)
             process.wait()
     _signal_group(process, signal.SIGKILL)  # stragglers of the group (e.g. nginx workers)
-    if process.stdout:
-        process.stdout.close()
+    for stream in (process.stdout, process.stdin):
+        if stream:
+            with contextlib.suppress(OSError):
+                stream.close()
     return process.returncode
 
 

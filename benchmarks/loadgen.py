@@ -1,7 +1,13 @@
-"""Load generation with wrk: one bounded run, results read from a JSON line printed by wrk_json.lua."""
+"""Load generation with wrk: one bounded run, results read from a JSON line printed by wrk_json.lua.
+
+wrk takes one Lua script: the harness writes one per request shape, the request part (method, body, a header
+on every second request) followed by wrk_json.lua's done() hook. Requests are formatted once per wrk thread
+(in init), so wrk's per-request Lua cost is one function call returning a prepared string.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from dataclasses import dataclass
@@ -31,6 +37,7 @@ class WrkResult:
     p99_ms: float
     socket_errors: int
     bad_statuses: int
+    bytes_read: int = 0  # response bytes, heads included
 
     @property
     def requests_per_second(self) -> float:
@@ -41,7 +48,53 @@ class WrkResult:
         return self.socket_errors + self.bad_statuses
 
 
-def wrk_argv(wrk: str, target: Address, request: Request, load: Load) -> list[str]:
+ALTERNATE = """\
+local plain, alternate = nil, nil
+local count = 0
+init = function(args)
+  plain = wrk.format()
+  local headers = {{}}
+  for name, value in pairs(wrk.headers) do headers[name] = value end
+{assignments}  alternate = wrk.format(nil, nil, headers)
+end
+request = function()
+  count = count + 1
+  if count % 2 == 0 then return alternate end
+  return plain
+end
+"""
+
+
+def lua_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def wrk_script(request: Request, directory: Path) -> Path:
+    """The Lua script for `request`: its method, body and alternating headers, then the done() hook."""
+    parts = [f"wrk.method = {lua_string(request.method)}\n"]
+    if request.body_bytes:
+        parts.append(f'wrk.body = string.rep("x", {request.body_bytes})\n')
+    if request.alternate_headers:
+        assignments = "".join(f"  headers[{lua_string(name)}] = {lua_string(value)}\n"
+                              for name, value in request.alternate_headers.items())
+        parts.append(ALTERNATE.format(assignments=assignments))
+    parts.append(WRK_SCRIPT.read_text())
+    text = "".join(parts)
+    path = directory / f"wrk-{hashlib.sha1(text.encode()).hexdigest()[:12]}.lua"
+    path.write_text(text)
+    return path
+
+
+def request_bytes(request: Request) -> int:
+    """Bytes wrk sends per request (the head as wrk.format writes it, give or take a few, and the body)."""
+    head = f"{request.method} {request.path} HTTP/1.1\r\nHost: {request.host}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in request.headers.items())
+    if request.body_bytes:
+        head += f"Content-Length: {request.body_bytes}\r\n"
+    return len(head) + 2 + request.body_bytes
+
+
+def wrk_argv(wrk: str, target: Address, request: Request, load: Load, script: Path) -> list[str]:
     headers = {"Host": request.host, **request.headers}
     header_args = [arg for name, value in headers.items() for arg in ("-H", f"{name}: {value}")]
     return [
@@ -50,7 +103,7 @@ def wrk_argv(wrk: str, target: Address, request: Request, load: Load) -> list[st
         f"--connections={max(load.connections, load.threads)}",
         f"--duration={load.duration_s}s",
         f"--timeout={WRK_REQUEST_TIMEOUT_SECONDS}s",
-        f"--script={WRK_SCRIPT}",
+        f"--script={script}",
         *header_args,
         target.url + request.path,
     ]
@@ -68,6 +121,7 @@ def parse_wrk_output(stdout: str) -> WrkResult | None:
                 p99_ms=data["p99_us"] / 1e3,
                 socket_errors=sum(int(errors[kind]) for kind in ("connect", "read", "write", "timeout")),
                 bad_statuses=int(errors["status"]),
+                bytes_read=int(data["bytes"]),
             )
     return None
 
@@ -83,7 +137,7 @@ def run_wrk(
     log: Path,
 ) -> WrkResult:
     """One wrk run of `load.duration_s` seconds; the harness waits a bounded time for it to finish."""
-    argv = wrk_argv(wrk, target, request, load)
+    argv = wrk_argv(wrk, target, request, load, wrk_script(request, log.parent))
     child = children.spawn("wrk", argv, cpu=cpu, stdout_pipe=True, log=log)
     try:
         stdout, _ = child.process.communicate(timeout=load.duration_s + WRK_EXIT_GRACE_SECONDS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 from children import Address, Child, ChildError, Children, free_address
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
@@ -18,12 +20,20 @@ APT_UPDATE_TIMEOUT_SECONDS = 300
 APT_INSTALL_TIMEOUT_SECONDS = 600
 BACKEND_READY_TIMEOUT_SECONDS = 10.0
 
+MIB = 1 << 20
+BODY_PATH = "/mib"  # POST or GET: answered with BODY_FILE_BYTES bytes (the request body is read and dropped)
+BODY_FILE_BYTES = MIB
+SUBSET_PORTS = ("v1", "v2", "v3")  # extra listeners that answer their own name: "v1\n" (as long as "ok\n")
+
+# worker_rlimit_nofile and worker_connections: the idle-10k scenario and two-worker proxies open many upstream
+# connections; both stay under the harness's open-file limit (raised to its hard limit, children inherit it).
 NGINX_CONF = """\
 worker_processes 1;
+worker_rlimit_nofile {nofile};
 daemon off;
 pid {workdir}/nginx.pid;
 error_log {workdir}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
+events {{ worker_connections {connections}; }}
 http {{
     access_log off;
     client_body_temp_path {workdir}/client_body;
@@ -39,8 +49,25 @@ http {{
             default_type text/plain;
             return 200 "ok\\n";
         }}
+        # A static file: GET serves it; POST would be 405, which error_page turns into the same file with 200
+        # (an internal redirect as GET), after nginx has read and dropped the request body.
+        location = {body_path} {{
+            root {workdir};
+            default_type application/octet-stream;
+            client_max_body_size 4m;
+            error_page 405 =200 $uri;
+        }}
     }}
-}}
+{subset_servers}}}
+"""
+SUBSET_SERVER = """\
+    server {{
+        listen {address};
+        location / {{
+            default_type text/plain;
+            return 200 "{name}\\n";
+        }}
+    }}
 """
 
 
@@ -119,17 +146,50 @@ def version_of(argv: Sequence[str]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Backend:
+    """The HTTP backend: `address` answers "ok\\n" (and BODY_PATH with 1 MiB); `subsets[name]` answers "name\\n"."""
+
     description: str
     address: Address
-    child: Child
+    subsets: dict[str, Address]
+    child: Child | None  # None: only addresses (run.py --dump-configs)
+
+    def pin(self, cpus: set[int] | None) -> None:
+        """Move the backend (every process of it: nginx's master and worker) to `cpus`; None: every CPU."""
+        if self.child is not None:
+            pin_tree(self.child.pid, cpus)
+
+
+def pin_tree(pid: int, cpus: set[int] | None) -> None:
+    """Set the CPU affinity of a process, its threads and its children (None: every CPU of the harness)."""
+    allowed = cpus if cpus is not None else os.sched_getaffinity(0)
+    root = psutil.Process(pid)
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            for thread in process.threads():
+                os.sched_setaffinity(thread.id, allowed)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            continue
+
+
+def write_body_file(directory: Path) -> None:
+    (directory / BODY_PATH.lstrip("/")).write_bytes(b"x" * BODY_FILE_BYTES)
 
 
 def start_nginx(children: Children, nginx: str, workdir: Path, cpu: int | None) -> Backend:
     address = free_address()
+    subsets = {name: free_address() for name in SUBSET_PORTS}
     nginx_dir = workdir / "nginx"
     nginx_dir.mkdir(parents=True, exist_ok=True)
+    # nginx's worker runs as nobody: it must be able to reach the body file (a temporary directory is 0700)
+    workdir.chmod(0o711)
+    nginx_dir.chmod(0o755)
+    write_body_file(nginx_dir)
     conf = nginx_dir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(workdir=nginx_dir, address=address))
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    servers = "".join(SUBSET_SERVER.format(address=sub, name=name) for name, sub in subsets.items())
+    conf.write_text(NGINX_CONF.format(workdir=nginx_dir, address=address, nofile=nofile,
+                                      connections=max(1024, nofile - 100), body_path=BODY_PATH,
+                                      subset_servers=servers))
     argv = [nginx, "-p", str(nginx_dir), "-c", str(conf), "-e", str(nginx_dir / "nginx-error.log")]
     child = children.start_ready(
         "nginx",
@@ -140,12 +200,14 @@ def start_nginx(children: Children, nginx: str, workdir: Path, cpu: int | None) 
         log=nginx_dir / "nginx.out",
     )
     version = version_of([nginx, "-v"]).removeprefix("nginx version: ")
-    return Backend(f"{version}, 1 worker", address, child)
+    return Backend(f"{version}, 1 worker", address, subsets, child)
 
 
 def start_python_backend(children: Children, workdir: Path, cpu: int | None) -> Backend:
     address = free_address()
-    argv = [sys.executable, str(BENCHMARKS_DIR / "backend_server.py"), "--port", str(address.port)]
+    subsets = {name: free_address() for name in SUBSET_PORTS}
+    argv = [sys.executable, str(BENCHMARKS_DIR / "backend_server.py"), "--port", str(address.port),
+            *(word for name, sub in subsets.items() for word in ("--subset", f"{name}={sub.port}"))]
     child = children.start_ready(
         "python backend",
         argv,
@@ -154,7 +216,7 @@ def start_python_backend(children: Children, workdir: Path, cpu: int | None) -> 
         cpu=cpu,
         log=workdir / "python-backend.log",
     )
-    return Backend("built-in Python backend (uvloop + httptools)", address, child)
+    return Backend("built-in Python backend (uvloop + httptools)", address, subsets, child)
 
 
 def start_backend(

@@ -1,16 +1,41 @@
-"""Samples (one wrk run each), their medians over rounds, and the printed table."""
+"""Samples (one measurement of one target in one round), medians over rounds, ratios to Envoy, the tables.
+
+Each scenario kind has its own columns. A target's row holds the median over rounds of each figure; its
+`x envoy` row holds, per figure, the median over rounds of (its figure / Envoy's figure in the same round),
+so slow drift on the machine between rounds cancels out. For req/s and MB/s a ratio above 1 is better;
+for latencies, CPU and memory, below 1 is better.
+"""
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from loadgen import WrkResult
+from scenarios import Kind
 
-BASELINE_TARGET = "direct"
-COLUMNS = ("scenario", "target", "req/s", "p50 ms", "p99 ms", "cpu us/req", "errors")
 MISSING = "-"
+BASELINE = "envoy"
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    key: str
+    title: str
+    digits: int
+    ratio: bool = True  # shown as a ratio to Envoy in the `x envoy` row
+
+
+COLUMNS: dict[Kind, tuple[Column, ...]] = {
+    Kind.THROUGHPUT: (Column("rps", "req/s", 0), Column("p50", "p50 ms", 2), Column("p99", "p99 ms", 2),
+                      Column("cpu", "cpu us/req", 1)),
+    Kind.LATENCY: (Column("p50", "p50 ms", 3), Column("p99", "p99 ms", 3), Column("added_p50", "added p50 ms", 3),
+                   Column("added_p99", "added p99 ms", 3), Column("cpu", "cpu us/req", 1)),
+    Kind.BODIES: (Column("rps", "req/s", 0), Column("mbps", "MB/s", 0), Column("p50", "p50 ms", 2),
+                  Column("p99", "p99 ms", 2), Column("cpu", "cpu us/req", 1)),
+    Kind.IDLE: (Column("connections", "connections", 0, ratio=False), Column("rss_before", "RSS before MiB", 1),
+                Column("rss", "RSS MiB", 1), Column("kib_per_connection", "KiB/conn", 1)),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,14 +43,8 @@ class Sample:
     scenario: str
     target: str
     round: int
-    result: WrkResult
-    cpu_seconds: float | None  # CPU time of the target's own process during the run
-
-    @property
-    def cpu_us_per_request(self) -> float | None:
-        if self.cpu_seconds is None or self.result.requests == 0:
-            return None
-        return self.cpu_seconds * 1e6 / self.result.requests
+    values: dict[str, float | None]
+    errors: int  # failed requests (wrk: socket errors, timeouts, 4xx/5xx; idle: connections without a 200)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,15 +58,13 @@ class Failure:
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """Medians over the rounds of one (scenario, target); errors are summed."""
+    """Medians over the rounds of one (scenario, target); errors are summed. `ratios`: to Envoy, per round."""
 
     scenario: str
     target: str
     rounds: int
-    requests_per_second: float
-    p50_ms: float
-    p99_ms: float
-    cpu_us_per_request: float | None
+    values: dict[str, float | None]
+    ratios: dict[str, float | None]
     errors: int
 
 
@@ -56,106 +73,71 @@ def median_or_none(values: Iterable[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def summarize(samples: Sequence[Sample], target_order: Sequence[str]) -> list[Summary]:
-    """Per scenario (in the order run), per target (in `target_order`)."""
-    scenarios = list(dict.fromkeys(sample.scenario for sample in samples))
-    keys = sorted(
-        {(sample.scenario, sample.target) for sample in samples},
-        key=lambda key: (scenarios.index(key[0]), target_order.index(key[1])),
-    )
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    if ours is None or theirs is None or theirs <= 0 or ours < 0:
+        return None
+    return ours / theirs
+
+
+def summarize(samples: Sequence[Sample], kind: Kind, target_order: Sequence[str]) -> list[Summary]:
+    """One scenario's samples -> one summary per target, in `target_order`."""
+    columns = COLUMNS[kind]
+    baseline = {s.round: s for s in samples if s.target == BASELINE}
     summaries = []
-    for scenario, target in keys:
-        group = [s for s in samples if (s.scenario, s.target) == (scenario, target)]
-        summaries.append(
-            Summary(
-                scenario=scenario,
-                target=target,
-                rounds=len(group),
-                requests_per_second=statistics.median(s.result.requests_per_second for s in group),
-                p50_ms=statistics.median(s.result.p50_ms for s in group),
-                p99_ms=statistics.median(s.result.p99_ms for s in group),
-                cpu_us_per_request=median_or_none(s.cpu_us_per_request for s in group),
-                errors=sum(s.result.errors for s in group),
-            )
-        )
+    for target in [t for t in target_order if any(s.target == t for s in samples)]:
+        group = [s for s in samples if s.target == target]
+        values = {c.key: median_or_none(s.values.get(c.key) for s in group) for c in columns}
+        ratios: dict[str, float | None] = {}
+        if target not in (BASELINE, "direct") and baseline:
+            for column in columns:
+                if column.ratio:
+                    ratios[column.key] = median_or_none(
+                        ratio(s.values.get(column.key), baseline[s.round].values.get(column.key))
+                        for s in group if s.round in baseline)
+        summaries.append(Summary(group[0].scenario, target, len(group), values, ratios, sum(s.errors for s in group)))
     return summaries
 
 
 def _number(value: float | None, digits: int) -> str:
-    return MISSING if value is None else f"{value:.{digits}f}"
+    if value is None:
+        return MISSING
+    return f"{value:,.{digits}f}"
 
 
-def summary_row(summary: Summary) -> tuple[str, ...]:
-    return (
-        summary.scenario,
-        summary.target,
-        _number(summary.requests_per_second, 0),
-        _number(summary.p50_ms, 2),
-        _number(summary.p99_ms, 2),
-        _number(summary.cpu_us_per_request, 1),
-        str(summary.errors),
-    )
-
-
-def ratio_row(summary: Summary, baseline: Summary) -> tuple[str, ...]:
-    def ratio(ours: float, theirs: float) -> str:
-        return _number(ours / theirs if theirs else None, 2)
-
-    return (
-        summary.scenario,
-        f"{summary.target}/{baseline.target}",
-        ratio(summary.requests_per_second, baseline.requests_per_second),
-        ratio(summary.p50_ms, baseline.p50_ms),
-        ratio(summary.p99_ms, baseline.p99_ms),
-        MISSING,
-        "",
-    )
-
-
-def failure_row(failure: Failure) -> tuple[str, ...]:
-    return (failure.scenario, failure.target, "FAILED", MISSING, MISSING, MISSING, "")
-
-
-def table_rows(summaries: Sequence[Summary], failures: Sequence[Failure]) -> list[tuple[str, ...]]:
-    """Per scenario: each measured target, each failed one, then each target's ratio to direct."""
+def table(kind: Kind, summaries: Sequence[Summary], failures: Sequence[Failure], skipped: Sequence[str]) -> str:
+    columns = COLUMNS[kind]
+    titles = ("target", *(c.title for c in columns), "errors")
     rows: list[tuple[str, ...]] = []
-    scenarios = dict.fromkeys([s.scenario for s in summaries] + [f.scenario for f in failures])
-    for scenario in scenarios:
-        measured = [s for s in summaries if s.scenario == scenario]
-        measured_targets = {s.target for s in measured}
-        rows += [summary_row(s) for s in measured]
-        rows += [
-            failure_row(f) for f in failures if f.scenario == scenario and f.target not in measured_targets
-        ]
-        baseline = next((s for s in measured if s.target == BASELINE_TARGET), None)
-        if baseline:
-            rows += [ratio_row(s, baseline) for s in measured if s is not baseline]
-    return rows
+    for summary in summaries:
+        rows.append((summary.target, *(_number(summary.values[c.key], c.digits) for c in columns),
+                     str(summary.errors)))
+    measured = {s.target for s in summaries}
+    rows += [(f.target, "FAILED", *([MISSING] * (len(columns) - 1)), "") for f in failures
+             if f.target not in measured]
+    rows += [(name, "skipped", *([MISSING] * (len(columns) - 1)), "") for name in skipped]
+    for summary in summaries:
+        if summary.ratios:
+            rows.append((f"{summary.target} x {BASELINE}",
+                         *(_number(summary.ratios.get(c.key), 2) if c.ratio else "" for c in columns), ""))
+    return format_table(titles, rows)
 
 
-def format_table(rows: Sequence[Sequence[str]]) -> str:
-    all_rows = [COLUMNS, *rows]
-    widths = [max(len(row[i]) for row in all_rows) for i in range(len(COLUMNS))]
+def format_table(titles: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    all_rows = [titles, *rows]
+    widths = [max(len(row[i]) for row in all_rows) for i in range(len(titles))]
 
     def line(row: Sequence[str]) -> str:
-        cells = [
-            cell.ljust(w) if i < 2 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        ]
+        cells = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
         return "  ".join(cells).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(COLUMNS), rule, *(line(row) for row in rows)])
+    return "\n".join([line(titles), rule, *(line(row) for row in rows)])
 
 
-def format_error_notes(summaries: Sequence[Summary]) -> str:
-    """One line per target that had failed requests: wrk counts those in req/s and latency too."""
-    return "\n".join(
-        f"note: {s.target} ({s.scenario}): {s.errors} failed requests (socket errors, timeouts or "
-        f"4xx/5xx) over {s.rounds} round(s); they are included in its req/s and latencies"
-        for s in summaries
-        if s.errors
-    )
+def error_notes(summaries: Sequence[Summary], kind: Kind) -> list[str]:
+    what = ("connections without a 200 answer" if kind is Kind.IDLE
+            else "failed requests (socket errors, timeouts or 4xx/5xx), included in its req/s and latencies")
+    return [f"note: {s.target}: {s.errors} {what} over {s.rounds} round(s)" for s in summaries if s.errors]
 
 
 def format_failures(failures: Sequence[Failure]) -> str:
@@ -166,3 +148,77 @@ def format_failures(failures: Sequence[Failure]) -> str:
             block += f"\n--- {failure.source} output (last lines) ---\n{failure.log_tail}\n---"
         blocks.append(block)
     return "\n\n".join(blocks)
+
+
+# ----------------------------------------------------------------------------------------- the issue's goals
+
+Summaries = dict[str, dict[str, Summary]]  # scenario -> target -> summary
+
+
+def _get(summaries: Summaries, scenario: str, target: str) -> Summary | None:
+    return summaries.get(scenario, {}).get(target)
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "NOT met")
+
+
+def _both(*checks: bool | None) -> bool | None:
+    return None if any(c is None for c in checks) else all(bool(c) for c in checks)
+
+
+def goal_faster_than_envoy(scenario: str) -> Callable[[Summaries], str | None]:
+    def check(summaries: Summaries) -> str | None:
+        ours = _get(summaries, scenario, "meshproxy")
+        if ours is None or not ours.ratios:
+            return None
+        rps, p99 = ours.ratios.get("rps"), ours.ratios.get("p99")
+        ok = _both(None if rps is None else rps >= 1.5, None if p99 is None else p99 <= 1.0)
+        return (f"{scenario}: req/s {_number(rps, 2)}x envoy (>= 1.5), p99 {_number(p99, 2)}x envoy (<= 1): "
+                f"{_verdict(ok)}")
+    return check
+
+
+def goal_routes_1000(summaries: Summaries) -> str | None:
+    many, few = _get(summaries, "routes-1000", "meshproxy"), _get(summaries, "bookinfo-routing", "meshproxy")
+    if many is None or few is None:
+        return None
+    share = ratio(many.values["rps"], few.values["rps"])
+    ok = None if share is None else share >= 0.9
+    return (f"routes-1000: req/s {_number(share, 2)}x bookinfo-routing's (>= 0.90; the two ran minutes apart): "
+            f"{_verdict(ok)}")
+
+
+def goal_one_connection(summaries: Summaries) -> str | None:
+    ours = _get(summaries, "one-connection", "meshproxy")
+    if ours is None or not ours.ratios:
+        return None
+    p50, p99 = ours.ratios.get("added_p50"), ours.ratios.get("added_p99")
+    ok = _both(None if p50 is None else p50 <= 1.0, None if p99 is None else p99 <= 1.0)
+    return f"one-connection: added p50 {_number(p50, 2)}x envoy's, added p99 {_number(p99, 2)}x (<= 1): {_verdict(ok)}"
+
+
+def goal_bodies(summaries: Summaries) -> str | None:
+    ours = _get(summaries, "bodies-1mib", "meshproxy")
+    if ours is None or not ours.ratios:
+        return None
+    mbps = ours.ratios.get("mbps")
+    return f"bodies-1mib: MB/s {_number(mbps, 2)}x envoy (>= 1): {_verdict(None if mbps is None else mbps >= 1.0)}"
+
+
+def goal_idle(summaries: Summaries) -> str | None:
+    ours = _get(summaries, "idle-10k", "meshproxy")
+    if ours is None or ours.values.get("rss") is None:
+        return None
+    rss = ours.values["rss"]
+    return f"idle-10k: RSS {_number(rss, 2)} MiB (< 100): {_verdict(rss < 100 if rss is not None else None)}"
+
+
+GOALS: tuple[Callable[[Summaries], str | None], ...] = (
+    goal_faster_than_envoy("bookinfo-routing"), goal_faster_than_envoy("bookinfo-telemetry"), goal_routes_1000,
+    goal_one_connection, goal_bodies, goal_idle,
+)
+
+
+def goals(summaries: Summaries) -> list[str]:
+    return [line for check in GOALS if (line := check(summaries)) is not None]

