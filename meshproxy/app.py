@@ -153,7 +153,9 @@ class ProxyApp:
         if settings.admin is not None:
             from .admin import start_admin  # aiohttp is only needed for the admin port
 
-            self.addresses["admin"] = await start_admin(self, settings.admin)
+            # a worker's own admin (on an ephemeral port, for its supervisor) is not the sidecar's admin
+            admin_name = "admin" if settings.worker_index is None else "worker-admin"
+            self.addresses[admin_name] = await start_admin(self, settings.admin)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
@@ -166,7 +168,8 @@ class ProxyApp:
     async def _listen(self, ctx: ListenerContext, address: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(lambda: DownstreamProtocol(ctx), address[0], address[1],
-                                          reuse_address=True, backlog=4096)
+                                          reuse_address=True, backlog=4096,
+                                          reuse_port=self.settings.concurrency > 1 or None)  # sibling workers
         sock = server.sockets[0].getsockname()
         self.addresses[ctx.name] = (sock[0], sock[1])
         self.contexts.append(ctx)

@@ -56,7 +56,8 @@ def _limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      envvar="MESHPROXY_STREAM_IDLE_TIMEOUT",
                      help="Seconds without a byte either way on a request; then 408/504 (0: off)."),
         click.option("--max-connections", type=int, default=0, show_default=True, envvar="MESHPROXY_MAX_CONNECTIONS",
-                     help="Client connections of the process; more are closed at accept (0: half the file limit)."),
+                     help="Client connections, shared out among --concurrency workers; more are closed at accept "
+                          "(0: half the file limit of each process)."),
         click.option("--max-request-body", type=int, default=0, show_default=True, envvar="MESHPROXY_MAX_REQUEST_BODY",
                      help="Request body bytes; larger bodies get 413 (0: no limit)."),
         click.option("--max-request-headers-kb", type=click.IntRange(1, 8192), default=60, show_default=True,
@@ -155,6 +156,9 @@ def main() -> None:
 @click.option("--watch-interval", default=1.0, show_default=True, type=float, envvar="MESHPROXY_WATCH_INTERVAL",
               help="Seconds between config file checks (0: reload on SIGHUP only).")
 @click.option("--seed", type=int, default=None, envvar="MESHPROXY_SEED", help="Seed for weighted picks and faults.")
+@click.option("--concurrency", type=click.IntRange(0), default=1, show_default=True, envvar="MESHPROXY_CONCURRENCY",
+              help="Worker processes, each a whole proxy, sharing the listen ports (SO_REUSEPORT), as Envoy's "
+                   "--concurrency; the admin port answers for all of them (0: one per CPU).")
 @click.option("--default-retry-attempts", type=click.IntRange(0), default=2, show_default=True,
               envvar="MESHPROXY_DEFAULT_RETRY_ATTEMPTS",
               help="Retries of routes without `retries` (Istio's meshConfig.defaultHttpRetryPolicy; 0 disables).")
@@ -170,10 +174,11 @@ def main() -> None:
 def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[InboundSpec, ...],
         admin: tuple[str, int] | None, admin_allow_remote: bool, workload: str, namespace: str,
         labels: dict[str, str], gateways: tuple[str, ...], drain_time: float, connect_timeout: float,
-        upstream_idle_timeout: float, watch_interval: float, seed: int | None, default_retry_attempts: int,
-        default_retry_on: str, access_log: str, log_level: str, **limits: Any) -> None:
+        upstream_idle_timeout: float, watch_interval: float, seed: int | None, concurrency: int,
+        default_retry_attempts: int, default_retry_on: str, access_log: str, log_level: str, **limits: Any) -> None:
     """Run the proxy: outbound and inbound listeners, admin, config hot reload."""
     from .app import run as run_app
+    from .workers import resolve_concurrency, supervise
 
     _setup_logging(log_level)
     settings = Settings(
@@ -182,10 +187,11 @@ def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[
         gateways=tuple(g for item in gateways for g in item.replace(",", " ").split()) or ("mesh",),
         log_level=log_level, access_log=access_log, drain_time=drain_time, connect_timeout=connect_timeout,
         upstream_idle_timeout=upstream_idle_timeout, watch_interval=watch_interval, seed=seed,
-        default_retry_attempts=default_retry_attempts, default_retry_on=default_retry_on, **limits,
+        default_retry_attempts=default_retry_attempts, default_retry_on=default_retry_on,
+        concurrency=resolve_concurrency(concurrency), **limits,
     )
     try:
-        sys.exit(run_app(settings))
+        sys.exit(supervise(settings) if settings.concurrency > 1 else run_app(settings))
     except ConfigError as exc:
         for problem in exc.problems:
             click.echo(str(problem), err=True)

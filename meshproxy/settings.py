@@ -70,3 +70,7 @@ class Settings:
     tracing: bool = True  # rewrite trace headers per hop and record sampled spans; off: forward them unchanged
     tracing_sampling: float = 1.0  # percent of new traces sampled (Istio's default); incoming decisions win
     otlp_endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, else 127.0.0.1:4318/v1/traces
+    # Worker processes (see meshproxy/workers.py): 1 is one process; N > 1 is a supervisor and N workers whose
+    # listeners share their ports with SO_REUSEPORT. `worker_index` is set only in a worker's own Settings.
+    concurrency: int = 1
+    worker_index: int | None = None
