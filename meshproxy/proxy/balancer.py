@@ -41,6 +41,7 @@ def hash64(data: bytes) -> int:
 @dataclass(slots=True)
 class EndpointState:
     endpoint: Endpoint
+    pool_key: tuple[str, str, int]  # (cluster name, address, port): its upstream connections in the pool
     active: int = 0  # requests in flight (LEAST_REQUEST)
     consecutive_5xx: int = 0
     consecutive_gateway: int = 0
@@ -82,7 +83,7 @@ class ClusterState:
         return hash64(value) if value is not None else None
 
     def pick(self, key: int | None, avoid: Sequence[Endpoint], rng: random.Random, now: float) -> EndpointState | None:
-        healthy = self._healthy(now)
+        healthy = self.endpoints if self.policy.outlier is None else self._healthy(now)
         if not healthy:
             return None
         if key is not None and self.policy.hash is not None:
@@ -237,7 +238,8 @@ class Clusters:
         if state is not None and (state.cluster is cluster or state.cluster == cluster):
             return state
         previous = {e.endpoint.key: e for e in state.endpoints} if state is not None else {}
-        endpoints = [previous.get(ep.key) or EndpointState(ep) for ep in cluster.endpoints]
+        endpoints = [previous.get(ep.key) or EndpointState(ep, (cluster.name, ep.address, ep.port))
+                     for ep in cluster.endpoints]
         for e, ep in zip(endpoints, cluster.endpoints):
             e.endpoint = ep
         fresh = ClusterState(cluster, compile_traffic_policy(cluster.traffic_policy), endpoints)

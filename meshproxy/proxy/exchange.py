@@ -26,7 +26,16 @@ from ..routing.cors import REQUEST_METHOD as CORS_REQUEST_METHOD
 from ..routing.cors import CorsPolicy
 from ..routing.rewrite import ORIGINAL_PATH
 from ..telemetry.peer import PEER_HEADERS
-from ..routing.policy import ACTION_DIRECT_RESPONSE, ACTION_REDIRECT, FaultPolicy, HeaderMutation, RetryPolicy, Route
+from ..routing.policy import (
+    ACTION_DIRECT_RESPONSE,
+    ACTION_REDIRECT,
+    NO_RETRY,
+    RETRY_ON_RETRIABLE_HEADERS,
+    FaultPolicy,
+    HeaderMutation,
+    RetryPolicy,
+    Route,
+)
 from .balancer import ClusterState, EndpointState
 from .fault import GRPC_CODES, MILLION, decide_abort, decide_delay
 from .local_reply import (
@@ -148,8 +157,10 @@ class Stream:
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int,
                          content_length: int | None) -> None:
         route = self.route
-        if route is not None and route.retry.num_retries and \
-                should_retry_response(route.retry, status, headers, self.head.header(RETRIABLE_HEADER_NAMES)):
+        retry = route.retry if route is not None else NO_RETRY
+        if retry.num_retries and should_retry_response(
+                retry, status, headers,
+                self.head.header(RETRIABLE_HEADER_NAMES) if retry.retry_on & RETRY_ON_RETRIABLE_HEADERS else None):
             if self.retries_left > 0 and self.replayable and self.cluster_state is not None \
                     and _retry_allowed(self, self.cluster_state):
                 self._resolve(RetriableResponse(status))  # discarded: the exchange retries
@@ -180,7 +191,7 @@ class Stream:
         if self.sent_at:
             parts += [b"x-envoy-upstream-service-time: ", str(int((conn.loop.time() - self.sent_at) * 1000)).encode(),
                       CRLF]
-        if conn.draining:
+        if conn.ctx.draining:
             self.close_after = True
         if self.close_after:
             parts.append(b"connection: close\r\n")
@@ -240,7 +251,7 @@ class Stream:
         self.response_complete = True
         if not self.request_complete:
             self.close_after = True  # the rest of the request body is not read
-        close = self.close_after or self.conn.draining
+        close = self.close_after or self.conn.ctx.draining
         self.conn.write(local_reply(status, body, close=close, server=self.conn.server_name,
                                     extra=extra + self.downstream_extra, head_only=self.head_only))
 
@@ -385,7 +396,8 @@ def _end(conn: DownstreamProtocol, stream: Stream) -> None:
     if stream.ended:
         return
     stream.ended = True
-    stream.cancel_timers()
+    if stream.timer is not None:
+        stream.cancel_timers()
     state = stream.cluster_state
     if state is not None:
         state.active_requests -= 1
@@ -476,7 +488,7 @@ def _forward(conn: DownstreamProtocol, stream: Stream, route: Route, port: int) 
     stream.retries_left = retry.num_retries
     # The route timeout covers every attempt and back-off; it starts after any fault delay.
     stream.deadline = conn.loop.time() + route.timeout if route.timeout else None
-    key = stream.hash_key = state.hash_key(head, conn.peer_ip)
+    key = stream.hash_key = state.hash_key(head, conn.peer_ip) if state.policy.hash is not None else None
     stream.avoid_previous = retry.avoid_previous_hosts and key is None  # Istio turns it off with consistent hashing
     return _attempt(conn, stream)
 
@@ -496,7 +508,7 @@ def _attempt(conn: DownstreamProtocol, stream: Stream) -> bool:
     if stream.deadline is not None and now >= stream.deadline:
         _finish_timeout(stream, stream.attempt)
         return True
-    upstream = conn.pool.reuse(state, endpoint)
+    upstream = conn.pool.reuse(target.pool_key)
     if upstream is None:
         _spawn(conn, stream, _connect, target)
     else:
@@ -559,8 +571,9 @@ def _send(conn: DownstreamProtocol, stream: Stream, upstream: UpstreamConnection
     upstream.write(request_head_bytes(stream, head, stream.attempt, deadline, now))
     for data in body:
         upstream.write_body(data)
-    conn.resume_reading(READ_PAUSED_BY_BUFFER)
-    if stream.request_complete:
+    if conn.read_paused & READ_PAUSED_BY_BUFFER:
+        conn.resume_reading(READ_PAUSED_BY_BUFFER)
+    if stream.request_complete and head.chunked:
         upstream.end_body()
 
 
@@ -573,7 +586,8 @@ def attempt_over(stream: Stream, outcome: UpstreamError | None) -> None:
     try:
         stream.upstream = None
         upstream.sink = None
-        stream.cancel_timers()
+        if stream.timer is not None:
+            stream.cancel_timers()
         target = stream.target
         state = stream.cluster_state
         assert target is not None and state is not None
@@ -582,7 +596,8 @@ def attempt_over(stream: Stream, outcome: UpstreamError | None) -> None:
             state.active_retries -= 1
             stream.retrying = False
         if outcome is None:
-            state.report(target, stream.status, conn.loop.time())
+            if state.policy.outlier is not None:
+                state.report(target, stream.status, conn.loop.time())
             conn.pool.release(upstream)
             finished = True
         else:

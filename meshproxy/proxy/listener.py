@@ -176,11 +176,15 @@ class DownstreamProtocol(asyncio.Protocol):
         "head_size", "in_head", "head_fed", "read_paused", "closed", "error", "randbelow", "random", "telemetry",
         "strip_request", "limits", "policy", "max_body", "body_bytes", "head_started", "head_deadline",
         "last_activity", "timer", "timer_at", "aborted", "lingering", "counted", "upgrade_ignored", "max_head_bytes",
-        "max_head_count", "header_timeout", "stream_idle", "idle_timeout", "starting", "start_next",
+        "max_head_count", "header_timeout", "stream_idle", "idle_timeout", "starting", "start_next", "pool",
+        "clusters", "server_name",
     )
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
+        self.pool = ctx.pool  # what the exchange reads, as plain attributes (ctx.draining and ctx.table() change)
+        self.clusters = ctx.clusters
+        self.server_name = ctx.server_name
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -221,28 +225,6 @@ class DownstreamProtocol(asyncio.Protocol):
         self.upgrade_ignored = False  # the request being parsed is an h2c upgrade served as HTTP/1.1
         self.starting = False  # in _start_queued's loop
         self.start_next = False
-
-    # ---- what the exchange reads
-
-    @property
-    def table(self) -> RouteTable:
-        return self.ctx.table()
-
-    @property
-    def pool(self) -> UpstreamPool:
-        return self.ctx.pool
-
-    @property
-    def draining(self) -> bool:
-        return self.ctx.draining
-
-    @property
-    def server_name(self) -> bytes:
-        return self.ctx.server_name
-
-    @property
-    def clusters(self) -> Clusters:
-        return self.ctx.clusters
 
     # ---- asyncio callbacks
 
@@ -377,7 +359,7 @@ class DownstreamProtocol(asyncio.Protocol):
             stream.response_mutation = self.ctx.response_mutation
         self.telemetry.on_request(stream)
         self.parsing = stream
-        if not head.has_body:
+        if not (head.chunked or head.content_length):  # RequestHead.has_body, inline: once per request
             stream.request_complete = True
         self.streams.append(stream)
         if len(self.streams) == 1:

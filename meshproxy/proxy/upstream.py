@@ -267,7 +267,7 @@ class UpstreamPool:
         key = (state.cluster.name, endpoint.address, endpoint.port)
         limits = state.policy.pool
         while True:
-            conn = self._reuse(key)
+            conn = self.reuse(key)
             if conn is not None:
                 return conn
             if state.connections < limits.max_connections or self._evict_idle(state):
@@ -292,11 +292,8 @@ class UpstreamPool:
         self.active += 1
         return conn
 
-    def reuse(self, state: ClusterState, endpoint: Endpoint) -> UpstreamConnection | None:
-        """An idle keep-alive connection to `endpoint` for `state`'s cluster, without waiting; None if there is none."""
-        return self._reuse((state.cluster.name, endpoint.address, endpoint.port))
-
-    def _reuse(self, key: tuple[str, str, int]) -> UpstreamConnection | None:
+    def reuse(self, key: tuple[str, str, int]) -> UpstreamConnection | None:
+        """An idle keep-alive connection for (cluster name, address, port), without waiting; None if there is none."""
         idle = self.idle.get(key)
         while idle:
             conn = idle.pop()
@@ -350,7 +347,7 @@ class UpstreamPool:
         idle_timeout = limits.idle_timeout if limits is not None and limits.idle_timeout else self.idle_timeout
         conn.idle_handle = asyncio.get_running_loop().call_later(idle_timeout, self._expire, conn)
         self.idle.setdefault(conn.key, []).append(conn)
-        if owner is not None:
+        if owner is not None and owner.waiters:
             owner.wake_one()
 
     def discard(self, conn: UpstreamConnection) -> None:

@@ -102,10 +102,10 @@ class FaultPolicy:
     abort_status: int = 0
     abort_grpc_status: str = ""
     abort_per_million: int = 0
+    active: bool = field(init=False, compare=False, default=False)  # computed: read on every request
 
-    @property
-    def active(self) -> bool:
-        return self.delay_per_million > 0 or self.abort_per_million > 0
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "active", self.delay_per_million > 0 or self.abort_per_million > 0)
 
 
 NO_FAULT = FaultPolicy()
@@ -118,10 +118,10 @@ class HeaderMutation:
     remove: frozenset[bytes] = frozenset()
     set: tuple[tuple[bytes, bytes], ...] = ()
     add: tuple[tuple[bytes, bytes], ...] = ()
+    empty: bool = field(init=False, compare=False, default=True)  # computed: read on every request
 
-    @property
-    def empty(self) -> bool:
-        return not (self.remove or self.set or self.add)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "empty", not (self.remove or self.set or self.add))
 
 
 NO_HEADERS = HeaderMutation()
