@@ -263,6 +263,12 @@ class PeakRss:
         return self.peak - self.base
 
 
+def upstream_headers(stream: Any) -> list[tuple[bytes, bytes]]:
+    """The header lines telemetry adds to a stream's upstream request (request id, trace, peer metadata), as pairs."""
+    lines = (stream.upstream_extra + stream.upstream_peer).split(b"\r\n")
+    return [(name, value) for name, _, value in (line.partition(b": ") for line in lines if line)]
+
+
 def free_port() -> int:
     """A port nobody listens on (for connect-failure tests)."""
     with socket.socket() as s:

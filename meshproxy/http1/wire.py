@@ -6,6 +6,7 @@ Everything constant is built once at import: status lines, header names.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from email.utils import formatdate
 from http import HTTPStatus
 
@@ -36,6 +37,11 @@ STATUS_LINES: dict[int, bytes] = {code: _status_line(code) for code in range(100
 def status_line(code: int) -> bytes:
     line = STATUS_LINES.get(code)
     return line if line is not None else f"HTTP/1.1 {code} Unknown\r\n".encode()
+
+
+def header_lines(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """`name: value` CRLF lines, ready to go into a head."""
+    return b"".join(b"%b: %b\r\n" % pair for pair in headers)
 
 
 def chunk(data: bytes) -> bytes:

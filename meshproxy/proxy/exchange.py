@@ -19,13 +19,19 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from ..http1.head import RequestHead
-from ..http1.wire import CONTINUE_100, CRLF, HOP_BY_HOP, LAST_CHUNK, chunk, local_reply, status_line
+from ..http1.wire import (
+    CONTINUE_100,
+    CRLF,
+    HOP_BY_HOP,
+    LAST_CHUNK,
+    chunk,
+    local_reply,
+    status_line,
+)
 from ..routing.cluster import Cluster, Endpoint
 from ..routing.cors import ORIGIN as CORS_ORIGIN
 from ..routing.cors import REQUEST_METHOD as CORS_REQUEST_METHOD
 from ..routing.cors import CorsPolicy
-from ..routing.rewrite import ORIGINAL_PATH
-from ..telemetry.peer import PEER_HEADERS
 from ..routing.policy import (
     ACTION_DIRECT_RESPONSE,
     ACTION_REDIRECT,
@@ -36,6 +42,7 @@ from ..routing.policy import (
     RetryPolicy,
     Route,
 )
+from ..routing.rewrite import ORIGINAL_PATH
 from .balancer import ClusterState, EndpointState
 from .fault import GRPC_CODES, MILLION, decide_abort, decide_delay
 from .local_reply import (
@@ -56,7 +63,14 @@ from .local_reply import (
     UpstreamOverflowError,
     UpstreamTimeoutError,
 )
-from .retry import CONNECT_FAILURE, PER_TRY_TIMEOUT, RESET, backoff, should_retry_failure, should_retry_response
+from .retry import (
+    CONNECT_FAILURE,
+    PER_TRY_TIMEOUT,
+    RESET,
+    backoff,
+    should_retry_failure,
+    should_retry_response,
+)
 from .upstream import FRAMING_CHUNKED, FRAMING_EOF, FRAMING_LENGTH, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -79,7 +93,8 @@ class Stream:
         "conn", "head", "pending", "pending_size", "request_complete", "upstream", "response_started",
         "response_chunked", "response_complete", "status", "flags", "start", "response_bytes", "close_after",
         "request_mutation", "response_mutation", "route", "cluster", "endpoint", "head_only", "sent", "replayable",
-        "body_size", "retries_left", "timer", "sent_at", "upstream_extra", "request_id", "cluster_state", "out",
+        "body_size", "retries_left", "timer", "sent_at", "upstream_extra", "upstream_peer", "request_id",
+        "cluster_state", "out",
         "downstream_extra", "peer", "trace", "target", "attempt", "tried", "deadline", "hash_key", "avoid_previous",
         "retrying", "second_chance", "ended",
     )
@@ -111,7 +126,8 @@ class Stream:
         self.retries_left = 0
         self.timer: asyncio.TimerHandle | None = None
         self.sent_at = 0.0
-        self.upstream_extra: list[tuple[bytes, bytes]] = []  # added to the upstream request (telemetry)
+        self.upstream_extra = b""  # header lines added to the upstream request: request id, trace (telemetry)
+        self.upstream_peer = b""  # ... and this workload's peer metadata, unless the request leaves the mesh
         self.request_id: bytes | None = None
         self.cluster_state: ClusterState | None = None
         self.out: list[bytes] = []  # response bytes not yet written downstream (see flush)
@@ -318,12 +334,12 @@ def request_head_bytes(stream: Stream, head: RequestHead, attempt: int, deadline
     parts += [b"x-forwarded-for: ", (xff + b", " + peer) if xff else peer, CRLF]
     if not has_proto:
         parts.append(b"x-forwarded-proto: http\r\n")
-    cluster = stream.cluster
-    leaving_mesh = cluster is not None and cluster.external
-    for name, value in stream.upstream_extra:
-        if leaving_mesh and name in PEER_HEADERS:
-            continue  # peer metadata stays inside the mesh (Istio strips it for MESH_EXTERNAL services)
-        parts += [name, b": ", value, CRLF]
+    if stream.upstream_extra:
+        parts.append(stream.upstream_extra)
+    if stream.upstream_peer:
+        cluster = stream.cluster
+        if cluster is None or not cluster.external:  # Istio never gives peer metadata to a MESH_EXTERNAL service
+            parts.append(stream.upstream_peer)
     parts += [b"x-envoy-attempt-count: ", str(attempt).encode(), CRLF]
     if deadline is not None:
         parts += [b"x-envoy-expected-rq-timeout-ms: ", str(max(0, int((deadline - now) * 1000))).encode(), CRLF]

@@ -13,6 +13,8 @@ from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness import upstream_headers
+
 from meshproxy.http1.head import build_request_head
 from meshproxy.istio.load import load
 from meshproxy.proxy.exchange import Stream
@@ -156,7 +158,7 @@ def test_source_reporter_labels_with_the_destination_from_response_metadata() ->
     callee = encode_metadata(Workload.of("reviews-v2", "default", REVIEWS, "Kubernetes"), REVIEWS)
     s = stream(b"/reviews/0")
     telemetry.on_request(s)
-    assert dict(s.upstream_extra)[PEER_METADATA] == mesh.metadata[1][1]  # this workload's metadata goes upstream
+    assert dict(upstream_headers(s))[PEER_METADATA] == mesh.metadata[1][1]  # this workload's metadata goes upstream
     s.cluster = REVIEWS_V2
     headers = [(b"content-type", b"text/plain"), (PEER_METADATA_ID, b"sidecar~x"), (PEER_METADATA, callee)]
     assert telemetry.reads_response
@@ -187,7 +189,7 @@ def test_destination_reporter_labels_with_the_source_from_request_metadata(tmp_p
     assert PEER_METADATA in telemetry.strip_request and PEER_METADATA_ID in telemetry.strip_request  # not to the app
     s = stream(b"/reviews/0", ((PEER_METADATA_ID, b"sidecar~x"), (PEER_METADATA, caller)))
     telemetry.on_request(s)
-    assert PEER_METADATA not in dict(s.upstream_extra)
+    assert PEER_METADATA not in dict(upstream_headers(s))
     assert dict(s.downstream_extra)[PEER_METADATA] == mesh.metadata[1][1]  # the caller learns who answered
     assert not telemetry.reads_response
     s.status = 200
@@ -287,7 +289,7 @@ def test_metrics_off_exchanges_no_metadata_and_counts_nothing() -> None:
     assert PEER_METADATA not in telemetry.strip_request
     s = stream()
     telemetry.on_request(s)
-    assert [name for name, _ in s.upstream_extra] == [b"x-request-id"]
+    assert [name for name, _ in upstream_headers(s)] == [b"x-request-id"]
     s.status = 200
     telemetry.on_complete(s)
 

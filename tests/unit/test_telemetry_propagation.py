@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from harness import upstream_headers
+
 from meshproxy.http1.head import build_request_head
 from meshproxy.proxy.exchange import Stream
 from meshproxy.telemetry.access_log import AccessLog
@@ -69,7 +71,7 @@ def request(headers: list[tuple[str, str]], telemetry: Telemetry | None = None) 
     stream = Stream(SimpleNamespace(), head)  # type: ignore[arg-type]
     telemetry.on_request(stream)
     out: dict[str, list[str]] = {}
-    for name, value in stream.upstream_extra:
+    for name, value in upstream_headers(stream):
         out.setdefault(name.decode(), []).append(value.decode())
     return stream, out
 

@@ -12,6 +12,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from harness import upstream_headers
+
 from meshproxy.http1.head import build_request_head
 from meshproxy.proxy.exchange import Stream
 from meshproxy.routing.cluster import Cluster, Endpoint
@@ -52,7 +54,7 @@ def recorded(direction: str = "outbound", headers: tuple[tuple[bytes, bytes], ..
     stream.status, stream.flags, stream.response_bytes = status, list(flags), 42
     telemetry.on_complete(stream)
     mesh.close()
-    return exporter, dict(stream.upstream_extra)
+    return exporter, dict(upstream_headers(stream))
 
 
 def test_a_sampled_client_span_has_envoys_shape_and_istios_tags() -> None:
