@@ -75,8 +75,8 @@ def local_reply(status: int, body: bytes = b"", *, close: bool = False, server: 
     if body:
         parts.append(b"content-type: text/plain\r\n")
     for name, value in extra:
-        parts += [name, b": ", value, CRLF]
-    parts += [DATE.line(), b"server: ", server, CRLF]
+        parts.extend((name, b": ", value, CRLF))
+    parts.extend((DATE.line(), b"server: ", server, CRLF))
     if close:
         parts.append(b"connection: close\r\n")
     parts.append(CRLF)
