@@ -63,7 +63,7 @@ class ResponseSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "key", "transport", "parser", "sink", "head_only", "chunked_request", "status", "headers",
-        "head_done", "framing", "content_length", "keep_alive", "closed", "reused", "idle_handle", "served", "owner",
+        "head_done", "framing", "content_length", "keep_alive", "closed", "reused", "idle_until", "served", "owner",
     )
 
     def __init__(self, pool: UpstreamPool, key: tuple[str, str, int], owner: ClusterState | None = None) -> None:
@@ -83,7 +83,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = True
         self.closed = False
         self.reused = False
-        self.idle_handle: asyncio.TimerHandle | None = None
+        self.idle_until = 0.0  # loop time after which an idle connection is closed (the pool's sweep)
         self.served = 0
 
     # ---- request side (called by the exchange)
@@ -261,6 +261,10 @@ class UpstreamPool:
         self.idle: dict[tuple[str, str, int], list[UpstreamConnection]] = {}
         self.active = 0  # connections out of the pool, carrying a request
         self.opened = 0
+        # One timer for the whole pool, at the earliest idle deadline, instead of a timer set and cancelled per
+        # request (a connection back in the pool after each response, out again with the next request).
+        self.sweep: asyncio.TimerHandle | None = None
+        self.sweep_at = 0.0
 
     async def acquire(self, state: ClusterState, endpoint: Endpoint, connect_timeout: float | None = None
                       ) -> UpstreamConnection:
@@ -296,10 +300,7 @@ class UpstreamPool:
         """An idle keep-alive connection for (cluster name, address, port), without waiting; None if there is none."""
         idle = self.idle.get(key)
         while idle:
-            conn = idle.pop()
-            if conn.idle_handle is not None:
-                conn.idle_handle.cancel()
-                conn.idle_handle = None
+            conn = idle.pop()  # the most recently used: the warmest, and the others may expire
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 conn.reused = True
                 self.active += 1
@@ -345,7 +346,13 @@ class UpstreamPool:
                 conn.transport.close()
             return
         idle_timeout = limits.idle_timeout if limits is not None and limits.idle_timeout else self.idle_timeout
-        conn.idle_handle = asyncio.get_running_loop().call_later(idle_timeout, self._expire, conn)
+        loop = asyncio.get_running_loop()
+        conn.idle_until = until = loop.time() + idle_timeout
+        if self.sweep is None or until < self.sweep_at:
+            if self.sweep is not None:
+                self.sweep.cancel()
+            self.sweep_at = until
+            self.sweep = loop.call_at(until, self._sweep)
         self.idle.setdefault(conn.key, []).append(conn)
         if owner is not None and owner.waiters:
             owner.wake_one()
@@ -360,12 +367,20 @@ class UpstreamPool:
         idle = self.idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
-            if conn.idle_handle is not None:
-                conn.idle_handle.cancel()
-                conn.idle_handle = None
+
+    def _sweep(self) -> None:
+        """Close the connections idle past their deadline; come back at the next deadline, if any."""
+        self.sweep = None
+        now = asyncio.get_running_loop().time()
+        expired = [conn for conns in self.idle.values() for conn in conns if conn.idle_until <= now]
+        for conn in expired:
+            self._expire(conn)
+        following = min((conn.idle_until for conns in self.idle.values() for conn in conns), default=None)
+        if following is not None:
+            self.sweep_at = following
+            self.sweep = asyncio.get_running_loop().call_at(following, self._sweep)
 
     def _expire(self, conn: UpstreamConnection) -> None:
-        conn.idle_handle = None
         self.forget(conn)
         conn.mark_closed()
         if conn.transport is not None:
@@ -379,3 +394,6 @@ class UpstreamPool:
         for conns in list(self.idle.values()):
             for conn in list(conns):
                 self._expire(conn)
+        if self.sweep is not None:
+            self.sweep.cancel()
+            self.sweep = None

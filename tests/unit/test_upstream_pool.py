@@ -1,0 +1,55 @@
+"""The upstream pool's idle connections, over real loopback sockets: reuse, and closing at the idle timeout."""
+
+from __future__ import annotations
+
+import asyncio
+
+from meshproxy.proxy.balancer import Clusters
+from meshproxy.proxy.upstream import UpstreamPool
+from meshproxy.routing.cluster import Cluster, Endpoint
+
+
+class Accepting(asyncio.Protocol):
+    """A server that only accepts: it counts connections and sees them closed."""
+
+    def __init__(self, closed: list[asyncio.Protocol]) -> None:
+        self.closed = closed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed.append(self)
+
+
+def test_idle_connections_are_reused_then_closed_at_their_timeout() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        closed: list[asyncio.Protocol] = []
+        server = await loop.create_server(lambda: Accepting(closed), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        fast = Clusters().state(Cluster("outbound|80||fast", "fast", 80, "", (Endpoint("127.0.0.1", port),),
+                                        {"connectionPool": {"http": {"idleTimeout": "0.3s"}}}))
+        slow = Clusters().state(Cluster("outbound|80||slow", "slow", 80, "", (Endpoint("127.0.0.1", port),)))
+        pool = UpstreamPool(idle_timeout=1.5, connect_timeout=2.0)
+        try:
+            first = await pool.acquire(fast, fast.endpoints[0].endpoint)
+            pool.release(first)
+            assert pool.reuse(fast.endpoints[0].pool_key) is first  # back to the pool, and out again
+            pool.release(first)
+            other = await pool.acquire(slow, slow.endpoints[0].endpoint)
+            pool.release(other)
+            assert pool.idle_count == 2
+            await asyncio.sleep(0.8)  # past the cluster's 0.3 s, within the pool's default 1.5 s
+            assert first.closed and not other.closed and pool.idle_count == 1
+            assert pool.reuse(fast.endpoints[0].pool_key) is None
+            await asyncio.sleep(1.2)
+            assert other.closed and pool.idle_count == 0 and pool.sweep is None
+            for _ in range(50):  # the server sees both closed
+                if len(closed) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(closed) == 2
+        finally:
+            pool.close_idle()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(body())
