@@ -49,14 +49,21 @@ http {{
             default_type text/plain;
             return 200 "ok\\n";
         }}
-        # A static file: GET serves it; POST would be 405, which error_page turns into the same file with 200
-        # (an internal redirect as GET), after nginx has read and dropped the request body.
+        # A static file for GET and POST. The mirror (to a location answering 204) makes nginx read the whole
+        # request body before it answers, as an application would: without it nginx answers a POST to a static
+        # file before the body has arrived. POST to a static file is then 405, which error_page turns into the
+        # same file with 200.
         location = {body_path} {{
+            mirror /_drop;
+            mirror_request_body on;
+            client_max_body_size 4m;
+            client_body_buffer_size 2m;
             root {workdir};
             default_type application/octet-stream;
-            client_max_body_size 4m;
-            error_page 405 =200 $uri;
+            error_page 405 =200 /_body;
         }}
+        location = /_drop {{ internal; return 204; }}
+        location = /_body {{ internal; default_type application/octet-stream; alias {workdir}{body_path}; }}
     }}
 {subset_servers}}}
 """

@@ -368,7 +368,9 @@ def run_rounds(bench: Bench, scenario: Scenario, setup: Setup, targets: list[Tar
                 outcome.failures.append(Failure(scenario.name, target.name, error.name, error.reason, error.log_tail))
                 targets.remove(target)
                 continue
-            say(f"{scenario.name}: {phase.label}: {target.name}: {result.requests_per_second:.0f} req/s")
+            errors = (f" ({result.socket_errors} socket errors or timeouts, {result.bad_statuses} 4xx/5xx)"
+                      if result.errors else "")
+            say(f"{scenario.name}: {phase.label}: {target.name}: {result.requests_per_second:.0f} req/s{errors}")
             if phase.round_index is not None:
                 values = wrk_values(scenario.kind, setup, result, cpu)
                 samples.append(Sample(scenario.name, target.name, phase.round_index, values, result.errors))
