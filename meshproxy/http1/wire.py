@@ -70,16 +70,35 @@ DATE = DateHeader()
 
 def local_reply(status: int, body: bytes = b"", *, close: bool = False, server: bytes = b"envoy",
                 extra: tuple[tuple[bytes, bytes], ...] = (), head_only: bool = False) -> bytes:
-    """A reply made by the proxy itself (Envoy's sendLocalReply): text/plain with content-length."""
-    parts = [status_line(status), b"content-length: ", str(len(body)).encode(), CRLF]
+    """A reply made by the proxy itself (Envoy's sendLocalReply): text/plain with content-length.
+
+    Its fixed parts are made once per kind of reply (a fault abort under load is the same reply thousands of
+    times a second); only the extra headers (a redirect's location, CORS) and the date line are per reply."""
+    key = (status, body, close, server, head_only)
+    parts = _LOCAL_REPLIES.get(key)
+    if parts is None:
+        parts = _local_reply_parts(*key)
+        if len(_LOCAL_REPLIES) < LOCAL_REPLIES_MAX:  # directResponse bodies come from config, reload after reload
+            _LOCAL_REPLIES[key] = parts
+    if extra:
+        return parts[0] + header_lines(extra) + DATE.line() + parts[1]
+    return parts[0] + DATE.line() + parts[1]
+
+
+# Keyed by status and body: Envoy's fixed bodies and the config's directResponse bodies, a small set.
+LOCAL_REPLIES_MAX = 1024
+_LOCAL_REPLIES: dict[tuple[int, bytes, bool, bytes, bool], tuple[bytes, bytes]] = {}
+
+
+def _local_reply_parts(status: int, body: bytes, close: bool, server: bytes, head_only: bool) -> tuple[bytes, bytes]:
+    """(the head before the extra headers and the date line, the rest after them)."""
+    before = [status_line(status), b"content-length: %d\r\n" % len(body)]
     if body:
-        parts.append(b"content-type: text/plain\r\n")
-    for name, value in extra:
-        parts.extend((name, b": ", value, CRLF))
-    parts.extend((DATE.line(), b"server: ", server, CRLF))
+        before.append(b"content-type: text/plain\r\n")
+    after = [b"server: ", server, CRLF]
     if close:
-        parts.append(b"connection: close\r\n")
-    parts.append(CRLF)
+        after.append(b"connection: close\r\n")
+    after.append(CRLF)
     if body and not head_only:
-        parts.append(body)
-    return b"".join(parts)
+        after.append(body)
+    return b"".join(before), b"".join(after)
