@@ -494,13 +494,13 @@ def run(options: Options, children: Children, workdir: Path) -> int:
     envoy = envoy_binary(not options.quick) if uses_envoy else None
     failures: list[Failure] = []
     summaries: Summaries = {}
-    with TraceSink() as sink:
-        bench = Bench(options, children, workdir, wrk, backend, cpus, sink)
-        print(header(bench, envoy), end="\n\n", flush=True)
-        for name in options.scenarios:
-            outcome = run_scenario(bench, SCENARIOS[name])
-            failures += outcome.failures
-            summaries[name] = {s.target: s for s in outcome.summaries}
+    sink = TraceSink(children, workdir)
+    bench = Bench(options, children, workdir, wrk, backend, cpus, sink)
+    print(header(bench, envoy), end="\n\n", flush=True)
+    for name in options.scenarios:
+        outcome = run_scenario(bench, SCENARIOS[name])
+        failures += outcome.failures
+        summaries[name] = {s.target: s for s in outcome.summaries}
     lines = goals(summaries)
     if lines:
         print("== the performance issue's goals, meshproxy in this run\n" + "\n".join("   " + line for line in lines))
