@@ -540,9 +540,9 @@ async def _connect(conn: DownstreamProtocol, stream: Stream, target: EndpointSta
     assert state is not None
     loop = conn.loop
     deadline = stream.deadline
-    timeout = conn.pool.connect_timeout if deadline is None else min(deadline - loop.time(), conn.pool.connect_timeout)
+    timeout = min(deadline - loop.time(), conn.pool.connect_timeout) if deadline is not None else None
     try:
-        upstream = await conn.pool.acquire(state, target.endpoint, timeout if deadline is not None else None)
+        upstream = await conn.pool.acquire(state, target.endpoint, timeout)
     except UpstreamOverflowError:
         _reply_overflow(stream)
         return True
