@@ -208,8 +208,8 @@ class Stream:
                 self.close_after = True  # HTTP/1.0 client: the body ends when we close
         if self.sent_at:
             parts.append(b"x-envoy-upstream-service-time: %d\r\n" % int((conn.loop.time() - self.sent_at) * 1000))
-        if conn.ctx.draining:
-            self.close_after = True
+        if conn.ctx.draining or not self.request_complete:  # Envoy: a response before the request ended closes
+            self.close_after = True  # an HTTP/1 connection (downstream_rq_response_before_rq_complete)
         if self.close_after:
             parts.append(b"connection: close\r\n")
         parts.append(CRLF)
@@ -616,7 +616,10 @@ def attempt_over(stream: Stream, outcome: UpstreamError | None) -> None:
         if outcome is None:
             if state.policy.outlier is not None:
                 state.report(target, stream.status, conn.loop.time())
-            conn.pool.release(upstream)
+            if stream.request_complete:
+                conn.pool.release(upstream)
+            else:  # answered before the request body ended: the connection still owes the rest, never reused
+                conn.pool.discard(upstream)
             finished = True
         else:
             state.report(target, outcome.status if isinstance(outcome, RetriableResponse) else 0, conn.loop.time())

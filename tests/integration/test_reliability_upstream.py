@@ -303,6 +303,26 @@ def test_bytes_after_a_response_discard_the_upstream_connection(proxy: ProxyProc
     assert settle_fds(proxy, baseline) <= baseline + 2
 
 
+def test_a_response_before_the_request_body_ended_discards_both_connections(proxy: ProxyProcess,
+                                                                            faults: FaultServer) -> None:
+    """The upstream answers as soon as the head arrives, half the body still to come. That connection owes the
+    rest of a request: never reused. The client's connection closes after the answer (Envoy's HTTP/1 codec)."""
+    assert fetch(proxy.port, "ok")[:2] == (200, OK_BODY)  # an idle connection to "ok" in the pool
+    before = faults.accepted["ok"]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as client:
+        client.sendall(b"POST /up HTTP/1.1\r\nHost: ok\r\ncontent-length: 10\r\n\r\nhalf.")
+        reply = b""
+        while not reply.endswith(OK_BODY):
+            data = client.recv(65536)
+            assert data, reply
+            reply += data
+        assert reply.startswith(b"HTTP/1.1 200") and b"connection: close" in reply.lower()
+        client.settimeout(5)
+        assert client.recv(65536) == b""  # closed by the proxy: the rest of the body is not read
+    assert fetch(proxy.port, "ok")[:2] == (200, OK_BODY)
+    assert faults.accepted["ok"] - before == 1  # the GET took a new connection: the POST's one was discarded
+
+
 def test_good_upstream_connection_is_reused_and_everything_returns_to_baseline(proxy: ProxyProcess,
                                                                                faults: FaultServer,
                                                                                baseline: int,
