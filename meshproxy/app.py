@@ -119,6 +119,9 @@ class ProxyApp:
         state = self.config
         self.config = ConfigState(table, snapshot, warnings, state.version + 1, time.time(),
                                   state.reloads_accepted + 1, state.reloads_rejected)
+        for ctx in self.contexts:
+            if ctx.follows_config:
+                ctx.table = table  # requests that already matched keep their route; new ones see this table
         log.info("config version %d loaded (%s)", self.config.version, reason)
         return True
 
@@ -139,14 +142,14 @@ class ProxyApp:
         budget = connection_budget(settings)  # one downstream connection limit for the whole process
         if settings.listen is not None:
             edge = EDGE_NONE if "mesh" in settings.gateways else EDGE_GATEWAY  # a gateway's clients are outside
-            ctx = ListenerContext("outbound", lambda: self.config.table, self.pool, rng=self.rng, clusters=self.clusters,
+            ctx = ListenerContext("outbound", self.config.table, self.pool, rng=self.rng, clusters=self.clusters,
                                   telemetry=Telemetry("outbound", "outbound", self.access_log, self.telemetry),
-                                  limits=listener_limits(settings, edge), budget=budget)
+                                  limits=listener_limits(settings, edge), budget=budget, follows_config=True)
             await self._listen(ctx, settings.listen)
         for spec in settings.inbound:
             table = inbound_table(spec)
             name = f"inbound:{spec.app[1]}"
-            ctx = ListenerContext(name, lambda t=table: t, self.pool, server_name=b"istio-envoy",
+            ctx = ListenerContext(name, table, self.pool, server_name=b"istio-envoy",
                                   response_mutation=INBOUND_SERVER, rng=self.rng, clusters=self.clusters,
                                   telemetry=Telemetry(name, "inbound", self.access_log, self.telemetry,
                                                       table=lambda: self.config.table, address=spec.listen),

@@ -249,7 +249,11 @@ def build_request_head(method: bytes, target: bytes, headers: list[tuple[bytes, 
         raise ProtocolError(400, "http1.invalid_transfer_encoding")  # RFC 9112 6.1: faulty framing in 1.0
     if content_length is not None and policy.max_body_bytes and content_length > policy.max_body_bytes:
         raise ProtocolError(413, "request_payload_too_large")
-    authority, path, query = split_target(target)
+    if target[:1] == b"/" and b"/." not in target and b"#" not in target:  # the common origin-form: inline
+        authority = None
+        path, _, query = target.partition(b"?")
+    else:
+        authority, path, query = split_target(target)
     if path == b"*" and method != b"OPTIONS":
         raise ProtocolError(400, "http1.invalid_url")  # asterisk-form is for OPTIONS only
     if authority is None:

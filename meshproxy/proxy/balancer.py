@@ -64,6 +64,11 @@ class ClusterState:
     pending: int = 0
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
     ring: tuple[tuple[int, ...], tuple[EndpointState, ...]] | None = None  # ring hash points, or maglev table
+    only: EndpointState | None = None  # the one endpoint, when no policy can make a pick other than it (computed)
+
+    def __post_init__(self) -> None:
+        if len(self.endpoints) == 1 and self.policy.outlier is None and self.policy.hash is None:
+            self.only = self.endpoints[0]
 
     # ---- load balancing
 

@@ -438,7 +438,7 @@ def _drop_upstream(conn: DownstreamProtocol, stream: Stream) -> None:
 def _route(conn: DownstreamProtocol, stream: Stream) -> bool:
     """Route and apply the route's filters; True when the request was answered here."""
     head = stream.head
-    route, port = conn.ctx.table().match(head)  # one read of the table: a reload never changes this request
+    route, port = conn.ctx.table.match(head)  # one read of the table: a reload never changes this request
     if route is None:
         stream.reply(*_reply_args(NO_ROUTE))
         return True
@@ -478,9 +478,8 @@ def _forward(conn: DownstreamProtocol, stream: Stream, route: Route, port: int) 
         assert redirect is not None
         stream.reply(redirect.code, b"", "", ((b"location", redirect.location(head.authority, head.path, head.query)),))
         return True
-    assert route.picker is not None
-    dest = route.pick(head, conn.randbelow)
-    cluster = dest.cluster_for(port)
+    dest = route.only or route.pick(head, conn.randbelow)
+    cluster = dest.cluster_for(port) if dest.by_port else dest.cluster
     if cluster is None:
         stream.reply(*_reply_args(NO_CLUSTER))
         return True
@@ -517,7 +516,7 @@ def _attempt(conn: DownstreamProtocol, stream: Stream) -> bool:
     assert state is not None
     stream.attempt += 1
     now = conn.loop.time()
-    target = state.pick(stream.hash_key, stream.tried if stream.avoid_previous else (), conn.random, now)
+    target = state.only or state.pick(stream.hash_key, stream.tried if stream.avoid_previous else (), conn.random, now)
     if target is None:  # every endpoint ejected
         stream.reply(*_reply_args(NO_HEALTHY_UPSTREAM))
         return True
@@ -586,7 +585,7 @@ def _send(conn: DownstreamProtocol, stream: Stream, upstream: UpstreamConnection
     stream.pending = []
     stream.pending_size = 0
     stream.sent_at = now
-    upstream.write(request_head_bytes(stream, head, stream.attempt, deadline, now))
+    upstream.transport.write(request_head_bytes(stream, head, stream.attempt, deadline, now))
     for data in body:
         upstream.write_body(data)
     if conn.read_paused & READ_PAUSED_BY_BUFFER:

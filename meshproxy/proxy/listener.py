@@ -33,7 +33,6 @@ import asyncio
 import logging
 import random
 import resource
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -136,7 +135,7 @@ class ListenerContext:
     """What every connection of one listener shares."""
 
     name: str  # "outbound" or "inbound"
-    table: Callable[[], RouteTable]  # read once per request
+    table: RouteTable  # read once per request; replaced whole by a reload
     pool: UpstreamPool
     server_name: bytes = b"envoy"
     response_mutation: HeaderMutation | None = None
@@ -147,6 +146,7 @@ class ListenerContext:
     telemetry: Telemetry | None = None
     limits: ListenerLimits = DEFAULT_LIMITS
     budget: ConnectionBudget = field(default_factory=ConnectionBudget)  # shared by all listeners of the process
+    follows_config: bool = False  # the app gives it each reloaded table (the outbound listener)
 
     strip_request: frozenset[bytes] = field(init=False)  # request headers never forwarded upstream (computed)
 
@@ -185,7 +185,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def __init__(self, ctx: ListenerContext) -> None:
         self.ctx = ctx
-        self.pool = ctx.pool  # what the exchange reads, as plain attributes (ctx.draining and ctx.table() change)
+        self.pool = ctx.pool  # what the exchange reads, as plain attributes (ctx.draining and ctx.table change)
         self.clusters = ctx.clusters
         self.server_name = ctx.server_name
         self.loop = asyncio.get_running_loop()

@@ -212,8 +212,11 @@ class UpstreamConnection(asyncio.Protocol):
             sink.on_response_body(body)
 
     def on_message_complete(self) -> None:
-        if self.head_done and self.sink is not None:
-            self._finish()
+        sink = self.sink
+        if self.head_done and sink is not None:  # _finish, inline: once per response
+            self.sink = None
+            self.served += 1
+            sink.on_response_end()
 
     # ---- internals
 

@@ -225,6 +225,11 @@ class Route:
     rewrite: Rewrite | None = None
     mirrors: tuple[Mirror, ...] = ()
     cors: CorsPolicy | None = None
+    only: RouteDestination | None = field(init=False, compare=False, default=None)  # one destination: no pick
+
+    def __post_init__(self) -> None:
+        if self.picker is not None and len(self.picker.choices) == 1:
+            object.__setattr__(self, "only", self.picker.choices[0])
 
     def pick(self, req: MatchInput, randbelow: Callable[[int], int]) -> RouteDestination:
         """The destination for this request: Envoy's weighted pick (`randbelow(total)` over cumulative

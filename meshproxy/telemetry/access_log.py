@@ -45,17 +45,14 @@ DETAILS = {
 
 
 class AccessLog:
-    __slots__ = ("format", "out")
+    __slots__ = ("enabled", "format", "out")
 
     def __init__(self, fmt: str = "off", out: TextIO | None = None) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"access log format must be one of {', '.join(FORMATS)}")
         self.format = fmt
         self.out = out or sys.stdout
-
-    @property
-    def enabled(self) -> bool:
-        return self.format != "off"
+        self.enabled = fmt != "off"  # read on every request
 
     def fields(self, stream: Stream, listener: str) -> dict[str, object]:
         head = stream.head

@@ -246,7 +246,7 @@ class Pipeline:
         table = inbound_table(InboundSpec(("127.0.0.1", 0), ("127.0.0.1", self.upstream.port)))
         self.pool = UpstreamPool(4.0, 2.0)
         limits = ListenerLimits(self.policy, **self.timeouts)
-        self.ctx = ListenerContext("test", lambda: table, self.pool, clusters=Clusters(), limits=limits,
+        self.ctx = ListenerContext("test", table, self.pool, clusters=Clusters(), limits=limits,
                                    budget=ConnectionBudget(0))
         self.log = _ErrorLog()
         logging.getLogger("meshproxy").addHandler(self.log)

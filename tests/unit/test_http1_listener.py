@@ -57,9 +57,9 @@ def test_a_long_pipeline_of_local_replies_behind_a_proxied_request() -> None:
 
     async def body() -> None:
         async with Pipeline() as p:
-            catch_all = p.ctx.table().catch_all
+            catch_all = p.ctx.table.catch_all
             only_svc = RouteTable(exact={"svc": catch_all}, wildcards=())  # other hosts: 404 NR, a local reply
-            p.ctx.table = lambda: only_svc
+            p.ctx.table = only_svc
             limit = sys.getrecursionlimit()
             sys.setrecursionlimit(len(inspect.stack()) + 250)  # room for one request, not for 98 nested ones
             try:
