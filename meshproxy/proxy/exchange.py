@@ -227,7 +227,10 @@ class Stream:
         are judged on this connection before it goes back to the pool."""
         out = self.out
         if out:
-            self.conn.write(out[0] if len(out) == 1 else b"".join(out))
+            conn = self.conn
+            if not conn.closed:  # DownstreamProtocol.write, inline: once per upstream read
+                conn.last_activity = conn.loop.time()
+                conn.transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
         if self.response_complete and self.upstream is not None:
             attempt_over(self, None)

@@ -407,7 +407,9 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _start(self, stream: Stream) -> None:
         if self.stream_idle:
-            self._arm(self.last_activity + self.stream_idle)
+            at = self.last_activity + self.stream_idle
+            if self.timer is None or at < self.timer_at:  # _arm's own test, inline: usually the timer fires first
+                self._arm(at)
         start(self, stream)  # may finish the stream (stream_done) before it returns
 
     def stream_done(self, stream: Stream) -> None:
@@ -458,7 +460,9 @@ class DownstreamProtocol(asyncio.Protocol):
             self.head_deadline = self.last_activity + self.header_timeout
             self._arm(self.head_deadline)
         elif self.idle_timeout:
-            self._arm(self.last_activity + self.idle_timeout)
+            at = self.last_activity + self.idle_timeout
+            if self.timer is None or at < self.timer_at:
+                self._arm(at)
 
     def _start_queued(self) -> None:
         """Start the next pipelined request. One that is answered at once finishes (stream_done) inside _start; its
