@@ -95,9 +95,8 @@ class Stream:
         "response_chunked", "response_complete", "status", "flags", "start", "response_bytes", "close_after",
         "request_mutation", "response_mutation", "route", "cluster", "endpoint", "head_only", "sent", "replayable",
         "body_size", "retries_left", "timer", "sent_at", "upstream_extra", "upstream_peer", "request_id",
-        "cluster_state", "out",
-        "downstream_extra", "peer", "trace", "target", "attempt", "tried", "deadline", "hash_key", "avoid_previous",
-        "retrying", "second_chance", "ended",
+        "cluster_state", "out", "downstream_extra", "peer", "trace", "target", "attempt", "tried", "deadline",
+        "hash_key", "avoid_previous", "retrying", "second_chance", "ended",
     )
 
     def __init__(self, conn: DownstreamProtocol, head: RequestHead) -> None:
