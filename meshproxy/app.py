@@ -230,7 +230,7 @@ def tune_memory() -> None:
       walks only what was made since, instead of stopping the loop for a walk of the whole heap (37-45 ms here).
     - Body bytes come in reads of up to 256 KiB, each a new bytes object (uvloop's read, httptools' body slice).
       glibc serves such sizes with mmap, or trims the heap when they are freed, so every read touched fresh pages
-      (page faults, zeroing): 1 MiB bodies cost 3.0 ms of CPU per request, 0.8 ms with freed memory kept for
+      (page faults, zeroing): 1 MiB bodies cost 3.0 ms of CPU per request, 1.0 ms with freed memory kept for
       reuse (benchmarks, bodies-1mib). Large buffers come from the heap and up to 128 MiB of free heap is kept.
     """
     gc.freeze()
