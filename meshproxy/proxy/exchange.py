@@ -42,6 +42,7 @@ from ..routing.policy import (
     HeaderMutation,
     RetryPolicy,
     Route,
+    merge_mutations,
 )
 from ..routing.rewrite import ORIGINAL_PATH
 from .balancer import ClusterState, EndpointState
@@ -296,7 +297,7 @@ def shadow_authority(authority: bytes) -> bytes:
 
 
 def request_head_bytes(stream: Stream, head: RequestHead, attempt: int, deadline: float | None = None,
-                       now: float = 0.0, shadow: bool = False) -> bytes:
+                       now: float = 0.0, shadow: Cluster | None = None) -> bytes:
     """The upstream request head: origin-form, rewritten as the route says, hop-by-hop removed, framing regenerated."""
     conn = stream.conn
     drop = conn.strip_request | head.connection_tokens if head.connection_tokens else conn.strip_request
@@ -315,7 +316,7 @@ def request_head_bytes(stream: Stream, head: RequestHead, attempt: int, deadline
                 path = rewritten + b"?" + head.query if head.query else rewritten
         if rewrite.authority:
             authority = rewrite.authority
-    if shadow:
+    if shadow is not None:  # a mirror's copy, to that cluster
         authority = shadow_authority(authority)
     parts = [head.method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, CRLF]
     extend = parts.extend
@@ -341,7 +342,7 @@ def request_head_bytes(stream: Stream, head: RequestHead, attempt: int, deadline
     if stream.upstream_extra:
         parts.append(stream.upstream_extra)
     if stream.upstream_peer:
-        cluster = stream.cluster
+        cluster = shadow or stream.cluster
         if cluster is None or not cluster.external:  # Istio never gives peer metadata to a MESH_EXTERNAL service
             parts.append(stream.upstream_peer)
     parts.append(b"x-envoy-attempt-count: %d\r\n" % attempt)
@@ -491,8 +492,10 @@ def _forward(conn: DownstreamProtocol, stream: Stream, route: Route, port: int) 
         return True
     if not dest.request_headers.empty:
         stream.request_mutation = dest.request_headers
-    if not dest.response_headers.empty:
-        stream.response_mutation = dest.response_headers
+    if not dest.response_headers.empty:  # on top of what the listener and CORS already set
+        current = stream.response_mutation
+        stream.response_mutation = dest.response_headers if current is None else \
+            merge_mutations(current, dest.response_headers)
     if route.mirrors:
         _start_mirrors(conn, stream, route, port)
     state = conn.clusters.state(cluster)
@@ -678,8 +681,7 @@ def _cors(stream: Stream, cors: CorsPolicy) -> bool:
             return True
         added = HeaderMutation(set=cors.response_headers(origin))
         current = stream.response_mutation
-        stream.response_mutation = added if current is None else \
-            HeaderMutation(current.remove, current.set + added.set, current.add)
+        stream.response_mutation = added if current is None else merge_mutations(current, added)
         return False
     if preflight and not cors.forward_unmatched_preflight:
         stream.reply(200, b"", "")
@@ -743,6 +745,8 @@ async def _mirror(conn: DownstreamProtocol, stream: Stream, cluster: Cluster) ->
     try:
         async with asyncio.timeout(MIRROR_TIMEOUT):
             while not stream.request_complete and stream.replayable:  # the copy needs the whole body
+                if stream.ended:
+                    return  # the request was abandoned before its body ended: nothing to copy
                 await asyncio.sleep(0.01)
             if not stream.replayable:
                 log.debug("mirror of %r skipped: body larger than the retry buffer", head.target)
@@ -755,7 +759,7 @@ async def _mirror(conn: DownstreamProtocol, stream: Stream, cluster: Cluster) ->
             upstream = await conn.pool.acquire(state, target.endpoint)
             done: asyncio.Future[None] = conn.loop.create_future()
             upstream.attach(_MirrorSink(done), head.method == b"HEAD", head.chunked)  # type: ignore[arg-type]
-            upstream.write(request_head_bytes(stream, head, 1, shadow=True))
+            upstream.write(request_head_bytes(stream, head, 1, shadow=cluster))
             if body:
                 upstream.write_body(body)
             upstream.end_body()

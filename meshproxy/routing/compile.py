@@ -35,6 +35,7 @@ from .policy import (
     Route,
     RouteDestination,
     StickyKey,
+    merge_mutations,
 )
 from .cors import CorsPolicy
 from .cors import join as cors_join
@@ -219,7 +220,7 @@ class _Compiler:
         dest_req, dest_resp = _mutations(dest.headers)
         # Istio/Envoy: with one destination the destination-level `set` wins; with weights the route-level one.
         first, second = ((route_req, dest_req), (route_resp, dest_resp)) if not weighted else ((dest_req, route_req), (dest_resp, route_resp))
-        return RouteDestination(host, subset, cluster, by_port, _merge(*first), _merge(*second))
+        return RouteDestination(host, subset, cluster, by_port, merge_mutations(*first), merge_mutations(*second))
 
     def http_routes(self, vs: m.VirtualService) -> list[Route]:
         routes: list[Route] = []
@@ -486,16 +487,6 @@ def _mutation(ops: m.HeaderOperations) -> HeaderMutation:
 
 
 AUTHORITY_KEYS = frozenset({"host", ":authority"})
-
-
-def _merge(first: HeaderMutation, then: HeaderMutation) -> HeaderMutation:
-    """Apply `first`, then `then` (whose `set` wins)."""
-    if first.empty:
-        return then
-    if then.empty:
-        return first
-    set_ = tuple(dict(first.set + then.set).items())  # one value per name: the later `set` wins
-    return HeaderMutation(first.remove | then.remove, set_, first.add + then.add)
 
 
 def _retry(retries: m.HTTPRetry | None, default: RetryPolicy) -> RetryPolicy:

@@ -127,6 +127,16 @@ class HeaderMutation:
 NO_HEADERS = HeaderMutation()
 
 
+def merge_mutations(first: HeaderMutation, then: HeaderMutation) -> HeaderMutation:
+    """Apply `first`, then `then` (whose `set` wins)."""
+    if first.empty:
+        return then
+    if then.empty:
+        return first
+    set_ = tuple(dict(first.set + then.set).items())  # one value per name: the later `set` wins
+    return HeaderMutation(first.remove | then.remove, set_, first.add + then.add)
+
+
 @dataclass(frozen=True, slots=True)
 class RouteDestination:
     """One weighted destination. `cluster` is None when Istio would have no such cluster (503 NC)."""

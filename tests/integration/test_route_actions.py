@@ -112,6 +112,32 @@ def test_mirror_gets_a_shadow_copy_and_never_delays_the_request(tmp_path: Path, 
         shadow.close()
 
 
+def test_a_mirror_outside_the_mesh_gets_no_peer_metadata(tmp_path: Path, upstream: Upstream) -> None:
+    """Judged by the mirror's own cluster, not the primary's: Istio never gives peer metadata to MESH_EXTERNAL."""
+    shadow = Upstream("shadow")
+    vs = """---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: backend}
+spec:
+  hosts: [backend]
+  http: [{route: [{destination: {host: backend}}], mirror: {host: shadow}}]
+"""
+    p = ProxyProcess(write_config(tmp_path, "c.yaml",
+                                  service_entry("backend", [(upstream.port, {})], port=80, location="MESH_INTERNAL"),
+                                  service_entry("shadow", [(shadow.port, {})], port=80), vs))  # MESH_EXTERNAL
+    try:
+        assert request(p.port, "/echo")[0] == 200
+        deadline = time.monotonic() + 5
+        while not shadow.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(upstream.header_values(-1, "x-envoy-peer-metadata")) == 1  # inside the mesh: sent
+        assert shadow.requests and shadow.header_values(0, "x-envoy-peer-metadata") == []
+    finally:
+        assert p.stop() == 0
+        shadow.close()
+
+
 def test_cors_preflight_answered_and_simple_request_gets_headers(tmp_path: Path, upstream: Upstream, proxies) -> None:
     p = start(tmp_path, upstream, """  - corsPolicy:
       allowOrigins: [{exact: "https://app.example"}]
@@ -131,3 +157,16 @@ def test_cors_preflight_answered_and_simple_request_gets_headers(tmp_path: Path,
     assert headers["access-control-allow-credentials"] == "true"
     status, _, headers = request(p.port, "/echo", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in headers
+
+
+def test_cors_headers_survive_the_destinations_response_header_operations(tmp_path: Path, upstream: Upstream,
+                                                                          proxies) -> None:
+    p = start(tmp_path, upstream, """  - corsPolicy:
+      allowOrigins: [{exact: "https://app.example"}]
+    route:
+    - destination: {host: backend}
+      headers: {response: {set: {x-served-by: backend}}}""")
+    proxies.append(p)
+    status, _, headers = request(p.port, "/echo", headers={"Origin": "https://app.example"})
+    assert status == 200 and headers["x-served-by"] == "backend"
+    assert headers["access-control-allow-origin"] == "https://app.example"  # was dropped by the destination's set
