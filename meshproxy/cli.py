@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .istio.problems import ConfigError
+from .routing.policy import DEFAULT_RETRY_ATTEMPTS, DEFAULT_RETRY_ON
 
 if TYPE_CHECKING:
     from .istio.load import LoadResult
@@ -159,10 +160,10 @@ def main() -> None:
 @click.option("--concurrency", type=click.IntRange(0), default=1, show_default=True, envvar="MESHPROXY_CONCURRENCY",
               help="Worker processes, each a whole proxy, sharing the listen ports (SO_REUSEPORT), as Envoy's "
                    "--concurrency; the admin port answers for all of them (0: one per CPU).")
-@click.option("--default-retry-attempts", type=click.IntRange(0), default=2, show_default=True,
+@click.option("--default-retry-attempts", type=click.IntRange(0), default=DEFAULT_RETRY_ATTEMPTS, show_default=True,
               envvar="MESHPROXY_DEFAULT_RETRY_ATTEMPTS",
               help="Retries of routes without `retries` (Istio's meshConfig.defaultHttpRetryPolicy; 0 disables).")
-@click.option("--default-retry-on", default="connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+@click.option("--default-retry-on", default=DEFAULT_RETRY_ON,
               show_default=True, envvar="MESHPROXY_DEFAULT_RETRY_ON", callback=_retry_on,
               help="retryOn of routes without `retries` (Istio 1.24+ default: no 503).")
 @_limit_options

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .routing.policy import DEFAULT_RETRY_ATTEMPTS, DEFAULT_RETRY_ON
+
 
 def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
     """`host:port`, `:port` or `[v6]:port` -> (host, port)."""
@@ -52,8 +54,8 @@ class Settings:
     watch_interval: float = 1.0  # seconds between config file checks; 0 disables (SIGHUP still reloads)
     seed: int | None = None  # fixed seed for weights and faults (tests); None = random
     # Mesh-wide retry policy of routes without `retries` (meshConfig.defaultHttpRetryPolicy).
-    default_retry_attempts: int = 2
-    default_retry_on: str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+    default_retry_attempts: int = DEFAULT_RETRY_ATTEMPTS
+    default_retry_on: str = DEFAULT_RETRY_ON
     # Downstream limits and timeouts (Envoy's names and defaults; see proxy/listener.py). 0 disables a timeout.
     request_headers_timeout: float = 10.0  # a request head must arrive within this -> else 408 and close
     idle_timeout: float = 3600.0  # keep-alive connection with no request in progress

@@ -97,10 +97,6 @@ class RequestHead:
     expect_continue: bool
     connection_tokens: frozenset[bytes]  # extra hop-by-hop names listed in Connection
 
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
-
     def header(self, name: bytes) -> bytes | None:
         """First value of a header (names are lower-case)."""
         for key, value in self.headers:
@@ -190,7 +186,6 @@ def build_request_head(method: bytes, target: bytes, headers: list[tuple[bytes, 
     host: bytes | None = None
     content_length: int | None = None
     chunked = False
-    transfer_encoding = False
     expect_continue = False
     tokens: frozenset[bytes] = frozenset()
     filtering = policy.filters_names
@@ -236,16 +231,16 @@ def build_request_head(method: bytes, target: bytes, headers: list[tuple[bytes, 
             content_length = int(value)
         elif name == b"transfer-encoding":
             # Only one line, whose only coding is chunked (Envoy: anything else is 501).
-            if transfer_encoding or value.lower() != b"chunked":
+            if chunked or value.lower() != b"chunked":
                 raise ProtocolError(501, "http1.invalid_transfer_encoding")
-            transfer_encoding = chunked = True
+            chunked = True
         elif name == b"connection":
             tokens = tokens | frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
         elif name == b"expect" and value.lower() == b"100-continue":
             expect_continue = True
-    if transfer_encoding and content_length is not None:
+    if chunked and content_length is not None:
         raise ProtocolError(400, "http1.content_length_and_chunked_not_allowed")
-    if transfer_encoding and version == "1.0":
+    if chunked and version == "1.0":
         raise ProtocolError(400, "http1.invalid_transfer_encoding")  # RFC 9112 6.1: faulty framing in 1.0
     if content_length is not None and policy.max_body_bytes and content_length > policy.max_body_bytes:
         raise ProtocolError(413, "request_payload_too_large")

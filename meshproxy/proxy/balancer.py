@@ -111,8 +111,7 @@ class ClusterState:
 
     def _healthy(self, now: float) -> list[EndpointState]:
         outlier = self.policy.outlier
-        if outlier is None:
-            return self.endpoints  # no outlier detection: nobody is ever ejected
+        assert outlier is not None  # pick() asks only then: without outlier detection nobody is ever ejected
         healthy = [e for e in self.endpoints if not e.ejected(now)]
         if outlier.min_health_percent > 0 and self.endpoints \
                 and 100 * len(healthy) / len(self.endpoints) < outlier.min_health_percent:

@@ -24,7 +24,6 @@ from ..http1.wire import (
     CRLF,
     HOP_BY_HOP,
     LAST_CHUNK,
-    STATUS_LINES,
     chunk,
     local_reply,
     status_line,
@@ -188,7 +187,7 @@ class Stream:
         conn = self.conn
         if conn.telemetry.reads_response:
             headers = conn.telemetry.on_response(self, headers)
-        parts = [STATUS_LINES.get(status) or status_line(status)]
+        parts = [status_line(status)]
         extend = parts.extend
         mutation = self.response_mutation
         if mutation is not None:
@@ -227,10 +226,7 @@ class Stream:
         are judged on this connection before it goes back to the pool."""
         out = self.out
         if out:
-            conn = self.conn
-            if not conn.closed:  # DownstreamProtocol.write, inline: once per upstream read
-                conn.last_activity = conn.loop.time()
-                conn.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.conn.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
         if self.response_complete and self.upstream is not None:
             attempt_over(self, None)
@@ -546,7 +542,7 @@ async def _connect(conn: DownstreamProtocol, stream: Stream, target: EndpointSta
     deadline = stream.deadline
     timeout = min(deadline - loop.time(), conn.pool.connect_timeout) if deadline is not None else None
     try:
-        upstream = await conn.pool.acquire(state, target.endpoint, timeout)
+        upstream = await conn.pool.acquire(state, target, timeout)
     except UpstreamOverflowError:
         _reply_overflow(stream)
         return True
@@ -756,7 +752,7 @@ async def _mirror(conn: DownstreamProtocol, stream: Stream, cluster: Cluster) ->
             target = state.pick(None, (), conn.random, conn.loop.time())
             if target is None:
                 return
-            upstream = await conn.pool.acquire(state, target.endpoint)
+            upstream = await conn.pool.acquire(state, target)
             done: asyncio.Future[None] = conn.loop.create_future()
             upstream.attach(_MirrorSink(done), head.method == b"HEAD", head.chunked)  # type: ignore[arg-type]
             upstream.write(request_head_bytes(stream, head, 1, shadow=cluster))

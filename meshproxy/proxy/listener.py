@@ -364,7 +364,7 @@ class DownstreamProtocol(asyncio.Protocol):
             stream.response_mutation = self.ctx.response_mutation
         self.telemetry.on_request(stream)
         self.parsing = stream
-        if not (head.chunked or head.content_length):  # RequestHead.has_body, inline: once per request
+        if not (head.chunked or head.content_length):  # no body
             stream.request_complete = True
         self.streams.append(stream)
         if len(self.streams) == 1:
@@ -407,9 +407,7 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def _start(self, stream: Stream) -> None:
         if self.stream_idle:
-            at = self.last_activity + self.stream_idle
-            if self.timer is None or at < self.timer_at:  # _arm's own test, inline: usually the timer fires first
-                self._arm(at)
+            self._arm(self.last_activity + self.stream_idle)
         start(self, stream)  # may finish the stream (stream_done) before it returns
 
     def stream_done(self, stream: Stream) -> None:
@@ -460,9 +458,7 @@ class DownstreamProtocol(asyncio.Protocol):
             self.head_deadline = self.last_activity + self.header_timeout
             self._arm(self.head_deadline)
         elif self.idle_timeout:
-            at = self.last_activity + self.idle_timeout
-            if self.timer is None or at < self.timer_at:
-                self._arm(at)
+            self._arm(self.last_activity + self.idle_timeout)
 
     def _start_queued(self) -> None:
         """Start the next pipelined request. One that is answered at once finishes (stream_done) inside _start; its
@@ -641,7 +637,6 @@ _ERROR_BODIES = {
     426: b"Upgrade Required",
     431: b"Request Header Fields Too Large",
     501: b"Not Implemented",
-    504: b"stream timeout",
     505: b"HTTP Version Not Supported",
 }
 _ERROR_DETAIL_BODIES = {

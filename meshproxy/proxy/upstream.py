@@ -29,8 +29,7 @@ from .local_reply import (
 )
 
 if TYPE_CHECKING:
-    from ..routing.cluster import Endpoint
-    from .balancer import ClusterState
+    from .balancer import ClusterState, EndpointState
 
 log = logging.getLogger("meshproxy.upstream")
 
@@ -212,11 +211,8 @@ class UpstreamConnection(asyncio.Protocol):
             sink.on_response_body(body)
 
     def on_message_complete(self) -> None:
-        sink = self.sink
-        if self.head_done and sink is not None:  # _finish, inline: once per response
-            self.sink = None
-            self.served += 1
-            sink.on_response_end()
+        if self.head_done and self.sink is not None:
+            self._finish()
 
     # ---- internals
 
@@ -269,9 +265,9 @@ class UpstreamPool:
         self.sweep: asyncio.TimerHandle | None = None
         self.sweep_at = 0.0
 
-    async def acquire(self, state: ClusterState, endpoint: Endpoint, connect_timeout: float | None = None
+    async def acquire(self, state: ClusterState, target: EndpointState, connect_timeout: float | None = None
                       ) -> UpstreamConnection:
-        key = (state.cluster.name, endpoint.address, endpoint.port)
+        key = target.pool_key
         limits = state.policy.pool
         while True:
             conn = self.reuse(key)

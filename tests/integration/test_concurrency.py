@@ -175,7 +175,7 @@ istio_request_duration_milliseconds_sum{code="200"} 2.25
 meshproxy_downstream_connections{listener="outbound"} 5.0
 # HELP meshproxy_config_version Version of the running config
 # TYPE meshproxy_config_version gauge
-meshproxy_config_version 1.0
+meshproxy_config_version 3.0
 # HELP istio_build Istio component build info
 # TYPE istio_build gauge
 istio_build{component="proxy",tag="meshproxy-0.1.0"} 1.0

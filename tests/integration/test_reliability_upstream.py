@@ -319,6 +319,7 @@ def test_a_response_before_the_request_body_ended_discards_both_connections(prox
         assert reply.startswith(b"HTTP/1.1 200") and b"connection: close" in reply.lower()
         client.settimeout(5)
         assert client.recv(65536) == b""  # closed by the proxy: the rest of the body is not read
+    assert faults.accepted["ok"] == before  # the POST went on the pooled connection...
     assert fetch(proxy.port, "ok")[:2] == (200, OK_BODY)
     assert faults.accepted["ok"] - before == 1  # the GET took a new connection: the POST's one was discarded
 

@@ -10,7 +10,7 @@ from meshproxy.routing.cluster import Cluster, Endpoint
 
 
 class Accepting(asyncio.Protocol):
-    """A server that only accepts: it counts connections and sees them closed."""
+    """A server that only accepts connections and records each one closed."""
 
     def __init__(self, closed: list[asyncio.Protocol]) -> None:
         self.closed = closed
@@ -30,11 +30,11 @@ def test_idle_connections_are_reused_then_closed_at_their_timeout() -> None:
         slow = Clusters().state(Cluster("outbound|80||slow", "slow", 80, "", (Endpoint("127.0.0.1", port),)))
         pool = UpstreamPool(idle_timeout=1.5, connect_timeout=2.0)
         try:
-            first = await pool.acquire(fast, fast.endpoints[0].endpoint)
+            first = await pool.acquire(fast, fast.endpoints[0])
             pool.release(first)
             assert pool.reuse(fast.endpoints[0].pool_key) is first  # back to the pool, and out again
             pool.release(first)
-            other = await pool.acquire(slow, slow.endpoints[0].endpoint)
+            other = await pool.acquire(slow, slow.endpoints[0])
             pool.release(other)
             assert pool.idle_count == 2
             await asyncio.sleep(0.8)  # past the cluster's 0.3 s, within the pool's default 1.5 s
