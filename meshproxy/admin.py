@@ -74,10 +74,24 @@ def config_dump(proxy: ProxyApp) -> dict[str, Any]:
     }
 
 
-async def start_admin(proxy: ProxyApp, address: tuple[str, int]) -> tuple[str, int]:
-    host, port = address
-    if not proxy.settings.admin_allow_remote and not ipaddress.ip_address(host).is_loopback:
+def check_admin_address(host: str, allow_remote: bool) -> None:
+    """The admin port can stop and reconfigure the proxy: loopback only, unless asked otherwise."""
+    if not allow_remote and not ipaddress.ip_address(host).is_loopback:
         raise ValueError(f"admin address {host} is not loopback: pass --admin-allow-remote to open it")
+
+
+async def serve(app: web.Application, address: tuple[str, int]) -> tuple[web.AppRunner, tuple[str, int]]:
+    """Serve an admin app (no access log, no signal handling of aiohttp's); returns the runner and the bound address."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, address[0], address[1])
+    await site.start()
+    sock = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
+    return runner, (sock[0], sock[1])
+
+
+async def start_admin(proxy: ProxyApp, address: tuple[str, int]) -> tuple[str, int]:
+    check_admin_address(address[0], proxy.settings.admin_allow_remote)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_ProxyCollector(proxy))  # type: ignore[arg-type]
     if proxy.telemetry.metrics is not None:
@@ -113,10 +127,5 @@ async def start_admin(proxy: ProxyApp, address: tuple[str, int]) -> tuple[str, i
     app.router.add_get("/stats/prometheus", metrics)
     app.router.add_post("/quitquitquit", quit_)
     app.router.add_post("/reload", reload)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    proxy.admin_runner = runner  # type: ignore[attr-defined]
-    sock = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
-    return sock[0], sock[1]
+    proxy.admin_runner, bound = await serve(app, address)  # type: ignore[attr-defined]
+    return bound

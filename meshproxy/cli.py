@@ -201,6 +201,9 @@ def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[
     except OSError as exc:
         click.echo(f"meshproxy: {exc}", err=True)
         sys.exit(1)
+    except ValueError as exc:  # a non-loopback admin address without --admin-allow-remote
+        click.echo(f"meshproxy: {exc}", err=True)
+        sys.exit(2)
 
 
 @main.command()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
 import json
 import logging
 import math
@@ -441,7 +440,10 @@ class Supervisor:
                  "serving": bool(w and w.started)} for i, w in enumerate(self.slots)]
 
     async def start_admin(self, address: tuple[str, int]) -> tuple[str, int]:
+        import aiohttp
         from aiohttp import web
+
+        from .admin import serve
         from prometheus_client import CONTENT_TYPE_LATEST
 
         async def ready(_: web.Request) -> web.Response:
@@ -469,7 +471,10 @@ class Supervisor:
         async def first_worker(request: web.Request) -> web.Response:
             for worker in self.slots:  # worker 0, or the first serving one while it restarts
                 if worker is not None and worker.started:
-                    status, body, content_type = await self._fetch(worker, "GET", request.path, FETCH_TIMEOUT)
+                    try:
+                        status, body, content_type = await self._fetch(worker, "GET", request.path, FETCH_TIMEOUT)
+                    except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as exc:  # as _all's callers: 503
+                        return web.Response(status=503, text=f"worker {worker.index}: {exc!s}\n")
                     return web.Response(status=status, body=body, headers={"Content-Type": content_type})
             return web.Response(status=503, text="no worker serving\n")
 
@@ -500,12 +505,8 @@ class Supervisor:
         app.router.add_get("/workers", workers)
         app.router.add_post("/quitquitquit", quit_)
         app.router.add_post("/reload", reload)
-        self.admin_runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self.admin_runner.setup()
-        site = web.TCPSite(self.admin_runner, address[0], address[1])
-        await site.start()
-        sock = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
-        return sock[0], sock[1]
+        self.admin_runner, bound = await serve(app, address)
+        return bound
 
     # ---- lifecycle
 
@@ -549,12 +550,12 @@ def supervise(settings: Settings) -> int:
     """
     import uvloop
 
+    from .admin import check_admin_address
     from .app import load_config
 
     load_config(settings)  # a rejected config is reported once, here, not by every worker
-    if settings.admin is not None and not settings.admin_allow_remote \
-            and not ipaddress.ip_address(settings.admin[0]).is_loopback:
-        raise ValueError(f"admin address {settings.admin[0]} is not loopback: pass --admin-allow-remote to open it")
+    if settings.admin is not None:
+        check_admin_address(settings.admin[0], settings.admin_allow_remote)
     settings, held = reserve_ports(settings)
     try:
         return uvloop.run(Supervisor(settings).run())
