@@ -98,11 +98,11 @@ def _telemetry_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _retry_on(_: click.Context, __: click.Parameter, value: str) -> str:
-    from .istio.load import RETRY_ON_POLICIES
+    from .istio.load import retry_on_problems  # the same rules as retryOn in a VirtualService
 
-    for token in filter(None, (t.strip() for t in value.split(","))):
-        if not token.isdigit() and token not in RETRY_ON_POLICIES:
-            raise click.BadParameter(f"{token!r} is not a retryOn policy")
+    problems = retry_on_problems(value)
+    if problems:
+        raise click.BadParameter("; ".join(problems))
     return value
 
 

@@ -576,6 +576,18 @@ def _fault(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.HTTPFaultI
     return m.HTTPFaultInjection(delay=delay, abort=abort)
 
 
+def retry_on_problems(retry_on: str) -> list[str]:
+    """What is wrong with a retryOn value (policies and status codes, comma-separated); [] if nothing."""
+    problems = []
+    for token in filter(None, (t.strip() for t in retry_on.split(","))):
+        if token.isdigit():
+            if not 100 <= int(token) <= 599:
+                problems.append(f"{token} is not an HTTP status code")
+        elif token not in RETRY_ON_POLICIES:
+            problems.append(f"{token!r} is not a valid retryOn policy")
+    return problems
+
+
 def _retries(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.HTTPRetry | None:
     if spec is None:
         return None
@@ -583,12 +595,8 @@ def _retries(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.HTTPRetr
     if attempts < 0:
         doc.error(f"{path}.attempts", "attempts cannot be negative")
     retry_on = spec.get("retryOn", "")
-    for token in filter(None, (t.strip() for t in retry_on.split(","))):
-        if token.isdigit():
-            if not 100 <= int(token) <= 599:
-                doc.error(f"{path}.retryOn", f"{token} is not an HTTP status code")
-        elif token not in RETRY_ON_POLICIES:
-            doc.error(f"{path}.retryOn", f"{token!r} is not a valid retryOn policy")
+    for message in retry_on_problems(retry_on):
+        doc.error(f"{path}.retryOn", message)
     per_try = _duration(doc, spec, "perTryTimeout", path)
     if attempts == 0 and (per_try is not None or retry_on or spec.get("retryRemoteLocalities") is not None):
         doc.error(path, "http retry policy configured when attempts are set to 0 (disabled)")

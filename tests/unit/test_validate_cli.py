@@ -221,3 +221,11 @@ def test_python_dash_m_entry_point(tmp_path):
     assert proc.returncode == 1
     assert proc.stdout.splitlines()[-1] == "invalid: 3 error(s), 0 warning(s)"
     assert proc.stderr == ""
+
+
+@pytest.mark.timeout(30)  # a value wrongly accepted would start the proxy
+@pytest.mark.parametrize(("value", "message"), [("999", "999 is not an HTTP status code"),
+                                                ("5xx,bogus", "'bogus' is not a valid retryOn policy")])
+def test_default_retry_on_is_checked_as_retry_on_in_yaml(value: str, message: str) -> None:
+    result = CliRunner().invoke(main, ["run", "--listen", "127.0.0.1:0", "--default-retry-on", value])
+    assert result.exit_code == 2 and message in result.output, result.output  # rejected before anything starts
