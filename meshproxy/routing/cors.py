@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .match import StringMatcher
 
@@ -20,10 +20,14 @@ class CorsPolicy:
     max_age: bytes = b""
     allow_credentials: bool = False
     forward_unmatched_preflight: bool = True  # unmatchedPreflights: FORWARD (default) or IGNORE
+    any_origin: bool = field(init=False, compare=False, default=False)  # computed once: see allowed()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "any_origin", any(m.matches(b"*") for m in self.origins))
 
     def allowed(self, origin: bytes) -> bool:
         """Envoy: an origin matcher that accepts the literal "*" allows every origin."""
-        return any(m.matches(origin) or m.matches(b"*") for m in self.origins)
+        return self.any_origin or any(m.matches(origin) for m in self.origins)
 
     def preflight_reply(self, origin: bytes) -> tuple[tuple[bytes, bytes], ...]:
         """Headers of the proxy's own 200 answer to an allowed preflight."""
