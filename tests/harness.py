@@ -249,17 +249,23 @@ class PeakRss:
         self.proc = psutil.Process(pid)
         self.base = self.proc.memory_info().rss
         self.peak = self.base
+        self.failure: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+        try:
+            while not self._stop.wait(0.02):
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+        except BaseException as exc:  # a sampler that died must fail the test, not leave a low peak behind
+            self.failure = exc
 
     def growth(self) -> int:
         self._stop.set()
         self._thread.join()
+        if self.failure is not None:
+            raise AssertionError("RSS sampling stopped early") from self.failure
         return self.peak - self.base
 
 

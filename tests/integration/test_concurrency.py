@@ -256,7 +256,8 @@ def test_ready_only_when_every_worker_is_ready(config: Path) -> None:
         def check() -> bool:
             if not ready(p):
                 return False
-            assert all(w["serving"] for w in workers(p))  # 200 implies both workers serve
+            own = [request(w["admin"][1], "GET", "/ready")[0] for w in workers(p)]  # each worker's own admin
+            assert own == [200, 200], own
             return True
 
         wait_until(check, "/ready 200")
