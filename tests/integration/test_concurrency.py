@@ -422,3 +422,19 @@ def test_concurrency_1_is_one_process(config: Path) -> None:
         assert admin(p, "/workers")[0] == 404  # the single process's admin, as before
     finally:
         assert p.stop() == 0, p.log
+
+
+def test_concurrency_0_is_a_worker_per_cpu_and_quitquitquit_stops_them_all(config: Path) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    if cpus < 2:
+        pytest.skip("one CPU: --concurrency 0 is a single process")
+    p = start(config, args=("--concurrency", "0"))
+    pids = [w["pid"] for w in workers(p)]
+    try:
+        assert len(pids) == cpus
+        assert admin(p, "/quitquitquit", "POST")[0] == 200
+        assert p.proc.wait(30) == 0, p.log
+        assert all(gone(pid) for pid in pids)
+    finally:
+        p.stop()
+        kill_left(pids)
