@@ -50,14 +50,21 @@ def service_entry(host: str, endpoints: Iterable[tuple[int, dict[str, str]]], po
     return "---\n" + json.dumps(doc) + "\n"
 
 
-BACKEND_VS = """---
+def virtual_service(host: str = "backend", *, http: str | None = None, destination: str | None = None) -> str:
+    """A VirtualService for `host`: its `http` routes as YAML (indented as items under `http:`), or else one route
+    to `destination` (default: `host` itself)."""
+    routes = f"\n{http}" if http is not None else f" [{{route: [{{destination: {{host: {destination or host}}}}}]}}]"
+    return f"""---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {name: backend}
+metadata: {{name: {host}}}
 spec:
-  hosts: [backend]
-  http: [{route: [{destination: {host: backend}}]}]
+  hosts: [{host}]
+  http:{routes}
 """
+
+
+BACKEND_VS = virtual_service("backend")
 
 
 def write_config(folder: Path, name: str, *docs: str) -> Path:

@@ -26,21 +26,14 @@ import httptools
 import pytest
 from fuzz.inmemory import UpstreamServer, reparse_h11
 
-from harness import ProxyProcess, service_entry, write_config
+from harness import ProxyProcess, service_entry, virtual_service, write_config
 from meshproxy.http1.wire import HOP_BY_HOP
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "http1" / "requests.json"
 CODEC_ERRORS = [400, 403, 405, 408, 413, 414, 426, 431, 501, 505]
 ANSWER_WITHIN = 2.0
 
-VS = """---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: svc}
-spec:
-  hosts: [svc]
-  http: [{route: [{destination: {host: svc}}]}]
-"""
+VS = virtual_service("svc")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import psutil
 import pytest
 from aiohttp import web
 
-from harness import PeakRss, ProxyProcess, Upstream, service_entry, write_config
+from harness import PeakRss, ProxyProcess, Upstream, service_entry, virtual_service, write_config
 
 SOAK = os.environ.get("MESHPROXY_SOAK") == "1"
 pytestmark = pytest.mark.timeout(3600 if SOAK else 120)
@@ -34,14 +34,7 @@ SOAK_RSS_BOUND = 10 * (1 << 20)  # after warm-up
 
 
 def vs(destination: str) -> str:
-    return f"""---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: backend}}
-spec:
-  hosts: [backend]
-  http: [{{route: [{{destination: {{host: {destination}}}}}]}}]
-"""
+    return virtual_service("backend", destination=destination)
 
 
 class Load:

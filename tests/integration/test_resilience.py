@@ -11,19 +11,11 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from harness import ProxyProcess, Upstream, service_entry, write_config
+from harness import ProxyProcess, Upstream, service_entry, virtual_service, write_config
 
 
 def vs(http_yaml: str) -> str:
-    return f"""---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: backend}}
-spec:
-  hosts: [backend]
-  http:
-{http_yaml}
-"""
+    return virtual_service("backend", http=http_yaml)
 
 
 def request(port: int, path: str = "/", method: str = "GET", body: bytes | None = None,

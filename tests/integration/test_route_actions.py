@@ -9,19 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import ProxyProcess, Upstream, service_entry, write_config
+from harness import ProxyProcess, Upstream, service_entry, virtual_service, write_config
 
 
 def start(tmp_path: Path, upstream: Upstream, http_yaml: str, *extra: str) -> ProxyProcess:
-    vs = f"""---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: backend}}
-spec:
-  hosts: [backend]
-  http:
-{http_yaml}
-"""
+    vs = virtual_service("backend", http=http_yaml)
     return ProxyProcess(write_config(tmp_path, "c.yaml", service_entry("backend", [(upstream.port, {})], port=80),
                                      *extra, vs))
 
@@ -115,14 +107,7 @@ def test_mirror_gets_a_shadow_copy_and_never_delays_the_request(tmp_path: Path, 
 def test_a_mirror_outside_the_mesh_gets_no_peer_metadata(tmp_path: Path, upstream: Upstream) -> None:
     """Judged by the mirror's own cluster, not the primary's: Istio never gives peer metadata to MESH_EXTERNAL."""
     shadow = Upstream("shadow")
-    vs = """---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: backend}
-spec:
-  hosts: [backend]
-  http: [{route: [{destination: {host: backend}}], mirror: {host: shadow}}]
-"""
+    vs = virtual_service("backend", http="  - {route: [{destination: {host: backend}}], mirror: {host: shadow}}")
     p = ProxyProcess(write_config(tmp_path, "c.yaml",
                                   service_entry("backend", [(upstream.port, {})], port=80, location="MESH_INTERNAL"),
                                   service_entry("shadow", [(shadow.port, {})], port=80), vs))  # MESH_EXTERNAL
