@@ -180,7 +180,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "strip_request", "limits", "policy", "max_body", "body_bytes", "head_started", "head_deadline",
         "last_activity", "timer", "timer_at", "aborted", "lingering", "counted", "upgrade_ignored", "max_head_bytes",
         "max_head_count", "header_timeout", "stream_idle", "idle_timeout", "starting", "start_next", "pool",
-        "clusters", "server_name",
+        "clusters", "server_name", "log_addresses",
     )
 
     def __init__(self, ctx: ListenerContext) -> None:
@@ -227,6 +227,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.lingering = False
         self.counted = False  # holds a slot of the connection budget
         self.upgrade_ignored = False  # the request being parsed is an h2c upgrade served as HTTP/1.1
+        self.log_addresses: tuple[str, str] | None = None  # (local, remote) as the access log writes them, once
         self.starting = False  # in _start_queued's loop
         self.start_next = False
 

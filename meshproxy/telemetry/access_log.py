@@ -59,7 +59,10 @@ class AccessLog:
         route = stream.route
         get = head.header
         elapsed = time.monotonic() - stream.start
-        transport = stream.conn.transport
+        conn = stream.conn
+        addresses = conn.log_addresses
+        if addresses is None:  # once per connection: get_extra_info is a syscall each time under uvloop
+            addresses = conn.log_addresses = (_address(conn.transport, "sockname"), _address(conn.transport, "peername"))
         return {
             "start_time": datetime.fromtimestamp(time.time() - elapsed, UTC)
             .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
@@ -82,8 +85,8 @@ class AccessLog:
             "upstream_host": str(stream.endpoint) if stream.endpoint else "-",
             "upstream_cluster": stream.cluster.name if stream.cluster else "-",
             "upstream_local_address": "-",
-            "downstream_local_address": _address(transport, "sockname"),
-            "downstream_remote_address": _address(transport, "peername"),
+            "downstream_local_address": addresses[0],
+            "downstream_remote_address": addresses[1],
             "requested_server_name": "-",
             "route_name": (route.name or "-") if route else "-",
             "listener": listener,

@@ -148,7 +148,8 @@ def _logged(fmt: str, status: int, flags: list[str], cluster: Cluster | None) ->
     log = AccessLog(fmt, out)
     head = build_request_head(b"POST", b"/api/v1/x?y=1", [(b"host", b"reviews:9080"), (b"user-agent", b"curl/8"),
                                                           (b"content-length", b"3")], "1.1", True)
-    stream = Stream(SimpleNamespace(peer_ip=b"127.0.0.1", transport=_Transport()), head)  # type: ignore[arg-type]
+    conn = SimpleNamespace(peer_ip=b"127.0.0.1", transport=_Transport(), log_addresses=None)
+    stream = Stream(conn, head)  # type: ignore[arg-type]
     stream.request_id, stream.status, stream.flags, stream.body_size = b"rid-9", status, flags, 3
     stream.route, stream.cluster = ROUTE, cluster
     stream.endpoint = cluster.endpoints[0] if cluster else None
