@@ -211,6 +211,15 @@ def meshproxy_revision() -> str:
     return done.stdout.strip() or "unknown"
 
 
+def meshproxy_hot_path() -> str:
+    """Compiled with mypyc or interpreted (setup.py): the figures depend on it."""
+    code = ("from meshproxy import hot_path; s = hot_path.status(); "
+            "print(s.describe() + (' -- STALE, rebuild: ' + ', '.join(s.stale) if s.stale else ''))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=BENCHMARKS_DIR.parent, capture_output=True, text=True,
+                          timeout=60, check=False)
+    return done.stdout.strip() or f"unknown ({done.stderr.strip()[-200:]})"
+
+
 def header(bench: Bench, envoy: str | None) -> str:
     options, load = bench.options, bench.options.load
     return "\n".join(
@@ -218,7 +227,7 @@ def header(bench: Bench, envoy: str | None) -> str:
             f"date:      {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
             (f"machine:   {os.cpu_count()} CPUs, {cpu_model()}, Linux {platform.release()}, "
              f"Python {platform.python_version()}, open-file limit {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}"),
-            f"meshproxy: working tree at {meshproxy_revision()}",
+            f"meshproxy: working tree at {meshproxy_revision()}, hot path {meshproxy_hot_path()}",
             f"envoy:     {version_of([envoy, '--version']).partition('version: ')[2] if envoy else 'not used'}",
             f"backend:   {bench.backend.description} at {bench.backend.address}",
             f"wrk:       {version_of([bench.wrk, '-v'])}",

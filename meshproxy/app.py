@@ -11,6 +11,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from . import hot_path
 from .istio.load import load
 from .istio.model import Snapshot
 from .istio.problems import ConfigError, Problem
@@ -242,10 +243,19 @@ def tune_memory() -> None:
     mallopt(M_TRIM_THRESHOLD, 128 << 20)
 
 
+def report_hot_path() -> None:
+    state = hot_path.status()
+    log.info("hot path: %s", state.describe())
+    if state.stale:
+        log.warning("hot path: compiled from an older source of %s: this runs the old code until the package is "
+                    "built again (pip install -e .)", ", ".join(state.stale))
+
+
 def run(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; 0 after a clean drain."""
     import uvloop
 
+    report_hot_path()
     app = ProxyApp(settings)
     uvloop.run(app.run())
     return 0

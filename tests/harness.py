@@ -306,3 +306,23 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5.0, read_until_close:
             if not read_until_close:
                 break
         return b"".join(chunks)
+
+
+def detached_connection(peer_ip: bytes = b"127.0.0.1", transport: Any = None) -> Any:
+    """A real DownstreamProtocol that never saw a socket, for unit tests that make a Stream by hand (the compiled
+    exchange checks the type of a Stream's connection, so a stand-in object will not do)."""
+    from meshproxy.proxy.listener import DownstreamProtocol, ListenerContext
+    from meshproxy.proxy.upstream import UpstreamPool
+    from meshproxy.routing.table import RouteTable
+
+    async def make() -> DownstreamProtocol:
+        return DownstreamProtocol(ListenerContext("outbound", RouteTable(exact={}, wildcards=()), UpstreamPool(4, 1)))
+
+    loop = asyncio.new_event_loop()
+    try:
+        conn = loop.run_until_complete(make())
+    finally:
+        loop.close()
+    conn.peer_ip = peer_ip
+    conn.transport = transport
+    return conn

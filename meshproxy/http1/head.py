@@ -25,21 +25,22 @@ with the numbers from the same `HeadPolicy`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 from .errors import ProtocolError
 
-MAX_HEADER_BYTES = 60 * 1024  # Envoy max_request_headers_kb default: request-target + names + values
-MAX_HEADER_COUNT = 100  # Envoy max_headers_count default
+MAX_HEADER_BYTES: Final = 60 * 1024  # Envoy max_request_headers_kb default: request-target + names + values
+MAX_HEADER_COUNT: Final = 100  # Envoy max_headers_count default
 
-UNDERSCORE_ALLOW = "allow"
-UNDERSCORE_DROP = "drop"
-UNDERSCORE_REJECT = "reject"
-UNDERSCORE_ACTIONS = (UNDERSCORE_ALLOW, UNDERSCORE_DROP, UNDERSCORE_REJECT)
+UNDERSCORE_ALLOW: Final = "allow"
+UNDERSCORE_DROP: Final = "drop"
+UNDERSCORE_REJECT: Final = "reject"
+UNDERSCORE_ACTIONS: Final = (UNDERSCORE_ALLOW, UNDERSCORE_DROP, UNDERSCORE_REJECT)
 
 # The x-envoy-* request headers Envoy sanitizes from external requests (header_sanitizing.rst): each one
 # changes what a proxy does (retries, timeouts, tracing, internal/external), so only a trusted client
 # may send them. meshproxy's inbound listener drops these; the gateway drops every x-envoy-* header.
-ENVOY_CONTROL_HEADERS = frozenset({
+ENVOY_CONTROL_HEADERS: Final = frozenset({
     b"x-envoy-decorator-operation", b"x-envoy-downstream-service-cluster", b"x-envoy-downstream-service-node",
     b"x-envoy-expected-rq-timeout-ms", b"x-envoy-external-address", b"x-envoy-force-trace", b"x-envoy-internal",
     b"x-envoy-ip-tags", b"x-envoy-max-retries", b"x-envoy-retry-grpc-on", b"x-envoy-retry-on",
@@ -48,14 +49,18 @@ ENVOY_CONTROL_HEADERS = frozenset({
     b"x-envoy-upstream-rq-timeout-alt-response", b"x-envoy-upstream-rq-timeout-ms",
     b"x-envoy-upstream-stream-duration-ms",
 })
-ENVOY_PREFIX = b"x-envoy-"
+ENVOY_PREFIX: Final = b"x-envoy-"
 
 # RFC 3986 authority characters (reg-name, IP-literal brackets, port); anything else in Host is refused.
-_AUTHORITY_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=%:[]"
-_OWS = (0x20, 0x09)
-_UNDERSCORE = 0x5F  # `int in bytes` is a memchr, ten times cheaper than `b"_" in bytes`
+_AUTHORITY_CHARS: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=%:[]"
+_OWS: Final = (0x20, 0x09)
+_UNDERSCORE: Final = 0x5F  # `int in bytes` is a memchr, ten times cheaper than `b"_" in bytes`
+_DOT: Final = 0x2E
+HTTP11: Final = b"1.1"
+HTTP10: Final = b"1.0"
+_HASH: Final = 0x23
 _AUTHORITY_CACHE: dict[bytes, bool] = {}  # Host values seen -> valid; bounded against hostile values
-_AUTHORITY_CACHE_MAX = 4096
+_AUTHORITY_CACHE_MAX: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,23 +84,34 @@ class HeadPolicy:
                            self.underscores != UNDERSCORE_ALLOW or bool(self.strip_names) or bool(self.strip_prefix))
 
 
-DEFAULT_POLICY = HeadPolicy()
+DEFAULT_POLICY: Final = HeadPolicy()
 
 
-@dataclass(slots=True)
 class RequestHead:
-    method: bytes
-    target: bytes  # request-target as sent
-    path: bytes  # origin-form path, dot-segments removed, without the query
-    query: bytes  # without the "?"
-    authority: bytes  # Host, or the authority of an absolute-form target
-    headers: list[tuple[bytes, bytes]]  # (lower-case name, value), arrival order
-    version: bytes  # b"1.1" or b"1.0"
-    keep_alive: bool
-    content_length: int | None
-    chunked: bool
-    expect_continue: bool
-    connection_tokens: frozenset[bytes]  # extra hop-by-hop names listed in Connection
+    """A parsed request head. A plain class, not a dataclass: built once per request, and a dataclass's generated
+    __init__ stays interpreted when the module is compiled (3.7k instructions against a few hundred)."""
+
+    __slots__ = ("method", "target", "path", "query", "authority", "headers", "version", "keep_alive",
+                 "content_length", "chunked", "expect_continue", "connection_tokens")
+
+    def __init__(self, method: bytes, target: bytes, path: bytes, query: bytes, authority: bytes,
+                 headers: list[tuple[bytes, bytes]], version: bytes, keep_alive: bool, content_length: int | None,
+                 chunked: bool, expect_continue: bool, connection_tokens: frozenset[bytes]) -> None:
+        self.method = method
+        self.target = target  # request-target as sent
+        self.path = path  # origin-form path, dot-segments removed, without the query
+        self.query = query  # without the "?"
+        self.authority = authority  # Host, or the authority of an absolute-form target
+        self.headers = headers  # (lower-case name, value), arrival order
+        self.version = version  # b"1.1" or b"1.0"
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.chunked = chunked
+        self.expect_continue = expect_continue
+        self.connection_tokens = connection_tokens  # extra hop-by-hop names listed in Connection
+
+    def __repr__(self) -> str:
+        return f"RequestHead({self.method!r} {self.target!r} HTTP/{self.version.decode()}, {len(self.headers)} headers)"
 
     def header(self, name: bytes) -> bytes | None:
         """First value of a header (names are lower-case)."""
@@ -244,7 +260,9 @@ def build_request_head(method: bytes, target: bytes, headers: list[tuple[bytes, 
         raise ProtocolError(400, "http1.invalid_transfer_encoding")  # RFC 9112 6.1: faulty framing in 1.0
     if content_length is not None and policy.max_body_bytes and content_length > policy.max_body_bytes:
         raise ProtocolError(413, "request_payload_too_large")
-    if target[:1] == b"/" and b"/." not in target and b"#" not in target:  # the common origin-form: inline
+    # The common origin-form, inline. The byte tests are ints: `int in bytes` is a memchr, where `bytes in bytes`
+    # first tries the needle as an int and builds and clears a TypeError (1.3k instructions in CPython 3.11).
+    if target[:1] == b"/" and (_DOT not in target or target.find(b"/.") < 0) and _HASH not in target:
         authority = None
         path, _, query = target.partition(b"?")
     else:
@@ -259,5 +277,5 @@ def build_request_head(method: bytes, target: bytes, headers: list[tuple[bytes, 
         authority = host
     elif not valid_authority(authority):
         raise ProtocolError(400, "http1.invalid_url")
-    return RequestHead(method, target, path, query, authority, out, version.encode(), keep_alive,
-                       content_length, chunked, expect_continue, tokens)
+    return RequestHead(method, target, path, query, authority, out, HTTP11 if version == "1.1" else HTTP10,
+                       keep_alive, content_length, chunked, expect_continue, tokens)

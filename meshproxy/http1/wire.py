@@ -9,13 +9,14 @@ import time
 from collections.abc import Iterable
 from email.utils import formatdate
 from http import HTTPStatus
+from typing import Final
 
-CRLF = b"\r\n"
-LAST_CHUNK = b"0\r\n\r\n"
-CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+CRLF: Final = b"\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
+CONTINUE_100: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # RFC 9110 7.6.1 connection-specific fields, plus the framing fields we always regenerate.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"te", b"trailer",
         b"trailers", b"transfer-encoding", b"upgrade", b"content-length", b"expect",
@@ -65,7 +66,7 @@ class DateHeader:
         return self._line
 
 
-DATE = DateHeader()
+DATE: Final = DateHeader()
 
 
 def local_reply(status: int, body: bytes = b"", *, close: bool = False, server: bytes = b"envoy",
@@ -86,7 +87,7 @@ def local_reply(status: int, body: bytes = b"", *, close: bool = False, server: 
 
 
 # Keyed by status and body: Envoy's fixed bodies and the config's directResponse bodies, a small set.
-LOCAL_REPLIES_MAX = 1024
+LOCAL_REPLIES_MAX: Final = 1024
 _LOCAL_REPLIES: dict[tuple[int, bytes, bool, bytes, bool], tuple[bytes, bytes]] = {}
 
 

@@ -13,7 +13,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..routing.cluster import Cluster, Endpoint
 from ..routing.match import parse_query
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from ..http1.head import RequestHead
 
-MAX_EJECTION_TIME = 300.0  # Envoy's max_ejection_time default
+MAX_EJECTION_TIME: Final = 300.0  # Envoy's max_ejection_time default
 
 
 def hash64(data: bytes) -> int:

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ..http1.head import RequestHead
 from ..http1.wire import (
@@ -72,22 +72,22 @@ from .retry import (
     should_retry_failure,
     should_retry_response,
 )
-from .upstream import FRAMING_CHUNKED, FRAMING_EOF, FRAMING_LENGTH, UpstreamConnection
+from .upstream import FRAMING_CHUNKED, FRAMING_EOF, FRAMING_LENGTH, ResponseSink, UpstreamConnection
 
 if TYPE_CHECKING:
     from .listener import DownstreamProtocol
 
 log = logging.getLogger("meshproxy.exchange")
 
-READ_PAUSED_BY_UPSTREAM = 1
-READ_PAUSED_BY_BUFFER = 2
-PENDING_BODY_LIMIT = 1 << 20  # request body held while connecting; above it, stop reading the client
-RETRIABLE_HEADER_NAMES = b"x-envoy-retriable-header-names"  # request header naming retriable response headers
-RETRY_BUFFER_LIMIT = 64 * 1024  # request bodies up to this size are kept for a retry (Envoy buffers for replay)
-RESPONSE_HOP_BY_HOP = HOP_BY_HOP
+READ_PAUSED_BY_UPSTREAM: Final = 1
+READ_PAUSED_BY_BUFFER: Final = 2
+PENDING_BODY_LIMIT: Final = 1 << 20  # request body held while connecting; above it, stop reading the client
+RETRIABLE_HEADER_NAMES: Final = b"x-envoy-retriable-header-names"  # request header naming retriable response headers
+RETRY_BUFFER_LIMIT: Final = 64 * 1024  # request bodies up to this size are kept for a retry (Envoy buffers for replay)
+RESPONSE_HOP_BY_HOP: Final = HOP_BY_HOP
 
 
-class Stream:
+class Stream(ResponseSink):
     """Per-request state shared by the downstream and upstream protocols."""
 
     __slots__ = (
@@ -198,6 +198,7 @@ class Stream:
         for name, value in self.downstream_extra:
             extend((name, b": ", value, CRLF))
         if framing == FRAMING_LENGTH:
+            assert content_length is not None
             parts.append(b"content-length: %d\r\n" % content_length)
         elif framing == FRAMING_CHUNKED or framing == FRAMING_EOF:
             if self.head.version == b"1.1":
@@ -281,7 +282,7 @@ def apply_mutation(headers: list[tuple[bytes, bytes]], mutation: HeaderMutation)
     return out
 
 
-PROXY_SET_HEADERS = frozenset({b"host", b"x-envoy-attempt-count", b"x-envoy-expected-rq-timeout-ms", ORIGINAL_PATH})
+PROXY_SET_HEADERS: Final = frozenset({b"host", b"x-envoy-attempt-count", b"x-envoy-expected-rq-timeout-ms", ORIGINAL_PATH})
 
 
 def shadow_authority(authority: bytes) -> bytes:
@@ -586,7 +587,7 @@ def _send(conn: DownstreamProtocol, stream: Stream, upstream: UpstreamConnection
     stream.pending = []
     stream.pending_size = 0
     stream.sent_at = now
-    upstream.transport.write(request_head_bytes(stream, head, stream.attempt, deadline, now))
+    upstream.write(request_head_bytes(stream, head, stream.attempt, deadline, now))
     for data in body:
         upstream.write_body(data)
     if conn.read_paused & READ_PAUSED_BY_BUFFER:
@@ -685,7 +686,7 @@ def _cors(stream: Stream, cors: CorsPolicy) -> bool:
     return False
 
 
-MIRROR_TIMEOUT = 30.0  # a shadow request never outlives this, whatever the mirror does
+MIRROR_TIMEOUT: Final = 30.0  # a shadow request never outlives this, whatever the mirror does
 
 
 def _start_mirrors(conn: DownstreamProtocol, stream: Stream, route: Route, port: int) -> None:
@@ -704,7 +705,7 @@ def _start_mirrors(conn: DownstreamProtocol, stream: Stream, route: Route, port:
 MIRRORS: set[asyncio.Task[None]] = set()  # strong references: a running mirror is not garbage-collected
 
 
-class _MirrorSink:
+class _MirrorSink(ResponseSink):
     """Swallows the shadow response; only its end (or failure) matters."""
 
     __slots__ = ("done",)
@@ -754,7 +755,7 @@ async def _mirror(conn: DownstreamProtocol, stream: Stream, cluster: Cluster) ->
                 return
             upstream = await conn.pool.acquire(state, target)
             done: asyncio.Future[None] = conn.loop.create_future()
-            upstream.attach(_MirrorSink(done), head.method == b"HEAD", head.chunked)  # type: ignore[arg-type]
+            upstream.attach(_MirrorSink(done), head.method == b"HEAD", head.chunked)
             upstream.write(request_head_bytes(stream, head, 1, shadow=cluster))
             if body:
                 upstream.write_body(body)
@@ -798,7 +799,7 @@ def _reply_overflow(stream: Stream) -> None:
     stream.reply(error.status, error.body(False), error.flag, OVERLOADED_HEADER)
 
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
 def _back_off(conn: DownstreamProtocol, stream: Stream) -> bool:

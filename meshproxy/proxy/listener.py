@@ -34,7 +34,7 @@ import logging
 import random
 import resource
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -55,20 +55,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshproxy.listener")
 
-READ_PAUSED_BY_PIPELINE = 4
-READ_PAUSED_BY_ERROR = 8
+READ_PAUSED_BY_PIPELINE: Final = 4
+READ_PAUSED_BY_ERROR: Final = 8
 
-SI = "SI"  # Envoy's response flag for a stream idle timeout
-MAX_PIPELINED = 100  # requests held per connection (the active one + parsed ahead); one more is a 400 (memory bound)
-LINGER_SECONDS = 2.0  # after an error reply: how long the client's remaining bytes are read and discarded
-MAX_CONNECTIONS_CAP = 50_000  # Envoy's edge advice for global_downstream_max_connections
+SI: Final = "SI"  # Envoy's response flag for a stream idle timeout
+MAX_PIPELINED: Final = 100  # requests held per connection (the active one + parsed ahead); one more is a 400 (memory bound)
+LINGER_SECONDS: Final = 2.0  # after an error reply: how long the client's remaining bytes are read and discarded
+MAX_CONNECTIONS_CAP: Final = 50_000  # Envoy's edge advice for global_downstream_max_connections
 
 NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to: on_message_begin gives each head its own list
-H2C_SETTINGS = frozenset({b"http2-settings"})  # only meaningful with an h2c upgrade, which is not taken
+H2C_SETTINGS: Final = frozenset({b"http2-settings"})  # only meaningful with an h2c upgrade, which is not taken
 
-EDGE_NONE = "none"  # outbound sidecar listener: the client is the local app
-EDGE_INBOUND = "inbound"  # inbound sidecar listener: Envoy's control headers stripped
-EDGE_GATEWAY = "gateway"  # gateway: every x-envoy-* request header stripped
+EDGE_NONE: Final = "none"  # outbound sidecar listener: the client is the local app
+EDGE_INBOUND: Final = "inbound"  # inbound sidecar listener: Envoy's control headers stripped
+EDGE_GATEWAY: Final = "gateway"  # gateway: every x-envoy-* request header stripped
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +81,7 @@ class ListenerLimits:
     stream_idle_timeout: float = 300.0  # Envoy's default (5 min)
 
 
-DEFAULT_LIMITS = ListenerLimits()
+DEFAULT_LIMITS: Final = ListenerLimits()
 
 
 def default_max_connections() -> int:
@@ -234,14 +234,14 @@ class DownstreamProtocol(asyncio.Protocol):
     # ---- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
+        self.transport = stream_transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport
         if not self.ctx.budget.take():
             log.debug("downstream connection over the limit of %d: closed at accept", self.ctx.budget.limit)
             self.closed = True
-            transport.abort()
+            stream_transport.abort()
             return
         self.counted = True
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        stream_transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer_ip = str(peer[0]).encode()
@@ -630,7 +630,7 @@ class DownstreamProtocol(asyncio.Protocol):
         transport.resume_reading()
 
 
-_ERROR_BODIES = {
+_ERROR_BODIES: Final = {
     400: b"Bad Request",
     403: b"Forbidden",
     408: b"Request Timeout",
@@ -640,7 +640,7 @@ _ERROR_BODIES = {
     501: b"Not Implemented",
     505: b"HTTP Version Not Supported",
 }
-_ERROR_DETAIL_BODIES = {
+_ERROR_DETAIL_BODIES: Final = {
     "stream_idle_timeout": b"stream timeout",  # Envoy's local reply body for SI
     "request_header_timeout": b"request header timeout",
 }

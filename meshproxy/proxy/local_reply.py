@@ -8,23 +8,24 @@ fault_filter.cc, conn_manager_impl.cc).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 # Response flags (Envoy %RESPONSE_FLAGS% short names).
-NR = "NR"  # no route
-NC = "NC"  # no cluster
-UH = "UH"  # no healthy upstream
-UF = "UF"  # upstream connection failure
-UC = "UC"  # upstream connection termination
-UT = "UT"  # upstream request timeout
-UO = "UO"  # upstream overflow (circuit breaker)
-URX = "URX"  # retry limit exceeded
-UPE = "UPE"  # upstream protocol error
-DC = "DC"  # downstream connection termination
-DPE = "DPE"  # downstream protocol error
-FI = "FI"  # fault injection abort
-DI = "DI"  # fault injection delay
+NR: Final = "NR"  # no route
+NC: Final = "NC"  # no cluster
+UH: Final = "UH"  # no healthy upstream
+UF: Final = "UF"  # upstream connection failure
+UC: Final = "UC"  # upstream connection termination
+UT: Final = "UT"  # upstream request timeout
+UO: Final = "UO"  # upstream overflow (circuit breaker)
+URX: Final = "URX"  # retry limit exceeded
+UPE: Final = "UPE"  # upstream protocol error
+DC: Final = "DC"  # downstream connection termination
+DPE: Final = "DPE"  # downstream protocol error
+FI: Final = "FI"  # fault injection abort
+DI: Final = "DI"  # fault injection delay
 
-RESET_PREFIX = "upstream connect error or disconnect/reset before headers. "
+RESET_PREFIX: Final = "upstream connect error or disconnect/reset before headers. "
 
 
 class UpstreamError(Exception):
@@ -70,7 +71,7 @@ class UpstreamOverflowError(UpstreamError):
     reason = "overflow"
 
 
-OVERLOADED_HEADER = ((b"x-envoy-overloaded", b"true"),)
+OVERLOADED_HEADER: Final = ((b"x-envoy-overloaded", b"true"),)
 
 
 class UpstreamTimeoutError(UpstreamError):
@@ -103,7 +104,7 @@ class Reply:
     flag: str
 
 
-NO_ROUTE = Reply(404, b"", NR)
-NO_CLUSTER = Reply(503, b"", NC)
-NO_HEALTHY_UPSTREAM = Reply(503, b"no healthy upstream", UH)
-FAULT_ABORT_BODY = b"fault filter abort"
+NO_ROUTE: Final = Reply(404, b"", NR)
+NO_CLUSTER: Final = Reply(503, b"", NC)
+NO_HEALTHY_UPSTREAM: Final = Reply(503, b"no healthy upstream", UH)
+FAULT_ABORT_BODY: Final = b"fault filter abort"

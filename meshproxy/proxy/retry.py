@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Final
 
 from ..routing.policy import (
     RETRY_ON_5XX,
@@ -23,18 +24,18 @@ from ..routing.policy import (
 )
 
 # Why an attempt produced no response.
-CONNECT_FAILURE = 0
-RESET = 1  # the upstream closed or reset before the response head
-PER_TRY_TIMEOUT = 2
+CONNECT_FAILURE: Final = 0
+RESET: Final = 1  # the upstream closed or reset before the response head
+PER_TRY_TIMEOUT: Final = 2
 
-GRPC_BITS = {
+GRPC_BITS: Final = {
     b"1": RETRY_ON_GRPC_CANCELLED,
     b"4": RETRY_ON_GRPC_DEADLINE_EXCEEDED,
     b"8": RETRY_ON_GRPC_RESOURCE_EXHAUSTED,
     b"13": RETRY_ON_GRPC_INTERNAL,
     b"14": RETRY_ON_GRPC_UNAVAILABLE,
 }
-GRPC_ANY = (RETRY_ON_GRPC_CANCELLED | RETRY_ON_GRPC_DEADLINE_EXCEEDED | RETRY_ON_GRPC_RESOURCE_EXHAUSTED
+GRPC_ANY: Final = (RETRY_ON_GRPC_CANCELLED | RETRY_ON_GRPC_DEADLINE_EXCEEDED | RETRY_ON_GRPC_RESOURCE_EXHAUSTED
             | RETRY_ON_GRPC_INTERNAL | RETRY_ON_GRPC_UNAVAILABLE)
 
 

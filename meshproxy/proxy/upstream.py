@@ -14,7 +14,7 @@ import asyncio
 import errno
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -33,30 +33,46 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshproxy.upstream")
 
-WRITE_HIGH_WATER = 256 * 1024
-WRITE_LOW_WATER = 64 * 1024
+WRITE_HIGH_WATER: Final = 256 * 1024
+WRITE_LOW_WATER: Final = 64 * 1024
 
-FRAMING_LENGTH = 0  # content-length
-FRAMING_CHUNKED = 1
-FRAMING_EOF = 2  # body runs until the upstream closes
-FRAMING_NONE = 3  # no body (HEAD, 1xx, 204, 304)
+FRAMING_LENGTH: Final = 0  # content-length
+FRAMING_CHUNKED: Final = 1
+FRAMING_EOF: Final = 2  # body runs until the upstream closes
+FRAMING_NONE: Final = 3  # no body (HEAD, 1xx, 204, 304)
 
 
 class UnexpectedResponseError(Exception):
     """The upstream started a response while no request was waiting for one."""
 
 
-class ResponseSink(Protocol):
-    """What an UpstreamConnection reports to (implemented by the exchange's Stream)."""
+class ResponseSink:
+    """What an UpstreamConnection reports to: the exchange's Stream, or a mirror's sink. A base class rather than a
+    Protocol, so that the compiled hot path calls these methods directly instead of looking them up by name."""
+
+    __slots__ = ()
 
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int,
-                         content_length: int | None) -> None: ...
-    def on_response_body(self, data: bytes) -> None: ...
-    def on_response_end(self) -> None: ...  # the response is complete (nothing more of it will come)
-    def flush(self) -> None: ...  # after each read (and after an end by close): deliver what it produced
-    def on_upstream_error(self, error: UpstreamError) -> None: ...
-    def pause_upstream_writes(self) -> None: ...
-    def resume_upstream_writes(self) -> None: ...
+                         content_length: int | None) -> None:
+        raise NotImplementedError
+
+    def on_response_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_response_end(self) -> None:  # the response is complete (nothing more of it will come)
+        raise NotImplementedError
+
+    def flush(self) -> None:  # after each read (and after an end by close): deliver what it produced
+        raise NotImplementedError
+
+    def on_upstream_error(self, error: UpstreamError) -> None:
+        raise NotImplementedError
+
+    def pause_upstream_writes(self) -> None:
+        raise NotImplementedError
+
+    def resume_upstream_writes(self) -> None:
+        raise NotImplementedError
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -133,8 +149,8 @@ class UpstreamConnection(asyncio.Protocol):
     # ---- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.transport = stream_transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport
+        stream_transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
         if self.sink is None:

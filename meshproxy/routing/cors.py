@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from .match import StringMatcher
 
-ORIGIN = b"origin"
-REQUEST_METHOD = b"access-control-request-method"
+ORIGIN: Final = b"origin"
+REQUEST_METHOD: Final = b"access-control-request-method"
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import re2
 
@@ -38,18 +38,18 @@ from ..istio.load import compile_regex
 
 log = logging.getLogger("meshproxy.routing")
 
-SCHEME_HTTP = b"http"
+SCHEME_HTTP: Final = b"http"
 
 # Where a header condition reads its value.
-FROM_HEADERS = 0
-FROM_METHOD = 1
-FROM_AUTHORITY = 2
-FROM_SCHEME = 3
-FROM_PATH = 4
-PSEUDO_HEADER_SOURCES = {":method": FROM_METHOD, ":authority": FROM_AUTHORITY, ":scheme": FROM_SCHEME,
+FROM_HEADERS: Final = 0
+FROM_METHOD: Final = 1
+FROM_AUTHORITY: Final = 2
+FROM_SCHEME: Final = 3
+FROM_PATH: Final = 4
+PSEUDO_HEADER_SOURCES: Final = {":method": FROM_METHOD, ":authority": FROM_AUTHORITY, ":scheme": FROM_SCHEME,
                          ":path": FROM_PATH}
 # Istio ignores these keys in `headers`/`withoutHeaders`: they have their own fields.
-IGNORED_HEADER_KEYS = frozenset({"uri", "scheme", "method", "authority"})
+IGNORED_HEADER_KEYS: Final = frozenset({"uri", "scheme", "method", "authority"})
 
 
 class MatchInput(Protocol):
@@ -288,7 +288,7 @@ class RouteMatch:
         return None
 
 
-CATCH_ALL = RouteMatch()
+CATCH_ALL: Final = RouteMatch()
 
 
 def compile_match(block: m.HTTPMatchRequest) -> RouteMatch:

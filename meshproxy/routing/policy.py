@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from hashlib import blake2b
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from .cluster import Cluster
 from .cors import CorsPolicy
@@ -21,22 +21,22 @@ if TYPE_CHECKING:
     from .picker import WeightedPicker
 
 # Retry-on conditions as bits (Envoy RetryPolicy::RETRY_ON_*).
-RETRY_ON_5XX = 1 << 0
-RETRY_ON_GATEWAY_ERROR = 1 << 1
-RETRY_ON_CONNECT_FAILURE = 1 << 2
-RETRY_ON_RETRIABLE_4XX = 1 << 3
-RETRY_ON_REFUSED_STREAM = 1 << 4
-RETRY_ON_RETRIABLE_STATUS_CODES = 1 << 5
-RETRY_ON_RESET = 1 << 6
-RETRY_ON_RESET_BEFORE_REQUEST = 1 << 7
-RETRY_ON_RETRIABLE_HEADERS = 1 << 8
-RETRY_ON_ENVOY_RATELIMITED = 1 << 9
-RETRY_ON_HTTP3_POST_CONNECT_FAILURE = 1 << 10
-RETRY_ON_GRPC_CANCELLED = 1 << 11
-RETRY_ON_GRPC_DEADLINE_EXCEEDED = 1 << 12
-RETRY_ON_GRPC_INTERNAL = 1 << 13
-RETRY_ON_GRPC_RESOURCE_EXHAUSTED = 1 << 14
-RETRY_ON_GRPC_UNAVAILABLE = 1 << 15
+RETRY_ON_5XX: Final = 1 << 0
+RETRY_ON_GATEWAY_ERROR: Final = 1 << 1
+RETRY_ON_CONNECT_FAILURE: Final = 1 << 2
+RETRY_ON_RETRIABLE_4XX: Final = 1 << 3
+RETRY_ON_REFUSED_STREAM: Final = 1 << 4
+RETRY_ON_RETRIABLE_STATUS_CODES: Final = 1 << 5
+RETRY_ON_RESET: Final = 1 << 6
+RETRY_ON_RESET_BEFORE_REQUEST: Final = 1 << 7
+RETRY_ON_RETRIABLE_HEADERS: Final = 1 << 8
+RETRY_ON_ENVOY_RATELIMITED: Final = 1 << 9
+RETRY_ON_HTTP3_POST_CONNECT_FAILURE: Final = 1 << 10
+RETRY_ON_GRPC_CANCELLED: Final = 1 << 11
+RETRY_ON_GRPC_DEADLINE_EXCEEDED: Final = 1 << 12
+RETRY_ON_GRPC_INTERNAL: Final = 1 << 13
+RETRY_ON_GRPC_RESOURCE_EXHAUSTED: Final = 1 << 14
+RETRY_ON_GRPC_UNAVAILABLE: Final = 1 << 15
 
 RETRY_ON_BITS: Mapping[str, int] = {
     "5xx": RETRY_ON_5XX,
@@ -58,9 +58,9 @@ RETRY_ON_BITS: Mapping[str, int] = {
 }
 
 # Istio's default when a route has no `retries` (retry.go DefaultPolicy, 1.24+: no 503).
-DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
-DEFAULT_RETRY_ATTEMPTS = 2
-DEFAULT_BACKOFF_BASE = 0.025
+DEFAULT_RETRY_ON: Final = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+DEFAULT_RETRY_ATTEMPTS: Final = 2
+DEFAULT_BACKOFF_BASE: Final = 0.025
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +89,8 @@ class RetryPolicy:
         return cls(attempts, bits, frozenset(codes), per_try_timeout, base, base * 10, avoid_previous_hosts)
 
 
-NO_RETRY = RetryPolicy(num_retries=0, retry_on=0)
-DEFAULT_RETRY = RetryPolicy.compile(DEFAULT_RETRY_ATTEMPTS, DEFAULT_RETRY_ON)
+NO_RETRY: Final = RetryPolicy(num_retries=0, retry_on=0)
+DEFAULT_RETRY: Final = RetryPolicy.compile(DEFAULT_RETRY_ATTEMPTS, DEFAULT_RETRY_ON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +108,7 @@ class FaultPolicy:
         object.__setattr__(self, "active", self.delay_per_million > 0 or self.abort_per_million > 0)
 
 
-NO_FAULT = FaultPolicy()
+NO_FAULT: Final = FaultPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +124,7 @@ class HeaderMutation:
         object.__setattr__(self, "empty", not (self.remove or self.set or self.add))
 
 
-NO_HEADERS = HeaderMutation()
+NO_HEADERS: Final = HeaderMutation()
 
 
 def merge_mutations(first: HeaderMutation, then: HeaderMutation) -> HeaderMutation:
@@ -154,13 +154,13 @@ class RouteDestination:
         return self.cluster
 
 
-ACTION_ROUTE = 0
-ACTION_REDIRECT = 1
-ACTION_DIRECT_RESPONSE = 2
+ACTION_ROUTE: Final = 0
+ACTION_REDIRECT: Final = 1
+ACTION_DIRECT_RESPONSE: Final = 2
 
-STICKY_HEADER = "header"
-STICKY_COOKIE = "cookie"
-COOKIE = b"cookie"
+STICKY_HEADER: Final = "header"
+STICKY_COOKIE: Final = "cookie"
+COOKIE: Final = b"cookie"
 
 
 def sticky_hash(value: bytes) -> int:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
-ORIGINAL_PATH = b"x-envoy-original-path"
+ORIGINAL_PATH: Final = b"x-envoy-original-path"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +36,7 @@ class Rewrite:
         return path
 
 
-DEFAULT_PORTS = {b"http": 80, b"https": 443}
+DEFAULT_PORTS: Final = {b"http": 80, b"https": 443}
 
 
 @dataclass(frozen=True, slots=True)

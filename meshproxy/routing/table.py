@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 from .match import MatchInput
 from .policy import Route
 from .trie import NO_ROUTE, PathIndex
 
-DEFAULT_PORT = 80
-AUTHORITY_CACHE_MAX = 4096  # authorities seen -> (virtual host, port); bounded against hostile Host values
+DEFAULT_PORT: Final = 80
+AUTHORITY_CACHE_MAX: Final = 4096  # authorities seen -> (virtual host, port); bounded against hostile Host values
 # Up to this many routes a plain scan costs no more than the path index (benchmarks/route_match.py: the index
 # wins from about 6 routes when the last one matches, from about 8 on average over the routes).
-LINEAR_SCAN_MAX = 6
+LINEAR_SCAN_MAX: Final = 6
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from ..istio.load import parse_duration
 
-UNLIMITED = 2**32 - 1  # Istio's default for every circuit-breaker threshold
-BLOCKS = ("loadBalancer", "connectionPool", "outlierDetection", "retryBudget", "tls")
+UNLIMITED: Final = 2**32 - 1  # Istio's default for every circuit-breaker threshold
+BLOCKS: Final = ("loadBalancer", "connectionPool", "outlierDetection", "retryBudget", "tls")
 
-LB_ROUND_ROBIN = "ROUND_ROBIN"
-LB_LEAST_REQUEST = "LEAST_REQUEST"
-LB_RANDOM = "RANDOM"
-LB_PASSTHROUGH = "PASSTHROUGH"
-DEFAULT_LB = LB_LEAST_REQUEST  # Istio >= 1.14 when `simple` is unset
+LB_ROUND_ROBIN: Final = "ROUND_ROBIN"
+LB_LEAST_REQUEST: Final = "LEAST_REQUEST"
+LB_RANDOM: Final = "RANDOM"
+LB_PASSTHROUGH: Final = "PASSTHROUGH"
+DEFAULT_LB: Final = LB_LEAST_REQUEST  # Istio >= 1.14 when `simple` is unset
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +70,7 @@ class TrafficPolicy:
     retry_budget: RetryBudget | None = None
 
 
-DEFAULT_POLICY = TrafficPolicy()
+DEFAULT_POLICY: Final = TrafficPolicy()
 
 
 def merge_policies(rule: Mapping[str, Any] | None, subset: Mapping[str, Any] | None, port: int) -> dict[str, Any]:

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from sys import maxsize
+from typing import Final
 
 from .match import MatchInput, RouteMatch
 
-NO_ROUTE = maxsize
+NO_ROUTE: Final = maxsize
 
 
 class _Node:

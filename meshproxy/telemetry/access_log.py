@@ -21,15 +21,15 @@ import json
 import sys
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Final, TextIO
 
 if TYPE_CHECKING:
     from ..proxy.exchange import Stream
 
-FORMATS = ("off", "text", "json")
+FORMATS: Final = ("off", "text", "json")
 
 # Envoy's %RESPONSE_CODE_DETAILS% for the replies a flag stands for (StreamInfo::ResponseCodeDetails).
-DETAILS = {
+DETAILS: Final = {
     "NR": "route_not_found",
     "NC": "cluster_not_found",
     "UH": "no_healthy_upstream",

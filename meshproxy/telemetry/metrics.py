@@ -17,6 +17,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
+from typing import Final
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
@@ -24,15 +25,15 @@ from prometheus_client.utils import floatToGoString
 from .peer import Workload
 
 # Envoy's HistogramSettingsImpl::defaultBuckets, used by Istio for durations and sizes alike.
-BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000,
+BUCKETS: Final = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000, 600000, 1800000,
            3600000)
-_LE = tuple(floatToGoString(b) for b in BUCKETS) + ("+Inf",)
+_LE: Final = tuple(floatToGoString(b) for b in BUCKETS) + ("+Inf",)
 # What `record` bisects: floats for durations, integers for byte counts (same buckets: a whole number of bytes
 # is <= 0.5 exactly when it is <= 0), so every comparison stays within one type.
-_DURATION_BOUNDS = tuple(float(b) for b in BUCKETS)
-_BYTES_BOUNDS = tuple(int(b) for b in BUCKETS)
+_DURATION_BOUNDS: Final = tuple(float(b) for b in BUCKETS)
+_BYTES_BOUNDS: Final = tuple(int(b) for b in BUCKETS)
 
-LABELS = (
+LABELS: Final = (
     "reporter",
     "source_workload", "source_canonical_service", "source_canonical_revision", "source_workload_namespace",
     "source_principal", "source_app", "source_version", "source_cluster",
@@ -43,8 +44,8 @@ LABELS = (
     "request_protocol", "response_code", "grpc_response_status", "response_flags", "connection_security_policy",
 )
 
-SOURCE = "source"
-DESTINATION = "destination"
+SOURCE: Final = "source"
+DESTINATION: Final = "destination"
 
 
 class Service:
@@ -78,7 +79,7 @@ class Service:
         return f"Service({self.host!r}, {self.name!r}, {self.namespace!r}, {self.port})"
 
 
-UNKNOWN_SERVICE = Service("unknown", "unknown", "unknown")
+UNKNOWN_SERVICE: Final = Service("unknown", "unknown", "unknown")
 
 
 def label_values(reporter: str, source: Workload, destination: Workload, service: Service, code: int, flags: str,
@@ -124,7 +125,8 @@ class Series:
 
 
 def _cumulative(counts: list[int]) -> list[tuple[str, float]]:
-    out, running = [], 0
+    out: list[tuple[str, float]] = []
+    running = 0
     for le, n in zip(_LE, counts):
         running += n
         out.append((le, running))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import random
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,7 +12,7 @@ from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import upstream_headers
+from harness import detached_connection, upstream_headers
 
 from meshproxy.http1.head import build_request_head
 from meshproxy.istio.load import load
@@ -94,7 +93,7 @@ def table(tmp_path: Path) -> RouteTable:
 
 def stream(path: bytes = b"/", headers: tuple[tuple[bytes, bytes], ...] = (), host: bytes = b"reviews:9080") -> Stream:
     head = build_request_head(b"GET", path, [(b"host", host), *headers], "1.1", True)
-    s = Stream(SimpleNamespace(peer_ip=b"127.0.0.1", transport=None), head)  # type: ignore[arg-type]
+    s = Stream(detached_connection(), head)
     return s
 
 

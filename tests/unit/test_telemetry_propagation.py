@@ -10,12 +10,11 @@ from __future__ import annotations
 import random
 import re
 import uuid
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from harness import upstream_headers
+from harness import detached_connection, upstream_headers
 
 from meshproxy.http1.head import build_request_head
 from meshproxy.proxy.exchange import Stream
@@ -68,7 +67,7 @@ def request(headers: list[tuple[str, str]], telemetry: Telemetry | None = None) 
     telemetry = telemetry or Telemetry("outbound", "outbound", AccessLog(), mesh(), )
     head = build_request_head(b"GET", b"/productpage", [(b"host", b"reviews:9080")] +
                               [(k.lower().encode(), v.encode()) for k, v in headers], "1.1", True)
-    stream = Stream(SimpleNamespace(), head)  # type: ignore[arg-type]
+    stream = Stream(detached_connection(), head)
     telemetry.on_request(stream)
     out: dict[str, list[str]] = {}
     for name, value in upstream_headers(stream):
@@ -317,7 +316,6 @@ def test_unsampled_requests_make_no_span() -> None:
     for _ in range(200):
         stream, _ = request([("x-b3-sampled", "0")], telemetry)
         assert stream.trace is None
-        stream.conn = SimpleNamespace(peer_ip=b"127.0.0.1", transport=None)
         telemetry.on_complete(stream)
     assert recorder.spans == []
 

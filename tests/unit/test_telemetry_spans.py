@@ -6,13 +6,12 @@ import io
 import json
 import random
 import re
-from types import SimpleNamespace
 
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from harness import upstream_headers
+from harness import detached_connection, upstream_headers
 
 from meshproxy.http1.head import build_request_head
 from meshproxy.proxy.exchange import Stream
@@ -48,7 +47,7 @@ def recorded(direction: str = "outbound", headers: tuple[tuple[bytes, bytes], ..
     telemetry = Telemetry("outbound", direction, AccessLog(), mesh)
     head = build_request_head(b"GET", b"/reviews/0?u=1", [(b"host", b"reviews:9080"), (b"user-agent", b"curl/8"),
                                                           *headers], "1.1", True)
-    stream = Stream(SimpleNamespace(peer_ip=b"10.0.0.9", transport=None), head)  # type: ignore[arg-type]
+    stream = Stream(detached_connection(b"10.0.0.9"), head)
     telemetry.on_request(stream)
     stream.route, stream.cluster, stream.endpoint = ROUTE, CLUSTER, CLUSTER.endpoints[0]
     stream.status, stream.flags, stream.response_bytes = status, list(flags), 42
@@ -148,8 +147,7 @@ def _logged(fmt: str, status: int, flags: list[str], cluster: Cluster | None) ->
     log = AccessLog(fmt, out)
     head = build_request_head(b"POST", b"/api/v1/x?y=1", [(b"host", b"reviews:9080"), (b"user-agent", b"curl/8"),
                                                           (b"content-length", b"3")], "1.1", True)
-    conn = SimpleNamespace(peer_ip=b"127.0.0.1", transport=_Transport(), log_addresses=None)
-    stream = Stream(conn, head)  # type: ignore[arg-type]
+    stream = Stream(detached_connection(transport=_Transport()), head)
     stream.request_id, stream.status, stream.flags, stream.body_size = b"rid-9", status, flags, 3
     stream.route, stream.cluster = ROUTE, cluster
     stream.endpoint = cluster.endpoints[0] if cluster else None

@@ -1,0 +1,46 @@
+"""The compiled hot path (setup.py, meshproxy/hot_path.py): what runs is what the source says."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+import pytest
+
+import meshproxy
+from meshproxy import hot_path
+
+PURE = os.environ.get("MESHPROXY_PURE_PYTHON") == "1"
+
+
+@pytest.mark.skipif(PURE, reason="installed with MESHPROXY_PURE_PYTHON=1: the hot path is interpreted on purpose")
+def test_every_hot_module_is_compiled_from_the_current_source() -> None:
+    """The suite tests what ships: .ci/run installs a C compiler, so an interpreted module here is a build failure."""
+    state = hot_path.status()
+    assert state.interpreted == ()
+    assert state.stale == ()
+    assert state.describe() == f"compiled with mypyc ({len(hot_path.MODULES)} modules)"
+
+
+@pytest.mark.skipif(PURE, reason="nothing is compiled")
+def test_a_source_changed_since_the_build_is_reported_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshproxy import _compiled  # type: ignore[attr-defined]
+
+    changed = dict(_compiled.SOURCES, **{"meshproxy.proxy.exchange": "0" * 64})
+    monkeypatch.setattr(_compiled, "SOURCES", changed)
+    assert hot_path.status().stale == ("meshproxy.proxy.exchange",)
+
+
+def test_without_a_build_record_every_compiled_module_is_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No meshproxy/_compiled.py (an extension left from another build): nothing compiled can be trusted."""
+    monkeypatch.delattr(meshproxy, "_compiled", raising=False)
+    monkeypatch.setitem(sys.modules, "meshproxy._compiled", None)  # import fails
+    state = hot_path.status()
+    assert state.stale == state.compiled
+
+
+def test_setup_compiles_the_modules_hot_path_lists() -> None:
+    """setup.py reads the list from hot_path.py without importing the package: one list, read the same way."""
+    helpers = runpy.run_path(str(hot_path.PACKAGE_ROOT / "setup.py"), run_name="setup_helpers")
+    assert helpers["hot_modules"]() == hot_path.MODULES
