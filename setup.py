@@ -8,9 +8,8 @@ MESHPROXY_PURE_PYTHON=1, the package installs as plain Python and works the same
 
 from __future__ import annotations
 
-import ast
-import hashlib
 import os
+import runpy
 import sys
 from pathlib import Path
 
@@ -19,15 +18,14 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 RECORD = ROOT / "meshproxy" / "_compiled.py"  # what was compiled, from which source (meshproxy/hot_path.py)
+# meshproxy/hot_path.py needs only the standard library: run as a file, it lends its list and its hash without
+# importing the package (whose dependencies may not be installed in the build environment).
+HOT_PATH = runpy.run_path(str(ROOT / "meshproxy" / "hot_path.py"))
 
 
-def hot_modules() -> tuple[str, ...]:
-    """meshproxy.hot_path.MODULES, read without importing the package (its dependencies may not be installed)."""
-    tree = ast.parse((ROOT / "meshproxy" / "hot_path.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "MODULES" for t in node.targets):
-            return tuple(ast.literal_eval(node.value))
-    raise RuntimeError("meshproxy/hot_path.py defines no MODULES")
+def compiled_sources() -> dict[str, Path]:
+    """Module name -> source file, for every module meshproxy.hot_path.MODULES lists."""
+    return {name: ROOT / (name.replace(".", "/") + ".py") for name in HOT_PATH["MODULES"]}
 
 
 def remove_built() -> None:
@@ -56,8 +54,8 @@ def extensions() -> list:
         return []
     from mypyc.build import mypycify
 
-    sources = {name: ROOT / (name.replace(".", "/") + ".py") for name in hot_modules()}
-    hashes = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in sources.items()}
+    sources = compiled_sources()
+    hashes = {name: HOT_PATH["source_hash"](path) for name, path in sources.items()}
     flags = ["--ignore-missing-imports", "--follow-imports=silent"]  # only the compiled modules must type-check
     built = mypycify([*flags, *(str(p.relative_to(ROOT)) for p in sources.values())], group_name="meshproxy",
                      opt_level="3")

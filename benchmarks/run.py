@@ -213,8 +213,7 @@ def meshproxy_revision() -> str:
 
 def meshproxy_hot_path() -> str:
     """Compiled with mypyc or interpreted (setup.py): the figures depend on it."""
-    code = ("from meshproxy import hot_path; s = hot_path.status(); "
-            "print(s.describe() + (' -- STALE, rebuild: ' + ', '.join(s.stale) if s.stale else ''))")
+    code = "from meshproxy import hot_path; print(hot_path.status().describe())"
     done = subprocess.run([sys.executable, "-c", code], cwd=BENCHMARKS_DIR.parent, capture_output=True, text=True,
                           timeout=60, check=False)
     return done.stdout.strip() or f"unknown ({done.stderr.strip()[-200:]})"

@@ -247,8 +247,7 @@ def report_hot_path() -> None:
     state = hot_path.status()
     log.info("hot path: %s", state.describe())
     if state.stale:
-        log.warning("hot path: compiled from an older source of %s: this runs the old code until the package is "
-                    "built again (pip install -e .)", ", ".join(state.stale))
+        log.warning("hot path: the old code runs until the package is built again (pip install -e .)")
 
 
 def run(settings: Settings) -> int:

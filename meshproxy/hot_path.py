@@ -13,7 +13,7 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-MODULES = (  # setup.py reads this tuple (one list of the compiled modules)
+MODULES = (  # what setup.py compiles (it runs this file)
     "meshproxy.http1.head",
     "meshproxy.http1.wire",
     "meshproxy.proxy.balancer",
@@ -53,8 +53,12 @@ class HotPathStatus:
         if not self.compiled:
             return "interpreted (not compiled: no C compiler at install, or MESHPROXY_PURE_PYTHON=1)"
         if not self.interpreted:
-            return f"compiled with mypyc ({len(self.compiled)} modules)"
-        return f"{len(self.compiled)} modules compiled with mypyc, interpreted: {', '.join(self.interpreted)}"
+            text = f"compiled with mypyc ({len(self.compiled)} modules)"
+        else:
+            text = f"{len(self.compiled)} modules compiled with mypyc, interpreted: {', '.join(self.interpreted)}"
+        if self.stale:
+            text += f"; STALE, its source changed since the build: {', '.join(self.stale)}"
+        return text
 
 
 def status() -> HotPathStatus:

@@ -29,7 +29,9 @@ def test_a_source_changed_since_the_build_is_reported_stale(monkeypatch: pytest.
 
     changed = dict(_compiled.SOURCES, **{"meshproxy.proxy.exchange": "0" * 64})
     monkeypatch.setattr(_compiled, "SOURCES", changed)
-    assert hot_path.status().stale == ("meshproxy.proxy.exchange",)
+    state = hot_path.status()
+    assert state.stale == ("meshproxy.proxy.exchange",)
+    assert state.describe().endswith("; STALE, its source changed since the build: meshproxy.proxy.exchange")
 
 
 def test_without_a_build_record_every_compiled_module_is_stale(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,7 +42,10 @@ def test_without_a_build_record_every_compiled_module_is_stale(monkeypatch: pyte
     assert state.stale == state.compiled
 
 
-def test_setup_compiles_the_modules_hot_path_lists() -> None:
-    """setup.py reads the list from hot_path.py without importing the package: one list, read the same way."""
+def test_setup_compiles_a_source_file_for_every_module_hot_path_lists() -> None:
+    """A module renamed or moved without its line in hot_path.MODULES fails here, not as a silent build."""
     helpers = runpy.run_path(str(hot_path.PACKAGE_ROOT / "setup.py"), run_name="setup_helpers")
-    assert helpers["hot_modules"]() == hot_path.MODULES
+    sources = helpers["compiled_sources"]()
+    assert tuple(sources) == hot_path.MODULES
+    missing = [str(path) for path in sources.values() if not path.is_file()]
+    assert missing == []
