@@ -92,7 +92,7 @@ class ProxyApp:
         self.signature = config_signature(settings.config)
         self.rng = random.Random(settings.seed)
         self.pool = UpstreamPool(settings.upstream_idle_timeout, settings.connect_timeout)
-        self.access_log = AccessLog(settings.access_log)
+        self.access_log = AccessLog(settings.access_log, path=settings.access_log_file)
         self.telemetry = MeshTelemetry.from_settings(settings)  # metrics, tracing, peer metadata: one per process
         self.clusters = Clusters()
         self.contexts: list[ListenerContext] = []
@@ -145,7 +145,8 @@ class ProxyApp:
             edge = EDGE_NONE if "mesh" in settings.gateways else EDGE_GATEWAY  # a gateway's clients are outside
             ctx = ListenerContext("outbound", self.config.table, self.pool, rng=self.rng, clusters=self.clusters,
                                   telemetry=Telemetry("outbound", "outbound", self.access_log, self.telemetry),
-                                  limits=listener_limits(settings, edge), budget=budget, follows_config=True)
+                                  limits=listener_limits(settings, edge), budget=budget, follows_config=True,
+                                  retry_reused=settings.retry_reused_connection)
             await self._listen(ctx, settings.listen)
         for spec in settings.inbound:
             table = inbound_table(spec)
@@ -154,7 +155,8 @@ class ProxyApp:
                                   response_mutation=INBOUND_SERVER, rng=self.rng, clusters=self.clusters,
                                   telemetry=Telemetry(name, "inbound", self.access_log, self.telemetry,
                                                       table=lambda: self.config.table, address=spec.listen),
-                                  limits=listener_limits(settings, EDGE_INBOUND), budget=budget)
+                                  limits=listener_limits(settings, EDGE_INBOUND), budget=budget,
+                                  retry_reused=settings.retry_reused_connection)
             await self._listen(ctx, spec.listen)
         if settings.admin is not None:
             from .admin import start_admin  # aiohttp is only needed for the admin port
@@ -203,6 +205,7 @@ class ProxyApp:
                 for conn in list(ctx.connections):
                     conn.reset_after_write()
         self.pool.close_idle()
+        self.access_log.close()  # the lines of the last requests, before the process exits
 
     async def run(self) -> None:
         await self.start()

@@ -166,17 +166,25 @@ def main() -> None:
 @click.option("--default-retry-on", default=DEFAULT_RETRY_ON,
               show_default=True, envvar="MESHPROXY_DEFAULT_RETRY_ON", callback=_retry_on,
               help="retryOn of routes without `retries` (Istio 1.24+ default: no 503).")
+@click.option("--retry-reused-connection/--no-retry-reused-connection", default=True, show_default=True,
+              envvar="MESHPROXY_RETRY_REUSED_CONNECTION",
+              help="Send an idempotent request once more when the kept-alive upstream connection it reused is "
+                   "reset, whatever the retry policy (as Go's HTTP client; Envoy does not: off for exact parity).")
 @_limit_options
 @_telemetry_options
 @click.option("--access-log", default="off", show_default=True, envvar="MESHPROXY_ACCESS_LOG",
-              type=click.Choice(["off", "text", "json"]), help="One line per request to stdout, Envoy format.")
+              type=click.Choice(["off", "text", "json"]), help="One line per request, Envoy/Istio format.")
+@click.option("--access-log-file", default="/dev/stdout", show_default=True, envvar="MESHPROXY_ACCESS_LOG_FILE",
+              help="Where access log lines go (Istio's meshConfig.accessLogFile); written in batches, off the "
+                   "event loop.")
 @click.option("--log-level", default="info", show_default=True, envvar="MESHPROXY_LOG_LEVEL",
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[InboundSpec, ...],
         admin: tuple[str, int] | None, admin_allow_remote: bool, workload: str, namespace: str,
         labels: dict[str, str], gateways: tuple[str, ...], drain_time: float, connect_timeout: float,
         upstream_idle_timeout: float, watch_interval: float, seed: int | None, concurrency: int,
-        default_retry_attempts: int, default_retry_on: str, access_log: str, log_level: str, **limits: Any) -> None:
+        default_retry_attempts: int, default_retry_on: str, retry_reused_connection: bool, access_log: str,
+        access_log_file: str, log_level: str, **limits: Any) -> None:
     """Run the proxy: outbound and inbound listeners, admin, config hot reload."""
     from .app import run as run_app
     from .workers import resolve_concurrency, supervise
@@ -189,6 +197,7 @@ def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[
         log_level=log_level, access_log=access_log, drain_time=drain_time, connect_timeout=connect_timeout,
         upstream_idle_timeout=upstream_idle_timeout, watch_interval=watch_interval, seed=seed,
         default_retry_attempts=default_retry_attempts, default_retry_on=default_retry_on,
+        retry_reused_connection=retry_reused_connection, access_log_file=access_log_file,
         concurrency=resolve_concurrency(concurrency), **limits,
     )
     try:

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODULES = (  # what setup.py compiles (it runs this file)
+    "meshproxy.http1.client",
     "meshproxy.http1.head",
+    "meshproxy.http1.server",
     "meshproxy.http1.wire",
+    "meshproxy.messages",
     "meshproxy.proxy.balancer",
     "meshproxy.proxy.exchange",
     "meshproxy.proxy.fault",
@@ -30,6 +33,7 @@ MODULES = (  # what setup.py compiles (it runs this file)
     "meshproxy.routing.table",
     "meshproxy.routing.traffic",
     "meshproxy.routing.trie",
+    "meshproxy.stream_info",
     "meshproxy.telemetry.access_log",
     "meshproxy.telemetry.core",
     "meshproxy.telemetry.metrics",

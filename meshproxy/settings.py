@@ -47,7 +47,8 @@ class Settings:
     labels: Mapping[str, str] = field(default_factory=dict)
     gateways: tuple[str, ...] = ("mesh",)
     log_level: str = "info"
-    access_log: str = "off"  # off | text | json, to stdout
+    access_log: str = "off"  # off | text | json
+    access_log_file: str = "/dev/stdout"  # Istio's meshConfig.accessLogFile default
     drain_time: float = 5.0  # Istio terminationDrainDuration
     connect_timeout: float = 10.0  # Istio's mesh connectTimeout default
     upstream_idle_timeout: float = 4.0  # below common app keep-alives (Node 5 s), so the proxy closes first
@@ -56,6 +57,9 @@ class Settings:
     # Mesh-wide retry policy of routes without `retries` (meshConfig.defaultHttpRetryPolicy).
     default_retry_attempts: int = DEFAULT_RETRY_ATTEMPTS
     default_retry_on: str = DEFAULT_RETRY_ON
+    # One free retry of an idempotent request whose reused keep-alive connection was reset (as Go's HTTP client;
+    # Envoy does not): False for exact Envoy parity.
+    retry_reused_connection: bool = True
     # Downstream limits and timeouts (Envoy's names and defaults; see proxy/listener.py). 0 disables a timeout.
     request_headers_timeout: float = 10.0  # a request head must arrive within this -> else 408 and close
     idle_timeout: float = 3600.0  # keep-alive connection with no request in progress

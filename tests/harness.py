@@ -276,10 +276,9 @@ class PeakRss:
         return self.peak - self.base
 
 
-def upstream_headers(stream: Any) -> list[tuple[bytes, bytes]]:
-    """The header lines telemetry adds to a stream's upstream request (request id, trace, peer metadata), as pairs."""
-    lines = (stream.upstream_extra + stream.upstream_peer).split(b"\r\n")
-    return [(name, value) for name, _, value in (line.partition(b": ") for line in lines if line)]
+def upstream_headers(telemetry: Any, info: Any) -> list[tuple[bytes, bytes]]:
+    """Run telemetry's request hook on a record: the headers it adds upstream, with this workload's peer metadata."""
+    return telemetry.on_request(info) + list(telemetry.request_peer_headers)
 
 
 def free_port() -> int:
@@ -308,21 +307,8 @@ def raw_exchange(port: int, data: bytes, timeout: float = 5.0, read_until_close:
         return b"".join(chunks)
 
 
-def detached_connection(peer_ip: bytes = b"127.0.0.1", transport: Any = None) -> Any:
-    """A real DownstreamProtocol that never saw a socket, for unit tests that make a Stream by hand (the compiled
-    exchange checks the type of a Stream's connection, so a stand-in object will not do)."""
-    from meshproxy.proxy.listener import DownstreamProtocol, ListenerContext
-    from meshproxy.proxy.upstream import UpstreamPool
-    from meshproxy.routing.table import RouteTable
+def record(head: Any, peer_ip: bytes = b"127.0.0.1", transport: Any = None) -> Any:
+    """A request's record (StreamInfo), as the data path makes one for a request head, for telemetry's unit tests."""
+    from meshproxy.stream_info import ConnectionInfo, StreamInfo
 
-    async def make() -> DownstreamProtocol:
-        return DownstreamProtocol(ListenerContext("outbound", RouteTable(exact={}, wildcards=()), UpstreamPool(4, 1)))
-
-    loop = asyncio.new_event_loop()
-    try:
-        conn = loop.run_until_complete(make())
-    finally:
-        loop.close()
-    conn.peer_ip = peer_ip
-    conn.transport = transport
-    return conn
+    return StreamInfo(head, ConnectionInfo(peer_ip, transport), time.monotonic())

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
+from ..messages import HTTP10, HTTP11, RequestHead
 from .errors import ProtocolError
 
 MAX_HEADER_BYTES: Final = 60 * 1024  # Envoy max_request_headers_kb default: request-target + names + values
@@ -56,8 +57,6 @@ _AUTHORITY_CHARS: Final = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ
 _OWS: Final = (0x20, 0x09)
 _UNDERSCORE: Final = 0x5F  # `int in bytes` is a memchr, ten times cheaper than `b"_" in bytes`
 _DOT: Final = 0x2E
-HTTP11: Final = b"1.1"
-HTTP10: Final = b"1.0"
 _HASH: Final = 0x23
 _AUTHORITY_CACHE: dict[bytes, bool] = {}  # Host values seen -> valid; bounded against hostile values
 _AUTHORITY_CACHE_MAX: Final = 4096
@@ -85,44 +84,6 @@ class HeadPolicy:
 
 
 DEFAULT_POLICY: Final = HeadPolicy()
-
-
-class RequestHead:
-    """A parsed request head. A plain class, not a dataclass: built once per request, and a dataclass's generated
-    __init__ stays interpreted when the module is compiled (3.7k instructions against a few hundred)."""
-
-    __slots__ = ("method", "target", "path", "query", "authority", "headers", "version", "keep_alive",
-                 "content_length", "chunked", "expect_continue", "connection_tokens")
-
-    def __init__(self, method: bytes, target: bytes, path: bytes, query: bytes, authority: bytes,
-                 headers: list[tuple[bytes, bytes]], version: bytes, keep_alive: bool, content_length: int | None,
-                 chunked: bool, expect_continue: bool, connection_tokens: frozenset[bytes]) -> None:
-        self.method = method
-        self.target = target  # request-target as sent
-        self.path = path  # origin-form path, dot-segments removed, without the query
-        self.query = query  # without the "?"
-        self.authority = authority  # Host, or the authority of an absolute-form target
-        self.headers = headers  # (lower-case name, value), arrival order
-        self.version = version  # b"1.1" or b"1.0"
-        self.keep_alive = keep_alive
-        self.content_length = content_length
-        self.chunked = chunked
-        self.expect_continue = expect_continue
-        self.connection_tokens = connection_tokens  # extra hop-by-hop names listed in Connection
-
-    def __repr__(self) -> str:
-        return f"RequestHead({self.method!r} {self.target!r} HTTP/{self.version.decode()}, {len(self.headers)} headers)"
-
-    def header(self, name: bytes) -> bytes | None:
-        """First value of a header (names are lower-case)."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
-
-    @property
-    def path_and_query(self) -> bytes:
-        return self.path + b"?" + self.query if self.query else self.path
 
 
 def remove_dot_segments(path: bytes) -> bytes:
@@ -274,6 +235,8 @@ def build_request_head(method: bytes, target: bytes, headers: list[tuple[bytes, 
             if version == "1.1":
                 raise ProtocolError(400, "http1.missing_host_header")
             host = b""
+        elif not host:  # present but empty: RFC 9112 3.2 allows it only beside an absolute-form target
+            raise ProtocolError(400, "http1.invalid_authority")
         authority = host
     elif not valid_authority(authority):
         raise ProtocolError(400, "http1.invalid_url")

@@ -1,4 +1,4 @@
-"""HTTP/1.1 bytes out: status lines, hop-by-hop rules, chunk framing, local replies.
+"""HTTP/1.1 bytes out: request and response heads, hop-by-hop rules, chunk framing, local replies.
 
 Everything constant is built once at import: status lines, header names.
 """
@@ -14,6 +14,7 @@ from typing import Final
 CRLF: Final = b"\r\n"
 LAST_CHUNK: Final = b"0\r\n\r\n"
 CONTINUE_100: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+DATE_NAME: Final = b"date"
 
 # RFC 9110 7.6.1 connection-specific fields, plus the framing fields we always regenerate.
 HOP_BY_HOP: Final = frozenset(
@@ -43,6 +44,47 @@ def status_line(code: int) -> bytes:
 def header_lines(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     """`name: value` CRLF lines, ready to go into a head."""
     return b"".join(b"%b: %b\r\n" % pair for pair in headers)
+
+
+def response_head(status: int, headers: list[tuple[bytes, bytes]], extra: list[tuple[bytes, bytes]],
+                  content_length: int | None, chunked: bool, close: bool) -> bytes:
+    """A proxied response's head: the upstream's headers less hop-by-hop ones, then `extra`; framing regenerated.
+    A response without `date` gets one (RFC 9110 6.6.1 asks it of a forwarder with a clock, as Envoy does)."""
+    parts = [status_line(status)]
+    extend = parts.extend
+    dated = False
+    for name, value in headers:
+        if name not in HOP_BY_HOP:
+            if name == DATE_NAME:
+                dated = True
+            extend((name, b": ", value, CRLF))  # a tuple per line: cheaper than a list
+    for name, value in extra:
+        extend((name, b": ", value, CRLF))
+    if not dated:
+        parts.append(DATE.line())
+    if content_length is not None:
+        parts.append(b"content-length: %d\r\n" % content_length)
+    elif chunked:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    if close:
+        parts.append(b"connection: close\r\n")
+    parts.append(CRLF)
+    return b"".join(parts)
+
+
+def request_head(method: bytes, path: bytes, authority: bytes, headers: list[tuple[bytes, bytes]],
+                 content_length: int | None, chunked: bool) -> bytes:
+    """An upstream request's head, origin-form; `headers` are already what goes upstream (no Host, no framing)."""
+    parts = [method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, CRLF]
+    extend = parts.extend
+    for name, value in headers:
+        extend((name, b": ", value, CRLF))
+    if chunked:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    elif content_length is not None:
+        parts.append(b"content-length: %d\r\n" % content_length)
+    parts.append(CRLF)
+    return b"".join(parts)
 
 
 def chunk(data: bytes) -> bytes:

@@ -28,7 +28,7 @@ from ..routing.traffic import (
 if TYPE_CHECKING:
     import asyncio
 
-    from ..http1.head import RequestHead
+    from ..messages import RequestHead
 
 MAX_EJECTION_TIME: Final = 300.0  # Envoy's max_ejection_time default
 

@@ -1,13 +1,18 @@
-"""One request, top to bottom, as in DESIGN.md's diagram.
+"""One request, top to bottom, as in DESIGN.md's diagram; protocol-neutral: no wire format is written here.
 
-`Stream` is the per-request state both protocols talk to: the downstream side
-feeds it request body bytes, the upstream side feeds it the response, and it
-writes the response downstream as it arrives (backpressure both ways). The
-functions below make the decisions (route, local replies, attempts, retries).
-They run as callbacks, synchronously, from the moment a request head is parsed
-to the end of its response; a task carries on only across a wait (a fault
-delay, a connect, a retry back-off), so a request served on a kept-alive
-upstream connection costs no task, no future and no task switch.
+`Stream` is the per-request state both sides talk to: the downstream transport feeds it the request body, the
+upstream connection feeds it the response (as a `ResponseSink`), and it hands the response to the downstream
+transport as it arrives (`send_response_head`/`_body`/`_end`, then `flush` after each upstream read: one write),
+with backpressure both ways. The codecs (`http1/`) turn those calls into bytes. `stream.info` is the record of the
+exchange (`StreamInfo`) that telemetry reads when it is over.
+
+The functions below make the decisions (route, local replies, attempts, retries). They run as callbacks,
+synchronously, from the moment a request head is parsed to the end of its response; a task carries on only across
+a wait (a fault delay, a connect, a retry back-off), so a request served on a kept-alive upstream connection costs
+no task, no future and no task switch. Read top to bottom: `start` -> `_route` (CORS, faults) -> `_forward`
+(router: direct response, redirect, destination, circuit breaker, mirrors) -> `_attempt` (endpoint, connection)
+-> `_send` (request head and body) -> the response callbacks -> `attempt_over` (done, or `_after_failure`: retry
+with back-off, or give up with Envoy's reply) -> `_end`.
 """
 
 from __future__ import annotations
@@ -18,16 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
-from ..http1.head import RequestHead
-from ..http1.wire import (
-    CONTINUE_100,
-    CRLF,
-    HOP_BY_HOP,
-    LAST_CHUNK,
-    chunk,
-    local_reply,
-    status_line,
-)
+from ..messages import RequestHead
 from ..routing.cluster import Cluster, Endpoint
 from ..routing.cors import ORIGIN as CORS_ORIGIN
 from ..routing.cors import REQUEST_METHOD as CORS_REQUEST_METHOD
@@ -44,20 +40,19 @@ from ..routing.policy import (
     merge_mutations,
 )
 from ..routing.rewrite import ORIGINAL_PATH
+from ..stream_info import DC, DI, FI, UO, URX, StreamInfo
 from .balancer import ClusterState, EndpointState
 from .fault import GRPC_CODES, MILLION, decide_abort, decide_delay
 from .local_reply import (
-    DC,
-    DI,
+    DIRECT_RESPONSE,
+    DOWNSTREAM_DISCONNECT,
+    FAULT_ABORT,
     FAULT_ABORT_BODY,
-    FI,
+    INTERNAL_ERROR,
     NO_CLUSTER,
     NO_HEALTHY_UPSTREAM,
     NO_ROUTE,
     OVERLOADED_HEADER,
-    UC,
-    UO,
-    URX,
     Reply,
     RetriableResponse,
     UpstreamError,
@@ -72,7 +67,7 @@ from .retry import (
     should_retry_failure,
     should_retry_response,
 )
-from .upstream import FRAMING_CHUNKED, FRAMING_EOF, FRAMING_LENGTH, ResponseSink, UpstreamConnection
+from .upstream import ResponseSink, UpstreamConnection
 
 if TYPE_CHECKING:
     from .listener import DownstreamProtocol
@@ -84,77 +79,65 @@ READ_PAUSED_BY_BUFFER: Final = 2
 PENDING_BODY_LIMIT: Final = 1 << 20  # request body held while connecting; above it, stop reading the client
 RETRIABLE_HEADER_NAMES: Final = b"x-envoy-retriable-header-names"  # request header naming retriable response headers
 RETRY_BUFFER_LIMIT: Final = 64 * 1024  # request bodies up to this size are kept for a retry (Envoy buffers for replay)
-RESPONSE_HOP_BY_HOP: Final = HOP_BY_HOP
+UPSTREAM_SERVICE_TIME: Final = b"x-envoy-upstream-service-time"
+FORWARDED_FOR: Final = b"x-forwarded-for"
+FORWARDED_PROTO: Final = b"x-forwarded-proto"
+FORWARDED_PROTO_HTTP: Final = (FORWARDED_PROTO, b"http")
+ATTEMPT_COUNT: Final = b"x-envoy-attempt-count"
+EXPECTED_TIMEOUT: Final = b"x-envoy-expected-rq-timeout-ms"
+NO_EXTRA: Final[tuple[tuple[bytes, bytes], ...]] = ()
 
 
 class Stream(ResponseSink):
-    """Per-request state shared by the downstream and upstream protocols."""
+    """Per-request state shared by the downstream transport and the upstream connection."""
 
     __slots__ = (
-        "conn", "head", "pending", "pending_size", "request_complete", "upstream", "response_started",
-        "response_chunked", "response_complete", "status", "flags", "start", "response_bytes", "close_after",
-        "request_mutation", "response_mutation", "route", "cluster", "endpoint", "head_only", "sent", "replayable",
-        "body_size", "retries_left", "timer", "sent_at", "upstream_extra", "upstream_peer", "request_id",
-        "cluster_state", "out", "downstream_extra", "peer", "trace", "target", "attempt", "tried", "deadline",
-        "hash_key", "avoid_previous", "retrying", "second_chance", "ended",
+        "conn", "info", "pending", "pending_size", "request_complete", "upstream", "response_started",
+        "response_complete", "request_mutation", "response_mutation", "sent", "replayable", "retries_left", "timer",
+        "sent_at", "upstream_extra", "cluster_state", "downstream_extra", "target", "tried", "deadline", "hash_key",
+        "avoid_previous", "retrying", "second_chance", "ended",
     )
 
-    def __init__(self, conn: DownstreamProtocol, head: RequestHead) -> None:
+    def __init__(self, conn: DownstreamProtocol, info: StreamInfo) -> None:
         self.conn = conn
-        self.head = head
+        self.info = info
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.request_complete = False
         self.upstream: UpstreamConnection | None = None  # the attempt in flight, if any
         self.response_started = False
-        self.response_chunked = False
         self.response_complete = False
-        self.status = 0
-        self.flags: list[str] = []
-        self.start = time.monotonic()
-        self.response_bytes = 0
-        self.close_after = not head.keep_alive
         self.request_mutation: HeaderMutation | None = None
         self.response_mutation: HeaderMutation | None = None
-        self.route: Route | None = None
-        self.cluster: Cluster | None = None
-        self.endpoint: Endpoint | None = None
-        self.head_only = head.method == b"HEAD"
         self.sent: list[bytes] = []  # body bytes written to the current attempt, kept for a retry
         self.replayable = True  # false once the body outgrew RETRY_BUFFER_LIMIT: no retry after sending
-        self.body_size = 0
         self.retries_left = 0
         self.timer: asyncio.TimerHandle | None = None
         self.sent_at = 0.0
-        self.upstream_extra = b""  # header lines added to the upstream request: request id, trace (telemetry)
-        self.upstream_peer = b""  # ... and this workload's peer metadata, unless the request leaves the mesh
-        self.request_id: bytes | None = None
+        self.upstream_extra: list[tuple[bytes, bytes]] = []  # added upstream: request id, trace (propagation)
+        self.downstream_extra: tuple[tuple[bytes, bytes], ...] = NO_EXTRA  # added to the response (telemetry)
         self.cluster_state: ClusterState | None = None
-        self.out: list[bytes] = []  # response bytes not yet written downstream (see flush)
-        self.downstream_extra: tuple[tuple[bytes, bytes], ...] = ()  # added to the response (telemetry)
-        self.peer: bytes | None = None  # the other side's peer metadata header (telemetry)
-        self.trace: tuple[bytes, bytes, bytes | None] | None = None  # span ids when sampled (telemetry)
         # Attempts (see _forward and _attempt): their endpoint, count, and the retry state across them.
         self.target: EndpointState | None = None
-        self.attempt = 0
         self.tried: list[Endpoint] = []
         self.deadline: float | None = None  # the route timeout, as loop time
         self.hash_key: int | None = None
         self.avoid_previous = False
         self.retrying = False  # holds a retry slot of the cluster (maxRetries, retry budget)
-        self.second_chance = True  # one free retry when a kept-alive connection turns out closed by the server
+        self.second_chance = conn.ctx.retry_reused  # one free retry when a reused connection turns out closed
         self.ended = False
 
-    # ---- request body, from the downstream protocol
+    # ---- request body, from the downstream transport
 
     def on_request_body(self, data: bytes) -> None:
-        self.body_size += len(data)
-        if self.replayable and self.body_size > RETRY_BUFFER_LIMIT:
+        info = self.info
+        info.body_size += len(data)
+        if self.replayable and info.body_size > RETRY_BUFFER_LIMIT:
             self.replayable = False
             self.sent = []
         upstream = self.upstream
         if upstream is not None:
-            upstream.write_body(data)
+            upstream.send_body(data)
             if self.replayable:
                 self.sent.append(data)
             return
@@ -170,82 +153,54 @@ class Stream(ResponseSink):
 
     # ---- response, from the upstream connection (ResponseSink)
 
-    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int,
-                         content_length: int | None) -> None:
-        route = self.route
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None,
+                         end_stream: bool) -> None:
+        info = self.info
+        route = info.route
         retry = route.retry if route is not None else NO_RETRY
         if retry.num_retries and should_retry_response(
                 retry, status, headers,
-                self.head.header(RETRIABLE_HEADER_NAMES) if retry.retry_on & RETRY_ON_RETRIABLE_HEADERS else None):
+                info.head.header(RETRIABLE_HEADER_NAMES) if retry.retry_on & RETRY_ON_RETRIABLE_HEADERS else None):
             if self.retries_left > 0 and self.replayable and self.cluster_state is not None \
                     and _retry_allowed(self, self.cluster_state):
-                self._resolve(RetriableResponse(status))  # discarded: the exchange retries
+                attempt_over(self, RetriableResponse(status))  # discarded: the exchange retries
                 return
-            self.flags.append(URX)  # retries exhausted: the last upstream answer goes to the client
-        self.status = status
+            info.flags |= URX  # retries exhausted: the last upstream answer goes to the client
+        info.status = status
         self.response_started = True
         conn = self.conn
         if conn.telemetry.reads_response:
-            headers = conn.telemetry.on_response(self, headers)
-        parts = [status_line(status)]
-        extend = parts.extend
+            headers = conn.telemetry.on_response(info, headers)
         mutation = self.response_mutation
         if mutation is not None:
             headers = apply_mutation(headers, mutation)
-        for name, value in headers:
-            if name not in RESPONSE_HOP_BY_HOP:
-                extend((name, b": ", value, CRLF))  # a tuple per line: cheaper than a list
-        for name, value in self.downstream_extra:
-            extend((name, b": ", value, CRLF))
-        if framing == FRAMING_LENGTH:
-            assert content_length is not None
-            parts.append(b"content-length: %d\r\n" % content_length)
-        elif framing == FRAMING_CHUNKED or framing == FRAMING_EOF:
-            if self.head.version == b"1.1":
-                parts.append(b"transfer-encoding: chunked\r\n")
-                self.response_chunked = True
-            else:
-                self.close_after = True  # HTTP/1.0 client: the body ends when we close
-        if self.sent_at:
-            parts.append(b"x-envoy-upstream-service-time: %d\r\n" % int((conn.loop.time() - self.sent_at) * 1000))
-        if conn.ctx.draining or not self.request_complete:  # Envoy: a response before the request ended closes
-            self.close_after = True  # an HTTP/1 connection (downstream_rq_response_before_rq_complete)
-        if self.close_after:
-            parts.append(b"connection: close\r\n")
-        parts.append(CRLF)
-        self.out.append(b"".join(parts))  # written with the body bytes of the same read: one send
+        extra = [(UPSTREAM_SERVICE_TIME, b"%d" % int((conn.loop.time() - self.sent_at) * 1000))]
+        if self.downstream_extra:
+            extra += self.downstream_extra
+        conn.send_response_head(self, status, headers, extra, content_length, end_stream)
 
     def on_response_body(self, data: bytes) -> None:
-        self.response_bytes += len(data)
-        if self.head_only:
-            return
-        self.out.append(chunk(data) if self.response_chunked else data)
+        self.info.response_bytes += len(data)
+        self.conn.send_response_body(data)
 
     def flush(self) -> None:
         """Write what the last upstream read produced, in one call (the upstream calls this after each read), and
         finish the attempt if its response ended: after the read, so bytes after the response, in the same read,
         are judged on this connection before it goes back to the pool."""
-        out = self.out
-        if out:
-            self.conn.write(out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
+        self.conn.flush()
         if self.response_complete and self.upstream is not None:
             attempt_over(self, None)
 
     def on_response_end(self) -> None:
-        if self.response_chunked and not self.head_only:
-            self.out.append(LAST_CHUNK)
+        self.conn.send_response_end()
         self.response_complete = True
 
     def on_upstream_error(self, error: UpstreamError) -> None:
-        self._resolve(error)
+        attempt_over(self, error)
 
     def on_timeout(self, per_try: bool) -> None:
         self.timer = None
-        self._resolve(UpstreamTimeoutError(per_try))
-
-    def _resolve(self, outcome: UpstreamError) -> None:
-        attempt_over(self, outcome)
+        attempt_over(self, UpstreamTimeoutError(per_try))
 
     def cancel_timers(self) -> None:
         if self.timer is not None:
@@ -258,19 +213,30 @@ class Stream(ResponseSink):
     def resume_upstream_writes(self) -> None:
         self.conn.resume_reading(READ_PAUSED_BY_UPSTREAM)
 
+    def pause_upstream_reads(self) -> None:
+        """The client reads slower than the upstream answers: stop reading the upstream."""
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_upstream_reads(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
     # ---- replies made here
 
-    def reply(self, status: int, body: bytes, flag: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
-        self.status = status
-        if flag:
-            self.flags.append(flag)
+    def reply(self, status: int, body: bytes, flag: int, details: str,
+              extra: tuple[tuple[bytes, bytes], ...] = NO_EXTRA) -> None:
+        info = self.info
+        info.status = status
+        info.flags |= flag
+        info.details = details
         self.response_started = True
         self.response_complete = True
-        if not self.request_complete:
-            self.close_after = True  # the rest of the request body is not read
-        close = self.close_after or self.conn.ctx.draining
-        self.conn.write(local_reply(status, body, close=close, server=self.conn.server_name,
-                                    extra=extra + self.downstream_extra, head_only=self.head_only))
+        self.conn.send_local_reply(self, status, body, extra + self.downstream_extra if self.downstream_extra
+                                   else extra)
+
+    def reply_with(self, reply: Reply) -> None:
+        self.reply(reply.status, reply.body, reply.flag, reply.details)
 
 
 def apply_mutation(headers: list[tuple[bytes, bytes]], mutation: HeaderMutation) -> list[tuple[bytes, bytes]]:
@@ -282,7 +248,7 @@ def apply_mutation(headers: list[tuple[bytes, bytes]], mutation: HeaderMutation)
     return out
 
 
-PROXY_SET_HEADERS: Final = frozenset({b"host", b"x-envoy-attempt-count", b"x-envoy-expected-rq-timeout-ms", ORIGINAL_PATH})
+PROXY_SET_HEADERS: Final = frozenset({b"host", ATTEMPT_COUNT, EXPECTED_TIMEOUT, ORIGINAL_PATH})
 
 
 def shadow_authority(authority: bytes) -> bytes:
@@ -293,70 +259,67 @@ def shadow_authority(authority: bytes) -> bytes:
     return authority + b"-shadow"
 
 
-def request_head_bytes(stream: Stream, head: RequestHead, attempt: int, deadline: float | None = None,
-                       now: float = 0.0, shadow: Cluster | None = None) -> bytes:
-    """The upstream request head: origin-form, rewritten as the route says, hop-by-hop removed, framing regenerated."""
+def send_request_head(stream: Stream, upstream: UpstreamConnection, attempt: int, deadline: float | None = None,
+                      now: float = 0.0, shadow: Cluster | None = None) -> None:
+    """The upstream request head: rewritten as the route says, hop-by-hop and rewritten headers removed, the
+    proxy's own added (x-forwarded-*, attempt count, expected timeout, trace and peer headers); the codec frames it."""
     conn = stream.conn
+    info = stream.info
+    head = info.head
     drop = conn.strip_request | head.connection_tokens if head.connection_tokens else conn.strip_request
     headers = head.headers
     if stream.request_mutation is not None:
         headers = apply_mutation(headers, stream.request_mutation)
     path, authority = head.path_and_query, head.authority
-    route = stream.route
+    route = info.route
     rewrite = route.rewrite if route is not None else None
-    original_path = None
+    out: list[tuple[bytes, bytes]] = []
+    append = out.append
     if rewrite is not None:
         if rewrite.rewrites_path:
             rewritten = rewrite.path(head.path)
             if rewritten != head.path:
-                original_path = head.path_and_query
+                append((ORIGINAL_PATH, head.path_and_query))
                 path = rewritten + b"?" + head.query if head.query else rewritten
         if rewrite.authority:
             authority = rewrite.authority
     if shadow is not None:  # a mirror's copy, to that cluster
         authority = shadow_authority(authority)
-    parts = [head.method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, CRLF]
-    extend = parts.extend
-    if original_path is not None:
-        parts.extend((ORIGINAL_PATH, b": ", original_path, CRLF))
     xff = None
     has_proto = False
     for name, value in headers:
         if name in drop:
             continue
-        if name == b"x-forwarded-for":
+        if name == FORWARDED_FOR:
             xff = value
             continue
-        if name == b"x-forwarded-proto":
+        if name == FORWARDED_PROTO:
             has_proto = True
         if name in PROXY_SET_HEADERS:
             continue
-        extend((name, b": ", value, CRLF))  # a tuple per line: cheaper than a list
-    peer = conn.peer_ip
-    extend((b"x-forwarded-for: ", (xff + b", " + peer) if xff else peer, CRLF))
+        append((name, value))
+    peer = info.connection.peer_ip
+    append((FORWARDED_FOR, (xff + b", " + peer) if xff else peer))
     if not has_proto:
-        parts.append(b"x-forwarded-proto: http\r\n")
+        append(FORWARDED_PROTO_HTTP)
     if stream.upstream_extra:
-        parts.append(stream.upstream_extra)
-    if stream.upstream_peer:
-        cluster = shadow or stream.cluster
+        out += stream.upstream_extra
+    peer_headers = conn.telemetry.request_peer_headers
+    if peer_headers:
+        cluster = shadow or info.cluster
         if cluster is None or not cluster.external:  # Istio never gives peer metadata to a MESH_EXTERNAL service
-            parts.append(stream.upstream_peer)
-    parts.append(b"x-envoy-attempt-count: %d\r\n" % attempt)
+            out += peer_headers
+    append((ATTEMPT_COUNT, b"%d" % attempt))
     if deadline is not None:
-        parts.append(b"x-envoy-expected-rq-timeout-ms: %d\r\n" % max(0, int((deadline - now) * 1000)))
-    if head.chunked:
-        parts.append(b"transfer-encoding: chunked\r\n")
-    elif head.content_length is not None:
-        parts.append(b"content-length: %d\r\n" % head.content_length)
-    parts.append(CRLF)
-    return b"".join(parts)
+        append((EXPECTED_TIMEOUT, b"%d" % max(0, int((deadline - now) * 1000))))
+    no_body = head.content_length is None and not head.chunked
+    upstream.send_head(head.method, path, authority, out, None if head.chunked else head.content_length, no_body)
 
 
 def start(conn: DownstreamProtocol, stream: Stream) -> None:
-    """Begin a request's exchange; the listener calls this for each request in turn (never raises).
+    """Begin a request's exchange; the downstream transport calls this for each request in turn (never raises).
 
-    It runs synchronously, from the parser's callback, as far as it can: routing, local replies and, when an idle
+    It runs synchronously, from the codec's callback, as far as it can: routing, local replies and, when an idle
     upstream connection is ready, the attempt itself, whose response then arrives through the upstream's callbacks
     (`attempt_over`). A task is made only for what must wait: a fault delay, a connect, a retry back-off.
     """
@@ -370,8 +333,8 @@ def start(conn: DownstreamProtocol, stream: Stream) -> None:
 
 
 def _spawn(conn: DownstreamProtocol, stream: Stream, step: Callable[..., Awaitable[bool]], *args: object) -> None:
-    """Continue the exchange in a task, `step(conn, stream, *args)`; the listener cancels it if the client goes away
-    or times out. (The step's coroutine is made in the task: a task cancelled before it ran leaves none behind.)"""
+    """Continue the exchange in a task, `step(conn, stream, *args)`; the transport cancels it if the client goes
+    away or times out. (The step's coroutine is made in the task: a task cancelled before it ran leaves none.)"""
     conn.active_task = conn.loop.create_task(_run(conn, stream, step, args))
 
 
@@ -390,27 +353,30 @@ async def _run(conn: DownstreamProtocol, stream: Stream, step: Callable[..., Awa
 
 
 def abandon(conn: DownstreamProtocol, stream: Stream) -> None:
-    """The listener stopped the exchange (client gone, stream idle timeout, bad request body)."""
-    stream.flags.append(DC)  # the listener replaces it when it knows a better reason
+    """The transport stopped the exchange (client gone, stream idle timeout, bad request body)."""
+    info = stream.info
+    info.flags |= DC  # the transport replaces it when it knows a better reason
+    info.details = DOWNSTREAM_DISCONNECT
     _drop_upstream(conn, stream)
     _end(conn, stream)
 
 
 def _failed(conn: DownstreamProtocol, stream: Stream) -> None:
     """A bug met on this request: the process must survive anything a peer can make happen."""
-    log.exception("exchange failed for %s %r", stream.head.method, stream.head.target)
+    head = stream.info.head
+    log.exception("exchange failed for %s %r", head.method, head.target)
     try:
         _drop_upstream(conn, stream)
         if not stream.response_started:
-            stream.reply(500, b"internal error", "")
+            stream.reply_with(INTERNAL_ERROR)
         else:
-            stream.close_after = True
+            conn.reset_stream(stream)
     finally:
         _end(conn, stream)
 
 
 def _end(conn: DownstreamProtocol, stream: Stream) -> None:
-    """The one way a stream finishes: counters back, then the listener writes the access log and goes on."""
+    """The one way a stream finishes: counters back, then the transport writes the access log and goes on."""
     if stream.ended:
         return
     stream.ended = True
@@ -437,12 +403,12 @@ def _drop_upstream(conn: DownstreamProtocol, stream: Stream) -> None:
 
 def _route(conn: DownstreamProtocol, stream: Stream) -> bool:
     """Route and apply the route's filters; True when the request was answered here."""
-    head = stream.head
-    route, port = conn.ctx.table.match(head)  # one read of the table: a reload never changes this request
+    info = stream.info
+    route, port = conn.ctx.table.match(info.head)  # one read of the table: a reload never changes this request
     if route is None:
-        stream.reply(*_reply_args(NO_ROUTE))
+        stream.reply_with(NO_ROUTE)
         return True
-    stream.route = route
+    info.route = route
     if route.cors is not None and _cors(stream, route.cors):
         return True  # a preflight answered here
     # Fault filter: before routing to the upstream, in the caller's proxy.
@@ -450,7 +416,7 @@ def _route(conn: DownstreamProtocol, stream: Stream) -> bool:
     if fault.active:
         delay = decide_delay(fault, conn.randbelow)
         if delay:
-            stream.flags.append(DI)
+            info.flags |= DI
             _spawn(conn, stream, _delayed, route, port, delay)
             return False
         if decide_abort(fault, conn.randbelow):
@@ -469,23 +435,25 @@ async def _delayed(conn: DownstreamProtocol, stream: Stream, route: Route, port:
 
 def _forward(conn: DownstreamProtocol, stream: Stream, route: Route, port: int) -> bool:
     """The router: direct response, redirect, or a destination and the first attempt to it."""
-    head = stream.head
+    info = stream.info
+    head = info.head
     if route.action == ACTION_DIRECT_RESPONSE:
-        stream.reply(route.direct_status, route.direct_body, "")
+        stream.reply(route.direct_status, route.direct_body, 0, DIRECT_RESPONSE)
         return True
     if route.action == ACTION_REDIRECT:
         redirect = route.redirect
         assert redirect is not None
-        stream.reply(redirect.code, b"", "", ((b"location", redirect.location(head.authority, head.path, head.query)),))
+        stream.reply(redirect.code, b"", 0, DIRECT_RESPONSE,
+                     ((b"location", redirect.location(head.authority, head.path, head.query)),))
         return True
     dest = route.only or route.pick(head, conn.randbelow)
     cluster = dest.cluster_for(port) if dest.by_port else dest.cluster
     if cluster is None:
-        stream.reply(*_reply_args(NO_CLUSTER))
+        stream.reply_with(NO_CLUSTER)
         return True
-    stream.cluster = cluster
+    info.cluster = cluster
     if not cluster.endpoints:
-        stream.reply(*_reply_args(NO_HEALTHY_UPSTREAM))
+        stream.reply_with(NO_HEALTHY_UPSTREAM)
         return True
     if not dest.request_headers.empty:
         stream.request_mutation = dest.request_headers
@@ -500,14 +468,14 @@ def _forward(conn: DownstreamProtocol, stream: Stream, route: Route, port: int) 
         _reply_overflow(stream)
         return True
     if head.expect_continue and not stream.request_complete:
-        conn.write(CONTINUE_100)
+        conn.send_continue(stream)
     state.active_requests += 1
     stream.cluster_state = state
     retry = route.retry
     stream.retries_left = retry.num_retries
     # The route timeout covers every attempt and back-off; it starts after any fault delay.
     stream.deadline = conn.loop.time() + route.timeout if route.timeout else None
-    key = stream.hash_key = state.hash_key(head, conn.peer_ip) if state.policy.hash is not None else None
+    key = stream.hash_key = state.hash_key(head, info.connection.peer_ip) if state.policy.hash is not None else None
     stream.avoid_previous = retry.avoid_previous_hosts and key is None  # Istio turns it off with consistent hashing
     return _attempt(conn, stream)
 
@@ -516,16 +484,17 @@ def _attempt(conn: DownstreamProtocol, stream: Stream) -> bool:
     """Start the next attempt: on an idle connection at once, else in a task that connects first."""
     state = stream.cluster_state
     assert state is not None
-    stream.attempt += 1
+    info = stream.info
+    info.attempts += 1
     now = conn.loop.time()
     target = state.only or state.pick(stream.hash_key, stream.tried if stream.avoid_previous else (), conn.random, now)
     if target is None:  # every endpoint ejected
-        stream.reply(*_reply_args(NO_HEALTHY_UPSTREAM))
+        stream.reply_with(NO_HEALTHY_UPSTREAM)
         return True
-    endpoint = stream.endpoint = target.endpoint
-    stream.tried.append(endpoint)
+    info.endpoint = target.endpoint
+    stream.tried.append(target.endpoint)
     if stream.deadline is not None and now >= stream.deadline:
-        _finish_timeout(stream, stream.attempt)
+        _finish_timeout(stream)
         return True
     upstream = conn.pool.reuse(target.pool_key)
     if upstream is None:
@@ -549,32 +518,31 @@ async def _connect(conn: DownstreamProtocol, stream: Stream, target: EndpointSta
         return True
     except UpstreamError as error:
         if isinstance(error, UpstreamTimeoutError) or (deadline is not None and loop.time() >= deadline):
-            _finish_timeout(stream, stream.attempt)
+            _finish_timeout(stream)
             return True
         state.report(target, 0, loop.time())
         if stream.retrying:
             state.active_retries -= 1
             stream.retrying = False
-        retry = stream.route.retry  # type: ignore[union-attr]
+        retry = stream.info.route.retry  # type: ignore[union-attr]
         if _should_retry(stream, state, retry, CONNECT_FAILURE, False):
             stream.retrying = True
             return _back_off(conn, stream)
-        _give_up(stream, retry, stream.attempt, CONNECT_FAILURE, False, error)
+        _give_up(stream, retry, CONNECT_FAILURE, False, error)
         return True
     _send(conn, stream, upstream, target)
     return False
 
 
 def _send(conn: DownstreamProtocol, stream: Stream, upstream: UpstreamConnection, target: EndpointState) -> None:
-    """Write the request on `upstream`; its response comes back through the Stream's sink callbacks."""
+    """Send the request on `upstream`; its response comes back through the Stream's sink callbacks."""
     loop = conn.loop
-    head = stream.head
-    route = stream.route
+    route = stream.info.route
     assert route is not None
     stream.upstream = upstream
     stream.target = target
     target.active += 1
-    upstream.attach(stream, stream.head_only, head.chunked)
+    upstream.attach(stream, stream.info.head.method == b"HEAD")
     now = loop.time()
     deadline = stream.deadline
     per_try = route.retry.per_try_timeout
@@ -587,12 +555,12 @@ def _send(conn: DownstreamProtocol, stream: Stream, upstream: UpstreamConnection
     stream.pending = []
     stream.pending_size = 0
     stream.sent_at = now
-    upstream.write(request_head_bytes(stream, head, stream.attempt, deadline, now))
+    send_request_head(stream, upstream, stream.info.attempts, deadline, now)
     for data in body:
-        upstream.write_body(data)
+        upstream.send_body(data)
     if conn.read_paused & READ_PAUSED_BY_BUFFER:
         conn.resume_reading(READ_PAUSED_BY_BUFFER)
-    if stream.request_complete and head.chunked:
+    if stream.request_complete:
         upstream.end_body()
 
 
@@ -616,7 +584,7 @@ def attempt_over(stream: Stream, outcome: UpstreamError | None) -> None:
             stream.retrying = False
         if outcome is None:
             if state.policy.outlier is not None:
-                state.report(target, stream.status, conn.loop.time())
+                state.report(target, stream.info.status, conn.loop.time())
             if stream.request_complete:
                 conn.pool.release(upstream)
             else:  # answered before the request body ended: the connection still owes the rest, never reused
@@ -636,52 +604,56 @@ def attempt_over(stream: Stream, outcome: UpstreamError | None) -> None:
 def _after_failure(conn: DownstreamProtocol, stream: Stream, upstream: UpstreamConnection,
                    outcome: UpstreamError) -> bool:
     """An attempt that sent its request failed: retry (True if a reply was made instead)."""
+    info = stream.info
     if stream.response_started:  # bytes went downstream: never pretend the response was complete
-        stream.flags.append(outcome.flag if not isinstance(outcome, RetriableResponse) else UC)
-        stream.close_after = True
-        conn.reset_after_write()
+        info.flags |= outcome.flag
+        info.details = outcome.details(started=True)
+        conn.reset_stream(stream)
         return True
     state = stream.cluster_state
-    route = stream.route
+    route = info.route
     assert state is not None and route is not None
     retry = route.retry
     if isinstance(outcome, RetriableResponse):
         stream.retrying = True  # the retry slot was taken when the response was judged retriable
         return _back_off(conn, stream)
     if isinstance(outcome, UpstreamTimeoutError) and not outcome.per_try:
-        _finish_timeout(stream, stream.attempt)
+        _finish_timeout(stream)
         return True
     kind = PER_TRY_TIMEOUT if isinstance(outcome, UpstreamTimeoutError) else RESET
     if kind == RESET and upstream.reused and upstream.served and stream.second_chance and stream.replayable \
-            and stream.head.method in IDEMPOTENT:
-        stream.second_chance = False  # the server closed a kept-alive connection as we used it: a free retry
+            and info.head.method in IDEMPOTENT:
+        # The server closed a kept-alive connection as we reused it: one free retry, as Go's transport does (a
+        # deliberate difference from Envoy, counted, and off with --no-retry-reused-connection; see the README).
+        stream.second_chance = False
+        info.reused_retries += 1
         stream.tried.pop()
-        stream.attempt -= 1
+        info.attempts -= 1
         return _attempt(conn, stream)
     if _should_retry(stream, state, retry, kind, True):
         stream.retrying = True
         return _back_off(conn, stream)
-    _give_up(stream, retry, stream.attempt, kind, True, outcome)
+    _give_up(stream, retry, kind, True, outcome)
     return True
 
 
 def _cors(stream: Stream, cors: CorsPolicy) -> bool:
     """Envoy's cors filter (before faults and the router); True when it answered a preflight itself."""
-    head = stream.head
+    head = stream.info.head
     origin = head.header(CORS_ORIGIN)
     if origin is None:
         return False
     preflight = head.method == b"OPTIONS" and head.header(CORS_REQUEST_METHOD) is not None
     if cors.allowed(origin):
         if preflight:
-            stream.reply(200, b"", "", cors.preflight_reply(origin))
+            stream.reply(200, b"", 0, DIRECT_RESPONSE, cors.preflight_reply(origin))
             return True
         added = HeaderMutation(set=cors.response_headers(origin))
         current = stream.response_mutation
         stream.response_mutation = added if current is None else merge_mutations(current, added)
         return False
     if preflight and not cors.forward_unmatched_preflight:
-        stream.reply(200, b"", "")
+        stream.reply(200, b"", 0, DIRECT_RESPONSE)
         return True
     return False
 
@@ -713,7 +685,8 @@ class _MirrorSink(ResponseSink):
     def __init__(self, done: asyncio.Future[None]) -> None:
         self.done = done
 
-    def on_response_head(self, *_: object) -> None:
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None,
+                         end_stream: bool) -> None:
         pass
 
     def on_response_body(self, data: bytes) -> None:
@@ -738,7 +711,7 @@ class _MirrorSink(ResponseSink):
 
 
 async def _mirror(conn: DownstreamProtocol, stream: Stream, cluster: Cluster) -> None:
-    head = stream.head
+    head = stream.info.head
     try:
         async with asyncio.timeout(MIRROR_TIMEOUT):
             while not stream.request_complete and stream.replayable:  # the copy needs the whole body
@@ -755,10 +728,10 @@ async def _mirror(conn: DownstreamProtocol, stream: Stream, cluster: Cluster) ->
                 return
             upstream = await conn.pool.acquire(state, target)
             done: asyncio.Future[None] = conn.loop.create_future()
-            upstream.attach(_MirrorSink(done), head.method == b"HEAD", head.chunked)
-            upstream.write(request_head_bytes(stream, head, 1, shadow=cluster))
+            upstream.attach(_MirrorSink(done), head.method == b"HEAD")
+            send_request_head(stream, upstream, 1, shadow=cluster)
             if body:
-                upstream.write_body(body)
+                upstream.send_body(body)
             upstream.end_body()
             try:
                 await done
@@ -776,12 +749,13 @@ def _should_retry(stream: Stream, state: ClusterState, retry: RetryPolicy, kind:
         and should_retry_failure(retry, kind, request_sent) and _retry_allowed(stream, state)
 
 
-def _give_up(stream: Stream, retry: RetryPolicy, attempt: int, kind: int, request_sent: bool,
-             error: UpstreamError) -> None:
+def _give_up(stream: Stream, retry: RetryPolicy, kind: int, request_sent: bool, error: UpstreamError) -> None:
     """Answer with the last failure; URX when retries ran out (or were never possible for a retriable failure)."""
-    if attempt > 1 or (retry.num_retries and should_retry_failure(retry, kind, request_sent)):
-        stream.flags.append(URX)
-    stream.reply(error.status, error.body(attempt > 1), error.flag)
+    info = stream.info
+    retried = info.attempts > 1
+    if retried or (retry.num_retries and should_retry_failure(retry, kind, request_sent)):
+        info.flags |= URX
+    stream.reply(error.status, error.body(retried), error.flag, error.details())
 
 
 def _retry_allowed(stream: Stream, state: ClusterState) -> bool:
@@ -789,14 +763,13 @@ def _retry_allowed(stream: Stream, state: ClusterState) -> bool:
     if state.retry_allowed():
         state.active_retries += 1
         return True
-    if UO not in stream.flags:
-        stream.flags.append(UO)
+    stream.info.flags |= UO
     return False
 
 
 def _reply_overflow(stream: Stream) -> None:
     error = UpstreamOverflowError()
-    stream.reply(error.status, error.body(False), error.flag, OVERLOADED_HEADER)
+    stream.reply(error.status, error.body(False), error.flag, error.details(), OVERLOADED_HEADER)
 
 
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -805,10 +778,10 @@ IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b
 def _back_off(conn: DownstreamProtocol, stream: Stream) -> bool:
     """Spend one retry and wait its jittered back-off in a task, then attempt again; if the route timeout ends
     first, wait for it and answer 504 instead."""
-    route = stream.route
+    route = stream.info.route
     assert route is not None
     stream.retries_left -= 1
-    wait = backoff(route.retry, stream.attempt, conn.random)
+    wait = backoff(route.retry, stream.info.attempts, conn.random)
     deadline = stream.deadline
     if deadline is not None and conn.loop.time() + wait >= deadline:
         _spawn(conn, stream, _time_out_at, deadline)
@@ -824,24 +797,19 @@ async def _retry_after(conn: DownstreamProtocol, stream: Stream, wait: float) ->
 
 async def _time_out_at(conn: DownstreamProtocol, stream: Stream, deadline: float) -> bool:
     await asyncio.sleep(max(0.0, deadline - conn.loop.time()))
-    _finish_timeout(stream, stream.attempt)
+    _finish_timeout(stream)
     return True
 
 
-def _finish_timeout(stream: Stream, attempt: int) -> None:
+def _finish_timeout(stream: Stream) -> None:
     error = UpstreamTimeoutError()
-    stream.reply(error.status, error.body(attempt > 1), error.flag)
+    stream.reply(error.status, error.body(stream.info.attempts > 1), error.flag, error.details())
 
 
 def _reply_abort(stream: Stream, fault: FaultPolicy) -> None:
-    stream.flags.append(FI)
     if fault.abort_grpc_status:
         code = str(GRPC_CODES.get(fault.abort_grpc_status, 2)).encode()
-        stream.reply(200, b"", "", ((b"content-type", b"application/grpc"), (b"grpc-status", code),
-                                    (b"grpc-message", FAULT_ABORT_BODY)))
+        stream.reply(200, b"", FI, FAULT_ABORT, ((b"content-type", b"application/grpc"), (b"grpc-status", code),
+                                                 (b"grpc-message", FAULT_ABORT_BODY)))
     else:
-        stream.reply(fault.abort_status, FAULT_ABORT_BODY, "")
-
-
-def _reply_args(reply: Reply) -> tuple[int, bytes, str]:
-    return reply.status, reply.body, reply.flag
+        stream.reply(fault.abort_status, FAULT_ABORT_BODY, FI, FAULT_ABORT)

@@ -1,9 +1,10 @@
-"""The downstream side: one protocol object per client connection.
+"""The downstream side, HTTP/1.1: one transport object per client connection, around the codec's server side.
 
-httptools calls back into this object; each complete request head becomes a
-Stream. Requests on one connection are served one at a time, in order
-(pipelined requests wait, and reading pauses while they do), so responses
-leave in request order. After any protocol error the connection answers and closes.
+The codec (`http1/server.py`) turns bytes into request heads and body events; each request head becomes a
+Stream and its exchange (`exchange.py`), which answers through the `send_*` methods here (the one place that
+frames a response for this connection). Requests on one connection are served one at a time, in order
+(pipelined requests wait, and reading pauses while they do), so responses leave in request order. After any
+protocol error the connection answers and closes.
 
 Limits and timeouts (Envoy's names; values from `ListenerLimits`, built from Settings):
 - request head over `max_header_bytes` (request-target + names + values) or `max_header_count`
@@ -33,21 +34,23 @@ import asyncio
 import logging
 import random
 import resource
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, cast
 
-import httptools
-
 from ..http1.errors import ProtocolError
-from ..http1.head import DEFAULT_POLICY, ENVOY_CONTROL_HEADERS, ENVOY_PREFIX, HeadPolicy, build_request_head
-from ..http1.wire import HOP_BY_HOP, local_reply
+from ..http1.head import DEFAULT_POLICY, ENVOY_CONTROL_HEADERS, ENVOY_PREFIX, HeadPolicy
+from ..http1.server import RequestHandler, ServerCodec
+from ..http1.wire import CONTINUE_100, HOP_BY_HOP, LAST_CHUNK, chunk, local_reply, response_head
+from ..messages import HTTP11, RequestHead
 from ..routing.policy import HeaderMutation
 from ..routing.table import RouteTable
+from ..stream_info import DC, ConnectionInfo, StreamInfo
 from ..telemetry.access_log import AccessLog
 from ..telemetry.core import Telemetry
 from .balancer import Clusters
 from .exchange import Stream, abandon, start
-from .local_reply import DC, DPE
+from .local_reply import protocol_error_body, protocol_error_flag, stream_idle_timeout
 from .upstream import WRITE_HIGH_WATER, WRITE_LOW_WATER, UpstreamPool
 
 if TYPE_CHECKING:
@@ -58,12 +61,10 @@ log = logging.getLogger("meshproxy.listener")
 READ_PAUSED_BY_PIPELINE: Final = 4
 READ_PAUSED_BY_ERROR: Final = 8
 
-SI: Final = "SI"  # Envoy's response flag for a stream idle timeout
 MAX_PIPELINED: Final = 100  # requests held per connection (the active one + parsed ahead); one more is a 400 (memory bound)
 LINGER_SECONDS: Final = 2.0  # after an error reply: how long the client's remaining bytes are read and discarded
 MAX_CONNECTIONS_CAP: Final = 50_000  # Envoy's edge advice for global_downstream_max_connections
 
-NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to: on_message_begin gives each head its own list
 H2C_SETTINGS: Final = frozenset({b"http2-settings"})  # only meaningful with an h2c upgrade, which is not taken
 
 EDGE_NONE: Final = "none"  # outbound sidecar listener: the client is the local app
@@ -147,6 +148,7 @@ class ListenerContext:
     limits: ListenerLimits = DEFAULT_LIMITS
     budget: ConnectionBudget = field(default_factory=ConnectionBudget)  # shared by all listeners of the process
     follows_config: bool = False  # the app gives it each reloaded table (the outbound listener)
+    retry_reused: bool = True  # one free retry of an idempotent request whose reused connection was reset (README)
 
     strip_request: frozenset[bytes] = field(init=False)  # request headers never forwarded upstream (computed)
 
@@ -161,26 +163,15 @@ class ListenerContext:
             conn.drain()
 
 
-class _HeaderLimitError(Exception):
-    pass
+class DownstreamProtocol(RequestHandler):
+    """One client connection (an asyncio protocol): the codec's handler, the streams' downstream transport."""
 
-
-class _BodyLimitError(Exception):
-    pass
-
-
-class _PipelineLimitError(Exception):
-    pass
-
-
-class DownstreamProtocol(asyncio.Protocol):
     __slots__ = (
-        "ctx", "loop", "transport", "parser", "peer_ip", "streams", "parsing", "active_task", "url", "headers",
-        "head_size", "in_head", "head_fed", "read_paused", "closed", "error", "randbelow", "random", "telemetry",
-        "strip_request", "limits", "policy", "max_body", "body_bytes", "head_started", "head_deadline",
-        "last_activity", "timer", "timer_at", "aborted", "lingering", "counted", "upgrade_ignored", "max_head_bytes",
-        "max_head_count", "header_timeout", "stream_idle", "idle_timeout", "starting", "start_next", "pool",
-        "clusters", "server_name", "log_addresses",
+        "ctx", "loop", "transport", "codec", "info", "peer_ip", "streams", "parsing", "active_task", "read_paused",
+        "closed", "error", "randbelow", "random", "telemetry", "strip_request", "limits", "head_deadline",
+        "last_activity", "timer", "timer_at", "aborted", "lingering", "counted", "header_timeout", "stream_idle",
+        "idle_timeout", "starting", "start_next", "pool", "clusters", "server_name", "out", "close_after",
+        "response_chunked", "response_head_only",
     )
 
     def __init__(self, ctx: ListenerContext) -> None:
@@ -190,17 +181,13 @@ class DownstreamProtocol(asyncio.Protocol):
         self.server_name = ctx.server_name
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        self.codec = ServerCodec(self, ctx.limits.head)
+        self.info = ConnectionInfo()
         self.peer_ip = b"unknown"
         self.streams: list[Stream] = []  # the active one first, then pipelined ones (a list: a deque's first
         # block costs half a kilobyte on every idle keep-alive connection; the queue is one long, MAX_PIPELINED at most)
         self.parsing: Stream | None = None
         self.active_task: asyncio.Task[None] | None = None
-        self.url = b""
-        self.headers = NO_HEADERS
-        self.head_size = 0
-        self.in_head = True
-        self.head_fed = 0
         self.read_paused = 0
         self.closed = False
         self.error: ProtocolError | None = None
@@ -210,28 +197,25 @@ class DownstreamProtocol(asyncio.Protocol):
         self.telemetry = ctx.telemetry
         self.strip_request = ctx.strip_request
         self.limits = ctx.limits
-        self.policy = ctx.limits.head
-        self.max_body = self.policy.max_body_bytes
-        self.max_head_bytes = self.policy.max_header_bytes  # read per header line: plain attributes
-        self.max_head_count = self.policy.max_header_count
         self.header_timeout = ctx.limits.request_headers_timeout
         self.stream_idle = ctx.limits.stream_idle_timeout
         self.idle_timeout = ctx.limits.idle_timeout
-        self.body_bytes = 0  # body bytes of the request being parsed (counted only with a body limit)
-        self.head_started = False  # bytes of a request head arrived, the head is not complete yet
         self.head_deadline = 0.0  # when the head in progress (or the first one) must be complete; 0 = none
         self.last_activity = 0.0  # loop time of the last byte read or written
         self.timer: asyncio.TimerHandle | None = None  # the one timer of the connection (see _on_timer)
         self.timer_at = 0.0
-        self.aborted: Stream | None = None  # the active stream stopped by the listener (self.error says why)
+        self.aborted: Stream | None = None  # the active stream stopped by the transport (self.error says why)
         self.lingering = False
         self.counted = False  # holds a slot of the connection budget
-        self.upgrade_ignored = False  # the request being parsed is an h2c upgrade served as HTTP/1.1
-        self.log_addresses: tuple[str, str] | None = None  # (local, remote) as the access log writes them, once
         self.starting = False  # in _start_queued's loop
         self.start_next = False
+        # The active stream's response, as this connection frames it.
+        self.out: list[bytes] = []  # response bytes not yet written (see flush)
+        self.close_after = False  # no further request on this connection after the active one
+        self.response_chunked = False
+        self.response_head_only = False
 
-    # ---- asyncio callbacks
+    # ---- asyncio protocol callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = stream_transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport
@@ -245,6 +229,7 @@ class DownstreamProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer_ip = str(peer[0]).encode()
+        self.info = ConnectionInfo(self.peer_ip, transport)
         self.ctx.connections.add(self)
         if self.ctx.draining:
             self._close()
@@ -261,42 +246,17 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.error is not None:
             return  # after an error reply: discarded (lingering close)
         self.last_activity = self.loop.time()
-        if self.in_head:
-            self.head_fed += len(data)
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, ProtocolError):
-                self._protocol_error(cause)
-            elif isinstance(cause, _HeaderLimitError):
-                self._protocol_error(ProtocolError(431, "http1.headers_too_large"))
-            elif isinstance(cause, _BodyLimitError):
-                self._protocol_error(ProtocolError(413, "request_payload_too_large"))
-            elif isinstance(cause, _PipelineLimitError):
-                self._protocol_error(ProtocolError(400, "http1.too_many_pipelined_requests"))
-            else:
-                log.exception("request callback failed", exc_info=cause)
-                self._protocol_error(ProtocolError(400, "http1.codec_error"))
-        except httptools.HttpParserUpgrade as exc:
-            if self.upgrade_ignored:  # an h2c upgrade served as a plain request: parse on after it
-                self.upgrade_ignored = False
-                self.parser = httptools.HttpRequestParser(self)
-                rest = data[int(exc.args[0]):]
-                if rest:
-                    self.data_received(rest)
-            else:
-                self._protocol_error(ProtocolError(403, "upgrade_failed"))
-        except httptools.HttpParserInvalidMethodError:
-            self._protocol_error(ProtocolError(400, "http1.invalid_method"))
-        except httptools.HttpParserError:
-            self._protocol_error(ProtocolError(400, "http1.codec_error"))
-        else:
-            if self.in_head and self.head_fed > self.max_head_bytes + 4096:
-                self._protocol_error(ProtocolError(431, "http1.headers_too_large"))
-            elif self.head_started and not self.head_deadline and self.header_timeout:
-                self.head_deadline = self.last_activity + self.header_timeout
-                self._arm(self.head_deadline)
+            self.codec.feed(data)
+        except ProtocolError as error:
+            self._protocol_error(error)
+            return
+        if self.codec.head_started and not self.head_deadline and self.header_timeout:
+            self.head_deadline = self.last_activity + self.header_timeout
+            self._arm(self.head_deadline)
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -305,65 +265,34 @@ class DownstreamProtocol(asyncio.Protocol):
             self.counted = False
             self.ctx.budget.give_back()
         self.ctx.connections.discard(self)
-        queued = list(self.streams)[1:]  # behind the active one: never started
+        queued = self.streams[1:]  # behind the active one: never started
         for stream in queued:
             self.streams.remove(stream)
         self._stop_active()
         for stream in queued:
-            stream.flags.append(DC)
-            self.telemetry.on_complete(stream)
+            stream.info.flags |= DC
+            self.telemetry.on_complete(stream.info)
 
     def pause_writing(self) -> None:
-        stream = self.streams[0] if self.streams else None
-        if stream is not None and stream.upstream is not None and stream.upstream.transport is not None:
-            stream.upstream.transport.pause_reading()
+        if self.streams:
+            self.streams[0].pause_upstream_reads()
 
     def resume_writing(self) -> None:
-        stream = self.streams[0] if self.streams else None
-        if stream is not None and stream.upstream is not None and stream.upstream.transport is not None:
-            stream.upstream.transport.resume_reading()
+        if self.streams:
+            self.streams[0].resume_upstream_reads()
 
-    # ---- httptools callbacks
+    # ---- codec callbacks (RequestHandler)
 
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.headers = []
-        self.head_size = 0
-        self.in_head = True
-        self.head_started = True
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        self.head_size += len(url)
-        if self.head_size > self.max_head_bytes:
-            raise _HeaderLimitError
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.in_head:
-            return  # trailers: not forwarded
-        self.head_size += len(name) + len(value)
-        self.headers.append((name.lower(), value))
-        if self.head_size > self.max_head_bytes or len(self.headers) > self.max_head_count:
-            raise _HeaderLimitError
-
-    def on_headers_complete(self) -> None:
-        self.in_head = False
-        self.head_fed = 0
-        self.head_started = False
+    def on_request_head(self, head: RequestHead) -> None:
         self.head_deadline = 0.0
-        self.body_bytes = 0
         if len(self.streams) >= MAX_PIPELINED:
-            raise _PipelineLimitError
-        parser = self.parser
-        if parser.should_upgrade():
-            self._check_upgrade(parser.get_method())
-        head = build_request_head(parser.get_method(), self.url, self.headers, parser.get_http_version(),
-                                  parser.should_keep_alive(), self.policy)
-        self.headers = NO_HEADERS  # owned by the head now; not kept by an idle connection (trailers are ignored)
-        stream = Stream(self, head)
+            raise ProtocolError(400, "http1.too_many_pipelined_requests")
+        stream = Stream(self, StreamInfo(head, self.info, time.monotonic()))
         if self.ctx.response_mutation is not None:
             stream.response_mutation = self.ctx.response_mutation
-        self.telemetry.on_request(stream)
+        telemetry = self.telemetry
+        stream.upstream_extra = telemetry.on_request(stream.info)
+        stream.downstream_extra = telemetry.response_extra
         self.parsing = stream
         if not (head.chunked or head.content_length):  # no body
             stream.request_complete = True
@@ -373,42 +302,69 @@ class DownstreamProtocol(asyncio.Protocol):
         else:
             self.pause_reading(READ_PAUSED_BY_PIPELINE)
 
-    def _check_upgrade(self, method: bytes) -> None:
-        """CONNECT and protocol upgrades are not proxied: 403 as Envoy without upgrade_configs. An h2c
-        upgrade without a body is served as the plain HTTP/1.1 request it also is (RFC 9113 3.2 lets a
-        server ignore it; Envoy strips it); httptools skips the body of an upgrade request, so with a
-        body it is refused too."""
-        if method == b"CONNECT":
-            raise ProtocolError(403, "http1.connect_not_supported")
-        upgrade = [v for n, v in self.headers if n == b"upgrade"]
-        framed = [v for n, v in self.headers if n == b"transfer-encoding" or (n == b"content-length" and v.strip(b" \t")
-                                                                              not in (b"0", b""))]
-        if len(upgrade) == 1 and upgrade[0].strip(b" \t").lower() == b"h2c" and not framed:
-            self.upgrade_ignored = True
-            return
-        raise ProtocolError(403, "upgrade_failed")
-
-    def on_body(self, body: bytes) -> None:
-        if self.max_body:
-            self.body_bytes += len(body)
-            if self.body_bytes > self.max_body:
-                raise _BodyLimitError
+    def on_request_body(self, data: bytes) -> None:
         if self.parsing is not None:
-            self.parsing.on_request_body(body)
+            self.parsing.on_request_body(data)
 
-    def on_message_complete(self) -> None:
-        self.in_head = True
-        self.head_fed = 0
+    def on_request_end(self) -> None:
         stream = self.parsing
         self.parsing = None
         if stream is not None and not stream.request_complete:
             stream.on_request_end()
+
+    # ---- the active stream's response (called by its exchange)
+
+    def send_response_head(self, stream: Stream, status: int, headers: list[tuple[bytes, bytes]],
+                           extra: list[tuple[bytes, bytes]], content_length: int | None, end_stream: bool) -> None:
+        head = stream.info.head
+        chunked = False
+        if content_length is None and not end_stream:
+            if head.version == HTTP11:
+                chunked = True
+            else:
+                self.close_after = True  # HTTP/1.0 client: the body ends when we close
+        if self.ctx.draining or not stream.request_complete:  # Envoy: a response before the request ended closes
+            self.close_after = True  # an HTTP/1 connection (downstream_rq_response_before_rq_complete)
+        self.response_chunked = chunked
+        self.response_head_only = head.method == b"HEAD"
+        # Written with the body bytes of the same upstream read: one send (see flush).
+        self.out.append(response_head(status, headers, extra, content_length, chunked, self.close_after))
+
+    def send_response_body(self, data: bytes) -> None:
+        if not self.response_head_only:
+            self.out.append(chunk(data) if self.response_chunked else data)
+
+    def send_response_end(self) -> None:
+        if self.response_chunked and not self.response_head_only:
+            self.out.append(LAST_CHUNK)
+
+    def flush(self) -> None:
+        out = self.out
+        if out:
+            self.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+
+    def send_local_reply(self, stream: Stream, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...]) -> None:
+        if not stream.request_complete:
+            self.close_after = True  # the rest of the request body is not read
+        head = stream.info.head
+        self.write(local_reply(status, body, close=self.close_after or self.ctx.draining, server=self.server_name,
+                               extra=extra, head_only=head.method == b"HEAD"))
+
+    def send_continue(self, stream: Stream) -> None:
+        self.write(CONTINUE_100)
+
+    def reset_stream(self, stream: Stream) -> None:
+        """Abort the connection: a response cut short must not look complete to the client."""
+        self.close_after = True
+        self.reset_after_write()
 
     # ---- stream lifecycle
 
     def _start(self, stream: Stream) -> None:
         if self.stream_idle:
             self._arm(self.last_activity + self.stream_idle)
+        self.close_after = not stream.info.head.keep_alive
         start(self, stream)  # may finish the stream (stream_done) before it returns
 
     def stream_done(self, stream: Stream) -> None:
@@ -417,17 +373,17 @@ class DownstreamProtocol(asyncio.Protocol):
             del self.streams[0]
         self.active_task = None
         error = self.error
+        info = stream.info
         if stream is self.aborted and error is not None:
             self.aborted = None
-            if DC in stream.flags:  # the exchange saw a cancel; the listener knows the reason
-                stream.flags.remove(DC)
-            stream.flags.append(SI if error.status in (408, 504) else DPE)
+            info.flags = (info.flags & ~DC) | protocol_error_flag(error)  # the transport knows the reason
+            info.details = error.detail
             if not stream.response_started:
-                stream.status = error.status
+                info.status = error.status
             own_error = True
         else:
             own_error = error is not None and not stream.request_complete
-        self.telemetry.on_complete(stream)
+        self.telemetry.on_complete(info)
         if self.closed:
             return
         self.last_activity = self.loop.time()
@@ -442,19 +398,19 @@ class DownstreamProtocol(asyncio.Protocol):
                     self._send_error(error)
                 return
             if not self.streams:  # the bad request came after this one
-                if stream.close_after or not stream.request_complete:
+                if self.close_after or not stream.request_complete:
                     self._close()
                 else:
                     self._send_error(error)
                 return
-        if stream.close_after or self.ctx.draining or not stream.request_complete:
+        if self.close_after or self.ctx.draining or not stream.request_complete:
             self._close()
             return
         if self.streams:
             if len(self.streams) == 1:
                 self.resume_reading(READ_PAUSED_BY_PIPELINE)
             self._start_queued()
-        elif self.head_started and self.header_timeout:
+        elif self.codec.head_started and self.header_timeout:
             # The next head began while this request was served: its time starts now (Envoy parses one at a time).
             self.head_deadline = self.last_activity + self.header_timeout
             self._arm(self.head_deadline)
@@ -534,13 +490,12 @@ class DownstreamProtocol(asyncio.Protocol):
                 if now < at:
                     self._arm(at)
                 elif self.aborted is None:
-                    stream = self.streams[0]
-                    self._fail_active(ProtocolError(504 if stream.request_complete else 408, "stream_idle_timeout"))
+                    self._fail_active(stream_idle_timeout(self.streams[0].request_complete))
             return
         if self.head_deadline:
             if now < self.head_deadline:
                 self._arm(self.head_deadline)
-            elif self.head_started:
+            elif self.codec.head_started:
                 self._protocol_error(ProtocolError(408, "request_header_timeout"))
             else:
                 self._close()  # nothing of a request arrived: no reply to send
@@ -592,13 +547,15 @@ class DownstreamProtocol(asyncio.Protocol):
         self.pause_reading(READ_PAUSED_BY_ERROR)
         parsing = self.parsing
         self.parsing = None
-        self.head_started = False
+        self.codec.stop()
         self.head_deadline = 0.0
         if parsing is not None and parsing in self.streams and self.streams[0] is not parsing:
             self.streams.remove(parsing)  # a queued request whose body was bad: never started
-            parsing.flags.append(DPE)
-            parsing.status = error.status
-            self.telemetry.on_complete(parsing)
+            info = parsing.info
+            info.flags |= protocol_error_flag(error)
+            info.details = error.detail
+            info.status = error.status
+            self.telemetry.on_complete(info)
         if not self.streams:
             self._send_error(error)
         elif not self.streams[0].request_complete:
@@ -615,8 +572,7 @@ class DownstreamProtocol(asyncio.Protocol):
     def _send_error(self, error: ProtocolError) -> None:
         """Answer, close our side, and read (discarding) what the client still sends for a moment."""
         self.error = error
-        body = _ERROR_DETAIL_BODIES.get(error.detail) or _ERROR_BODIES.get(error.status, b"Bad Request")
-        self.write(local_reply(error.status, body, close=True, server=self.ctx.server_name))
+        self.write(local_reply(error.status, protocol_error_body(error), close=True, server=self.ctx.server_name))
         transport = self.transport
         if transport is None or self.closed or not transport.can_write_eof():
             self._close()
@@ -628,19 +584,3 @@ class DownstreamProtocol(asyncio.Protocol):
         self._arm(self.head_deadline)
         self.read_paused = 0
         transport.resume_reading()
-
-
-_ERROR_BODIES: Final = {
-    400: b"Bad Request",
-    403: b"Forbidden",
-    408: b"Request Timeout",
-    413: b"Payload Too Large",
-    426: b"Upgrade Required",
-    431: b"Request Header Fields Too Large",
-    501: b"Not Implemented",
-    505: b"HTTP Version Not Supported",
-}
-_ERROR_DETAIL_BODIES: Final = {
-    "stream_idle_timeout": b"stream timeout",  # Envoy's local reply body for SI
-    "request_header_timeout": b"request header timeout",
-}

@@ -1,8 +1,9 @@
-"""Errors -> Envoy's local replies: status, body and response flag, in one place.
+"""Errors -> Envoy's local replies: status, body, response flag and response code details, in one place.
 
-Bodies are Envoy's own strings, so clients and tests written against Istio see
-the same answers (router.cc onUpstreamReset / sendNoHealthyUpstreamResponse,
-fault_filter.cc, conn_manager_impl.cc).
+Bodies and details are Envoy 1.40's own strings, so clients, dashboards and tests written against Istio see the
+same answers (router.cc onUpstreamReset / sendNoHealthyUpstreamResponse, fault_filter.cc, conn_manager_impl.cc).
+An upstream reset is detailed as Envoy does it: `upstream_reset_before_response_started{<reset reason>[,<transport
+failure reason>]}` with spaces made underscores, e.g. `...{remote_connection_failure,delayed_connect_error:_111}`.
 """
 
 from __future__ import annotations
@@ -10,22 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-# Response flags (Envoy %RESPONSE_FLAGS% short names).
-NR: Final = "NR"  # no route
-NC: Final = "NC"  # no cluster
-UH: Final = "UH"  # no healthy upstream
-UF: Final = "UF"  # upstream connection failure
-UC: Final = "UC"  # upstream connection termination
-UT: Final = "UT"  # upstream request timeout
-UO: Final = "UO"  # upstream overflow (circuit breaker)
-URX: Final = "URX"  # retry limit exceeded
-UPE: Final = "UPE"  # upstream protocol error
-DC: Final = "DC"  # downstream connection termination
-DPE: Final = "DPE"  # downstream protocol error
-FI: Final = "FI"  # fault injection abort
-DI: Final = "DI"  # fault injection delay
+from ..http1.errors import ProtocolError
+from ..stream_info import DPE, NC, NR, SI, UC, UF, UH, UO, UPE, UT
 
 RESET_PREFIX: Final = "upstream connect error or disconnect/reset before headers. "
+RESET_BEFORE: Final = "upstream_reset_before_response_started"
+RESET_AFTER: Final = "upstream_reset_after_response_started"
+
+
+def reset_details(started: bool, reason: str, transport: str = "") -> str:
+    """Envoy's details for an upstream reset: the reason (and transport failure), spaces as underscores."""
+    inside = f"{reason},{transport}" if transport else reason
+    return f"{RESET_AFTER if started else RESET_BEFORE}{{{inside}}}".replace(" ", "_")
 
 
 class UpstreamError(Exception):
@@ -34,20 +31,24 @@ class UpstreamError(Exception):
     status = 503
     flag = UC
     reason = "connection termination"
-    retriable_as_connect_failure = False
+    transport = ""  # the transport failure reason (a connect error), if any
 
     def body(self, retried: bool) -> bytes:
         lead = "retried and the latest " if retried else ""
-        return f"{RESET_PREFIX}{lead}reset reason: {self.reason}".encode()
+        transport = f", transport failure reason: {self.transport}" if self.transport else ""
+        return f"{RESET_PREFIX}{lead}reset reason: {self.reason}{transport}".encode()
+
+    def details(self, started: bool = False) -> str:
+        return reset_details(started, self.reason, self.transport)
 
 
 class ConnectFailureError(UpstreamError):
     flag = UF
-    retriable_as_connect_failure = True
 
     def __init__(self, reason: str = "remote connection failure", transport: str = "") -> None:
         super().__init__(reason)
-        self.reason = reason + (f", transport failure reason: {transport}" if transport else "")
+        self.reason = reason
+        self.transport = transport
 
 
 class ConnectionTerminationError(UpstreamError):
@@ -88,6 +89,9 @@ class UpstreamTimeoutError(UpstreamError):
     def body(self, retried: bool) -> bytes:
         return b"upstream request timeout"
 
+    def details(self, started: bool = False) -> str:
+        return "response_timeout"
+
 
 class RetriableResponse(UpstreamError):
     """A real upstream response the retry policy discards (not an error the client sees)."""
@@ -101,10 +105,47 @@ class RetriableResponse(UpstreamError):
 class Reply:
     status: int
     body: bytes
-    flag: str
+    flag: int
+    details: str
 
 
-NO_ROUTE: Final = Reply(404, b"", NR)
-NO_CLUSTER: Final = Reply(503, b"", NC)
-NO_HEALTHY_UPSTREAM: Final = Reply(503, b"no healthy upstream", UH)
+NO_ROUTE: Final = Reply(404, b"", NR, "route_not_found")
+NO_CLUSTER: Final = Reply(503, b"", NC, "cluster_not_found")
+NO_HEALTHY_UPSTREAM: Final = Reply(503, b"no healthy upstream", UH, "no_healthy_upstream")
 FAULT_ABORT_BODY: Final = b"fault filter abort"
+FAULT_ABORT: Final = "fault_filter_abort"
+DIRECT_RESPONSE: Final = "direct_response"
+INTERNAL_ERROR: Final = Reply(500, b"internal error", 0, "internal_error")
+DOWNSTREAM_DISCONNECT: Final = "downstream_remote_disconnect"
+STREAM_IDLE_TIMEOUT: Final = "stream_idle_timeout"
+
+# Replies to a request the codec refused, or that the connection stopped (ProtocolError.detail -> body); the
+# connection closes after them. Envoy's bodies for its own timeouts, the reason phrase otherwise.
+_ERROR_BODIES: Final = {
+    400: b"Bad Request",
+    403: b"Forbidden",
+    408: b"Request Timeout",
+    413: b"Payload Too Large",
+    426: b"Upgrade Required",
+    431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
+    505: b"HTTP Version Not Supported",
+}
+_ERROR_DETAIL_BODIES: Final = {
+    STREAM_IDLE_TIMEOUT: b"stream timeout",  # Envoy's local reply body for SI
+    "request_header_timeout": b"request header timeout",
+}
+
+
+def protocol_error_body(error: ProtocolError) -> bytes:
+    return _ERROR_DETAIL_BODIES.get(error.detail) or _ERROR_BODIES.get(error.status, b"Bad Request")
+
+
+def protocol_error_flag(error: ProtocolError) -> int:
+    """SI for the stream idle timeout (408 before the request ended, 504 after); DPE for a bad request."""
+    return SI if error.detail == STREAM_IDLE_TIMEOUT else DPE
+
+
+def stream_idle_timeout(request_complete: bool) -> ProtocolError:
+    return ProtocolError(504 if request_complete else 408, STREAM_IDLE_TIMEOUT)
+

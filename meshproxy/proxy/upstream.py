@@ -1,9 +1,9 @@
 """Upstream connections and their pool, keyed by endpoint.
 
-One UpstreamConnection carries one request at a time (HTTP/1.1). Its parser
-callbacks hand the response straight to the attached `ResponseSink` (the
-exchange's stream), which writes it downstream, so no response byte waits for
-a task switch. Idle connections are kept per endpoint for reuse and closed
+One UpstreamConnection carries one request at a time (HTTP/1.1, the codec in
+`http1/client.py`). Its codec's callbacks hand the response straight to the
+attached `ResponseSink` (the exchange's stream), which writes it downstream, so
+no response byte waits for a task switch. Idle connections are kept per endpoint for reuse and closed
 after `idle_timeout`, shorter than the usual application keep-alive, so the
 proxy is not the one surprised by a server-side close (istio/istio#55138).
 """
@@ -16,9 +16,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
-import httptools
-
-from ..http1.wire import LAST_CHUNK, chunk
+from ..http1.client import ClientCodec, ResponseHandler
+from ..http1.errors import ProtocolError
+from ..http1.wire import LAST_CHUNK, chunk, request_head
 from .local_reply import (
     ConnectFailureError,
     ConnectionTerminationError,
@@ -36,24 +36,14 @@ log = logging.getLogger("meshproxy.upstream")
 WRITE_HIGH_WATER: Final = 256 * 1024
 WRITE_LOW_WATER: Final = 64 * 1024
 
-FRAMING_LENGTH: Final = 0  # content-length
-FRAMING_CHUNKED: Final = 1
-FRAMING_EOF: Final = 2  # body runs until the upstream closes
-FRAMING_NONE: Final = 3  # no body (HEAD, 1xx, 204, 304)
-
-
-class UnexpectedResponseError(Exception):
-    """The upstream started a response while no request was waiting for one."""
-
-
 class ResponseSink:
     """What an UpstreamConnection reports to: the exchange's Stream, or a mirror's sink. A base class rather than a
     Protocol, so that the compiled hot path calls these methods directly instead of looking them up by name."""
 
     __slots__ = ()
 
-    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], framing: int,
-                         content_length: int | None) -> None:
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None,
+                         end_stream: bool) -> None:
         raise NotImplementedError
 
     def on_response_body(self, data: bytes) -> None:
@@ -75,49 +65,44 @@ class ResponseSink:
         raise NotImplementedError
 
 
-class UpstreamConnection(asyncio.Protocol):
-    __slots__ = (
-        "pool", "key", "transport", "parser", "sink", "head_only", "chunked_request", "status", "headers",
-        "head_done", "framing", "content_length", "keep_alive", "closed", "reused", "idle_until", "served", "owner",
-    )
+class UpstreamConnection(ResponseHandler):
+    """One HTTP/1.1 connection to an endpoint: the asyncio protocol around a `ClientCodec` (one request at a time).
+    The exchange sends through `send_head`/`send_body`/`end_body` and hears back through its `ResponseSink`."""
+
+    __slots__ = ("pool", "key", "transport", "codec", "sink", "chunked_request", "closed", "reused", "idle_until",
+                 "served", "owner")
 
     def __init__(self, pool: UpstreamPool, key: tuple[str, str, int], owner: ClusterState | None = None) -> None:
         self.pool = pool
         self.key = key  # (cluster name, address, port): each cluster has its own connections, as in Envoy
         self.owner = owner
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.codec = ClientCodec(self)
         self.sink: ResponseSink | None = None
-        self.head_only = False
         self.chunked_request = False
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head_done = False
-        self.framing = FRAMING_LENGTH
-        self.content_length: int | None = None
-        self.keep_alive = True
         self.closed = False
         self.reused = False
         self.idle_until = 0.0  # loop time after which an idle connection is closed (the pool's sweep)
         self.served = 0
 
+    @property
+    def keep_alive(self) -> bool:
+        return self.codec.keep_alive
+
     # ---- request side (called by the exchange)
 
-    def attach(self, sink: ResponseSink, head_only: bool, chunked_request: bool) -> None:
+    def attach(self, sink: ResponseSink, head_only: bool) -> None:
         self.sink = sink
-        self.head_only = head_only
-        self.chunked_request = chunked_request
-        self.status = 0
-        self.headers = []
-        self.head_done = False
-        self.content_length = None
-        self.keep_alive = True
+        self.codec.expect(head_only)
 
-    def write(self, data: bytes) -> None:
+    def send_head(self, method: bytes, path: bytes, authority: bytes, headers: list[tuple[bytes, bytes]],
+                  content_length: int | None, end_stream: bool) -> None:
+        """The request head; a body of unknown length (`content_length` None, not `end_stream`) is sent chunked."""
         assert self.transport is not None
-        self.transport.write(data)
+        self.chunked_request = chunked = content_length is None and not end_stream
+        self.transport.write(request_head(method, path, authority, headers, content_length, chunked))
 
-    def write_body(self, data: bytes) -> None:
+    def send_body(self, data: bytes) -> None:
         assert self.transport is not None
         self.transport.write(chunk(data) if self.chunked_request else data)
 
@@ -126,9 +111,13 @@ class UpstreamConnection(asyncio.Protocol):
             assert self.transport is not None
             self.transport.write(LAST_CHUNK)
 
-    def detach(self) -> None:
-        """The exchange is over; keep the connection only if the response ended cleanly."""
-        self.sink = None
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
 
     def abort(self) -> None:
         self.sink = None
@@ -146,26 +135,24 @@ class UpstreamConnection(asyncio.Protocol):
             owner.connections -= 1
             owner.wake_one()
 
-    # ---- asyncio callbacks
+    # ---- asyncio protocol callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = stream_transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport
         stream_transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
     def data_received(self, data: bytes) -> None:
-        if self.sink is None:
+        sink = self.sink
+        if sink is None:
             # Bytes on an idle connection (or after a complete response): the connection is unusable.
             log.debug("upstream %s sent %d unexpected bytes; closing", self.key, len(data))
             self.abort()
             self.pool.forget(self)
             return
-        sink = self.sink
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError as exc:
-            self._fail(UpstreamProtocolError(), str(exc.__context__))
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamProtocolError(), str(exc))
+            self.codec.feed(data)
+        except ProtocolError as exc:
+            self._fail(UpstreamProtocolError(), exc.detail)
         sink.flush()  # after the whole read: a response that ended in it is handed over only now
 
     def eof_received(self) -> bool:
@@ -183,69 +170,36 @@ class UpstreamConnection(asyncio.Protocol):
         if self.sink is not None:
             self.sink.resume_upstream_writes()
 
-    # ---- httptools callbacks
+    # ---- codec callbacks (ResponseHandler)
 
-    def on_message_begin(self) -> None:
-        if self.sink is None:
-            # A response nobody asked for (bytes after a complete response, e.g. a smuggled second one):
-            # stop here; _fail discards the connection, so the next request never reads these bytes.
-            raise UnexpectedResponseError
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.head_done:
-            self.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if 100 <= status < 200:
-            self.headers = []  # 1xx interim response: dropped (the proxy answers Expect itself)
-            return
-        self.head_done = True
-        self.status = status
-        self.keep_alive = self.parser.should_keep_alive()
-        framing = FRAMING_EOF
-        for name, value in self.headers:
-            if name == b"content-length":
-                framing, self.content_length = FRAMING_LENGTH, int(value)
-            elif name == b"transfer-encoding":
-                framing = FRAMING_CHUNKED
-        if self.head_only or status in (204, 304):
-            framing = FRAMING_NONE
-        if framing == FRAMING_EOF:
-            self.keep_alive = False
-        self.framing = framing
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None,
+                         end_stream: bool) -> None:
         sink = self.sink
         if sink is not None:
-            sink.on_response_head(status, self.headers, framing, self.content_length)
-        if self.head_only and self.sink is not None:
-            self.parser = httptools.HttpResponseParser(self)  # llhttp would wait for a body a HEAD never gets
-            self._finish()
+            sink.on_response_head(status, headers, content_length, end_stream)
 
-    def on_body(self, body: bytes) -> None:
+    def on_response_body(self, data: bytes) -> None:
         sink = self.sink
         if sink is not None:
-            sink.on_response_body(body)
+            sink.on_response_body(data)
 
-    def on_message_complete(self) -> None:
-        if self.head_done and self.sink is not None:
-            self._finish()
-
-    # ---- internals
-
-    def _finish(self) -> None:
+    def on_response_end(self) -> None:
         sink = self.sink
         self.sink = None
         self.served += 1
         if sink is not None:
             sink.on_response_end()
 
+    # ---- internals
+
     def _fail(self, error: UpstreamError, detail: str) -> None:
         log.debug("upstream %s: %s (%s)", self.key, error.reason, detail)
         sink = self.sink
+        head_done = self.codec.head_done
         self.abort()
         self.pool.forget(self)
         if sink is not None:
-            sink.on_upstream_error(ResponseResetError() if self.head_done else error)
+            sink.on_upstream_error(ResponseResetError() if head_done else error)
 
     def _closed_by_peer(self) -> None:
         if self.closed:
@@ -257,12 +211,11 @@ class UpstreamConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
-        if self.head_done and self.framing == FRAMING_EOF:
-            self._finish()  # a close-delimited body ends here
+        if self.codec.close():  # a close-delimited body ends here
             sink.flush()
         else:
             self.sink = None
-            sink.on_upstream_error(ResponseResetError() if self.head_done else ConnectionTerminationError())
+            sink.on_upstream_error(ResponseResetError() if self.codec.head_done else ConnectionTerminationError())
         if self.transport is not None:
             self.transport.close()
 

@@ -1,6 +1,10 @@
 """Access log: one line per request to stdout, Istio's default text format, or Istio's JSON keys.
 
 Off by default (as in Istio without meshConfig.accessLogFile): then the exchange pays one attribute check.
+Lines go to stdout (`/dev/stdout`, Istio's default) or a file, never written on the event loop: they are
+batched and handed to one writer thread every FLUSH_INTERVAL (or at BATCH_BYTES), as Envoy's access log
+flushes every second; a writer that cannot keep up loses lines past MAX_QUEUED_BYTES, counted, rather than
+holding memory or the loop.
 The text line is Istio's `EnvoyTextLogFormat` (pilot/pkg/model/telemetry_logging.go):
 
     [%START_TIME%] "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" %RESPONSE_CODE%
@@ -12,128 +16,173 @@ The text line is Istio's `EnvoyTextLogFormat` (pilot/pkg/model/telemetry_logging
 
 (one line). JSON uses the keys of Istio's `EnvoyJSONLogFormatIstio`, plus `listener`. Response flags are
 Envoy's (`-` when none); bytes are body bytes; what meshproxy does not know (upstream local address,
-upstream service time, TLS server name) is `-` as in Envoy.
+upstream service time, TLS server name) is `-` as in Envoy. JSON also has `upstream_request_attempt_count`
+and `reused_connection_retries` (see the README: a retry Envoy does not make).
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
+import logging
+import queue
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final, TextIO
 
+from ..stream_info import flags_text
+
 if TYPE_CHECKING:
-    from ..proxy.exchange import Stream
+    from ..stream_info import StreamInfo
+
+log = logging.getLogger("meshproxy.access_log")
 
 FORMATS: Final = ("off", "text", "json")
-
-# Envoy's %RESPONSE_CODE_DETAILS% for the replies a flag stands for (StreamInfo::ResponseCodeDetails).
-DETAILS: Final = {
-    "NR": "route_not_found",
-    "NC": "cluster_not_found",
-    "UH": "no_healthy_upstream",
-    "UF": "upstream_reset_before_response_started{connection_failure}",
-    "UO": "upstream_reset_before_response_started{overflow}",
-    "UPE": "upstream_reset_before_response_started{protocol_error}",
-    "UT": "response_timeout",
-    "SI": "stream_idle_timeout",
-    "FI": "fault_filter_abort",
-    "DC": "downstream_remote_disconnect",
-    "DPE": "http1.codec_error",
-}
+STDOUT: Final = "/dev/stdout"
+FLUSH_INTERVAL: Final = 0.1  # seconds a line may wait before it is handed to the writer
+BATCH_BYTES: Final = 64 * 1024  # ... or this much is pending
+MAX_QUEUED_BYTES: Final = 16 * 1024 * 1024  # handed over and not written yet; beyond, lines are dropped
 
 
 class AccessLog:
-    __slots__ = ("enabled", "format", "out")
+    __slots__ = ("enabled", "format", "out", "pending", "pending_bytes", "flush_handle", "writer", "queued_bytes",
+                 "dropped", "lock")
 
-    def __init__(self, fmt: str = "off", out: TextIO | None = None) -> None:
+    def __init__(self, fmt: str = "off", out: TextIO | None = None, path: str = STDOUT) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"access log format must be one of {', '.join(FORMATS)}")
         self.format = fmt
-        self.out = out or sys.stdout
         self.enabled = fmt != "off"  # read on every request
+        if out is None and self.enabled and path != STDOUT:
+            out = open(path, "a", encoding="utf-8")  # noqa: SIM115  # open for the life of the process
+        self.out = out if out is not None else sys.stdout
+        self.pending: list[str] = []
+        self.pending_bytes = 0
+        self.flush_handle: asyncio.TimerHandle | None = None
+        self.writer: queue.SimpleQueue[str | threading.Event] | None = None
+        self.queued_bytes = 0  # handed to the writer, not yet written
+        self.dropped = 0
+        self.lock = threading.Lock()
 
-    def fields(self, stream: Stream, listener: str) -> dict[str, object]:
-        head = stream.head
-        route = stream.route
+    def fields(self, info: StreamInfo, listener: str) -> dict[str, object]:
+        head = info.head
+        route = info.route
         get = head.header
-        elapsed = time.monotonic() - stream.start
-        conn = stream.conn
-        addresses = conn.log_addresses
-        if addresses is None:  # once per connection: get_extra_info is a syscall each time under uvloop
-            addresses = conn.log_addresses = (_address(conn.transport, "sockname"), _address(conn.transport, "peername"))
+        elapsed = time.monotonic() - info.start
+        addresses = info.connection.log_addresses()
         return {
             "start_time": datetime.fromtimestamp(time.time() - elapsed, UTC)
             .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "method": head.method.decode("latin-1"),
             "path": head.path_and_query.decode("latin-1"),
             "protocol": "HTTP/" + head.version.decode(),
-            "response_code": stream.status,
-            "response_flags": ",".join(stream.flags) or "-",
-            "response_code_details": response_code_details(stream),
+            "response_code": info.status,
+            "response_flags": flags_text(info.flags),
+            "response_code_details": info.response_code_details(),
             "connection_termination_details": "-",
             "upstream_transport_failure_reason": "-",
-            "bytes_received": stream.body_size,
-            "bytes_sent": stream.response_bytes,
+            "bytes_received": info.body_size,
+            "bytes_sent": info.response_bytes,
             "duration": int(elapsed * 1000),
             "upstream_service_time": "-",
             "x_forwarded_for": _text(get(b"x-forwarded-for")),
             "user_agent": _text(get(b"user-agent")),
-            "request_id": _text(stream.request_id),
+            "request_id": _text(info.request_id),
             "authority": head.authority.decode("latin-1"),
-            "upstream_host": str(stream.endpoint) if stream.endpoint else "-",
-            "upstream_cluster": stream.cluster.name if stream.cluster else "-",
+            "upstream_host": str(info.endpoint) if info.endpoint else "-",
+            "upstream_cluster": info.cluster.name if info.cluster else "-",
             "upstream_local_address": "-",
             "downstream_local_address": addresses[0],
             "downstream_remote_address": addresses[1],
             "requested_server_name": "-",
             "route_name": (route.name or "-") if route else "-",
+            "upstream_request_attempt_count": info.attempts,
+            "reused_connection_retries": info.reused_retries,
             "listener": listener,
         }
 
-    def log(self, stream: Stream, listener: str) -> None:
-        f = self.fields(stream, listener)
+    def line(self, info: StreamInfo, listener: str) -> str:
+        f = self.fields(info, listener)
         if self.format == "json":
-            line = json.dumps(f, separators=(",", ":"))
-        else:
-            line = (
-                f'[{f["start_time"]}] "{f["method"]} {f["path"]} {f["protocol"]}" {f["response_code"]} '
-                f'{f["response_flags"]} {f["response_code_details"]} {f["connection_termination_details"]} '
-                f'"{f["upstream_transport_failure_reason"]}" {f["bytes_received"]} {f["bytes_sent"]} '
-                f'{f["duration"]} {f["upstream_service_time"]} "{f["x_forwarded_for"]}" "{f["user_agent"]}" '
-                f'"{f["request_id"]}" "{f["authority"]}" "{f["upstream_host"]}" {f["upstream_cluster"]} '
-                f'{f["upstream_local_address"]} {f["downstream_local_address"]} {f["downstream_remote_address"]} '
-                f'{f["requested_server_name"]} {f["route_name"]}'
-            )
-        self.out.write(line + "\n")
-        self.out.flush()
+            return json.dumps(f, separators=(",", ":"))
+        return (
+            f'[{f["start_time"]}] "{f["method"]} {f["path"]} {f["protocol"]}" {f["response_code"]} '
+            f'{f["response_flags"]} {f["response_code_details"]} {f["connection_termination_details"]} '
+            f'"{f["upstream_transport_failure_reason"]}" {f["bytes_received"]} {f["bytes_sent"]} '
+            f'{f["duration"]} {f["upstream_service_time"]} "{f["x_forwarded_for"]}" "{f["user_agent"]}" '
+            f'"{f["request_id"]}" "{f["authority"]}" "{f["upstream_host"]}" {f["upstream_cluster"]} '
+            f'{f["upstream_local_address"]} {f["downstream_local_address"]} {f["downstream_remote_address"]} '
+            f'{f["requested_server_name"]} {f["route_name"]}'
+        )
 
+    def log(self, info: StreamInfo, listener: str) -> None:
+        line = self.line(info, listener) + "\n"
+        self.pending.append(line)
+        self.pending_bytes += len(line)
+        if self.pending_bytes >= BATCH_BYTES:
+            self.flush()
+        elif self.flush_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop (a tool, a test): write now, here
+                self.out.write("".join(self.pending))
+                self.out.flush()
+                self.pending.clear()
+                self.pending_bytes = 0
+                return
+            self.flush_handle = loop.call_later(FLUSH_INTERVAL, self.flush)
 
-def response_code_details(stream: Stream) -> str:
-    """Why this response: the local reply a flag stands for, else `via_upstream` when an upstream answered."""
-    for flag in stream.flags:
-        detail = DETAILS.get(flag)
-        if detail is not None:
-            return detail
-        if flag == "UC":
-            return ("upstream_reset_after_response_started{connection_termination}" if stream.status and
-                    stream.response_bytes else "upstream_reset_before_response_started{connection_termination}")
-    if stream.status == 0:
-        return "-"
-    if stream.cluster is not None:
-        return "via_upstream"
-    return "direct_response"
+    def flush(self) -> None:
+        """Hand what is pending to the writer thread (started on first use)."""
+        if self.flush_handle is not None:
+            self.flush_handle.cancel()
+            self.flush_handle = None
+        if not self.pending:
+            return
+        data = "".join(self.pending)
+        self.pending.clear()
+        self.pending_bytes = 0
+        with self.lock:
+            if self.queued_bytes + len(data) > MAX_QUEUED_BYTES:
+                self.dropped += data.count("\n")
+                return
+            self.queued_bytes += len(data)
+        writer = self.writer
+        if writer is None:
+            writer = self.writer = queue.SimpleQueue()
+            threading.Thread(target=self._write, args=(writer,), name="access-log", daemon=True).start()
+            atexit.register(self.close)
+        writer.put(data)
+
+    def close(self) -> None:
+        """Write everything still pending (at exit, after the drain); waits for the writer, 5 s at most."""
+        self.flush()
+        if self.writer is not None:
+            done = threading.Event()
+            self.writer.put(done)  # the writer sets it once everything handed over before it is written
+            done.wait(5.0)
+
+    def _write(self, writer: queue.SimpleQueue[str | threading.Event]) -> None:
+        out = self.out
+        while True:
+            data = writer.get()
+            if isinstance(data, threading.Event):
+                data.set()
+                continue
+            try:
+                out.write(data)
+                out.flush()
+            except (OSError, ValueError) as exc:  # a closed pipe or file: nothing to keep the lines for
+                log.warning("access log: %s", exc)
+            with self.lock:
+                self.queued_bytes -= len(data)
+                dropped, self.dropped = self.dropped, 0
+            if dropped:
+                log.warning("access log: %d lines dropped: the writer could not keep up", dropped)
 
 
 def _text(value: bytes | None) -> str:
     return value.decode("latin-1") if value is not None else "-"
-
-
-def _address(transport: object, key: str) -> str:
-    info = getattr(transport, "get_extra_info", None)
-    address = info(key) if info is not None else None
-    if not address:
-        return "-"
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -1,15 +1,15 @@
 """The one object the data path calls for telemetry; telemetry never calls back into the data path.
 
-Hooks, in request order:
-- `on_request(stream)`: the request head is known. One pass over the headers picks out x-request-id, the
-  trace headers and (inbound) the peer metadata; the upstream request gets the request id when it had
-  none and this hop's trace headers (`stream.upstream_extra`), and (outbound) this workload's peer metadata
-  (`stream.upstream_peer`), as header lines serialized here (the peer metadata once per process).
-  Incoming headers that are rewritten are never forwarded (`strip_request`, read at connection setup).
-  The response gets (inbound) this workload's peer metadata (`stream.downstream_extra`).
-- `on_response(stream, headers)` (outbound, only when `reads_response`): the upstream response head that
+Hooks, in request order, each given the exchange's record (`StreamInfo`; telemetry never imports the data path):
+- `on_request(info) -> headers`: the request head is known. One pass over the headers picks out x-request-id,
+  the trace headers and (inbound) the peer metadata into the record; it returns the headers the upstream
+  request gets: the request id when it had none and this hop's trace headers. Constant per listener:
+  `request_peer_headers`, this workload's peer metadata for an outbound request (withheld from services
+  outside the mesh), and `response_extra`, the inbound response's. Incoming headers that are rewritten are
+  never forwarded (`strip_request`, read at connection setup).
+- `on_response(info, headers)` (outbound, only when `reads_response`): the upstream response head that
   goes downstream; the callee's peer metadata is read and removed before the app sees the response.
-- `on_complete(stream)`: the exchange is over (response written, or failed): access log, metrics, span.
+- `on_complete(info)`: the exchange is over (response written, or failed): access log, metrics, span.
 
 Costs: with everything off, one pass over the headers for x-request-id. Unsampled requests create no
 span objects (the trace headers are rewritten from bytes). Metrics use a series bound once per
@@ -30,7 +30,7 @@ from binascii import hexlify
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
-from ..http1.wire import CRLF, header_lines
+from ..stream_info import StreamInfo, flags_text
 from .access_log import AccessLog
 from .metrics import (
     DESTINATION,
@@ -66,7 +66,6 @@ from .propagation import (
 )
 
 if TYPE_CHECKING:
-    from ..proxy.exchange import Stream
     from ..routing.cluster import Cluster
     from ..routing.policy import Route
     from ..routing.table import RouteTable
@@ -83,14 +82,11 @@ _IDS: Final = random.Random(int.from_bytes(os.urandom(16), "big"))  # ids when n
 # trace id and a 64-bit span id; the lowest bit of each id is set so that neither can be all zeros.
 NEW_TRACE_KEEP: Final = ((1 << 320) - 1) ^ (0xF000 << 256) ^ (0xC000 << 240)
 NEW_TRACE_SET: Final = (0x4000 << 256) | (0x8000 << 240) | (1 << 64) | 1
-# The first proxy's headers for a new trace, in inject()'s order: request id, trace id, span id, trace id, span id.
-# A new trace's headers around request id, trace id, span id, trace id, span id (a tuple of six parts).
-_NEW_TRACE: Final = (b"x-request-id: %b\r\nx-b3-traceid: %b\r\nx-b3-spanid: %b\r\nx-b3-sampled: 1\r\n"
-              b"traceparent: 00-%b-%b-01\r\n")
-NEW_TRACE_SAMPLED: Final = tuple(_NEW_TRACE.split(b"%b"))
-NEW_TRACE_NOT_SAMPLED: Final = tuple(_NEW_TRACE.replace(b"sampled: 1", b"sampled: 0").replace(b"-01\r\n", b"-00\r\n")
-                              .split(b"%b"))
-REQUEST_ID_PREFIX: Final = b"x-request-id: "  # a header line without its value and CRLF
+B3_TRACE_ID: Final = b"x-b3-traceid"
+B3_SPAN_ID: Final = b"x-b3-spanid"
+B3_SAMPLED: Final = (b"x-b3-sampled", b"1")
+B3_NOT_SAMPLED: Final = (b"x-b3-sampled", b"0")
+TRACEPARENT: Final = b"traceparent"
 
 
 class MeshTelemetry:
@@ -174,7 +170,7 @@ class Telemetry:
     """One listener's telemetry: the hooks the data path calls (see the module docstring)."""
 
     __slots__ = ("listener", "direction", "access_log", "strip_request", "mesh", "inbound", "watched", "tracing",
-                 "metrics", "request_extra", "response_extra", "reads_response", "randbits", "series", "clusters",
+                 "metrics", "request_peer_headers", "response_extra", "reads_response", "randbits", "series", "clusters",
                  "peers", "peer_cache", "table", "address", "seen_table", "service", "operation")
 
     def __init__(self, listener: str, direction: str, access_log: AccessLog, mesh: MeshTelemetry | None = None, *,
@@ -202,11 +198,11 @@ class Telemetry:
         self.strip_request: frozenset[bytes] = frozenset(strip)  # incoming headers replaced by upstream_extra/_peer
         self.watched = frozenset(watched)
         metadata = mesh.metadata if mesh is not None and exchange else ()
-        self.request_extra = b"" if inbound else header_lines(metadata)  # serialized once
-        self.response_extra = metadata if inbound else ()
+        self.request_peer_headers: tuple[tuple[bytes, bytes], ...] = () if inbound else metadata
+        self.response_extra: tuple[tuple[bytes, bytes], ...] = metadata if inbound else ()
         self.reads_response = exchange and not inbound
         self.randbits = mesh.randbits if mesh is not None else _IDS.getrandbits
-        self.series: dict[tuple[Service, Workload, int, str], Series] = {}
+        self.series: dict[tuple[Service, Workload, int, int], Series] = {}
         self.clusters: dict[str, Service] = {}
         self.peer_cache = mesh.peers if mesh is not None else PeerCache()
         self.peers = self.peer_cache.peers  # decoded peers by header value: the hit is a dict lookup here
@@ -218,45 +214,44 @@ class Telemetry:
 
     # ---- hooks
 
-    def on_request(self, stream: Stream) -> None:
+    def on_request(self, info: StreamInfo) -> list[tuple[bytes, bytes]]:
+        """The request id and trace context into the record; returns the headers to add upstream."""
         found: dict[bytes, bytes] = {}
         watched = self.watched
-        for name, value in stream.head.headers:
+        for name, value in info.head.headers:
             if name in watched and name not in found:
                 found[name] = value
         request_id = found.get(REQUEST_ID)
+        if self.response_extra:
+            info.peer = found.get(PEER_METADATA)
         if not self.tracing:
             if request_id is None:  # Envoy's UUID request-id extension: generated by the first proxy
-                request_id = uuid4(self.randbits(128))
-                stream.upstream_extra = REQUEST_ID_PREFIX + request_id + CRLF
-        elif request_id is None and len(found) == (PEER_METADATA in found):
-            request_id = self._new_trace(stream)  # the first proxy of a request: the common edge case
-        else:
-            request_id = self._propagate(stream, found, request_id)
-        stream.request_id = request_id
-        if self.request_extra:
-            stream.upstream_peer = self.request_extra
-        elif self.response_extra:
-            stream.peer = found.get(PEER_METADATA)
-            stream.downstream_extra = self.response_extra
+                info.request_id = request_id = uuid4(self.randbits(128))
+                return [(REQUEST_ID, request_id)]
+            info.request_id = request_id
+            return []
+        if request_id is None and len(found) == (PEER_METADATA in found):
+            return self._new_trace(info)  # the first proxy of a request: the common edge case
+        return self._propagate(info, found, request_id)
 
-    def _new_trace(self, stream: Stream) -> bytes:
+    def _new_trace(self, info: StreamInfo) -> list[tuple[bytes, bytes]]:
         """No request id and no trace headers: request id, trace id and span id from one random draw, and
         the sampling dice from the request id (the first 8 hex digits, as `request_id_dice` reads them)."""
         h = hexlify((self.randbits(320) & NEW_TRACE_KEEP | NEW_TRACE_SET).to_bytes(40, "big"))
-        request_id = uuid_text(h)
+        info.request_id = request_id = uuid_text(h)
         trace_id, span_id = h[32:64], h[64:80]
         mesh = self.mesh
         assert mesh is not None
         sampled = int(h[:8], 16) % 10000 < mesh.threshold
-        a, b, c, d, e, f = NEW_TRACE_SAMPLED if sampled else NEW_TRACE_NOT_SAMPLED  # join: cheaper than % on bytes
-        stream.upstream_extra = b"".join((a, request_id, b, trace_id, c, span_id, d, trace_id, e, span_id, f))
         if sampled and mesh.recorder is not None:
-            stream.trace = (trace_id, span_id, None)
-        return request_id
+            info.trace = (trace_id, span_id, None)
+        return [(REQUEST_ID, request_id), (B3_TRACE_ID, trace_id), (B3_SPAN_ID, span_id),
+                B3_SAMPLED if sampled else B3_NOT_SAMPLED,
+                (TRACEPARENT, b"".join((b"00-", trace_id, b"-", span_id, b"-01" if sampled else b"-00")))]
 
-    def _propagate(self, stream: Stream, found: dict[bytes, bytes], request_id: bytes | None) -> bytes:
-        """Continue (or start) the trace the request brought; returns the request id."""
+    def _propagate(self, info: StreamInfo, found: dict[bytes, bytes],
+                   request_id: bytes | None) -> list[tuple[bytes, bytes]]:
+        """Continue (or start) the trace the request brought."""
         mesh = self.mesh
         assert mesh is not None
         randbits = self.randbits
@@ -267,6 +262,7 @@ class Telemetry:
             request_id = uuid4(bits)
             dice = (bits >> 96) % 10000  # the first 8 hex digits, as request_id_dice reads them
             extra.append((REQUEST_ID, request_id))
+        info.request_id = request_id
         trace_id = parent_id = tracestate = None
         sampled = None
         debug = b3_single = False
@@ -283,26 +279,25 @@ class Telemetry:
             sampled = dice < mesh.threshold
         span_id = new_span_id(randbits)
         inject(extra, trace_id, span_id, parent_id, sampled, debug, tracestate, b3_single)
-        stream.upstream_extra = header_lines(extra)
         if sampled and mesh.recorder is not None:
-            stream.trace = (trace_id, span_id, parent_id)
-        return request_id
+            info.trace = (trace_id, span_id, parent_id)
+        return extra
 
-    def on_response(self, stream: Stream, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    def on_response(self, info: StreamInfo, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """Outbound: the callee's peer metadata, read and removed from the response before the app."""
         found = False
         for name, value in headers:
             if name in PEER_HEADERS:
                 found = True
                 if name == PEER_METADATA:
-                    stream.peer = value
+                    info.peer = value
         return [(n, v) for n, v in headers if n not in PEER_HEADERS] if found else headers
 
-    def on_complete(self, stream: Stream) -> None:
+    def on_complete(self, info: StreamInfo) -> None:
         if self.access_log.enabled:
-            self.access_log.log(stream, self.listener)
+            self.access_log.log(info, self.listener)
         metrics = self.metrics
-        if metrics is None and stream.trace is None:
+        if metrics is None and info.trace is None:
             return
         try:
             if self.inbound:
@@ -311,27 +306,28 @@ class Telemetry:
                     self._resolve(table)
                 service = self.service
             else:
-                cluster = stream.cluster
+                cluster = info.cluster
                 known = self.clusters.get(cluster.name) if cluster is not None else None
-                service = known if known is not None else self._outbound_service(stream)
+                service = known if known is not None else self._outbound_service(info)
             if metrics is not None:
-                raw = stream.peer
+                raw = info.peer
                 peer = UNKNOWN_WORKLOAD if raw is None else self.peers.get(raw) or self.peer_cache.get(raw)
-                flags = stream.flags
-                key = (service, peer, stream.status, ",".join(flags) if flags else "-")
+                key = (service, peer, info.status, info.flags)
                 series = self.series.get(key) or self._bind(key)
-                series.record((time.monotonic() - stream.start) * 1000.0, stream.body_size, stream.response_bytes)
-            if stream.trace is not None:
-                self._span(stream, service)
+                series.record((time.monotonic() - info.start) * 1000.0, info.body_size, info.response_bytes)
+                if info.reused_retries:
+                    metrics.reused_connection_retries += info.reused_retries
+            if info.trace is not None:
+                self._span(info, service)
         except Exception:  # telemetry must never break the connection it observes
             log.exception("telemetry failed for a request (%s)", self.listener)
 
     # ---- metrics
 
-    def _outbound_service(self, stream: Stream) -> Service:
-        cluster = stream.cluster
+    def _outbound_service(self, info: StreamInfo) -> Service:
+        cluster = info.cluster
         if cluster is None:  # replied before an upstream was picked (fault, no cluster): the route's first
-            cluster = route_cluster(stream.route)
+            cluster = route_cluster(info.route)
             if cluster is None:
                 return UNKNOWN_SERVICE
         service = self.clusters.get(cluster.name)
@@ -356,8 +352,9 @@ class Telemetry:
                                                             own.namespace))
             self.operation = ""
 
-    def _bind(self, key: tuple[Service, Workload, int, str]) -> Series:
-        service, peer, status, flags = key
+    def _bind(self, key: tuple[Service, Workload, int, int]) -> Series:
+        service, peer, status, bits = key
+        flags = flags_text(bits)
         mesh = self.mesh
         assert mesh is not None and self.metrics is not None
         if self.inbound:  # the callee's sidecar: the source is the peer; with mTLS this would say mutual_tls
@@ -371,47 +368,47 @@ class Telemetry:
 
     # ---- spans (sampled requests only)
 
-    def _span(self, stream: Stream, service: Service) -> None:
+    def _span(self, info: StreamInfo, service: Service) -> None:
         mesh = self.mesh
         assert mesh is not None and mesh.recorder is not None
-        assert stream.trace is not None
-        trace_id, span_id, parent_id = stream.trace
-        head = stream.head
-        route = stream.route
+        assert info.trace is not None
+        trace_id, span_id, parent_id = info.trace
+        head = info.head
+        route = info.route
         if self.inbound:
             name = self.operation or (route.operation if route is not None and route.operation else "ingress")
         elif route is not None and route.operation:
             name = route.operation
         else:
             name = "egress " + head.authority.decode("latin-1")[:MAX_URL_TAG]
-        status = stream.status
-        cluster = stream.cluster
+        status = info.status
+        cluster = info.cluster
         cluster_name = cluster.name if cluster is not None else "-"
         user_agent = head.header(b"user-agent")
         tags = dict(mesh.span_tags)
         tags.update({
-            "guid:x-request-id": (stream.request_id or b"").decode("latin-1"),
+            "guid:x-request-id": (info.request_id or b"").decode("latin-1"),
             "http.url": ("http://" + head.authority.decode("latin-1") +
                          head.path_and_query.decode("latin-1"))[:MAX_URL_TAG],
             "http.method": head.method.decode("latin-1"),
             "http.protocol": "HTTP/" + head.version.decode("latin-1"),
             "user_agent": user_agent.decode("latin-1") if user_agent is not None else "-",
             "downstream_cluster": "-",
-            "peer.address": stream.conn.peer_ip.decode("latin-1"),
-            "request_size": str(stream.body_size),
-            "response_size": str(stream.response_bytes),
+            "peer.address": info.connection.peer_ip.decode("latin-1"),
+            "request_size": str(info.body_size),
+            "response_size": str(info.response_bytes),
             "upstream_cluster": cluster_name,
             "upstream_cluster.name": cluster_name,
             "http.status_code": str(status),
-            "response_flags": ",".join(stream.flags) or "-",
+            "response_flags": flags_text(info.flags),
         })
-        if stream.endpoint is not None:
-            tags["upstream_address"] = str(stream.endpoint)
+        if info.endpoint is not None:
+            tags["upstream_address"] = str(info.endpoint)
         error = status == 0 or status >= 500
         if error:
             tags["error"] = "true"
         end = time.time_ns()
-        start = end - int((time.monotonic() - stream.start) * 1e9)
+        start = end - int((time.monotonic() - info.start) * 1e9)
         mesh.recorder.record(name, self.inbound, int(trace_id, 16), int(span_id, 16),
                              int(parent_id, 16) if parent_id is not None else None, start, end, tags, error)
 

@@ -146,6 +146,7 @@ class IstioMetrics:
     def __init__(self) -> None:
         self.series: dict[tuple[str, ...], Series] = {}
         self.build = _meshproxy_version()
+        self.reused_connection_retries = 0  # the free retries after a reused connection was reset (README)
 
     def bind(self, labels: tuple[str, ...]) -> Series:
         """The series of a label set, created on first use (two listeners reporting the same set share it)."""
@@ -172,6 +173,12 @@ class IstioMetrics:
         yield duration
         yield request_bytes
         yield response_bytes
+        reused = CounterMetricFamily(
+            "meshproxy_upstream_reused_connection_retries",
+            "Idempotent requests sent once more because their reused keep-alive connection was reset "
+            "(not done by Envoy; off with --no-retry-reused-connection)")
+        reused.add_metric([], self.reused_connection_retries)
+        yield reused
         build = GaugeMetricFamily("istio_build", "Istio component build info", labels=["component", "tag"])
         build.add_metric(["proxy", f"meshproxy-{self.build}"], 1)
         yield build

@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 
 from fuzz.inmemory import Outcome, Pipeline
 from meshproxy.http1.errors import ProtocolError
-from meshproxy.http1.head import RequestHead, build_request_head
+from meshproxy.http1.head import build_request_head
+from meshproxy.messages import RequestHead
 
 CORPUS = Path(__file__).resolve().parents[1] / "corpus"
 REGRESSIONS = CORPUS / "fuzz" / "pipeline"

@@ -135,10 +135,18 @@ def test_absolute_form_authority_wins_over_host() -> None:
 
 
 @pytest.mark.parametrize("value", [b"svc", b"svc:80", b"SVC.default.svc.cluster.local:9080", b"[::1]:80", b"[::1]",
-                                   b"10.0.0.1", b"a-b_c~d", b"", b"svc:"])
+                                   b"10.0.0.1", b"a-b_c~d", b"svc:"])
 def test_valid_hosts(value: bytes) -> None:
     assert valid_authority(value)
     assert head((b"host", value)).authority == value
+
+
+def test_an_empty_host_is_400_beside_an_origin_form_target() -> None:
+    """RFC 9112 3.2: an empty Host goes only with a target whose authority is empty; routing an empty name is not
+    what the client meant."""
+    with pytest.raises(ProtocolError) as caught:
+        head((b"host", b""))
+    assert (caught.value.status, caught.value.detail) == (400, "http1.invalid_authority")
 
 
 @pytest.mark.parametrize("value", [b"a b", b"a/b", b"a@b", b"a?b", b"a#b", b"a\\b", b"a:b", b"a:80:80", b"[::1",

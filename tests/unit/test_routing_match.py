@@ -16,7 +16,8 @@ from collections import Counter
 import pytest
 
 from meshproxy.demo.topology import services_yaml
-from meshproxy.http1.head import RequestHead, build_request_head
+from meshproxy.http1.head import build_request_head
+from meshproxy.messages import RequestHead
 from meshproxy.istio import model as m
 from meshproxy.istio.load import load_text, snapshot_of
 from meshproxy.istio.problems import Problem

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from meshproxy.demo.topology import services_yaml
-from meshproxy.http1.head import RequestHead, build_request_head
+from meshproxy.http1.head import build_request_head
+from meshproxy.messages import RequestHead
 from meshproxy.istio.load import load_text, snapshot_of
 from meshproxy.istio.problems import Problem
 from meshproxy.routing.compile import Identity, compile_table

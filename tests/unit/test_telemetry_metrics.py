@@ -12,11 +12,11 @@ from google.protobuf import struct_pb2
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import detached_connection, upstream_headers
+from harness import record, upstream_headers
 
 from meshproxy.http1.head import build_request_head
 from meshproxy.istio.load import load
-from meshproxy.proxy.exchange import Stream
+from meshproxy.stream_info import StreamInfo, flag_bits
 from meshproxy.routing.cluster import Cluster, Endpoint
 from meshproxy.routing.compile import Identity, compile_table
 from meshproxy.routing.table import RouteTable
@@ -91,10 +91,9 @@ def table(tmp_path: Path) -> RouteTable:
     return result
 
 
-def stream(path: bytes = b"/", headers: tuple[tuple[bytes, bytes], ...] = (), host: bytes = b"reviews:9080") -> Stream:
+def stream(path: bytes = b"/", headers: tuple[tuple[bytes, bytes], ...] = (), host: bytes = b"reviews:9080") -> StreamInfo:
     head = build_request_head(b"GET", path, [(b"host", host), *headers], "1.1", True)
-    s = Stream(detached_connection(), head)
-    return s
+    return record(head)
 
 
 def series(mesh: MeshTelemetry) -> list[dict[str, str]]:
@@ -156,8 +155,8 @@ def test_source_reporter_labels_with_the_destination_from_response_metadata() ->
     telemetry = Telemetry("outbound", "outbound", AccessLog(), mesh)
     callee = encode_metadata(Workload.of("reviews-v2", "default", REVIEWS, "Kubernetes"), REVIEWS)
     s = stream(b"/reviews/0")
-    telemetry.on_request(s)
-    assert dict(upstream_headers(s))[PEER_METADATA] == mesh.metadata[1][1]  # this workload's metadata goes upstream
+    sent = upstream_headers(telemetry, s)
+    assert dict(sent)[PEER_METADATA] == mesh.metadata[1][1]  # this workload's metadata goes upstream
     s.cluster = REVIEWS_V2
     headers = [(b"content-type", b"text/plain"), (PEER_METADATA_ID, b"sidecar~x"), (PEER_METADATA, callee)]
     assert telemetry.reads_response
@@ -187,9 +186,9 @@ def test_destination_reporter_labels_with_the_source_from_request_metadata(tmp_p
     caller = encode_metadata(Workload.of("productpage-v1", "default", PRODUCTPAGE, "Kubernetes"), PRODUCTPAGE)
     assert PEER_METADATA in telemetry.strip_request and PEER_METADATA_ID in telemetry.strip_request  # not to the app
     s = stream(b"/reviews/0", ((PEER_METADATA_ID, b"sidecar~x"), (PEER_METADATA, caller)))
-    telemetry.on_request(s)
-    assert PEER_METADATA not in dict(upstream_headers(s))
-    assert dict(s.downstream_extra)[PEER_METADATA] == mesh.metadata[1][1]  # the caller learns who answered
+    sent = upstream_headers(telemetry, s)
+    assert PEER_METADATA not in dict(sent)
+    assert dict(telemetry.response_extra)[PEER_METADATA] == mesh.metadata[1][1]  # the caller learns who answered
     assert not telemetry.reads_response
     s.status = 200
     telemetry.on_complete(s)
@@ -215,7 +214,7 @@ def test_inbound_without_a_service_reports_its_canonical_name_and_unknown_source
     telemetry = Telemetry("inbound:9080", "inbound", AccessLog(), mesh, table=lambda: routes,
                           address=("127.0.0.1", 9))
     s = stream()
-    telemetry.on_request(s)
+    sent = upstream_headers(telemetry, s)
     s.status = 200
     telemetry.on_complete(s)
     [got] = series(mesh)
@@ -231,8 +230,8 @@ def test_a_fault_abort_before_any_pick_reports_the_routes_service(tmp_path: Path
     mesh = shared("productpage-v1", PRODUCTPAGE)
     telemetry = Telemetry("outbound", "outbound", AccessLog(), mesh)
     s = stream(host=b"ratings")
-    telemetry.on_request(s)
-    s.route, s.status, s.flags = route, 503, ["FI"]
+    sent = upstream_headers(telemetry, s)
+    s.route, s.status, s.flags = route, 503, flag_bits("FI")
     telemetry.on_complete(s)
     [got] = series(mesh)
     assert (got["destination_service"], got["destination_workload"], got["response_code"], got["response_flags"]) == (
@@ -243,8 +242,8 @@ def test_no_route_is_unknown_service_404_NR() -> None:
     mesh = shared("productpage-v1", PRODUCTPAGE)
     telemetry = Telemetry("outbound", "outbound", AccessLog(), mesh)
     s = stream(host=b"nowhere.example.com")
-    telemetry.on_request(s)
-    s.status, s.flags = 404, ["NR"]
+    sent = upstream_headers(telemetry, s)
+    s.status, s.flags = 404, flag_bits("NR")
     telemetry.on_complete(s)
     [got] = series(mesh)
     assert (got["destination_service"], got["destination_service_name"], got["response_code"],
@@ -257,7 +256,7 @@ def test_paths_ids_and_hosts_of_requests_never_make_series() -> None:
     for i in range(2000):
         s = stream(f"/reviews/{i}?user={i}".encode(), ((b"x-request-id", f"id-{i}".encode()),),
                    host=f"reviews-{i % 7}:9080".encode())
-        telemetry.on_request(s)
+        sent = upstream_headers(telemetry, s)
         s.cluster, s.status = REVIEWS_V2, 200
         telemetry.on_complete(s)
     [got] = series(mesh)
@@ -274,7 +273,7 @@ def test_made_up_peer_metadata_cannot_grow_the_series(tmp_path: Path) -> None:
         fake = encode_metadata(Workload.of(f"attacker-{i}", "default", {}, "x"), {})
         for value in (fake, b"junk-%d" % i):
             s = stream(headers=((PEER_METADATA, value),))
-            telemetry.on_request(s)
+            sent = upstream_headers(telemetry, s)
             s.status = 200
             telemetry.on_complete(s)
     assert len(mesh.peers.peers) == MAX_PEERS
@@ -287,8 +286,8 @@ def test_metrics_off_exchanges_no_metadata_and_counts_nothing() -> None:
     assert mesh.metrics is None and not telemetry.reads_response
     assert PEER_METADATA not in telemetry.strip_request
     s = stream()
-    telemetry.on_request(s)
-    assert [name for name, _ in upstream_headers(s)] == [b"x-request-id"]
+    sent = upstream_headers(telemetry, s)
+    assert [name for name, _ in sent] == [b"x-request-id"]
     s.status = 200
     telemetry.on_complete(s)
 

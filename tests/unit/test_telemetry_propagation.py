@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from harness import detached_connection, upstream_headers
+from harness import record, upstream_headers
 
 from meshproxy.http1.head import build_request_head
-from meshproxy.proxy.exchange import Stream
+from meshproxy.stream_info import StreamInfo
 from meshproxy.telemetry.access_log import AccessLog
 from meshproxy.telemetry.core import MeshTelemetry, Telemetry
 from meshproxy.telemetry.peer import Workload
@@ -62,15 +62,14 @@ def mesh(sampling: float = 1.0, seed: int = 7, **kw: Any) -> MeshTelemetry:
                          recorder=Recorder(), rng=random.Random(seed), **kw)  # type: ignore[arg-type]
 
 
-def request(headers: list[tuple[str, str]], telemetry: Telemetry | None = None) -> tuple[Stream, dict[str, list[str]]]:
+def request(headers: list[tuple[str, str]], telemetry: Telemetry | None = None) -> tuple[StreamInfo, dict[str, list[str]]]:
     """Run on_request for a request with these headers; the extra upstream headers by name."""
     telemetry = telemetry or Telemetry("outbound", "outbound", AccessLog(), mesh(), )
     head = build_request_head(b"GET", b"/productpage", [(b"host", b"reviews:9080")] +
                               [(k.lower().encode(), v.encode()) for k, v in headers], "1.1", True)
-    stream = Stream(detached_connection(), head)
-    telemetry.on_request(stream)
+    stream = record(head)
     out: dict[str, list[str]] = {}
-    for name, value in upstream_headers(stream):
+    for name, value in upstream_headers(telemetry, stream):
         out.setdefault(name.decode(), []).append(value.decode())
     return stream, out
 

@@ -11,10 +11,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from harness import detached_connection, upstream_headers
+from harness import record, upstream_headers
 
 from meshproxy.http1.head import build_request_head
-from meshproxy.proxy.exchange import Stream
+from meshproxy.stream_info import flag_bits
 from meshproxy.routing.cluster import Cluster, Endpoint
 from meshproxy.routing.match import CATCH_ALL
 from meshproxy.routing.picker import WeightedPicker
@@ -47,13 +47,13 @@ def recorded(direction: str = "outbound", headers: tuple[tuple[bytes, bytes], ..
     telemetry = Telemetry("outbound", direction, AccessLog(), mesh)
     head = build_request_head(b"GET", b"/reviews/0?u=1", [(b"host", b"reviews:9080"), (b"user-agent", b"curl/8"),
                                                           *headers], "1.1", True)
-    stream = Stream(detached_connection(b"10.0.0.9"), head)
-    telemetry.on_request(stream)
+    stream = record(head, b"10.0.0.9")
+    sent = upstream_headers(telemetry, stream)
     stream.route, stream.cluster, stream.endpoint = ROUTE, CLUSTER, CLUSTER.endpoints[0]
-    stream.status, stream.flags, stream.response_bytes = status, list(flags), 42
+    stream.status, stream.flags, stream.response_bytes = status, flag_bits(",".join(flags)), 42
     telemetry.on_complete(stream)
     mesh.close()
-    return exporter, dict(upstream_headers(stream))
+    return exporter, dict(sent)
 
 
 def test_a_sampled_client_span_has_envoys_shape_and_istios_tags() -> None:
@@ -142,14 +142,14 @@ class _Transport:
         return ("127.0.0.1", 15001) if key == "sockname" else ("127.0.0.1", 40000)
 
 
-def _logged(fmt: str, status: int, flags: list[str], cluster: Cluster | None) -> str:
+def _logged(fmt: str, status: int, flags: list[str], cluster: Cluster | None, details: str = "") -> str:
     out = io.StringIO()
     log = AccessLog(fmt, out)
     head = build_request_head(b"POST", b"/api/v1/x?y=1", [(b"host", b"reviews:9080"), (b"user-agent", b"curl/8"),
                                                           (b"content-length", b"3")], "1.1", True)
-    stream = Stream(detached_connection(transport=_Transport()), head)
-    stream.request_id, stream.status, stream.flags, stream.body_size = b"rid-9", status, flags, 3
-    stream.route, stream.cluster = ROUTE, cluster
+    stream = record(head, transport=_Transport())
+    stream.request_id, stream.status, stream.flags, stream.body_size = b"rid-9", status, flag_bits(",".join(flags)), 3
+    stream.route, stream.cluster, stream.details = ROUTE, cluster, details
     stream.endpoint = cluster.endpoints[0] if cluster else None
     log.log(stream, "outbound")
     return out.getvalue()
@@ -168,11 +168,12 @@ def test_text_access_log_is_istios_default_format() -> None:
 
 
 def test_access_log_flags_and_details_of_local_replies() -> None:
-    f = ISTIO_TEXT.match(_logged("text", 503, ["UF", "URX"], CLUSTER).rstrip("\n"))
-    assert f and f["flags"] == "UF,URX" and f["details"] == "upstream_reset_before_response_started{connection_failure}"
-    f = ISTIO_TEXT.match(_logged("text", 503, ["FI"], None).rstrip("\n"))
+    refused = "upstream_reset_before_response_started{remote_connection_failure,delayed_connect_error:_111}"
+    f = ISTIO_TEXT.match(_logged("text", 503, ["URX", "UF"], CLUSTER, refused).rstrip("\n"))
+    assert f and f["flags"] == "UF,URX" and f["details"] == refused  # Envoy's fixed flag order, whatever came first
+    f = ISTIO_TEXT.match(_logged("text", 503, ["FI"], None, "fault_filter_abort").rstrip("\n"))
     assert f and f["details"] == "fault_filter_abort" and f["upstream_host"] == "-" and f["cluster"] == "-"
-    entry = json.loads(_logged("json", 404, ["NR"], None))
+    entry = json.loads(_logged("json", 404, ["NR"], None, "route_not_found"))
     assert entry["response_flags"] == "NR" and entry["response_code_details"] == "route_not_found"
     istio_json_keys = {"start_time", "route_name", "method", "path", "protocol", "response_code", "response_flags",
                        "response_code_details", "connection_termination_details", "bytes_received", "bytes_sent",
