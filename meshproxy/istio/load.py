@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import re2
 import yaml
 
 from . import model as m
 from .problems import ConfigError, Problem
 from .schema import DEPRECATED, KINDS, MESSAGES, METADATA, ONEOFS
+from .values import compile_regex, header_key, is_duration, is_header_name, parse_duration, retry_on_problems
 
 log = logging.getLogger("meshproxy.config")
 
@@ -33,29 +33,11 @@ SERVED_VERSIONS = ("v1", "v1beta1", "v1alpha3")
 YAML_SUFFIXES = (".yaml", ".yml", ".json")
 MAX_FILE_BYTES = 1 << 20  # a bigger file is refused, not parsed
 MAX_YAML_NODES = 200_000  # counted with aliases expanded: no alias bombs
-MAX_REGEX_LENGTH = 1024  # Istio validateStringRegexp
-MAX_REGEX_PROGRAM_SIZE = 32768  # Istio's re2.max_program_size.error_level
 MAX_DIRECT_RESPONSE_BYTES = 1 << 20
 
-RE2_OPTIONS = re2.Options()
-RE2_OPTIONS.log_errors = False
-
-DURATION_RE = re.compile(r"(?:(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+")
-DURATION_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-PSEUDO_HEADERS = (":method", ":scheme", ":authority", ":path", ":status")
 DNS1123_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 HOST_LABEL_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
-RETRY_ON_POLICIES = frozenset(
-    {
-        "5xx", "gateway-error", "reset", "reset-before-request", "connect-failure", "envoy-ratelimited",
-        "retriable-4xx", "refused-stream", "retriable-status-codes", "retriable-headers",
-        "http3-post-connect-failure", "cancelled", "deadline-exceeded", "internal",
-        "resource-exhausted", "unavailable",
-    }
-)
 SE_RESOLUTIONS = ("NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS")
 PORT_PROTOCOLS = ("HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "TCP", "TLS", "UDP", "REDIS", "MYSQL")
 
@@ -365,7 +347,7 @@ def _check_scalar(doc: _Doc, value: Any, typ: str, path: str) -> None:
     elif typ == "double":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     elif typ == "duration":
-        ok = isinstance(value, str) and DURATION_RE.fullmatch(value) is not None
+        ok = isinstance(value, str) and is_duration(value)
         if not ok:
             doc.error(path, f"{value!r} is not a duration (like 1.5s, 100ms, 1m30s)")
             return
@@ -377,11 +359,6 @@ def _check_scalar(doc: _Doc, value: Any, typ: str, path: str) -> None:
 
 
 # --------------------------------------------------------------------------- value pass and model
-
-
-def parse_duration(text: str) -> float:
-    """Go/Istio duration text (already schema-checked) -> seconds."""
-    return sum(float(num) * DURATION_UNITS[unit] for num, unit in DURATION_PART_RE.findall(text))
 
 
 def _duration(doc: _Doc, spec: Mapping[str, Any], key: str, path: str, *, ms_precision: bool = True) -> float | None:
@@ -397,29 +374,13 @@ def _duration(doc: _Doc, spec: Mapping[str, Any], key: str, path: str, *, ms_pre
     return seconds
 
 
-def compile_regex(pattern: str) -> Any:
-    """The one place config regexes are compiled: RE2 (Istio's engine), with Istio's limits."""
-    if not pattern:
-        raise ValueError("regex must not be empty")
-    if len(pattern) > MAX_REGEX_LENGTH:
-        raise ValueError(f"regex is longer than {MAX_REGEX_LENGTH} characters")
+def _regex(doc: _Doc, pattern: str, path: str) -> Any:
+    """The compiled regex, kept in the model so that routing does not compile it again; None if invalid."""
     try:
-        compiled = re2.compile(pattern, RE2_OPTIONS)
-    except re2.error as exc:
-        reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
-        raise ValueError(f"{pattern!r} is not a valid RE2 regex: {reason}") from None
-    if compiled.programsize > MAX_REGEX_PROGRAM_SIZE:
-        raise ValueError(f"regex program size {compiled.programsize} is over the limit {MAX_REGEX_PROGRAM_SIZE}")
-    return compiled
-
-
-def _regex_ok(doc: _Doc, pattern: str, path: str) -> bool:
-    try:
-        compile_regex(pattern)
+        return compile_regex(pattern)
     except ValueError as exc:
         doc.error(path, str(exc))
-        return False
-    return True
+        return None
 
 
 def _string_match(doc: _Doc, spec: Mapping[str, Any] | None, path: str, *, header: bool = False) -> m.StringMatch | None:
@@ -436,16 +397,13 @@ def _string_match(doc: _Doc, spec: Mapping[str, Any] | None, path: str, *, heade
     regex = spec.get("regex", "")
     if header and regex == "*":
         return m.StringMatch("present")  # Istio special-cases regex "*" as presence
-    _regex_ok(doc, regex, f"{path}.regex")
-    return m.StringMatch("regex", regex)
+    return m.StringMatch("regex", regex, _regex(doc, regex, f"{path}.regex"))
 
 
 def _header_name_ok(doc: _Doc, name: str, path: str) -> None:
-    if name in PSEUDO_HEADERS:
-        return
-    if not HEADER_NAME_RE.fullmatch(name):
+    if not is_header_name(name):
         doc.error(path, f"{name!r} is not a valid HTTP header name")
-    elif "_" in name:
+    elif "_" in name and not name.startswith(":"):
         doc.warn(path, f"header name {name!r} has an underscore: proxies and load balancers often drop such headers")
 
 
@@ -459,7 +417,7 @@ def _header_matches(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> tup
             _header_name_ok(doc, name, sub)
         string_match = _string_match(doc, match or {}, sub, header=True)
         if string_match is not None:
-            out.append((name.lower(), string_match))
+            out.append((header_key(name), string_match))
     return tuple(out)
 
 
@@ -519,9 +477,9 @@ def _header_operations(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> 
     for i, name in enumerate(spec.get("remove") or ()):
         _header_name_ok(doc, name, f"{path}.remove[{i}]")
     return m.HeaderOperations(
-        set=tuple((k.lower(), v) for k, v in (spec.get("set") or {}).items()),
-        add=tuple((k.lower(), v) for k, v in (spec.get("add") or {}).items()),
-        remove=tuple(n.lower() for n in spec.get("remove") or ()),
+        set=tuple((header_key(k), v) for k, v in (spec.get("set") or {}).items()),
+        add=tuple((header_key(k), v) for k, v in (spec.get("add") or {}).items()),
+        remove=tuple(header_key(n) for n in spec.get("remove") or ()),
     )
 
 
@@ -574,18 +532,6 @@ def _fault(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.HTTPFaultI
     if delay is None and abort is None:
         doc.error(path, "fault must have a delay or an abort")
     return m.HTTPFaultInjection(delay=delay, abort=abort)
-
-
-def retry_on_problems(retry_on: str) -> list[str]:
-    """What is wrong with a retryOn value (policies and status codes, comma-separated); [] if nothing."""
-    problems = []
-    for token in filter(None, (t.strip() for t in retry_on.split(","))):
-        if token.isdigit():
-            if not 100 <= int(token) <= 599:
-                problems.append(f"{token} is not an HTTP status code")
-        elif token not in RETRY_ON_POLICIES:
-            problems.append(f"{token!r} is not a valid retryOn policy")
-    return problems
 
 
 def _retries(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.HTTPRetry | None:
@@ -653,11 +599,10 @@ def _rewrite(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.HTTPRewr
     regex = spec.get("uriRegexRewrite") or {}
     if spec.get("uri") and regex:
         doc.error(path, "uri and uriRegexRewrite cannot both be set")
-    if regex:
-        _regex_ok(doc, regex.get("match", ""), f"{path}.uriRegexRewrite.match")
+    compiled = _regex(doc, regex.get("match", ""), f"{path}.uriRegexRewrite.match") if regex else None
     return m.HTTPRewrite(
         uri=spec.get("uri", ""), authority=spec.get("authority", ""),
-        uri_regex_match=regex.get("match", ""), uri_regex_rewrite=regex.get("rewrite", ""),
+        uri_regex_match=regex.get("match", ""), uri_regex_rewrite=regex.get("rewrite", ""), uri_regex=compiled,
     )
 
 
@@ -679,6 +624,32 @@ def _mirrors(doc: _Doc, spec: Mapping[str, Any], path: str) -> tuple[m.HTTPMirro
         if not 0.0 <= policy.percentage <= 100.0:
             doc.error(path, f"mirror percentage {policy.percentage} is not between 0 and 100")
     return tuple(out)
+
+
+def _cors_origin(doc: _Doc, spec: Mapping[str, Any], path: str) -> m.StringMatch:
+    for kind in ("exact", "prefix"):
+        if kind in spec:
+            return m.StringMatch(kind, spec[kind])  # type: ignore[arg-type]
+    if "regex" in spec:
+        return m.StringMatch("regex", spec["regex"], _regex(doc, spec["regex"], f"{path}.regex"))
+    return m.StringMatch("present")
+
+
+def _cors_policy(doc: _Doc, spec: Mapping[str, Any] | None, path: str) -> m.CorsPolicy | None:
+    if not spec:
+        return None
+    origins = [_cors_origin(doc, o or {}, f"{path}.allowOrigins[{i}]") for i, o in enumerate(spec.get("allowOrigins") or ())]
+    origins += [m.StringMatch("exact", o) for o in spec.get("allowOrigin") or ()]
+    max_age = spec.get("maxAge")
+    return m.CorsPolicy(
+        allow_origins=tuple(origins),
+        allow_methods=tuple(spec.get("allowMethods") or ()),
+        allow_headers=tuple(spec.get("allowHeaders") or ()),
+        expose_headers=tuple(spec.get("exposeHeaders") or ()),
+        max_age=parse_duration(max_age) if max_age is not None else None,
+        allow_credentials=bool(spec.get("allowCredentials", False)),
+        unmatched_preflights=str(spec.get("unmatchedPreflights", "FORWARD")),
+    )
 
 
 def _http_route(doc: _Doc, spec: Mapping[str, Any], path: str) -> m.HTTPRoute:
@@ -718,7 +689,7 @@ def _http_route(doc: _Doc, spec: Mapping[str, Any], path: str) -> m.HTTPRoute:
         retries=_retries(doc, spec.get("retries"), f"{path}.retries"),
         fault=_fault(doc, spec.get("fault"), f"{path}.fault"),
         mirrors=_mirrors(doc, spec, path),
-        cors_policy=spec.get("corsPolicy"),
+        cors_policy=_cors_policy(doc, spec.get("corsPolicy"), f"{path}.corsPolicy"),
         headers=_headers(doc, spec.get("headers"), f"{path}.headers"),
     )
 

@@ -30,6 +30,8 @@ class Origin:
 class StringMatch:
     kind: MatchKind
     value: str = ""
+    # The RE2 program of a regex match, compiled once by the loader (which must compile it to validate it).
+    regex: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ class HTTPRewrite:
     authority: str = ""
     uri_regex_match: str = ""
     uri_regex_rewrite: str = ""
+    uri_regex: Any = field(default=None, compare=False, repr=False)  # uri_regex_match, compiled by the loader
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +140,17 @@ class HTTPMirrorPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class CorsPolicy:
+    allow_origins: tuple[StringMatch, ...] = ()  # allowOrigins, then the deprecated exact allowOrigin
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age: float | None = None
+    allow_credentials: bool = False
+    unmatched_preflights: str = "FORWARD"
+
+
+@dataclass(frozen=True, slots=True)
 class HTTPRoute:
     name: str = ""
     match: tuple[HTTPMatchRequest, ...] = ()
@@ -148,7 +162,7 @@ class HTTPRoute:
     retries: HTTPRetry | None = None
     fault: HTTPFaultInjection | None = None
     mirrors: tuple[HTTPMirrorPolicy, ...] = ()
-    cors_policy: Mapping[str, Any] | None = None
+    cors_policy: CorsPolicy | None = None
     headers: Headers | None = None
 
 

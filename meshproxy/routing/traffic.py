@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ..istio.load import parse_duration
+from ..istio.values import parse_duration
 
 UNLIMITED: Final = 2**32 - 1  # Istio's default for every circuit-breaker threshold
 BLOCKS: Final = ("loadBalancer", "connectionPool", "outlierDetection", "retryBudget", "tls")
