@@ -417,9 +417,123 @@ def _build_destination_rule(doc: DocProblems, meta: m.Resource, spec: Mapping[st
         elif name in seen:
             doc.error(f"spec.subsets[{i}].name", f"duplicate subset name {name!r}")
         seen.add(name)
-        subsets.append(m.Subset(name=name, labels=dict(subset.get("labels") or {}), traffic_policy=subset.get("trafficPolicy")))
-    return m.DestinationRule(meta=meta, host=host.lower(), subsets=tuple(subsets), traffic_policy=spec.get("trafficPolicy"),
+        policy = _traffic_policy(doc, subset.get("trafficPolicy"), f"spec.subsets[{i}].trafficPolicy")
+        subsets.append(m.Subset(name=name, labels=dict(subset.get("labels") or {}), traffic_policy=policy))
+    return m.DestinationRule(meta=meta, host=host.lower(), subsets=tuple(subsets),
+                             traffic_policy=_traffic_policy(doc, spec.get("trafficPolicy"), "spec.trafficPolicy"),
                              export_to=tuple(spec.get("exportTo") or ()))
+
+
+# Proto enum values by number: proto JSON may write an enum as its number (the schema pass allows it).
+LB_SIMPLE = ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST")
+TLS_MODES = ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL")
+
+
+def _enum_name(value: Any, names: tuple[str, ...]) -> str:
+    return names[value] if isinstance(value, int) else str(value)
+
+
+def _traffic_policy(doc: DocProblems, spec: Mapping[str, Any] | None, path: str) -> m.TrafficPolicy | None:
+    if spec is None:
+        return None
+    ports = []
+    for i, settings in enumerate(spec.get("portLevelSettings") or ()):
+        sub = f"{path}.portLevelSettings[{i}]"
+        ports.append(m.PortTrafficPolicy(
+            port=(settings.get("port") or {}).get("number"),
+            load_balancer=_load_balancer(settings.get("loadBalancer")),
+            connection_pool=_connection_pool(settings.get("connectionPool")),
+            outlier_detection=_outlier_detection(settings.get("outlierDetection")),
+            tls=_client_tls(doc, settings.get("tls"), f"{sub}.tls"),
+        ))
+    budget = spec.get("retryBudget")
+    return m.TrafficPolicy(
+        load_balancer=_load_balancer(spec.get("loadBalancer")),
+        connection_pool=_connection_pool(spec.get("connectionPool")),
+        outlier_detection=_outlier_detection(spec.get("outlierDetection")),
+        tls=_client_tls(doc, spec.get("tls"), f"{path}.tls"),
+        port_level_settings=tuple(ports),
+        retry_budget=None if budget is None else m.RetryBudget(
+            percent=float(budget["percent"]) if budget.get("percent") is not None else 20.0,
+            min_retry_concurrency=int(budget.get("minRetryConcurrency", 3)),
+        ),
+    )
+
+
+def _seconds(raw: str | None) -> float | None:
+    return parse_duration(raw) if raw is not None else None
+
+
+def _load_balancer(spec: Mapping[str, Any] | None) -> m.LoadBalancerSettings | None:
+    if spec is None:
+        return None
+    ch, consistent = spec.get("consistentHash"), None
+    if ch:
+        cookie = ch.get("httpCookie")
+        consistent = m.ConsistentHashLB(
+            http_header_name=header_key(ch.get("httpHeaderName") or ""),
+            http_cookie=m.HTTPCookie(str(cookie.get("name", "")), str(cookie.get("path", "")),
+                                     _seconds(cookie.get("ttl"))) if cookie else None,
+            use_source_ip=bool(ch.get("useSourceIp", False)),
+            http_query_parameter_name=ch.get("httpQueryParameterName") or "",
+            minimum_ring_size=int((ch.get("ringHash") or {}).get("minimumRingSize") or ch.get("minimumRingSize") or 0),
+            maglev=ch.get("maglev") is not None,
+            maglev_table_size=int((ch.get("maglev") or {}).get("tableSize") or 0),
+        )
+    return m.LoadBalancerSettings(simple=_enum_name(spec.get("simple") or "UNSPECIFIED", LB_SIMPLE),
+                                  consistent_hash=consistent)
+
+
+def _connection_pool(spec: Mapping[str, Any] | None) -> m.ConnectionPoolSettings | None:
+    if spec is None:
+        return None
+    tcp, http = spec.get("tcp") or {}, spec.get("http") or {}
+    return m.ConnectionPoolSettings(
+        tcp=m.TCPSettings(max_connections=int(tcp.get("maxConnections") or 0),
+                          connect_timeout=_seconds(tcp.get("connectTimeout"))),
+        http=m.HTTPSettings(
+            http1_max_pending_requests=int(http.get("http1MaxPendingRequests") or 0),
+            http2_max_requests=int(http.get("http2MaxRequests") or 0),
+            max_requests_per_connection=int(http.get("maxRequestsPerConnection") or 0),
+            max_retries=int(http.get("maxRetries") or 0),
+            idle_timeout=_seconds(http.get("idleTimeout")),
+        ),
+    )
+
+
+def _outlier_detection(spec: Mapping[str, Any] | None) -> m.OutlierDetection | None:
+    if spec is None:
+        return None
+    consecutive = spec.get("consecutive5xxErrors", spec.get("consecutiveErrors", 5))
+    return m.OutlierDetection(
+        consecutive_5xx_errors=int(consecutive if consecutive is not None else 5),
+        consecutive_gateway_errors=int(spec.get("consecutiveGatewayErrors") or 0),
+        interval=_seconds(spec.get("interval")),
+        base_ejection_time=_seconds(spec.get("baseEjectionTime")),
+        max_ejection_percent=float(spec.get("maxEjectionPercent", 10)),
+        min_health_percent=float(spec.get("minHealthPercent", 0)),
+    )
+
+
+def _client_tls(doc: DocProblems, spec: Mapping[str, Any] | None, path: str) -> m.ClientTLSSettings | None:
+    if spec is None:
+        return None
+    mode = _enum_name(spec.get("mode", "DISABLE"), TLS_MODES)
+    if mode != "DISABLE":
+        # Accepted and typed, but the data path cannot originate TLS yet (issue #16): say so, never silently.
+        doc.warn(f"{path}.mode", f"tls mode {mode}: TLS origination is not implemented yet, "
+                                 "traffic to this host stays plaintext")
+    return m.ClientTLSSettings(
+        mode=mode,
+        client_certificate=spec.get("clientCertificate", ""),
+        private_key=spec.get("privateKey", ""),
+        ca_certificates=spec.get("caCertificates", ""),
+        credential_name=spec.get("credentialName", ""),
+        subject_alt_names=tuple(spec.get("subjectAltNames") or ()),
+        sni=spec.get("sni", ""),
+        insecure_skip_verify=bool(spec.get("insecureSkipVerify", False)),
+        ca_crl=spec.get("caCrl", ""),
+    )
 
 
 def _build_service_entry(doc: DocProblems, meta: m.Resource, spec: Mapping[str, Any]) -> m.ServiceEntry:

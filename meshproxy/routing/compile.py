@@ -41,7 +41,7 @@ from .cors import CorsPolicy
 from .cors import join as cors_join
 from .rewrite import Redirect, Rewrite
 from .table import RouteTable, VirtualHost
-from .traffic import merge_policies
+from .traffic import compile_cluster_policy, merge_traffic_policy
 
 CLUSTER_DOMAIN = "svc.cluster.local"
 MESH_GATEWAY = "mesh"
@@ -153,10 +153,12 @@ class _Compiler:
             if subset:
                 found = next((s for s in rule.subsets if s.name == subset), None) if rule else None
                 labels = found.labels if found else None
-            policy = merge_policies(rule.traffic_policy if rule else None, found.traffic_policy if found else None, port)
             if service_port is not None and labels is not None:
+                policy = merge_traffic_policy(rule.traffic_policy if rule else None,
+                                              found.traffic_policy if found else None, port)
                 cluster = Cluster(Cluster.name_of("outbound", port, subset, host), host, port, subset,
-                                  service.endpoints(service_port, labels), policy, service.external)
+                                  service.endpoints(service_port, labels), compile_cluster_policy(policy),
+                                  service.external)
         self.clusters[key] = cluster
         return cluster
 
