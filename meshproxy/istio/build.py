@@ -409,6 +409,7 @@ def _build_destination_rule(doc: DocProblems, meta: m.Resource, spec: Mapping[st
         doc.error("spec.host", "host is required")
     else:
         _hosts(doc, [host], "spec.host", wildcard=True)
+    policy = _traffic_policy(doc, spec.get("trafficPolicy"), "spec.trafficPolicy")
     subsets, seen = [], set()
     for i, subset in enumerate(spec.get("subsets") or ()):
         name = subset.get("name", "")
@@ -417,10 +418,10 @@ def _build_destination_rule(doc: DocProblems, meta: m.Resource, spec: Mapping[st
         elif name in seen:
             doc.error(f"spec.subsets[{i}].name", f"duplicate subset name {name!r}")
         seen.add(name)
-        policy = _traffic_policy(doc, subset.get("trafficPolicy"), f"spec.subsets[{i}].trafficPolicy")
-        subsets.append(m.Subset(name=name, labels=dict(subset.get("labels") or {}), traffic_policy=policy))
-    return m.DestinationRule(meta=meta, host=host.lower(), subsets=tuple(subsets),
-                             traffic_policy=_traffic_policy(doc, spec.get("trafficPolicy"), "spec.trafficPolicy"),
+        subsets.append(m.Subset(name=name, labels=dict(subset.get("labels") or {}),
+                                traffic_policy=_traffic_policy(doc, subset.get("trafficPolicy"),
+                                                               f"spec.subsets[{i}].trafficPolicy")))
+    return m.DestinationRule(meta=meta, host=host.lower(), subsets=tuple(subsets), traffic_policy=policy,
                              export_to=tuple(spec.get("exportTo") or ()))
 
 
