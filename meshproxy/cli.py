@@ -98,7 +98,7 @@ def _telemetry_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _retry_on(_: click.Context, __: click.Parameter, value: str) -> str:
-    from .istio.load import retry_on_problems  # the same rules as retryOn in a VirtualService
+    from .istio.values import retry_on_problems  # the same rules as retryOn in a VirtualService
 
     problems = retry_on_problems(value)
     if problems:

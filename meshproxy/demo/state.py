@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
-from ..istio.load import GROUP, config_files, load, yaml_documents
+from ..istio.load import config_files, load
 from ..istio.problems import ConfigError, Problem
+from ..istio.read import yaml_documents
+from ..istio.validate import GROUP
 from ..routing.compile import compile_table
 
 DEFAULT_DEMO_DIR = Path(os.environ.get("MESHPROXY_DEMO_DIR", Path(tempfile.gettempdir()) / "meshproxy-demo"))

@@ -30,6 +30,8 @@ class Origin:
 class StringMatch:
     kind: MatchKind
     value: str = ""
+    # The RE2 program of a regex match, compiled once by the loader (which must compile it to validate it).
+    regex: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ class HTTPRewrite:
     authority: str = ""
     uri_regex_match: str = ""
     uri_regex_rewrite: str = ""
+    uri_regex: Any = field(default=None, compare=False, repr=False)  # uri_regex_match, compiled by the loader
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +140,17 @@ class HTTPMirrorPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class CorsPolicy:
+    allow_origins: tuple[StringMatch, ...] = ()  # allowOrigins, then the deprecated exact allowOrigin
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age: float | None = None
+    allow_credentials: bool = False
+    unmatched_preflights: str = "FORWARD"
+
+
+@dataclass(frozen=True, slots=True)
 class HTTPRoute:
     name: str = ""
     match: tuple[HTTPMatchRequest, ...] = ()
@@ -148,7 +162,7 @@ class HTTPRoute:
     retries: HTTPRetry | None = None
     fault: HTTPFaultInjection | None = None
     mirrors: tuple[HTTPMirrorPolicy, ...] = ()
-    cors_policy: Mapping[str, Any] | None = None
+    cors_policy: CorsPolicy | None = None
     headers: Headers | None = None
 
 
@@ -178,11 +192,112 @@ class VirtualService:
     export_to: tuple[str, ...] = ()
 
 
+# ---- DestinationRule traffic policy. Fields left out in YAML keep the proto's zero value here (0, "",
+# None); routing/traffic.py fills in Istio's defaults when it compiles a cluster's policy.
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPCookie:
+    name: str
+    path: str = ""
+    ttl: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistentHashLB:
+    """The hash key: one of header, cookie, source IP, query parameter; and the table (ring or Maglev)."""
+
+    http_header_name: str = ""  # lower-case
+    http_cookie: HTTPCookie | None = None
+    use_source_ip: bool = False
+    http_query_parameter_name: str = ""
+    minimum_ring_size: int = 0  # ringHash.minimumRingSize, or the deprecated top-level field
+    maglev: bool = False
+    maglev_table_size: int = 0  # maglev.tableSize
+
+
+@dataclass(frozen=True, slots=True)
+class LoadBalancerSettings:
+    simple: str = "UNSPECIFIED"
+    consistent_hash: ConsistentHashLB | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TCPSettings:
+    max_connections: int = 0
+    connect_timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPSettings:
+    http1_max_pending_requests: int = 0
+    http2_max_requests: int = 0
+    max_requests_per_connection: int = 0
+    max_retries: int = 0
+    idle_timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPoolSettings:
+    tcp: TCPSettings = TCPSettings()
+    http: HTTPSettings = HTTPSettings()
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    consecutive_5xx_errors: int = 5  # or the deprecated consecutiveErrors
+    consecutive_gateway_errors: int = 0
+    interval: float | None = None
+    base_ejection_time: float | None = None
+    max_ejection_percent: float = 10.0
+    min_health_percent: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTLSSettings:
+    mode: str = "DISABLE"  # DISABLE | SIMPLE | MUTUAL | ISTIO_MUTUAL
+    client_certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    credential_name: str = ""
+    subject_alt_names: tuple[str, ...] = ()
+    sni: str = ""
+    insecure_skip_verify: bool = False
+    ca_crl: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    percent: float = 20.0
+    min_retry_concurrency: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class PortTrafficPolicy:
+    """portLevelSettings[]: the blocks it sets replace the policy's for clusters of that port."""
+
+    port: int | None = None
+    load_balancer: LoadBalancerSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls: ClientTLSSettings | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    load_balancer: LoadBalancerSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls: ClientTLSSettings | None = None
+    port_level_settings: tuple[PortTrafficPolicy, ...] = ()
+    retry_budget: RetryBudget | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Subset:
     name: str
     labels: Mapping[str, str]
-    traffic_policy: Mapping[str, Any] | None = None
+    traffic_policy: TrafficPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +305,7 @@ class DestinationRule:
     meta: Resource
     host: str
     subsets: tuple[Subset, ...]
-    traffic_policy: Mapping[str, Any] | None = None
+    traffic_policy: TrafficPolicy | None = None
     export_to: tuple[str, ...] = ()
 
 

@@ -29,3 +29,19 @@ class ConfigError(Exception):
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
+
+
+class DocProblems:
+    """Problem collector for one YAML document: its file and index go into every Problem."""
+
+    __slots__ = ("file", "index", "problems", "errors")
+
+    def __init__(self, file: str, index: int, problems: list[Problem]) -> None:
+        self.file, self.index, self.problems, self.errors = file, index, problems, 0
+
+    def error(self, path: str, message: str) -> None:
+        self.errors += 1
+        self.problems.append(Problem(self.file, self.index, path, message))
+
+    def warn(self, path: str, message: str) -> None:
+        self.problems.append(Problem(self.file, self.index, path, message, "warning"))

@@ -1,13 +1,13 @@
 """Per-cluster runtime state: load balancing, circuit breaker counters, outlier ejection, retry budget.
 
-The policy is compiled once per cluster of a config snapshot (the first time the
-cluster is used); counters live in `ClusterState`, which survives reloads for a
-cluster of the same name so that in-flight counts stay right.
+The policy and the consistent-hash table are compiled with the route table
+(routing/traffic.py, routing/cluster.py); this module only keeps counters, in
+`ClusterState`, which survives reloads for a cluster of the same name so that
+in-flight counts stay right.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from bisect import bisect_left
 from collections import deque
@@ -15,15 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from ..routing.cluster import Cluster, Endpoint
+from ..routing.cluster import Cluster, Endpoint, HashTable
 from ..routing.match import parse_query
-from ..routing.traffic import (
-    LB_RANDOM,
-    LB_ROUND_ROBIN,
-    HashPolicy,
-    TrafficPolicy,
-    compile_traffic_policy,
-)
+from ..routing.traffic import HASH_COOKIE, HASH_HEADER, HASH_QUERY, LB_RANDOM, LB_ROUND_ROBIN, ClusterPolicy, hash64
 
 if TYPE_CHECKING:
     import asyncio
@@ -31,11 +25,6 @@ if TYPE_CHECKING:
     from ..messages import RequestHead
 
 MAX_EJECTION_TIME: Final = 300.0  # Envoy's max_ejection_time default
-
-
-def hash64(data: bytes) -> int:
-    """Stable across processes and runs (unlike hash()): a user keeps their endpoint after a restart."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
 @dataclass(slots=True)
@@ -55,15 +44,15 @@ class EndpointState:
 @dataclass(slots=True)
 class ClusterState:
     cluster: Cluster
-    policy: TrafficPolicy
-    endpoints: list[EndpointState]
+    policy: ClusterPolicy  # cluster.policy, at hand
+    endpoints: list[EndpointState]  # in the order of cluster.endpoints (the hash table indexes them)
     rr: int = 0
     active_requests: int = 0
     active_retries: int = 0
     connections: int = 0
     pending: int = 0
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
-    ring: tuple[tuple[int, ...], tuple[EndpointState, ...]] | None = None  # ring hash points, or maglev table
+    table: HashTable | None = None  # cluster.hash_table (consistent hash), at hand
     only: EndpointState | None = None  # the one endpoint, when no policy can make a pick other than it (computed)
 
     def __post_init__(self) -> None:
@@ -77,11 +66,11 @@ class ClusterState:
         if policy is None:
             return None
         value: bytes | None
-        if policy.source == "header":
+        if policy.source == HASH_HEADER:
             value = head.header(policy.name)
-        elif policy.source == "cookie":
+        elif policy.source == HASH_COOKIE:
             value = _cookie(head.header(b"cookie"), policy.name)
-        elif policy.source == "query":
+        elif policy.source == HASH_QUERY:
             value = parse_query(head.query).get(policy.name)
         else:
             value = peer_ip
@@ -91,8 +80,8 @@ class ClusterState:
         healthy = self.endpoints if self.policy.outlier is None else self._healthy(now)
         if not healthy:
             return None
-        if key is not None and self.policy.hash is not None:
-            return self._pick_hashed(key, now)
+        if key is not None and self.table is not None:
+            return self._pick_hashed(self.table, key, now)
         candidates = [e for e in healthy if e.endpoint not in avoid] if avoid else healthy
         if not candidates:
             candidates = healthy
@@ -118,21 +107,13 @@ class ClusterState:
             return self.endpoints  # panic mode: ignore health, as Envoy's healthy_panic_threshold
         return healthy
 
-    def _pick_hashed(self, key: int, now: float) -> EndpointState | None:
-        if self.ring is None:
-            self.ring = _build_table(self.policy.hash, self.endpoints)  # type: ignore[arg-type]
-        points, owners = self.ring
-        assert self.policy.hash is not None
-        if self.policy.hash.algorithm == "maglev":
-            start = key % len(owners)
-            for i in range(len(owners)):  # next entry whose endpoint is not ejected
-                owner = owners[(start + i) % len(owners)]
-                if not owner.ejected(now):
-                    return owner
+    def _pick_hashed(self, table: HashTable, key: int, now: float) -> EndpointState | None:
+        owners, endpoints = table.owners, self.endpoints
+        if not owners:
             return None
-        index = bisect_left(points, key % (1 << 64))
-        for i in range(len(owners)):
-            owner = owners[(index + i) % len(owners)]
+        start = key % len(owners) if table.maglev else bisect_left(table.points, key % (1 << 64))
+        for i in range(len(owners)):  # the next entry whose endpoint is not ejected
+            owner = endpoints[owners[(start + i) % len(owners)]]
             if not owner.ejected(now):
                 return owner
         return None
@@ -199,38 +180,6 @@ def _cookie(header: bytes | None, name: bytes) -> bytes | None:
     return None
 
 
-def _build_table(policy: HashPolicy, endpoints: list[EndpointState]) -> tuple[tuple[int, ...], tuple[EndpointState, ...]]:
-    if policy.algorithm == "maglev":
-        return (), _maglev(policy.size, endpoints)
-    per_host = max(1, -(-policy.size // max(1, len(endpoints))))
-    points = sorted((hash64(f"{e.endpoint}_{i}".encode()), n)
-                    for n, e in enumerate(endpoints) for i in range(per_host))
-    return tuple(p for p, _ in points), tuple(endpoints[n] for _, n in points)
-
-
-def _maglev(size: int, endpoints: list[EndpointState]) -> tuple[EndpointState, ...]:
-    """Maglev lookup table (Eisenbud et al. 2016), as Envoy builds it for equal weights."""
-    if not endpoints:
-        return ()
-    n = len(endpoints)
-    offsets = [hash64(str(e.endpoint).encode()) % size for e in endpoints]
-    skips = [hash64(b"skip" + str(e.endpoint).encode()) % (size - 1) + 1 for e in endpoints]
-    nexts = [0] * n
-    table: list[int] = [-1] * size
-    filled = 0
-    while True:
-        for i in range(n):
-            c = (offsets[i] + nexts[i] * skips[i]) % size
-            while table[c] >= 0:
-                nexts[i] += 1
-                c = (offsets[i] + nexts[i] * skips[i]) % size
-            table[c] = i
-            nexts[i] += 1
-            filled += 1
-            if filled == size:
-                return tuple(endpoints[i] for i in table)
-
-
 class Clusters:
     """ClusterState by cluster name, rebuilt (keeping counters) when a reload brings a new Cluster object."""
 
@@ -246,7 +195,7 @@ class Clusters:
                      for ep in cluster.endpoints]
         for e, ep in zip(endpoints, cluster.endpoints):
             e.endpoint = ep
-        fresh = ClusterState(cluster, compile_traffic_policy(cluster.traffic_policy), endpoints)
+        fresh = ClusterState(cluster, cluster.policy, endpoints, table=cluster.hash_table)
         if state is not None:  # in-flight counts carry over
             fresh.active_requests, fresh.active_retries = state.active_requests, state.active_retries
             fresh.connections, fresh.pending, fresh.waiters = state.connections, state.pending, state.waiters

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..istio import model as m
-from ..istio.load import HEADER_NAME_RE, compile_regex, parse_duration
+from ..istio.values import HEADER_NAME_RE, compile_regex
 from ..istio.problems import Problem
 from .cluster import Cluster, Endpoint
 from .match import CATCH_ALL, IGNORED_HEADER_KEYS, RouteMatch, StringMatcher, compile_match
@@ -41,7 +41,7 @@ from .cors import CorsPolicy
 from .cors import join as cors_join
 from .rewrite import Redirect, Rewrite
 from .table import RouteTable, VirtualHost
-from .traffic import merge_policies
+from .traffic import compile_cluster_policy, merge_traffic_policy
 
 CLUSTER_DOMAIN = "svc.cluster.local"
 MESH_GATEWAY = "mesh"
@@ -153,10 +153,12 @@ class _Compiler:
             if subset:
                 found = next((s for s in rule.subsets if s.name == subset), None) if rule else None
                 labels = found.labels if found else None
-            policy = merge_policies(rule.traffic_policy if rule else None, found.traffic_policy if found else None, port)
             if service_port is not None and labels is not None:
+                policy = merge_traffic_policy(rule.traffic_policy if rule else None,
+                                              found.traffic_policy if found else None, port)
                 cluster = Cluster(Cluster.name_of("outbound", port, subset, host), host, port, subset,
-                                  service.endpoints(service_port, labels), policy, service.external)
+                                  service.endpoints(service_port, labels), compile_cluster_policy(policy),
+                                  service.external)
         self.clusters[key] = cluster
         return cluster
 
@@ -423,7 +425,8 @@ def _rewrite(http: m.HTTPRoute, match: RouteMatch) -> Rewrite | None:
     rw = rw or m.HTTPRewrite()
     authority = rw.authority.encode() or authority
     if rw.uri_regex_match:
-        return Rewrite(regex=compile_regex(rw.uri_regex_match), substitution=rw.uri_regex_rewrite.encode(),
+        regex = rw.uri_regex if rw.uri_regex is not None else compile_regex(rw.uri_regex_match)
+        return Rewrite(regex=regex, substitution=rw.uri_regex_rewrite.encode(),
                        authority=authority)
     if rw.uri:
         path = match.path
@@ -445,29 +448,18 @@ def _authority_from_headers(headers: m.Headers | None) -> bytes:
     return b""
 
 
-def _cors(spec: Mapping[str, object] | None) -> CorsPolicy | None:
-    if not spec:
+def _cors(policy: m.CorsPolicy | None) -> CorsPolicy | None:
+    if policy is None:
         return None
-    origins = [StringMatcher.compile(_string_match(o)) for o in spec.get("allowOrigins") or ()]  # type: ignore[union-attr]
-    origins += [StringMatcher.compile(m.StringMatch("exact", o)) for o in spec.get("allowOrigin") or ()]  # type: ignore[union-attr]
-    max_age = spec.get("maxAge")
     return CorsPolicy(
-        origins=tuple(origins),
-        allow_methods=cors_join(spec.get("allowMethods") or ()),  # type: ignore[arg-type]
-        allow_headers=cors_join(spec.get("allowHeaders") or ()),  # type: ignore[arg-type]
-        expose_headers=cors_join(spec.get("exposeHeaders") or ()),  # type: ignore[arg-type]
-        max_age=str(int(parse_duration(max_age))).encode() if isinstance(max_age, str) else b"",
-        allow_credentials=bool(spec.get("allowCredentials", False)),
-        forward_unmatched_preflight=spec.get("unmatchedPreflights", "FORWARD") != "IGNORE",
+        origins=tuple(StringMatcher.compile(o) for o in policy.allow_origins),
+        allow_methods=cors_join(policy.allow_methods),
+        allow_headers=cors_join(policy.allow_headers),
+        expose_headers=cors_join(policy.expose_headers),
+        max_age=str(int(policy.max_age)).encode() if policy.max_age is not None else b"",
+        allow_credentials=policy.allow_credentials,
+        forward_unmatched_preflight=policy.unmatched_preflights != "IGNORE",
     )
-
-
-def _string_match(spec: object) -> m.StringMatch:
-    assert isinstance(spec, dict)
-    for kind in ("exact", "prefix", "regex"):
-        if kind in spec:
-            return m.StringMatch(kind, spec[kind])  # type: ignore[arg-type]
-    return m.StringMatch("present")
 
 
 def _mutations(headers: m.Headers | None) -> tuple[HeaderMutation, HeaderMutation]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from ..istio.values import RETRY_ON_BITS
 from .match import MatchInput
-from .policy import ACTION_DIRECT_RESPONSE, ACTION_REDIRECT, RETRY_ON_BITS, Route, sticky_hash
+from .policy import ACTION_DIRECT_RESPONSE, ACTION_REDIRECT, Route, sticky_hash
 from .table import RouteTable
 
 

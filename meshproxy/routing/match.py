@@ -34,7 +34,7 @@ from typing import Any, Final, Protocol
 import re2
 
 from ..istio import model as m
-from ..istio.load import compile_regex
+from ..istio.values import compile_regex
 
 log = logging.getLogger("meshproxy.routing")
 
@@ -114,7 +114,8 @@ class StringMatcher:
     @classmethod
     def compile(cls, match: m.StringMatch, ignore_case: bool = False) -> StringMatcher:
         if match.kind == "regex":
-            return cls("regex", regex=compile_regex(match.value))
+            # The loader compiled it already; a model built by hand (tests, tools) may not carry it.
+            return cls("regex", regex=match.regex if match.regex is not None else compile_regex(match.value))
         if match.kind == "present":
             return cls("present")
         value = match.value.encode()

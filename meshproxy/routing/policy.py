@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Final
 
+from ..istio.values import RETRY_ON_BITS, retry_on_tokens
 from .cluster import Cluster
 from .cors import CorsPolicy
 from .rewrite import Redirect, Rewrite
@@ -20,42 +21,23 @@ if TYPE_CHECKING:
     from .match import MatchInput, RouteMatch
     from .picker import WeightedPicker
 
-# Retry-on conditions as bits (Envoy RetryPolicy::RETRY_ON_*).
-RETRY_ON_5XX: Final = 1 << 0
-RETRY_ON_GATEWAY_ERROR: Final = 1 << 1
-RETRY_ON_CONNECT_FAILURE: Final = 1 << 2
-RETRY_ON_RETRIABLE_4XX: Final = 1 << 3
-RETRY_ON_REFUSED_STREAM: Final = 1 << 4
-RETRY_ON_RETRIABLE_STATUS_CODES: Final = 1 << 5
-RETRY_ON_RESET: Final = 1 << 6
-RETRY_ON_RESET_BEFORE_REQUEST: Final = 1 << 7
-RETRY_ON_RETRIABLE_HEADERS: Final = 1 << 8
-RETRY_ON_ENVOY_RATELIMITED: Final = 1 << 9
-RETRY_ON_HTTP3_POST_CONNECT_FAILURE: Final = 1 << 10
-RETRY_ON_GRPC_CANCELLED: Final = 1 << 11
-RETRY_ON_GRPC_DEADLINE_EXCEEDED: Final = 1 << 12
-RETRY_ON_GRPC_INTERNAL: Final = 1 << 13
-RETRY_ON_GRPC_RESOURCE_EXHAUSTED: Final = 1 << 14
-RETRY_ON_GRPC_UNAVAILABLE: Final = 1 << 15
-
-RETRY_ON_BITS: Mapping[str, int] = {
-    "5xx": RETRY_ON_5XX,
-    "gateway-error": RETRY_ON_GATEWAY_ERROR,
-    "connect-failure": RETRY_ON_CONNECT_FAILURE,
-    "retriable-4xx": RETRY_ON_RETRIABLE_4XX,
-    "refused-stream": RETRY_ON_REFUSED_STREAM,
-    "retriable-status-codes": RETRY_ON_RETRIABLE_STATUS_CODES,
-    "reset": RETRY_ON_RESET,
-    "reset-before-request": RETRY_ON_RESET_BEFORE_REQUEST,
-    "retriable-headers": RETRY_ON_RETRIABLE_HEADERS,
-    "envoy-ratelimited": RETRY_ON_ENVOY_RATELIMITED,
-    "http3-post-connect-failure": RETRY_ON_HTTP3_POST_CONNECT_FAILURE,
-    "cancelled": RETRY_ON_GRPC_CANCELLED,
-    "deadline-exceeded": RETRY_ON_GRPC_DEADLINE_EXCEEDED,
-    "internal": RETRY_ON_GRPC_INTERNAL,
-    "resource-exhausted": RETRY_ON_GRPC_RESOURCE_EXHAUSTED,
-    "unavailable": RETRY_ON_GRPC_UNAVAILABLE,
-}
+# Retry-on conditions as bits (Envoy RetryPolicy::RETRY_ON_*), named from the one retryOn table.
+RETRY_ON_5XX: Final = RETRY_ON_BITS["5xx"]
+RETRY_ON_GATEWAY_ERROR: Final = RETRY_ON_BITS["gateway-error"]
+RETRY_ON_CONNECT_FAILURE: Final = RETRY_ON_BITS["connect-failure"]
+RETRY_ON_RETRIABLE_4XX: Final = RETRY_ON_BITS["retriable-4xx"]
+RETRY_ON_REFUSED_STREAM: Final = RETRY_ON_BITS["refused-stream"]
+RETRY_ON_RETRIABLE_STATUS_CODES: Final = RETRY_ON_BITS["retriable-status-codes"]
+RETRY_ON_RESET: Final = RETRY_ON_BITS["reset"]
+RETRY_ON_RESET_BEFORE_REQUEST: Final = RETRY_ON_BITS["reset-before-request"]
+RETRY_ON_RETRIABLE_HEADERS: Final = RETRY_ON_BITS["retriable-headers"]
+RETRY_ON_ENVOY_RATELIMITED: Final = RETRY_ON_BITS["envoy-ratelimited"]
+RETRY_ON_HTTP3_POST_CONNECT_FAILURE: Final = RETRY_ON_BITS["http3-post-connect-failure"]
+RETRY_ON_GRPC_CANCELLED: Final = RETRY_ON_BITS["cancelled"]
+RETRY_ON_GRPC_DEADLINE_EXCEEDED: Final = RETRY_ON_BITS["deadline-exceeded"]
+RETRY_ON_GRPC_INTERNAL: Final = RETRY_ON_BITS["internal"]
+RETRY_ON_GRPC_RESOURCE_EXHAUSTED: Final = RETRY_ON_BITS["resource-exhausted"]
+RETRY_ON_GRPC_UNAVAILABLE: Final = RETRY_ON_BITS["unavailable"]
 
 # Istio's default when a route has no `retries` (retry.go DefaultPolicy, 1.24+: no 503).
 DEFAULT_RETRY_ON: Final = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
@@ -79,7 +61,7 @@ class RetryPolicy:
         if attempts <= 0:
             return NO_RETRY
         bits, codes = 0, set()
-        for token in filter(None, (t.strip() for t in retry_on.split(","))):
+        for token in retry_on_tokens(retry_on):
             if token.isdigit():
                 codes.add(int(token))
                 bits |= RETRY_ON_RETRIABLE_STATUS_CODES  # Istio appends it for bare codes

@@ -1,21 +1,21 @@
-"""DestinationRule `trafficPolicy` -> typed, ready-to-use cluster policy (Istio's defaults filled in).
+"""A cluster's DestinationRule traffic policy, merged and compiled (Istio's defaults filled in).
 
 Merging follows Istio (`MergeTrafficPolicy`): a subset's policy replaces the rule's
-policy block by block (loadBalancer, connectionPool, outlierDetection, retryBudget);
-`portLevelSettings` for the cluster's port replace the blocks they set, and
-do not inherit fields they omit.
+policy block by block (loadBalancer, connectionPool, outlierDetection, tls,
+retryBudget); `portLevelSettings` for the cluster's port replace the blocks they
+set, and do not inherit fields they omit. The result, a ClusterPolicy, is fixed
+on the Cluster at compile time: the data path only reads it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
-from ..istio.load import parse_duration
+from ..istio import model as m
 
 UNLIMITED: Final = 2**32 - 1  # Istio's default for every circuit-breaker threshold
-BLOCKS: Final = ("loadBalancer", "connectionPool", "outlierDetection", "retryBudget", "tls")
 
 LB_ROUND_ROBIN: Final = "ROUND_ROBIN"
 LB_LEAST_REQUEST: Final = "LEAST_REQUEST"
@@ -23,15 +23,32 @@ LB_RANDOM: Final = "RANDOM"
 LB_PASSTHROUGH: Final = "PASSTHROUGH"
 DEFAULT_LB: Final = LB_LEAST_REQUEST  # Istio >= 1.14 when `simple` is unset
 
+HASH_HEADER: Final = "header"
+HASH_COOKIE: Final = "cookie"
+HASH_QUERY: Final = "query"
+HASH_SOURCE_IP: Final = "source_ip"
+DEFAULT_RING_SIZE: Final = 1024  # Envoy's minimum_ring_size
+DEFAULT_MAGLEV_SIZE: Final = 65537  # Envoy's Maglev table_size
+
+TLS_DISABLE: Final = "DISABLE"
+TLS_SIMPLE: Final = "SIMPLE"
+TLS_MUTUAL: Final = "MUTUAL"
+TLS_ISTIO_MUTUAL: Final = "ISTIO_MUTUAL"
+
+
+def hash64(data: bytes) -> int:
+    """Stable across processes and runs (unlike hash()): a user keeps their endpoint after a restart."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
 
 @dataclass(frozen=True, slots=True)
 class HashPolicy:
     """consistentHash: where the key comes from, and the table."""
 
-    source: str  # header | cookie | query | source_ip
+    source: str  # HASH_HEADER | HASH_COOKIE | HASH_QUERY | HASH_SOURCE_IP
     name: bytes = b""
     algorithm: str = "ring"  # ring | maglev
-    size: int = 1024  # ring: minimumRingSize (1024); maglev: tableSize (65537)
+    size: int = DEFAULT_RING_SIZE  # ring: minimumRingSize; maglev: tableSize
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,91 +79,137 @@ class RetryBudget:
 
 
 @dataclass(frozen=True, slots=True)
-class TrafficPolicy:
+class UpstreamTlsContext:
+    """ClientTLSSettings of a cluster whose mode is not DISABLE (Envoy's UpstreamTlsContext).
+
+    Compiled so the policy is complete; the data path does not originate TLS yet (issue #16), and the
+    loader warns wherever a DestinationRule asks for it.
+    """
+
+    mode: str  # TLS_SIMPLE | TLS_MUTUAL | TLS_ISTIO_MUTUAL
+    sni: str = ""
+    subject_alt_names: tuple[str, ...] = ()
+    ca_certificates: str = ""
+    client_certificate: str = ""
+    private_key: str = ""
+    credential_name: str = ""
+    insecure_skip_verify: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterPolicy:
+    """Everything a DestinationRule says about one cluster, ready for the data path."""
+
     lb: str = DEFAULT_LB
     hash: HashPolicy | None = None
     pool: ConnectionPool = ConnectionPool()
     outlier: OutlierDetection | None = None
     retry_budget: RetryBudget | None = None
+    tls: UpstreamTlsContext | None = None  # None: plaintext (no tls, or mode DISABLE)
 
 
-DEFAULT_POLICY: Final = TrafficPolicy()
+DEFAULT_POLICY: Final = ClusterPolicy()
 
 
-def merge_policies(rule: Mapping[str, Any] | None, subset: Mapping[str, Any] | None, port: int) -> dict[str, Any]:
-    """The effective raw policy of one cluster: rule, then subset blocks, then port-level blocks."""
-    merged: dict[str, Any] = {}
+def merge_traffic_policy(rule: m.TrafficPolicy | None, subset: m.TrafficPolicy | None,
+                         port: int) -> m.TrafficPolicy | None:
+    """The effective policy of one cluster: rule, its port-level blocks, subset, the subset's port-level blocks."""
+    if rule is None and subset is None:
+        return None
+    lb: m.LoadBalancerSettings | None = None
+    pool: m.ConnectionPoolSettings | None = None
+    outlier: m.OutlierDetection | None = None
+    tls: m.ClientTLSSettings | None = None
+    budget: m.RetryBudget | None = None
     for layer in (rule, subset):
-        if not layer:
+        if layer is None:
             continue
-        for block in BLOCKS:
-            if layer.get(block) is not None:
-                merged[block] = layer[block]
-        for settings in layer.get("portLevelSettings") or ():
-            if (settings.get("port") or {}).get("number") == port:
-                for block in BLOCKS:
-                    if settings.get(block) is not None:
-                        merged[block] = settings[block]
-    return merged
+        lb = layer.load_balancer if layer.load_balancer is not None else lb
+        pool = layer.connection_pool if layer.connection_pool is not None else pool
+        outlier = layer.outlier_detection if layer.outlier_detection is not None else outlier
+        tls = layer.tls if layer.tls is not None else tls
+        budget = layer.retry_budget if layer.retry_budget is not None else budget
+        for settings in layer.port_level_settings:
+            if settings.port == port:
+                lb = settings.load_balancer if settings.load_balancer is not None else lb
+                pool = settings.connection_pool if settings.connection_pool is not None else pool
+                outlier = settings.outlier_detection if settings.outlier_detection is not None else outlier
+                tls = settings.tls if settings.tls is not None else tls
+    return m.TrafficPolicy(load_balancer=lb, connection_pool=pool, outlier_detection=outlier, tls=tls,
+                           retry_budget=budget)
 
 
-def _seconds(raw: Any, default: float | None) -> float | None:
-    return parse_duration(raw) if isinstance(raw, str) else default
-
-
-def compile_traffic_policy(raw: Mapping[str, Any] | None) -> TrafficPolicy:
-    if not raw:
+def compile_cluster_policy(policy: m.TrafficPolicy | None) -> ClusterPolicy:
+    """A merged TrafficPolicy -> the ClusterPolicy the data path reads (Istio's defaults for what is unset)."""
+    if policy is None:
         return DEFAULT_POLICY
-    lb_spec = raw.get("loadBalancer") or {}
-    lb = str(lb_spec.get("simple") or DEFAULT_LB)
+    lb, hash_policy = _load_balancer(policy.load_balancer)
+    od = policy.outlier_detection
+    outlier = None
+    if od is not None:
+        outlier = OutlierDetection(
+            consecutive_5xx=od.consecutive_5xx_errors,
+            consecutive_gateway=od.consecutive_gateway_errors,
+            interval=od.interval or 10.0,
+            base_ejection_time=od.base_ejection_time or 30.0,
+            max_ejection_percent=od.max_ejection_percent,
+            min_health_percent=od.min_health_percent,
+        )
+    rb = policy.retry_budget
+    budget = RetryBudget(rb.percent, rb.min_retry_concurrency) if rb is not None else None
+    return ClusterPolicy(lb=lb, hash=hash_policy, pool=_pool(policy.connection_pool), outlier=outlier,
+                         retry_budget=budget, tls=_tls(policy.tls))
+
+
+def _load_balancer(spec: m.LoadBalancerSettings | None) -> tuple[str, HashPolicy | None]:
+    if spec is None:
+        return DEFAULT_LB, None
+    lb = spec.simple
     if lb == "LEAST_CONN":
         lb = LB_LEAST_REQUEST  # deprecated alias
-    if lb == "UNSPECIFIED":
+    elif lb == "UNSPECIFIED" or not lb:
         lb = DEFAULT_LB
-    hash_policy = None
-    ch = lb_spec.get("consistentHash")
-    if ch:
-        if ch.get("httpHeaderName"):
-            source, name = "header", ch["httpHeaderName"].lower().encode()
-        elif ch.get("httpCookie"):
-            source, name = "cookie", str(ch["httpCookie"].get("name", "")).encode()
-        elif ch.get("httpQueryParameterName"):
-            source, name = "query", ch["httpQueryParameterName"].encode()
-        else:
-            source, name = "source_ip", b""
-        if ch.get("maglev") is not None:
-            hash_policy = HashPolicy(source, name, "maglev", int((ch["maglev"] or {}).get("tableSize") or 65537))
-        else:
-            ring = (ch.get("ringHash") or {}).get("minimumRingSize") or ch.get("minimumRingSize") or 1024
-            hash_policy = HashPolicy(source, name, "ring", int(ring))
-    pool_spec = raw.get("connectionPool") or {}
-    tcp, http = pool_spec.get("tcp") or {}, pool_spec.get("http") or {}
-    pool = ConnectionPool(
-        max_connections=int(tcp.get("maxConnections") or UNLIMITED),
-        connect_timeout=_seconds(tcp.get("connectTimeout"), None),
-        max_pending=int(http.get("http1MaxPendingRequests") or UNLIMITED),
-        max_requests=int(http.get("http2MaxRequests") or UNLIMITED),
-        max_requests_per_connection=int(http.get("maxRequestsPerConnection") or 0),
-        max_retries=int(http.get("maxRetries") or UNLIMITED),
-        idle_timeout=_seconds(http.get("idleTimeout"), None),
+    ch = spec.consistent_hash
+    if ch is None:
+        return lb, None
+    if ch.http_header_name:
+        source, name = HASH_HEADER, ch.http_header_name.encode()
+    elif ch.http_cookie is not None:
+        source, name = HASH_COOKIE, ch.http_cookie.name.encode()
+    elif ch.http_query_parameter_name:
+        source, name = HASH_QUERY, ch.http_query_parameter_name.encode()
+    else:
+        source, name = HASH_SOURCE_IP, b""
+    if ch.maglev:
+        return lb, HashPolicy(source, name, "maglev", ch.maglev_table_size or DEFAULT_MAGLEV_SIZE)
+    return lb, HashPolicy(source, name, "ring", ch.minimum_ring_size or DEFAULT_RING_SIZE)
+
+
+def _pool(spec: m.ConnectionPoolSettings | None) -> ConnectionPool:
+    if spec is None:
+        return ConnectionPool()
+    tcp, http = spec.tcp, spec.http
+    return ConnectionPool(
+        max_connections=tcp.max_connections or UNLIMITED,
+        connect_timeout=tcp.connect_timeout,
+        max_pending=http.http1_max_pending_requests or UNLIMITED,
+        max_requests=http.http2_max_requests or UNLIMITED,
+        max_requests_per_connection=http.max_requests_per_connection,
+        max_retries=http.max_retries or UNLIMITED,
+        idle_timeout=http.idle_timeout,
     )
-    outlier = None
-    od = raw.get("outlierDetection")
-    if od is not None:
-        consecutive = od.get("consecutive5xxErrors", od.get("consecutiveErrors", 5))
-        outlier = OutlierDetection(
-            consecutive_5xx=int(consecutive if consecutive is not None else 5),
-            consecutive_gateway=int(od.get("consecutiveGatewayErrors") or 0),
-            interval=_seconds(od.get("interval"), 10.0) or 10.0,
-            base_ejection_time=_seconds(od.get("baseEjectionTime"), 30.0) or 30.0,
-            max_ejection_percent=float(od.get("maxEjectionPercent", 10)),
-            min_health_percent=float(od.get("minHealthPercent", 0)),
-        )
-    budget = None
-    rb = raw.get("retryBudget")
-    if rb is not None:
-        percent = rb.get("percent")
-        if isinstance(percent, Mapping):
-            percent = percent.get("value")
-        budget = RetryBudget(float(percent if percent is not None else 20.0), int(rb.get("minRetryConcurrency", 3)))
-    return TrafficPolicy(lb=lb, hash=hash_policy, pool=pool, outlier=outlier, retry_budget=budget)
+
+
+def _tls(spec: m.ClientTLSSettings | None) -> UpstreamTlsContext | None:
+    if spec is None or spec.mode == TLS_DISABLE:
+        return None
+    return UpstreamTlsContext(
+        mode=spec.mode,
+        sni=spec.sni,
+        subject_alt_names=spec.subject_alt_names,
+        ca_certificates=spec.ca_certificates,
+        client_certificate=spec.client_certificate,
+        private_key=spec.private_key,
+        credential_name=spec.credential_name,
+        insecure_skip_verify=spec.insecure_skip_verify,
+    )

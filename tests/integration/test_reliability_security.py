@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from harness import BACKEND_VS, ProxyProcess, REPO, Upstream, free_port, service_entry, write_config
-from meshproxy.istio.load import MAX_FILE_BYTES, compile_regex, load
+from meshproxy.istio.load import load
+from meshproxy.istio.read import MAX_FILE_BYTES
+from meshproxy.istio.values import compile_regex
 from meshproxy.istio.problems import ConfigError
 
 VS = BACKEND_VS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 
@@ -10,13 +11,33 @@ import pytest
 from meshproxy.http1.head import build_request_head
 from meshproxy.proxy.balancer import ClusterState, Clusters
 from meshproxy.routing.cluster import Cluster, Endpoint
-from meshproxy.routing.traffic import compile_traffic_policy, merge_policies
+from meshproxy.istio import model as m
+from meshproxy.istio.load import load_text
+from meshproxy.routing.traffic import ClusterPolicy, compile_cluster_policy, merge_traffic_policy
 
 ENDPOINTS = tuple(Endpoint("127.0.0.1", 9000 + i) for i in range(4))
 
 
+def traffic_policy(policy: dict | None, subset: dict | None = None) -> tuple[m.TrafficPolicy | None, m.TrafficPolicy | None]:
+    """A trafficPolicy (and a subset's) as the loader builds them from YAML."""
+    spec: dict = {"host": "svc", "subsets": [{"name": "v1", "labels": {"version": "v1"}}]}
+    if policy is not None:
+        spec["trafficPolicy"] = policy
+    if subset is not None:
+        spec["subsets"][0]["trafficPolicy"] = subset
+    problems: list = []
+    doc = {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "svc"}, "spec": spec}
+    (rule,) = load_text(json.dumps(doc), "dr.yaml", problems)
+    assert not [p for p in problems if p.severity == "error"], problems
+    return rule.traffic_policy, rule.subsets[0].traffic_policy
+
+
+def compiled(policy: dict | None, subset: dict | None = None, port: int = 80) -> ClusterPolicy:
+    return compile_cluster_policy(merge_traffic_policy(*traffic_policy(policy, subset), port))
+
+
 def state(policy: dict | None = None, endpoints: tuple[Endpoint, ...] = ENDPOINTS) -> ClusterState:
-    cluster = Cluster("outbound|80||svc", "svc", 80, "", endpoints, policy)
+    cluster = Cluster("outbound|80||svc", "svc", 80, "", endpoints, compiled(policy))
     return Clusters().state(cluster)
 
 
@@ -147,8 +168,8 @@ def test_subset_and_port_level_policies_replace_whole_blocks() -> None:
     rule = {"loadBalancer": {"simple": "RANDOM"}, "connectionPool": {"tcp": {"maxConnections": 5}},
             "portLevelSettings": [{"port": {"number": 9080}, "loadBalancer": {"simple": "ROUND_ROBIN"}}]}
     subset = {"connectionPool": {"http": {"http1MaxPendingRequests": 1}}}
-    merged = compile_traffic_policy(merge_policies(rule, subset, 9080))
+    merged = compiled(rule, subset, 9080)
     assert merged.lb == "ROUND_ROBIN"
     assert merged.pool.max_pending == 1 and merged.pool.max_connections == 2**32 - 1  # no deep merge
-    assert compile_traffic_policy(merge_policies(rule, None, 80)).lb == "RANDOM"
-    assert compile_traffic_policy(None).lb == "LEAST_REQUEST"
+    assert compiled(rule, None, 80).lb == "RANDOM"
+    assert compile_cluster_policy(None).lb == "LEAST_REQUEST"

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from meshproxy.istio import model as m
-from meshproxy.istio.load import MAX_FILE_BYTES, load, load_text
+from meshproxy.istio.load import load, load_text
+from meshproxy.istio.read import MAX_FILE_BYTES
 from meshproxy.istio.problems import ConfigError, Problem
 from meshproxy.routing.compile import Identity, compile_table
 

@@ -44,6 +44,9 @@ def test_every_sample_file_loads(name):
     warnings = [str(w) for w in result.warnings]
     if name.startswith("legacy/istio-1.0.0/virtual-service-ratings-test-"):
         assert len(warnings) == 1 and "percent: warning: deprecated" in warnings[0]
+    elif name.endswith(("destination-rule-all-mtls.yaml", "egress-rule-google-apis.yaml")):
+        # tls is typed but not originated yet (issue #16): every tls mode other than DISABLE says so
+        assert warnings and all(".tls.mode: warning: tls mode " in w and "stays plaintext" in w for w in warnings)
     else:
         assert warnings == []
 
@@ -101,7 +104,7 @@ def test_destination_rule_all_subsets():
 
 def test_destination_rule_all_mtls_keeps_its_traffic_policy():
     rules = {r.meta.name: r for r in load_one("destination-rule-all-mtls.yaml").destination_rules}
-    assert rules["reviews"].traffic_policy == {"tls": {"mode": "ISTIO_MUTUAL"}}
+    assert rules["reviews"].traffic_policy == m.TrafficPolicy(tls=m.ClientTLSSettings(mode="ISTIO_MUTUAL"))
 
 
 def test_bookinfo_gateway_and_its_virtual_service():
@@ -273,8 +276,11 @@ def test_all_current_files_with_service_entries_load_and_compile(service_entries
     snapshot = result.snapshot
     # Files applied in order, as `kubectl apply -f` one after another: a later resource replaces
     # the one of the same kind/namespace/name, and says so.
-    assert all(w.path == "metadata.name" and "replaces" in w.message for w in result.warnings)
-    assert len(result.warnings) == 23
+    tls = [w for w in result.warnings if w.path.endswith(".tls.mode")]
+    assert {Path(w.file).name for w in tls} == {"destination-rule-all-mtls.yaml", "egress-rule-google-apis.yaml"}
+    replaced = [w for w in result.warnings if w not in tls]
+    assert all(w.path == "metadata.name" and "replaces" in w.message for w in replaced)
+    assert len(replaced) == 23
     assert {(vs.meta.name, Path(vs.meta.origin.file).name) for vs in snapshot.virtual_services} >= {
         ("reviews", "virtual-service-reviews-v3.yaml"), ("ratings", "virtual-service-ratings-test-delay.yaml"),
         ("details", "virtual-service-details-v2.yaml"), ("bookinfo", "bookinfo-gateway.yaml")}

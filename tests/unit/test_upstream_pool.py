@@ -7,6 +7,7 @@ import asyncio
 from meshproxy.proxy.balancer import Clusters
 from meshproxy.proxy.upstream import UpstreamPool
 from meshproxy.routing.cluster import Cluster, Endpoint
+from meshproxy.routing.traffic import ClusterPolicy, ConnectionPool
 
 
 class Accepting(asyncio.Protocol):
@@ -26,7 +27,7 @@ def test_idle_connections_are_reused_then_closed_at_their_timeout() -> None:
         server = await loop.create_server(lambda: Accepting(closed), "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         fast = Clusters().state(Cluster("outbound|80||fast", "fast", 80, "", (Endpoint("127.0.0.1", port),),
-                                        {"connectionPool": {"http": {"idleTimeout": "0.3s"}}}))
+                                        ClusterPolicy(pool=ConnectionPool(idle_timeout=0.3))))
         slow = Clusters().state(Cluster("outbound|80||slow", "slow", 80, "", (Endpoint("127.0.0.1", port),)))
         pool = UpstreamPool(idle_timeout=1.5, connect_timeout=2.0)
         try:
