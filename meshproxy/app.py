@@ -17,15 +17,15 @@ from .istio.model import Snapshot
 from .istio.problems import ConfigError, Problem
 from .istio.watch import config_signature
 from .proxy.balancer import Clusters
-from .proxy.listener import (
+from .proxy.downstream import (
     EDGE_GATEWAY,
     EDGE_INBOUND,
     EDGE_NONE,
-    DownstreamProtocol,
     ListenerContext,
     connection_budget,
     listener_limits,
 )
+from .proxy.listener import DownstreamProtocol
 from .proxy.upstream import UpstreamPool
 from .routing.cluster import Cluster, Endpoint
 from .routing.compile import Identity, compile_table

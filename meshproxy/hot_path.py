@@ -20,6 +20,7 @@ MODULES = (  # what setup.py compiles (it runs this file)
     "meshproxy.http1.wire",
     "meshproxy.messages",
     "meshproxy.proxy.balancer",
+    "meshproxy.proxy.downstream",
     "meshproxy.proxy.exchange",
     "meshproxy.proxy.fault",
     "meshproxy.proxy.listener",

@@ -18,6 +18,7 @@ import logging
 from typing import Final
 
 import httptools
+from mypy_extensions import trait
 
 from ..messages import RequestHead
 from .errors import ProtocolError
@@ -29,8 +30,10 @@ NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to: on_message_begi
 HEAD_SLACK: Final = 4096  # bytes of a head beyond max_header_bytes before 431 (the request line, separators)
 
 
+@trait
 class RequestHandler:
-    """What the codec reports to. A base class rather than a Protocol, so compiled code calls it directly."""
+    """What the codec reports to: a mypyc trait, so that a transport can be one beside its own base class
+    (`proxy.downstream.Downstream`) and compiled code still calls it natively, not by name."""
 
     __slots__ = ()
 

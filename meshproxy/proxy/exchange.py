@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from ..messages import RequestHead
 from ..routing.cluster import Cluster, Endpoint
@@ -67,10 +67,8 @@ from .retry import (
     should_retry_failure,
     should_retry_response,
 )
+from .downstream import Downstream
 from .upstream import ResponseSink, UpstreamConnection
-
-if TYPE_CHECKING:
-    from .listener import DownstreamProtocol
 
 log = logging.getLogger("meshproxy.exchange")
 
@@ -98,7 +96,7 @@ class Stream(ResponseSink):
         "avoid_previous", "retrying", "second_chance", "ended",
     )
 
-    def __init__(self, conn: DownstreamProtocol, info: StreamInfo) -> None:
+    def __init__(self, conn: Downstream, info: StreamInfo) -> None:
         self.conn = conn
         self.info = info
         self.pending: list[bytes] = []
@@ -316,7 +314,7 @@ def send_request_head(stream: Stream, upstream: UpstreamConnection, attempt: int
     upstream.send_head(head.method, path, authority, out, None if head.chunked else head.content_length, no_body)
 
 
-def start(conn: DownstreamProtocol, stream: Stream) -> None:
+def start(conn: Downstream, stream: Stream) -> None:
     """Begin a request's exchange; the downstream transport calls this for each request in turn (never raises).
 
     It runs synchronously, from the codec's callback, as far as it can: routing, local replies and, when an idle
@@ -332,13 +330,13 @@ def start(conn: DownstreamProtocol, stream: Stream) -> None:
         _end(conn, stream)
 
 
-def _spawn(conn: DownstreamProtocol, stream: Stream, step: Callable[..., Awaitable[bool]], *args: object) -> None:
+def _spawn(conn: Downstream, stream: Stream, step: Callable[..., Awaitable[bool]], *args: object) -> None:
     """Continue the exchange in a task, `step(conn, stream, *args)`; the transport cancels it if the client goes
     away or times out. (The step's coroutine is made in the task: a task cancelled before it ran leaves none.)"""
     conn.active_task = conn.loop.create_task(_run(conn, stream, step, args))
 
 
-async def _run(conn: DownstreamProtocol, stream: Stream, step: Callable[..., Awaitable[bool]],
+async def _run(conn: Downstream, stream: Stream, step: Callable[..., Awaitable[bool]],
                args: tuple[object, ...]) -> None:
     try:
         finished = await step(conn, stream, *args)
@@ -352,7 +350,7 @@ async def _run(conn: DownstreamProtocol, stream: Stream, step: Callable[..., Awa
         _end(conn, stream)
 
 
-def abandon(conn: DownstreamProtocol, stream: Stream) -> None:
+def abandon(conn: Downstream, stream: Stream) -> None:
     """The transport stopped the exchange (client gone, stream idle timeout, bad request body)."""
     info = stream.info
     info.flags |= DC  # the transport replaces it when it knows a better reason
@@ -361,7 +359,7 @@ def abandon(conn: DownstreamProtocol, stream: Stream) -> None:
     _end(conn, stream)
 
 
-def _failed(conn: DownstreamProtocol, stream: Stream) -> None:
+def _failed(conn: Downstream, stream: Stream) -> None:
     """A bug met on this request: the process must survive anything a peer can make happen."""
     head = stream.info.head
     log.exception("exchange failed for %s %r", head.method, head.target)
@@ -375,7 +373,7 @@ def _failed(conn: DownstreamProtocol, stream: Stream) -> None:
         _end(conn, stream)
 
 
-def _end(conn: DownstreamProtocol, stream: Stream) -> None:
+def _end(conn: Downstream, stream: Stream) -> None:
     """The one way a stream finishes: counters back, then the transport writes the access log and goes on."""
     if stream.ended:
         return
@@ -391,7 +389,7 @@ def _end(conn: DownstreamProtocol, stream: Stream) -> None:
     conn.stream_done(stream)
 
 
-def _drop_upstream(conn: DownstreamProtocol, stream: Stream) -> None:
+def _drop_upstream(conn: Downstream, stream: Stream) -> None:
     upstream = stream.upstream
     if upstream is not None:
         stream.upstream = None
@@ -401,7 +399,7 @@ def _drop_upstream(conn: DownstreamProtocol, stream: Stream) -> None:
         conn.pool.discard(upstream)
 
 
-def _route(conn: DownstreamProtocol, stream: Stream) -> bool:
+def _route(conn: Downstream, stream: Stream) -> bool:
     """Route and apply the route's filters; True when the request was answered here."""
     info = stream.info
     route, port = conn.ctx.table.match(info.head)  # one read of the table: a reload never changes this request
@@ -425,7 +423,7 @@ def _route(conn: DownstreamProtocol, stream: Stream) -> bool:
     return _forward(conn, stream, route, port)
 
 
-async def _delayed(conn: DownstreamProtocol, stream: Stream, route: Route, port: int, delay: float) -> bool:
+async def _delayed(conn: Downstream, stream: Stream, route: Route, port: int, delay: float) -> bool:
     await asyncio.sleep(delay)
     if decide_abort(route.fault, conn.randbelow):
         _reply_abort(stream, route.fault)
@@ -433,7 +431,7 @@ async def _delayed(conn: DownstreamProtocol, stream: Stream, route: Route, port:
     return _forward(conn, stream, route, port)
 
 
-def _forward(conn: DownstreamProtocol, stream: Stream, route: Route, port: int) -> bool:
+def _forward(conn: Downstream, stream: Stream, route: Route, port: int) -> bool:
     """The router: direct response, redirect, or a destination and the first attempt to it."""
     info = stream.info
     head = info.head
@@ -480,7 +478,7 @@ def _forward(conn: DownstreamProtocol, stream: Stream, route: Route, port: int) 
     return _attempt(conn, stream)
 
 
-def _attempt(conn: DownstreamProtocol, stream: Stream) -> bool:
+def _attempt(conn: Downstream, stream: Stream) -> bool:
     """Start the next attempt: on an idle connection at once, else in a task that connects first."""
     state = stream.cluster_state
     assert state is not None
@@ -504,7 +502,7 @@ def _attempt(conn: DownstreamProtocol, stream: Stream) -> bool:
     return False
 
 
-async def _connect(conn: DownstreamProtocol, stream: Stream, target: EndpointState) -> bool:
+async def _connect(conn: Downstream, stream: Stream, target: EndpointState) -> bool:
     """The attempt needs a new connection (or waits for one within the circuit breaker), then sends."""
     state = stream.cluster_state
     assert state is not None
@@ -534,7 +532,7 @@ async def _connect(conn: DownstreamProtocol, stream: Stream, target: EndpointSta
     return False
 
 
-def _send(conn: DownstreamProtocol, stream: Stream, upstream: UpstreamConnection, target: EndpointState) -> None:
+def _send(conn: Downstream, stream: Stream, upstream: UpstreamConnection, target: EndpointState) -> None:
     """Send the request on `upstream`; its response comes back through the Stream's sink callbacks."""
     loop = conn.loop
     route = stream.info.route
@@ -601,7 +599,7 @@ def attempt_over(stream: Stream, outcome: UpstreamError | None) -> None:
         _end(conn, stream)
 
 
-def _after_failure(conn: DownstreamProtocol, stream: Stream, upstream: UpstreamConnection,
+def _after_failure(conn: Downstream, stream: Stream, upstream: UpstreamConnection,
                    outcome: UpstreamError) -> bool:
     """An attempt that sent its request failed: retry (True if a reply was made instead)."""
     info = stream.info
@@ -661,7 +659,7 @@ def _cors(stream: Stream, cors: CorsPolicy) -> bool:
 MIRROR_TIMEOUT: Final = 30.0  # a shadow request never outlives this, whatever the mirror does
 
 
-def _start_mirrors(conn: DownstreamProtocol, stream: Stream, route: Route, port: int) -> None:
+def _start_mirrors(conn: Downstream, stream: Stream, route: Route, port: int) -> None:
     """Fire-and-forget copies (mirrorPercentage dice per mirror): they never delay or fail the request."""
     for mirror in route.mirrors:
         if mirror.per_million < MILLION and conn.randbelow(MILLION) >= mirror.per_million:
@@ -710,7 +708,7 @@ class _MirrorSink(ResponseSink):
         pass
 
 
-async def _mirror(conn: DownstreamProtocol, stream: Stream, cluster: Cluster) -> None:
+async def _mirror(conn: Downstream, stream: Stream, cluster: Cluster) -> None:
     head = stream.info.head
     try:
         async with asyncio.timeout(MIRROR_TIMEOUT):
@@ -775,7 +773,7 @@ def _reply_overflow(stream: Stream) -> None:
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
-def _back_off(conn: DownstreamProtocol, stream: Stream) -> bool:
+def _back_off(conn: Downstream, stream: Stream) -> bool:
     """Spend one retry and wait its jittered back-off in a task, then attempt again; if the route timeout ends
     first, wait for it and answer 504 instead."""
     route = stream.info.route
@@ -790,12 +788,12 @@ def _back_off(conn: DownstreamProtocol, stream: Stream) -> bool:
     return False
 
 
-async def _retry_after(conn: DownstreamProtocol, stream: Stream, wait: float) -> bool:
+async def _retry_after(conn: Downstream, stream: Stream, wait: float) -> bool:
     await asyncio.sleep(wait)
     return _attempt(conn, stream)
 
 
-async def _time_out_at(conn: DownstreamProtocol, stream: Stream, deadline: float) -> bool:
+async def _time_out_at(conn: Downstream, stream: Stream, deadline: float) -> bool:
     await asyncio.sleep(max(0.0, deadline - conn.loop.time()))
     _finish_timeout(stream)
     return True

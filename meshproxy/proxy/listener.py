@@ -32,29 +32,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import resource
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, cast
 
 from ..http1.errors import ProtocolError
-from ..http1.head import DEFAULT_POLICY, ENVOY_CONTROL_HEADERS, ENVOY_PREFIX, HeadPolicy
 from ..http1.server import RequestHandler, ServerCodec
-from ..http1.wire import CONTINUE_100, HOP_BY_HOP, LAST_CHUNK, chunk, local_reply, response_head
+from ..http1.wire import CONTINUE_100, LAST_CHUNK, chunk, local_reply, response_head
 from ..messages import HTTP11, RequestHead
-from ..routing.policy import HeaderMutation
-from ..routing.table import RouteTable
 from ..stream_info import DC, ConnectionInfo, StreamInfo
-from ..telemetry.access_log import AccessLog
-from ..telemetry.core import Telemetry
-from .balancer import Clusters
+from .downstream import Downstream, ListenerContext
 from .exchange import Stream, abandon, start
 from .local_reply import protocol_error_body, protocol_error_flag, stream_idle_timeout
-from .upstream import WRITE_HIGH_WATER, WRITE_LOW_WATER, UpstreamPool
-
-if TYPE_CHECKING:
-    from ..settings import Settings
+from .upstream import WRITE_HIGH_WATER, WRITE_LOW_WATER
 
 log = logging.getLogger("meshproxy.listener")
 
@@ -63,123 +52,19 @@ READ_PAUSED_BY_ERROR: Final = 8
 
 MAX_PIPELINED: Final = 100  # requests held per connection (the active one + parsed ahead); one more is a 400 (memory bound)
 LINGER_SECONDS: Final = 2.0  # after an error reply: how long the client's remaining bytes are read and discarded
-MAX_CONNECTIONS_CAP: Final = 50_000  # Envoy's edge advice for global_downstream_max_connections
-
-H2C_SETTINGS: Final = frozenset({b"http2-settings"})  # only meaningful with an h2c upgrade, which is not taken
-
-EDGE_NONE: Final = "none"  # outbound sidecar listener: the client is the local app
-EDGE_INBOUND: Final = "inbound"  # inbound sidecar listener: Envoy's control headers stripped
-EDGE_GATEWAY: Final = "gateway"  # gateway: every x-envoy-* request header stripped
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerLimits:
-    """One listener's request limits and timeouts (seconds; 0 disables a timeout)."""
-
-    head: HeadPolicy = DEFAULT_POLICY
-    request_headers_timeout: float = 10.0
-    idle_timeout: float = 3600.0  # Envoy's HTTP connection idle_timeout default (1 h)
-    stream_idle_timeout: float = 300.0  # Envoy's default (5 min)
-
-
-DEFAULT_LIMITS: Final = ListenerLimits()
-
-
-def default_max_connections() -> int:
-    """Half the open-file limit (a client connection may need an upstream one too), at most 50 000."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft <= 0:
-        return MAX_CONNECTIONS_CAP
-    return max(1, min(MAX_CONNECTIONS_CAP, soft // 2))
-
-
-class ConnectionBudget:
-    """Downstream connections open across the listeners of one process; 0 = no limit."""
-
-    __slots__ = ("limit", "open", "refused")
-
-    def __init__(self, limit: int = 0) -> None:
-        self.limit = limit
-        self.open = 0
-        self.refused = 0
-
-    def take(self) -> bool:
-        if self.limit and self.open >= self.limit:
-            self.refused += 1
-            return False
-        self.open += 1
-        return True
-
-    def give_back(self) -> None:
-        self.open -= 1
-
-
-def listener_limits(settings: Settings, edge: str = EDGE_NONE) -> ListenerLimits:
-    """Settings -> the limits of one listener; `edge` says which x-envoy-* headers it strips."""
-    strip_names: frozenset[bytes] = ENVOY_CONTROL_HEADERS if edge == EDGE_INBOUND else frozenset()
-    strip_prefix = ENVOY_PREFIX if edge == EDGE_GATEWAY else b""
-    head = HeadPolicy(max_header_bytes=settings.max_request_headers_kb * 1024,
-                      max_header_count=settings.max_request_headers_count,
-                      max_body_bytes=settings.max_request_body, underscores=settings.headers_with_underscores,
-                      strip_names=strip_names, strip_prefix=strip_prefix, accept_http10=settings.accept_http10)
-    return ListenerLimits(head, settings.request_headers_timeout, settings.idle_timeout,
-                          settings.stream_idle_timeout)
-
-
-def connection_budget(settings: Settings) -> ConnectionBudget:
-    limit = settings.max_connections
-    return ConnectionBudget(default_max_connections() if limit == 0 else max(0, limit))
-
-
-@dataclass(slots=True)
-class ListenerContext:
-    """What every connection of one listener shares."""
-
-    name: str  # "outbound" or "inbound"
-    table: RouteTable  # read once per request; replaced whole by a reload
-    pool: UpstreamPool
-    server_name: bytes = b"envoy"
-    response_mutation: HeaderMutation | None = None
-    rng: random.Random = field(default_factory=random.Random)
-    connections: set[DownstreamProtocol] = field(default_factory=set)
-    draining: bool = False
-    clusters: Clusters = field(default_factory=Clusters)  # shared by all listeners of the process
-    telemetry: Telemetry | None = None
-    limits: ListenerLimits = DEFAULT_LIMITS
-    budget: ConnectionBudget = field(default_factory=ConnectionBudget)  # shared by all listeners of the process
-    follows_config: bool = False  # the app gives it each reloaded table (the outbound listener)
-    retry_reused: bool = True  # one free retry of an idempotent request whose reused connection was reset (README)
-
-    strip_request: frozenset[bytes] = field(init=False)  # request headers never forwarded upstream (computed)
-
-    def __post_init__(self) -> None:
-        if self.telemetry is None:
-            self.telemetry = Telemetry(self.name, "outbound", AccessLog())
-        self.strip_request = HOP_BY_HOP | H2C_SETTINGS | self.telemetry.strip_request  # once, not per connection
-
-    def start_draining(self) -> None:
-        self.draining = True
-        for conn in list(self.connections):
-            conn.drain()
-
-
-class DownstreamProtocol(RequestHandler):
+class DownstreamProtocol(Downstream, RequestHandler):
     """One client connection (an asyncio protocol): the codec's handler, the streams' downstream transport."""
 
     __slots__ = (
-        "ctx", "loop", "transport", "codec", "info", "peer_ip", "streams", "parsing", "active_task", "read_paused",
-        "closed", "error", "randbelow", "random", "telemetry", "strip_request", "limits", "head_deadline",
+        "transport", "codec", "info", "peer_ip", "streams", "parsing", "closed", "error", "limits", "head_deadline",
         "last_activity", "timer", "timer_at", "aborted", "lingering", "counted", "header_timeout", "stream_idle",
-        "idle_timeout", "starting", "start_next", "pool", "clusters", "server_name", "out", "close_after",
-        "response_chunked", "response_head_only",
+        "idle_timeout", "starting", "start_next", "server_name", "out", "close_after", "response_chunked",
+        "response_head_only",
     )
 
     def __init__(self, ctx: ListenerContext) -> None:
-        self.ctx = ctx
-        self.pool = ctx.pool  # what the exchange reads, as plain attributes (ctx.draining and ctx.table change)
-        self.clusters = ctx.clusters
+        super().__init__(ctx)
         self.server_name = ctx.server_name
-        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.codec = ServerCodec(self, ctx.limits.head)
         self.info = ConnectionInfo()
@@ -187,15 +72,8 @@ class DownstreamProtocol(RequestHandler):
         self.streams: list[Stream] = []  # the active one first, then pipelined ones (a list: a deque's first
         # block costs half a kilobyte on every idle keep-alive connection; the queue is one long, MAX_PIPELINED at most)
         self.parsing: Stream | None = None
-        self.active_task: asyncio.Task[None] | None = None
-        self.read_paused = 0
         self.closed = False
         self.error: ProtocolError | None = None
-        self.randbelow = ctx.rng.randrange
-        self.random = ctx.rng
-        assert ctx.telemetry is not None
-        self.telemetry = ctx.telemetry
-        self.strip_request = ctx.strip_request
         self.limits = ctx.limits
         self.header_timeout = ctx.limits.request_headers_timeout
         self.stream_idle = ctx.limits.stream_idle_timeout
@@ -451,7 +329,6 @@ class DownstreamProtocol(RequestHandler):
             abandon(self, self.streams[0])
 
     def drain(self) -> None:
-        """Stop keep-alive: idle connections close now, busy ones after their response."""
         if not self.streams:
             self._close()
 

@@ -20,7 +20,8 @@ import httptools
 from meshproxy.app import inbound_table
 from meshproxy.http1.head import HeadPolicy
 from meshproxy.proxy.balancer import Clusters
-from meshproxy.proxy.listener import ConnectionBudget, DownstreamProtocol, ListenerContext, ListenerLimits
+from meshproxy.proxy.downstream import ConnectionBudget, ListenerContext, ListenerLimits
+from meshproxy.proxy.listener import DownstreamProtocol
 from meshproxy.proxy.upstream import UpstreamPool
 from meshproxy.settings import InboundSpec
 

@@ -1,0 +1,186 @@
+"""What the exchange needs of the connection a request came on, whatever its wire protocol, and what every
+connection of one listener shares (limits, budget, table, pool, telemetry).
+
+`Downstream` is the seam a codec's transport plugs into: HTTP/1.1's is `listener.DownstreamProtocol`; an HTTP/2
+transport would be another subclass, serving many streams per connection. The exchange calls only what is
+declared here, passing the stream, and never sees bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import resource
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from ..http1.head import DEFAULT_POLICY, ENVOY_CONTROL_HEADERS, ENVOY_PREFIX, HeadPolicy
+from ..http1.wire import HOP_BY_HOP
+from ..routing.policy import HeaderMutation
+from ..routing.table import RouteTable
+from ..telemetry.access_log import AccessLog
+from ..telemetry.core import Telemetry
+from .balancer import Clusters
+from .upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+    from .exchange import Stream
+
+MAX_CONNECTIONS_CAP: Final = 50_000  # Envoy's edge advice for global_downstream_max_connections
+
+H2C_SETTINGS: Final = frozenset({b"http2-settings"})  # only meaningful with an h2c upgrade, which is not taken
+
+EDGE_NONE: Final = "none"  # outbound sidecar listener: the client is the local app
+EDGE_INBOUND: Final = "inbound"  # inbound sidecar listener: Envoy's control headers stripped
+EDGE_GATEWAY: Final = "gateway"  # gateway: every x-envoy-* request header stripped
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    """One listener's request limits and timeouts (seconds; 0 disables a timeout)."""
+
+    head: HeadPolicy = DEFAULT_POLICY
+    request_headers_timeout: float = 10.0
+    idle_timeout: float = 3600.0  # Envoy's HTTP connection idle_timeout default (1 h)
+    stream_idle_timeout: float = 300.0  # Envoy's default (5 min)
+
+
+DEFAULT_LIMITS: Final = ListenerLimits()
+
+
+def default_max_connections() -> int:
+    """Half the open-file limit (a client connection may need an upstream one too), at most 50 000."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft <= 0:
+        return MAX_CONNECTIONS_CAP
+    return max(1, min(MAX_CONNECTIONS_CAP, soft // 2))
+
+
+class ConnectionBudget:
+    """Downstream connections open across the listeners of one process; 0 = no limit."""
+
+    __slots__ = ("limit", "open", "refused")
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+
+    def take(self) -> bool:
+        if self.limit and self.open >= self.limit:
+            self.refused += 1
+            return False
+        self.open += 1
+        return True
+
+    def give_back(self) -> None:
+        self.open -= 1
+
+
+def listener_limits(settings: Settings, edge: str = EDGE_NONE) -> ListenerLimits:
+    """Settings -> the limits of one listener; `edge` says which x-envoy-* headers it strips."""
+    strip_names: frozenset[bytes] = ENVOY_CONTROL_HEADERS if edge == EDGE_INBOUND else frozenset()
+    strip_prefix = ENVOY_PREFIX if edge == EDGE_GATEWAY else b""
+    head = HeadPolicy(max_header_bytes=settings.max_request_headers_kb * 1024,
+                      max_header_count=settings.max_request_headers_count,
+                      max_body_bytes=settings.max_request_body, underscores=settings.headers_with_underscores,
+                      strip_names=strip_names, strip_prefix=strip_prefix, accept_http10=settings.accept_http10)
+    return ListenerLimits(head, settings.request_headers_timeout, settings.idle_timeout,
+                          settings.stream_idle_timeout)
+
+
+def connection_budget(settings: Settings) -> ConnectionBudget:
+    limit = settings.max_connections
+    return ConnectionBudget(default_max_connections() if limit == 0 else max(0, limit))
+
+
+@dataclass(slots=True)
+class ListenerContext:
+    """What every connection of one listener shares."""
+
+    name: str  # "outbound" or "inbound"
+    table: RouteTable  # read once per request; replaced whole by a reload
+    pool: UpstreamPool
+    server_name: bytes = b"envoy"
+    response_mutation: HeaderMutation | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    connections: set[Downstream] = field(default_factory=set)
+    draining: bool = False
+    clusters: Clusters = field(default_factory=Clusters)  # shared by all listeners of the process
+    telemetry: Telemetry | None = None
+    limits: ListenerLimits = DEFAULT_LIMITS
+    budget: ConnectionBudget = field(default_factory=ConnectionBudget)  # shared by all listeners of the process
+    follows_config: bool = False  # the app gives it each reloaded table (the outbound listener)
+    retry_reused: bool = True  # one free retry of an idempotent request whose reused connection was reset (README)
+
+    strip_request: frozenset[bytes] = field(init=False)  # request headers never forwarded upstream (computed)
+
+    def __post_init__(self) -> None:
+        if self.telemetry is None:
+            self.telemetry = Telemetry(self.name, "outbound", AccessLog())
+        self.strip_request = HOP_BY_HOP | H2C_SETTINGS | self.telemetry.strip_request  # once, not per connection
+
+    def start_draining(self) -> None:
+        self.draining = True
+        for conn in list(self.connections):
+            conn.drain()
+
+
+class Downstream:
+    """A downstream connection as the exchange sees it (see the module docstring). The response of a stream is
+    handed over as a head, body chunks and an end, then `flush` after each upstream read (one write); a local
+    reply is made whole by the transport. Reading pauses are reference-counted by reason bits."""
+
+    __slots__ = ("ctx", "loop", "pool", "clusters", "random", "randbelow", "telemetry", "strip_request",
+                 "active_task", "read_paused")
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx
+        self.loop = asyncio.get_running_loop()
+        self.pool = ctx.pool  # what the exchange reads, as plain attributes (ctx.draining and ctx.table change)
+        self.clusters = ctx.clusters
+        self.random = ctx.rng
+        self.randbelow = ctx.rng.randrange
+        assert ctx.telemetry is not None
+        self.telemetry = ctx.telemetry
+        self.strip_request = ctx.strip_request
+        self.active_task: asyncio.Task[None] | None = None  # the exchange's task while it waits, if any
+        self.read_paused = 0
+
+    def send_response_head(self, stream: Stream, status: int, headers: list[tuple[bytes, bytes]],
+                           extra: list[tuple[bytes, bytes]], content_length: int | None, end_stream: bool) -> None:
+        raise NotImplementedError
+
+    def send_response_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def send_response_end(self) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def send_local_reply(self, stream: Stream, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...]) -> None:
+        raise NotImplementedError
+
+    def send_continue(self, stream: Stream) -> None:
+        raise NotImplementedError
+
+    def reset_stream(self, stream: Stream) -> None:
+        """The response was cut short: the client must not take it for complete."""
+        raise NotImplementedError
+
+    def pause_reading(self, reason: int) -> None:
+        raise NotImplementedError
+
+    def resume_reading(self, reason: int) -> None:
+        raise NotImplementedError
+
+    def stream_done(self, stream: Stream) -> None:
+        """The exchange is over (response written, replied, or abandoned): record it and go on."""
+        raise NotImplementedError
+
+    def drain(self) -> None:
+        """Stop keep-alive: idle connections close now, busy ones after their response."""
+        raise NotImplementedError
