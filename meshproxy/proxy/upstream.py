@@ -286,10 +286,12 @@ class UpstreamPool:
 
     async def _connect(self, key: tuple[str, str, int], state: ClusterState, timeout: float) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
-        factory: Callable[[], UpstreamConnection] = lambda: UpstreamConnection(self, key, state)  # noqa: E731
+        # The connection is a protocol by its methods, not by asyncio.Protocol as a base (its base is the codec's
+        # handler); the event loop asks for no more.
+        factory = cast(Callable[[], asyncio.Protocol], lambda: UpstreamConnection(self, key, state))
         try:
             async with asyncio.timeout(timeout):
-                _, protocol = await loop.create_connection(factory, key[1], key[2])
+                _, connected = await loop.create_connection(factory, key[1], key[2])
         except TimeoutError:
             raise ConnectFailureError("connection timeout") from None
         except ConnectionRefusedError as exc:
@@ -298,7 +300,7 @@ class UpstreamPool:
         except OSError as exc:
             raise ConnectFailureError("remote connection failure", f"delayed connect error: {exc.errno}") from None
         self.opened += 1
-        return protocol
+        return cast(UpstreamConnection, connected)
 
     def release(self, conn: UpstreamConnection) -> None:
         """Back to the pool after a complete response, or closed if it cannot be reused."""
