@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 from aiohttp import web
 
 REPO = Path(__file__).resolve().parents[1]
