@@ -79,9 +79,9 @@ def check_ratings_delay(demo: Demo, folder: Path, jason: str) -> None:
     page = demo.page(jason)  # ratings delayed 7 s; productpage gives reviews 2 tries of 3 s
     assert page.status == 200 and page.details_ok, page.describe()
     assert page.reviews_error and REVIEWS_DOWN in page.html, page.describe()
-    assert 5.7 <= page.elapsed <= 8.0, page.describe()
-    for page in demo.pages(5):  # others: no delay, reviews v1 as before
-        assert page.version == "v1" and not page.reviews_error and page.elapsed < 2.0, page.describe()
+    assert 5.7 <= page.elapsed <= 12.0, page.describe()  # gave up at 2 x 3 s (the error above), not at 7 s + more
+    for page in demo.pages(5):  # others: no delay (7 s), reviews v1 as before; wide bounds for a loaded machine
+        assert page.version == "v1" and not page.reviews_error and page.elapsed < 5.0, page.describe()
 
 
 def check_ratings_abort(demo: Demo, folder: Path, jason: str) -> None:
@@ -90,7 +90,7 @@ def check_ratings_abort(demo: Demo, folder: Path, jason: str) -> None:
     for page in demo.pages(5, jason):  # ratings answers 500 at once: reviews v2 shows the error per review
         assert page.version == "v2" and not page.stars and not page.reviews_error, page.describe()
         assert page.rating_errors == [RATINGS_DOWN, RATINGS_DOWN], page.describe()
-        assert page.elapsed < 2.0, page.describe()
+        assert page.elapsed < 5.0, page.describe()  # at once: not the 7 s delay of the previous step
     for page in demo.pages(5):
         assert page.version == "v1" and not page.rating_errors, page.describe()
 
