@@ -226,7 +226,14 @@ def test_delete_goes_back_to_rotating(demo: Demo) -> None:
     out = demo.delete(CONFIG / "virtual-service-all-v1.yaml")
     assert out.splitlines() == [f"virtualservice.networking.istio.io/{name} deleted"
                                 for name in ("productpage", "reviews", "ratings", "details")]
-    assert set(versions(demo.pages(15))) == {"v1", "v2", "v3"}
+    # each page goes to a version at random: page until all three show (15 pages missed one 0.7 % of the time;
+    # 60 miss one with a chance of 3 x (2/3)^60, about 1e-10), and stop as soon as they have
+    seen: set[str | None] = set()
+    for _ in range(60):
+        seen.add(demo.page().version)
+        if seen == {"v1", "v2", "v3"}:
+            break
+    assert seen == {"v1", "v2", "v3"}
 
 
 def test_every_change_was_a_hot_reload_and_no_request_failed(demo: Demo, traffic: Traffic) -> None:
