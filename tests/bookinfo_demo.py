@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "config" / "bookinfo"  # the Istio sample files as the repo ships them (copied unchanged)
-LEGACY = REPO.parent / "shared" / "istio-samples" / "legacy"  # v1alpha3 files of Istio 1.0.0 and 1.5.0
+LEGACY = REPO / "tests" / "corpus" / "istio-samples" / "legacy"  # v1alpha3 files of Istio 1.0.0 and 1.5.0
 BANNER_END = "Press Ctrl-C to stop."
 START_TIMEOUT = 60.0
 SYNC_TIMEOUT = 15.0

@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 from aiohttp import web
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SAMPLES = SHARED / "istio-samples"  # Istio's Bookinfo YAML, beside the checkout (a copy of shared/ in CI)
-needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"Istio sample YAML not found at {SAMPLES}")
+SAMPLES = REPO / "config" / "bookinfo"  # Istio's Bookinfo networking YAML, copied unchanged (+ our services.yaml)
+ISTIO_CORPUS = REPO / "tests" / "corpus" / "istio-samples"  # the rest of Istio's samples the tests read
+LEGACY = ISTIO_CORPUS / "legacy"  # v1alpha3 files of Istio 1.0.0 and 1.5.0
+# Istio's current Bookinfo set as Istio ships it: 21 networking files + its two Kubernetes platform files.
+ISTIO_CURRENT = sorted([*(p for p in SAMPLES.glob("*.yaml") if p.name != "services.yaml"),
+                        ISTIO_CORPUS / "bookinfo.yaml", ISTIO_CORPUS / "bookinfo-versions.yaml"], key=lambda p: p.name)
 LISTENING_RE = re.compile(r"(\S+) listening on (\S+):(\d+)")
 
 

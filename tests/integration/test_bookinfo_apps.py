@@ -437,7 +437,7 @@ async def test_productpage_tries_reviews_twice_with_a_per_attempt_timeout(bi: Bo
     assert response.status == 200
     assert len(silent.heads) == 2
     assert all(head.startswith(b"GET /reviews/0 HTTP/1.1\r\n") for head in silent.heads)
-    assert 0.45 <= elapsed < 2.0
+    assert 0.45 <= elapsed < 10.0  # two tries of 0.25 s, then the page; the silent reviews would hang for ever
     assert "Error fetching product reviews" in page and REVIEWS_DOWN in page
     assert "<h4>Book Details</h4>" in page  # details answered in time
 

@@ -79,9 +79,9 @@ def check_ratings_delay(demo: Demo, folder: Path, jason: str) -> None:
     page = demo.page(jason)  # ratings delayed 7 s; productpage gives reviews 2 tries of 3 s
     assert page.status == 200 and page.details_ok, page.describe()
     assert page.reviews_error and REVIEWS_DOWN in page.html, page.describe()
-    assert 5.7 <= page.elapsed <= 8.0, page.describe()
-    for page in demo.pages(5):  # others: no delay, reviews v1 as before
-        assert page.version == "v1" and not page.reviews_error and page.elapsed < 2.0, page.describe()
+    assert 5.7 <= page.elapsed <= 12.0, page.describe()  # gave up at 2 x 3 s (the error above), not at 7 s + more
+    for page in demo.pages(5):  # others: no delay (7 s), reviews v1 as before; wide bounds for a loaded machine
+        assert page.version == "v1" and not page.reviews_error and page.elapsed < 5.0, page.describe()
 
 
 def check_ratings_abort(demo: Demo, folder: Path, jason: str) -> None:
@@ -90,7 +90,7 @@ def check_ratings_abort(demo: Demo, folder: Path, jason: str) -> None:
     for page in demo.pages(5, jason):  # ratings answers 500 at once: reviews v2 shows the error per review
         assert page.version == "v2" and not page.stars and not page.reviews_error, page.describe()
         assert page.rating_errors == [RATINGS_DOWN, RATINGS_DOWN], page.describe()
-        assert page.elapsed < 2.0, page.describe()
+        assert page.elapsed < 5.0, page.describe()  # at once: not the 7 s delay of the previous step
     for page in demo.pages(5):
         assert page.version == "v1" and not page.rating_errors, page.describe()
 
@@ -211,8 +211,6 @@ def test_split_80_20(demo: Demo) -> None:
 @pytest.mark.parametrize("release", ["istio-1.5.0", "istio-1.0.0"])
 def test_legacy_v1alpha3_files_give_the_same_results(demo: Demo, jason: str, release: str) -> None:
     folder = LEGACY / release
-    if not folder.is_dir():
-        pytest.skip(f"legacy Istio samples not found at {folder} (the shared folder is not mounted)")
     for name in ("virtual-service-all-v1.yaml", "virtual-service-reviews-test-v2.yaml",
                  "virtual-service-ratings-test-delay.yaml", "virtual-service-ratings-test-abort.yaml"):
         docs = [doc for doc in yaml.safe_load_all((folder / name).read_text()) if doc]
@@ -228,7 +226,14 @@ def test_delete_goes_back_to_rotating(demo: Demo) -> None:
     out = demo.delete(CONFIG / "virtual-service-all-v1.yaml")
     assert out.splitlines() == [f"virtualservice.networking.istio.io/{name} deleted"
                                 for name in ("productpage", "reviews", "ratings", "details")]
-    assert set(versions(demo.pages(15))) == {"v1", "v2", "v3"}
+    # each page goes to a version at random: page until all three show (15 pages missed one 0.7 % of the time;
+    # 60 miss one with a chance of 3 x (2/3)^60, about 1e-10), and stop as soon as they have
+    seen: set[str | None] = set()
+    for _ in range(60):
+        seen.add(demo.page().version)
+        if seen == {"v1", "v2", "v3"}:
+            break
+    assert seen == {"v1", "v2", "v3"}
 
 
 def test_every_change_was_a_hot_reload_and_no_request_failed(demo: Demo, traffic: Traffic) -> None:

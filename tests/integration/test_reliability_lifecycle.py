@@ -164,7 +164,7 @@ def test_sigterm_under_load_fails_no_in_flight_request(tmp_path: Path) -> None:
     assert load.failures == []  # no 5xx, nothing truncated
     seen = {json_id(r["path"]) for r in upstream.requests}
     assert seen <= load.completed_ids, sorted(seen - load.completed_ids)[:10]  # in flight => answered
-    assert stopped_after < 5 + 1.5
+    assert stopped_after < 5 + 5  # within the 5 s drain time (+ a loaded machine's slack), not only at wait()'s 15
 
 
 def json_id(path: str) -> str:

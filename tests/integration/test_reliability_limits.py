@@ -16,9 +16,14 @@ import psutil
 import pytest
 
 from harness import BACKEND_VS, ProxyProcess, Upstream, service_entry, write_config
+from waiting import wait_until
 
 SOAK = os.environ.get("MESHPROXY_SOAK") == "1"
 VS = BACKEND_VS
+# Upper bounds on "closed by a 1-1.5 s timeout": far above the timeout (a loaded two-core machine may run the
+# proxy's timer seconds late), far below what the client would otherwise wait (READ), so a missing timeout fails.
+LATE = 10.0
+READ = 20.0
 
 
 def config(folder: Path, upstream: Upstream) -> Path:
@@ -102,14 +107,14 @@ def test_request_headers_timeout_408_then_close(limited: ProxyProcess) -> None:
     with socket.create_connection(("127.0.0.1", limited.port)) as sock:
         started = time.monotonic()
         sock.sendall(b"GET / HTTP/1.1\r\nHost: back")
-        data, how = read_all(sock, 10)
+        data, how = read_all(sock, READ)
         elapsed = time.monotonic() - started
     assert data.startswith(b"HTTP/1.1 408") and how == "close"
-    assert 0.8 < elapsed < 3.0
+    assert 0.8 < elapsed < LATE
     with socket.create_connection(("127.0.0.1", limited.port)) as sock:  # sends nothing at all
         started = time.monotonic()
-        data, how = read_all(sock, 10)
-    assert (data, how) == (b"", "close") and 0.8 < time.monotonic() - started < 3.0
+        data, how = read_all(sock, READ)
+    assert (data, how) == (b"", "close") and 0.8 < time.monotonic() - started < LATE
 
 
 def test_idle_keep_alive_connection_closes(limited: ProxyProcess) -> None:
@@ -119,9 +124,9 @@ def test_idle_keep_alive_connection_closes(limited: ProxyProcess) -> None:
         first = sock.recv(65536)
         assert first.startswith(b"HTTP/1.1 200")
         started = time.monotonic()
-        data, how = read_all(sock, 10)
+        data, how = read_all(sock, READ)
     assert how == "close" and not data.startswith(b"HTTP")  # closed without a reply
-    assert 1.0 < time.monotonic() - started < 4.0
+    assert 1.0 < time.monotonic() - started < LATE
 
 
 def test_slow_header_clients_are_cut_off_and_others_are_served(limited: ProxyProcess) -> None:
@@ -143,7 +148,7 @@ def test_slow_header_clients_are_cut_off_and_others_are_served(limited: ProxyPro
                 time.sleep(0.25)
         except OSError:
             pass
-        data, how = read_all(sock, 10)
+        data, how = read_all(sock, READ)
         with lock:
             outcomes.append((data, how, time.monotonic() - started))
 
@@ -158,14 +163,15 @@ def test_slow_header_clients_are_cut_off_and_others_are_served(limited: ProxyPro
         except OSError:
             errors += 1
     for t in threads:
-        t.join(15)
+        t.join(60)
     for s in socks:
         s.close()
     assert errors == 0
     assert len(outcomes) == count
     assert all(data.startswith(b"HTTP/1.1 408") for data, _, _ in outcomes), outcomes[:3]
     assert all(how in ("close", "reset") for _, how, _ in outcomes)  # reset: the client kept writing
-    assert max(elapsed for _, _, elapsed in outcomes) < 4.0
+    # cut off by the 1 s header timeout, long before the ~30 s the dribbled head would take to finish
+    assert max(elapsed for _, _, elapsed in outcomes) < LATE
     assert rss.memory_info().rss - base < 50 * 1024 * 1024
 
 
@@ -200,8 +206,12 @@ def test_connection_cap_closes_the_excess_at_accept(tmp_path: Path, module_upstr
             assert resp.status == 200 and resp.read()
         for conn in held[:5]:
             conn.close()
-        time.sleep(0.3)
-        assert get(p.port)[0] == 200  # room again
+        def room_again() -> bool:  # once the proxy has seen the five closes
+            try:
+                return get(p.port)[0] == 200
+            except OSError:  # still full: closed at accept
+                return False
+        wait_until(room_again, what="a connection accepted again after five closed", interval=0.1)
         for conn in held[5:]:
             conn.close()
     finally:

@@ -275,7 +275,7 @@ def test_hang_without_a_route_timeout_ends_at_the_stream_idle_timeout(proxy: Pro
     started = time.monotonic()
     got, body, how = fetch(proxy.port, "hang-no-timeout")
     assert (got, body, how) == (504, b"stream timeout", "complete")
-    assert 0.8 < time.monotonic() - started < 4
+    assert 0.8 < time.monotonic() - started < 8  # the 1 s stream idle timeout, late on a loaded machine at worst
     assert proxy.access_entries(1)[0]["response_flags"] == "SI"
     assert settle_fds(proxy, baseline) <= baseline + 2
 

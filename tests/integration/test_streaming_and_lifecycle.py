@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness import BACKEND_VS, PeakRss, ProxyProcess, Upstream, service_entry, write_config
+from waiting import wait_until
 
 VS = BACKEND_VS
 BODY = 64 * 1024 * 1024
@@ -76,10 +77,10 @@ def test_64mib_download_streams_with_flat_memory(proxy: ProxyProcess, path: str)
     assert growth < RSS_BOUND, f"proxy RSS grew by {growth / 2**20:.1f} MiB"
 
 
-def test_sigterm_lets_in_flight_requests_finish(proxy: ProxyProcess) -> None:
+def test_sigterm_lets_in_flight_requests_finish(proxy: ProxyProcess, upstream: Upstream) -> None:
     def slow(i: int) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
-        conn.request("GET", f"/slow?delay=1&i={i}", headers={"Host": "backend"})
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=20)
+        conn.request("GET", f"/slow?delay=2&i={i}", headers={"Host": "backend"})
         resp = conn.getresponse()
         body = resp.read()
         conn.close()
@@ -87,7 +88,8 @@ def test_sigterm_lets_in_flight_requests_finish(proxy: ProxyProcess) -> None:
 
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(slow, i) for i in range(8)]
-        time.sleep(0.4)  # all eight are in flight at the upstream
+        wait_until(lambda: sum(r["path"].startswith("/slow") for r in upstream.requests) == 8,
+                   what="all eight in flight at the upstream")
         proxy.proc.send_signal(signal.SIGTERM)
         results = [f.result() for f in futures]
     assert results == [(200, b"slow done")] * 8
@@ -128,12 +130,12 @@ def test_reload_swaps_routes_and_a_bad_file_changes_nothing(tmp_path: Path, upst
         other.close()
 
 
-def test_a_second_sigterm_while_stopping_still_exits_0(proxy: ProxyProcess) -> None:
+def test_a_second_sigterm_while_stopping_still_exits_0(proxy: ProxyProcess, upstream: Upstream) -> None:
     import signal as signals
 
-    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
-    conn.request("GET", "/slow?delay=0.5", headers={"Host": "backend"})
-    time.sleep(0.2)
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=20)
+    conn.request("GET", "/slow?delay=1", headers={"Host": "backend"})
+    wait_until(lambda: any(r["path"].startswith("/slow") for r in upstream.requests), what="the request upstream")
     proxy.proc.send_signal(signals.SIGTERM)
     time.sleep(0.1)
     proxy.proc.send_signal(signals.SIGTERM)  # an orchestrator repeating itself, mid-drain

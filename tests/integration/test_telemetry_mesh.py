@@ -295,8 +295,10 @@ def test_a_fault_abort_is_an_error_span_and_unsampled_requests_send_none(mesh: M
     assert span.name == f"{RATINGS}:9080/*"
     assert span.status.code == Status.STATUS_CODE_ERROR and tags["error"] == "true"
     assert (tags["http.status_code"], tags["response_flags"]) == ("503", "FI")
-    # spans leave in order, batch after batch: the quiet requests' spans would be here by now
-    time.sleep(0.3)
+    # spans leave each proxy in order, batch after batch: once a sampled request sent after the quiet ones has all
+    # its spans here (from every proxy the quiet requests went through), the quiet requests' spans would be too
+    assert mesh.get("reviews:9080", "/reviews/0", {"x-b3-sampled": "1", "x-request-id": "barrier-1"})[0] == 200
+    mesh.otlp.wait_for("barrier-1", 4)
     assert not [s for _, s in mesh.otlp.spans if attributes(s).get("guid:x-request-id", "").startswith("quiet-")]
 
 

@@ -23,6 +23,16 @@ def test_every_hot_module_is_compiled_from_the_current_source() -> None:
     assert state.describe() == f"compiled with mypyc ({len(hot_path.MODULES)} modules)"
 
 
+@pytest.mark.skipif(not PURE, reason="only the interpreted pass (.ci/run) sets MESHPROXY_PURE_PYTHON=1")
+def test_the_interpreted_pass_imports_nothing_compiled() -> None:
+    """.ci/run's interpreted pass runs a copy of the tree without extensions: a compiled module here would mean
+    the pass tests the compiled code again (an installed package ahead of the copy on sys.path, a stray .so)."""
+    state = hot_path.status()
+    assert state.compiled == ()
+    assert state.interpreted == hot_path.MODULES
+    assert state.describe().startswith("interpreted")
+
+
 @pytest.mark.skipif(PURE, reason="nothing is compiled")
 def test_a_source_changed_since_the_build_is_reported_stale(monkeypatch: pytest.MonkeyPatch) -> None:
     from meshproxy import _compiled  # type: ignore[attr-defined]

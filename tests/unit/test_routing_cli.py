@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from meshproxy.cli import main
 from meshproxy.demo.topology import services_yaml
 
-from harness import SAMPLES, needs_samples
+from harness import SAMPLES
 
 CANARY = """\
 apiVersion: networking.istio.io/v1
@@ -122,7 +122,6 @@ def test_source_labels_from_the_command_line(tmp_path):
     assert code == 0 and "route name 'jason'" in "\n".join(lines)
 
 
-@needs_samples
 def test_bookinfo_walkthrough_from_the_command_line(tmp_path):
     (tmp_path / "services.yaml").write_text(services_yaml())
     args = ["--config", str(tmp_path / "services.yaml"), "--config", str(SAMPLES / "destination-rule-all.yaml"),

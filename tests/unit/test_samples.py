@@ -11,20 +11,25 @@ from meshproxy.istio.load import load
 from meshproxy.istio.problems import ConfigError
 from meshproxy.routing.compile import Identity, compile_table
 
-from harness import SAMPLES
+from harness import ISTIO_CORPUS, ISTIO_CURRENT, LEGACY, SAMPLES
 
-if not SAMPLES.is_dir():
-    pytest.skip(f"Istio sample YAML not found at {SAMPLES} (the shared folder is not mounted)", allow_module_level=True)
-
+# Istio's sample files by their path in Istio's layout (networking files at the top, legacy/ releases below):
+# the current networking files are config/bookinfo/, the others tests/corpus/istio-samples/.
+ISTIO_FILES = {p.name: p for p in ISTIO_CURRENT} | {"swagger.yaml": ISTIO_CORPUS / "swagger.yaml"} | {
+    p.relative_to(ISTIO_CORPUS).as_posix(): p for p in LEGACY.rglob("*.yaml")}
 NOT_CONFIG = {"swagger.yaml"}  # an OpenAPI document, not a Kubernetes resource
-ALL_FILES = sorted(p.relative_to(SAMPLES).as_posix() for p in SAMPLES.rglob("*.yaml") if p.name not in NOT_CONFIG)
-CURRENT = sorted(p for p in SAMPLES.glob("*.yaml") if p.name not in NOT_CONFIG)
-LEGACY_1_0 = SAMPLES / "legacy" / "istio-1.0.0"
-LEGACY_1_5 = SAMPLES / "legacy" / "istio-1.5.0"
+ALL_FILES = sorted(name for name in ISTIO_FILES if name not in NOT_CONFIG)
+CURRENT = ISTIO_CURRENT
+LEGACY_1_0 = LEGACY / "istio-1.0.0"
+LEGACY_1_5 = LEGACY / "istio-1.5.0"
+
+
+def sample(name: str) -> Path:
+    return ISTIO_FILES[name]
 
 
 def load_one(name: str | Path) -> m.Snapshot:
-    return load([SAMPLES / name]).snapshot
+    return load([name if isinstance(name, Path) else sample(name)]).snapshot
 
 
 def counts(snapshot: m.Snapshot) -> tuple[int, int, int, int]:
@@ -40,7 +45,7 @@ def test_the_sample_folders_are_there():
 
 @pytest.mark.parametrize("name", ALL_FILES)
 def test_every_sample_file_loads(name):
-    result = load([SAMPLES / name])
+    result = load([sample(name)])
     warnings = [str(w) for w in result.warnings]
     if name.startswith("legacy/istio-1.0.0/virtual-service-ratings-test-"):
         assert len(warnings) == 1 and "percent: warning: deprecated" in warnings[0]
@@ -53,7 +58,7 @@ def test_every_sample_file_loads(name):
 
 def test_swagger_is_not_a_kubernetes_resource():
     with pytest.raises(ConfigError) as info:
-        load([SAMPLES / "swagger.yaml"])
+        load([sample("swagger.yaml")])
     assert [(p.doc, p.path, p.severity) for p in info.value.problems] == [(0, "apiVersion", "error")]
     assert "not a Kubernetes resource" in info.value.problems[0].message
 
@@ -84,13 +89,13 @@ def test_resource_counts(name, expected):
 
 
 def test_bookinfo_platform_file_is_skipped_document_by_document():
-    text = (SAMPLES / "bookinfo.yaml").read_text()
+    text = sample("bookinfo.yaml").read_text()
     kinds = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("kind:")]
     assert sorted(set(kinds)) == ["Deployment", "Service", "ServiceAccount"]
     assert len(kinds) == 14
     snapshot = load_one("bookinfo.yaml")
     assert counts(snapshot) == (0, 0, 0, 0)
-    assert snapshot.files == (str(SAMPLES / "bookinfo.yaml"),)
+    assert snapshot.files == (str(sample("bookinfo.yaml")),)
 
 
 def test_destination_rule_all_subsets():

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from meshproxy.cli import main
 
-from harness import SAMPLES, needs_samples
+from harness import ISTIO_CORPUS, ISTIO_CURRENT, SAMPLES
 
 REVIEWS_SE = """\
 apiVersion: networking.istio.io/v1
@@ -193,9 +193,8 @@ def test_every_output_line_has_the_problem_format(tmp_path):
     assert re.fullmatch(r"invalid: \d+ error\(s\), \d+ warning\(s\)", lines[-1])
 
 
-@needs_samples
 def test_istio_samples_folder_is_valid_when_swagger_is_left_out():
-    files = sorted(str(p) for p in SAMPLES.glob("*.yaml") if p.name != "swagger.yaml")
+    files = [str(p) for p in ISTIO_CURRENT]
     result = validate(*files)
     assert result.exit_code == 0, result.output
     summary = result.output.splitlines()[-1]
@@ -203,12 +202,11 @@ def test_istio_samples_folder_is_valid_when_swagger_is_left_out():
     assert summary.startswith("valid: 23 file(s), 7 VirtualService, 5 DestinationRule, 1 ServiceEntry, 2 Gateway;")
 
 
-@needs_samples
 def test_istio_samples_folder_with_swagger_is_invalid():
-    result = validate(SAMPLES / "swagger.yaml", SAMPLES / "virtual-service-all-v1.yaml")
+    result = validate(ISTIO_CORPUS / "swagger.yaml", SAMPLES / "virtual-service-all-v1.yaml")
     assert result.exit_code == 1
     assert result.output.splitlines() == [
-        f"{SAMPLES / 'swagger.yaml'}:0: apiVersion: not a Kubernetes resource: apiVersion and kind must be set",
+        f"{ISTIO_CORPUS / 'swagger.yaml'}:0: apiVersion: not a Kubernetes resource: apiVersion and kind must be set",
         "invalid: 1 error(s), 0 warning(s)",
     ]
 
