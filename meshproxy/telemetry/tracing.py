@@ -113,14 +113,38 @@ class ReportingExporter(SpanExporter):
         return self.inner.force_flush(timeout_millis)
 
 
-def otlp_exporter(explicit_endpoint: str | None) -> ReportingExporter:
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+class LazyOTLPExporter(SpanExporter):
+    """OpenTelemetry's OTLP/HTTP exporter, made by the export thread when it first has spans to send: the exporter
+    brings `requests` (4.6 MiB resident), which a proxy that samples nothing never needs."""
 
+    def __init__(self, endpoint: str | None) -> None:
+        self.endpoint = endpoint
+        self.inner: SpanExporter | None = None
+        self.stopped = False
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self.stopped:
+            return SpanExportResult.FAILURE
+        if self.inner is None:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            self.inner = OTLPSpanExporter(endpoint=self.endpoint)
+        return self.inner.export(spans)
+
+    def shutdown(self) -> None:
+        self.stopped = True
+        if self.inner is not None:
+            self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis) if self.inner is not None else True
+
+
+def otlp_exporter(explicit_endpoint: str | None) -> ReportingExporter:
     for name in _EXPORTER_LOGGERS:  # every failed batch would log an error: ReportingExporter says it once
         logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger(_QUEUE_LOGGER).setLevel(logging.ERROR)  # "queue full, dropping" while the collector is down
-    return ReportingExporter(OTLPSpanExporter(endpoint=resolve_endpoint(explicit_endpoint)),
-                             describe_endpoint(explicit_endpoint))
+    return ReportingExporter(LazyOTLPExporter(resolve_endpoint(explicit_endpoint)), describe_endpoint(explicit_endpoint))
 
 
 class SpanRecorder:

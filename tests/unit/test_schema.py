@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from meshproxy.cli import main
 from meshproxy.istio import schema
-from meshproxy.istio.load import GROUP, load_text
+from meshproxy.istio.load import load_text
+from meshproxy.istio.validate import GROUP
 from meshproxy.istio.problems import Problem
 from meshproxy.istio.schema import DEPRECATED, DEPRECATED_ENUM_VALUES, KINDS, MESSAGES, METADATA, ONEOFS
 
@@ -104,7 +105,8 @@ def test_every_istio_sample_document_passes_the_validator(path: Path):
     resources = load_text(text, path.name, problems)
     assert [str(p) for p in problems if p.severity == "error"] == []
     assert len(resources) == _networking_documents(text)
-    warnings = [str(p) for p in problems]
+    # A tls mode is warned about until TLS origination exists (issue #16): not a schema matter.
+    warnings = [str(p) for p in problems if "TLS origination is not implemented" not in p.message]
     if path.parent.name == "istio-1.0.0" and path.name.startswith("virtual-service-ratings-test-"):
         # Istio 1.0's integer `percent`: accepted, deprecated (Istio's proto keeps it, Abort's now reserved)
         kind = path.stem.rsplit("-", 1)[1]
