@@ -1,4 +1,9 @@
-"""The admin listener (Envoy's :15000): readiness, config dump, routes, Prometheus metrics.
+"""The admin listener (Envoy's :15000): readiness, config dump, routes, Prometheus metrics, reload, quit.
+
+One router serves every admin port: a single proxy's (`ProxyAdmin`, also each worker's, which its supervisor
+asks) and the --concurrency supervisor's (`workers.SupervisorAdmin`, which merges and fans out). A backend only
+answers; the router checks the address, maps the paths and writes every reply and error, so both ports answer
+the same paths, methods and mistakes alike.
 
 Bound to 127.0.0.1 unless explicitly opened: it exposes configuration and a drain switch.
 """
@@ -8,15 +13,18 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .routing.describe import describe_table
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from .app import ProxyApp
 
 
@@ -80,52 +88,143 @@ def check_admin_address(host: str, allow_remote: bool) -> None:
         raise ValueError(f"admin address {host} is not loopback: pass --admin-allow-remote to open it")
 
 
-async def serve(app: web.Application, address: tuple[str, int]) -> tuple[web.AppRunner, tuple[str, int]]:
-    """Serve an admin app (no access log, no signal handling of aiohttp's); returns the runner and the bound address."""
+# --------------------------------------------------------------------------- the router
+
+TEXT = "text/plain; charset=utf-8"
+JSON = "application/json; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What an admin handler answers; the router alone turns it into HTTP."""
+
+    status: int
+    body: bytes
+    content_type: str = TEXT
+
+    @classmethod
+    def text(cls, text: str, status: int = 200) -> Reply:
+        return cls(status, text.encode())
+
+    @classmethod
+    def json(cls, value: Any, indent: int | None = None) -> Reply:
+        return cls(200, json.dumps(value, indent=indent, default=str).encode(), JSON)
+
+
+class AdminError(Exception):
+    """A handler that cannot answer (a worker not reachable...): the router replies with this, no traceback."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.reply = Reply.text(text, status)
+
+
+Handler = Callable[[], Awaitable[Reply]]
+
+
+class AdminBackend(Protocol):
+    """The answers of one admin port; the paths and methods are the router's (`endpoints`)."""
+
+    async def ready(self) -> Reply: ...
+    async def config_dump(self) -> Reply: ...
+    async def routes(self) -> Reply: ...
+    async def metrics(self) -> Reply: ...
+    async def reload(self) -> Reply: ...
+    async def quit(self) -> Reply: ...
+
+    def extra_endpoints(self) -> Sequence[tuple[str, str, Handler]]:
+        """Paths only this kind of admin has (the supervisor's /workers); elsewhere they are 404."""
+        ...
+
+
+def endpoints(backend: AdminBackend) -> list[tuple[str, str, Handler]]:
+    return [
+        ("GET", "/ready", backend.ready),
+        ("GET", "/config_dump", backend.config_dump),
+        ("GET", "/routes", backend.routes),
+        ("GET", "/stats/prometheus", backend.metrics),
+        ("POST", "/quitquitquit", backend.quit),
+        ("POST", "/reload", backend.reload),
+        *backend.extra_endpoints(),
+    ]
+
+
+@dataclass(slots=True)
+class AdminServer:
+    runner: web.AppRunner
+    address: tuple[str, int]  # as bound: a port 0 made concrete
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def serve_admin(backend: AdminBackend, address: tuple[str, int], allow_remote: bool) -> AdminServer:
+    """Check the address, then serve the backend's endpoints there (no access log, no aiohttp signal handling).
+    Unknown paths (404) and methods (405, with Allow) are aiohttp's answers, the same on every admin port."""
+    from aiohttp import web  # imported here: a worker without an admin port never loads aiohttp
+
+    check_admin_address(address[0], allow_remote)
+
+    def _respond(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def respond(_: web.Request) -> web.Response:
+            try:
+                reply = await handler()
+            except AdminError as exc:
+                reply = exc.reply
+            return web.Response(status=reply.status, body=reply.body, headers={"Content-Type": reply.content_type})
+
+        return respond
+
+    app = web.Application()
+    for method, path, handler in endpoints(backend):
+        if method == "GET":
+            app.router.add_get(path, _respond(handler))  # and HEAD
+        else:
+            app.router.add_route(method, path, _respond(handler))
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, address[0], address[1])
     await site.start()
     sock = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
-    return runner, (sock[0], sock[1])
+    return AdminServer(runner, (sock[0], sock[1]))
 
 
-async def start_admin(proxy: ProxyApp, address: tuple[str, int]) -> tuple[str, int]:
-    check_admin_address(address[0], proxy.settings.admin_allow_remote)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_ProxyCollector(proxy))  # type: ignore[arg-type]
-    if proxy.telemetry.metrics is not None:
-        registry.register(proxy.telemetry.metrics)  # type: ignore[arg-type]  # Istio standard metrics
-    proxy.registry = registry  # type: ignore[attr-defined]
+# --------------------------------------------------------------------------- a single proxy's answers
 
-    async def ready(_: web.Request) -> web.Response:
+
+class ProxyAdmin:
+    """One proxy's admin (a sidecar's, or a worker's that its supervisor asks)."""
+
+    def __init__(self, proxy: ProxyApp) -> None:
+        self.proxy = proxy
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_ProxyCollector(proxy))  # type: ignore[arg-type]
+        if proxy.telemetry.metrics is not None:
+            self.registry.register(proxy.telemetry.metrics)  # type: ignore[arg-type]  # Istio standard metrics
+
+    async def ready(self) -> Reply:
+        proxy = self.proxy
         if proxy.ready:
-            return web.Response(text="LIVE\n")
-        return web.Response(status=503, text="DRAINING\n" if proxy.stopping and proxy.stopping.is_set() else "PRE_INITIALIZING\n")
+            return Reply.text("LIVE\n")
+        return Reply.text("DRAINING\n" if proxy.stopping and proxy.stopping.is_set() else "PRE_INITIALIZING\n", 503)
 
-    async def dump(_: web.Request) -> web.Response:
-        return web.Response(text=json.dumps(config_dump(proxy), indent=2, default=str), content_type="application/json")
+    async def config_dump(self) -> Reply:
+        return Reply.json(config_dump(self.proxy), indent=2)
 
-    async def routes(_: web.Request) -> web.Response:
-        return web.Response(text=describe_table(proxy.config.table))
+    async def routes(self) -> Reply:
+        return Reply.text(describe_table(self.proxy.config.table))
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def metrics(self) -> Reply:
+        return Reply(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
 
-    async def quit_(_: web.Request) -> web.Response:
-        proxy.request_stop()
-        return web.Response(text="OK\n")
+    async def reload(self) -> Reply:
+        if self.proxy.reloader.reload("admin request"):
+            return Reply.text("OK\n")
+        return Reply.text(self.proxy.config.last_error + "\n", 400)
 
-    async def reload(_: web.Request) -> web.Response:
-        ok = proxy.reload("admin request")
-        return web.Response(status=200 if ok else 400, text="OK\n" if ok else proxy.config.last_error + "\n")
+    async def quit(self) -> Reply:
+        self.proxy.request_stop("admin /quitquitquit")
+        return Reply.text("OK\n")
 
-    app = web.Application()
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/config_dump", dump)
-    app.router.add_get("/routes", routes)
-    app.router.add_get("/stats/prometheus", metrics)
-    app.router.add_post("/quitquitquit", quit_)
-    app.router.add_post("/reload", reload)
-    proxy.admin_runner, bound = await serve(app, address)  # type: ignore[attr-defined]
-    return bound
+    def extra_endpoints(self) -> Sequence[tuple[str, str, Handler]]:
+        return ()

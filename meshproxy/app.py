@@ -1,4 +1,4 @@
-"""Wiring and lifecycle: load -> compile -> listeners + admin + watcher; reload swaps the table; drain on SIGTERM."""
+"""Wiring: load -> compile -> listeners + admin + watcher (lifecycle.py: reload, signals); drain on SIGTERM."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ import ctypes
 import gc
 import logging
 import random
-import signal
 import time
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import hot_path
 from .istio.load import load
 from .istio.model import Snapshot
-from .istio.problems import ConfigError, Problem
-from .istio.watch import config_signature
+from .istio.problems import Problem
+from .lifecycle import ConfigReloader, ConfigState, handle_signals, ignore_stop_signals
 from .proxy.balancer import Clusters
 from .proxy.downstream import (
     EDGE_GATEWAY,
@@ -36,6 +35,9 @@ from .routing.table import RouteTable, VirtualHost
 from .settings import InboundSpec, Settings
 from .telemetry.access_log import AccessLog
 from .telemetry.core import MeshTelemetry, Telemetry
+
+if TYPE_CHECKING:
+    from .admin import AdminServer
 
 log = logging.getLogger("meshproxy")
 
@@ -61,20 +63,6 @@ def inbound_table(spec: InboundSpec) -> RouteTable:
     return RouteTable(exact={}, wildcards=(), catch_all=vhost)
 
 
-@dataclass(slots=True)
-class ConfigState:
-    """The running configuration; `table` is replaced whole on reload, never edited."""
-
-    table: RouteTable
-    snapshot: Snapshot
-    warnings: list[Problem]
-    version: int = 1
-    loaded_at: float = field(default_factory=time.time)
-    reloads_accepted: int = 0
-    reloads_rejected: int = 0
-    last_error: str = ""
-
-
 def load_config(settings: Settings) -> tuple[RouteTable, Snapshot, list[Problem]]:
     """Load and compile; raises ConfigError. Warnings are returned, not raised."""
     result = load(settings.config)
@@ -85,11 +73,8 @@ def load_config(settings: Settings) -> tuple[RouteTable, Snapshot, list[Problem]
 class ProxyApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        table, snapshot, warnings = load_config(settings)
-        for problem in warnings:
-            log.warning("%s", problem)
-        self.config = ConfigState(table, snapshot, warnings)
-        self.signature = config_signature(settings.config)
+        # file watch, SIGHUP and POST /reload all reload through this one object
+        self.reloader = ConfigReloader(settings.config, lambda: load_config(settings), self._follow)
         self.rng = random.Random(settings.seed)
         self.pool = UpstreamPool(settings.upstream_idle_timeout, settings.connect_timeout)
         self.access_log = AccessLog(settings.access_log, path=settings.access_log_file)
@@ -100,39 +85,19 @@ class ProxyApp:
         self.ready = False
         self.stopping: asyncio.Event | None = None  # created in start(), inside the loop
         self.addresses: dict[str, tuple[str, int]] = {}
+        self.admin: AdminServer | None = None
         self._watcher: asyncio.Task[None] | None = None
 
     # ---- config
 
-    def reload(self, reason: str) -> bool:
-        """Load the config again; a bad one changes nothing and says why."""
-        try:
-            table, snapshot, warnings = load_config(self.settings)
-        except ConfigError as exc:
-            self.config.reloads_rejected += 1
-            errors = [p for p in exc.problems if p.severity == "error"]
-            self.config.last_error = "\n".join(str(p) for p in errors)
-            log.error("config rejected (%s), keeping version %d: %s", reason, self.config.version,
-                      "; ".join(str(p) for p in errors))
-            return False
-        for problem in warnings:
-            log.warning("%s", problem)
-        state = self.config
-        self.config = ConfigState(table, snapshot, warnings, state.version + 1, time.time(),
-                                  state.reloads_accepted + 1, state.reloads_rejected)
+    @property
+    def config(self) -> ConfigState:
+        return self.reloader.state
+
+    def _follow(self, table: RouteTable) -> None:
         for ctx in self.contexts:
             if ctx.follows_config:
-                ctx.table = table  # requests that already matched keep their route; new ones see this table
-        log.info("config version %d loaded (%s)", self.config.version, reason)
-        return True
-
-    async def watch(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            signature = config_signature(self.settings.config)
-            if signature != self.signature:
-                self.signature = signature
-                self.reload("files changed")
+                ctx.table = table
 
     # ---- lifecycle
 
@@ -159,16 +124,14 @@ class ProxyApp:
                                   retry_reused=settings.retry_reused_connection)
             await self._listen(ctx, spec.listen)
         if settings.admin is not None:
-            from .admin import start_admin  # aiohttp is only needed for the admin port
+            from .admin import ProxyAdmin, serve_admin  # aiohttp is only needed for the admin port
 
+            self.admin = await serve_admin(ProxyAdmin(self), settings.admin, settings.admin_allow_remote)
             # a worker's own admin (on an ephemeral port, for its supervisor) is not the sidecar's admin
-            admin_name = "admin" if settings.worker_index is None else "worker-admin"
-            self.addresses[admin_name] = await start_admin(self, settings.admin)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload, "SIGHUP")
+            self.addresses["admin" if settings.worker_index is None else "worker-admin"] = self.admin.address
+        handle_signals(loop, self.request_stop, self.reloader.reload)
         if settings.watch_interval > 0 and settings.config:
-            self._watcher = loop.create_task(self.watch(settings.watch_interval))
+            self._watcher = loop.create_task(self.reloader.watch(settings.watch_interval))
         tune_memory()
         self.ready = True
         for name, (host, port) in self.addresses.items():
@@ -184,7 +147,7 @@ class ProxyApp:
         self.contexts.append(ctx)
         self.servers.append(server)
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str = "") -> None:
         if self.stopping is not None:
             self.stopping.set()
 
@@ -213,12 +176,7 @@ class ProxyApp:
         await self.stopping.wait()
         log.info("draining (up to %.1fs)", self.settings.drain_time)
         await self.drain()
-        # Once stopping, a repeated SIGTERM/SIGINT (an orchestrator's second signal) must not kill the
-        # process on its way out: the loop would restore the default action when it closes.
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-            signal.signal(sig, signal.SIG_IGN)
+        ignore_stop_signals(asyncio.get_running_loop())
         log.info("stopped")
 
 

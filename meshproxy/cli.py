@@ -137,7 +137,8 @@ def main() -> None:
 @click.option("--inbound", multiple=True, envvar="MESHPROXY_INBOUND", callback=_inbound,
               help="Inbound listener LISTEN=APP, e.g. 127.0.0.1:15006=127.0.0.1:9080 (repeatable).")
 @click.option("--admin", default="127.0.0.1:15000", show_default=True, envvar="MESHPROXY_ADMIN", callback=_address,
-              help="Admin listener: /ready, /config_dump, /routes, /stats/prometheus ('off' to disable).")
+              help="Admin listener: /ready, /config_dump, /routes, /stats/prometheus, POST /reload, POST "
+                   "/quitquitquit ('off' to disable).")
 @click.option("--admin-allow-remote", is_flag=True, envvar="MESHPROXY_ADMIN_ALLOW_REMOTE",
               help="Allow a non-loopback admin address.")
 @click.option("--workload", default="unknown", show_default=True, envvar="MESHPROXY_WORKLOAD",
@@ -155,7 +156,7 @@ def main() -> None:
 @click.option("--upstream-idle-timeout", default=4.0, show_default=True, type=float,
               envvar="MESHPROXY_UPSTREAM_IDLE_TIMEOUT", help="Seconds an idle upstream connection is kept.")
 @click.option("--watch-interval", default=1.0, show_default=True, type=float, envvar="MESHPROXY_WATCH_INTERVAL",
-              help="Seconds between config file checks (0: reload on SIGHUP only).")
+              help="Seconds between config file checks (0: reload on SIGHUP or POST /reload only).")
 @click.option("--seed", type=int, default=None, envvar="MESHPROXY_SEED", help="Seed for weighted picks and faults.")
 @click.option("--concurrency", type=click.IntRange(0), default=1, show_default=True, envvar="MESHPROXY_CONCURRENCY",
               help="Worker processes, each a whole proxy, sharing the listen ports (SO_REUSEPORT), as Envoy's "

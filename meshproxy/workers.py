@@ -7,11 +7,12 @@ The workers' listeners all bind the same ports with SO_REUSEPORT and the kernel 
 The supervisor (this module's `supervise`) owns what the sidecar shows the outside:
 - the listen ports: it binds each one first, with SO_REUSEPORT and without listening, so that a port 0 becomes
   one concrete port for every worker and the port stays reserved while a worker restarts;
-- the admin port (`--admin`): each worker runs its own admin on an ephemeral loopback port and reports it on a
-  pipe once it is serving. The supervisor's /ready is 200 only when every worker answers 200; /stats/prometheus
-  is the workers' expositions merged (`merge_expositions`), so a scrape sees one sidecar with today's names and
-  labels; POST /reload goes to every worker; POST /quitquitquit stops them all; /config_dump and /routes are
-  worker 0's (every worker loads the same files); /workers lists them (index, pid, admin port, restarts);
+- the admin port (`--admin`, served by admin.py's router, answered by `SupervisorAdmin`): each worker runs its
+  own admin on an ephemeral loopback port and reports it on a pipe once it is serving. The supervisor's /ready
+  is 200 only when every worker answers 200; /stats/prometheus is the workers' expositions merged
+  (`merge_expositions`), so a scrape sees one sidecar with today's names and labels; POST /reload goes to every
+  worker; POST /quitquitquit stops them all; /config_dump and /routes are worker 0's (every worker loads the
+  same files); /workers lists them (index, pid, admin port, restarts);
 - signals: SIGTERM/SIGINT are forwarded as SIGTERM (each worker drains as a single process does), SIGHUP as
   SIGHUP (reload); it exits 0 when every worker exited 0;
 - crashes: a worker that exits on its own is logged with its exit code or signal and started again, up to
@@ -41,9 +42,12 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from .admin import AdminError, AdminServer, Handler, Reply, check_admin_address, serve_admin
+from .lifecycle import handle_signals, ignore_stop_signals
 from .settings import InboundSpec, Settings
 
 log = logging.getLogger("meshproxy.workers")
@@ -272,8 +276,6 @@ class Supervisor:
         self.exit_code = 0
         self.ever_all_started = False
         self.done: asyncio.Event | None = None
-        self.session: Any = None  # aiohttp.ClientSession, made in the loop
-        self.admin_runner: Any = None
         self._kill_timer: asyncio.TimerHandle | None = None
 
     # ---- processes
@@ -399,20 +401,64 @@ class Supervisor:
         if self.stopping and not self.live() and self.done is not None:
             self.done.set()
 
-    def reload_all(self) -> None:
-        """SIGHUP: every started worker reloads (one still starting reads the files as they are now anyway)."""
-        log.info("SIGHUP: reloading %d workers", len(self.live()))
+    def reload_all(self, reason: str = "SIGHUP") -> None:
+        """SIGHUP: every started worker reloads (one still starting reads the files as they are now anyway).
+        A signal, not POST /reload: workers have no admin port when the sidecar has none."""
+        log.info("%s: reloading %d workers", reason, len(self.live()))
         for worker in self.live():
             if worker.started:
                 self._signal(worker, signal.SIGHUP)
 
-    # ---- admin
+    # ---- lifecycle
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.done = asyncio.Event()
+        admin = SupervisorAdmin(self)
+        server: AdminServer | None = None
+        try:
+            if self.settings.admin is not None:
+                server = await serve_admin(admin, self.settings.admin, self.settings.admin_allow_remote)
+                log.info("admin listening on %s:%d", *server.address)
+            handle_signals(loop, self.stop, self.reload_all)
+            log.info("starting %d workers", self.count)
+            for index in range(self.count):
+                self.spawn(index)
+            await self.done.wait()
+            ignore_stop_signals(loop)
+        finally:
+            if self._kill_timer is not None:
+                self._kill_timer.cancel()
+            for worker in self.live():  # only after an error in this coroutine: do not leave them running
+                self._signal(worker, signal.SIGTERM)
+            await admin.close()
+            if server is not None:
+                await server.close()
+        log.info("stopped" if self.exit_code == 0 else "stopped with errors")
+        return self.exit_code
+
+
+# --------------------------------------------------------------------------- the supervisor's admin
+
+
+class SupervisorAdmin:
+    """The sidecar's admin under --concurrency, answered from the workers' own admin ports (see the top)."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.session: Any = None  # aiohttp.ClientSession, made on first use (inside the loop)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
 
     async def _fetch(self, worker: Worker, method: str, path: str, timeout: float) -> tuple[int, bytes, str]:
         import aiohttp
 
         if worker.admin_url is None:
             raise ConnectionError(f"worker {worker.index} has no admin port yet")
+        if self.session is None:  # workers come and go: no keep-alive to their admin ports
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         async with self.session.request(method, worker.admin_url + path,
                                         timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             return response.status, await response.read(), response.headers.get("Content-Type", "text/plain")
@@ -424,122 +470,84 @@ class Supervisor:
                 raise ConnectionError(f"worker {index} is not serving")
             return await self._fetch(worker, method, path, timeout)
 
-        return await asyncio.gather(*(one(w, i) for i, w in enumerate(self.slots)), return_exceptions=True)
+        return await asyncio.gather(*(one(w, i) for i, w in enumerate(self.supervisor.slots)), return_exceptions=True)
+
+    async def _first_worker(self, path: str) -> Reply:
+        """Worker 0's answer (or the first serving one's while it restarts): every worker loads the same files."""
+        import aiohttp
+
+        for worker in self.supervisor.slots:
+            if worker is not None and worker.started:
+                try:
+                    status, body, content_type = await self._fetch(worker, "GET", path, FETCH_TIMEOUT)
+                except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as exc:  # as _all's callers: 503
+                    raise AdminError(503, f"worker {worker.index}: {exc!s}\n") from None
+                return Reply(status, body, content_type)
+        raise AdminError(503, "no worker serving\n")
+
+    async def ready(self) -> Reply:
+        if self.supervisor.stopping:
+            return Reply.text("DRAINING\n", 503)
+        for answer in await self._all("GET", "/ready", PROBE_TIMEOUT):
+            if isinstance(answer, BaseException):
+                return Reply.text("PRE_INITIALIZING\n", 503)
+            if answer[0] != 200:
+                return Reply(503, answer[1], answer[2])  # its DRAINING or PRE_INITIALIZING
+        return Reply.text("LIVE\n")
+
+    async def config_dump(self) -> Reply:
+        return await self._first_worker("/config_dump")
+
+    async def routes(self) -> Reply:
+        return await self._first_worker("/routes")
+
+    async def metrics(self) -> Reply:
+        texts = []
+        for index, answer in enumerate(await self._all("GET", "/stats/prometheus", FETCH_TIMEOUT)):
+            if isinstance(answer, BaseException) or answer[0] != 200:
+                # A partial sum would look like a counter reset to Prometheus: fail the scrape instead.
+                why = answer if isinstance(answer, BaseException) else f"status {answer[0]}"
+                raise AdminError(503, f"worker {index}: {why!s}\n")
+            texts.append(answer[1].decode())
+        return Reply(200, render(merge_expositions(texts) + self.own_metrics()), CONTENT_TYPE_LATEST)
+
+    async def reload(self) -> Reply:
+        """Every worker reloads through its own POST /reload, so that their rejections come back here."""
+        problems = []
+        for index, answer in enumerate(await self._all("POST", "/reload", FETCH_TIMEOUT)):
+            if isinstance(answer, BaseException):
+                problems.append(f"worker {index}: {answer!s}\n")
+            elif answer[0] != 200:
+                problems.append(answer[1].decode(errors="replace"))
+        if problems:
+            return Reply.text(problems[0] if len(set(problems)) == 1 else "".join(problems), 400)
+        return Reply.text("OK\n")
+
+    async def quit(self) -> Reply:
+        self.supervisor.stop("admin /quitquitquit")
+        return Reply.text("OK\n")
+
+    async def workers(self) -> Reply:
+        supervisor = self.supervisor
+        return Reply.json({"concurrency": supervisor.count, "restarts": supervisor.restarts_total,
+                           "workers": self.workers_info()})
+
+    def extra_endpoints(self) -> Sequence[tuple[str, str, Handler]]:
+        return (("GET", "/workers", self.workers),)
 
     def own_metrics(self) -> list[Metric]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        supervisor = self.supervisor
         workers = GaugeMetricFamily("meshproxy_workers", "Worker processes serving (--concurrency)")
-        workers.add_metric([], sum(1 for w in self.live() if w.started))
+        workers.add_metric([], sum(1 for w in supervisor.live() if w.started))
         restarts = CounterMetricFamily("meshproxy_worker_restarts", "Worker processes restarted after an exit")
-        restarts.add_metric([], self.restarts_total)
+        restarts.add_metric([], supervisor.restarts_total)
         return [workers, restarts]
 
     def workers_info(self) -> list[dict[str, Any]]:
         return [{"index": i, "pid": w.pid if w else None, "admin": list(w.admin) if w and w.admin else None,
-                 "serving": bool(w and w.started)} for i, w in enumerate(self.slots)]
-
-    async def start_admin(self, address: tuple[str, int]) -> tuple[str, int]:
-        import aiohttp
-        from aiohttp import web
-
-        from .admin import serve
-        from prometheus_client import CONTENT_TYPE_LATEST
-
-        async def ready(_: web.Request) -> web.Response:
-            if self.stopping:
-                return web.Response(status=503, text="DRAINING\n")
-            for answer in await self._all("GET", "/ready", PROBE_TIMEOUT):
-                if isinstance(answer, BaseException):
-                    return web.Response(status=503, text="PRE_INITIALIZING\n")
-                if answer[0] != 200:
-                    return web.Response(status=503, body=answer[1])
-            return web.Response(text="LIVE\n")
-
-        async def metrics(_: web.Request) -> web.Response:
-            answers = await self._all("GET", "/stats/prometheus", FETCH_TIMEOUT)
-            texts = []
-            for index, answer in enumerate(answers):
-                if isinstance(answer, BaseException) or answer[0] != 200:
-                    # A partial sum would look like a counter reset to Prometheus: fail the scrape instead.
-                    why = answer if isinstance(answer, BaseException) else f"status {answer[0]}"
-                    return web.Response(status=503, text=f"worker {index}: {why!s}\n")
-                texts.append(answer[1].decode())
-            body = render(merge_expositions(texts) + self.own_metrics())
-            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        async def first_worker(request: web.Request) -> web.Response:
-            for worker in self.slots:  # worker 0, or the first serving one while it restarts
-                if worker is not None and worker.started:
-                    try:
-                        status, body, content_type = await self._fetch(worker, "GET", request.path, FETCH_TIMEOUT)
-                    except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as exc:  # as _all's callers: 503
-                        return web.Response(status=503, text=f"worker {worker.index}: {exc!s}\n")
-                    return web.Response(status=status, body=body, headers={"Content-Type": content_type})
-            return web.Response(status=503, text="no worker serving\n")
-
-        async def reload(_: web.Request) -> web.Response:
-            problems = []
-            for index, answer in enumerate(await self._all("POST", "/reload", FETCH_TIMEOUT)):
-                if isinstance(answer, BaseException):
-                    problems.append(f"worker {index}: {answer!s}\n")
-                elif answer[0] != 200:
-                    problems.append(answer[1].decode(errors="replace"))
-            if problems:
-                return web.Response(status=400, text=problems[0] if len(set(problems)) == 1 else "".join(problems))
-            return web.Response(text="OK\n")
-
-        async def quit_(_: web.Request) -> web.Response:
-            self.stop("admin /quitquitquit")
-            return web.Response(text="OK\n")
-
-        async def workers(_: web.Request) -> web.Response:
-            return web.json_response({"concurrency": self.count, "restarts": self.restarts_total,
-                                      "workers": self.workers_info()})
-
-        app = web.Application()
-        app.router.add_get("/ready", ready)
-        app.router.add_get("/config_dump", first_worker)
-        app.router.add_get("/routes", first_worker)
-        app.router.add_get("/stats/prometheus", metrics)
-        app.router.add_get("/workers", workers)
-        app.router.add_post("/quitquitquit", quit_)
-        app.router.add_post("/reload", reload)
-        self.admin_runner, bound = await serve(app, address)
-        return bound
-
-    # ---- lifecycle
-
-    async def run(self) -> int:
-        import aiohttp
-
-        loop = asyncio.get_running_loop()
-        self.done = asyncio.Event()
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))  # workers come and go
-        try:
-            if self.settings.admin is not None:
-                host, port = await self.start_admin(self.settings.admin)
-                log.info("admin listening on %s:%d", host, port)
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.stop, signal.Signals(sig).name)
-            loop.add_signal_handler(signal.SIGHUP, self.reload_all)
-            log.info("starting %d workers", self.count)
-            for index in range(self.count):
-                self.spawn(index)
-            await self.done.wait()
-            for sig in (signal.SIGTERM, signal.SIGINT):  # as ProxyApp.run: a late signal must not kill us now
-                loop.remove_signal_handler(sig)
-                signal.signal(sig, signal.SIG_IGN)
-        finally:
-            if self._kill_timer is not None:
-                self._kill_timer.cancel()
-            for worker in self.live():  # only after an error in this coroutine: do not leave them running
-                self._signal(worker, signal.SIGTERM)
-            await self.session.close()
-            if self.admin_runner is not None:
-                await self.admin_runner.cleanup()
-        log.info("stopped" if self.exit_code == 0 else "stopped with errors")
-        return self.exit_code
+                 "serving": bool(w and w.started)} for i, w in enumerate(self.supervisor.slots)]
 
 
 def supervise(settings: Settings) -> int:
@@ -550,7 +558,6 @@ def supervise(settings: Settings) -> int:
     """
     import uvloop
 
-    from .admin import check_admin_address
     from .app import load_config
 
     load_config(settings)  # a rejected config is reported once, here, not by every worker

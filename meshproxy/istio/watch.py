@@ -1,4 +1,7 @@
-"""Notice config file changes by polling: works for plain files and Kubernetes' ConfigMap symlink swaps."""
+"""Notice config file changes by polling: works for plain files and Kubernetes' ConfigMap symlink swaps.
+
+Pure (no asyncio): lifecycle.ConfigReloader polls it and reloads.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +20,9 @@ def config_signature(paths: Sequence[str]) -> tuple[tuple[str, int, int], ...]:
         except OSError:
             continue
         out.append((str(path), st.st_mtime_ns, st.st_size))
-    for path in paths:  # a folder whose listing changed
+    for given in paths:  # a folder whose listing changed
         try:
-            out.append((str(path), os.stat(path).st_mtime_ns, -1))
+            out.append((given, os.stat(given).st_mtime_ns, -1))
         except OSError:
-            out.append((str(path), 0, -2))
+            out.append((given, 0, -2))
     return tuple(out)

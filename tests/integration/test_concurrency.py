@@ -424,6 +424,22 @@ def test_concurrency_1_is_one_process(config: Path) -> None:
         assert p.stop() == 0, p.log
 
 
+
+def test_a_single_proxy_and_the_supervisor_answer_mistakes_alike(config: Path) -> None:
+    """One admin router serves both: unknown paths and wrong methods get the same answers."""
+    mistakes = [("GET", "/nope"), ("POST", "/ready"), ("GET", "/reload"), ("GET", "/quitquitquit")]
+    answers = []
+    for args in (("--concurrency", "1"), ("--concurrency", "2")):
+        p = ProxyProcess(config, args=list(args))
+        try:
+            wait_until(lambda: ready(p), "/ready 200")
+            replies = [request(admin_port(p), method, path) for method, path in mistakes]
+            answers.append([(status, body, headers.get("allow")) for status, body, headers in replies])
+        finally:
+            assert p.stop() == 0, p.log
+    assert answers[0] == answers[1]
+    assert [status for status, _, _ in answers[0]] == [404, 405, 405, 405]
+
 def test_concurrency_0_is_a_worker_per_cpu_and_quitquitquit_stops_them_all(config: Path) -> None:
     cpus = len(os.sched_getaffinity(0))
     if cpus < 2:
