@@ -249,7 +249,7 @@ def test_run_logs_the_tls_warning_at_every_load(tmp_path: Path, caplog: pytest.L
     path.write_text(SERVICE + RULE + ROUTES)
     with caplog.at_level("WARNING", logger="meshproxy"):
         app = ProxyApp(Settings(config=(str(path),), admin=None))
-        assert app.reload("test")
+        assert app.reloader.reload("test")
     logged = [r.getMessage() for r in caplog.records if "TLS origination is not implemented yet" in r.getMessage()]
     assert len(logged) == 4  # two places, two loads
     assert logged[0].startswith(f"{path}:1: spec.trafficPolicy.portLevelSettings[0].tls.mode: warning: tls mode SIMPLE")
