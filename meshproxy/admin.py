@@ -15,16 +15,20 @@ import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .http1.errors import ProtocolError
+from .http1.head import UNDERSCORE_ALLOW, HeadPolicy
+from .http1.server import RequestHandler, ServerCodec
+from .http1.wire import CRLF, DATE, header_lines, status_line
+from .messages import RequestHead
+from .proxy.local_reply import protocol_error_body
 from .routing.describe import describe_table
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from .app import ProxyApp
 
 
@@ -149,44 +153,119 @@ def endpoints(backend: AdminBackend) -> list[tuple[str, str, Handler]]:
     ]
 
 
+ADMIN_HEAD_POLICY: Final = HeadPolicy(underscores=UNDERSCORE_ALLOW, accept_http10=True)  # any HTTP client
+
+
 @dataclass(slots=True)
 class AdminServer:
-    runner: web.AppRunner
+    server: asyncio.Server
     address: tuple[str, int]  # as bound: a port 0 made concrete
 
     async def close(self) -> None:
-        await self.runner.cleanup()
+        self.server.close()
+        await self.server.wait_closed()
+
+
+class _AdminConnection(RequestHandler):
+    """One admin client connection on the proxy's own HTTP/1.1 codec (no web framework in the proxy's memory):
+    requests are answered one at a time, in order; a malformed one gets 400 and the connection closes."""
+
+    __slots__ = ("routes", "codec", "transport", "queue", "busy", "closed")
+
+    def __init__(self, routes: dict[bytes, dict[bytes, Handler]]) -> None:
+        self.routes = routes
+        self.codec = ServerCodec(self, ADMIN_HEAD_POLICY)
+        self.transport: asyncio.Transport | None = None
+        self.queue: list[RequestHead] = []  # complete requests not yet answered
+        self.busy = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self.codec.feed(data)
+        except ProtocolError as error:
+            self._write(error.status, protocol_error_body(error), TEXT, close=True, head_only=False)
+            self._close()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+
+    def on_request_head(self, head: RequestHead) -> None:
+        self.queue.append(head)
+
+    def on_request_body(self, data: bytes) -> None:
+        pass  # the admin's POSTs take no body
+
+    def on_request_end(self) -> None:
+        if not self.busy:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._answer())
+
+    async def _answer(self) -> None:
+        while self.queue and not self.closed:
+            head = self.queue.pop(0)
+            status, body, content_type, extra = await self._reply(head)
+            close = not head.keep_alive
+            self._write(status, body, content_type, close=close, head_only=head.method == b"HEAD", extra=extra)
+            if close:
+                self._close()
+        self.busy = False
+
+    async def _reply(self, head: RequestHead) -> tuple[int, bytes, str, tuple[tuple[bytes, bytes], ...]]:
+        methods = self.routes.get(head.path)
+        if methods is None:
+            return 404, b"404: Not Found", TEXT, ()
+        handler = methods.get(b"GET" if head.method == b"HEAD" and b"GET" in methods else head.method)
+        if handler is None:
+            return 405, b"405: Method Not Allowed", TEXT, ((b"allow", b",".join(methods)),)
+        try:
+            reply = await handler()
+        except AdminError as exc:
+            reply = exc.reply
+        return reply.status, reply.body, reply.content_type, ()
+
+    def _write(self, status: int, body: bytes, content_type: str, *, close: bool, head_only: bool,
+               extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        if self.transport is None or self.closed:
+            return
+        head = [status_line(status), b"content-type: ", content_type.encode(), CRLF,
+                b"content-length: %d\r\n" % len(body), header_lines(extra), DATE.line()]
+        if close:
+            head.append(b"connection: close\r\n")
+        head.append(CRLF)
+        if not head_only:
+            head.append(body)
+        self.transport.write(b"".join(head))
+
+    def _close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
 
 
 async def serve_admin(backend: AdminBackend, address: tuple[str, int], allow_remote: bool) -> AdminServer:
-    """Check the address, then serve the backend's endpoints there (no access log, no aiohttp signal handling).
-    Unknown paths (404) and methods (405, with Allow) are aiohttp's answers, the same on every admin port."""
-    from aiohttp import web  # imported here: a worker without an admin port never loads aiohttp
-
+    """Check the address, then serve the backend's endpoints there. A GET path answers HEAD too; an unknown path
+    is 404 and a wrong method 405 with `Allow`, the same on every admin port."""
     check_admin_address(address[0], allow_remote)
-
-    def _respond(handler: Handler) -> Callable[[web.Request], Awaitable[web.Response]]:
-        async def respond(_: web.Request) -> web.Response:
-            try:
-                reply = await handler()
-            except AdminError as exc:
-                reply = exc.reply
-            return web.Response(status=reply.status, body=reply.body, headers={"Content-Type": reply.content_type})
-
-        return respond
-
-    app = web.Application()
+    routes: dict[bytes, dict[bytes, Handler]] = {}
     for method, path, handler in endpoints(backend):
+        allowed = routes.setdefault(path.encode(), {})
+        allowed[method.encode()] = handler
         if method == "GET":
-            app.router.add_get(path, _respond(handler))  # and HEAD
-        else:
-            app.router.add_route(method, path, _respond(handler))
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, address[0], address[1])
-    await site.start()
-    sock = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
-    return AdminServer(runner, (sock[0], sock[1]))
+            allowed[b"HEAD"] = handler
+    loop = asyncio.get_running_loop()
+    factory = cast(Callable[[], asyncio.Protocol], lambda: _AdminConnection(routes))
+    server = await loop.create_server(factory, address[0], address[1])
+    sock = server.sockets[0].getsockname()
+    return AdminServer(server, (sock[0], sock[1]))
 
 
 # --------------------------------------------------------------------------- a single proxy's answers

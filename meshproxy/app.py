@@ -124,7 +124,7 @@ class ProxyApp:
                                   retry_reused=settings.retry_reused_connection)
             await self._listen(ctx, spec.listen)
         if settings.admin is not None:
-            from .admin import ProxyAdmin, serve_admin  # aiohttp is only needed for the admin port
+            from .admin import ProxyAdmin, serve_admin  # prometheus-client is only needed for the admin port
 
             self.admin = await serve_admin(ProxyAdmin(self), settings.admin, settings.admin_allow_remote)
             # a worker's own admin (on an ephemeral port, for its supervisor) is not the sidecar's admin
