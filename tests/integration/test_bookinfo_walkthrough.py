@@ -150,8 +150,9 @@ def test_without_virtual_services_reviews_rotate(demo: Demo) -> None:
     demo.reset_routing()
     pages = demo.pages(60)
     seen = versions(pages)
-    # Istio's default balancing, LEAST_REQUEST: one request at a time, each version a third of the time
-    assert set(seen) == {"v1", "v2", "v3"} and min(seen.values()) >= 8, seen
+    # Istio's default balancing, LEAST_REQUEST: one request at a time, each version a third of the time (20 of 60;
+    # fewer than 4 happens by chance about once in a million runs)
+    assert set(seen) == {"v1", "v2", "v3"} and min(seen.values()) >= 4, seen
     for page in pages:
         assert page.status == 200 and page.details_ok and page.user is None, page.describe()
         colour = {"v1": None, "v2": "black", "v3": "red"}[page.version or ""]

@@ -29,7 +29,7 @@ def test_idle_connections_are_reused_then_closed_at_their_timeout() -> None:
         fast = Clusters().state(Cluster("outbound|80||fast", "fast", 80, "", (Endpoint("127.0.0.1", port),),
                                         ClusterPolicy(pool=ConnectionPool(idle_timeout=0.3))))
         slow = Clusters().state(Cluster("outbound|80||slow", "slow", 80, "", (Endpoint("127.0.0.1", port),)))
-        pool = UpstreamPool(idle_timeout=1.5, connect_timeout=2.0)
+        pool = UpstreamPool(idle_timeout=6.0, connect_timeout=2.0)
         try:
             first = await pool.acquire(fast, fast.endpoints[0])
             pool.release(first)
@@ -38,11 +38,16 @@ def test_idle_connections_are_reused_then_closed_at_their_timeout() -> None:
             other = await pool.acquire(slow, slow.endpoints[0])
             pool.release(other)
             assert pool.idle_count == 2
-            await asyncio.sleep(0.8)  # past the cluster's 0.3 s, within the pool's default 1.5 s
-            assert first.closed and not other.closed and pool.idle_count == 1
+            started = loop.time()
+            while not first.closed and loop.time() - started < 5.0:  # the cluster's 0.3 s, on a loaded machine
+                await asyncio.sleep(0.05)
+            assert first.closed and loop.time() - started >= 0.25
+            if loop.time() - started < 5.0:  # the pool's default 6 s has not run out yet
+                assert not other.closed and pool.idle_count == 1
             assert pool.reuse(fast.endpoints[0].pool_key) is None
-            await asyncio.sleep(1.2)
-            assert other.closed and pool.idle_count == 0 and pool.sweep is None
+            while not other.closed and loop.time() - started < 20.0:
+                await asyncio.sleep(0.05)
+            assert other.closed and loop.time() - started >= 5.5 and pool.idle_count == 0 and pool.sweep is None
             for _ in range(50):  # the server sees both closed
                 if len(closed) == 2:
                     break
