@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .http1.errors import ProtocolError
 from .http1.head import UNDERSCORE_ALLOW, HeadPolicy
-from .http1.server import RequestHandler, ServerCodec
+from .http1.server import CallbackHandler, ServerCodec
 from .http1.wire import CRLF, DATE, header_lines, status_line
 from .messages import RequestHead
 from .proxy.local_reply import protocol_error_body
@@ -166,7 +166,7 @@ class AdminServer:
         await self.server.wait_closed()
 
 
-class _AdminConnection(RequestHandler):
+class _AdminConnection:
     """One admin client connection on the proxy's own HTTP/1.1 codec (no web framework in the proxy's memory):
     requests are answered one at a time, in order; a malformed one gets 400 and the connection closes."""
 
@@ -174,7 +174,8 @@ class _AdminConnection(RequestHandler):
 
     def __init__(self, routes: dict[bytes, dict[bytes, Handler]]) -> None:
         self.routes = routes
-        self.codec = ServerCodec(self, ADMIN_HEAD_POLICY)
+        self.codec = ServerCodec(CallbackHandler(self.on_request_head, self.on_request_body, self.on_request_end),
+                                 ADMIN_HEAD_POLICY)
         self.transport: asyncio.Transport | None = None
         self.queue: list[RequestHead] = []  # complete requests not yet answered
         self.busy = False

@@ -15,6 +15,7 @@ The response side is serialized by `http1.wire`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Final
 
 import httptools
@@ -45,6 +46,28 @@ class RequestHandler:
 
     def on_request_end(self) -> None:
         raise NotImplementedError
+
+
+class CallbackHandler(RequestHandler):
+    """A handler of three plain callables, for code outside the compiled hot path (the admin port): an
+    interpreted class cannot inherit a compiled trait."""
+
+    __slots__ = ("head", "body", "end")
+
+    def __init__(self, head: Callable[[RequestHead], None], body: Callable[[bytes], None],
+                 end: Callable[[], None]) -> None:
+        self.head = head
+        self.body = body
+        self.end = end
+
+    def on_request_head(self, head: RequestHead) -> None:
+        self.head(head)
+
+    def on_request_body(self, data: bytes) -> None:
+        self.body(data)
+
+    def on_request_end(self) -> None:
+        self.end()
 
 
 class _LimitError(Exception):
