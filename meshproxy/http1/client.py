@@ -9,6 +9,7 @@ The request side is serialized by `http1.wire`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 import httptools
@@ -37,6 +38,29 @@ class ResponseHandler:
 
     def on_response_end(self) -> None:
         raise NotImplementedError
+
+
+class CallbackHandler(ResponseHandler):
+    """A handler of three plain callables, for code outside the compiled hot path (a tool, a test): an
+    interpreted class cannot inherit a compiled one."""
+
+    __slots__ = ("head", "body", "end")
+
+    def __init__(self, head: Callable[[int, list[tuple[bytes, bytes]], int | None, bool], None],
+                 body: Callable[[bytes], None], end: Callable[[], None]) -> None:
+        self.head = head
+        self.body = body
+        self.end = end
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None,
+                         end_stream: bool) -> None:
+        self.head(status, headers, content_length, end_stream)
+
+    def on_response_body(self, data: bytes) -> None:
+        self.body(data)
+
+    def on_response_end(self) -> None:
+        self.end()
 
 
 class _Unexpected(Exception):

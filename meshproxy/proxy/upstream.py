@@ -1,11 +1,10 @@
 """Upstream connections and their pool, keyed by endpoint.
 
-One UpstreamConnection carries one request at a time (HTTP/1.1, the codec in
-`http1/client.py`). Its codec's callbacks hand the response straight to the
-attached `ResponseSink` (the exchange's stream), which writes it downstream, so
-no response byte waits for a task switch. Idle connections are kept per endpoint for reuse and closed
-after `idle_timeout`, shorter than the usual application keep-alive, so the
-proxy is not the one surprised by a server-side close (istio/istio#55138).
+One UpstreamConnection carries one request at a time (HTTP/1.1, the codec in `http1/client.py`). Its codec's
+callbacks hand the response straight to the attached `ResponseSink` (the exchange's stream), which hands it
+downstream, so no response byte waits for a task switch. Idle connections are kept per endpoint for reuse and
+closed after `idle_timeout`, shorter than the usual application keep-alive, so the proxy is not the one surprised
+by a server-side close (istio/istio#55138).
 """
 
 from __future__ import annotations
