@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from ..messages import RequestHead
 from ..routing.cluster import Cluster, Endpoint
 from ..routing.cors import ORIGIN as CORS_ORIGIN
 from ..routing.cors import REQUEST_METHOD as CORS_REQUEST_METHOD

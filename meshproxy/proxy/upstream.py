@@ -35,21 +35,12 @@ log = logging.getLogger("meshproxy.upstream")
 WRITE_HIGH_WATER: Final = 256 * 1024
 WRITE_LOW_WATER: Final = 64 * 1024
 
-class ResponseSink:
-    """What an UpstreamConnection reports to: the exchange's Stream, or a mirror's sink. A base class rather than a
-    Protocol, so that the compiled hot path calls these methods directly instead of looking them up by name."""
+class ResponseSink(ResponseHandler):
+    """What an UpstreamConnection reports to: the exchange's Stream, or a mirror's sink. The codec's response events
+    (a base class rather than a Protocol, so that the compiled hot path calls them directly), and the connection's.
+    """
 
     __slots__ = ()
-
-    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None,
-                         end_stream: bool) -> None:
-        raise NotImplementedError
-
-    def on_response_body(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def on_response_end(self) -> None:  # the response is complete (nothing more of it will come)
-        raise NotImplementedError
 
     def flush(self) -> None:  # after each read (and after an end by close): deliver what it produced
         raise NotImplementedError

@@ -15,8 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import BACKEND_VS, REPO, ProxyProcess, Upstream, free_port, service_entry, write_config
+from waiting import wait_until
 from meshproxy.workers import merge_expositions, render
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT and PR_SET_PDEATHSIG")
@@ -34,17 +33,6 @@ WAIT = 30.0  # generous: two cores shared with benchmarks; nothing below asserts
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def request(port: int, method: str, path: str, host: str = "127.0.0.1", timeout: float = 20.0,
@@ -83,8 +71,8 @@ def workers(p: ProxyProcess) -> list[dict[str, Any]]:
 def start(*config: Path, args: tuple[str, ...] = ()) -> ProxyProcess:
     p = ProxyProcess(*config, args=["--concurrency", "2", *args])
     try:
-        wait_until(lambda: ready(p), "/ready 200")
-        wait_until(lambda: "outbound" in p.addresses, "the outbound listener's log line")
+        wait_until(lambda: ready(p), what="/ready 200")
+        wait_until(lambda: "outbound" in p.addresses, what="the outbound listener's log line")
     except BaseException:
         p.stop(signal.SIGKILL)
         raise
@@ -227,7 +215,7 @@ def test_requests_spread_over_both_workers_and_the_merged_counters_are_their_exa
             assert json.loads(body)["path"] == f"/echo?n={i}"
         assert len(upstream.requests) == sent
 
-        wait_until(lambda: total(metrics(admin_port(p)), "istio_requests_total") == sent, "all requests counted")
+        wait_until(lambda: total(metrics(admin_port(p)), "istio_requests_total") == sent, what="all requests counted")
         own = [metrics(w["admin"][1]) for w in workers(p)]
         merged = metrics(admin_port(p))
         per_worker = [total(text, "istio_requests_total") for text in own]
@@ -260,15 +248,15 @@ def test_ready_only_when_every_worker_is_ready(config: Path) -> None:
             assert own == [200, 200], own
             return True
 
-        wait_until(check, "/ready 200")
-        wait_until(lambda: "outbound" in p.addresses, "the outbound listener's log line")
+        wait_until(check, what="/ready 200")
+        wait_until(lambda: "outbound" in p.addresses, what="the outbound listener's log line")
         stopped = workers(p)[1]["pid"]
         os.kill(stopped, signal.SIGSTOP)  # one worker that does not answer its own /ready
         try:
-            wait_until(lambda: not ready(p), "/ready 503 with a worker stopped")
+            wait_until(lambda: not ready(p), what="/ready 503 with a worker stopped")
         finally:
             os.kill(stopped, signal.SIGCONT)
-        wait_until(lambda: ready(p), "/ready 200 again")
+        wait_until(lambda: ready(p), what="/ready 200 again")
     finally:
         assert p.stop() == 0, p.log
 
@@ -284,9 +272,10 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_worker(config: Path, up
     thread = threading.Thread(target=slow)
     thread.start()
     try:
-        wait_until(lambda: any(r["path"].startswith("/slow") for r in upstream.requests), "the slow request upstream")
+        wait_until(lambda: any(r["path"].startswith("/slow") for r in upstream.requests),
+                   what="the slow request upstream")
         p.proc.send_signal(signal.SIGTERM)
-        wait_until(lambda: admin(p, "/ready")[0] == 503, "/ready 503 while draining", timeout=10)
+        wait_until(lambda: admin(p, "/ready")[0] == 503, what="/ready 503 while draining", timeout=10)
         thread.join(30)
         status, body, _ = result["reply"]
         assert (status, body) == (200, b"slow done")
@@ -304,7 +293,7 @@ def test_sigkill_of_the_supervisor_leaves_no_worker(config: Path) -> None:
     try:
         p.proc.kill()
         p.proc.wait(10)
-        wait_until(lambda: all(gone(pid) for pid in pids), "workers gone after their supervisor", timeout=15)
+        wait_until(lambda: all(gone(pid) for pid in pids), what="workers gone after their supervisor", timeout=15)
     finally:
         kill_left(pids)
         p.stop()
@@ -321,15 +310,15 @@ def test_a_killed_worker_is_restarted_and_traffic_continues(config: Path) -> Non
             now = workers(p)[1]
             return bool(now["serving"] and now["pid"] != victim)
 
-        wait_until(replaced, "worker 1 restarted")
-        wait_until(lambda: ready(p), "/ready 200 after the restart")
+        wait_until(replaced, what="worker 1 restarted")
+        wait_until(lambda: ready(p), what="/ready 200 after the restart")
         after = workers(p)
         assert after[0]["pid"] == before[0]["pid"]
         assert listens_on(after[1]["pid"], p.port)
         assert f"worker 1 (pid {victim}) exited unexpectedly (killed by SIGKILL): restarting it" in p.log
         replies = get_many(p.port, 40)
         assert [r[0] for r in replies] == [200] * 40
-        wait_until(lambda: total(metrics(admin_port(p)), "istio_requests_total") == 40, "requests counted")
+        wait_until(lambda: total(metrics(admin_port(p)), "istio_requests_total") == 40, what="requests counted")
         merged = metrics(admin_port(p))
         assert total(merged, "meshproxy_worker_restarts_total") == 1
         assert all(total(metrics(w["admin"][1]), "istio_requests_total") > 0 for w in workers(p))
@@ -345,7 +334,7 @@ def test_a_crash_loop_stops_the_sidecar_after_five_restarts(config: Path) -> Non
         for restarts in range(5):  # each one killed as soon as it exists, started or not
             os.kill(victims[-1], signal.SIGKILL)
             victims.append(wait_until(lambda: (pid := workers(p)[1]["pid"]) not in (None, *victims) and pid,
-                                      f"restart {restarts + 1} of worker 1"))
+                                      what=f"restart {restarts + 1} of worker 1"))
         os.kill(victims[-1], signal.SIGKILL)  # the sixth exit in a minute
         assert p.proc.wait(WAIT) == 1, p.log
         assert "5 restarts in the last 60 s: giving up" in p.log
@@ -369,19 +358,19 @@ def test_a_config_change_reaches_every_worker(tmp_path: Path) -> None:
 
         assert served_by() == {"first"}
         write_config(folder, "backend.yaml", service_entry("backend", [(second.port, {})], port=80), BACKEND_VS)
-        wait_until(lambda: accepted() == 2, "both workers reloaded the edited file")
+        wait_until(lambda: accepted() == 2, what="both workers reloaded the edited file")
         assert served_by() == {"second"}
         assert all(json.loads(request(w["admin"][1], "GET", "/config_dump")[1])["version"] == 2 for w in workers(p))
 
         assert admin(p, "/reload", "POST") == (200, b"OK\n")  # the admin reload goes to every worker
         assert accepted() == 4
         p.proc.send_signal(signal.SIGHUP)  # and so does SIGHUP
-        wait_until(lambda: accepted() == 6, "both workers reloaded on SIGHUP")
+        wait_until(lambda: accepted() == 6, what="both workers reloaded on SIGHUP")
 
         write_config(folder, "backend.yaml", "---\nkind: VirtualService\napiVersion: networking.istio.io/v1\n"
                                              "metadata: {name: bad}\nspec: {hosts: [backend], http: 7}\n")
         wait_until(lambda: total(metrics(admin_port(p)), "meshproxy_config_reloads_total", result="rejected") == 2,
-                   "both workers rejected the bad file")
+                   what="both workers rejected the bad file")
         assert served_by() == {"second"}  # the running config stays
         status, body = admin(p, "/config_dump")
         assert status == 200 and json.loads(body)["last_rejected"]
@@ -432,7 +421,7 @@ def test_a_single_proxy_and_the_supervisor_answer_mistakes_alike(config: Path) -
     for args in (("--concurrency", "1"), ("--concurrency", "2")):
         p = ProxyProcess(config, args=list(args))
         try:
-            wait_until(lambda: ready(p), "/ready 200")
+            wait_until(lambda: ready(p), what="/ready 200")
             replies = [request(admin_port(p), method, path) for method, path in mistakes]
             answers.append([(status, body, headers.get("allow")) for status, body, headers in replies])
         finally:

@@ -214,7 +214,7 @@ def test_inbound_without_a_service_reports_its_canonical_name_and_unknown_source
     telemetry = Telemetry("inbound:9080", "inbound", AccessLog(), mesh, table=lambda: routes,
                           address=("127.0.0.1", 9))
     s = stream()
-    sent = upstream_headers(telemetry, s)
+    upstream_headers(telemetry, s)
     s.status = 200
     telemetry.on_complete(s)
     [got] = series(mesh)
@@ -230,7 +230,7 @@ def test_a_fault_abort_before_any_pick_reports_the_routes_service(tmp_path: Path
     mesh = shared("productpage-v1", PRODUCTPAGE)
     telemetry = Telemetry("outbound", "outbound", AccessLog(), mesh)
     s = stream(host=b"ratings")
-    sent = upstream_headers(telemetry, s)
+    upstream_headers(telemetry, s)
     s.route, s.status, s.flags = route, 503, flag_bits("FI")
     telemetry.on_complete(s)
     [got] = series(mesh)
@@ -242,7 +242,7 @@ def test_no_route_is_unknown_service_404_NR() -> None:
     mesh = shared("productpage-v1", PRODUCTPAGE)
     telemetry = Telemetry("outbound", "outbound", AccessLog(), mesh)
     s = stream(host=b"nowhere.example.com")
-    sent = upstream_headers(telemetry, s)
+    upstream_headers(telemetry, s)
     s.status, s.flags = 404, flag_bits("NR")
     telemetry.on_complete(s)
     [got] = series(mesh)
@@ -256,7 +256,7 @@ def test_paths_ids_and_hosts_of_requests_never_make_series() -> None:
     for i in range(2000):
         s = stream(f"/reviews/{i}?user={i}".encode(), ((b"x-request-id", f"id-{i}".encode()),),
                    host=f"reviews-{i % 7}:9080".encode())
-        sent = upstream_headers(telemetry, s)
+        upstream_headers(telemetry, s)
         s.cluster, s.status = REVIEWS_V2, 200
         telemetry.on_complete(s)
     [got] = series(mesh)
@@ -273,7 +273,7 @@ def test_made_up_peer_metadata_cannot_grow_the_series(tmp_path: Path) -> None:
         fake = encode_metadata(Workload.of(f"attacker-{i}", "default", {}, "x"), {})
         for value in (fake, b"junk-%d" % i):
             s = stream(headers=((PEER_METADATA, value),))
-            sent = upstream_headers(telemetry, s)
+            upstream_headers(telemetry, s)
             s.status = 200
             telemetry.on_complete(s)
     assert len(mesh.peers.peers) == MAX_PEERS
