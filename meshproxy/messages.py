@@ -1,11 +1,16 @@
-"""Protocol-neutral request heads: what a codec hands the exchange, whatever the wire version.
+"""Protocol-neutral messages: the request head and the events a codec reports, whatever the wire version.
 
-A codec builds one per request, validated; the exchange, routing and telemetry read it and never see the wire.
+A codec builds one `RequestHead` per request, validated; the exchange, routing and telemetry read it and never see
+the wire. A server codec reports a request as `RequestEvents`, a client codec a response as `ResponseEvents`: the
+same calls for HTTP/1.1 (`http1/`) and any codec beside it. Both are mypyc traits, so that a transport can be one
+beside its own base class and compiled code still calls it natively.
 """
 
 from __future__ import annotations
 
 from typing import Final
+
+from mypy_extensions import trait
 
 HTTP11: Final = b"1.1"
 HTTP10: Final = b"1.0"
@@ -47,3 +52,37 @@ class RequestHead:
     @property
     def path_and_query(self) -> bytes:
         return self.path + b"?" + self.query if self.query else self.path
+
+
+@trait
+class RequestEvents:
+    """A request, as a server codec reports it: the head, body chunks, the end (trailers are not forwarded)."""
+
+    __slots__ = ()
+
+    def on_request_head(self, head: RequestHead) -> None:  # may raise the codec's error (a pipelining limit)
+        raise NotImplementedError
+
+    def on_request_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_request_end(self) -> None:
+        raise NotImplementedError
+
+
+@trait
+class ResponseEvents:
+    """A response, as a client codec reports it: the head (`content_length` None when unknown; `end_stream` when
+    no body follows), body chunks, the end."""
+
+    __slots__ = ()
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None,
+                         end_stream: bool) -> None:
+        raise NotImplementedError
+
+    def on_response_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def on_response_end(self) -> None:
+        raise NotImplementedError

@@ -1,6 +1,6 @@
 """The client side of the HTTP/1.1 codec, sans-IO, on httptools: response bytes in, response events out.
 
-`ClientCodec.feed(data)` parses one response per request and calls its `ResponseHandler` (the upstream
+`ClientCodec.feed(data)` parses one response per request and calls its handler's `ResponseEvents` (the upstream
 transport) with the head (status, headers, the body's length when known), body chunks and the end. Interim 1xx
 responses are dropped (the proxy answers `Expect` itself). A body delimited by the close of the connection ends
 with `close()`. Malformed bytes, or a response nobody asked for, raise `ProtocolError`.
@@ -14,6 +14,7 @@ from typing import Final
 
 import httptools
 
+from ..messages import ResponseEvents
 from .errors import ProtocolError
 
 FRAMING_LENGTH: Final = 0  # content-length
@@ -24,25 +25,9 @@ FRAMING_NONE: Final = 3  # no body (HEAD, 1xx, 204, 304)
 UNEXPECTED_RESPONSE: Final = "http1.unexpected_response"
 
 
-class ResponseHandler:
-    """What the codec reports to. A base class rather than a Protocol, so compiled code calls it directly."""
-
-    __slots__ = ()
-
-    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None,
-                         end_stream: bool) -> None:
-        raise NotImplementedError
-
-    def on_response_body(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def on_response_end(self) -> None:
-        raise NotImplementedError
-
-
-class CallbackHandler(ResponseHandler):
-    """A handler of three plain callables, for code outside the compiled hot path (a tool, a test): an
-    interpreted class cannot inherit a compiled one."""
+class CallbackHandler(ResponseEvents):
+    """Response events to three plain callables, for code outside the compiled hot path (a tool, a test): an
+    interpreted class cannot inherit a compiled trait."""
 
     __slots__ = ("head", "body", "end")
 
@@ -71,7 +56,7 @@ class ClientCodec:
     __slots__ = ("handler", "parser", "expecting", "head_only", "status", "headers", "head_done", "framing",
                  "content_length", "keep_alive")
 
-    def __init__(self, handler: ResponseHandler) -> None:
+    def __init__(self, handler: ResponseEvents) -> None:
         self.handler = handler
         self.parser = httptools.HttpResponseParser(self)
         self.expecting = False  # a request was sent and its response has not ended

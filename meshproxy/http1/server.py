@@ -1,6 +1,6 @@
 """The server side of the HTTP/1.1 codec, sans-IO, on httptools: request bytes in, request events out.
 
-`ServerCodec.feed(data)` parses and calls its `RequestHandler` (the downstream transport) with a validated
+`ServerCodec.feed(data)` parses and calls its handler's `RequestEvents` (the downstream transport) with a validated
 `RequestHead`, body chunks and the end of each request; whatever is wrong with the bytes is raised as one
 `ProtocolError` carrying Envoy's status and response code detail, after which the connection must answer and
 close. Limits are counted while parsing, with the numbers of the listener's `HeadPolicy`: request-target + header
@@ -19,9 +19,8 @@ from collections.abc import Callable
 from typing import Final
 
 import httptools
-from mypy_extensions import trait
 
-from ..messages import RequestHead
+from ..messages import RequestEvents, RequestHead
 from .errors import ProtocolError
 from .head import DEFAULT_POLICY, HeadPolicy, build_request_head
 
@@ -31,25 +30,8 @@ NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to: on_message_begi
 HEAD_SLACK: Final = 4096  # bytes of a head beyond max_header_bytes before 431 (the request line, separators)
 
 
-@trait
-class RequestHandler:
-    """What the codec reports to: a mypyc trait, so that a transport can be one beside its own base class
-    (`proxy.downstream.Downstream`) and compiled code still calls it natively, not by name."""
-
-    __slots__ = ()
-
-    def on_request_head(self, head: RequestHead) -> None:  # may raise ProtocolError (e.g. a pipelining limit)
-        raise NotImplementedError
-
-    def on_request_body(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def on_request_end(self) -> None:
-        raise NotImplementedError
-
-
-class CallbackHandler(RequestHandler):
-    """A handler of three plain callables, for code outside the compiled hot path (the admin port): an
+class CallbackHandler(RequestEvents):
+    """Request events to three plain callables, for code outside the compiled hot path (the admin port): an
     interpreted class cannot inherit a compiled trait."""
 
     __slots__ = ("head", "body", "end")
@@ -88,7 +70,7 @@ class ServerCodec:
         "body_bytes", "upgrade_ignored", "max_head_bytes", "max_head_count", "max_body",
     )
 
-    def __init__(self, handler: RequestHandler, policy: HeadPolicy = DEFAULT_POLICY) -> None:
+    def __init__(self, handler: RequestEvents, policy: HeadPolicy = DEFAULT_POLICY) -> None:
         self.handler = handler
         self.parser = httptools.HttpRequestParser(self)
         self.policy = policy

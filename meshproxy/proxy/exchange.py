@@ -66,7 +66,7 @@ from .retry import (
     should_retry_response,
 )
 from .downstream import Downstream
-from .upstream import ResponseSink, UpstreamConnection
+from .upstream import ResponseSink, UpstreamStream
 
 log = logging.getLogger("meshproxy.exchange")
 
@@ -100,7 +100,7 @@ class Stream(ResponseSink):
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.request_complete = False
-        self.upstream: UpstreamConnection | None = None  # the attempt in flight, if any
+        self.upstream: UpstreamStream | None = None  # the attempt in flight, if any
         self.response_started = False
         self.response_complete = False
         self.request_mutation: HeaderMutation | None = None
@@ -255,7 +255,7 @@ def shadow_authority(authority: bytes) -> bytes:
     return authority + b"-shadow"
 
 
-def send_request_head(stream: Stream, upstream: UpstreamConnection, attempt: int, deadline: float | None = None,
+def send_request_head(stream: Stream, upstream: UpstreamStream, attempt: int, deadline: float | None = None,
                       now: float = 0.0, shadow: Cluster | None = None) -> None:
     """The upstream request head: rewritten as the route says, hop-by-hop and rewritten headers removed, the
     proxy's own added (x-forwarded-*, attempt count, expected timeout, trace and peer headers); the codec frames it."""
@@ -394,7 +394,7 @@ def _drop_upstream(conn: Downstream, stream: Stream) -> None:
         upstream.sink = None
         if stream.target is not None:
             stream.target.active -= 1
-        conn.pool.discard(upstream)
+        upstream.discard()
 
 
 def _route(conn: Downstream, stream: Stream) -> bool:
@@ -530,7 +530,7 @@ async def _connect(conn: Downstream, stream: Stream, target: EndpointState) -> b
     return False
 
 
-def _send(conn: Downstream, stream: Stream, upstream: UpstreamConnection, target: EndpointState) -> None:
+def _send(conn: Downstream, stream: Stream, upstream: UpstreamStream, target: EndpointState) -> None:
     """Send the request on `upstream`; its response comes back through the Stream's sink callbacks."""
     loop = conn.loop
     route = stream.info.route
@@ -582,13 +582,13 @@ def attempt_over(stream: Stream, outcome: UpstreamError | None) -> None:
             if state.policy.outlier is not None:
                 state.report(target, stream.info.status, conn.loop.time())
             if stream.request_complete:
-                conn.pool.release(upstream)
+                upstream.release()
             else:  # answered before the request body ended: the connection still owes the rest, never reused
-                conn.pool.discard(upstream)
+                upstream.discard()
             finished = True
         else:
             state.report(target, outcome.status if isinstance(outcome, RetriableResponse) else 0, conn.loop.time())
-            conn.pool.discard(upstream)
+            upstream.discard()
             finished = _after_failure(conn, stream, upstream, outcome)
     except Exception:  # noqa: BLE001  # as in start(); called from the upstream's callbacks and timers
         _failed(conn, stream)
@@ -597,7 +597,7 @@ def attempt_over(stream: Stream, outcome: UpstreamError | None) -> None:
         _end(conn, stream)
 
 
-def _after_failure(conn: Downstream, stream: Stream, upstream: UpstreamConnection,
+def _after_failure(conn: Downstream, stream: Stream, upstream: UpstreamStream,
                    outcome: UpstreamError) -> bool:
     """An attempt that sent its request failed: retry (True if a reply was made instead)."""
     info = stream.info
@@ -732,9 +732,9 @@ async def _mirror(conn: Downstream, stream: Stream, cluster: Cluster) -> None:
             try:
                 await done
             except BaseException:
-                conn.pool.discard(upstream)
+                upstream.discard()
                 raise
-            conn.pool.release(upstream)
+            upstream.release()
     except (UpstreamError, TimeoutError, OSError) as exc:
         log.debug("mirror of %r to %s failed: %s", head.target, cluster.name, exc)
 

@@ -36,9 +36,9 @@ import time
 from typing import Final, cast
 
 from ..http1.errors import ProtocolError
-from ..http1.server import RequestHandler, ServerCodec
+from ..http1.server import ServerCodec
 from ..http1.wire import CONTINUE_100, LAST_CHUNK, chunk, local_reply, response_head
-from ..messages import HTTP11, RequestHead
+from ..messages import HTTP11, RequestEvents, RequestHead
 from ..stream_info import DC, ConnectionInfo, StreamInfo
 from .downstream import Downstream, ListenerContext
 from .exchange import Stream, abandon, start
@@ -52,7 +52,7 @@ READ_PAUSED_BY_ERROR: Final = 8
 
 MAX_PIPELINED: Final = 100  # requests held per connection (the active one + parsed ahead); one more is a 400 (memory bound)
 LINGER_SECONDS: Final = 2.0  # after an error reply: how long the client's remaining bytes are read and discarded
-class DownstreamProtocol(Downstream, RequestHandler):
+class DownstreamProtocol(Downstream, RequestEvents):
     """One client connection (an asyncio protocol): the codec's handler, the streams' downstream transport."""
 
     __slots__ = (
@@ -159,7 +159,7 @@ class DownstreamProtocol(Downstream, RequestHandler):
         if self.streams:
             self.streams[0].resume_upstream_reads()
 
-    # ---- codec callbacks (RequestHandler)
+    # ---- codec callbacks (RequestEvents)
 
     def on_request_head(self, head: RequestHead) -> None:
         self.head_deadline = 0.0

@@ -15,9 +15,10 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
-from ..http1.client import ClientCodec, ResponseHandler
+from ..http1.client import ClientCodec
 from ..http1.errors import ProtocolError
 from ..http1.wire import LAST_CHUNK, chunk, request_head
+from ..messages import ResponseEvents
 from .local_reply import (
     ConnectFailureError,
     ConnectionTerminationError,
@@ -35,7 +36,7 @@ log = logging.getLogger("meshproxy.upstream")
 WRITE_HIGH_WATER: Final = 256 * 1024
 WRITE_LOW_WATER: Final = 64 * 1024
 
-class ResponseSink(ResponseHandler):
+class ResponseSink(ResponseEvents):
     """What an UpstreamConnection reports to: the exchange's Stream, or a mirror's sink. The codec's response events
     (a base class rather than a Protocol, so that the compiled hot path calls them directly), and the connection's.
     """
@@ -55,25 +56,61 @@ class ResponseSink(ResponseHandler):
         raise NotImplementedError
 
 
-class UpstreamConnection(ResponseHandler):
-    """One HTTP/1.1 connection to an endpoint: the asyncio protocol around a `ClientCodec` (one request at a time).
-    The exchange sends through `send_head`/`send_body`/`end_body` and hears back through its `ResponseSink`."""
+class UpstreamStream:
+    """One attempt's request and its response, as the exchange sees it, whatever the protocol: the seam an upstream
+    codec plugs into (HTTP/1.1's is a whole `UpstreamConnection`; HTTP/2's would be a stream on a shared one).
+    The exchange sends the request through it and hears the response through its `ResponseSink`; when the
+    attempt is over it releases the stream (the response ended whole) or discards it (anything else)."""
 
-    __slots__ = ("pool", "key", "transport", "codec", "sink", "chunked_request", "closed", "reused", "idle_until",
-                 "served", "owner")
+    __slots__ = ("sink", "reused", "served")
+
+    def __init__(self) -> None:
+        self.sink: ResponseSink | None = None
+        self.reused = False  # its connection had served before (a reset then is the reused-connection case)
+        self.served = 0  # responses its connection has completed
+
+    def attach(self, sink: ResponseSink, head_only: bool) -> None:
+        raise NotImplementedError
+
+    def send_head(self, method: bytes, path: bytes, authority: bytes, headers: list[tuple[bytes, bytes]],
+                  content_length: int | None, end_stream: bool) -> None:
+        raise NotImplementedError
+
+    def send_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def end_body(self) -> None:
+        raise NotImplementedError
+
+    def pause_reading(self) -> None:
+        raise NotImplementedError
+
+    def resume_reading(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        raise NotImplementedError
+
+
+class UpstreamConnection(UpstreamStream, ResponseEvents):
+    """One HTTP/1.1 connection to an endpoint: the asyncio protocol around a `ClientCodec` (one request at a time).
+    The codec's response events go on to the attached `ResponseSink`."""
+
+    __slots__ = ("pool", "key", "transport", "codec", "chunked_request", "closed", "idle_until", "owner")
 
     def __init__(self, pool: UpstreamPool, key: tuple[str, str, int], owner: ClusterState | None = None) -> None:
+        super().__init__()
         self.pool = pool
         self.key = key  # (cluster name, address, port): each cluster has its own connections, as in Envoy
         self.owner = owner
         self.transport: asyncio.Transport | None = None
         self.codec = ClientCodec(self)
-        self.sink: ResponseSink | None = None
         self.chunked_request = False
         self.closed = False
-        self.reused = False
         self.idle_until = 0.0  # loop time after which an idle connection is closed (the pool's sweep)
-        self.served = 0
 
     @property
     def keep_alive(self) -> bool:
@@ -108,6 +145,12 @@ class UpstreamConnection(ResponseHandler):
     def resume_reading(self) -> None:
         if self.transport is not None:
             self.transport.resume_reading()
+
+    def release(self) -> None:
+        self.pool.release(self)
+
+    def discard(self) -> None:
+        self.pool.discard(self)
 
     def abort(self) -> None:
         self.sink = None
@@ -160,7 +203,7 @@ class UpstreamConnection(ResponseHandler):
         if self.sink is not None:
             self.sink.resume_upstream_writes()
 
-    # ---- codec callbacks (ResponseHandler)
+    # ---- codec callbacks (ResponseEvents)
 
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None,
                          end_stream: bool) -> None:
