@@ -1,10 +1,10 @@
 """A cluster's DestinationRule traffic policy, merged and compiled (Istio's defaults filled in).
 
-Merging follows Istio (`MergeTrafficPolicy`): a subset's policy replaces the rule's
-policy block by block (loadBalancer, connectionPool, outlierDetection, tls,
-retryBudget); `portLevelSettings` for the cluster's port replace the blocks they
-set, and do not inherit fields they omit. The result, a ClusterPolicy, is fixed
-on the Cluster at compile time: the data path only reads it.
+Merging follows Istio (`MergeSubsetTrafficPolicy`, see merge_traffic_policy): a
+`portLevelSettings` entry for the cluster's port replaces all four blocks of its
+layer (what it omits is Istio's default, not inherited), and a subset's policy
+replaces the rule's block by block. The result, a ClusterPolicy, is fixed on the
+Cluster at compile time: the data path only reads it.
 """
 
 from __future__ import annotations
@@ -113,30 +113,39 @@ DEFAULT_POLICY: Final = ClusterPolicy()
 
 def merge_traffic_policy(rule: m.TrafficPolicy | None, subset: m.TrafficPolicy | None,
                          port: int) -> m.TrafficPolicy | None:
-    """The effective policy of one cluster: rule, its port-level blocks, subset, the subset's port-level blocks."""
+    """The effective policy of one cluster, as Istio's MergeSubsetTrafficPolicy: each layer (the rule, the subset)
+    is first taken at the cluster's port, where a matching `portLevelSettings` entry replaces all four of its
+    blocks (loadBalancer, connectionPool, outlierDetection, tls: what it omits falls back to the defaults, it
+    is not inherited); then the subset's blocks replace the rule's, all four of them when the subset had
+    port-level settings for the port, else only those it sets."""
     if rule is None and subset is None:
         return None
-    lb: m.LoadBalancerSettings | None = None
-    pool: m.ConnectionPoolSettings | None = None
-    outlier: m.OutlierDetection | None = None
-    tls: m.ClientTLSSettings | None = None
-    budget: m.RetryBudget | None = None
-    for layer in (rule, subset):
-        if layer is None:
-            continue
-        lb = layer.load_balancer if layer.load_balancer is not None else lb
-        pool = layer.connection_pool if layer.connection_pool is not None else pool
-        outlier = layer.outlier_detection if layer.outlier_detection is not None else outlier
-        tls = layer.tls if layer.tls is not None else tls
-        budget = layer.retry_budget if layer.retry_budget is not None else budget
-        for settings in layer.port_level_settings:
-            if settings.port == port:
-                lb = settings.load_balancer if settings.load_balancer is not None else lb
-                pool = settings.connection_pool if settings.connection_pool is not None else pool
-                outlier = settings.outlier_detection if settings.outlier_detection is not None else outlier
-                tls = settings.tls if settings.tls is not None else tls
-    return m.TrafficPolicy(load_balancer=lb, connection_pool=pool, outlier_detection=outlier, tls=tls,
-                           retry_budget=budget)
+    base, _ = _at_port(rule, port)
+    top, port_level = _at_port(subset, port)
+    if top is None:
+        return base
+    if base is None:
+        return top
+    whole = port_level  # the subset's port-level entry: its omissions are defaults, not the rule's blocks
+    return m.TrafficPolicy(
+        load_balancer=top.load_balancer if top.load_balancer is not None or whole else base.load_balancer,
+        connection_pool=top.connection_pool if top.connection_pool is not None or whole else base.connection_pool,
+        outlier_detection=top.outlier_detection if top.outlier_detection is not None or whole
+        else base.outlier_detection,
+        tls=top.tls if top.tls is not None or whole else base.tls,
+        retry_budget=top.retry_budget if top.retry_budget is not None else base.retry_budget)
+
+
+def _at_port(policy: m.TrafficPolicy | None, port: int) -> tuple[m.TrafficPolicy | None, bool]:
+    """A layer's policy at one port, and whether a port-level entry made it (Istio's GetPortLevelTrafficPolicy)."""
+    if policy is None:
+        return None, False
+    for settings in policy.port_level_settings:
+        if settings.port == port:
+            return m.TrafficPolicy(load_balancer=settings.load_balancer, connection_pool=settings.connection_pool,
+                                   outlier_detection=settings.outlier_detection, tls=settings.tls,
+                                   retry_budget=policy.retry_budget), True
+    return policy, False
 
 
 def compile_cluster_policy(policy: m.TrafficPolicy | None) -> ClusterPolicy:

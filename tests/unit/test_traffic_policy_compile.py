@@ -133,9 +133,26 @@ def test_port_level_settings_apply_to_the_clusters_of_their_port_only() -> None:
     found, _ = clusters(SERVICE + RULE + ROUTES)
     admin = found["outbound|9443||reviews.default.svc.cluster.local"].policy
     assert admin.lb == "ROUND_ROBIN"
-    assert admin.pool.max_connections == 5  # a block the port level leaves out stays the rule's
+    # Istio's GetPortLevelTrafficPolicy: a block the port-level entry leaves out is the default, not the rule's
+    assert admin.pool == DEFAULT_POLICY.pool and admin.outlier is None
     assert admin.tls == UpstreamTlsContext(mode="SIMPLE", sni="admin.reviews", subject_alt_names=("spiffe://a/b",),
                                            ca_certificates="/etc/ca.pem")
+
+
+def test_a_subsets_port_level_entry_replaces_all_four_blocks_of_the_merge() -> None:
+    """Istio's MergeSubsetTrafficPolicy: with a port-level entry for the port, the subset's four blocks replace the
+    rule's even where the entry leaves them out; elsewhere only the blocks the subset sets do."""
+    rule = RULE.replace("""    labels: {version: v1}
+""", """    labels: {version: v1}
+    trafficPolicy:
+      portLevelSettings:
+      - port: {number: 9080}
+        tls: {mode: DISABLE}
+""")
+    found, _ = clusters(SERVICE + rule + ROUTES)
+    v1 = found["outbound|9080|v1|reviews.default.svc.cluster.local"].policy
+    assert (v1.lb, v1.pool, v1.outlier, v1.tls) == ("LEAST_REQUEST", DEFAULT_POLICY.pool, None, None)
+    assert v1.retry_budget == found["outbound|9080|v2|reviews.default.svc.cluster.local"].policy.retry_budget
 
 
 def test_tls_settings_are_typed_on_the_cluster() -> None:
