@@ -22,9 +22,8 @@ from peers import BODY_FILE_BYTES, BODY_PATH, Backend
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS_DIR.parent
-# Istio's Bookinfo samples: beside the checkout as the tests find them (tests/harness.py SAMPLES), else the
-# repository's byte-identical copies.
-SAMPLES_DIRS = (REPO_ROOT.parent / "shared" / "istio-samples", REPO_ROOT / "config" / "bookinfo")
+# Istio's Bookinfo samples, copied unchanged into the repository (where tests/harness.py's SAMPLES finds them too).
+SAMPLES_DIRS = (REPO_ROOT / "config" / "bookinfo",)
 ROUTES_1000 = 1000
 IDLE_CONNECTIONS = 10_000
 ALL_TARGETS = ("direct", "meshproxy", "envoy", "aiohttp-naive")

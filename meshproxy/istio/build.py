@@ -434,6 +434,9 @@ def _enum_name(value: Any, names: tuple[str, ...]) -> str:
     return names[value] if isinstance(value, int) else str(value)
 
 
+NOT_IMPLEMENTED_POLICY = ("tunnel", "proxyProtocol")  # accepted as Istio does, warned about, not acted on
+
+
 def _traffic_policy(doc: DocProblems, spec: Mapping[str, Any] | None, path: str) -> m.TrafficPolicy | None:
     if spec is None:
         return None
@@ -447,6 +450,9 @@ def _traffic_policy(doc: DocProblems, spec: Mapping[str, Any] | None, path: str)
             outlier_detection=_outlier_detection(settings.get("outlierDetection")),
             tls=_client_tls(doc, settings.get("tls"), f"{sub}.tls"),
         ))
+    for name in NOT_IMPLEMENTED_POLICY:
+        if spec.get(name) is not None:
+            doc.warn(f"{path}.{name}", f"{name} is not implemented: it is ignored")
     budget = spec.get("retryBudget")
     return m.TrafficPolicy(
         load_balancer=_load_balancer(spec.get("loadBalancer")),

@@ -270,3 +270,13 @@ def test_run_logs_the_tls_warning_at_every_load(tmp_path: Path, caplog: pytest.L
     logged = [r.getMessage() for r in caplog.records if "TLS origination is not implemented yet" in r.getMessage()]
     assert len(logged) == 4  # two places, two loads
     assert logged[0].startswith(f"{path}:1: spec.trafficPolicy.portLevelSettings[0].tls.mode: warning: tls mode SIMPLE")
+
+
+def test_tunnel_and_proxy_protocol_are_warned_about_not_silently_ignored() -> None:
+    problems: list = []
+    load_text(RULE.replace("    retryBudget:", "    tunnel: {protocol: CONNECT, targetHost: h, targetPort: 1}\n"
+                                               "    proxyProtocol: {version: V2}\n    retryBudget:"),
+              "reviews.yaml", problems)
+    assert [str(p) for p in problems if "not implemented: it is ignored" in p.message] == [
+        "reviews.yaml:0: spec.trafficPolicy.tunnel: warning: tunnel is not implemented: it is ignored",
+        "reviews.yaml:0: spec.trafficPolicy.proxyProtocol: warning: proxyProtocol is not implemented: it is ignored"]
