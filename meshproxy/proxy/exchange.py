@@ -3,8 +3,8 @@
 `Stream` is the per-request state both sides talk to: the downstream transport feeds it the request body, the
 upstream connection feeds it the response (as a `ResponseSink`), and it hands the response to the downstream
 transport as it arrives (`send_response_head`/`_body`/`_end`, then `flush` after each upstream read: one write),
-with backpressure both ways. The codecs (`http1/`) turn those calls into bytes. `stream.info` is the record of the
-exchange (`StreamInfo`) that telemetry reads when it is over.
+with backpressure both ways. The codecs (`http1/`) turn those calls into bytes. A Stream is also the record of
+the exchange (`StreamInfo`) that telemetry reads when it is over.
 
 The functions below make the decisions (route, local replies, attempts, retries). They run as callbacks,
 synchronously, from the moment a request head is parsed to the end of its response; a task carries on only across
@@ -38,7 +38,8 @@ from ..routing.policy import (
     merge_mutations,
 )
 from ..routing.rewrite import ORIGINAL_PATH
-from ..stream_info import DC, DI, FI, UO, URX, StreamInfo
+from ..messages import RequestHead
+from ..stream_info import DC, DI, FI, UO, URX, ConnectionInfo, StreamInfo
 from .balancer import ClusterState, EndpointState
 from .fault import GRPC_CODES, MILLION, decide_abort, decide_delay
 from .local_reply import (
@@ -84,19 +85,21 @@ EXPECTED_TIMEOUT: Final = b"x-envoy-expected-rq-timeout-ms"
 NO_EXTRA: Final[tuple[tuple[bytes, bytes], ...]] = ()
 
 
-class Stream(ResponseSink):
-    """Per-request state shared by the downstream transport and the upstream connection."""
+class Stream(StreamInfo, ResponseSink):
+    """Per-request state shared by the downstream transport and the upstream connection. It is the exchange's
+    record too (`StreamInfo`, what telemetry reads, as Envoy's ActiveStream holds its StreamInfo): one object per
+    request, not two."""
 
     __slots__ = (
-        "conn", "info", "pending", "pending_size", "request_complete", "upstream", "response_started",
+        "conn", "pending", "pending_size", "request_complete", "upstream", "response_started",
         "response_complete", "request_mutation", "response_mutation", "sent", "replayable", "retries_left", "timer",
         "sent_at", "upstream_extra", "cluster_state", "downstream_extra", "target", "tried", "deadline", "hash_key",
         "avoid_previous", "retrying", "second_chance", "ended",
     )
 
-    def __init__(self, conn: Downstream, info: StreamInfo) -> None:
+    def __init__(self, conn: Downstream, head: RequestHead, connection: ConnectionInfo, start: float) -> None:
+        super().__init__(head, connection, start)
         self.conn = conn
-        self.info = info
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.request_complete = False
@@ -126,9 +129,8 @@ class Stream(ResponseSink):
     # ---- request body, from the downstream transport
 
     def on_request_body(self, data: bytes) -> None:
-        info = self.info
-        info.body_size += len(data)
-        if self.replayable and info.body_size > RETRY_BUFFER_LIMIT:
+        self.body_size += len(data)
+        if self.replayable and self.body_size > RETRY_BUFFER_LIMIT:
             self.replayable = False
             self.sent = []
         upstream = self.upstream
@@ -151,22 +153,21 @@ class Stream(ResponseSink):
 
     def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None,
                          end_stream: bool) -> None:
-        info = self.info
-        route = info.route
+        route = self.route
         retry = route.retry if route is not None else NO_RETRY
         if retry.num_retries and should_retry_response(
                 retry, status, headers,
-                info.head.header(RETRIABLE_HEADER_NAMES) if retry.retry_on & RETRY_ON_RETRIABLE_HEADERS else None):
+                self.head.header(RETRIABLE_HEADER_NAMES) if retry.retry_on & RETRY_ON_RETRIABLE_HEADERS else None):
             if self.retries_left > 0 and self.replayable and self.cluster_state is not None \
                     and _retry_allowed(self, self.cluster_state):
                 attempt_over(self, RetriableResponse(status))  # discarded: the exchange retries
                 return
-            info.flags |= URX  # retries exhausted: the last upstream answer goes to the client
-        info.status = status
+            self.flags |= URX  # retries exhausted: the last upstream answer goes to the client
+        self.status = status
         self.response_started = True
         conn = self.conn
         if conn.telemetry.reads_response:
-            headers = conn.telemetry.on_response(info, headers)
+            headers = conn.telemetry.on_response(self, headers)
         mutation = self.response_mutation
         if mutation is not None:
             headers = apply_mutation(headers, mutation)
@@ -176,7 +177,7 @@ class Stream(ResponseSink):
         conn.send_response_head(self, status, headers, extra, content_length, end_stream)
 
     def on_response_body(self, data: bytes) -> None:
-        self.info.response_bytes += len(data)
+        self.response_bytes += len(data)
         self.conn.send_response_body(data)
 
     def flush(self) -> None:
@@ -222,10 +223,9 @@ class Stream(ResponseSink):
 
     def reply(self, status: int, body: bytes, flag: int, details: str,
               extra: tuple[tuple[bytes, bytes], ...] = NO_EXTRA) -> None:
-        info = self.info
-        info.status = status
-        info.flags |= flag
-        info.details = details
+        self.status = status
+        self.flags |= flag
+        self.details = details
         self.response_started = True
         self.response_complete = True
         self.conn.send_local_reply(self, status, body, extra + self.downstream_extra if self.downstream_extra
@@ -260,22 +260,20 @@ def send_request_head(stream: Stream, upstream: UpstreamStream, attempt: int, de
     """The upstream request head: rewritten as the route says, hop-by-hop and rewritten headers removed, the
     proxy's own added (x-forwarded-*, attempt count, expected timeout, trace and peer headers); the codec frames it."""
     conn = stream.conn
-    info = stream.info
-    head = info.head
+    head = stream.head
     drop = conn.strip_request | head.connection_tokens if head.connection_tokens else conn.strip_request
     headers = head.headers
     if stream.request_mutation is not None:
         headers = apply_mutation(headers, stream.request_mutation)
     path, authority = head.path_and_query, head.authority
-    route = info.route
+    route = stream.route
     rewrite = route.rewrite if route is not None else None
     out: list[tuple[bytes, bytes]] = []
-    append = out.append
     if rewrite is not None:
         if rewrite.rewrites_path:
             rewritten = rewrite.path(head.path)
             if rewritten != head.path:
-                append((ORIGINAL_PATH, head.path_and_query))
+                out.append((ORIGINAL_PATH, head.path_and_query))
                 path = rewritten + b"?" + head.query if head.query else rewritten
         if rewrite.authority:
             authority = rewrite.authority
@@ -283,31 +281,32 @@ def send_request_head(stream: Stream, upstream: UpstreamStream, attempt: int, de
         authority = shadow_authority(authority)
     xff = None
     has_proto = False
-    for name, value in headers:
+    for pair in headers:  # the head's own pairs go on as they are: no new tuple per header
+        name = pair[0]
         if name in drop:
             continue
         if name == FORWARDED_FOR:
-            xff = value
+            xff = pair[1]
             continue
         if name == FORWARDED_PROTO:
             has_proto = True
         if name in PROXY_SET_HEADERS:
             continue
-        append((name, value))
-    peer = info.connection.peer_ip
-    append((FORWARDED_FOR, (xff + b", " + peer) if xff else peer))
+        out.append(pair)
+    peer = stream.connection.peer_ip
+    out.append((FORWARDED_FOR, (xff + b", " + peer) if xff else peer))
     if not has_proto:
-        append(FORWARDED_PROTO_HTTP)
+        out.append(FORWARDED_PROTO_HTTP)
     if stream.upstream_extra:
         out += stream.upstream_extra
     peer_headers = conn.telemetry.request_peer_headers
     if peer_headers:
-        cluster = shadow or info.cluster
+        cluster = shadow or stream.cluster
         if cluster is None or not cluster.external:  # Istio never gives peer metadata to a MESH_EXTERNAL service
             out += peer_headers
-    append((ATTEMPT_COUNT, b"%d" % attempt))
+    out.append((ATTEMPT_COUNT, b"%d" % attempt))
     if deadline is not None:
-        append((EXPECTED_TIMEOUT, b"%d" % max(0, int((deadline - now) * 1000))))
+        out.append((EXPECTED_TIMEOUT, b"%d" % max(0, int((deadline - now) * 1000))))
     no_body = head.content_length is None and not head.chunked
     upstream.send_head(head.method, path, authority, out, None if head.chunked else head.content_length, no_body)
 
@@ -350,16 +349,15 @@ async def _run(conn: Downstream, stream: Stream, step: Callable[..., Awaitable[b
 
 def abandon(conn: Downstream, stream: Stream) -> None:
     """The transport stopped the exchange (client gone, stream idle timeout, bad request body)."""
-    info = stream.info
-    info.flags |= DC  # the transport replaces it when it knows a better reason
-    info.details = DOWNSTREAM_DISCONNECT
+    stream.flags |= DC  # the transport replaces it when it knows a better reason
+    stream.details = DOWNSTREAM_DISCONNECT
     _drop_upstream(conn, stream)
     _end(conn, stream)
 
 
 def _failed(conn: Downstream, stream: Stream) -> None:
     """A bug met on this request: the process must survive anything a peer can make happen."""
-    head = stream.info.head
+    head = stream.head
     log.exception("exchange failed for %s %r", head.method, head.target)
     try:
         _drop_upstream(conn, stream)
@@ -399,12 +397,11 @@ def _drop_upstream(conn: Downstream, stream: Stream) -> None:
 
 def _route(conn: Downstream, stream: Stream) -> bool:
     """Route and apply the route's filters; True when the request was answered here."""
-    info = stream.info
-    route, port = conn.ctx.table.match(info.head)  # one read of the table: a reload never changes this request
+    route, port = conn.ctx.table.match(stream.head)  # one read of the table: a reload never changes this request
     if route is None:
         stream.reply_with(NO_ROUTE)
         return True
-    info.route = route
+    stream.route = route
     if route.cors is not None and _cors(stream, route.cors):
         return True  # a preflight answered here
     # Fault filter: before routing to the upstream, in the caller's proxy.
@@ -412,7 +409,7 @@ def _route(conn: Downstream, stream: Stream) -> bool:
     if fault.active:
         delay = decide_delay(fault, conn.randbelow)
         if delay:
-            info.flags |= DI
+            stream.flags |= DI
             _spawn(conn, stream, _delayed, route, port, delay)
             return False
         if decide_abort(fault, conn.randbelow):
@@ -431,8 +428,7 @@ async def _delayed(conn: Downstream, stream: Stream, route: Route, port: int, de
 
 def _forward(conn: Downstream, stream: Stream, route: Route, port: int) -> bool:
     """The router: direct response, redirect, or a destination and the first attempt to it."""
-    info = stream.info
-    head = info.head
+    head = stream.head
     if route.action == ACTION_DIRECT_RESPONSE:
         stream.reply(route.direct_status, route.direct_body, 0, DIRECT_RESPONSE)
         return True
@@ -447,7 +443,7 @@ def _forward(conn: Downstream, stream: Stream, route: Route, port: int) -> bool:
     if cluster is None:
         stream.reply_with(NO_CLUSTER)
         return True
-    info.cluster = cluster
+    stream.cluster = cluster
     if not cluster.endpoints:
         stream.reply_with(NO_HEALTHY_UPSTREAM)
         return True
@@ -471,7 +467,7 @@ def _forward(conn: Downstream, stream: Stream, route: Route, port: int) -> bool:
     stream.retries_left = retry.num_retries
     # The route timeout covers every attempt and back-off; it starts after any fault delay.
     stream.deadline = conn.loop.time() + route.timeout if route.timeout else None
-    key = stream.hash_key = state.hash_key(head, info.connection.peer_ip) if state.policy.hash is not None else None
+    key = stream.hash_key = state.hash_key(head, stream.connection.peer_ip) if state.policy.hash is not None else None
     stream.avoid_previous = retry.avoid_previous_hosts and key is None  # Istio turns it off with consistent hashing
     return _attempt(conn, stream)
 
@@ -480,14 +476,13 @@ def _attempt(conn: Downstream, stream: Stream) -> bool:
     """Start the next attempt: on an idle connection at once, else in a task that connects first."""
     state = stream.cluster_state
     assert state is not None
-    info = stream.info
-    info.attempts += 1
+    stream.attempts += 1
     now = conn.loop.time()
     target = state.only or state.pick(stream.hash_key, stream.tried if stream.avoid_previous else (), conn.random, now)
     if target is None:  # every endpoint ejected
         stream.reply_with(NO_HEALTHY_UPSTREAM)
         return True
-    info.endpoint = target.endpoint
+    stream.endpoint = target.endpoint
     stream.tried.append(target.endpoint)
     if stream.deadline is not None and now >= stream.deadline:
         _finish_timeout(stream)
@@ -520,7 +515,7 @@ async def _connect(conn: Downstream, stream: Stream, target: EndpointState) -> b
         if stream.retrying:
             state.active_retries -= 1
             stream.retrying = False
-        retry = stream.info.route.retry  # type: ignore[union-attr]
+        retry = stream.route.retry  # type: ignore[union-attr]
         if _should_retry(stream, state, retry, CONNECT_FAILURE, False):
             stream.retrying = True
             return _back_off(conn, stream)
@@ -533,12 +528,12 @@ async def _connect(conn: Downstream, stream: Stream, target: EndpointState) -> b
 def _send(conn: Downstream, stream: Stream, upstream: UpstreamStream, target: EndpointState) -> None:
     """Send the request on `upstream`; its response comes back through the Stream's sink callbacks."""
     loop = conn.loop
-    route = stream.info.route
+    route = stream.route
     assert route is not None
     stream.upstream = upstream
     stream.target = target
     target.active += 1
-    upstream.attach(stream, stream.info.head.method == b"HEAD")
+    upstream.attach(stream, stream.head.method == b"HEAD")
     now = loop.time()
     deadline = stream.deadline
     per_try = route.retry.per_try_timeout
@@ -551,7 +546,7 @@ def _send(conn: Downstream, stream: Stream, upstream: UpstreamStream, target: En
     stream.pending = []
     stream.pending_size = 0
     stream.sent_at = now
-    send_request_head(stream, upstream, stream.info.attempts, deadline, now)
+    send_request_head(stream, upstream, stream.attempts, deadline, now)
     for data in body:
         upstream.send_body(data)
     if conn.read_paused & READ_PAUSED_BY_BUFFER:
@@ -580,7 +575,7 @@ def attempt_over(stream: Stream, outcome: UpstreamError | None) -> None:
             stream.retrying = False
         if outcome is None:
             if state.policy.outlier is not None:
-                state.report(target, stream.info.status, conn.loop.time())
+                state.report(target, stream.status, conn.loop.time())
             if stream.request_complete:
                 upstream.release()
             else:  # answered before the request body ended: the connection still owes the rest, never reused
@@ -600,14 +595,13 @@ def attempt_over(stream: Stream, outcome: UpstreamError | None) -> None:
 def _after_failure(conn: Downstream, stream: Stream, upstream: UpstreamStream,
                    outcome: UpstreamError) -> bool:
     """An attempt that sent its request failed: retry (True if a reply was made instead)."""
-    info = stream.info
     if stream.response_started:  # bytes went downstream: never pretend the response was complete
-        info.flags |= outcome.flag
-        info.details = outcome.details(started=True)
+        stream.flags |= outcome.flag
+        stream.details = outcome.details(started=True)
         conn.reset_stream(stream)
         return True
     state = stream.cluster_state
-    route = info.route
+    route = stream.route
     assert state is not None and route is not None
     retry = route.retry
     if isinstance(outcome, RetriableResponse):
@@ -618,13 +612,13 @@ def _after_failure(conn: Downstream, stream: Stream, upstream: UpstreamStream,
         return True
     kind = PER_TRY_TIMEOUT if isinstance(outcome, UpstreamTimeoutError) else RESET
     if kind == RESET and upstream.reused and upstream.served and stream.second_chance and stream.replayable \
-            and info.head.method in IDEMPOTENT:
+            and stream.head.method in IDEMPOTENT:
         # The server closed a kept-alive connection as we reused it: one free retry, as Go's transport does (a
         # deliberate difference from Envoy, counted, and off with --no-retry-reused-connection; see the README).
         stream.second_chance = False
-        info.reused_retries += 1
+        stream.reused_retries += 1
         stream.tried.pop()
-        info.attempts -= 1
+        stream.attempts -= 1
         return _attempt(conn, stream)
     if _should_retry(stream, state, retry, kind, True):
         stream.retrying = True
@@ -635,7 +629,7 @@ def _after_failure(conn: Downstream, stream: Stream, upstream: UpstreamStream,
 
 def _cors(stream: Stream, cors: CorsPolicy) -> bool:
     """Envoy's cors filter (before faults and the router); True when it answered a preflight itself."""
-    head = stream.info.head
+    head = stream.head
     origin = head.header(CORS_ORIGIN)
     if origin is None:
         return False
@@ -707,7 +701,7 @@ class _MirrorSink(ResponseSink):
 
 
 async def _mirror(conn: Downstream, stream: Stream, cluster: Cluster) -> None:
-    head = stream.info.head
+    head = stream.head
     try:
         async with asyncio.timeout(MIRROR_TIMEOUT):
             while not stream.request_complete and stream.replayable:  # the copy needs the whole body
@@ -747,10 +741,9 @@ def _should_retry(stream: Stream, state: ClusterState, retry: RetryPolicy, kind:
 
 def _give_up(stream: Stream, retry: RetryPolicy, kind: int, request_sent: bool, error: UpstreamError) -> None:
     """Answer with the last failure; URX when retries ran out (or were never possible for a retriable failure)."""
-    info = stream.info
-    retried = info.attempts > 1
+    retried = stream.attempts > 1
     if retried or (retry.num_retries and should_retry_failure(retry, kind, request_sent)):
-        info.flags |= URX
+        stream.flags |= URX
     stream.reply(error.status, error.body(retried), error.flag, error.details())
 
 
@@ -759,7 +752,7 @@ def _retry_allowed(stream: Stream, state: ClusterState) -> bool:
     if state.retry_allowed():
         state.active_retries += 1
         return True
-    stream.info.flags |= UO
+    stream.flags |= UO
     return False
 
 
@@ -774,10 +767,10 @@ IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b
 def _back_off(conn: Downstream, stream: Stream) -> bool:
     """Spend one retry and wait its jittered back-off in a task, then attempt again; if the route timeout ends
     first, wait for it and answer 504 instead."""
-    route = stream.info.route
+    route = stream.route
     assert route is not None
     stream.retries_left -= 1
-    wait = backoff(route.retry, stream.info.attempts, conn.random)
+    wait = backoff(route.retry, stream.attempts, conn.random)
     deadline = stream.deadline
     if deadline is not None and conn.loop.time() + wait >= deadline:
         _spawn(conn, stream, _time_out_at, deadline)
@@ -799,7 +792,7 @@ async def _time_out_at(conn: Downstream, stream: Stream, deadline: float) -> boo
 
 def _finish_timeout(stream: Stream) -> None:
     error = UpstreamTimeoutError()
-    stream.reply(error.status, error.body(stream.info.attempts > 1), error.flag, error.details())
+    stream.reply(error.status, error.body(stream.attempts > 1), error.flag, error.details())
 
 
 def _reply_abort(stream: Stream, fault: FaultPolicy) -> None:

@@ -39,7 +39,7 @@ from ..http1.errors import ProtocolError
 from ..http1.server import ServerCodec
 from ..http1.wire import CONTINUE_100, LAST_CHUNK, chunk, local_reply, response_head
 from ..messages import HTTP11, RequestEvents, RequestHead
-from ..stream_info import DC, ConnectionInfo, StreamInfo
+from ..stream_info import DC, ConnectionInfo
 from .downstream import Downstream, ListenerContext
 from .exchange import Stream, abandon, start
 from .local_reply import protocol_error_body, protocol_error_flag, stream_idle_timeout
@@ -148,8 +148,8 @@ class DownstreamProtocol(Downstream, RequestEvents):
             self.streams.remove(stream)
         self._stop_active()
         for stream in queued:
-            stream.info.flags |= DC
-            self.telemetry.on_complete(stream.info)
+            stream.flags |= DC
+            self.telemetry.on_complete(stream)
 
     def pause_writing(self) -> None:
         if self.streams:
@@ -165,11 +165,11 @@ class DownstreamProtocol(Downstream, RequestEvents):
         self.head_deadline = 0.0
         if len(self.streams) >= MAX_PIPELINED:
             raise ProtocolError(400, "http1.too_many_pipelined_requests")
-        stream = Stream(self, StreamInfo(head, self.info, time.monotonic()))
+        stream = Stream(self, head, self.info, time.monotonic())
         if self.ctx.response_mutation is not None:
             stream.response_mutation = self.ctx.response_mutation
         telemetry = self.telemetry
-        stream.upstream_extra = telemetry.on_request(stream.info)
+        stream.upstream_extra = telemetry.on_request(stream)
         stream.downstream_extra = telemetry.response_extra
         self.parsing = stream
         if not (head.chunked or head.content_length):  # no body
@@ -194,7 +194,7 @@ class DownstreamProtocol(Downstream, RequestEvents):
 
     def send_response_head(self, stream: Stream, status: int, headers: list[tuple[bytes, bytes]],
                            extra: list[tuple[bytes, bytes]], content_length: int | None, end_stream: bool) -> None:
-        head = stream.info.head
+        head = stream.head
         chunked = False
         if content_length is None and not end_stream:
             if head.version == HTTP11:
@@ -225,7 +225,7 @@ class DownstreamProtocol(Downstream, RequestEvents):
     def send_local_reply(self, stream: Stream, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...]) -> None:
         if not stream.request_complete:
             self.close_after = True  # the rest of the request body is not read
-        head = stream.info.head
+        head = stream.head
         self.write(local_reply(status, body, close=self.close_after or self.ctx.draining, server=self.server_name,
                                extra=extra, head_only=head.method == b"HEAD"))
 
@@ -242,7 +242,7 @@ class DownstreamProtocol(Downstream, RequestEvents):
     def _start(self, stream: Stream) -> None:
         if self.stream_idle:
             self._arm(self.last_activity + self.stream_idle)
-        self.close_after = not stream.info.head.keep_alive
+        self.close_after = not stream.head.keep_alive
         start(self, stream)  # may finish the stream (stream_done) before it returns
 
     def stream_done(self, stream: Stream) -> None:
@@ -251,17 +251,16 @@ class DownstreamProtocol(Downstream, RequestEvents):
             del self.streams[0]
         self.active_task = None
         error = self.error
-        info = stream.info
         if stream is self.aborted and error is not None:
             self.aborted = None
-            info.flags = (info.flags & ~DC) | protocol_error_flag(error)  # the transport knows the reason
-            info.details = error.detail
+            stream.flags = (stream.flags & ~DC) | protocol_error_flag(error)  # the transport knows the reason
+            stream.details = error.detail
             if not stream.response_started:
-                info.status = error.status
+                stream.status = error.status
             own_error = True
         else:
             own_error = error is not None and not stream.request_complete
-        self.telemetry.on_complete(info)
+        self.telemetry.on_complete(stream)
         if self.closed:
             return
         self.last_activity = self.loop.time()
@@ -428,11 +427,10 @@ class DownstreamProtocol(Downstream, RequestEvents):
         self.head_deadline = 0.0
         if parsing is not None and parsing in self.streams and self.streams[0] is not parsing:
             self.streams.remove(parsing)  # a queued request whose body was bad: never started
-            info = parsing.info
-            info.flags |= protocol_error_flag(error)
-            info.details = error.detail
-            info.status = error.status
-            self.telemetry.on_complete(info)
+            parsing.flags |= protocol_error_flag(error)
+            parsing.details = error.detail
+            parsing.status = error.status
+            self.telemetry.on_complete(parsing)
         if not self.streams:
             self._send_error(error)
         elif not self.streams[0].request_complete:

@@ -15,6 +15,8 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
+from mypy_extensions import trait
+
 from ..http1.client import ClientCodec
 from ..http1.errors import ProtocolError
 from ..http1.wire import LAST_CHUNK, chunk, request_head
@@ -36,9 +38,10 @@ log = logging.getLogger("meshproxy.upstream")
 WRITE_HIGH_WATER: Final = 256 * 1024
 WRITE_LOW_WATER: Final = 64 * 1024
 
+@trait
 class ResponseSink(ResponseEvents):
     """What an UpstreamConnection reports to: the exchange's Stream, or a mirror's sink. The codec's response events
-    (a base class rather than a Protocol, so that the compiled hot path calls them directly), and the connection's.
+    and the connection's; a mypyc trait (the Stream's base class is its record), so compiled code calls it directly.
     """
 
     __slots__ = ()
