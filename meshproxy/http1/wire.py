@@ -72,10 +72,15 @@ def response_head(status: int, headers: list[tuple[bytes, bytes]], extra: list[t
 
 
 def request_head(method: bytes, path: bytes, authority: bytes, headers: list[tuple[bytes, bytes]],
-                 content_length: int | None, chunked: bool) -> bytes:
-    """An upstream request's head, origin-form; `headers` are already what goes upstream (no Host, no framing)."""
+                 drop: frozenset[bytes], extra: list[tuple[bytes, bytes]], content_length: int | None,
+                 chunked: bool) -> bytes:
+    """An upstream request's head, origin-form: `headers` less the names in `drop` (which must hold Host and the
+    framing headers), then `extra`; framing regenerated."""
     parts = [method, b" ", path, b" HTTP/1.1\r\nhost: ", authority, CRLF]
     for name, value in headers:
+        if name not in drop:
+            _line(parts, name, value)
+    for name, value in extra:
         _line(parts, name, value)
     if chunked:
         parts.append(b"transfer-encoding: chunked\r\n")

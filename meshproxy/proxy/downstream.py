@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 MAX_CONNECTIONS_CAP: Final = 50_000  # Envoy's edge advice for global_downstream_max_connections
 
 H2C_SETTINGS: Final = frozenset({b"http2-settings"})  # only meaningful with an h2c upgrade, which is not taken
+# Request headers the proxy writes itself upstream (the exchange): the client's are never forwarded.
+PROXY_SET_HEADERS: Final = frozenset({b"host", b"x-forwarded-for", b"x-envoy-attempt-count",
+                                      b"x-envoy-expected-rq-timeout-ms", b"x-envoy-original-path"})
 
 EDGE_NONE: Final = "none"  # outbound sidecar listener: the client is the local app
 EDGE_INBOUND: Final = "inbound"  # inbound sidecar listener: Envoy's control headers stripped
@@ -114,12 +117,13 @@ class ListenerContext:
     follows_config: bool = False  # the app gives it each reloaded table (the outbound listener)
     retry_reused: bool = True  # one free retry of an idempotent request whose reused connection was reset (README)
 
-    strip_request: frozenset[bytes] = field(init=False)  # request headers never forwarded upstream (computed)
+    strip_request: frozenset[bytes] = field(init=False)  # the client's request headers never forwarded (computed)
 
     def __post_init__(self) -> None:
         if self.telemetry is None:
             self.telemetry = Telemetry(self.name, "outbound", AccessLog())
-        self.strip_request = HOP_BY_HOP | H2C_SETTINGS | self.telemetry.strip_request  # once, not per connection
+        # once, not per connection: hop-by-hop, what the proxy sets itself, what telemetry replaces
+        self.strip_request = HOP_BY_HOP | H2C_SETTINGS | PROXY_SET_HEADERS | self.telemetry.strip_request
 
     def start_draining(self) -> None:
         self.draining = True

@@ -244,9 +244,6 @@ def apply_mutation(headers: list[tuple[bytes, bytes]], mutation: HeaderMutation)
     return out
 
 
-PROXY_SET_HEADERS: Final = frozenset({b"host", ATTEMPT_COUNT, EXPECTED_TIMEOUT, ORIGINAL_PATH})
-
-
 def shadow_authority(authority: bytes) -> bytes:
     """Envoy's mirror host: `-shadow` after the host name, before any port."""
     host, sep, port = authority.rpartition(b":")
@@ -257,8 +254,9 @@ def shadow_authority(authority: bytes) -> bytes:
 
 def send_request_head(stream: Stream, upstream: UpstreamStream, attempt: int, deadline: float | None = None,
                       now: float = 0.0, shadow: Cluster | None = None) -> None:
-    """The upstream request head: rewritten as the route says, hop-by-hop and rewritten headers removed, the
-    proxy's own added (x-forwarded-*, attempt count, expected timeout, trace and peer headers); the codec frames it."""
+    """The upstream request head: rewritten as the route says; the client's headers less hop-by-hop ones and those
+    the proxy sets (`conn.strip_request`), then the proxy's own (x-forwarded-*, trace and peer headers, attempt
+    count, expected timeout). The codec frames it, in one pass over the client's headers."""
     conn = stream.conn
     head = stream.head
     drop = conn.strip_request | head.connection_tokens if head.connection_tokens else conn.strip_request
@@ -268,12 +266,12 @@ def send_request_head(stream: Stream, upstream: UpstreamStream, attempt: int, de
     path, authority = head.path_and_query, head.authority
     route = stream.route
     rewrite = route.rewrite if route is not None else None
-    out: list[tuple[bytes, bytes]] = []
+    extra: list[tuple[bytes, bytes]] = []
     if rewrite is not None:
         if rewrite.rewrites_path:
             rewritten = rewrite.path(head.path)
             if rewritten != head.path:
-                out.append((ORIGINAL_PATH, head.path_and_query))
+                extra.append((ORIGINAL_PATH, head.path_and_query))
                 path = rewritten + b"?" + head.query if head.query else rewritten
         if rewrite.authority:
             authority = rewrite.authority
@@ -281,35 +279,28 @@ def send_request_head(stream: Stream, upstream: UpstreamStream, attempt: int, de
         authority = shadow_authority(authority)
     xff = None
     has_proto = False
-    for pair in headers:  # the head's own pairs go on as they are: no new tuple per header
-        name = pair[0]
-        if name in drop:
-            continue
+    for name, value in headers:
         if name == FORWARDED_FOR:
-            xff = pair[1]
-            continue
-        if name == FORWARDED_PROTO:
+            xff = value
+        elif name == FORWARDED_PROTO:
             has_proto = True
-        if name in PROXY_SET_HEADERS:
-            continue
-        out.append(pair)
     peer = stream.connection.peer_ip
-    out.append((FORWARDED_FOR, (xff + b", " + peer) if xff else peer))
+    extra.append((FORWARDED_FOR, (xff + b", " + peer) if xff else peer))
     if not has_proto:
-        out.append(FORWARDED_PROTO_HTTP)
+        extra.append(FORWARDED_PROTO_HTTP)
     if stream.upstream_extra:
-        out += stream.upstream_extra
+        extra += stream.upstream_extra
     peer_headers = conn.telemetry.request_peer_headers
     if peer_headers:
         cluster = shadow or stream.cluster
         if cluster is None or not cluster.external:  # Istio never gives peer metadata to a MESH_EXTERNAL service
-            out += peer_headers
-    out.append((ATTEMPT_COUNT, b"%d" % attempt))
+            extra += peer_headers
+    extra.append((ATTEMPT_COUNT, b"%d" % attempt))
     if deadline is not None:
-        out.append((EXPECTED_TIMEOUT, b"%d" % max(0, int((deadline - now) * 1000))))
+        extra.append((EXPECTED_TIMEOUT, b"%d" % max(0, int((deadline - now) * 1000))))
     no_body = head.content_length is None and not head.chunked
-    upstream.send_head(head.method, path, authority, out, None if head.chunked else head.content_length, no_body)
-
+    upstream.send_head(head.method, path, authority, headers, drop, extra,
+                       None if head.chunked else head.content_length, no_body)
 
 def start(conn: Downstream, stream: Stream) -> None:
     """Begin a request's exchange; the downstream transport calls this for each request in turn (never raises).

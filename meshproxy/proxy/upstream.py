@@ -76,7 +76,10 @@ class UpstreamStream:
         raise NotImplementedError
 
     def send_head(self, method: bytes, path: bytes, authority: bytes, headers: list[tuple[bytes, bytes]],
-                  content_length: int | None, end_stream: bool) -> None:
+                  drop: frozenset[bytes], extra: list[tuple[bytes, bytes]], content_length: int | None,
+                  end_stream: bool) -> None:
+        """The request head: `headers` less the names in `drop`, then `extra`; a body of unknown length
+        (`content_length` None, not `end_stream`) is streamed as the protocol frames it."""
         raise NotImplementedError
 
     def send_body(self, data: bytes) -> None:
@@ -126,11 +129,11 @@ class UpstreamConnection(UpstreamStream, ResponseEvents):
         self.codec.expect(head_only)
 
     def send_head(self, method: bytes, path: bytes, authority: bytes, headers: list[tuple[bytes, bytes]],
-                  content_length: int | None, end_stream: bool) -> None:
-        """The request head; a body of unknown length (`content_length` None, not `end_stream`) is sent chunked."""
+                  drop: frozenset[bytes], extra: list[tuple[bytes, bytes]], content_length: int | None,
+                  end_stream: bool) -> None:
         assert self.transport is not None
-        self.chunked_request = chunked = content_length is None and not end_stream
-        self.transport.write(request_head(method, path, authority, headers, content_length, chunked))
+        self.chunked_request = chunked = content_length is None and not end_stream  # HTTP/1.1 streams chunked
+        self.transport.write(request_head(method, path, authority, headers, drop, extra, content_length, chunked))
 
     def send_body(self, data: bytes) -> None:
         assert self.transport is not None

@@ -121,7 +121,9 @@ def test_heads_out_drop_hop_by_hop_headers_regenerate_framing_and_add_a_missing_
     assert sum(line.startswith(b"date: ") for line in lines) == 1 and out.endswith(b"\r\n\r\n")
     dated = response_head(304, [(b"date", b"Tue, 01 Dec 2026 00:00:00 GMT")], [], None, False, True)
     assert dated.count(b"date: ") == 1 and b"connection: close" in dated
-    assert request_head(b"GET", b"/p?q", b"svc", [(b"x-a", b"1")], None, False) == (
-        b"GET /p?q HTTP/1.1\r\nhost: svc\r\nx-a: 1\r\n\r\n")
-    assert request_head(b"POST", b"/", b"svc", [], 3, False).endswith(b"content-length: 3\r\n\r\n")
-    assert request_head(b"POST", b"/", b"svc", [], None, True).endswith(b"transfer-encoding: chunked\r\n\r\n")
+    client = [(b"host", b"svc"), (b"x-a", b"1"), (b"connection", b"close"), (b"x-b", b"2")]
+    assert request_head(b"GET", b"/p?q", b"svc", client, frozenset({b"host", b"connection"}), [(b"x-c", b"3")],
+                        None, False) == b"GET /p?q HTTP/1.1\r\nhost: svc\r\nx-a: 1\r\nx-b: 2\r\nx-c: 3\r\n\r\n"
+    assert request_head(b"POST", b"/", b"svc", [], frozenset(), [], 3, False).endswith(b"content-length: 3\r\n\r\n")
+    assert request_head(b"POST", b"/", b"svc", [], frozenset(), [], None, True).endswith(
+        b"transfer-encoding: chunked\r\n\r\n")
