@@ -188,7 +188,7 @@ def tune_memory() -> None:
     """Once the proxy is up: the collector and the allocator, set for a long-lived server.
 
     - Everything made so far (modules, the config, the telemetry SDK) lives as long as the process: the garbage of
-      start-up is collected and its freed heap returned to the system first. Frozen, the rest is
+      start-up is collected first. Frozen, the rest is
       out of the collector's sight: a full collection, which the steady churn of requests triggers now and then,
       walks only what was made since, instead of stopping the loop for a walk of the whole heap (37-45 ms here).
     - Body bytes come in reads of up to 256 KiB, each a new bytes object (uvloop's read, httptools' body slice).
@@ -199,11 +199,9 @@ def tune_memory() -> None:
     gc.collect()  # what loading and compiling the config left behind, before the rest is frozen
     gc.freeze()
     try:
-        libc = ctypes.CDLL(None)
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim  # glibc; other C libraries keep their own defaults
+        mallopt = ctypes.CDLL(None).mallopt  # glibc; other C libraries keep their own defaults
     except (OSError, AttributeError):
         return
-    malloc_trim(0)  # the heap freed by start-up goes back to the system: idle RSS is what the proxy holds
     mallopt(M_MMAP_THRESHOLD, 4 << 20)
     mallopt(M_TRIM_THRESHOLD, 128 << 20)
 

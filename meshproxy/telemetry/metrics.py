@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
-from importlib.metadata import PackageNotFoundError, version
 from typing import Final
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -134,6 +133,9 @@ def _cumulative(counts: list[int]) -> list[tuple[str, float]]:
 
 
 def _meshproxy_version() -> str:
+    """Read at the first scrape: importlib.metadata costs 2 MiB resident that an unscraped proxy never needs."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("meshproxy")
     except PackageNotFoundError:
@@ -145,7 +147,7 @@ class IstioMetrics:
 
     def __init__(self) -> None:
         self.series: dict[tuple[str, ...], Series] = {}
-        self.build = _meshproxy_version()
+        self.build = ""  # meshproxy's version, at the first collect
         self.reused_connection_retries = 0  # the free retries after a reused connection was reset (README)
 
     def bind(self, labels: tuple[str, ...]) -> Series:
@@ -180,6 +182,8 @@ class IstioMetrics:
         reused.add_metric([], self.reused_connection_retries)
         yield reused
         build = GaugeMetricFamily("istio_build", "Istio component build info", labels=["component", "tag"])
+        if not self.build:
+            self.build = _meshproxy_version()
         build.add_metric(["proxy", f"meshproxy-{self.build}"], 1)
         yield build
 

@@ -1,0 +1,115 @@
+"""Instructions per proxied request, counted by callgrind: the steady measure on a shared machine.
+
+Bookinfo's routing (`virtual-service-reviews-test-v2.yaml` + `destination-rule-all.yaml`, a ServiceEntry with one
+endpoint per reviews version), the built-in Python backend, sequential keep-alive requests on one connection, every
+second one with `end-user: jason`, PYTHONHASHSEED=0. Instrumentation is on only while the measured requests run
+(after a warm-up); the figure is the total divided by their number. Needs valgrind (Debian's package).
+
+    python benchmarks/instructions.py                     # this checkout, telemetry off
+    python benchmarks/instructions.py --telemetry         # Istio metrics + tracing at 1 %
+    python benchmarks/instructions.py --tree ../before    # another checkout, its hot path built in place
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SERVICE_ENTRY = """apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: reviews}}
+spec:
+  hosts: [reviews.default.svc.cluster.local]
+  ports: [{{number: 9080, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  location: MESH_INTERNAL
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {v1}}}, labels: {{version: v1}}}}
+  - {{address: 127.0.0.1, ports: {{http: {v2}}}, labels: {{version: v2}}}}
+  - {{address: 127.0.0.1, ports: {{http: {v3}}}, labels: {{version: v3}}}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def send(port: int, count: int) -> None:
+    """`count` sequential requests on one keep-alive connection; each must be a 200."""
+    with socket.create_connection(("127.0.0.1", port)) as sock, sock.makefile("rb") as replies:
+        for i in range(count):
+            user = b"end-user: jason\r\n" if i % 2 else b""
+            sock.sendall(b"GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\nuser-agent: instructions\r\n" + user
+                         + b"\r\n")
+            status, length = replies.readline(), 0
+            while (line := replies.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            replies.read(length)
+            if b" 200 " not in status:
+                raise SystemExit(f"request {i}: {status!r}")
+
+
+def measure(tree: Path, python: str, telemetry: bool, requests: int) -> float:
+    work = Path(tempfile.mkdtemp(prefix="instructions-"))
+    ports = {name: free_port() for name in ("main", "v1", "v2", "v3", "listen")}
+    backend = subprocess.Popen([python, str(REPO_ROOT / "benchmarks" / "backend_server.py"), "--port",
+                                str(ports["main"]), *(w for v in ("v1", "v2", "v3") for w in ("--subset", f"{v}={ports[v]}"))])
+    (work / "reviews.yaml").write_text(SERVICE_ENTRY.format(**ports))
+    argv = [python, "-m", "meshproxy", "run", "--config", str(work / "reviews.yaml"),
+            "--config", str(tree / "config/bookinfo/virtual-service-reviews-test-v2.yaml"),
+            "--config", str(tree / "config/bookinfo/destination-rule-all.yaml"),
+            "--listen", f"127.0.0.1:{ports['listen']}", "--admin", "off", "--watch-interval", "0"]
+    argv += ["--tracing-sampling", "1"] if telemetry else ["--no-metrics", "--no-tracing"]
+    out = work / "callgrind.out"
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(tree)}
+    proxy = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+                              *argv], cwd=tree, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        assert proxy.stderr is not None
+        for line in proxy.stderr:
+            if "listening on" in line:
+                break
+        send(ports["listen"], 200)  # warm-up: connections, caches, the first trace batch
+        control = ["callgrind_control"]
+        subprocess.run([*control, "-i", "on", str(proxy.pid)], check=True, capture_output=True)
+        send(ports["listen"], requests)
+        subprocess.run([*control, "-i", "off", str(proxy.pid)], check=True, capture_output=True)
+        subprocess.run([*control, "-d", str(proxy.pid)], check=True, capture_output=True)
+        time.sleep(1)
+        total = 0
+        for dump in work.glob("callgrind.out*"):
+            for line in dump.read_text(errors="replace").splitlines():
+                if line.startswith(("summary:", "totals:")):
+                    total = max(total, int(line.split()[1]))
+        return total / requests
+    finally:
+        proxy.terminate()
+        backend.terminate()
+        proxy.wait(60)
+        backend.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tree", type=Path, default=REPO_ROOT, help="the checkout to measure (default: this one)")
+    parser.add_argument("--python", default=sys.executable, help="its interpreter (default: this one)")
+    parser.add_argument("--telemetry", action="store_true", help="Istio metrics and tracing at 1 %% (default: off)")
+    parser.add_argument("--requests", type=int, default=2000, help="measured requests (default 2000)")
+    args = parser.parse_args()
+    per_request = measure(args.tree.resolve(), args.python, args.telemetry, args.requests)
+    print(f"{args.tree}: {per_request / 1000:.1f}k instructions per request "
+          f"(telemetry {'on' if args.telemetry else 'off'}, {args.requests} requests)")
+
+
+if __name__ == "__main__":
+    main()
