@@ -29,13 +29,35 @@ from .proxy.local_reply import protocol_error_body
 from .routing.describe import describe_table
 
 if TYPE_CHECKING:
-    from .app import ProxyApp
+    from .lifecycle import ConfigReloader, ConfigState
+    from .proxy.downstream import ListenerContext
+    from .proxy.upstream import UpstreamPool
+    from .settings import Settings
+    from .telemetry.core import MeshTelemetry
+
+
+class RunningProxy(Protocol):
+    """What a single proxy's admin reads of it and may ask it (`app.ProxyApp` is one): the admin is served by the
+    wiring, never imports it."""
+
+    settings: Settings
+    contexts: list[ListenerContext]
+    pool: UpstreamPool
+    telemetry: MeshTelemetry
+    reloader: ConfigReloader
+    ready: bool
+    stopping: asyncio.Event | None
+
+    @property
+    def config(self) -> ConfigState: ...
+
+    def request_stop(self, reason: str = "") -> None: ...
 
 
 class _ProxyCollector:
     """Reads the proxy's own health figures at scrape time: nothing to update per request."""
 
-    def __init__(self, proxy: ProxyApp) -> None:
+    def __init__(self, proxy: RunningProxy) -> None:
         self.proxy = proxy
 
     def collect(self) -> Any:
@@ -63,7 +85,7 @@ class _ProxyCollector:
         yield opened
 
 
-def config_dump(proxy: ProxyApp) -> dict[str, Any]:
+def config_dump(proxy: RunningProxy) -> dict[str, Any]:
     snap = proxy.config.snapshot
 
     def resources(items: Any) -> list[dict[str, Any]]:
@@ -275,7 +297,7 @@ async def serve_admin(backend: AdminBackend, address: tuple[str, int], allow_rem
 class ProxyAdmin:
     """One proxy's admin (a sidecar's, or a worker's that its supervisor asks)."""
 
-    def __init__(self, proxy: ProxyApp) -> None:
+    def __init__(self, proxy: RunningProxy) -> None:
         self.proxy = proxy
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_ProxyCollector(proxy))  # type: ignore[arg-type]

@@ -8,7 +8,8 @@ import gc
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 from . import hot_path
 from .istio.load import load
@@ -139,7 +140,9 @@ class ProxyApp:
 
     async def _listen(self, ctx: ListenerContext, address: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: DownstreamProtocol(ctx), address[0], address[1],
+        # a protocol by its methods (its base is the exchange's Downstream), which is all the event loop asks
+        factory = cast(Callable[[], asyncio.Protocol], lambda: DownstreamProtocol(ctx))
+        server = await loop.create_server(factory, address[0], address[1],
                                           reuse_address=True, backlog=4096,
                                           reuse_port=self.settings.concurrency > 1 or None)  # sibling workers
         sock = server.sockets[0].getsockname()

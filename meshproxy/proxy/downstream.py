@@ -1,14 +1,10 @@
-"""What the exchange needs of the connection a request came on, whatever its wire protocol, and what every
-connection of one listener shares (limits, budget, table, pool, telemetry).
-
-`Downstream` is the seam a codec's transport plugs into: HTTP/1.1's is `listener.DownstreamProtocol`; an HTTP/2
-transport would be another subclass, serving many streams per connection. The exchange calls only what is
-declared here, passing the stream, and never sees bytes.
+"""What every downstream connection of one listener shares (limits, budget, table, pool, telemetry), whatever its
+wire protocol, and `Connection`, what the listener asks of each (drain). What the exchange asks of a connection
+is `exchange.Downstream`, beside the Stream it passes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 import resource
 from dataclasses import dataclass, field
@@ -25,7 +21,6 @@ from .upstream import UpstreamPool
 
 if TYPE_CHECKING:
     from ..settings import Settings
-    from .exchange import Stream
 
 MAX_CONNECTIONS_CAP: Final = 50_000  # Envoy's edge advice for global_downstream_max_connections
 
@@ -98,6 +93,20 @@ def connection_budget(settings: Settings) -> ConnectionBudget:
     return ConnectionBudget(default_max_connections() if limit == 0 else max(0, limit))
 
 
+class Connection:
+    """A downstream connection as its listener sees it."""
+
+    __slots__ = ()
+
+    def drain(self) -> None:
+        """Stop keep-alive: idle connections close now, busy ones after their response."""
+        raise NotImplementedError
+
+    def reset_after_write(self) -> None:
+        """Abort the connection now (the drain time is over, or a response was cut short)."""
+        raise NotImplementedError
+
+
 @dataclass(slots=True)
 class ListenerContext:
     """What every connection of one listener shares."""
@@ -108,7 +117,7 @@ class ListenerContext:
     server_name: bytes = b"envoy"
     response_mutation: HeaderMutation | None = None
     rng: random.Random = field(default_factory=random.Random)
-    connections: set[Downstream] = field(default_factory=set)
+    connections: set[Connection] = field(default_factory=set)
     draining: bool = False
     clusters: Clusters = field(default_factory=Clusters)  # shared by all listeners of the process
     telemetry: Telemetry | None = None
@@ -129,62 +138,3 @@ class ListenerContext:
         self.draining = True
         for conn in list(self.connections):
             conn.drain()
-
-
-class Downstream:
-    """A downstream connection as the exchange sees it (see the module docstring). The response of a stream is
-    handed over as a head, body chunks and an end, then `flush` after each upstream read (one write); a local
-    reply is made whole by the transport. Reading pauses are reference-counted by reason bits."""
-
-    __slots__ = ("ctx", "loop", "pool", "clusters", "random", "randbelow", "telemetry", "strip_request",
-                 "active_task", "read_paused")
-
-    def __init__(self, ctx: ListenerContext) -> None:
-        self.ctx = ctx
-        self.loop = asyncio.get_running_loop()
-        self.pool = ctx.pool  # what the exchange reads, as plain attributes (ctx.draining and ctx.table change)
-        self.clusters = ctx.clusters
-        self.random = ctx.rng
-        self.randbelow = ctx.rng.randrange
-        assert ctx.telemetry is not None
-        self.telemetry = ctx.telemetry
-        self.strip_request = ctx.strip_request
-        self.active_task: asyncio.Task[None] | None = None  # the exchange's task while it waits, if any
-        self.read_paused = 0
-
-    def send_response_head(self, stream: Stream, status: int, headers: list[tuple[bytes, bytes]],
-                           extra: list[tuple[bytes, bytes]], content_length: int | None, end_stream: bool) -> None:
-        raise NotImplementedError
-
-    def send_response_body(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def send_response_end(self) -> None:
-        raise NotImplementedError
-
-    def flush(self) -> None:
-        raise NotImplementedError
-
-    def send_local_reply(self, stream: Stream, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...]) -> None:
-        raise NotImplementedError
-
-    def send_continue(self, stream: Stream) -> None:
-        raise NotImplementedError
-
-    def reset_stream(self, stream: Stream) -> None:
-        """The response was cut short: the client must not take it for complete."""
-        raise NotImplementedError
-
-    def pause_reading(self, reason: int) -> None:
-        raise NotImplementedError
-
-    def resume_reading(self, reason: int) -> None:
-        raise NotImplementedError
-
-    def stream_done(self, stream: Stream) -> None:
-        """The exchange is over (response written, replied, or abandoned): record it and go on."""
-        raise NotImplementedError
-
-    def drain(self) -> None:
-        """Stop keep-alive: idle connections close now, busy ones after their response."""
-        raise NotImplementedError

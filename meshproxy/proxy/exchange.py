@@ -22,6 +22,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
+from ..messages import RequestHead
 from ..routing.cluster import Cluster, Endpoint
 from ..routing.cors import ORIGIN as CORS_ORIGIN
 from ..routing.cors import REQUEST_METHOD as CORS_REQUEST_METHOD
@@ -38,9 +39,9 @@ from ..routing.policy import (
     merge_mutations,
 )
 from ..routing.rewrite import ORIGINAL_PATH
-from ..messages import RequestHead
 from ..stream_info import DC, DI, FI, UO, URX, ConnectionInfo, StreamInfo
 from .balancer import ClusterState, EndpointState
+from .downstream import Connection, ListenerContext
 from .fault import GRPC_CODES, MILLION, decide_abort, decide_delay
 from .local_reply import (
     DIRECT_RESPONSE,
@@ -66,7 +67,6 @@ from .retry import (
     should_retry_failure,
     should_retry_response,
 )
-from .downstream import Downstream
 from .upstream import ResponseSink, UpstreamStream
 
 log = logging.getLogger("meshproxy.exchange")
@@ -83,6 +83,63 @@ FORWARDED_PROTO_HTTP: Final = (FORWARDED_PROTO, b"http")
 ATTEMPT_COUNT: Final = b"x-envoy-attempt-count"
 EXPECTED_TIMEOUT: Final = b"x-envoy-expected-rq-timeout-ms"
 NO_EXTRA: Final[tuple[tuple[bytes, bytes], ...]] = ()
+
+
+class Downstream(Connection):
+    """A downstream connection as the exchange sees it, whatever its wire protocol: the seam a codec's transport
+    plugs into (HTTP/1.1's is `listener.DownstreamProtocol`; an HTTP/2 transport would serve many streams on one
+    connection). The exchange calls only what is declared here, passing the stream, and never sees bytes. A
+    stream's response is handed over as a head, body chunks and an end, then `flush` after each upstream read
+    (one write); a local reply is made whole by the transport. Reading pauses are counted by reason bits."""
+
+    __slots__ = ("ctx", "loop", "pool", "clusters", "random", "randbelow", "telemetry", "strip_request",
+                 "active_task", "read_paused")
+
+    def __init__(self, ctx: ListenerContext) -> None:
+        self.ctx = ctx
+        self.loop = asyncio.get_running_loop()
+        self.pool = ctx.pool  # what the exchange reads, as plain attributes (ctx.draining and ctx.table change)
+        self.clusters = ctx.clusters
+        self.random = ctx.rng
+        self.randbelow = ctx.rng.randrange
+        assert ctx.telemetry is not None
+        self.telemetry = ctx.telemetry
+        self.strip_request = ctx.strip_request
+        self.active_task: asyncio.Task[None] | None = None  # the exchange's task while it waits, if any
+        self.read_paused = 0
+
+    def send_response_head(self, stream: Stream, status: int, headers: list[tuple[bytes, bytes]],
+                           extra: list[tuple[bytes, bytes]], content_length: int | None, end_stream: bool) -> None:
+        raise NotImplementedError
+
+    def send_response_body(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def send_response_end(self) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def send_local_reply(self, stream: Stream, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...]) -> None:
+        raise NotImplementedError
+
+    def send_continue(self, stream: Stream) -> None:
+        raise NotImplementedError
+
+    def reset_stream(self, stream: Stream) -> None:
+        """The response was cut short: the client must not take it for complete."""
+        raise NotImplementedError
+
+    def pause_reading(self, reason: int) -> None:
+        raise NotImplementedError
+
+    def resume_reading(self, reason: int) -> None:
+        raise NotImplementedError
+
+    def stream_done(self, stream: Stream) -> None:
+        """The exchange is over (response written, replied, or abandoned): record it and go on."""
+        raise NotImplementedError
 
 
 class Stream(StreamInfo, ResponseSink):

@@ -40,8 +40,8 @@ from ..http1.server import ServerCodec
 from ..http1.wire import CONTINUE_100, LAST_CHUNK, chunk, local_reply, response_head
 from ..messages import HTTP11, RequestEvents, RequestHead
 from ..stream_info import DC, ConnectionInfo
-from .downstream import Downstream, ListenerContext
-from .exchange import Stream, abandon, start
+from .downstream import ListenerContext
+from .exchange import Downstream, Stream, abandon, start
 from .local_reply import protocol_error_body, protocol_error_flag, stream_idle_timeout
 from .upstream import WRITE_HIGH_WATER, WRITE_LOW_WATER
 

@@ -1,8 +1,8 @@
 """The package's import graph: no cycles, and the layers of DESIGN.md (dependencies point downward).
 
-Read from the source with `ast`. The layer rules count every import, type-only ones too (telemetry typed on the
-data path's classes is what the seams issue removed). The cycle check counts what runs: an `if TYPE_CHECKING:`
-import of a caller's type (the exchange naming the transport that calls it) is no edge Python follows.
+Read from the source with `ast`, every import counted, `if TYPE_CHECKING:` ones too: a type-only import is still a
+dependency a reader must follow, and a cycle through one is a design cycle (as ../shared/tools/import_graph.py
+counts them).
 """
 
 from __future__ import annotations
@@ -20,26 +20,14 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _type_checking_nodes(tree: ast.AST) -> set[int]:
-    skipped: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            skipped.update(id(n) for child in node.body for n in ast.walk(child))
-    return skipped
-
-
-def imports(runtime_only: bool = False) -> dict[str, set[str]]:
+def imports() -> dict[str, set[str]]:
     """module -> the meshproxy modules it imports (a `from pkg import name` of a submodule counts as that)."""
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         found: set[str] = set()
-        tree = ast.parse(path.read_text(), str(path))
-        skipped = _type_checking_nodes(tree) if runtime_only else set()
-        for node in ast.walk(tree):
-            if id(node) in skipped:
-                continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = package.split(".")
@@ -60,7 +48,7 @@ def imports(runtime_only: bool = False) -> dict[str, set[str]]:
 
 
 def test_the_import_graph_has_no_cycles() -> None:
-    graph = imports(runtime_only=True)
+    graph = imports()
     state: dict[str, int] = {}
     stack: list[str] = []
 
