@@ -44,18 +44,18 @@ class EndpointState:
 @dataclass(slots=True)
 class ClusterState:
     cluster: Cluster
-    policy: ClusterPolicy  # cluster.policy, at hand
-    endpoints: list[EndpointState]  # in the order of cluster.endpoints (the hash table indexes them)
+    endpoints: list[EndpointState]  # in the order of cluster.endpoints (its hash table indexes them)
     rr: int = 0
     active_requests: int = 0
     active_retries: int = 0
     connections: int = 0
     pending: int = 0
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
-    table: HashTable | None = None  # cluster.hash_table (consistent hash), at hand
     only: EndpointState | None = None  # the one endpoint, when no policy can make a pick other than it (computed)
+    policy: ClusterPolicy = field(init=False)  # cluster.policy, one attribute nearer for the data path
 
     def __post_init__(self) -> None:
+        self.policy = self.cluster.policy
         if len(self.endpoints) == 1 and self.policy.outlier is None and self.policy.hash is None:
             self.only = self.endpoints[0]
 
@@ -80,8 +80,9 @@ class ClusterState:
         healthy = self.endpoints if self.policy.outlier is None else self._healthy(now)
         if not healthy:
             return None
-        if key is not None and self.table is not None:
-            return self._pick_hashed(self.table, key, now)
+        table = self.cluster.hash_table
+        if key is not None and table is not None:
+            return self._pick_hashed(table, key, now)
         candidates = [e for e in healthy if e.endpoint not in avoid] if avoid else healthy
         if not candidates:
             candidates = healthy
@@ -195,7 +196,7 @@ class Clusters:
                      for ep in cluster.endpoints]
         for e, ep in zip(endpoints, cluster.endpoints):
             e.endpoint = ep
-        fresh = ClusterState(cluster, cluster.policy, endpoints, table=cluster.hash_table)
+        fresh = ClusterState(cluster, endpoints)
         if state is not None:  # in-flight counts carry over
             fresh.active_requests, fresh.active_retries = state.active_requests, state.active_retries
             fresh.connections, fresh.pending, fresh.waiters = state.connections, state.pending, state.waiters

@@ -31,9 +31,6 @@ DEFAULT_RING_SIZE: Final = 1024  # Envoy's minimum_ring_size
 DEFAULT_MAGLEV_SIZE: Final = 65537  # Envoy's Maglev table_size
 
 TLS_DISABLE: Final = "DISABLE"
-TLS_SIMPLE: Final = "SIMPLE"
-TLS_MUTUAL: Final = "MUTUAL"
-TLS_ISTIO_MUTUAL: Final = "ISTIO_MUTUAL"
 
 
 def hash64(data: bytes) -> int:
@@ -79,24 +76,6 @@ class RetryBudget:
 
 
 @dataclass(frozen=True, slots=True)
-class UpstreamTlsContext:
-    """ClientTLSSettings of a cluster whose mode is not DISABLE (Envoy's UpstreamTlsContext).
-
-    Compiled so the policy is complete; the data path does not originate TLS yet (issue #16), and the
-    loader warns wherever a DestinationRule asks for it.
-    """
-
-    mode: str  # TLS_SIMPLE | TLS_MUTUAL | TLS_ISTIO_MUTUAL
-    sni: str = ""
-    subject_alt_names: tuple[str, ...] = ()
-    ca_certificates: str = ""
-    client_certificate: str = ""
-    private_key: str = ""
-    credential_name: str = ""
-    insecure_skip_verify: bool = False
-
-
-@dataclass(frozen=True, slots=True)
 class ClusterPolicy:
     """Everything a DestinationRule says about one cluster, ready for the data path."""
 
@@ -105,7 +84,9 @@ class ClusterPolicy:
     pool: ConnectionPool = ConnectionPool()
     outlier: OutlierDetection | None = None
     retry_budget: RetryBudget | None = None
-    tls: UpstreamTlsContext | None = None  # None: plaintext (no tls, or mode DISABLE)
+    # The model's ClientTLSSettings as it is (already typed); None: plaintext (no tls, or mode DISABLE). The data
+    # path does not originate TLS yet (issue #16): the loader warns wherever a DestinationRule asks for it.
+    tls: m.ClientTLSSettings | None = None
 
 
 DEFAULT_POLICY: Final = ClusterPolicy()
@@ -209,16 +190,5 @@ def _pool(spec: m.ConnectionPoolSettings | None) -> ConnectionPool:
     )
 
 
-def _tls(spec: m.ClientTLSSettings | None) -> UpstreamTlsContext | None:
-    if spec is None or spec.mode == TLS_DISABLE:
-        return None
-    return UpstreamTlsContext(
-        mode=spec.mode,
-        sni=spec.sni,
-        subject_alt_names=spec.subject_alt_names,
-        ca_certificates=spec.ca_certificates,
-        client_certificate=spec.client_certificate,
-        private_key=spec.private_key,
-        credential_name=spec.credential_name,
-        insecure_skip_verify=spec.insecure_skip_verify,
-    )
+def _tls(spec: m.ClientTLSSettings | None) -> m.ClientTLSSettings | None:
+    return None if spec is None or spec.mode == TLS_DISABLE else spec

@@ -18,7 +18,7 @@ from meshproxy.istio.load import load_text, snapshot_of
 from meshproxy.proxy.balancer import Clusters
 from meshproxy.routing.cluster import Cluster
 from meshproxy.routing.compile import compile_table
-from meshproxy.routing.traffic import DEFAULT_POLICY, UNLIMITED, UpstreamTlsContext
+from meshproxy.routing.traffic import DEFAULT_POLICY, UNLIMITED
 
 SERVICE = """\
 apiVersion: networking.istio.io/v1
@@ -135,7 +135,7 @@ def test_port_level_settings_apply_to_the_clusters_of_their_port_only() -> None:
     assert admin.lb == "ROUND_ROBIN"
     # Istio's GetPortLevelTrafficPolicy: a block the port-level entry leaves out is the default, not the rule's
     assert admin.pool == DEFAULT_POLICY.pool and admin.outlier is None
-    assert admin.tls == UpstreamTlsContext(mode="SIMPLE", sni="admin.reviews", subject_alt_names=("spiffe://a/b",),
+    assert admin.tls == m.ClientTLSSettings(mode="SIMPLE", sni="admin.reviews", subject_alt_names=("spiffe://a/b",),
                                            ca_certificates="/etc/ca.pem")
 
 
@@ -157,7 +157,7 @@ def test_a_subsets_port_level_entry_replaces_all_four_blocks_of_the_merge() -> N
 
 def test_tls_settings_are_typed_on_the_cluster() -> None:
     found, _ = clusters(SERVICE + RULE + ROUTES)
-    assert found["outbound|9080|v2|reviews.default.svc.cluster.local"].policy.tls == UpstreamTlsContext(
+    assert found["outbound|9080|v2|reviews.default.svc.cluster.local"].policy.tls == m.ClientTLSSettings(
         mode="MUTUAL", sni="reviews.example", subject_alt_names=("reviews.example",), ca_certificates="/etc/ca.pem",
         client_certificate="/etc/cert.pem", private_key="/etc/key.pem", credential_name="reviews-cred")
     disabled, _ = clusters(SERVICE + RULE.replace("mode: MUTUAL", "mode: DISABLE") + ROUTES)
@@ -181,7 +181,7 @@ def test_the_hash_table_is_built_at_compile_and_used_as_is(hashing: str, maglev:
     assert len(table.owners) == size if maglev else len(table.points) == len(table.owners) >= size
     assert set(table.owners) == {0, 1}  # both v2 endpoints own part of it
     state = Clusters().state(cluster)
-    assert state.table is table and state.policy is cluster.policy  # nothing built on the data path
+    assert state.policy is cluster.policy and cluster.hash_table is table  # nothing built on the data path
     picks = {state.pick(key, (), None, 0.0).endpoint for key in range(0, 2**64, 2**58)}  # type: ignore[arg-type]
     assert picks == set(cluster.endpoints)
     assert found["outbound|9080|v1|reviews.default.svc.cluster.local"].hash_table is None
