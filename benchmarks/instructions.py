@@ -1,9 +1,10 @@
 """Instructions per proxied request, counted by callgrind: the steady measure on a shared machine.
 
-Bookinfo's routing (`virtual-service-reviews-test-v2.yaml` + `destination-rule-all.yaml`, a ServiceEntry with one
-endpoint per reviews version), the built-in Python backend, sequential keep-alive requests on one connection, every
-second one with `end-user: jason`, PYTHONHASHSEED=0. Instrumentation is on only while the measured requests run
-(after a warm-up); the figure is the total divided by their number. Needs valgrind (Debian's package).
+The harness's Bookinfo scenario (`virtual-service-reviews-test-v2.yaml` + `destination-rule-all.yaml`, its
+ServiceEntry with one endpoint per reviews version: scenarios.bookinfo_files), the built-in Python backend,
+sequential keep-alive requests on one connection, every second one with `end-user: jason`, PYTHONHASHSEED=0.
+Instrumentation is on only while the measured requests run (after a warm-up); the figure is the total divided by
+their number. Needs valgrind (Debian's package).
 
     python benchmarks/instructions.py                     # this checkout, telemetry off
     python benchmarks/instructions.py --telemetry         # Istio metrics + tracing at 1 %
@@ -21,26 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from children import Children, free_port
+from peers import start_python_backend
+from scenarios import BOOKINFO_PROXY_OPTIONS, REVIEWS_HOST, bookinfo_files
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SERVICE_ENTRY = """apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: reviews}}
-spec:
-  hosts: [reviews.default.svc.cluster.local]
-  ports: [{{number: 9080, name: http, protocol: HTTP}}]
-  resolution: STATIC
-  location: MESH_INTERNAL
-  endpoints:
-  - {{address: 127.0.0.1, ports: {{http: {v1}}}, labels: {{version: v1}}}}
-  - {{address: 127.0.0.1, ports: {{http: {v2}}}, labels: {{version: v2}}}}
-  - {{address: 127.0.0.1, ports: {{http: {v3}}}, labels: {{version: v3}}}}
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def send(port: int, count: int) -> None:
@@ -48,8 +34,8 @@ def send(port: int, count: int) -> None:
     with socket.create_connection(("127.0.0.1", port)) as sock, sock.makefile("rb") as replies:
         for i in range(count):
             user = b"end-user: jason\r\n" if i % 2 else b""
-            sock.sendall(b"GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\nuser-agent: instructions\r\n" + user
-                         + b"\r\n")
+            sock.sendall(b"GET /reviews/0 HTTP/1.1\r\nHost: " + REVIEWS_HOST.encode()
+                         + b"\r\nuser-agent: instructions\r\n" + user + b"\r\n")
             status, length = replies.readline(), 0
             while (line := replies.readline()) not in (b"\r\n", b""):
                 if line.lower().startswith(b"content-length:"):
@@ -60,18 +46,21 @@ def send(port: int, count: int) -> None:
 
 
 def measure(tree: Path, python: str, telemetry: bool, requests: int) -> float:
+    """The harness's Bookinfo configuration and built-in backend; one proxy under callgrind."""
     work = Path(tempfile.mkdtemp(prefix="instructions-"))
-    ports = {name: free_port() for name in ("main", "v1", "v2", "v3", "listen")}
-    backend = subprocess.Popen([python, str(REPO_ROOT / "benchmarks" / "backend_server.py"), "--port",
-                                str(ports["main"]), *(w for v in ("v1", "v2", "v3") for w in ("--subset", f"{v}={ports[v]}"))])
-    (work / "reviews.yaml").write_text(SERVICE_ENTRY.format(**ports))
-    argv = [python, "-m", "meshproxy", "run", "--config", str(work / "reviews.yaml"),
-            "--config", str(tree / "config/bookinfo/virtual-service-reviews-test-v2.yaml"),
-            "--config", str(tree / "config/bookinfo/destination-rule-all.yaml"),
-            "--listen", f"127.0.0.1:{ports['listen']}", "--admin", "off", "--watch-interval", "0"]
-    argv += ["--tracing-sampling", "1"] if telemetry else ["--no-metrics", "--no-tracing"]
+    listen = free_port()
+    with Children() as children:
+        backend = start_python_backend(children, work, None)
+        configs = [word for path in bookinfo_files(work, backend) for word in ("--config", str(path))]
+        argv = [python, "-m", "meshproxy", "run", *configs, "--listen", f"127.0.0.1:{listen}", "--admin", "off",
+                "--watch-interval", "0"]
+        argv += ["--tracing-sampling", "1"] if telemetry else ["--no-metrics", "--no-tracing"]
+        return _count(tree, argv, work, listen, requests)
+
+
+def _count(tree: Path, argv: list[str], work: Path, port: int, requests: int) -> float:
     out = work / "callgrind.out"
-    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(tree)}
+    env = {**os.environ, **BOOKINFO_PROXY_OPTIONS, "PYTHONHASHSEED": "0", "PYTHONPATH": str(tree)}
     proxy = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                               *argv], cwd=tree, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
@@ -79,10 +68,10 @@ def measure(tree: Path, python: str, telemetry: bool, requests: int) -> float:
         for line in proxy.stderr:
             if "listening on" in line:
                 break
-        send(ports["listen"], 200)  # warm-up: connections, caches, the first trace batch
+        send(port, 200)  # warm-up: connections, caches, the first trace batch
         control = ["callgrind_control"]
         subprocess.run([*control, "-i", "on", str(proxy.pid)], check=True, capture_output=True)
-        send(ports["listen"], requests)
+        send(port, requests)
         subprocess.run([*control, "-i", "off", str(proxy.pid)], check=True, capture_output=True)
         subprocess.run([*control, "-d", str(proxy.pid)], check=True, capture_output=True)
         time.sleep(1)
@@ -94,9 +83,7 @@ def measure(tree: Path, python: str, telemetry: bool, requests: int) -> float:
         return total / requests
     finally:
         proxy.terminate()
-        backend.terminate()
         proxy.wait(60)
-        backend.wait(10)
 
 
 def main() -> None:

@@ -413,7 +413,8 @@ def run_idle(bench: Bench, scenario: Scenario, setup: Setup, targets: list[Targe
     for target in list(targets):
         rss_before = target.rss_mib()
         argv = [sys.executable, str(BENCHMARKS_DIR / "idle_client.py"), "--target", str(target.address),
-                "--host", setup.request.host, "--path", setup.request.path, "--connections", str(IDLE_CONNECTIONS)]
+                "--host", setup.request.host, "--path", setup.request.path,
+                "--connections", str(scenario.connections or IDLE_CONNECTIONS)]
         client = bench.children.spawn("idle client", argv, cpu=placement.load, stdout_pipe=True, stdin_pipe=True,
                                       log=workdir / f"idle-client-{target.name}.log")
         try:
