@@ -456,7 +456,7 @@ def sink_notes(counts: dict[str, tuple[int, int]], setup: Setup) -> list[str]:
 def scenario_heading(scenario: Scenario, setup: Setup, placement: Placement, options: Options) -> str:
     rounds, load = scenario_load(options, scenario)
     if scenario.kind is Kind.IDLE:
-        how = f"{IDLE_CONNECTIONS:,} connections held, RSS read {IDLE_SETTLE_SECONDS:g} s after the last answer"
+        how = f"{scenario.connections or IDLE_CONNECTIONS:,} connections held, RSS read {IDLE_SETTLE_SECONDS:g} s after the last answer"
     else:
         how = (f"{rounds} round(s) x {load.duration_s} s, {load.connections} connection(s), {load.threads} wrk "
                f"thread(s)")
