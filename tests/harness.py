@@ -24,6 +24,8 @@ from typing import Any
 import psutil
 from aiohttp import web
 
+from meshproxy.messages import block_pairs
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "config" / "bookinfo"  # Istio's Bookinfo networking YAML, copied unchanged (+ our services.yaml)
 ISTIO_CORPUS = REPO / "tests" / "corpus" / "istio-samples"  # the rest of Istio's samples the tests read
@@ -280,7 +282,7 @@ class PeakRss:
 
 def upstream_headers(telemetry: Any, info: Any) -> list[tuple[bytes, bytes]]:
     """Run telemetry's request hook on a record: the headers it adds upstream, with this workload's peer metadata."""
-    return telemetry.on_request(info) + list(telemetry.request_peer_headers)
+    return block_pairs(telemetry.on_request(info) + list(telemetry.request_peer_headers))
 
 
 def free_port() -> int:

@@ -67,7 +67,7 @@ BODY_TOO_LARGE: Final = ProtocolError(413, "request_payload_too_large")
 class ServerCodec:
     __slots__ = (
         "handler", "parser", "policy", "url", "headers", "head_size", "in_head", "head_fed", "head_started",
-        "body_bytes", "upgrade_ignored", "max_head_bytes", "max_head_count", "max_body",
+        "body_bytes", "upgrade_ignored", "max_head_bytes", "max_head_count", "max_body", "chunk", "message_bytes",
     )
 
     def __init__(self, handler: RequestEvents, policy: HeadPolicy = DEFAULT_POLICY) -> None:
@@ -85,11 +85,15 @@ class ServerCodec:
         self.head_started = False  # bytes of a request head arrived, the head is not complete yet
         self.body_bytes = 0  # body bytes of the request being parsed (counted only with a body limit)
         self.upgrade_ignored = False  # the request being parsed is an h2c upgrade served as HTTP/1.1
+        self.chunk = b""  # the bytes being fed, when a request may begin at their start
+        self.message_bytes = b""  # the bytes in which the request being parsed began at the start, if it did
 
     def feed(self, data: bytes) -> None:
         """Parse `data`, calling the handler; raises ProtocolError."""
         if self.in_head:
             self.head_fed += len(data)
+            if not self.head_started:
+                self.chunk = data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -123,6 +127,8 @@ class ServerCodec:
     # ---- httptools callbacks
 
     def on_message_begin(self) -> None:
+        self.message_bytes = self.chunk  # only the first request of these bytes begins at their start
+        self.chunk = b""
         self.url = b""
         self.headers = []
         self.head_size = 0
@@ -151,10 +157,28 @@ class ServerCodec:
         parser = self.parser
         if parser.should_upgrade():
             self._check_upgrade(parser.get_method())
-        head = build_request_head(parser.get_method(), self.url, self.headers, parser.get_http_version(),
-                                  parser.should_keep_alive(), self.policy)
+        method = parser.get_method()
+        head = build_request_head(method, self.url, self.headers, self._version(method), parser.should_keep_alive(),
+                                  self.policy)
         self.headers = NO_HEADERS  # owned by the head now; not kept by an idle connection
         self.handler.on_request_head(head)
+
+    def _version(self, method: bytes) -> str:
+        """The request's HTTP version. httptools formats it into a new string (2k instructions, a twentieth of a
+        proxied request), so when the request line arrived whole at the start of the bytes fed, read it there:
+        llhttp accepted `method SP target SP HTTP/x.y CRLF` there. Anything else asks httptools: a line split
+        across reads, a request after another in the same bytes, leading empty lines (they shift the line, and no
+        CRLF can then be where the version's ends)."""
+        data = self.message_bytes
+        self.message_bytes = b""
+        if data:
+            at = len(method) + len(self.url) + 2
+            line_end = data[at:at + 10]
+            if line_end == b"HTTP/1.1\r\n":
+                return "1.1"
+            if line_end == b"HTTP/1.0\r\n":
+                return "1.0"
+        return self.parser.get_http_version()
 
     def _check_upgrade(self, method: bytes) -> None:
         """CONNECT and protocol upgrades are refused, but for a bodiless h2c upgrade (see the module docstring);

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from ..messages import RequestHead
+from ..messages import HeaderBlock, HeaderTemplate, RequestHead, block_pairs
 from ..routing.cluster import Cluster, Endpoint
 from ..routing.cors import ORIGIN as CORS_ORIGIN
 from ..routing.cors import REQUEST_METHOD as CORS_REQUEST_METHOD
@@ -79,9 +79,17 @@ RETRY_BUFFER_LIMIT: Final = 64 * 1024  # request bodies up to this size are kept
 UPSTREAM_SERVICE_TIME: Final = b"x-envoy-upstream-service-time"
 FORWARDED_FOR: Final = b"x-forwarded-for"
 FORWARDED_PROTO: Final = b"x-forwarded-proto"
-FORWARDED_PROTO_HTTP: Final = (FORWARDED_PROTO, b"http")
 ATTEMPT_COUNT: Final = b"x-envoy-attempt-count"
 EXPECTED_TIMEOUT: Final = b"x-envoy-expected-rq-timeout-ms"
+HTTP: Final = b"http"
+# The headers every upstream request gets (x-forwarded-proto when the client sent none, the expected timeout when
+# the route has one), as one block each: a codec encodes a template once (messages.HeaderTemplate).
+FORWARDED: Final = HeaderTemplate((FORWARDED_FOR, ATTEMPT_COUNT))
+FORWARDED_HTTP: Final = HeaderTemplate((FORWARDED_FOR, FORWARDED_PROTO, ATTEMPT_COUNT))
+FORWARDED_TIMEOUT: Final = HeaderTemplate((FORWARDED_FOR, ATTEMPT_COUNT, EXPECTED_TIMEOUT))
+FORWARDED_HTTP_TIMEOUT: Final = HeaderTemplate((FORWARDED_FOR, FORWARDED_PROTO, ATTEMPT_COUNT, EXPECTED_TIMEOUT))
+ORIGINAL_PATH_BLOCK: Final = HeaderTemplate((ORIGINAL_PATH,))
+SERVICE_TIME: Final = HeaderTemplate((UPSTREAM_SERVICE_TIME,))
 NO_EXTRA: Final[tuple[tuple[bytes, bytes], ...]] = ()
 
 
@@ -109,7 +117,7 @@ class Downstream(Connection):
         self.read_paused = 0
 
     def send_response_head(self, stream: Stream, status: int, headers: list[tuple[bytes, bytes]],
-                           extra: list[tuple[bytes, bytes]], content_length: int | None, end_stream: bool) -> None:
+                           extra: list[HeaderBlock], content_length: int | None, end_stream: bool) -> None:
         raise NotImplementedError
 
     def send_response_body(self, data: bytes) -> None:
@@ -170,8 +178,8 @@ class Stream(StreamInfo, ResponseSink):
         self.retries_left = 0
         self.timer: asyncio.TimerHandle | None = None
         self.sent_at = 0.0
-        self.upstream_extra: list[tuple[bytes, bytes]] = []  # added upstream: request id, trace (propagation)
-        self.downstream_extra: tuple[tuple[bytes, bytes], ...] = NO_EXTRA  # added to the response (telemetry)
+        self.upstream_extra: list[HeaderBlock] = []  # added upstream: request id, trace (propagation)
+        self.downstream_extra: tuple[HeaderBlock, ...] = ()  # added to the response (telemetry)
         self.cluster_state: ClusterState | None = None
         # Attempts (see _forward and _attempt): their endpoint, count, and the retry state across them.
         self.target: EndpointState | None = None
@@ -228,7 +236,7 @@ class Stream(StreamInfo, ResponseSink):
         mutation = self.response_mutation
         if mutation is not None:
             headers = apply_mutation(headers, mutation)
-        extra = [(UPSTREAM_SERVICE_TIME, b"%d" % int((conn.loop.time() - self.sent_at) * 1000))]
+        extra: list[HeaderBlock] = [(SERVICE_TIME, (b"%d" % int((conn.loop.time() - self.sent_at) * 1000),))]
         if self.downstream_extra:
             extra += self.downstream_extra
         conn.send_response_head(self, status, headers, extra, content_length, end_stream)
@@ -285,8 +293,8 @@ class Stream(StreamInfo, ResponseSink):
         self.details = details
         self.response_started = True
         self.response_complete = True
-        self.conn.send_local_reply(self, status, body, extra + self.downstream_extra if self.downstream_extra
-                                   else extra)
+        self.conn.send_local_reply(self, status, body, extra + tuple(block_pairs(self.downstream_extra))
+                                   if self.downstream_extra else extra)
 
     def reply_with(self, reply: Reply) -> None:
         self.reply(reply.status, reply.body, reply.flag, reply.details)
@@ -323,12 +331,12 @@ def send_request_head(stream: Stream, upstream: UpstreamStream, attempt: int, de
     path, authority = head.path_and_query, head.authority
     route = stream.route
     rewrite = route.rewrite if route is not None else None
-    extra: list[tuple[bytes, bytes]] = []
+    original_path = None
     if rewrite is not None:
         if rewrite.rewrites_path:
             rewritten = rewrite.path(head.path)
             if rewritten != head.path:
-                extra.append((ORIGINAL_PATH, head.path_and_query))
+                original_path = head.path_and_query
                 path = rewritten + b"?" + head.query if head.query else rewritten
         if rewrite.authority:
             authority = rewrite.authority
@@ -342,9 +350,18 @@ def send_request_head(stream: Stream, upstream: UpstreamStream, attempt: int, de
         elif name == FORWARDED_PROTO:
             has_proto = True
     peer = stream.connection.peer_ip
-    extra.append((FORWARDED_FOR, (xff + b", " + peer) if xff else peer))
-    if not has_proto:
-        extra.append(FORWARDED_PROTO_HTTP)
+    forwarded_for = (xff + b", " + peer) if xff else peer
+    count = b"%d" % attempt
+    block: HeaderBlock
+    if deadline is None:
+        block = (FORWARDED, (forwarded_for, count)) if has_proto else (FORWARDED_HTTP, (forwarded_for, HTTP, count))
+    else:
+        timeout = b"%d" % max(0, int((deadline - now) * 1000))
+        block = (FORWARDED_TIMEOUT, (forwarded_for, count, timeout)) if has_proto \
+            else (FORWARDED_HTTP_TIMEOUT, (forwarded_for, HTTP, count, timeout))
+    extra: list[HeaderBlock] = [block]
+    if original_path is not None:
+        extra.append((ORIGINAL_PATH_BLOCK, (original_path,)))
     if stream.upstream_extra:
         extra += stream.upstream_extra
     peer_headers = conn.telemetry.request_peer_headers
@@ -352,9 +369,6 @@ def send_request_head(stream: Stream, upstream: UpstreamStream, attempt: int, de
         cluster = shadow or stream.cluster
         if cluster is None or not cluster.external:  # Istio never gives peer metadata to a MESH_EXTERNAL service
             extra += peer_headers
-    extra.append((ATTEMPT_COUNT, b"%d" % attempt))
-    if deadline is not None:
-        extra.append((EXPECTED_TIMEOUT, b"%d" % max(0, int((deadline - now) * 1000))))
     no_body = head.content_length is None and not head.chunked
     upstream.send_head(head.method, path, authority, headers, drop, extra,
                        None if head.chunked else head.content_length, no_body)

@@ -38,7 +38,7 @@ from typing import Final, cast
 from ..http1.errors import ProtocolError
 from ..http1.server import ServerCodec
 from ..http1.wire import CONTINUE_100, LAST_CHUNK, chunk, local_reply, response_head
-from ..messages import HTTP11, RequestEvents, RequestHead
+from ..messages import HTTP11, HeaderBlock, RequestEvents, RequestHead
 from ..stream_info import DC, ConnectionInfo
 from .downstream import ListenerContext
 from .exchange import Downstream, Stream, abandon, start
@@ -193,7 +193,7 @@ class DownstreamProtocol(Downstream, RequestEvents):
     # ---- the active stream's response (called by its exchange)
 
     def send_response_head(self, stream: Stream, status: int, headers: list[tuple[bytes, bytes]],
-                           extra: list[tuple[bytes, bytes]], content_length: int | None, end_stream: bool) -> None:
+                           extra: list[HeaderBlock], content_length: int | None, end_stream: bool) -> None:
         head = stream.head
         chunked = False
         if content_length is None and not end_stream:

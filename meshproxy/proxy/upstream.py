@@ -20,7 +20,7 @@ from mypy_extensions import trait
 from ..http1.client import ClientCodec
 from ..http1.errors import ProtocolError
 from ..http1.wire import LAST_CHUNK, chunk, request_head
-from ..messages import ResponseEvents
+from ..messages import HeaderBlock, ResponseEvents
 from .local_reply import (
     ConnectFailureError,
     ConnectionTerminationError,
@@ -76,7 +76,7 @@ class UpstreamStream:
         raise NotImplementedError
 
     def send_head(self, method: bytes, path: bytes, authority: bytes, headers: list[tuple[bytes, bytes]],
-                  drop: frozenset[bytes], extra: list[tuple[bytes, bytes]], content_length: int | None,
+                  drop: frozenset[bytes], extra: list[HeaderBlock], content_length: int | None,
                   end_stream: bool) -> None:
         """The request head: `headers` less the names in `drop`, then `extra`; a body of unknown length
         (`content_length` None, not `end_stream`) is streamed as the protocol frames it."""
@@ -129,7 +129,7 @@ class UpstreamConnection(UpstreamStream, ResponseEvents):
         self.codec.expect(head_only)
 
     def send_head(self, method: bytes, path: bytes, authority: bytes, headers: list[tuple[bytes, bytes]],
-                  drop: frozenset[bytes], extra: list[tuple[bytes, bytes]], content_length: int | None,
+                  drop: frozenset[bytes], extra: list[HeaderBlock], content_length: int | None,
                   end_stream: bool) -> None:
         assert self.transport is not None
         self.chunked_request = chunked = content_length is None and not end_stream  # HTTP/1.1 streams chunked

@@ -214,8 +214,8 @@ def uuid4(bits: int) -> bytes:
 
 
 def uuid_text(h: bytes) -> bytes:
-    """32 hex digits -> the 8-4-4-4-12 form (a join of slices: a third of what an f-string and encode cost)."""
-    return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:32]))
+    """32 hex digits -> the 8-4-4-4-12 form (a literal %-format of slices: compiled, one allocation for the result)."""
+    return b"%b-%b-%b-%b-%b" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:32])
 
 
 def request_id_dice(request_id: bytes) -> int | None:

@@ -10,7 +10,7 @@ from meshproxy.http1.errors import ProtocolError
 from meshproxy.http1.head import HeadPolicy
 from meshproxy.http1.server import CallbackHandler, ServerCodec
 from meshproxy.http1.wire import request_head, response_head
-from meshproxy.messages import RequestHead
+from meshproxy.messages import HeaderTemplate, RequestHead, block_pairs, constant_block, template_of
 
 TWO_REQUESTS = (b"POST /a?x=1 HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nhello"
                 b"GET /b HTTP/1.1\r\nhost: svc:80\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n")
@@ -47,6 +47,34 @@ def test_requests_parse_the_same_whatever_the_reads() -> None:
     for cut in range(1, len(TWO_REQUESTS)):
         assert merged(server_events([TWO_REQUESTS[:cut], TWO_REQUESTS[cut:]])) == whole, cut
     assert merged(server_events([bytes([b]) for b in TWO_REQUESTS])) == whole
+
+
+MIXED_VERSIONS = (b"GET /a HTTP/1.0\r\nhost: a\r\nconnection: keep-alive\r\n\r\nGET /b HTTP/1.1\r\nhost: a\r\n\r\n"
+                  b"POST /c HTTP/1.0\r\nhost: a\r\nconnection: keep-alive\r\ncontent-length: 18\r\n\r\n"
+                  b"GET / HTTP/1.1\r\n\r\n"
+                  b"GET http://a/d HTTP/1.0\r\nhost: a\r\nconnection: keep-alive\r\n\r\n"
+                  b"\r\nGET /e HTTP/1.1\r\nhost: a\r\n\r\n")
+
+
+def test_each_request_has_its_own_version_whatever_the_reads() -> None:
+    """The version is read from the request line when it arrived whole at the start of a read, else from
+    httptools: both must agree, for pipelined requests, a body that looks like a request line, an absolute-form
+    target and leading empty lines."""
+    def versions(chunks: list[bytes]) -> list[tuple[bytes, bytes]]:
+        seen: list[tuple[bytes, bytes]] = []
+        codec = ServerCodec(CallbackHandler(lambda h: seen.append((h.target, h.version)), lambda _: None,
+                                            lambda: None), HeadPolicy(accept_http10=True))
+        for chunk in chunks:
+            codec.feed(chunk)
+        return seen
+
+    expected = [(b"/a", b"1.0"), (b"/b", b"1.1"), (b"/c", b"1.0"), (b"http://a/d", b"1.0"), (b"/e", b"1.1")]
+    assert versions([MIXED_VERSIONS]) == expected
+    requests = MIXED_VERSIONS.split(b"\r\n\r\nGET")
+    assert versions([requests[0] + b"\r\n\r\n"] + [b"GET" + r + b"\r\n\r\n" for r in requests[1:-1]]
+                    + [b"GET" + requests[-1]]) == expected
+    for cut in range(1, len(MIXED_VERSIONS)):
+        assert versions([MIXED_VERSIONS[:cut], MIXED_VERSIONS[cut:]]) == expected, cut
 
 
 @pytest.mark.parametrize(("data", "status", "detail"), [
@@ -112,9 +140,23 @@ def test_bytes_nobody_asked_for_are_a_protocol_error() -> None:
     assert caught.value.status == 502
 
 
+def test_added_header_blocks_are_written_as_lines_with_any_bytes_in_their_values() -> None:
+    """A template is encoded once as a %-format: a `%` in a fixed or a per-request value is written as it is."""
+    per_request = HeaderTemplate((b"x-a", b"x-b"))
+    fixed = constant_block(((b"x-c", b"100%"), (b"x-d", b"%s%%")))
+    blocks = [(per_request, (b"50%", b"%b")), *fixed, (per_request, (b"1", b"2"))]
+    out = request_head(b"GET", b"/", b"svc", [], frozenset(), blocks, None, False)
+    assert out == (b"GET / HTTP/1.1\r\nhost: svc\r\nx-a: 50%\r\nx-b: %b\r\nx-c: 100%\r\nx-d: %s%%\r\n"
+                   b"x-a: 1\r\nx-b: 2\r\n\r\n")
+    assert block_pairs(blocks) == [(b"x-a", b"50%"), (b"x-b", b"%b"), (b"x-c", b"100%"), (b"x-d", b"%s%%"),
+                                   (b"x-a", b"1"), (b"x-b", b"2")]
+    assert template_of((b"x-a", b"x-b")) is template_of((b"x-a", b"x-b"))  # one template per set of names
+    assert constant_block(()) == ()
+
+
 def test_heads_out_drop_hop_by_hop_headers_regenerate_framing_and_add_a_missing_date() -> None:
     out = response_head(200, [(b"connection", b"x"), (b"transfer-encoding", b"chunked"), (b"x-a", b"1")],
-                        [(b"x-b", b"2")], None, True, False)
+                        [(HeaderTemplate((b"x-b",)), (b"2",))], None, True, False)
     lines = out.split(b"\r\n")
     assert lines[0] == b"HTTP/1.1 200 OK" and b"x-a: 1" in lines and b"x-b: 2" in lines
     assert b"transfer-encoding: chunked" in lines and b"connection: x" not in lines
@@ -122,7 +164,8 @@ def test_heads_out_drop_hop_by_hop_headers_regenerate_framing_and_add_a_missing_
     dated = response_head(304, [(b"date", b"Tue, 01 Dec 2026 00:00:00 GMT")], [], None, False, True)
     assert dated.count(b"date: ") == 1 and b"connection: close" in dated
     client = [(b"host", b"svc"), (b"x-a", b"1"), (b"connection", b"close"), (b"x-b", b"2")]
-    assert request_head(b"GET", b"/p?q", b"svc", client, frozenset({b"host", b"connection"}), [(b"x-c", b"3")],
+    assert request_head(b"GET", b"/p?q", b"svc", client, frozenset({b"host", b"connection"}),
+                        [(HeaderTemplate((b"x-c",)), (b"3",))],
                         None, False) == b"GET /p?q HTTP/1.1\r\nhost: svc\r\nx-a: 1\r\nx-b: 2\r\nx-c: 3\r\n\r\n"
     assert request_head(b"POST", b"/", b"svc", [], frozenset(), [], 3, False).endswith(b"content-length: 3\r\n\r\n")
     assert request_head(b"POST", b"/", b"svc", [], frozenset(), [], None, True).endswith(

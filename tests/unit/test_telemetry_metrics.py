@@ -16,6 +16,7 @@ from harness import record, upstream_headers
 
 from meshproxy.http1.head import build_request_head
 from meshproxy.istio.load import load
+from meshproxy.messages import block_pairs
 from meshproxy.stream_info import StreamInfo, flag_bits
 from meshproxy.routing.cluster import Cluster, Endpoint
 from meshproxy.routing.compile import Identity, compile_table
@@ -188,7 +189,7 @@ def test_destination_reporter_labels_with_the_source_from_request_metadata(tmp_p
     s = stream(b"/reviews/0", ((PEER_METADATA_ID, b"sidecar~x"), (PEER_METADATA, caller)))
     sent = upstream_headers(telemetry, s)
     assert PEER_METADATA not in dict(sent)
-    assert dict(telemetry.response_extra)[PEER_METADATA] == mesh.metadata[1][1]  # the caller learns who answered
+    assert dict(block_pairs(telemetry.response_extra))[PEER_METADATA] == mesh.metadata[1][1]  # the caller learns who answered
     assert not telemetry.reads_response
     s.status = 200
     telemetry.on_complete(s)
