@@ -1,4 +1,4 @@
-"""Command line: `meshproxy run | validate | routes | route | demo | iptables | inject`. Every `run` option also reads MESHPROXY_<NAME>."""
+"""Command line: `meshproxy run | validate | routes | route | demo | iptables | inject | wait`. Every `run` option also reads MESHPROXY_<NAME>."""
 
 from __future__ import annotations
 
@@ -363,6 +363,8 @@ def demo_delete(demo_dir: Path, files: tuple[str, ...]) -> None:
 
 
 main.add_command(sidecar_commands.iptables)
+main.add_command(sidecar_commands.inject)
+main.add_command(sidecar_commands.wait)
 
 
 if __name__ == "__main__":

@@ -115,3 +115,72 @@ def iptables(dry_run: bool, cleanup: bool, **params: Any) -> None:
     except NetfilterError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
+
+
+@click.command("inject")
+@click.option("-f", "--filename", "filename", required=True, type=click.File("r"),
+              help="Kubernetes YAML to inject ('-' reads standard input).")
+@click.option("-o", "--output", type=click.File("w"), default="-", help="Where to write the result  [default: stdout]")
+@click.option("--image", default="meshproxy:latest", show_default=True, envvar="MESHPROXY_IMAGE",
+              help="Image of the sidecar and init containers (sidecar.istio.io/proxyImage overrides it per pod).")
+@click.option("--config-map", default="meshproxy-config", show_default=True,
+              help="ConfigMap holding the Istio routing YAML, mounted at /etc/meshproxy.")
+@click.option("--revision", default="default", show_default=True, help="istio.io/rev written on the pods.")
+@click.option("--tls-mode-label/--no-tls-mode-label", default=False, show_default=True,
+              help="Label pods security.istio.io/tlsMode=istio (Envoy peers then send them mutual TLS).")
+@click.option("--hold-application-until-proxy-starts", is_flag=True,
+              help="Mesh-wide default of holdApplicationUntilProxyStarts (proxy.istio.io/config overrides it).")
+def inject(filename: Any, output: Any, image: str, config_map: str, revision: str, tls_mode_label: bool,
+           hold_application_until_proxy_starts: bool) -> None:
+    """Add the meshproxy sidecar to workloads, as `istioctl kube-inject -f`.
+
+    Deployments, StatefulSets, DaemonSets, ReplicaSets, Jobs, CronJobs and Pods get the istio-init container
+    (`meshproxy iptables`), the istio-proxy container (`meshproxy run --transparent`) and Istio's labels and
+    annotations; `sidecar.istio.io/inject: "false"` and the traffic.sidecar.istio.io/* annotations are honoured.
+    Other documents are written unchanged, in order. Injecting twice gives the same as once.
+    """
+    from ..istio.problems import ConfigError
+    from .inject import InjectOptions, inject_text
+
+    options = InjectOptions(image=image, config_map=config_map, revision=revision, tls_mode_label=tls_mode_label,
+                            hold_application_until_proxy_starts=hold_application_until_proxy_starts)
+    source = "<stdin>" if filename.name == "<stdin>" else filename.name
+    try:
+        text, warnings = inject_text(filename.read(), source, options)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        sys.exit(1)
+    for problem in warnings:
+        click.echo(str(problem), err=True)
+    output.write(text)
+
+
+@click.command("wait")
+@click.option("--url", default="http://127.0.0.1:15021/healthz/ready", show_default=True,
+              help="Readiness URL polled until it answers 200.")
+@click.option("--timeout-seconds", "--timeoutSeconds", "timeout", type=float, default=60.0, show_default=True)
+@click.option("--period-millis", "--periodMillis", "period", type=int, default=500, show_default=True)
+def wait(url: str, timeout: float, period: int) -> None:
+    """Wait until the sidecar is ready (as `pilot-agent wait`): the postStart hook of holdApplicationUntilProxyStarts."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=max(period / 1000, 1.0)) as answer:  # noqa: S310 (local URL)
+                if answer.status == 200:
+                    click.echo(f"{url}: ready", err=True)
+                    return
+                last = f"status {answer.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"status {exc.code}"
+        except (OSError, ValueError) as exc:
+            last = str(exc)
+        if time.monotonic() >= deadline:
+            click.echo(f"Error: {url} not ready after {timeout:g} s ({last})", err=True)
+            sys.exit(1)
+        time.sleep(period / 1000)
