@@ -40,6 +40,15 @@ PROXY_CONFIG = "proxy.istio.io/config"
 PROXY_IMAGE = "sidecar.istio.io/proxyImage"
 INTERCEPTION_MODE = "sidecar.istio.io/interceptionMode"
 TRAFFIC = "traffic.sidecar.istio.io/"
+PROMETHEUS = "prometheus.io/"
+PROMETHEUS_ENV = "ISTIO_PROMETHEUS_ANNOTATIONS"
+GO_BOOLS = {**dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
+            **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False)}  # strconv.ParseBool
+# pilot-agent's istioReservedPorts: never an app's metrics port
+RESERVED_PORTS = {"15000": "admin", "15001": "outbound traffic capture", "15004": "pilot debug",
+                  "15006": "inbound traffic capture", "15008": "HBONE tunnel",
+                  "15020": "status / merged Prometheus", "15021": "health", "15053": "DNS proxy",
+                  "15090": "proxy Prometheus (already merged)"}
 RESOURCE_ANNOTATIONS = {"sidecar.istio.io/proxyCPU": ("requests", "cpu"),
                         "sidecar.istio.io/proxyMemory": ("requests", "memory"),
                         "sidecar.istio.io/proxyCPULimit": ("limits", "cpu"),
@@ -152,7 +161,7 @@ def inject_object(doc: dict[str, Any], where: DocProblems, options: InjectOption
             where.error(".".join(path[:n + 1]), f"a {kind} needs this mapping to inject into")
             return None
     prefix = ".".join(path) + "." if path else ""
-    metadata = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    metadata = doc["metadata"] if isinstance(doc.get("metadata"), dict) else {}
     workload = str(metadata.get("name") or metadata.get("generateName") or "").rstrip("-") or kind.lower()
     injected = inject_pod(template, _Nested(where, prefix), workload, options)
     if injected is None:
@@ -198,7 +207,7 @@ def inject_pod(template: dict[str, Any], where: DocProblems, workload: str,
     if not isinstance(spec.get("containers"), list) or not spec["containers"]:
         where.error("spec.containers", "a pod needs at least one container")
         return None
-    remove_previous_injection(spec, annotations, where)
+    previous_scrape = remove_previous_injection(spec, annotations, where)
 
     mode = annotations.get(INTERCEPTION_MODE, "REDIRECT")
     if mode not in ("REDIRECT", "NONE"):
@@ -219,14 +228,15 @@ def inject_pod(template: dict[str, Any], where: DocProblems, workload: str,
     annotations["istio.io/rev"] = options.revision
     annotations.setdefault("kubectl.kubernetes.io/default-logs-container", app_containers[0])
     annotations.setdefault("kubectl.kubernetes.io/default-container", app_containers[0])
-    # Istio's prometheusMerge: scrape the merged stats on the status port (an app's own ones are kept).
-    annotations.setdefault("prometheus.io/scrape", "true")
-    annotations.setdefault("prometheus.io/port", STATUS_PORT)
-    annotations.setdefault("prometheus.io/path", "/stats/prometheus")
+    scrape = prometheus_merge(annotations, previous_scrape, where)
+    if where.errors:
+        return None
 
     image = annotations.get(PROXY_IMAGE, options.image)
     resources = proxy_resources(annotations)
     sidecar = sidecar_container(image, workload, labels, resources, hold)
+    if scrape is not None:
+        sidecar["env"].append({"name": PROMETHEUS_ENV, "value": scrape})
     init = init_container(image, capture, resources) if capture is not None else None
     spec["containers"] = [sidecar, *spec["containers"]] if hold else [*spec["containers"], sidecar]
     if init is not None:
@@ -251,16 +261,24 @@ def injection_wanted(labels: dict[str, str], annotations: dict[str, str], where:
     return value != "false"
 
 
-def remove_previous_injection(spec: dict[str, Any], annotations: dict[str, str], where: DocProblems) -> None:
-    """What an earlier injection added (its sidecar.istio.io/status lists it) goes, so re-injecting is exact."""
+def remove_previous_injection(spec: dict[str, Any], annotations: dict[str, str], where: DocProblems) -> str | None:
+    """What an earlier injection added (its sidecar.istio.io/status lists it) goes, so re-injecting is exact.
+
+    Returns the app's Prometheus settings the old sidecar carried (its annotations now point at the sidecar)."""
     if STATUS not in annotations:
-        return
+        return None
     try:
         status = json.loads(annotations.pop(STATUS))
         names = {key: set(status.get(key) or ()) for key in ("initContainers", "containers", "volumes")}
     except (ValueError, AttributeError, TypeError):
         where.error(f"metadata.annotations['{STATUS}']", "not the JSON status an injection writes")
-        return
+        return None
+    scrape = None
+    for old in spec.get("containers") or ():
+        if isinstance(old, dict) and old.get("name") in names["containers"]:
+            for env in old.get("env") or ():
+                if isinstance(env, dict) and env.get("name") == PROMETHEUS_ENV:
+                    scrape = str(env.get("value"))
     for key, field in (("initContainers", "initContainers"), ("containers", "containers"), ("volumes", "volumes")):
         if isinstance(spec.get(field), list):
             kept = [item for item in spec[field] if not (isinstance(item, dict) and item.get("name") in names[key])]
@@ -268,6 +286,32 @@ def remove_previous_injection(spec: dict[str, Any], annotations: dict[str, str],
                 spec[field] = kept
             else:
                 del spec[field]
+    return scrape
+
+
+def prometheus_merge(annotations: dict[str, str], previous: str | None, where: DocProblems) -> str | None:
+    """applyPrometheusMerge: Prometheus scrapes the sidecar's merged stats on 15020; the app's own prometheus.io
+    settings move to ISTIO_PROMETHEUS_ANNOTATIONS (what the stats merger scrapes). Returns that value, if any.
+
+    A pod with `prometheus.io/scrape: "false"` is left alone."""
+    if GO_BOOLS.get(annotations.get(PROMETHEUS + "scrape", "true")) is False:
+        return None
+    if annotations.get(PROMETHEUS + "port") == STATUS_PORT:
+        return previous  # already pointing at the sidecar: an earlier injection moved the app's settings
+    app = {key: annotations.get(PROMETHEUS + key, "") for key in ("scrape", "path", "port")}
+    if app["port"]:
+        place = f"metadata.annotations['{PROMETHEUS}port']"
+        if not app["port"].isdigit() or not 0 < int(app["port"]) < 65536:
+            where.error(place, f"invalid port {app['port']!r}")
+        elif str(int(app["port"])) in RESERVED_PORTS:
+            where.error(place, f"port {app['port']} is reserved for the sidecar "
+                               f"({RESERVED_PORTS[str(int(app['port']))]}) and cannot be scraped")
+    for key in ("port", "path", "scrape"):
+        annotations.pop(PROMETHEUS + key, None)
+    annotations[PROMETHEUS + "port"] = STATUS_PORT
+    annotations[PROMETHEUS + "path"] = "/stats/prometheus"
+    annotations[PROMETHEUS + "scrape"] = "true"
+    return json.dumps(app, separators=(",", ":")) if any(app.values()) else None
 
 
 def canonical_name(labels: dict[str, str], workload: str) -> str:
