@@ -19,36 +19,47 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 POD_IP, OUTSIDE_IP = "10.231.0.1", "10.231.0.2"
+POD_IP6, OUTSIDE_IP6 = "fd31::1", "fd31::2"
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces and iptables"),
-    pytest.mark.skipif(any(shutil.which(t) is None for t in ("ip", "iptables-save", "iptables-restore")),
-                       reason="needs ip (iproute2) and iptables"),
+    pytest.mark.skipif(any(shutil.which(t) is None for t in ("ip", "iptables-save", "iptables-restore",
+                                                             "ip6tables-save", "ip6tables-restore")),
+                       reason="needs ip (iproute2) and iptables (with ip6tables)"),
 ]
 
-# Listens on the given ports; answers each connection with one line: who answered, on which port, the
-# connection's SO_ORIGINAL_DST (what the client dialled before any REDIRECT; "none" without conntrack entry).
+# Listens on the given ports, IPv4 and IPv6; answers each connection with one line: who answered, on which port,
+# the connection's SO_ORIGINAL_DST (what the client dialled before any REDIRECT; "none" without a conntrack entry).
 LISTENER = r"""
 import selectors, socket, struct, sys
-SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; IP6T_SO_ORIGINAL_DST (linux/netfilter_ipv6/ip6_tables.h) is 80 too
 label, ports = sys.argv[1], [int(p) for p in sys.argv[2:]]
 selector = selectors.DefaultSelector()
 for port in ports:
-    server = socket.socket()
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind(("0.0.0.0", port))
-    server.listen(16)
-    selector.register(server, selectors.EVENT_READ)
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        server = socket.socket(family)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        server.bind((host, port))
+        server.listen(16)
+        selector.register(server, selectors.EVENT_READ)
 print("listening", flush=True)
 while True:
     for key, _ in selector.select():
         conn, peer = key.fileobj.accept()
         try:
-            port, address = struct.unpack("!2xH4s8x", conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16))
-            original = f"{socket.inet_ntoa(address)}:{port}"
+            if conn.family == socket.AF_INET:
+                port, address = struct.unpack("!2xH4s8x", conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16))
+                original = f"{socket.inet_ntoa(address)}:{port}"
+            else:
+                raw = conn.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+                port, address = struct.unpack("!2xH4x16s4x", raw)
+                original = f"[{socket.inet_ntop(socket.AF_INET6, address)}]:{port}"
         except OSError:
             original = "none"
         conn.sendall(f"{label} port={key.fileobj.getsockname()[1]} original={original}\n".encode())
@@ -78,15 +89,20 @@ class Namespaces:
         self.pod, self.outside = f"mp-pod-{tag}", f"mp-out-{tag}"
         self.listeners: list[subprocess.Popen[str]] = []
 
-    def up(self) -> None:
+    def up(self, ipv4: bool = True) -> None:
+        """Two namespaces on a veth pair, with IPv6 addresses (no duplicate detection delay) and, unless told
+        otherwise, IPv4 ones."""
         sh("ip", "netns", "add", self.pod)
         sh("ip", "netns", "add", self.outside)
         pod_end, outside_end = f"mpp{os.getpid()}"[:15], f"mpo{os.getpid()}"[:15]
         sh("ip", "link", "add", pod_end, "netns", self.pod, "type", "veth", "peer", "name", outside_end,
            "netns", self.outside)
-        for ns, dev, ip in ((self.pod, pod_end, POD_IP), (self.outside, outside_end, OUTSIDE_IP)):
+        for ns, dev, ip, ip6 in ((self.pod, pod_end, POD_IP, POD_IP6),
+                                 (self.outside, outside_end, OUTSIDE_IP, OUTSIDE_IP6)):
             sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            if ipv4:
+                sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+            sh("ip", "-n", ns, "addr", "add", f"{ip6}/64", "dev", dev, "nodad")
             sh("ip", "-n", ns, "link", "set", dev, "up")
 
     def listen(self, ns: str, label: str, *ports: int) -> None:
@@ -104,9 +120,10 @@ class Namespaces:
         return subprocess.run(["ip", "netns", "exec", self.pod, sys.executable, "-m", "meshproxy", "iptables", *args],
                               capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
 
-    def saved(self) -> list[str]:
-        """The pod's IPv4 rules and chains, without iptables-save's comments and counters."""
-        lines = sh("ip", "netns", "exec", self.pod, "iptables-save").splitlines()
+    def saved(self, family: int = 4) -> list[str]:
+        """The pod's rules and chains, without iptables-save's comments and counters."""
+        save = "iptables-save" if family == 4 else "ip6tables-save"
+        lines = sh("ip", "netns", "exec", self.pod, save).splitlines()
         return [line.split(" [")[0] if line.startswith(":") else line for line in lines if not line.startswith("#")]
 
     def down(self) -> None:
@@ -124,6 +141,16 @@ def namespaces() -> Iterator[Namespaces]:
     spaces = Namespaces()
     try:
         spaces.up()
+        yield spaces
+    finally:
+        spaces.down()
+
+
+@pytest.fixture
+def ipv6_only() -> Iterator[Namespaces]:
+    spaces = Namespaces()
+    try:
+        spaces.up(ipv4=False)
         yield spaces
     finally:
         spaces.down()
@@ -187,3 +214,61 @@ def test_apply_fails_clearly_without_iptables_rights() -> None:
                             capture_output=True, text=True, timeout=60, env=env, cwd="/")
     assert result.returncode == 1
     assert "iptables-save" in result.stderr and "failed" in result.stderr
+
+
+def test_an_ipv6_pod_is_captured_with_ip6tables(ipv6_only: Namespaces) -> None:
+    """No --ipv6 given: as istio-iptables, the pod's IPv6 address turns the ip6tables rules on."""
+    ns = ipv6_only
+    ns.listen(ns.pod, "proxy", 15001, 15006)
+    ns.listen(ns.outside, "outside", 8080, 9080)
+    applied = ns.meshproxy()
+    assert applied.returncode == 0, applied.stderr
+    assert "IPv4 and IPv6" in applied.stderr
+    saved = ns.saved(6)
+    assert ":ISTIO_OUTPUT -" in saved and "-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN" in saved  # as saved
+    assert ns.connect(ns.pod, OUTSIDE_IP6, 8080) == f"proxy port=15001 original=[{OUTSIDE_IP6}]:8080"
+    assert ns.connect(ns.pod, OUTSIDE_IP6, 8080, uid=1337).startswith("outside port=8080")
+    assert ns.connect(ns.outside, POD_IP6, 9080) == f"proxy port=15006 original=[{POD_IP6}]:9080"
+
+    cleaned = ns.meshproxy("--cleanup")
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert not [line for line in ns.saved(4) + ns.saved(6) if "ISTIO" in line]
+    assert ns.connect(ns.pod, OUTSIDE_IP6, 8080).startswith("outside port=8080")
+
+
+def test_the_injected_init_containers_arguments_capture_as_the_annotations_say(namespaces: Namespaces) -> None:
+    """What `meshproxy inject` writes into istio-init, run for real: excludeOutboundPorts and
+    excludeInboundPorts hold."""
+    from meshproxy.sidecar.inject import InjectOptions, inject_text
+
+    manifest = yaml.safe_dump({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "annotations": {
+        "traffic.sidecar.istio.io/excludeOutboundPorts": "8080",
+        "traffic.sidecar.istio.io/excludeInboundPorts": "9080"}}, "spec": {"containers": [{"name": "web",
+                                                                                          "image": "web"}]}})
+    pod = yaml.safe_load(inject_text(manifest, "pod.yaml", InjectOptions())[0])
+    init = next(c for c in pod["spec"]["initContainers"] if c["name"] == "istio-init")
+    assert init["command"] == ["meshproxy"] and init["args"][0] == "iptables"
+
+    ns = namespaces
+    ns.listen(ns.pod, "proxy", 15001, 15006, 9080)
+    ns.listen(ns.outside, "outside", 8080, 8081)
+    applied = ns.meshproxy(*init["args"][1:])
+    assert applied.returncode == 0, applied.stderr
+    assert ns.connect(ns.pod, OUTSIDE_IP, 8080).startswith("outside port=8080")  # excluded outbound port
+    assert ns.connect(ns.pod, OUTSIDE_IP, 8081) == f"proxy port=15001 original={OUTSIDE_IP}:8081"
+    assert ns.connect(ns.outside, POD_IP, 9080).startswith("proxy port=9080")  # excluded inbound port
+    assert ns.connect(ns.outside, POD_IP, 8000) == f"proxy port=15006 original={POD_IP}:8000"
+
+
+def test_cleanup_removes_the_interface_rules_in_built_in_chains(namespaces: Namespaces) -> None:
+    """-k and -c add RETURN rules to PREROUTING/OUTPUT that jump to no Istio chain: cleanup removes them too,
+    and leaves a rule of someone else's alone."""
+    ns = namespaces
+    sh("ip", "netns", "exec", ns.pod, "iptables", "-t", "nat", "-A", "OUTPUT", "-o", "lo", "-j", "RETURN")
+    applied = ns.meshproxy("--no-ipv6", "-k", "vm0,vm1", "-c", "mgmt0")
+    assert applied.returncode == 0, applied.stderr
+    assert sum("vm0" in line or "vm1" in line or "mgmt0" in line for line in ns.saved()) == 6
+    cleaned = ns.meshproxy("--cleanup", "-k", "vm0,vm1", "-c", "mgmt0")
+    assert cleaned.returncode == 0, cleaned.stderr
+    left = [line for line in ns.saved() if line.startswith("-A")]
+    assert left == ["-A OUTPUT -o lo -j RETURN"]
