@@ -198,31 +198,37 @@ class _Nested(DocProblems):
 def inject_pod(template: dict[str, Any], where: DocProblems, workload: str,
                options: InjectOptions) -> dict[str, Any] | None:
     """A pod (or pod template) with the sidecar; None when it opts out or runs on the host network."""
-    metadata = dict(template.get("metadata") or {})
-    spec = dict(template.get("spec") or {})
-    labels = {str(k): str(v) for k, v in (metadata.get("labels") or {}).items()}
-    annotations = {str(k): str(v) for k, v in (metadata.get("annotations") or {}).items()}
-    if spec.get("hostNetwork") or not injection_wanted(labels, annotations, where):
+    metadata = mapping(template, "metadata", "metadata", where)
+    spec = mapping(template, "spec", "spec", where)
+    labels = mapping(metadata, "labels", "metadata.labels", where)
+    annotations = mapping(metadata, "annotations", "metadata.annotations", where)
+    if where.errors:
+        return None
+    # Kubernetes reads label and annotation values as strings: decide on their text, write back what was there.
+    read_labels = {str(k): text(v) for k, v in labels.items()}
+    read_annotations = {str(k): text(v) for k, v in annotations.items()}
+    if spec.get("hostNetwork") is True or not injection_wanted(read_labels, read_annotations, where):
         return None
     if not isinstance(spec.get("containers"), list) or not spec["containers"]:
         where.error("spec.containers", "a pod needs at least one container")
         return None
     previous_scrape = remove_previous_injection(spec, annotations, where)
+    read_annotations.pop(STATUS, None)
 
-    mode = annotations.get(INTERCEPTION_MODE, "REDIRECT")
+    mode = read_annotations.get(INTERCEPTION_MODE, "REDIRECT")
     if mode not in ("REDIRECT", "NONE"):
         where.error(f"metadata.annotations['{INTERCEPTION_MODE}']",
                     f"{mode!r}: meshproxy supports REDIRECT (and NONE: no capture), not TPROXY")
         return None
-    capture = capture_args(annotations, where) if mode == "REDIRECT" else None
-    hold = hold_application(annotations, where, options.hold_application_until_proxy_starts)
+    capture = capture_args(read_annotations, where) if mode == "REDIRECT" else None
+    hold = hold_application(read_annotations, where, options.hold_application_until_proxy_starts)
     if where.errors:
         return None
 
     app_containers = [str(c.get("name")) for c in spec["containers"] if isinstance(c, dict)]
-    labels.setdefault("service.istio.io/canonical-name", canonical_name(labels, workload))
-    labels.setdefault("service.istio.io/canonical-revision", labels.get("app.kubernetes.io/version")
-                      or labels.get("version") or "latest")
+    labels.setdefault("service.istio.io/canonical-name", canonical_name(read_labels, workload))
+    labels.setdefault("service.istio.io/canonical-revision", read_labels.get("app.kubernetes.io/version")
+                      or read_labels.get("version") or "latest")
     if options.tls_mode_label:
         labels.setdefault("security.istio.io/tlsMode", "istio")
     annotations["istio.io/rev"] = options.revision
@@ -232,9 +238,9 @@ def inject_pod(template: dict[str, Any], where: DocProblems, workload: str,
     if where.errors:
         return None
 
-    image = annotations.get(PROXY_IMAGE, options.image)
-    resources = proxy_resources(annotations)
-    sidecar = sidecar_container(image, workload, labels, resources, hold)
+    image = read_annotations.get(PROXY_IMAGE, options.image)
+    resources = proxy_resources(read_annotations)
+    sidecar = sidecar_container(image, workload, {str(k): text(v) for k, v in labels.items()}, resources, hold)
     if scrape is not None:
         sidecar["env"].append({"name": PROMETHEUS_ENV, "value": scrape})
     init = init_container(image, capture, resources) if capture is not None else None
@@ -252,6 +258,24 @@ def inject_pod(template: dict[str, Any], where: DocProblems, workload: str,
     return {**template, "metadata": metadata, "spec": spec}
 
 
+def mapping(parent: dict[str, Any], key: str, path: str, where: DocProblems) -> dict[str, Any]:
+    """A copy of parent[key], a mapping or absent (then empty); anything else is an error at `path`."""
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        where.error(path, f"must be a mapping, not {type(value).__name__}")
+        return {}
+    return dict(value)
+
+
+def text(value: Any) -> str:
+    """A YAML scalar as the string Kubernetes would need it to be (true -> "true", not "True")."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
 def injection_wanted(labels: dict[str, str], annotations: dict[str, str], where: DocProblems) -> bool:
     """injectRequired: the label wins over the annotation; only "true" and "false" mean something."""
     value = labels.get(INJECT, annotations.get(INJECT, ""))
@@ -261,7 +285,7 @@ def injection_wanted(labels: dict[str, str], annotations: dict[str, str], where:
     return value != "false"
 
 
-def remove_previous_injection(spec: dict[str, Any], annotations: dict[str, str], where: DocProblems) -> str | None:
+def remove_previous_injection(spec: dict[str, Any], annotations: dict[str, Any], where: DocProblems) -> str | None:
     """What an earlier injection added (its sidecar.istio.io/status lists it) goes, so re-injecting is exact.
 
     Returns the app's Prometheus settings the old sidecar carried (its annotations now point at the sidecar)."""
@@ -289,16 +313,16 @@ def remove_previous_injection(spec: dict[str, Any], annotations: dict[str, str],
     return scrape
 
 
-def prometheus_merge(annotations: dict[str, str], previous: str | None, where: DocProblems) -> str | None:
+def prometheus_merge(annotations: dict[str, Any], previous: str | None, where: DocProblems) -> str | None:
     """applyPrometheusMerge: Prometheus scrapes the sidecar's merged stats on 15020; the app's own prometheus.io
     settings move to ISTIO_PROMETHEUS_ANNOTATIONS (what the stats merger scrapes). Returns that value, if any.
 
     A pod with `prometheus.io/scrape: "false"` is left alone."""
-    if GO_BOOLS.get(annotations.get(PROMETHEUS + "scrape", "true")) is False:
+    if GO_BOOLS.get(text(annotations.get(PROMETHEUS + "scrape", "true"))) is False:
         return None
-    if annotations.get(PROMETHEUS + "port") == STATUS_PORT:
+    if text(annotations.get(PROMETHEUS + "port")) == STATUS_PORT:
         return previous  # already pointing at the sidecar: an earlier injection moved the app's settings
-    app = {key: annotations.get(PROMETHEUS + key, "") for key in ("scrape", "path", "port")}
+    app = {key: text(annotations.get(PROMETHEUS + key)) for key in ("scrape", "path", "port")}
     if app["port"]:
         place = f"metadata.annotations['{PROMETHEUS}port']"
         if not app["port"].isdigit() or not 0 < int(app["port"]) < 65536:

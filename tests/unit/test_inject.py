@@ -383,3 +383,21 @@ def test_prometheus_scrape_false_is_left_alone_and_reserved_ports_are_refused() 
         inject_text(one_deployment({"prometheus.io/port": "15090"}), "m.yaml", InjectOptions())
     assert str(caught.value) == ("m.yaml:0: spec.template.metadata.annotations['prometheus.io/port']: port 15090 is "
                                  "reserved for the sidecar (proxy Prometheus (already merged)) and cannot be scraped")
+
+
+def test_label_values_are_read_as_kubernetes_reads_them_and_written_back_as_they_were() -> None:
+    manifest = "kind: Pod\nmetadata:\n  name: p\n  labels: {app: p, version: 2}\nspec: {containers: [{name: a}]}\n"
+    pod = yaml.safe_load(inject(manifest))
+    assert pod["metadata"]["labels"]["version"] == 2  # not re-typed
+    assert pod["metadata"]["labels"]["service.istio.io/canonical-revision"] == "2"
+    assert container(pod, "istio-proxy")["args"][-1] == "app=p,version=2,service.istio.io/canonical-name=p," \
+                                                       "service.istio.io/canonical-revision=2"
+    skipped = "kind: Pod\nmetadata:\n  annotations: {sidecar.istio.io/inject: false}\nspec: {containers: [{name: a}]}\n"
+    assert inject(skipped) == skipped
+
+
+def test_a_metadata_field_of_the_wrong_type_is_an_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        inject_text("kind: Pod\nmetadata: {labels: [app]}\nspec: {containers: [{name: a}]}\n", "m.yaml",
+                    InjectOptions())
+    assert str(caught.value) == "m.yaml:0: metadata.labels: must be a mapping, not list"
