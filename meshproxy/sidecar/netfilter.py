@@ -154,9 +154,13 @@ def _has_global_ipv4(proc: Path) -> bool:
         lines = (proc / "net/fib_trie").read_text().splitlines()
     except OSError:
         return True  # cannot tell: keep IPv4 only, the common case
-    for previous, line in zip(lines, lines[1:]):
-        if "/32 host LOCAL" in line and "|--" in previous:
-            address = ipaddress.IPv4Address(previous.split("|--")[1].strip())
+    address: ipaddress.IPv4Address | None = None
+    for line in lines:
+        if "|--" in line:
+            address = ipaddress.IPv4Address(line.split("|--")[1].strip())
+        elif "+--" in line or not line.startswith(" "):
+            address = None
+        elif "/32 host LOCAL" in line and address is not None:
             if not address.is_loopback and not address.is_link_local:
                 return True
     return False
