@@ -148,6 +148,12 @@ def test_injected_bookinfo_validates_against_the_kubernetes_schemas(bookinfo: tu
     assert validate(bookinfo[1]) == 14
 
 
+def test_every_option_still_gives_valid_manifests(bookinfo: tuple[str, str]) -> None:
+    out = inject(bookinfo[0], hold_application_until_proxy_starts=True, tls_mode_label=True, revision="canary")
+    assert validate(out) == 14
+    assert out.count("postStart:") == 6
+
+
 def test_the_schema_check_catches_a_wrong_field(bookinfo: tuple[str, str]) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed")
     broken = bookinfo[1].replace("readOnlyRootFilesystem: true", "readOnlyRootFileSystem: true", 1)
