@@ -2,6 +2,8 @@
 
 # Build stage: the wheel, with the hot path compiled by mypyc (setup.py), which needs a C compiler.
 FROM python:3.11-slim AS build
+# The compiler only builds the wheel (this stage is thrown away); pinning Debian versions would break each base update.
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
@@ -9,6 +11,9 @@ COPY meshproxy ./meshproxy
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:3.11-slim
+# iptables: the injected istio-init container runs `meshproxy iptables` from this image (as root, NET_ADMIN).
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends iptables && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/meshproxy
 COPY --from=build /wheels /wheels
 COPY config ./config
@@ -22,5 +27,5 @@ ENV MESHPROXY_CONFIG=/etc/meshproxy \
     MESHPROXY_LISTEN=0.0.0.0:15001 \
     MESHPROXY_ADMIN=127.0.0.1:15000
 EXPOSE 15001 15006
-HEALTHCHECK CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:15000/ready')"
+HEALTHCHECK CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:15000/ready')"]
 ENTRYPOINT ["meshproxy", "run"]

@@ -1,4 +1,4 @@
-"""Command line: `meshproxy run | validate | routes | route | demo`. Every `run` option also reads MESHPROXY_<NAME>."""
+"""Command line: `meshproxy run | validate | routes | route | demo | iptables | inject | wait`. Every `run` option also reads MESHPROXY_<NAME>."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .routing.policy import DEFAULT_RETRY_ATTEMPTS, DEFAULT_RETRY_ON
 if TYPE_CHECKING:
     from .istio.load import LoadResult
 from .settings import InboundSpec, Settings, parse_address
+from .sidecar import commands as sidecar_commands
 
 
 def _address(_: click.Context, __: click.Parameter, value: str | None) -> tuple[str, int] | None:
@@ -359,6 +360,11 @@ def demo_apply(demo_dir: Path, files: tuple[str, ...]) -> None:
 def demo_delete(demo_dir: Path, files: tuple[str, ...]) -> None:
     """Delete the resources of these files from the running demo, as `kubectl delete -f`."""
     _demo_change(demo_dir, files, delete=True)
+
+
+main.add_command(sidecar_commands.iptables)
+main.add_command(sidecar_commands.inject)
+main.add_command(sidecar_commands.wait)
 
 
 if __name__ == "__main__":
