@@ -1,4 +1,6 @@
-"""Command line: `meshproxy run | validate | routes | route | demo | iptables | inject | wait`. Every `run` option also reads MESHPROXY_<NAME>."""
+"""Command line: `meshproxy run | validate | routes | route | demo | iptables | inject | wait`.
+
+Every `run` option also reads MESHPROXY_<NAME>."""
 
 from __future__ import annotations
 
