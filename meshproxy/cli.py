@@ -171,6 +171,9 @@ def main() -> None:
               envvar="MESHPROXY_RETRY_REUSED_CONNECTION",
               help="Send an idempotent request once more when the kept-alive upstream connection it reused is "
                    "reset, whatever the retry policy (as Go's HTTP client; Envoy does not: off for exact parity).")
+@click.option("--jwks-refresh-interval", default=1200.0, show_default=True, type=click.FloatRange(min=0.1),
+              envvar="MESHPROXY_JWKS_REFRESH_INTERVAL",
+              help="Seconds between fetches of each RequestAuthentication jwksUri (istiod's default: 20 minutes).")
 @_limit_options
 @_telemetry_options
 @click.option("--access-log", default="off", show_default=True, envvar="MESHPROXY_ACCESS_LOG",
