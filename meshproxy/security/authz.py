@@ -108,7 +108,9 @@ class StringPattern:
         if value == "*":
             return cls("any")
         if value.startswith("*"):
-            text, kind = prefix + value[1:], "suffix"
+            if prefix:  # istiod: `spiffe://.*<suffix>`
+                return cls.of_regex(re.escape(prefix) + ".*" + re.escape(value[1:]))
+            text, kind = value[1:], "suffix"
         elif value.endswith("*"):
             text, kind = prefix + value[:-1], "prefix"
         else:
