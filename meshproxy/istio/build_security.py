@@ -135,6 +135,9 @@ def _scope(doc: DocProblems, spec: Mapping[str, Any]) -> m.WorkloadScope:
         if (group or "core", kind) not in TARGET_KINDS:
             doc.error(f"{path}.kind", f"targetRef must be to a Service, ServiceEntry, Gateway or GatewayClass, "
                                       f"got {group}/{kind}")
+        elif (group, kind) != (GATEWAY_GROUP, "Gateway"):
+            doc.warn(f"{path}.kind", f"a targetRef to a {kind} applies to waypoint proxies (ambient mode) only: no "
+                                     "sidecar or gateway enforces it, meshproxy neither")
         refs.append(m.PolicyTargetReference(group, kind, name))
     return m.WorkloadScope(_selector(doc, spec, "spec.selector"), tuple(refs))
 

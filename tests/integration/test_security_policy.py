@@ -330,3 +330,39 @@ def test_config_dump_still_loads_with_security_resources(folder: Path, upstream:
             json.loads(resp.read())
     finally:
         assert sidecar.proxy.stop() == 0
+
+
+def test_a_gateway_enforces_the_policies_that_select_it_on_its_own_listener(tmp_path: Path, upstream: Upstream) -> None:
+    """Istio's ingress policies: in the gateway's namespace (here the root namespace), selecting its labels; the
+    destination port is the gateway's listening port."""
+    routing = [service_entry("backend", [(upstream.port, {})], port=80), """---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: ["*"]}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: edge, namespace: istio-system}
+spec:
+  hosts: ["*"]
+  gateways: [edge]
+  http: [{route: [{destination: {host: backend.default.svc.cluster.local}}]}]
+"""]
+    ingress = doc("AuthorizationPolicy", "ingress", "  selector: {matchLabels: {istio: ingressgateway}}\n  action: DENY\n"
+                                                    "  rules: [{to: [{operation: {paths: ['/private/*']}}]}]",
+                  namespace="istio-system")
+    proxy = ProxyProcess(write_config(tmp_path, "c.yaml", *routing, ingress),
+                         args=["--gateway", "edge", "--namespace", "istio-system", "--label", "istio=ingressgateway"])
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        conn.request("GET", "/private/x", headers={"host": "shop.example.com"})
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (403, b"RBAC: access denied")
+        conn.request("GET", "/echo", headers={"host": "shop.example.com"})
+        assert conn.getresponse().status == 200
+        conn.close()
+    finally:
+        assert proxy.stop() == 0

@@ -271,3 +271,49 @@ def test_path_template_as_envoy_uri_template(template: str, path: str, matches: 
     import re
 
     assert (re.fullmatch(path_template_regex(template), path) is not None) is matches
+
+
+def test_a_waypoint_target_ref_is_reported_and_never_applies():
+    text = policy("  targetRefs: [{kind: Service, name: httpbin}]\n  rules: [{}]", action="DENY")
+    problems: list[Any] = []
+    snapshot = snapshot_of(load_text(text, "p.yaml", problems))
+    assert [(p.severity, p.path) for p in problems] == [("warning", "spec.targetRefs[0].kind")]
+    assert "waypoint" in problems[0].message
+    assert compile_authz(snapshot.authorization_policies, WORKLOAD) is NO_AUTHZ
+
+
+@pytest.mark.parametrize(("spec", "path", "message"), [
+    ("  action: DENY", "spec.rules", "DENY action without `rules` is meaningless"),
+    ("  action: CUSTOM\n  provider: {name: opa}\n  rules: [{}]", "spec.action", "CUSTOM authorization"),
+    ("  provider: {name: opa}\n  rules: [{}]", "spec.provider", "`provider` must not be with non CUSTOM action"),
+    ("  action: REJECT", "spec.action", "'REJECT' is not one of"),
+    ("  rules: [{from: [{source: {}}]}]", "spec.rules[0].from[0].source", "`from.source` must not be empty"),
+    ("  rules: [{from: [{}]}]", "spec.rules[0].from[0].source", "`from.source` must not be nil"),
+    ("  rules: [{to: [{operation: {}}]}]", "spec.rules[0].to[0].operation", "`to.operation` must not be empty"),
+    ("  rules: [{to: [{operation: {paths: ['']}}]}]", "spec.rules[0].to[0].operation.paths[0]", "empty value"),
+    ("  rules: [{to: [{operation: {ports: [http]}}]}]", "spec.rules[0].to[0].operation.ports[0]", "bad port"),
+    ("  rules: [{to: [{operation: {paths: ['/a/{**}/b/{*}']}}]}]", "spec.rules[0].to[0].operation.paths[0]",
+     "{**} is not the last operator"),
+    ("  rules: [{to: [{operation: {paths: ['/a/{*}.txt']}}]}]", "spec.rules[0].to[0].operation.paths[0]",
+     "beyond a supported path template"),
+    ("  rules: [{from: [{source: {ipBlocks: [10.0.0.300]}}]}]", "spec.rules[0].from[0].source.ipBlocks[0]",
+     "bad IP address"),
+    ("  rules: [{from: [{source: {remoteIpBlocks: [10.0.0.0/33]}}]}]",
+     "spec.rules[0].from[0].source.remoteIpBlocks[0]", "bad CIDR range"),
+    ("  rules: [{when: [{key: request.auth.claims, values: [x]}]}]", "spec.rules[0].when[0].key", "unknown attribute"),
+    ("  rules: [{when: [{key: 'experimental.envoy.filters.a.b[c]', values: [x]}]}]", "spec.rules[0].when[0].key",
+     "experimental"),
+    ("  rules: [{when: [{key: 'destination.labels[app]', values: [x]}]}]", "spec.rules[0].when[0].key",
+     "replaced by the workload selector"),
+    ("  rules: [{when: [{key: source.ip}]}]", "spec.rules[0].when[0]", "at least one of `values` or `notValues`"),
+    ("  rules: [{when: [{key: destination.port, values: ['99999']}]}]", "spec.rules[0].when[0].values[0]", "bad port"),
+    ("  rules: [{from: [{source: {principalz: [a]}}]}]", "spec.rules[0].from[0].source.principalz", "unknown field"),
+    ("  selector: {matchLabels: {app: h}}\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: g}]",
+     "spec", "only one of targetRefs or workloadSelector"),
+])
+def test_invalid_policies_are_refused_naming_file_document_and_field(spec: str, path: str, message: str):
+    problems: list[Any] = []
+    load_text("---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\n" + policy(spec), "p.yaml", problems)
+    errors = [p for p in problems if p.severity == "error"]
+    assert [(p.file, p.doc, p.path) for p in errors] == [("p.yaml", 1, path)]
+    assert message in errors[0].message
