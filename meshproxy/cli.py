@@ -245,7 +245,18 @@ def validate(paths: tuple[str, ...], namespace: str) -> None:
         f"valid: {len(snap.files)} file(s), {len(snap.virtual_services)} VirtualService, "
         f"{len(snap.destination_rules)} DestinationRule, {len(snap.service_entries)} ServiceEntry, "
         f"{len(snap.gateways)} Gateway; {len(problems)} warning(s)"
+        + _security_summary(snap)
     )
+
+
+def _security_summary(snap: Any) -> str:
+    """The security resources read, when there are any (the line stays as it was without them)."""
+    counts = [(len(snap.authorization_policies), "AuthorizationPolicy"),
+              (len(snap.peer_authentications), "PeerAuthentication"),
+              (len(snap.request_authentications), "RequestAuthentication")]
+    if not any(n for n, _ in counts):
+        return ""
+    return "; security: " + ", ".join(f"{n} {kind}" for n, kind in counts)
 
 
 @main.command()

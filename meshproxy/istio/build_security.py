@@ -24,7 +24,7 @@ MTLS_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
 
 # Istio pkg/config/security: the `when` keys it accepts, and what it says of the ones it does not.
 EXACT_KEYS = frozenset({
-    "source.ip", "remote.ip", "source.namespace", "source.principal", "source.serviceAccount",
+    "source.ip", "remote.ip", "source.namespace", "source.principal", "source.serviceAccount", "source.trustDomain",
     "request.auth.principal", "request.auth.audiences", "request.auth.presenter",
     "destination.ip", "destination.port", "connection.sni",
 })
@@ -148,7 +148,8 @@ def _scope(doc: DocProblems, spec: Mapping[str, Any]) -> m.WorkloadScope:
 def _source(doc: DocProblems, spec: Mapping[str, Any], path: str) -> m.Source:
     fields = {key: _no_empty(doc, spec, key, path) for key in (
         "principals", "notPrincipals", "requestPrincipals", "notRequestPrincipals", "namespaces", "notNamespaces",
-        "serviceAccounts", "notServiceAccounts", "ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks")}
+        "serviceAccounts", "notServiceAccounts", "trustDomains", "notTrustDomains", "ipBlocks", "notIpBlocks",
+        "remoteIpBlocks", "notRemoteIpBlocks")}
     if not any(fields.values()):
         doc.error(path, "`from.source` must not be empty")
     for key in ("ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"):
@@ -158,6 +159,10 @@ def _source(doc: DocProblems, spec: Mapping[str, Any], path: str) -> m.Source:
             if "*" in value or value.count("/") > 1 or value.startswith("/") or value.endswith("/"):
                 doc.error(f"{path}.{key}[{i}]", f"expected 'serviceAccount' or 'namespace/serviceAccount' without "
                                                 f"wildcards, got {value!r}")
+    for key in ("trustDomains", "notTrustDomains"):
+        for i, value in enumerate(fields[key]):
+            if (problem := trust_domain_problem(value)) is not None:
+                doc.error(f"{path}.{key}[{i}]", problem)
     if (fields["serviceAccounts"] or fields["notServiceAccounts"]) and any(
             fields[k] for k in ("principals", "notPrincipals", "namespaces", "notNamespaces")):
         doc.error(path, "cannot set serviceAccounts with namespaces or principals")
@@ -168,7 +173,20 @@ def _source(doc: DocProblems, spec: Mapping[str, Any], path: str) -> m.Source:
         service_accounts=fields["serviceAccounts"], not_service_accounts=fields["notServiceAccounts"],
         ip_blocks=fields["ipBlocks"], not_ip_blocks=fields["notIpBlocks"],
         remote_ip_blocks=fields["remoteIpBlocks"], not_remote_ip_blocks=fields["notRemoteIpBlocks"],
+        trust_domains=fields["trustDomains"], not_trust_domains=fields["notTrustDomains"],
     )
+
+
+def trust_domain_problem(value: str) -> str | None:
+    """Istio's CheckTrustDomainValues: one wildcard at most, at an end; no `/`."""
+    stars = value.count("*")
+    if stars > 1:
+        return f"at most one wildcard is allowed, found {value!r}"
+    if stars == 1 and value != "*" and not value.startswith("*") and not value.endswith("*"):
+        return f"wildcard is only allowed at the start or end, found {value!r}"
+    if "/" in value:
+        return f"trust domain must not contain '/', found {value!r}"
+    return None
 
 
 def _operation(doc: DocProblems, spec: Mapping[str, Any], path: str) -> m.Operation:
@@ -218,6 +236,11 @@ def _condition(doc: DocProblems, spec: Mapping[str, Any], path: str) -> m.Condit
     elif key in IP_KEYS:
         _ips(doc, values, f"{path}.values")
         _ips(doc, not_values, f"{path}.notValues")
+    elif key == "source.trustDomain":
+        for field, items in (("values", values), ("notValues", not_values)):
+            for i, value in enumerate(items):
+                if (problem := trust_domain_problem(value)) is not None:
+                    doc.error(f"{path}.{field}[{i}]", problem)
     elif key == "destination.port":
         _ports(doc, values, f"{path}.values")
         _ports(doc, not_values, f"{path}.notValues")
@@ -324,8 +347,10 @@ def _jwt_rule(doc: DocProblems, spec: Mapping[str, Any], path: str) -> m.JWTRule
             doc.warn(f"{path}.jwksUri", "jwks is set too: the inline jwks is used, jwksUri is not fetched (as Istio)")
     if jwks and (problem := _jwks_problem(jwks)) is not None:
         doc.error(f"{path}.jwks", problem)
-    if not jwks and not jwks_uri:
-        doc.error(path, "no keys: set jwks or jwksUri (meshproxy does not discover keys from the issuer)")
+    if not jwks and not jwks_uri and issuer and urlsplit(issuer).scheme not in ("http", "https"):
+        doc.warn(f"{path}.issuer", f"no jwks or jwksUri: the keys are looked up at {issuer}/.well-known/"
+                                   "openid-configuration (as istiod does), which needs an http(s) issuer: every "
+                                   "token of this issuer will fail")
     headers = []
     for i, location in enumerate(spec.get("fromHeaders") or ()):
         name = (location or {}).get("name", "")

@@ -372,6 +372,8 @@ class Source:
     not_namespaces: tuple[str, ...] = ()
     service_accounts: tuple[str, ...] = ()
     not_service_accounts: tuple[str, ...] = ()
+    trust_domains: tuple[str, ...] = ()
+    not_trust_domains: tuple[str, ...] = ()
     ip_blocks: tuple[str, ...] = ()
     not_ip_blocks: tuple[str, ...] = ()
     remote_ip_blocks: tuple[str, ...] = ()

@@ -520,6 +520,8 @@ MESSAGES: dict[str, dict[str, Type]] = {
         "notNamespaces": _STRINGS,
         "serviceAccounts": _STRINGS,
         "notServiceAccounts": _STRINGS,
+        "trustDomains": _STRINGS,
+        "notTrustDomains": _STRINGS,
         "ipBlocks": _STRINGS,
         "notIpBlocks": _STRINGS,
         "remoteIpBlocks": _STRINGS,

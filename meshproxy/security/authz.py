@@ -195,6 +195,16 @@ def _service_account_pattern(value: str, policy_namespace: str) -> StringPattern
     return StringPattern.of_regex(f"spiffe://.+/ns/{re.escape(namespace)}/(.+/|)sa/{re.escape(account)}(/.+)?")
 
 
+def _trust_domain_pattern(value: str) -> StringPattern:
+    """istiod's srcTrustDomainGenerator: the trust domain part of the peer's SPIFFE URI."""
+    if value == "*":
+        return StringPattern("prefix", SPIFFE)
+    if "*" not in value:
+        return StringPattern("prefix", f"{SPIFFE}{value}/")
+    before, _, after = value.partition("*")
+    return StringPattern.of_regex(f"spiffe://{re.escape(before)}[^/]*{re.escape(after)}/.*")
+
+
 ANY_NON_EMPTY: Final = StringPattern("any")
 
 
@@ -331,6 +341,8 @@ def _source_checks(source: m.Source, namespace: str) -> list[Predicate]:
                [_namespace_pattern(v) for v in source.not_namespaces], _string_test),
         _field(_get_principal, [_service_account_pattern(v, namespace) for v in source.service_accounts],
                [_service_account_pattern(v, namespace) for v in source.not_service_accounts], _string_test),
+        _field(_get_principal, [_trust_domain_pattern(v) for v in source.trust_domains],
+               [_trust_domain_pattern(v) for v in source.not_trust_domains], _string_test),
         _field(_get_claims, [_request_principal_pattern(v) for v in source.request_principals],
                [_request_principal_pattern(v) for v in source.not_request_principals], _request_principal_test),
         _field(_source_ip, [_network(v) for v in source.ip_blocks], [_network(v) for v in source.not_ip_blocks],
@@ -391,6 +403,9 @@ def _condition_check(condition: m.Condition, namespace: str) -> Predicate:
     elif key == "source.serviceAccount":
         check = _field(_get_principal, [_service_account_pattern(v, namespace) for v in values],
                        [_service_account_pattern(v, namespace) for v in not_values], _string_test)
+    elif key == "source.trustDomain":
+        check = _field(_get_principal, [_trust_domain_pattern(v) for v in values],
+                       [_trust_domain_pattern(v) for v in not_values], _string_test)
     elif key == "destination.port":
         check = _field(_destination_port, [int(v) for v in values], [int(v) for v in not_values], _port_test)
     elif key == "connection.sni":

@@ -1,6 +1,7 @@
 """Fetching the keys of every `jwksUri` off the data path, and refreshing them (asyncio; urllib in a thread).
 
-As istiod does for Envoy: a URI is fetched when a loaded RequestAuthentication first names it, then again every
+As istiod does for Envoy: a URI (a jwksUri, or with neither jwks nor jwksUri the issuer's OpenID configuration,
+`<issuer>/.well-known/openid-configuration`, whose `jwks_uri` is then fetched) is fetched when a loaded RequestAuthentication first names it, then again every
 `refresh_interval` (istiod's default 20 minutes); a failed fetch is retried with a back-off from 1 s to 60 s and
 keeps the last good keys. Until a URI's first fetch ends, a request with a token waits for it (the exchange
 awaits `RemoteJwks.pending`); a URI that never answered fails tokens with `Jwks remote fetch is failed`.
@@ -9,10 +10,12 @@ awaits `RemoteJwks.pending`); a URI that never answered fails tokens with `Jwks 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import urllib.request
 from typing import Final
+from urllib.parse import urlsplit
 
 from .jwt_authn import JwksCache, RemoteJwks, parse_jwks
 
@@ -60,7 +63,13 @@ class JwksFetcher:
     async def _fetch(self, remote: RemoteJwks) -> None:
         loop = asyncio.get_running_loop()
         try:
-            body = await loop.run_in_executor(None, _get, remote.uri, remote.timeout)
+            uri = remote.uri
+            if remote.discover:  # OpenID Connect discovery: the issuer's configuration names its jwks_uri
+                configuration = json.loads(await loop.run_in_executor(None, _get, uri, remote.timeout))
+                uri = configuration.get("jwks_uri") if isinstance(configuration, dict) else None
+                if not isinstance(uri, str) or urlsplit(uri).scheme not in ("http", "https"):
+                    raise ValueError(f"no http(s) jwks_uri in {remote.uri}")
+            body = await loop.run_in_executor(None, _get, uri, remote.timeout)
             keys = parse_jwks(body)
         except Exception as exc:  # noqa: BLE001  # any failure of a remote document: keep the last good keys
             remote.error = f"{type(exc).__name__}: {exc}"

@@ -51,11 +51,12 @@ DETAILS_PREFIX: Final = "jwt_authn_access_denied"
 class RemoteJwks:
     """The keys at a jwksUri, shared by every compiled snapshot that names it (a reload does not refetch)."""
 
-    __slots__ = ("uri", "timeout", "keys", "error", "fetched_at", "pending")
+    __slots__ = ("uri", "timeout", "discover", "keys", "error", "fetched_at", "pending")
 
-    def __init__(self, uri: str, timeout: float) -> None:
-        self.uri = uri
+    def __init__(self, uri: str, timeout: float, discover: bool = False) -> None:
+        self.uri = uri  # the jwksUri, or (discover) the issuer's OpenID configuration, whose jwks_uri is fetched
         self.timeout = timeout
+        self.discover = discover
         self.keys: jwt.PyJWKSet | None = None
         self.error = ""  # the last fetch's failure, "" after a good one
         self.fetched_at: float | None = None  # monotonic time of the last attempt that finished
@@ -72,11 +73,14 @@ class JwksCache:
     def __init__(self) -> None:
         self.remotes: dict[str, RemoteJwks] = {}
 
-    def remote(self, uri: str, timeout: float) -> RemoteJwks:
+    def remote(self, uri: str, timeout: float, discover: bool = False) -> RemoteJwks:
         found = self.remotes.get(uri)
         if found is None:
-            found = self.remotes[uri] = RemoteJwks(uri, timeout)
+            found = self.remotes[uri] = RemoteJwks(uri, timeout, discover)
         return found
+
+
+OPENID_CONFIGURATION: Final = "/.well-known/openid-configuration"
 
 
 def parse_jwks(text: str | bytes) -> jwt.PyJWKSet:
@@ -314,7 +318,11 @@ def compile_provider(rule: m.JWTRule, cache: JwksCache) -> Provider:
     if not headers and not params and not cookies:
         headers, params = (DEFAULT_HEADER,), (DEFAULT_PARAM,)
     keys = parse_jwks(rule.jwks) if rule.jwks else None
-    remote = cache.remote(rule.jwks_uri, rule.timeout or 5.0) if keys is None and rule.jwks_uri else None
+    remote = None
+    if keys is None and rule.jwks_uri:
+        remote = cache.remote(rule.jwks_uri, rule.timeout or 5.0)
+    elif keys is None:  # neither: istiod looks the keys up with OpenID Connect discovery
+        remote = cache.remote(rule.issuer.rstrip("/") + OPENID_CONFIGURATION, rule.timeout or 5.0, discover=True)
     return Provider(issuer=rule.issuer, audiences=frozenset(rule.audiences), keys=keys, remote=remote,
                     headers=headers, params=params, cookies=cookies, payload_header=rule.output_payload_to_header,
                     forward=rule.forward_original_token, claim_headers=rule.output_claim_to_headers)

@@ -244,10 +244,13 @@ class JwksServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
-                server.fetches += 1
-                if server.fetches == 1 and server.delay:
-                    time.sleep(server.delay)
-                body = server.document.encode()
+                if self.path.endswith("/.well-known/openid-configuration"):
+                    body = json.dumps({"issuer": server.base, "jwks_uri": server.uri}).encode()
+                else:
+                    server.fetches += 1
+                    if server.fetches == 1 and server.delay:
+                        time.sleep(server.delay)
+                    body = server.document.encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
@@ -262,8 +265,12 @@ class JwksServer:
         self.thread.start()
 
     @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    @property
     def uri(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/.well-known/jwks.json"
+        return f"{self.base}/.well-known/jwks.json"
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -307,6 +314,19 @@ def test_a_token_arriving_before_the_first_jwks_fetch_ends_waits_for_it(folder: 
             assert sidecar.proxy.stop() == 0
     finally:
         slow.close()
+
+
+def test_without_jwks_or_jwks_uri_the_keys_come_from_openid_discovery(folder: Path, upstream: Upstream,
+                                                                      jwks_server: JwksServer) -> None:
+    policy = doc("RequestAuthentication", "jwt", f"  jwtRules: [{{issuer: '{jwks_server.base}'}}]")
+    sidecar = started(folder, upstream, policy)
+    try:
+        assert sidecar.request("/echo", {"authorization": f"Bearer {KEY.token(iss=jwks_server.base)}"})[0] == 200
+        status, _, body = sidecar.request("/echo", {"authorization": f"Bearer {SigningKey('key-1').token(iss=jwks_server.base)}"})
+        assert (status, body) == (401, b"Jwt verification fails")
+        assert jwks_server.fetches == 1
+    finally:
+        assert sidecar.proxy.stop() == 0
 
 
 def test_a_jwks_uri_that_does_not_answer_fails_tokens_but_not_tokenless_requests(folder: Path,

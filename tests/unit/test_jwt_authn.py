@@ -128,7 +128,6 @@ def test_remote_jwks_not_fetched_yet_asks_to_wait_then_fails_when_the_fetch_fail
 
 
 @pytest.mark.parametrize(("rule", "path", "message"), [
-    ("{issuer: x}", "spec.jwtRules[0]", "no keys"),
     ("{jwksUri: 'ftp://x/keys'}", "spec.jwtRules[0].jwksUri", "URI scheme 'ftp' is not supported"),
     ("{issuer: x, jwks: 'not json'}", "spec.jwtRules[0].jwks", "jwks parse error"),
     ("{issuer: x, jwks: '" + jwks(KEY) + "', audiences: ['']}", "spec.jwtRules[0].audiences[0]", "audience must be non-empty"),
