@@ -63,12 +63,12 @@ class JwksFetcher:
     async def _fetch(self, remote: RemoteJwks) -> None:
         loop = asyncio.get_running_loop()
         try:
-            uri = remote.uri
+            uri: object = remote.uri
             if remote.discover:  # OpenID Connect discovery: the issuer's configuration names its jwks_uri
-                configuration = json.loads(await loop.run_in_executor(None, _get, uri, remote.timeout))
+                configuration = json.loads(await loop.run_in_executor(None, _get, remote.uri, remote.timeout))
                 uri = configuration.get("jwks_uri") if isinstance(configuration, dict) else None
-                if not isinstance(uri, str) or urlsplit(uri).scheme not in ("http", "https"):
-                    raise ValueError(f"no http(s) jwks_uri in {remote.uri}")
+            if not isinstance(uri, str) or urlsplit(uri).scheme not in ("http", "https"):
+                raise ValueError(f"no http(s) jwks_uri in {remote.uri}")
             body = await loop.run_in_executor(None, _get, uri, remote.timeout)
             keys = parse_jwks(body)
         except Exception as exc:  # noqa: BLE001  # any failure of a remote document: keep the last good keys

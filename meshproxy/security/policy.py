@@ -22,6 +22,7 @@ from ..istio import model as m
 from ..messages import RequestHead
 from .authz import NO_AUTHZ, AuthzRequest, Authorizer, Decision, compile_authz
 from .jwt_authn import AuthnResult, Failure, JwksCache, JwtAuthenticator, RemoteJwks, compile_jwt_authn
+from .peer_authn import DEFAULT_PEER_AUTHN, PeerAuthnPolicy, resolve_peer_authn
 from .scope import Workload
 
 log = logging.getLogger("meshproxy.authz")
@@ -35,9 +36,12 @@ class WorkloadPolicy:
 
     authn: JwtAuthenticator | None = None
     authz: Authorizer = NO_AUTHZ
+    # PeerAuthentication, resolved: the TLS transport asks `peer.mode_for_port(port)` for each inbound connection.
+    peer: PeerAuthnPolicy = DEFAULT_PEER_AUTHN
 
     @property
     def empty(self) -> bool:
+        """Nothing to check per request (mTLS modes are the transport's, per connection)."""
         return self.authn is None and self.authz is NO_AUTHZ
 
     def bind(self, port: int, remote_from_xff: bool) -> RequestPolicy:
@@ -52,9 +56,11 @@ NO_WORKLOAD_POLICY: Final = WorkloadPolicy()
 def compile_workload_policy(snapshot: m.Snapshot, workload: Workload, cache: JwksCache) -> WorkloadPolicy:
     authn = compile_jwt_authn(snapshot.request_authentications, workload, cache)
     authz = compile_authz(snapshot.authorization_policies, workload)
-    if authn is None and authz is NO_AUTHZ:
+    peer = resolve_peer_authn(snapshot.peer_authentications, workload) if snapshot.peer_authentications \
+        else DEFAULT_PEER_AUTHN
+    if authn is None and authz is NO_AUTHZ and peer is DEFAULT_PEER_AUTHN:
         return NO_WORKLOAD_POLICY
-    return WorkloadPolicy(authn, authz)
+    return WorkloadPolicy(authn, authz, peer)
 
 
 @dataclass(slots=True)

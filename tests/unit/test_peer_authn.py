@@ -73,3 +73,17 @@ def test_invalid_peer_authentication_names_the_field(spec: str, path: str, messa
     errors = [p for p in problems if p.severity == "error"]
     assert [(p.file, p.doc, p.path) for p in errors] == [("p.yaml", 0, path)]
     assert message in errors[0].message
+
+
+def test_the_loaded_config_carries_the_resolved_modes_for_the_transport():
+    from meshproxy.security.jwt_authn import JwksCache
+    from meshproxy.security.policy import NO_POLICY, NO_WORKLOAD_POLICY, compile_workload_policy
+
+    problems: list[Any] = []
+    snapshot = snapshot_of(load_text(MESH_STRICT + pa("{selector: {matchLabels: {app: httpbin}}, "
+                                                      "portLevelMtls: {9000: {mode: DISABLE}}}", "w"), "p.yaml", problems))
+    policy = compile_workload_policy(snapshot, WORKLOAD, JwksCache())
+    assert (policy.peer.mode_for_port(8080), policy.peer.mode_for_port(9000)) == ("STRICT", "DISABLE")
+    assert policy.empty  # no per-request check: mTLS is decided per connection
+    assert policy.bind(8080, True) is NO_POLICY  # listeners pay nothing per request
+    assert compile_workload_policy(snapshot_of([]), WORKLOAD, JwksCache()) is NO_WORKLOAD_POLICY
