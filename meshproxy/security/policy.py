@@ -85,7 +85,7 @@ class RequestPolicy:
         """None: go on (the head's headers may have been changed as authentication says); else the answer."""
         claims = None
         authn = self.authn
-        if authn is not None:
+        if authn is not None and not _cors_preflight(head):  # Istio: bypass_cors_preflight (no credentials sent)
             result = authn.authenticate(head.headers, head.query)
             if result.waiting_for is not None:
                 return Verdict(0, waiting_for=result.waiting_for)
@@ -130,3 +130,8 @@ def _last_forwarded(headers: Sequence[tuple[bytes, bytes]]) -> str:
     if not value:
         return ""
     return value.rsplit(b",", 1)[-1].strip().decode("latin-1")
+
+
+def _cors_preflight(head: RequestHead) -> bool:
+    return head.method == b"OPTIONS" and head.header(b"origin") is not None \
+        and head.header(b"access-control-request-method") is not None

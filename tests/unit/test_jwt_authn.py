@@ -143,3 +143,28 @@ def test_invalid_request_authentication_names_the_field(rule: str, path: str, me
     errors = [p for p in problems if p.severity == "error"]
     assert [p.path for p in errors] == [path]
     assert message in errors[0].message
+
+
+def head(method: str, headers: list[tuple[bytes, bytes]]) -> Any:
+    from meshproxy.messages import RequestHead
+
+    return RequestHead(method.encode(), b"/x", b"/x", b"", b"httpbin", headers, b"1.1", True, None, False, False,
+                       frozenset())
+
+
+def test_request_policy_checks_tokens_but_lets_a_cors_preflight_through_as_istio():
+    from meshproxy.security.policy import compile_workload_policy
+
+    text = (f"apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: r, namespace: foo}}\n"
+            f"spec:\n  jwtRules:\n  - {INLINE}\n")
+    problems: list[Any] = []
+    snapshot = snapshot_of(load_text(text, "r.yaml", problems))
+    policy = compile_workload_policy(snapshot, WORKLOAD, JwksCache()).bind(8000, True)
+    forged = bearer(OTHER.token())
+    verdict = policy.check(head("GET", forged), b"10.0.0.1")
+    assert verdict is not None and verdict.status == 401
+    preflight = forged + [(b"origin", b"https://app"), (b"access-control-request-method", b"POST")]
+    assert policy.check(head("OPTIONS", preflight), b"10.0.0.1") is None
+    good = head("GET", bearer(KEY.token()) + [(b"x-keep", b"1")])
+    assert policy.check(good, b"10.0.0.1") is None
+    assert good.headers == [(b"x-keep", b"1")]  # the token's header does not go upstream
