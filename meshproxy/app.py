@@ -115,6 +115,8 @@ class ProxyApp:
             elif id(ctx) in self.inbound_tables:
                 base, port = self.inbound_tables[id(ctx)]
                 ctx.table = base.with_policy(table.security.bind(port, remote_from_xff=True))
+        authn = table.security.authn
+        self.jwks.retain(authn.remotes() if authn is not None else ())
         if self.jwks_fetcher is not None:
             self.jwks_fetcher.start_new()
 

@@ -97,6 +97,8 @@ class JwksFetcher:
                 due = self.due.get(remote.uri)
                 if remote.pending is None and (remote.fetched_at is None or (due is not None and due <= now)):
                     self._start(remote)
+            for uri in [u for u in self.due if u not in self.cache.remotes]:  # no longer named by the config
+                del self.due[uri]
             nearest = min((d for d in self.due.values()), default=now + self.refresh_interval)
             self.wake.clear()
             try:

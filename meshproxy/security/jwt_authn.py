@@ -80,6 +80,13 @@ class JwksCache:
         return found
 
 
+    def retain(self, used: Iterable[RemoteJwks]) -> None:
+        """Forget the URIs the running config no longer names (they are not fetched again)."""
+        keep = {remote.uri for remote in used}
+        for uri in [u for u in self.remotes if u not in keep]:
+            del self.remotes[uri]
+
+
 OPENID_CONFIGURATION: Final = "/.well-known/openid-configuration"
 
 
@@ -177,6 +184,9 @@ class JwtAuthenticator:
         self.header_locations = tuple((name.encode("latin-1"), prefix, tuple(p)) for (name, prefix), p in headers.items())
         self.param_locations = tuple((name, tuple(p)) for name, p in params.items())
         self.cookie_locations = tuple((name, tuple(p)) for name, p in cookies.items())
+
+    def remotes(self) -> list[RemoteJwks]:
+        return [p.remote for p in self.providers if p.remote is not None]
 
     def _tokens(self, headers: Sequence[tuple[bytes, bytes]], query: bytes) -> list[_Token]:
         found: list[_Token] = []

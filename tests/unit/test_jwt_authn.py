@@ -168,3 +168,12 @@ def test_request_policy_checks_tokens_but_lets_a_cors_preflight_through_as_istio
     good = head("GET", bearer(KEY.token()) + [(b"x-keep", b"1")])
     assert policy.check(good, b"10.0.0.1") is None
     assert good.headers == [(b"x-keep", b"1")]  # the token's header does not go upstream
+
+
+def test_the_jwks_cache_is_shared_across_loads_and_forgets_uris_no_longer_named():
+    cache = JwksCache()
+    first = cache.remote("http://a/jwks", 5.0)
+    assert cache.remote("http://a/jwks", 5.0) is first  # a reload naming it again reuses its keys
+    other = cache.remote("http://b/jwks", 5.0)
+    cache.retain([other])
+    assert list(cache.remotes) == ["http://b/jwks"]
