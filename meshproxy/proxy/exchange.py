@@ -473,8 +473,9 @@ def _check(stream: Stream, policy: RequestPolicy) -> Verdict | None:
 def _reply_refused(stream: Stream, verdict: Verdict) -> None:
     if verdict.failure is not None:
         head = stream.head
+        proto = head.header(FORWARDED_PROTO) or b"http"  # Envoy's buildOriginalUri: the path cut at 256 bytes
         reply, extra = jwt_denied(verdict.status, verdict.failure.message, verdict.failure.details,
-                                  b"http://" + head.authority + head.path)
+                                  proto + b"://" + head.authority + head.path_and_query[:256])
         stream.reply(reply.status, reply.body, reply.flag, reply.details, extra)
     else:
         assert verdict.decision is not None

@@ -162,6 +162,6 @@ def rbac_denied(policy_id: str) -> Reply:
 
 def jwt_denied(status: int, message: str, details: str, uri: bytes) -> tuple[Reply, tuple[tuple[bytes, bytes], ...]]:
     """The jwt_authn filter's reply: Envoy's status text as the body, and the Bearer challenge."""
-    challenge = b'Bearer realm="' + uri[:256] + b'", error="invalid_token"'
+    challenge = b'Bearer realm="' + uri + b'", error="invalid_token"'
     return Reply(status, message.encode(), 0, details), ((b"www-authenticate", challenge),)
 

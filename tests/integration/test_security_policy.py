@@ -219,9 +219,9 @@ def test_jwt_with_a_real_signed_token(folder: Path, upstream: Upstream) -> None:
         assert (status, body) == (403, b"RBAC: access denied")
         # a bad token: 401 before authorization
         forged = SigningKey("key-1").token()
-        status, headers, body = sidecar.request("/echo", {"authorization": f"Bearer {forged}"})
+        status, headers, body = sidecar.request("/echo?a=1", {"authorization": f"Bearer {forged}"})
         assert (status, body) == (401, b"Jwt verification fails")
-        assert headers["www-authenticate"] == 'Bearer realm="http://httpbin.foo:8000/echo", error="invalid_token"'
+        assert headers["www-authenticate"] == 'Bearer realm="http://httpbin.foo:8000/echo?a=1", error="invalid_token"'
         status, _, body = sidecar.request("/echo", {"authorization": f"Bearer {KEY.token(exp=1)}"})
         assert (status, body) == (401, b"Jwt is expired")
         status, _, body = sidecar.request("/echo", {"authorization": f"Bearer {KEY.token(iss='https://other')}"})
