@@ -66,6 +66,10 @@ class AuthzRequest:
 
     def header(self, name: bytes) -> str | None:
         """All values of a header joined with `,` (as Envoy matches a repeated header); None when absent."""
+        if name == b":authority":  # HTTP/2 names of what HTTP/1.1 carries elsewhere
+            return self.authority
+        if name == b":method":
+            return self.method
         values = [v for k, v in self.headers if k == name]
         if not values:
             return None
@@ -472,6 +476,9 @@ class Authorizer:
     has_allow_policy: bool = False  # an ALLOW policy with no rules still applies (and allows nothing)
     audit: tuple[CompiledRule, ...] = ()
     needs_local_ip: bool = False  # a rule reads destination.ip (the connection's local address, looked up then)
+    # Policies annotated `istio.io/dry-run: "true"`: decided on the side and logged, never enforced (Istio's
+    # shadow rules).
+    dry_run: Authorizer | None = None
 
     def check(self, req: AuthzRequest) -> Decision:
         for rule in self.deny:
@@ -493,7 +500,7 @@ class Authorizer:
 
     @property
     def empty(self) -> bool:
-        return not (self.deny or self.has_allow_policy or self.audit)
+        return not (self.deny or self.has_allow_policy or self.audit or self.dry_run)
 
 
 NO_AUTHZ: Final = Authorizer()
@@ -503,14 +510,25 @@ def applicable(policies: Iterable[m.AuthorizationPolicy], workload: Workload) ->
     return [p for p in policies if selects(p.meta, p.scope, workload)]
 
 
+DRY_RUN_ANNOTATION: Final = "istio.io/dry-run"
+
+
 def compile_authz(policies: Iterable[m.AuthorizationPolicy], workload: Workload) -> Authorizer:
     """The Authorizer of `workload`; NO_AUTHZ (the same object) when no policy applies."""
-    policies = list(policies)
+    selected = applicable(policies, workload)
+    enforced = [p for p in selected if p.meta.annotations.get(DRY_RUN_ANNOTATION, "").lower() != "true"]
+    dry = [p for p in selected if p.meta.annotations.get(DRY_RUN_ANNOTATION, "").lower() == "true"]
+    shadow = _compile(dry) if dry else None
+    authorizer = _compile(enforced, shadow)
+    return NO_AUTHZ if authorizer.empty else authorizer
+
+
+def _compile(policies: Sequence[m.AuthorizationPolicy], dry_run: Authorizer | None = None) -> Authorizer:
     deny: list[CompiledRule] = []
     allow: list[CompiledRule] = []
     audit: list[CompiledRule] = []
     has_allow = False
-    for policy in applicable(policies, workload):
+    for policy in policies:
         rules = [compile_rule(policy, i, rule) for i, rule in enumerate(policy.rules)]
         if policy.action == "DENY":
             deny += rules
@@ -521,7 +539,6 @@ def compile_authz(policies: Iterable[m.AuthorizationPolicy], workload: Workload)
             allow += rules
         else:  # CUSTOM never gets past the loader; refuse rather than skip if it ever did
             raise ValueError(f"{policy.meta.origin}: action {policy.action} is not enforced by meshproxy")
-    needs_local_ip = any(c.key == "destination.ip" for p in applicable(policies, workload) for r in p.rules
-                         for c in r.when)
-    authorizer = Authorizer(tuple(deny), tuple(allow), has_allow, tuple(audit), needs_local_ip)
-    return NO_AUTHZ if authorizer.empty else authorizer
+    needs_local_ip = any(c.key == "destination.ip" for p in policies for r in p.rules for c in r.when) or \
+        (dry_run is not None and dry_run.needs_local_ip)
+    return Authorizer(tuple(deny), tuple(allow), has_allow, tuple(audit), needs_local_ip, dry_run)

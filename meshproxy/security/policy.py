@@ -106,6 +106,11 @@ class RequestPolicy:
             mark = authz.audited(req)
             if mark:
                 log.info("audit: %s %s matched %s", head.method.decode("latin-1"), req.path, mark)
+        dry_run = authz.dry_run
+        if dry_run is not None:  # istio.io/dry-run policies: what they would decide, logged only
+            shadow = dry_run.check(req)
+            log.info("dry-run: %s %s would be %s", head.method.decode("latin-1"), req.path,
+                     "allowed" if shadow.allowed else f"denied by {shadow.policy_id}")
         decision = authz.check(req)
         if decision.allowed:
             return None

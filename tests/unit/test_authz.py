@@ -327,3 +327,19 @@ def test_invalid_policies_are_refused_naming_file_document_and_field(spec: str, 
     errors = [p for p in problems if p.severity == "error"]
     assert [(p.file, p.doc, p.path) for p in errors] == [("p.yaml", 1, path)]
     assert message in errors[0].message
+
+
+def test_dry_run_policies_are_decided_aside_and_never_enforced():
+    text = policy("  rules: [{}]", "would-deny", action="DENY").replace(
+        "metadata: {name: would-deny, namespace: foo}",
+        "metadata: {name: would-deny, namespace: foo, annotations: {istio.io/dry-run: 'true'}}")
+    authz = compile_authz(policies(text), WORKLOAD)
+    assert authz is not NO_AUTHZ and authz.check(request()).allowed
+    assert authz.dry_run is not None
+    assert authz.dry_run.check(request()).policy_id == "ns[foo]-policy[would-deny]-rule[0]"
+
+
+def test_pseudo_header_names_in_when_keys():
+    text = policy("  rules: [{when: [{key: 'request.headers[:authority]', values: ['*.foo']}]}]")
+    assert decide(text, request(host="httpbin.foo")) == (True, "")
+    assert decide(text, request(host="httpbin.bar")) == (False, "none")
