@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, cast
 from . import hot_path
 from .istio.load import load
 from .istio.model import Snapshot
-from .istio.problems import Problem
+from .istio.problems import ConfigError, Problem
 from .lifecycle import ConfigReloader, ConfigState, handle_signals, ignore_stop_signals
 from .proxy.balancer import Clusters
 from .proxy.downstream import (
@@ -35,6 +35,7 @@ from .routing.policy import ACTION_ROUTE, HeaderMutation, RetryPolicy, Route, Ro
 from .routing.table import RouteTable, VirtualHost
 from .security.jwks_fetch import JwksFetcher
 from .security.jwt_authn import JwksCache
+from .security.peer_authn import strict_without_tls
 from .security.policy import compile_workload_policy
 from .security.scope import Workload
 from .settings import InboundSpec, Settings
@@ -72,9 +73,14 @@ def load_config(settings: Settings, jwks: JwksCache | None = None) -> tuple[Rout
     """Load and compile (routes, and the security policy of this workload in `table.security`); raises
     ConfigError. Warnings are returned, not raised."""
     result = load(settings.config)
+    workload = Workload(settings.namespace, dict(settings.labels))
+    # No TLS transport yet: a STRICT PeerAuthentication for this workload is refused, never run as plaintext.
+    # (The TLS transport enforces the modes; with it, this check goes.)
+    strict = strict_without_tls(result.snapshot.peer_authentications, workload)
+    if strict:
+        raise ConfigError(strict + result.warnings)
     table, warnings = compile_table(result.snapshot, identity_of(settings))
-    table.security = compile_workload_policy(result.snapshot, Workload(settings.namespace, dict(settings.labels)),
-                                             jwks if jwks is not None else JwksCache())
+    table.security = compile_workload_policy(result.snapshot, workload, jwks if jwks is not None else JwksCache())
     return table, result.snapshot, result.warnings + warnings
 
 

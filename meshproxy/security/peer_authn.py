@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ..istio import model as m
+from ..istio.problems import Problem
 from .scope import ROOT_NAMESPACE, Workload, labels_match
 
 STRICT: Final = "STRICT"
@@ -40,23 +41,55 @@ class PeerAuthnPolicy:
 DEFAULT_PEER_AUTHN: Final = PeerAuthnPolicy()
 
 
+def strict_without_tls(policies: Iterable[m.PeerAuthentication], workload: Workload,
+                       root_namespace: str = ROOT_NAMESPACE) -> list[Problem]:
+    """Errors for a STRICT mode this proxy cannot honour: without a TLS transport every connection is plaintext,
+    and accepting it under STRICT would be a hole, not a fallback. Each error names the policy and field that
+    made the mode STRICT (PERMISSIVE and DISABLE are honoured by plaintext as they are)."""
+    items = list(policies)
+    resolved = resolve_peer_authn(items, workload, root_namespace)
+    problems: list[Problem] = []
+    message = ("STRICT mutual TLS is not enforced: this proxy has no TLS transport yet, so plaintext clients would "
+               "be accepted; refused rather than ignored (use PERMISSIVE until certificates are configured)")
+    strict_ports = sorted(port for port, mode in resolved.port_modes.items() if mode == STRICT)
+    if resolved.mode == STRICT or strict_ports:
+        for policy in _levels(items, workload, root_namespace):
+            if policy.mode == STRICT and resolved.mode == STRICT:
+                problems.append(Problem(policy.meta.origin.file, policy.meta.origin.doc, "spec.mtls.mode", message))
+            for port, mode in policy.port_level_mtls.items():
+                if port in strict_ports and (mode == STRICT or (mode == UNSET and policy.mode == STRICT)):
+                    problems.append(Problem(policy.meta.origin.file, policy.meta.origin.doc,
+                                            f"spec.portLevelMtls.{port}.mode", message))
+        if not problems:  # STRICT inherited through UNSET levels: name the policy it came from
+            for policy in _levels(items, workload, root_namespace):
+                if policy.mode == STRICT:
+                    problems.append(Problem(policy.meta.origin.file, policy.meta.origin.doc, "spec.mtls.mode",
+                                            message))
+    return problems
+
+
+def _levels(items: list[m.PeerAuthentication], workload: Workload,
+            root_namespace: str) -> list[m.PeerAuthentication]:
+    """The policies that take part in the workload's mode: mesh, namespace, workload (those present)."""
+    mesh = _first(p for p in items if p.meta.namespace == root_namespace and p.match_labels is None)
+    namespace = _first(p for p in items if p.meta.namespace == workload.namespace and p.match_labels is None
+                       and p.meta.namespace != root_namespace)
+    selected = _first(p for p in items if p.meta.namespace == workload.namespace and p.match_labels is not None
+                      and labels_match(p.match_labels, workload.labels))
+    return [p for p in (mesh, namespace, selected) if p is not None]
+
+
 def _first(policies: Iterable[m.PeerAuthentication]) -> m.PeerAuthentication | None:
     return next(iter(policies), None)
 
 
 def resolve_peer_authn(policies: Iterable[m.PeerAuthentication], workload: Workload,
                        root_namespace: str = ROOT_NAMESPACE) -> PeerAuthnPolicy:
-    items = list(policies)
-    mesh = _first(p for p in items if p.meta.namespace == root_namespace and p.match_labels is None)
-    namespace = _first(p for p in items if p.meta.namespace == workload.namespace and p.match_labels is None
-                       and p.meta.namespace != root_namespace)
-    selected = _first(p for p in items if p.meta.namespace == workload.namespace and p.match_labels is not None
-                      and labels_match(p.match_labels, workload.labels))
+    levels = _levels(list(policies), workload, root_namespace)
+    selected = next((p for p in levels if p.match_labels is not None), None)
     mode = PERMISSIVE
     used = []
-    for policy in (mesh, namespace, selected):
-        if policy is None:
-            continue
+    for policy in levels:
         used.append(f"{policy.meta.namespace}/{policy.meta.name}")
         if policy.mode != UNSET:
             mode = policy.mode

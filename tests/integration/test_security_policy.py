@@ -438,3 +438,16 @@ def test_istios_documented_examples_through_one_reloading_proxy(folder: Path, up
             assert got == [(method, path, status) for method, path, _, status in checks], name
     finally:
         assert sidecar.proxy.stop() == 0
+
+
+def test_a_strict_peer_authentication_is_refused_while_there_is_no_tls_transport(folder: Path,
+                                                                                  upstream: Upstream) -> None:
+    sidecar = started(folder, upstream, doc("PeerAuthentication", "default", "  mtls: {mode: PERMISSIVE}"))
+    try:
+        assert sidecar.request("/echo")[0] == 200
+        write_config(folder, "security.yaml", doc("PeerAuthentication", "default", "  mtls: {mode: STRICT}"))
+        wait_until(lambda: "security.yaml:0: spec.mtls.mode: STRICT mutual TLS is not enforced" in sidecar.proxy.log,
+                   what="STRICT refused")
+        assert sidecar.request("/echo")[0] == 200  # the running (PERMISSIVE) config stays
+    finally:
+        assert sidecar.proxy.stop() == 0

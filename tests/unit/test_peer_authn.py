@@ -87,3 +87,22 @@ def test_the_loaded_config_carries_the_resolved_modes_for_the_transport():
     assert policy.empty  # no per-request check: mTLS is decided per connection
     assert policy.bind(8080, True) is NO_POLICY  # listeners pay nothing per request
     assert compile_workload_policy(snapshot_of([]), WORKLOAD, JwksCache()) is NO_WORKLOAD_POLICY
+
+
+@pytest.mark.parametrize(("text", "paths"), [
+    ("", []),
+    (MESH_STRICT, [("p.yaml", 0, "spec.mtls.mode")]),
+    (MESH_STRICT + NS_PERMISSIVE, []),  # overridden: plaintext is what PERMISSIVE accepts
+    (MESH_STRICT + NS_UNSET, [("p.yaml", 0, "spec.mtls.mode")]),  # inherited
+    (NS_DISABLE + pa("{selector: {matchLabels: {app: httpbin}}, portLevelMtls: {8080: {mode: STRICT}}}", "w"),
+     [("p.yaml", 1, "spec.portLevelMtls.8080.mode")]),
+    (pa("{selector: {matchLabels: {app: other}}, mtls: {mode: STRICT}}", "w"), []),  # another workload's
+])
+def test_strict_cannot_be_honoured_without_tls_and_is_refused_at_its_field(text: str, paths: list[tuple[str, int, str]]):
+    from meshproxy.security.peer_authn import strict_without_tls
+
+    problems: list[Any] = []
+    snapshot = snapshot_of(load_text(text, "p.yaml", problems))
+    found = strict_without_tls(snapshot.peer_authentications, WORKLOAD)
+    assert [(p.file, p.doc, p.path) for p in found] == paths
+    assert all("STRICT mutual TLS is not enforced" in p.message for p in found)
