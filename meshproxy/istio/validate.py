@@ -45,7 +45,8 @@ def check_document(data: Any, doc: DocProblems) -> m.Resource | None:
             doc.error("kind", f"{kind!r} is not a {SECURITY_GROUP} kind meshproxy knows "
                               f"({', '.join(SECURITY_KINDS)}); refused rather than ignored")
             return None
-        served, kinds = SECURITY_VERSIONS, SECURITY_KINDS
+        served: tuple[str, ...] = SECURITY_VERSIONS
+        kinds = SECURITY_KINDS
     elif group != GROUP or kind not in KINDS:
         log.debug("%s:%d: skipping %s %s (not an Istio networking resource meshproxy uses)",
                   doc.file, doc.index, api_version, kind)
