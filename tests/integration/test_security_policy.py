@@ -451,3 +451,18 @@ def test_a_strict_peer_authentication_is_refused_while_there_is_no_tls_transport
         assert sidecar.request("/echo")[0] == 200  # the running (PERMISSIVE) config stays
     finally:
         assert sidecar.proxy.stop() == 0
+
+
+def test_a_token_for_another_audience_is_forbidden_as_envoy_answers_it(folder: Path, upstream: Upstream) -> None:
+    ra = doc("RequestAuthentication", "jwt", f"  jwtRules:\n  - issuer: {ISSUER}\n    jwks: '{jwks(KEY)}'\n"
+                                             "    audiences: [bookstore]\n    fromParams: [token]")
+    sidecar = started(folder, upstream, ra)
+    try:
+        assert sidecar.request(f"/echo?token={KEY.token(aud='bookstore')}")[0] == 200
+        status, _, body = sidecar.request(f"/echo?token={KEY.token(aud='petstore')}")
+        assert (status, body) == (403, b"Audiences in Jwt are not allowed")
+        none = "eyJhbGciOiJub25lIn0." + KEY.token(aud="bookstore").split(".")[1] + "."
+        status, _, body = sidecar.request(f"/echo?token={none}")
+        assert (status, body) == (401, b"Jwks doesn't have key to match kid or alg from Jwt")
+    finally:
+        assert sidecar.proxy.stop() == 0
