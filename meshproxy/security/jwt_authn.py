@@ -45,6 +45,13 @@ AUDIENCE_NOT_ALLOWED: Final = "Audiences in Jwt are not allowed"
 VERIFICATION_FAILS: Final = "Jwt verification fails"
 KID_ALG_MISMATCH: Final = "Jwks doesn't have key to match kid or alg from Jwt"
 JWKS_FETCH_FAILED: Final = "Jwks remote fetch is failed"
+BAD_ALG: Final = "Jwt header [alg] field is required and must be a string"
+ALG_NOT_SUPPORTED: Final = "Jwt header [alg] is not supported"
+BAD_KID: Final = "Jwt header [kid] field is not a string"
+ISS_NOT_STRING: Final = "Jwt payload [iss] field is not a string"
+# jwt_verify_lib's algorithms ("none" is never one of them)
+SUPPORTED_ALGS: Final = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+                                   "HS256", "HS384", "HS512", "EdDSA"})
 DETAILS_PREFIX: Final = "jwt_authn_access_denied"
 
 
@@ -236,7 +243,16 @@ class JwtAuthenticator:
             unverified = jwt.decode(token.value, options={"verify_signature": False})
         except jwt.PyJWTError:
             return Failure(401, BAD_FORMAT)
+        alg, kid = header.get("alg"), header.get("kid")
+        if not isinstance(alg, str):
+            return Failure(401, BAD_ALG)
+        if alg not in SUPPORTED_ALGS:
+            return Failure(401, ALG_NOT_SUPPORTED)
+        if kid is not None and not isinstance(kid, str):
+            return Failure(401, BAD_KID)
         issuer = unverified.get("iss")
+        if issuer is not None and not isinstance(issuer, str):
+            return Failure(401, ISS_NOT_STRING)
         candidates = [p for p in token.providers if not p.issuer or p.issuer == issuer]
         if not candidates:
             return Failure(401, UNKNOWN_ISSUER)
@@ -260,10 +276,9 @@ class JwtAuthenticator:
             if remote is not None and not remote.ready:
                 return remote  # first fetch still under way
             return Failure(401, JWKS_FETCH_FAILED)
-        alg, kid = header.get("alg"), header.get("kid")
-        candidates = [k for k in keys.keys if (kid is None or k.key_id == kid)
-                      and (k.algorithm_name == alg or (k.algorithm_name is None and alg is not None))]
-        if not isinstance(alg, str) or alg == "none" or not candidates:
+        alg, kid = str(header.get("alg")), header.get("kid")  # checked in _verify: a supported name
+        candidates = [k for k in keys.keys if (kid is None or k.key_id == kid) and _key_fits(k, alg)]
+        if not candidates:
             return Failure(401, KID_ALG_MISMATCH)
         now = self.now()
         exp, nbf = unverified.get("exp"), unverified.get("nbf")
@@ -272,10 +287,8 @@ class JwtAuthenticator:
                 claims = jwt.decode(token, key=key.key, algorithms=[alg],
                                     options={"verify_exp": False, "verify_nbf": False, "verify_iat": False,
                                              "verify_aud": False, "verify_iss": False})
-            except jwt.InvalidSignatureError:
+            except jwt.PyJWTError:  # a bad signature for this key (or a key PyJWT cannot use): try the next one
                 continue
-            except jwt.PyJWTError:
-                return Failure(401, VERIFICATION_FAILS)
             if isinstance(exp, (int, float)) and not isinstance(exp, bool) and now > exp + CLOCK_SKEW:
                 return Failure(401, EXPIRED)
             if isinstance(nbf, (int, float)) and not isinstance(nbf, bool) and now + CLOCK_SKEW < nbf:
@@ -299,6 +312,17 @@ class JwtAuthenticator:
                 add.append((item.header.encode("latin-1"), value.encode("utf-8")))
                 remove.add(item.header.encode("latin-1"))
         return AuthnResult(claims=claims, remove=frozenset(remove), add=add)
+
+
+KEY_TYPES: Final = {"RS": "RSA", "PS": "RSA", "ES": "EC", "HS": "oct", "Ed": "OKP"}
+
+
+def _key_fits(key: jwt.PyJWK, alg: str) -> bool:
+    """jwt_verify_lib's key choice: the key type of the algorithm's family, and the JWK's own `alg` if it has one."""
+    if key.key_type != KEY_TYPES.get(alg[:2]):
+        return False
+    explicit = getattr(key, "_jwk_data", {}).get("alg")  # PyJWK fills in a default `algorithm_name` when absent
+    return explicit is None or explicit == alg
 
 
 def _audience_allowed(audience: Any, allowed: frozenset[str]) -> bool:

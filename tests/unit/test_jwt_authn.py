@@ -49,6 +49,9 @@ def bearer(token: str) -> list[tuple[bytes, bytes]]:
     ("unknown kid", SigningKey("k9").token(), 401, "Jwks doesn't have key to match kid or alg from Jwt"),
     ("alg none", "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0." + base64.urlsafe_b64encode(
         json.dumps({"iss": ISSUER, "sub": "x"}).encode()).decode().rstrip("=") + ".", 401,
+     "Jwt header [alg] is not supported"),
+    ("HS256 with no such key", __import__("jwt").encode({"iss": ISSUER, "sub": "x"}, "secret" * 6, algorithm="HS256",
+                                                        headers={"kid": "k1"}), 401,
      "Jwks doesn't have key to match kid or alg from Jwt"),
     ("not a JWT", "abc.def", 401, "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"),
     ("valid RS256", KEY.token(), 0, ""),
@@ -177,3 +180,16 @@ def test_the_jwks_cache_is_shared_across_loads_and_forgets_uris_no_longer_named(
     other = cache.remote("http://b/jwks", 5.0)
     cache.retain([other])
     assert list(cache.remotes) == ["http://b/jwks"]
+
+
+def test_key_choice_by_kid_key_type_and_the_jwks_own_alg():
+    bare = {k: v for k, v in KEY.public_jwk.items() if k not in ("alg", "kid")}  # a JWK with neither alg nor kid
+    auth = authenticator(f"issuer: {ISSUER}\n    jwks: '{json.dumps({'keys': [EC_KEY.public_jwk, bare]})}'")
+    import jwt as pyjwt
+
+    rs384 = pyjwt.encode({"iss": ISSUER, "sub": "alice"}, KEY.private, algorithm="RS384")  # no kid in the token
+    assert auth.authenticate(bearer(rs384), b"").claims is not None  # the RSA key without alg fits RS384
+    pinned = authenticator(f"issuer: {ISSUER}\n    jwks: '{jwks(KEY)}'")  # this JWK says alg RS256
+    result = pinned.authenticate(bearer(pyjwt.encode({"iss": ISSUER, "sub": "a"}, KEY.private, algorithm="RS384",
+                                                     headers={"kid": "k1"})), b"")
+    assert result.failure is not None and result.failure.message == "Jwks doesn't have key to match kid or alg from Jwt"
