@@ -58,7 +58,8 @@ class AuthzRequest:
         self.headers = headers  # (lower-case name, value)
         self.principal = peer_uri(principal)  # the peer's SPIFFE URI, "" when plaintext
         self.source_ip = _ip(source_ip)
-        self.remote_ip = _ip(remote_ip) if remote_ip else self.source_ip
+        # Envoy: the XFF address when it is a valid IP, else the connection's peer
+        self.remote_ip = (_ip(remote_ip) if remote_ip else None) or self.source_ip
         self.destination_ip = _ip(destination_ip)
         self.destination_port = destination_port
         self.sni = sni

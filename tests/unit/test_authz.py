@@ -156,6 +156,9 @@ CASES = [
      request(source="10.0.0.1", remote="1.2.3.4"), (True, "")),
     ("remoteIpBlocks: not the direct peer", policy("  rules: [{from: [{source: {remoteIpBlocks: [10.0.0.1]}}]}]"),
      request(source="10.0.0.1", remote="1.2.3.4"), (False, "none")),
+    ("remoteIpBlocks: an XFF entry that is not an IP falls back to the peer",
+     policy("  rules: [{from: [{source: {remoteIpBlocks: [10.0.0.1]}}]}]"), request(source="10.0.0.1", remote="junk"),
+     (True, "")),
     ("IPv6 block", policy("  rules: [{from: [{source: {ipBlocks: ['::1/128']}}]}]"), request(source="::1"), (True, "")),
     # ---- request principals (JWT)
     ("requestPrincipals *: needs a token", policy("  rules: [{from: [{source: {requestPrincipals: ['*']}}]}]"),
