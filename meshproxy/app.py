@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, cast
 from . import hot_path
 from .istio.load import load
 from .istio.model import Snapshot
-from .istio.problems import Problem
+from .istio.problems import ConfigError, Problem
 from .lifecycle import ConfigReloader, ConfigState, handle_signals, ignore_stop_signals
 from .proxy.balancer import Clusters
 from .proxy.downstream import (
@@ -33,6 +33,11 @@ from .routing.match import CATCH_ALL
 from .routing.picker import WeightedPicker
 from .routing.policy import ACTION_ROUTE, HeaderMutation, RetryPolicy, Route, RouteDestination
 from .routing.table import RouteTable, VirtualHost
+from .security.jwks_fetch import JwksFetcher
+from .security.jwt_authn import JwksCache
+from .security.peer_authn import strict_without_tls
+from .security.policy import compile_workload_policy
+from .security.scope import Workload
 from .settings import InboundSpec, Settings
 from .telemetry.access_log import AccessLog
 from .telemetry.core import MeshTelemetry, Telemetry
@@ -64,18 +69,29 @@ def inbound_table(spec: InboundSpec) -> RouteTable:
     return RouteTable(exact={}, wildcards=(), catch_all=vhost)
 
 
-def load_config(settings: Settings) -> tuple[RouteTable, Snapshot, list[Problem]]:
-    """Load and compile; raises ConfigError. Warnings are returned, not raised."""
+def load_config(settings: Settings, jwks: JwksCache | None = None) -> tuple[RouteTable, Snapshot, list[Problem]]:
+    """Load and compile (routes, and the security policy of this workload in `table.security`); raises
+    ConfigError. Warnings are returned, not raised."""
     result = load(settings.config)
+    workload = Workload(settings.namespace, dict(settings.labels))
+    # No TLS transport yet: a STRICT PeerAuthentication for this workload is refused, never run as plaintext.
+    # (The TLS transport enforces the modes; with it, this check goes.)
+    strict = strict_without_tls(result.snapshot.peer_authentications, workload)
+    if strict:
+        raise ConfigError(strict + result.warnings)
     table, warnings = compile_table(result.snapshot, identity_of(settings))
+    table.security = compile_workload_policy(result.snapshot, workload, jwks if jwks is not None else JwksCache())
     return table, result.snapshot, result.warnings + warnings
 
 
 class ProxyApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.jwks = JwksCache()  # the keys of every jwksUri, shared across reloads
         # file watch, SIGHUP and POST /reload all reload through this one object
-        self.reloader = ConfigReloader(settings.config, lambda: load_config(settings), self._follow)
+        self.reloader = ConfigReloader(settings.config, lambda: load_config(settings, self.jwks), self._follow)
+        self.jwks_fetcher: JwksFetcher | None = None  # created in start(), inside the loop
+        self.inbound_tables: dict[int, tuple[RouteTable, int]] = {}  # id(ctx) -> (routes, app port)
         self.rng = random.Random(settings.seed)
         self.pool = UpstreamPool(settings.upstream_idle_timeout, settings.connect_timeout)
         self.access_log = AccessLog(settings.access_log, path=settings.access_log_file)
@@ -88,6 +104,7 @@ class ProxyApp:
         self.addresses: dict[str, tuple[str, int]] = {}
         self.admin: AdminServer | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._jwks_task: asyncio.Task[None] | None = None
 
     # ---- config
 
@@ -96,9 +113,26 @@ class ProxyApp:
         return self.reloader.state
 
     def _follow(self, table: RouteTable) -> None:
+        """A new snapshot: the outbound listener takes its routes; every listener that enforces the workload's
+        security policy (inbound listeners; a gateway's own listener) takes the new policy, in one assignment."""
         for ctx in self.contexts:
             if ctx.follows_config:
-                ctx.table = table
+                ctx.table = self._outbound_table(table)
+            elif id(ctx) in self.inbound_tables:
+                base, port = self.inbound_tables[id(ctx)]
+                ctx.table = base.with_policy(table.security.bind(port, remote_from_xff=True))
+        authn = table.security.authn
+        self.jwks.retain(authn.remotes() if authn is not None else ())
+        if self.jwks_fetcher is not None:
+            self.jwks_fetcher.start_new()
+
+    def _outbound_table(self, table: RouteTable) -> RouteTable:
+        """A sidecar's outbound listener carries the app's own calls: the destination's proxy authorizes them.
+        A gateway's listener is where its clients arrive: it enforces the policies that select the gateway."""
+        if "mesh" in self.settings.gateways or self.settings.listen is None:
+            return table
+        port = self.addresses.get("outbound", self.settings.listen)[1]  # the bound port (a port 0 is chosen)
+        return table.with_policy(table.security.bind(port, remote_from_xff=False))
 
     # ---- lifecycle
 
@@ -109,13 +143,16 @@ class ProxyApp:
         budget = connection_budget(settings)  # one downstream connection limit for the whole process
         if settings.listen is not None:
             edge = EDGE_NONE if "mesh" in settings.gateways else EDGE_GATEWAY  # a gateway's clients are outside
-            ctx = ListenerContext("outbound", self.config.table, self.pool, rng=self.rng, clusters=self.clusters,
+            ctx = ListenerContext("outbound", self._outbound_table(self.config.table), self.pool, rng=self.rng,
+                                  clusters=self.clusters,
                                   telemetry=Telemetry("outbound", "outbound", self.access_log, self.telemetry),
                                   limits=listener_limits(settings, edge), budget=budget, follows_config=True,
                                   retry_reused=settings.retry_reused_connection)
             await self._listen(ctx, settings.listen)
+            ctx.table = self._outbound_table(self.config.table)  # now with the port bound
         for spec in settings.inbound:
-            table = inbound_table(spec)
+            base = inbound_table(spec)
+            table = base.with_policy(self.config.table.security.bind(spec.app[1], remote_from_xff=True))
             name = f"inbound:{spec.app[1]}"
             ctx = ListenerContext(name, table, self.pool, server_name=b"istio-envoy",
                                   response_mutation=INBOUND_SERVER, rng=self.rng, clusters=self.clusters,
@@ -123,7 +160,11 @@ class ProxyApp:
                                                       table=lambda: self.config.table, address=spec.listen),
                                   limits=listener_limits(settings, EDGE_INBOUND), budget=budget,
                                   retry_reused=settings.retry_reused_connection)
+            self.inbound_tables[id(ctx)] = (base, spec.app[1])
             await self._listen(ctx, spec.listen)
+        self.jwks_fetcher = JwksFetcher(self.jwks, settings.jwks_refresh_interval)
+        self.jwks_fetcher.start_new()
+        self._jwks_task = loop.create_task(self.jwks_fetcher.watch())
         if settings.admin is not None:
             from .admin import ProxyAdmin, serve_admin  # prometheus-client is only needed for the admin port
 

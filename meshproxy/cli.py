@@ -174,6 +174,9 @@ def main() -> None:
               envvar="MESHPROXY_RETRY_REUSED_CONNECTION",
               help="Send an idempotent request once more when the kept-alive upstream connection it reused is "
                    "reset, whatever the retry policy (as Go's HTTP client; Envoy does not: off for exact parity).")
+@click.option("--jwks-refresh-interval", default=1200.0, show_default=True, type=click.FloatRange(min=0.1),
+              envvar="MESHPROXY_JWKS_REFRESH_INTERVAL",
+              help="Seconds between fetches of each RequestAuthentication jwksUri (istiod's default: 20 minutes).")
 @_limit_options
 @_telemetry_options
 @click.option("--access-log", default="off", show_default=True, envvar="MESHPROXY_ACCESS_LOG",
@@ -245,7 +248,18 @@ def validate(paths: tuple[str, ...], namespace: str) -> None:
         f"valid: {len(snap.files)} file(s), {len(snap.virtual_services)} VirtualService, "
         f"{len(snap.destination_rules)} DestinationRule, {len(snap.service_entries)} ServiceEntry, "
         f"{len(snap.gateways)} Gateway; {len(problems)} warning(s)"
+        + _security_summary(snap)
     )
+
+
+def _security_summary(snap: Any) -> str:
+    """The security resources read, when there are any (the line stays as it was without them)."""
+    counts = [(len(snap.authorization_policies), "AuthorizationPolicy"),
+              (len(snap.peer_authentications), "PeerAuthentication"),
+              (len(snap.request_authentications), "RequestAuthentication")]
+    if not any(n for n, _ in counts):
+        return ""
+    return "; security: " + ", ".join(f"{n} {kind}" for n, kind in counts)
 
 
 @main.command()

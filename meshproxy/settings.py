@@ -80,3 +80,5 @@ class Settings:
     # listeners share their ports with SO_REUSEPORT. `worker_index` is set only in a worker's own Settings.
     concurrency: int = 1
     worker_index: int | None = None
+    # RequestAuthentication: how often the keys of each jwksUri are fetched again (istiod's default, 20 minutes).
+    jwks_refresh_interval: float = 1200.0

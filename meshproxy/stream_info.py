@@ -81,11 +81,12 @@ VIA_UPSTREAM: Final = "via_upstream"
 class ConnectionInfo:
     """The downstream connection a request came on, as telemetry needs it; addresses are looked up once."""
 
-    __slots__ = ("peer_ip", "transport", "addresses")
+    __slots__ = ("peer_ip", "transport", "addresses", "peer_principal")
 
-    def __init__(self, peer_ip: bytes = b"unknown", transport: Any = None) -> None:
+    def __init__(self, peer_ip: bytes = b"unknown", transport: Any = None, peer_principal: str = "") -> None:
         self.peer_ip = peer_ip
         self.transport = transport
+        self.peer_principal = peer_principal  # the peer certificate's SPIFFE identity; "" when plaintext
         self.addresses: tuple[str, str] | None = None  # (local, remote) as the access log writes them
 
     def log_addresses(self) -> tuple[str, str]:

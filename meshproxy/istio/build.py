@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import model as m
+from .build_security import build_authorization_policy, build_peer_authentication, build_request_authentication
 from .problems import DocProblems
 from .values import compile_regex, header_key, is_header_name, parse_duration, retry_on_problems
 
@@ -615,4 +616,7 @@ BUILDERS: dict[str, Callable[[DocProblems, m.Resource, Mapping[str, Any]], Any]]
     "ServiceEntry": _build_service_entry,
     "Gateway": _build_gateway,
     "WorkloadEntry": _build_workload_entry,
+    "AuthorizationPolicy": build_authorization_policy,
+    "PeerAuthentication": build_peer_authentication,
+    "RequestAuthentication": build_request_authentication,
 }

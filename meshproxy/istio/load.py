@@ -78,6 +78,9 @@ def snapshot_of(resources: Iterable[Any], files: tuple[str, ...] = ()) -> m.Snap
         service_entries=tuple(r for r in items if isinstance(r, m.ServiceEntry)),
         gateways=tuple(r for r in items if isinstance(r, m.Gateway)),
         files=files,
+        authorization_policies=tuple(r for r in items if isinstance(r, m.AuthorizationPolicy)),
+        peer_authentications=tuple(r for r in items if isinstance(r, m.PeerAuthentication)),
+        request_authentications=tuple(r for r in items if isinstance(r, m.RequestAuthentication)),
     )
 
 

@@ -343,6 +343,121 @@ class Gateway:
     servers: tuple[Mapping[str, Any], ...]
 
 
+# ---- security.istio.io: typed as written (lists of strings, validated by the loader); security/ compiles them.
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyTargetReference:
+    group: str = ""
+    kind: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadScope:
+    """Which workloads of its namespace a policy selects: `selector.matchLabels` (None: every workload) or
+    `targetRef(s)` (Gateways and waypoints)."""
+
+    match_labels: Mapping[str, str] | None = None
+    target_refs: tuple[PolicyTargetReference, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    request_principals: tuple[str, ...] = ()
+    not_request_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+    service_accounts: tuple[str, ...] = ()
+    not_service_accounts: tuple[str, ...] = ()
+    trust_domains: tuple[str, ...] = ()
+    not_trust_domains: tuple[str, ...] = ()
+    ip_blocks: tuple[str, ...] = ()
+    not_ip_blocks: tuple[str, ...] = ()
+    remote_ip_blocks: tuple[str, ...] = ()
+    not_remote_ip_blocks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
+    ports: tuple[str, ...] = ()
+    not_ports: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    key: str
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """`from` entries OR, `to` entries OR, `when` conditions AND; the three parts AND (none given: any)."""
+
+    sources: tuple[Source, ...] = ()
+    operations: tuple[Operation, ...] = ()
+    when: tuple[Condition, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizationPolicy:
+    meta: Resource
+    scope: WorkloadScope
+    action: str  # ALLOW | DENY | AUDIT (CUSTOM is refused by the loader)
+    rules: tuple[Rule, ...]  # empty: no rules (an ALLOW policy then matches nothing)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAuthentication:
+    meta: Resource
+    match_labels: Mapping[str, str] | None  # None: namespace-wide (mesh-wide in the root namespace)
+    mode: str  # UNSET | DISABLE | PERMISSIVE | STRICT
+    port_level_mtls: Mapping[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class JWTHeader:
+    name: str  # lower-case
+    prefix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimToHeader:
+    header: str  # lower-case
+    claim: str
+
+
+@dataclass(frozen=True, slots=True)
+class JWTRule:
+    issuer: str
+    audiences: tuple[str, ...] = ()
+    jwks_uri: str = ""
+    jwks: str = ""
+    from_headers: tuple[JWTHeader, ...] = ()
+    from_params: tuple[str, ...] = ()
+    from_cookies: tuple[str, ...] = ()
+    output_payload_to_header: str = ""  # lower-case
+    forward_original_token: bool = False
+    output_claim_to_headers: tuple[ClaimToHeader, ...] = ()
+    timeout: float | None = None  # jwksUri fetch timeout, seconds
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAuthentication:
+    meta: Resource
+    scope: WorkloadScope
+    jwt_rules: tuple[JWTRule, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """Every resource of one configuration, in the order read."""
@@ -352,3 +467,6 @@ class Snapshot:
     service_entries: tuple[ServiceEntry, ...] = ()
     gateways: tuple[Gateway, ...] = ()
     files: tuple[str, ...] = ()
+    authorization_policies: tuple[AuthorizationPolicy, ...] = ()
+    peer_authentications: tuple[PeerAuthentication, ...] = ()
+    request_authentications: tuple[RequestAuthentication, ...] = ()

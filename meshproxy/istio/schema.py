@@ -42,6 +42,8 @@ Types (``Type``) are either a scalar name or a tuple:
     a YAML sequence of T.
 ``("map", T)``
     a mapping from string keys to T.
+``("portmap", T)``
+    a mapping from port numbers (integer keys in YAML, digit strings in JSON) to T.
 ``"SomeMessage"``
     a key of ``MESSAGES``: a mapping whose keys must be fields of it.
 
@@ -484,6 +486,110 @@ MESSAGES: dict[str, dict[str, Type]] = {
         "privateKey": "string",
         "caCertificates": "string",
     },
+    # ---------------------------------------------------------------- security.istio.io (v1, v1beta1: one schema)
+    # From istio/api security/v1beta1/{authorization,peer_authentication,request_authentication}.proto and
+    # type/v1beta1/selector.proto (PolicyTargetReference).
+    "AuthorizationPolicy": {
+        "selector": "istio.type.v1beta1.WorkloadSelector",
+        "targetRef": "istio.type.v1beta1.PolicyTargetReference",
+        "targetRefs": ("list", "istio.type.v1beta1.PolicyTargetReference"),
+        "rules": ("list", "Rule"),
+        "action": _enum("ALLOW", "DENY", "AUDIT", "CUSTOM"),
+        "provider": "AuthorizationPolicy.ExtensionProvider",
+    },
+    "AuthorizationPolicy.ExtensionProvider": {
+        "name": "string",
+    },
+    "Rule": {
+        "from": ("list", "Rule.From"),
+        "to": ("list", "Rule.To"),
+        "when": ("list", "Condition"),
+    },
+    "Rule.From": {
+        "source": "Source",
+    },
+    "Rule.To": {
+        "operation": "Operation",
+    },
+    "Source": {
+        "principals": _STRINGS,
+        "notPrincipals": _STRINGS,
+        "requestPrincipals": _STRINGS,
+        "notRequestPrincipals": _STRINGS,
+        "namespaces": _STRINGS,
+        "notNamespaces": _STRINGS,
+        "serviceAccounts": _STRINGS,
+        "notServiceAccounts": _STRINGS,
+        "trustDomains": _STRINGS,
+        "notTrustDomains": _STRINGS,
+        "ipBlocks": _STRINGS,
+        "notIpBlocks": _STRINGS,
+        "remoteIpBlocks": _STRINGS,
+        "notRemoteIpBlocks": _STRINGS,
+    },
+    "Operation": {
+        "hosts": _STRINGS,
+        "notHosts": _STRINGS,
+        "ports": _STRINGS,
+        "notPorts": _STRINGS,
+        "methods": _STRINGS,
+        "notMethods": _STRINGS,
+        "paths": _STRINGS,
+        "notPaths": _STRINGS,
+    },
+    "Condition": {
+        "key": "string",
+        "values": _STRINGS,
+        "notValues": _STRINGS,
+    },
+    "istio.type.v1beta1.PolicyTargetReference": {
+        "group": "string",
+        "kind": "string",
+        "name": "string",
+        "namespace": "string",
+    },
+    "PeerAuthentication": {
+        "selector": "istio.type.v1beta1.WorkloadSelector",
+        "mtls": "PeerAuthentication.MutualTLS",
+        "portLevelMtls": ("portmap", "PeerAuthentication.MutualTLS"),
+    },
+    "PeerAuthentication.MutualTLS": {
+        "mode": _enum("UNSET", "DISABLE", "PERMISSIVE", "STRICT"),
+    },
+    "RequestAuthentication": {
+        "selector": "istio.type.v1beta1.WorkloadSelector",
+        "targetRef": "istio.type.v1beta1.PolicyTargetReference",
+        "targetRefs": ("list", "istio.type.v1beta1.PolicyTargetReference"),
+        "jwtRules": ("list", "JWTRule"),
+    },
+    "JWTRule": {
+        "issuer": "string",
+        "audiences": _STRINGS,
+        "jwksUri": "string",
+        "jwks": "string",
+        "fromHeaders": ("list", "JWTHeader"),
+        "fromParams": _STRINGS,
+        "fromCookies": _STRINGS,
+        "outputPayloadToHeader": "string",
+        "forwardOriginalToken": "bool",
+        "outputClaimToHeaders": ("list", "ClaimToHeader"),
+        "timeout": "duration",
+    },
+    "JWTHeader": {
+        "name": "string",
+        "prefix": "string",
+    },
+    "ClaimToHeader": {
+        "header": "string",
+        "claim": "string",
+    },
+}
+
+# security.istio.io kinds (served as v1 and v1beta1), kept apart from KINDS: their group is another one.
+SECURITY_KINDS: dict[str, str] = {
+    "AuthorizationPolicy": "AuthorizationPolicy",
+    "PeerAuthentication": "PeerAuthentication",
+    "RequestAuthentication": "RequestAuthentication",
 }
 
 KINDS: dict[str, str] = {

@@ -16,13 +16,15 @@ from typing import Any
 
 from . import model as m
 from .problems import DocProblems
-from .schema import DEPRECATED, KINDS, MESSAGES, METADATA, ONEOFS
+from .schema import DEPRECATED, KINDS, MESSAGES, METADATA, ONEOFS, SECURITY_KINDS
 from .values import is_duration
 
 log = logging.getLogger("meshproxy.config")
 
 GROUP = "networking.istio.io"
 SERVED_VERSIONS = ("v1", "v1beta1", "v1alpha3")
+SECURITY_GROUP = "security.istio.io"
+SECURITY_VERSIONS = ("v1", "v1beta1")
 DNS1123_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
@@ -38,12 +40,21 @@ def check_document(data: Any, doc: DocProblems) -> m.Resource | None:
         doc.error(missing[0], f"not a Kubernetes resource: {' and '.join(missing)} must be set")
         return None
     group, _, version = api_version.rpartition("/")
-    if group != GROUP or kind not in KINDS:
+    if group == SECURITY_GROUP:  # security is never skipped: a policy the proxy did not read protects nothing
+        if kind not in SECURITY_KINDS:
+            doc.error("kind", f"{kind!r} is not a {SECURITY_GROUP} kind meshproxy knows "
+                              f"({', '.join(SECURITY_KINDS)}); refused rather than ignored")
+            return None
+        served: tuple[str, ...] = SECURITY_VERSIONS
+        kinds = SECURITY_KINDS
+    elif group != GROUP or kind not in KINDS:
         log.debug("%s:%d: skipping %s %s (not an Istio networking resource meshproxy uses)",
                   doc.file, doc.index, api_version, kind)
         return None
-    if version not in SERVED_VERSIONS:
-        doc.error("apiVersion", f"{api_version} is not served; use one of {', '.join(f'{GROUP}/{v}' for v in SERVED_VERSIONS)}")
+    else:
+        served, kinds = SERVED_VERSIONS, KINDS
+    if version not in served:
+        doc.error("apiVersion", f"{api_version} is not served; use one of {', '.join(f'{group}/{v}' for v in served)}")
         return None
     for key in data:
         if key not in ("apiVersion", "kind", "metadata", "spec", "status"):
@@ -59,10 +70,12 @@ def check_document(data: Any, doc: DocProblems) -> m.Resource | None:
     if not isinstance(namespace, str) or not DNS1123_SUBDOMAIN_RE.fullmatch(namespace):
         doc.error("metadata.namespace", f"{namespace!r} is not a valid namespace")
     spec = data.get("spec")
+    if spec is None and group == SECURITY_GROUP:
+        spec = {}  # `kubectl apply` of a policy without spec: an empty one (an ALLOW policy that allows nothing)
     if not isinstance(spec, dict):
         doc.error("spec", "is required and must be a mapping")
         return None
-    message = KINDS[kind]
+    message = kinds[kind]
     _check(doc, spec, message, "spec")
     if doc.errors:
         return None
@@ -95,6 +108,15 @@ def _check(doc: DocProblems, value: Any, typ: Any, path: str) -> None:
             for key, item in value.items():
                 if not isinstance(key, str):
                     doc.error(path, f"keys must be strings, got {_type_name(key)} {key!r}")
+                    continue
+                _check(doc, item, typ[1], f"{path}.{key}")
+        elif tag == "portmap":  # map<uint32, T>: YAML writes the keys as integers, JSON as strings
+            if not isinstance(value, dict):
+                doc.error(path, f"expected a mapping, got {_type_name(value)}")
+                return
+            for key, item in value.items():
+                if isinstance(key, bool) or not (isinstance(key, int) or (isinstance(key, str) and key.isdigit())):
+                    doc.error(f"{path}.{key}", f"keys must be port numbers, got {_type_name(key)} {key!r}")
                     continue
                 _check(doc, item, typ[1], f"{path}.{key}")
         elif tag == "enum":

@@ -39,6 +39,9 @@ from ..routing.policy import (
     merge_mutations,
 )
 from ..routing.rewrite import ORIGINAL_PATH
+from ..routing.table import RouteTable
+from ..security.jwt_authn import JWKS_FETCH_FAILED, Failure
+from ..security.policy import NO_POLICY, RequestPolicy, Verdict
 from ..stream_info import DC, DI, FI, UO, URX, ConnectionInfo, StreamInfo
 from .balancer import ClusterState, EndpointState
 from .downstream import Connection, ListenerContext
@@ -58,6 +61,8 @@ from .local_reply import (
     UpstreamError,
     UpstreamOverflowError,
     UpstreamTimeoutError,
+    jwt_denied,
+    rbac_denied,
 )
 from .retry import (
     CONNECT_FAILURE,
@@ -458,8 +463,60 @@ def _drop_upstream(conn: Downstream, stream: Stream) -> None:
 
 
 def _route(conn: Downstream, stream: Stream) -> bool:
-    """Route and apply the route's filters; True when the request was answered here."""
-    route, port = conn.ctx.table.match(stream.head)  # one read of the table: a reload never changes this request
+    """Authorize, route and apply the route's filters; True when the request was answered here."""
+    table = conn.ctx.table  # one read of the table: a reload never changes this request
+    policy = table.policy
+    if policy is not NO_POLICY:  # the only cost of security when no policy applies
+        verdict = _check(stream, policy)
+        if verdict is not None:
+            if verdict.waiting_for is not None:  # a token's keys are being fetched for the first time
+                _spawn(conn, stream, _after_jwks, table, policy, verdict.waiting_for.pending)
+                return False
+            _reply_refused(stream, verdict)
+            return True
+    return _match(conn, stream, table)
+
+
+def _check(stream: Stream, policy: RequestPolicy) -> Verdict | None:
+    """JWT authentication, then authorization (Envoy's jwt_authn and rbac filters, before the router); None: go on."""
+    connection = stream.connection
+    return policy.check(stream.head, connection.peer_ip, connection.peer_principal,
+                        _local_ip(connection) if policy.authz.needs_local_ip else "")
+
+
+def _reply_refused(stream: Stream, verdict: Verdict) -> None:
+    if verdict.failure is not None:
+        head = stream.head
+        proto = head.header(FORWARDED_PROTO) or b"http"  # Envoy's buildOriginalUri: the path cut at 256 bytes
+        reply, extra = jwt_denied(verdict.status, verdict.failure.message, verdict.failure.details,
+                                  proto + b"://" + head.authority + head.path_and_query[:256])
+        stream.reply(reply.status, reply.body, reply.flag, reply.details, extra)
+    else:
+        assert verdict.decision is not None
+        stream.reply_with(rbac_denied(verdict.decision.policy_id))
+
+
+async def _after_jwks(conn: Downstream, stream: Stream, table: RouteTable, policy: RequestPolicy,
+                      pending: asyncio.Future[None] | None) -> bool:
+    """A token's keys were being fetched for the first time: check again once they are in, then route."""
+    if pending is not None:
+        await asyncio.shield(pending)  # shared by every request waiting for it: a client that leaves cancels none
+    verdict = _check(stream, policy)
+    if verdict is not None:
+        if verdict.waiting_for is not None:  # a second fetch started meanwhile: never wait twice
+            verdict = Verdict(401, failure=Failure(401, JWKS_FETCH_FAILED))
+        _reply_refused(stream, verdict)
+        return True
+    return _match(conn, stream, table)
+
+
+def _local_ip(connection: ConnectionInfo) -> str:
+    host, _, _ = connection.log_addresses()[0].rpartition(":")
+    return host.strip("[]")
+
+
+def _match(conn: Downstream, stream: Stream, table: RouteTable) -> bool:
+    route, port = table.match(stream.head)
     if route is None:
         stream.reply_with(NO_ROUTE)
         return True

@@ -149,3 +149,19 @@ def protocol_error_flag(error: ProtocolError) -> int:
 def stream_idle_timeout(request_complete: bool) -> ProtocolError:
     return ProtocolError(504 if request_complete else 408, STREAM_IDLE_TIMEOUT)
 
+
+# Authorization and JWT authentication (Envoy's rbac and jwt_authn filters): no response flag, as in Envoy.
+RBAC_DENIED_BODY: Final = b"RBAC: access denied"
+RBAC_DENIED_PREFIX: Final = "rbac_access_denied_matched_policy"
+
+
+def rbac_denied(policy_id: str) -> Reply:
+    """403 of the rbac filter; `policy_id` is the DENY rule that matched, or `none` when no ALLOW rule did."""
+    return Reply(403, RBAC_DENIED_BODY, 0, f"{RBAC_DENIED_PREFIX}[{'_'.join(policy_id.split())}]")
+
+
+def jwt_denied(status: int, message: str, details: str, uri: bytes) -> tuple[Reply, tuple[tuple[bytes, bytes], ...]]:
+    """The jwt_authn filter's reply: Envoy's status text as the body, and the Bearer challenge."""
+    challenge = b'Bearer realm="' + uri + b'", error="invalid_token"'
+    return Reply(status, message.encode(), 0, details), ((b"www-authenticate", challenge),)
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
+from ..security.policy import NO_POLICY, NO_WORKLOAD_POLICY, RequestPolicy, WorkloadPolicy
 from .match import MatchInput
 from .policy import Route
 from .trie import NO_ROUTE, PathIndex
@@ -73,6 +74,16 @@ class RouteTable:
     catch_all: VirtualHost | None = None  # host "*"
     version: str = ""
     _cache: dict[bytes, tuple[VirtualHost | None, int]] = field(default_factory=dict)
+    # Security (security/policy.py): what the snapshot says of requests to this workload, and what the listener
+    # holding this table enforces (NO_POLICY: nothing, one identity check per request).
+    security: WorkloadPolicy = NO_WORKLOAD_POLICY
+    policy: RequestPolicy = NO_POLICY
+
+    def with_policy(self, policy: RequestPolicy) -> RouteTable:
+        """The same routes, enforcing `policy` (a listener's own copy; routes and hosts are shared)."""
+        if policy is self.policy:
+            return self
+        return RouteTable(self.exact, self.wildcards, self.catch_all, self.version, {}, self.security, policy)
 
     def virtual_host(self, authority: bytes) -> tuple[VirtualHost | None, int]:
         hit = self._cache.get(authority)

@@ -525,7 +525,7 @@ OTHER_KINDS = [
     ("deployment", "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: Not_Valid}\nspec: {replicas: many}\n"),
     ("service", "apiVersion: v1\nkind: Service\nmetadata: {name: reviews}\nspec: {ports: [{port: 9080}]}\n"),
     ("service-account", "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: bookinfo-reviews}\n"),
-    ("other-istio-group", "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: d}\nspec: {}\n"),
+    ("other-istio-group", "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: d}\nspec: {}\n"),
     ("istio-kind-meshproxy-ignores", "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: d}\nspec: {}\n"),
     ("empty-documents", "---\n---\n# only a comment\n---\n"),
 ]

@@ -14,7 +14,15 @@ from meshproxy.istio import schema
 from meshproxy.istio.load import load_text
 from meshproxy.istio.validate import GROUP
 from meshproxy.istio.problems import Problem
-from meshproxy.istio.schema import DEPRECATED, DEPRECATED_ENUM_VALUES, KINDS, MESSAGES, METADATA, ONEOFS
+from meshproxy.istio.schema import (
+    DEPRECATED,
+    DEPRECATED_ENUM_VALUES,
+    KINDS,
+    MESSAGES,
+    METADATA,
+    ONEOFS,
+    SECURITY_KINDS,
+)
 
 from harness import ISTIO_CURRENT, LEGACY
 
@@ -28,7 +36,7 @@ def _check_type(t: object, where: str) -> list[str]:
         if head == "enum":
             ok = isinstance(arg, frozenset) and arg and all(isinstance(n, str) for n in arg)
             return [] if ok else [f"{where}: bad enum {arg!r}"]
-        if head in ("list", "map"):
+        if head in ("list", "map", "portmap"):
             return _check_type(arg, f"{where}[]")
     return [f"{where}: malformed type {t!r}"]
 
@@ -36,7 +44,7 @@ def _check_type(t: object, where: str) -> list[str]:
 def _messages_in(t: object) -> list[str]:
     if isinstance(t, str):
         return [t] if t in MESSAGES else []
-    if t[0] in ("list", "map"):
+    if t[0] in ("list", "map", "portmap"):
         return _messages_in(t[1])
     return []
 
@@ -45,12 +53,12 @@ def test_every_type_is_well_formed_and_every_message_exists():
     problems = [p for msg, fields in MESSAGES.items() for f, t in fields.items() for p in _check_type(t, f"{msg}.{f}")]
     problems += [p for f, t in METADATA.items() for p in _check_type(t, f"metadata.{f}")]
     assert problems == []
-    assert all(spec in MESSAGES for spec in KINDS.values())
+    assert all(spec in MESSAGES for spec in [*KINDS.values(), *SECURITY_KINDS.values()])
 
 
 def test_every_message_is_reachable_from_a_kind():
     seen: set[str] = set()
-    todo = list(KINDS.values())
+    todo = [*KINDS.values(), *SECURITY_KINDS.values()]
     while todo:
         msg = todo.pop()
         if msg in seen:
