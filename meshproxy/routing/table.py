@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
+from .l4 import Destinations
 from .match import MatchInput
 from .policy import Route
 from .trie import NO_ROUTE, PathIndex
@@ -72,6 +73,7 @@ class RouteTable:
     wildcards: tuple[tuple[str, VirtualHost], ...]  # (".suffix", vhost), longest suffix first
     catch_all: VirtualHost | None = None  # host "*"
     version: str = ""
+    destinations: Destinations | None = None  # transparent connections by original destination (routing/l4.py)
     _cache: dict[bytes, tuple[VirtualHost | None, int]] = field(default_factory=dict)
 
     def virtual_host(self, authority: bytes) -> tuple[VirtualHost | None, int]:
