@@ -39,6 +39,7 @@ from .telemetry.core import MeshTelemetry, Telemetry
 
 if TYPE_CHECKING:
     from .admin import AdminServer
+    from .interception import Interceptions
 
 log = logging.getLogger("meshproxy")
 
@@ -49,14 +50,16 @@ INBOUND_RETRY = RetryPolicy.compile(2, "reset-before-request,connect-failure")
 
 def identity_of(settings: Settings) -> Identity:
     return Identity(name=settings.workload, namespace=settings.namespace, labels=dict(settings.labels),
-                    gateways=settings.gateways,
+                    gateways=settings.gateways, outbound_policy=settings.outbound_traffic_policy,
                     default_retry=RetryPolicy.compile(settings.default_retry_attempts, settings.default_retry_on))
 
 
-def inbound_table(spec: InboundSpec) -> RouteTable:
-    """The inbound side: every request goes to the local app (cluster inbound|PORT||)."""
+def inbound_table(spec: InboundSpec, bind_address: str = "") -> RouteTable:
+    """The inbound side: every request goes to the local app (cluster inbound|PORT||), from `bind_address` if
+    given (the transparent inbound listener's 127.0.0.6)."""
     port = spec.app[1]
-    cluster = Cluster(Cluster.name_of("inbound", port, "", ""), "", port, "", (Endpoint(spec.app[0], port),))
+    cluster = Cluster(Cluster.name_of("inbound", port, "", ""), "", port, "", (Endpoint(spec.app[0], port),),
+                      bind_address=bind_address)
     dest = RouteDestination("", "", cluster)
     route = Route(name="default", virtual_service="", index=-1, match=CATCH_ALL, action=ACTION_ROUTE,
                   picker=WeightedPicker.compile([(dest, 1)]), retry=INBOUND_RETRY, operation=f"inbound|{port}||")
@@ -88,6 +91,8 @@ class ProxyApp:
         self.addresses: dict[str, tuple[str, int]] = {}
         self.admin: AdminServer | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self.budget = connection_budget(settings)  # one downstream connection limit for the whole process
+        self.interceptions: Interceptions | None = None  # --transparent, --tcp-listener (interception.py)
 
     # ---- config
 
@@ -99,6 +104,8 @@ class ProxyApp:
         for ctx in self.contexts:
             if ctx.follows_config:
                 ctx.table = table
+        if self.interceptions is not None:
+            self.interceptions.follow(table)
 
     # ---- lifecycle
 
@@ -106,7 +113,7 @@ class ProxyApp:
         loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         settings = self.settings
-        budget = connection_budget(settings)  # one downstream connection limit for the whole process
+        budget = self.budget
         if settings.listen is not None:
             edge = EDGE_NONE if "mesh" in settings.gateways else EDGE_GATEWAY  # a gateway's clients are outside
             ctx = ListenerContext("outbound", self.config.table, self.pool, rng=self.rng, clusters=self.clusters,
@@ -124,6 +131,11 @@ class ProxyApp:
                                   limits=listener_limits(settings, EDGE_INBOUND), budget=budget,
                                   retry_reused=settings.retry_reused_connection)
             await self._listen(ctx, spec.listen)
+        if settings.transparent or settings.tcp_listeners:
+            from .interception import Interceptions
+
+            self.interceptions = Interceptions(self)
+            self.servers += await self.interceptions.start()
         if settings.admin is not None:
             from .admin import ProxyAdmin, serve_admin  # prometheus-client is only needed for the admin port
 
@@ -162,14 +174,17 @@ class ProxyApp:
         for ctx in self.contexts:
             ctx.start_draining()
         deadline = time.monotonic() + self.settings.drain_time
-        while any(ctx.connections for ctx in self.contexts) and time.monotonic() < deadline:
+        tcp = self.interceptions.tcp_connections if self.interceptions is not None else list
+        while (any(ctx.connections for ctx in self.contexts) or tcp()) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        left = sum(len(ctx.connections) for ctx in self.contexts)
+        left = sum(len(ctx.connections) for ctx in self.contexts) + len(tcp())
         if left:
             log.warning("drain time over: closing %d connections", left)
             for ctx in self.contexts:
                 for conn in list(ctx.connections):
                     conn.reset_after_write()
+            for proxied in tcp():  # TCP connections are not drained by Envoy either: reset at the end
+                proxied.abort()
         self.pool.close_idle()
         self.access_log.close()  # the lines of the last requests, before the process exits
 

@@ -445,7 +445,7 @@ class _Compiler:
             weighted = len(route.route) > 1
             picker = WeightedPicker.compile([(self.destination(vs, d, f"{path}.route[{i}]", None, weighted), d.weight)
                                              for i, d in enumerate(route.route)])
-            name = f"{vs.meta.namespace}/{vs.meta.name} {path}"
+            name = f"{vs.meta.namespace}/{vs.meta.name}:{kind}[{index}]"  # no space: a field of the text log
             blocks = route.match or (m.L4MatchAttributes(),)
             for block in blocks:
                 if block.never or not self.l4_source_matches(block, vs):

@@ -54,7 +54,7 @@ def host_matches(pattern: str, name: str) -> bool:
 class L4Rule:
     """One match block of a `tcp:` or `tls:` route, with its route's weighted destinations."""
 
-    name: str  # `namespace/name spec.tcp[0]`, for logs
+    name: str  # `namespace/name:tcp[0]`, for logs (route_name in the access log)
     picker: WeightedPicker[RouteDestination]
     port: int | None = None
     subnets: tuple[Network, ...] = ()
