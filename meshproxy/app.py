@@ -27,12 +27,10 @@ from .proxy.downstream import (
 )
 from .proxy.listener import DownstreamProtocol
 from .proxy.upstream import UpstreamPool
-from .routing.cluster import Cluster, Endpoint
 from .routing.compile import Identity, compile_table
-from .routing.match import CATCH_ALL
-from .routing.picker import WeightedPicker
-from .routing.policy import ACTION_ROUTE, HeaderMutation, RetryPolicy, Route, RouteDestination
-from .routing.table import RouteTable, VirtualHost
+from .routing.inbound import INBOUND_SERVER, inbound_route_table
+from .routing.policy import RetryPolicy
+from .routing.table import RouteTable
 from .settings import InboundSpec, Settings
 from .telemetry.access_log import AccessLog
 from .telemetry.core import MeshTelemetry, Telemetry
@@ -40,12 +38,10 @@ from .telemetry.core import MeshTelemetry, Telemetry
 if TYPE_CHECKING:
     from .admin import AdminServer
     from .interception import Interceptions
+    from .proxy.tcp import TcpProxy
+    from .proxy.tcp import TcpProxy
 
 log = logging.getLogger("meshproxy")
-
-INBOUND_SERVER = HeaderMutation(set=((b"server", b"istio-envoy"),))
-# Istio's inbound route retry: only what cannot have reached the app (ConvertInboundPolicy).
-INBOUND_RETRY = RetryPolicy.compile(2, "reset-before-request,connect-failure")
 
 
 def identity_of(settings: Settings) -> Identity:
@@ -54,17 +50,9 @@ def identity_of(settings: Settings) -> Identity:
                     default_retry=RetryPolicy.compile(settings.default_retry_attempts, settings.default_retry_on))
 
 
-def inbound_table(spec: InboundSpec, bind_address: str = "") -> RouteTable:
-    """The inbound side: every request goes to the local app (cluster inbound|PORT||), from `bind_address` if
-    given (the transparent inbound listener's 127.0.0.6)."""
-    port = spec.app[1]
-    cluster = Cluster(Cluster.name_of("inbound", port, "", ""), "", port, "", (Endpoint(spec.app[0], port),),
-                      bind_address=bind_address)
-    dest = RouteDestination("", "", cluster)
-    route = Route(name="default", virtual_service="", index=-1, match=CATCH_ALL, action=ACTION_ROUTE,
-                  picker=WeightedPicker.compile([(dest, 1)]), retry=INBOUND_RETRY, operation=f"inbound|{port}||")
-    vhost = VirtualHost(f"inbound|http|{port}", ("*",), (route,))
-    return RouteTable(exact={}, wildcards=(), catch_all=vhost)
+def inbound_table(spec: InboundSpec) -> RouteTable:
+    """The inbound side of an `--inbound LISTEN=APP` listener: every request goes to the local app."""
+    return inbound_route_table(spec.app)
 
 
 def load_config(settings: Settings) -> tuple[RouteTable, Snapshot, list[Problem]]:
@@ -134,8 +122,13 @@ class ProxyApp:
         if settings.transparent or settings.tcp_listeners:
             from .interception import Interceptions
 
-            self.interceptions = Interceptions(self)
-            self.servers += await self.interceptions.start()
+            self.interceptions = Interceptions(settings, self.pool, self.rng, self.clusters, self.access_log,
+                                               self.telemetry, self.budget, lambda: self.config.table,
+                                               self.contexts)
+            for name, server in await self.interceptions.start():
+                sock = server.sockets[0].getsockname()
+                self.addresses[name] = (sock[0], sock[1])
+                self.servers.append(server)
         if settings.admin is not None:
             from .admin import ProxyAdmin, serve_admin  # prometheus-client is only needed for the admin port
 
@@ -174,7 +167,7 @@ class ProxyApp:
         for ctx in self.contexts:
             ctx.start_draining()
         deadline = time.monotonic() + self.settings.drain_time
-        tcp = self.interceptions.tcp_connections if self.interceptions is not None else list
+        tcp = self._tcp_connections
         while (any(ctx.connections for ctx in self.contexts) or tcp()) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         left = sum(len(ctx.connections) for ctx in self.contexts) + len(tcp())
@@ -187,6 +180,9 @@ class ProxyApp:
                 proxied.abort()
         self.pool.close_idle()
         self.access_log.close()  # the lines of the last requests, before the process exits
+
+    def _tcp_connections(self) -> list[TcpProxy]:
+        return self.interceptions.tcp_connections() if self.interceptions is not None else []
 
     async def run(self) -> None:
         await self.start()

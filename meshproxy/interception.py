@@ -16,13 +16,20 @@ from .proxy.transparent import Intercepted, Interception
 from .routing.cluster import Cluster
 from .routing.l4 import INBOUND_SOURCE_ADDRESS
 from .routing.passthrough import transparent_table
+from .routing.inbound import INBOUND_SERVER, inbound_route_table
 from .routing.table import RouteTable
-from .settings import InboundSpec
 from .telemetry.core import Telemetry
 from .telemetry.tcp import TcpTelemetry
 
 if TYPE_CHECKING:
-    from .app import ProxyApp
+    import random
+
+    from .proxy.balancer import Clusters
+    from .proxy.downstream import ConnectionBudget
+    from .proxy.upstream import UpstreamPool
+    from .settings import Settings
+    from .telemetry.access_log import AccessLog
+    from .telemetry.core import MeshTelemetry
 
 OUTBOUND: str = "virtualOutbound"  # Envoy's listener names in an Istio sidecar
 INBOUND: str = "virtualInbound"
@@ -37,21 +44,24 @@ def inbound_cluster(port: int) -> Cluster:
 class Interceptions:
     """The transparent listeners of one proxy process and what their connections share."""
 
-    def __init__(self, app: ProxyApp) -> None:
-        self.app = app
-        settings = app.settings
-        mesh = app.telemetry
+    def __init__(self, settings: Settings, pool: UpstreamPool, rng: random.Random, clusters: Clusters,
+                 access_log: AccessLog, mesh: MeshTelemetry, budget: ConnectionBudget,
+                 table: Callable[[], RouteTable], contexts: list[ListenerContext]) -> None:
+        """`contexts` is the app's list of HTTP listener contexts (drained on SIGTERM): this adds its own to it."""
+        self.settings, self.pool, self.rng, self.clusters = settings, pool, rng, clusters
+        self.access_log, self.mesh, self.budget, self.table = access_log, mesh, budget, table
         self.outbound_http = ListenerContext(
-            OUTBOUND, transparent_table(app.config.table), app.pool, rng=app.rng, clusters=app.clusters,
-            telemetry=Telemetry(OUTBOUND, "outbound", app.access_log, mesh), limits=listener_limits(settings, EDGE_NONE),
-            budget=app.budget, retry_reused=settings.retry_reused_connection)
+            OUTBOUND, transparent_table(table()), pool, rng=rng, clusters=clusters,
+            telemetry=Telemetry(OUTBOUND, "outbound", access_log, mesh), limits=listener_limits(settings, EDGE_NONE),
+            budget=budget, retry_reused=settings.retry_reused_connection)
+        self.contexts = contexts  # inbound ones are added as they are made
+        contexts.append(self.outbound_http)
         self.inbound_http: dict[tuple[str, int], ListenerContext] = {}
         self.inbound_clusters: dict[int, Cluster] = {}
-        self.tcp_outbound = TcpContext(OUTBOUND, TcpTelemetry(OUTBOUND, "outbound", app.access_log, mesh),
-                                       app.clusters, app.rng, settings.connect_timeout, settings.tcp_idle_timeout)
-        self.tcp_inbound = TcpContext(INBOUND, TcpTelemetry(INBOUND, "inbound", app.access_log, mesh),
-                                      app.clusters, app.rng, settings.connect_timeout, settings.tcp_idle_timeout)
-        app.contexts.append(self.outbound_http)
+        self.tcp_outbound = TcpContext(OUTBOUND, TcpTelemetry(OUTBOUND, "outbound", access_log, mesh), clusters, rng,
+                                       settings.connect_timeout, settings.tcp_idle_timeout)
+        self.tcp_inbound = TcpContext(INBOUND, TcpTelemetry(INBOUND, "inbound", access_log, mesh), clusters, rng,
+                                      settings.connect_timeout, settings.tcp_idle_timeout)
 
     def follow(self, table: RouteTable) -> None:
         """A reload: the outbound listener's table with its catch-all host (inbound contexts read the app's)."""
@@ -60,30 +70,26 @@ class Interceptions:
     def interception(self, direction: str, fixed: tuple[str, int] | None = None) -> Interception:
         inbound = direction == "inbound"
         return Interception(
-            name=INBOUND if inbound else OUTBOUND, direction=direction, table=lambda: self.app.config.table,
+            name=INBOUND if inbound else OUTBOUND, direction=direction, table=self.table,
             http=self.inbound_context if inbound else (lambda _: self.outbound_http),
             tcp=self.tcp_inbound if inbound else self.tcp_outbound, inbound_cluster=self.inbound_cluster,
-            detection_timeout=self.app.settings.protocol_detection_timeout, fixed_destination=fixed)
+            detection_timeout=self.settings.protocol_detection_timeout, fixed_destination=fixed)
 
     def inbound_context(self, destination: tuple[str, int]) -> ListenerContext:
         """One HTTP context per inbound destination (the pod's few ports), made at its first connection."""
         ctx = self.inbound_http.get(destination)
         if ctx is None:
-            from .app import INBOUND_SERVER, inbound_table
-
-            app = self.app
-            table = inbound_table(InboundSpec(destination, destination), bind_address=INBOUND_SOURCE_ADDRESS)
+            settings, table = self.settings, self.table
             ctx = ListenerContext(
-                f"{INBOUND}:{destination[1]}", table, app.pool,
-                server_name=b"istio-envoy", response_mutation=INBOUND_SERVER, rng=app.rng, clusters=app.clusters,
-                telemetry=Telemetry(INBOUND, "inbound", app.access_log, app.telemetry,
-                                    table=lambda: app.config.table, address=destination),
-                limits=listener_limits(app.settings, EDGE_INBOUND), budget=app.budget,
-                retry_reused=app.settings.retry_reused_connection)
-            if self.outbound_http.draining:  # made during the drain (the app drains the contexts it lists)
+                f"{INBOUND}:{destination[1]}", inbound_route_table(destination, INBOUND_SOURCE_ADDRESS), self.pool,
+                server_name=b"istio-envoy", response_mutation=INBOUND_SERVER, rng=self.rng, clusters=self.clusters,
+                telemetry=Telemetry(INBOUND, "inbound", self.access_log, self.mesh, table=table, address=destination),
+                limits=listener_limits(settings, EDGE_INBOUND), budget=self.budget,
+                retry_reused=settings.retry_reused_connection)
+            if self.outbound_http.draining:  # made during the drain
                 ctx.start_draining()
             self.inbound_http[destination] = ctx
-            app.contexts.append(ctx)
+            self.contexts.append(ctx)
         return ctx
 
     def inbound_cluster(self, port: int) -> Cluster:
@@ -92,25 +98,23 @@ class Interceptions:
             cluster = self.inbound_clusters[port] = inbound_cluster(port)
         return cluster
 
-    async def listen(self, name: str, interception: Interception, address: tuple[str, int]) -> asyncio.Server:
+    async def listen(self, interception: Interception, address: tuple[str, int]) -> asyncio.Server:
         loop = asyncio.get_running_loop()
         factory = cast(Callable[[], asyncio.Protocol], lambda: Intercepted(interception))
-        server = await loop.create_server(factory, address[0], address[1], reuse_address=True, backlog=4096,
-                                          reuse_port=self.app.settings.concurrency > 1 or None)
-        sock = server.sockets[0].getsockname()
-        self.app.addresses[name] = (sock[0], sock[1])
-        return server
+        return await loop.create_server(factory, address[0], address[1], reuse_address=True, backlog=4096,
+                                        reuse_port=self.settings.concurrency > 1 or None)
 
-    async def start(self) -> list[asyncio.Server]:
-        settings = self.app.settings
+    async def start(self) -> list[tuple[str, asyncio.Server]]:
+        """The listeners, by the name their address is logged under."""
+        settings = self.settings
         servers = []
         if settings.transparent:
-            servers.append(await self.listen(OUTBOUND, self.interception("outbound"), settings.transparent_outbound))
-            servers.append(await self.listen(INBOUND, self.interception("inbound"), settings.transparent_inbound))
+            servers.append((OUTBOUND, await self.listen(self.interception("outbound"), settings.transparent_outbound)))
+            servers.append((INBOUND, await self.listen(self.interception("inbound"), settings.transparent_inbound)))
         for spec in settings.tcp_listeners:
             host, port = spec.destination
-            servers.append(await self.listen(f"tcp:{host}:{port}", self.interception("outbound", spec.destination),
-                                             spec.listen))
+            servers.append((f"tcp:{host}:{port}", await self.listen(self.interception("outbound", spec.destination),
+                                                                    spec.listen)))
         return servers
 
     def tcp_connections(self) -> list[TcpProxy]:

@@ -355,9 +355,15 @@ class _Compiler:
         owner: dict[str, m.VirtualService] = {}
         hosts: dict[str, list[Route]] = {}
         vhost_names: dict[str, str] = {}
+        l4_owner: dict[str, m.VirtualService] = {}  # the first VirtualService with tcp: routes for a host
         for vs in self.snapshot.virtual_services:
             if not self.applies_here(vs.gateways, vs.meta.namespace):
                 continue
+            if vs.tcp:
+                for host in vs.hosts:
+                    l4_owner.setdefault(fqdn(host, vs.meta.namespace), vs)
+            if not vs.http and (vs.tcp or vs.tls):
+                continue  # TCP/TLS only: HTTP to its hosts keeps the service's default route (as Istio)
             routes = self.http_routes(vs)
             for i, host in enumerate(vs.hosts):
                 name = fqdn(host, vs.meta.namespace)
@@ -392,7 +398,7 @@ class _Compiler:
                     exact.setdefault(domain, vhost)
         wildcards.sort(key=lambda item: len(item[0]), reverse=True)
         table = RouteTable(exact=exact, wildcards=tuple(wildcards), catch_all=catch_all)
-        table.destinations = self.compile_destinations(owner)
+        table.destinations = self.compile_destinations(l4_owner)
         return table
 
     # ---- transparent connections (routing/l4.py): by original destination, tcp: and tls: routes
