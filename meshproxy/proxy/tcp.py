@@ -20,7 +20,6 @@ import asyncio
 import errno
 import logging
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, cast
@@ -57,7 +56,7 @@ class TcpProxy:
 
     __slots__ = ("ctx", "info", "service", "loop", "downstream", "upstream", "pending", "pending_size",
                  "downstream_eof", "upstream_eof", "downstream_closed", "upstream_closed", "connecting", "done",
-                 "last_activity", "timer", "series", "state")
+                 "last_activity", "timer", "series", "state", "opened")
 
     def __init__(self, ctx: TcpContext, info: L4Info, service: Service) -> None:
         self.ctx = ctx
@@ -78,6 +77,7 @@ class TcpProxy:
         self.timer: asyncio.TimerHandle | None = None
         self.series: TcpSeries | None = None
         self.state: ClusterState | None = None
+        self.opened = False  # counted in the metrics (see _open)
 
     # ---- start: the transparent listener hands over an accepted connection and what it has read of it
 
@@ -94,7 +94,6 @@ class TcpProxy:
             self._open()
             self._close_downstream()
             return
-        self._open()
         self._arm()
         self.upstream_closed = False
         self.connecting = self.loop.create_task(self._connect(address, cluster))
@@ -128,8 +127,17 @@ class TcpProxy:
         return address
 
     def _open(self) -> None:
-        self.ctx.telemetry.on_open(self.info, self.service)
-        self.series = self.info.series
+        """Counted opened once the upstream connect has an outcome (its flags label the series); what moved before
+        (bytes held while connecting) is counted then."""
+        if self.opened:
+            return
+        self.opened = True
+        info = self.info
+        self.ctx.telemetry.on_open(info, self.service)
+        series = self.series = info.series
+        if series is not None:
+            series.received += info.received
+            series.sent += info.sent
 
     async def _connect(self, address: tuple[str, int], cluster: Cluster | None) -> None:
         assert cluster is not None
@@ -143,8 +151,12 @@ class TcpProxy:
             reason = exc.errno if isinstance(exc, OSError) else errno.ETIMEDOUT
             log.debug("tcp %s: connect to %s failed: %s", self.ctx.name, self.info.endpoint, reason)
             self.info.flags |= UF
+            self._open()
             self._upstream_gone()
             self._close_downstream()
+        except asyncio.CancelledError:  # the client left while connecting
+            self._open()
+            self._upstream_gone()
         finally:
             self.connecting = None
 
@@ -152,6 +164,7 @@ class TcpProxy:
 
     def upstream_made(self, transport: asyncio.Transport) -> None:
         self.upstream = transport
+        self._open()
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         local = transport.get_extra_info("sockname")
         self.info.upstream_local = format_address(local)
@@ -338,6 +351,3 @@ class _Upstream:
     def resume_writing(self) -> None:
         self.proxy.resume_upstream_writing()
 
-
-def now() -> float:
-    return time.monotonic()
