@@ -385,9 +385,9 @@ class _Compiler:
         catch_all = None
         for name, routes in hosts.items():
             domains = aliases(name, self.identity.namespace)
-            service = self.services.get(name)
-            if service is not None:  # Istio lists a service's VIPs among its virtual host's domains
-                domains += [a for a in service.addresses if "/" not in a]
+            registered = self.services.get(name)
+            if registered is not None:  # Istio lists a service's VIPs among its virtual host's domains
+                domains += [a for a in registered.addresses if "/" not in a]
             vhost = VirtualHost(name, tuple(domains), tuple(routes))
             if name == "*":
                 catch_all = vhost
