@@ -7,6 +7,9 @@ proxy/transparent.py (the hand-over) and proxy/tcp.py; the routing is routing/l4
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
@@ -14,7 +17,7 @@ from .proxy.downstream import EDGE_INBOUND, EDGE_NONE, ListenerContext, listener
 from .proxy.tcp import TcpContext, TcpProxy
 from .proxy.transparent import Intercepted, Interception
 from .routing.cluster import Cluster
-from .routing.l4 import INBOUND_SOURCE_ADDRESS
+from .routing.l4 import inbound_source
 from .routing.passthrough import transparent_table
 from .routing.inbound import INBOUND_SERVER, inbound_route_table
 from .routing.table import RouteTable
@@ -31,14 +34,16 @@ if TYPE_CHECKING:
     from .telemetry.access_log import AccessLog
     from .telemetry.core import MeshTelemetry
 
+log = logging.getLogger("meshproxy")
+
 OUTBOUND: str = "virtualOutbound"  # Envoy's listener names in an Istio sidecar
 INBOUND: str = "virtualInbound"
 
 
-def inbound_cluster(port: int) -> Cluster:
-    """Istio's inbound|PORT|| cluster: ORIGINAL_DST (the pod's own address and port), bound to 127.0.0.6."""
+def inbound_cluster(address: str, port: int) -> Cluster:
+    """Istio's inbound|PORT|| cluster: ORIGINAL_DST (the pod's own address and port), bound to 127.0.0.6 (::6)."""
     return Cluster(Cluster.name_of("inbound", port, "", ""), "", port, "", (), original_destination=True,
-                   bind_address=INBOUND_SOURCE_ADDRESS)
+                   bind_address=inbound_source(address))
 
 
 class Interceptions:
@@ -57,7 +62,7 @@ class Interceptions:
         self.contexts = contexts  # inbound ones are added as they are made
         contexts.append(self.outbound_http)
         self.inbound_http: dict[tuple[str, int], ListenerContext] = {}
-        self.inbound_clusters: dict[int, Cluster] = {}
+        self.inbound_clusters: dict[tuple[bool, int], Cluster] = {}
         self.tcp_outbound = TcpContext(OUTBOUND, TcpTelemetry(OUTBOUND, "outbound", access_log, mesh), clusters, rng,
                                        settings.connect_timeout, settings.tcp_idle_timeout)
         self.tcp_inbound = TcpContext(INBOUND, TcpTelemetry(INBOUND, "inbound", access_log, mesh), clusters, rng,
@@ -81,7 +86,7 @@ class Interceptions:
         if ctx is None:
             settings, table = self.settings, self.table
             ctx = ListenerContext(
-                f"{INBOUND}:{destination[1]}", inbound_route_table(destination, INBOUND_SOURCE_ADDRESS), self.pool,
+                f"{INBOUND}:{destination[1]}", inbound_route_table(destination, inbound_source(destination[0])), self.pool,
                 server_name=b"istio-envoy", response_mutation=INBOUND_SERVER, rng=self.rng, clusters=self.clusters,
                 telemetry=Telemetry(INBOUND, "inbound", self.access_log, self.mesh, table=table, address=destination),
                 limits=listener_limits(settings, EDGE_INBOUND), budget=self.budget,
@@ -92,17 +97,29 @@ class Interceptions:
             self.contexts.append(ctx)
         return ctx
 
-    def inbound_cluster(self, port: int) -> Cluster:
-        cluster = self.inbound_clusters.get(port)
+    def inbound_cluster(self, destination: tuple[str, int]) -> Cluster:
+        key = (":" in destination[0], destination[1])
+        cluster = self.inbound_clusters.get(key)
         if cluster is None:
-            cluster = self.inbound_clusters[port] = inbound_cluster(port)
+            cluster = self.inbound_clusters[key] = inbound_cluster(*destination)
         return cluster
 
     async def listen(self, interception: Interception, address: tuple[str, int]) -> asyncio.Server:
+        """A listener; 0.0.0.0 also listens on [::] where the host has IPv6 (a dual-stack pod's IPv6 traffic is
+        redirected too, as Envoy's listeners with an additional [::] address)."""
         loop = asyncio.get_running_loop()
         factory = cast(Callable[[], asyncio.Protocol], lambda: Intercepted(interception))
-        return await loop.create_server(factory, address[0], address[1], reuse_address=True, backlog=4096,
-                                        reuse_port=self.settings.concurrency > 1 or None)
+        reuse_port = self.settings.concurrency > 1 or None
+        host, port = address
+        if host == "0.0.0.0" and socket.has_ipv6:
+            try:
+                return await loop.create_server(factory, [host, "::"], port, reuse_address=True, backlog=4096,
+                                                reuse_port=reuse_port)
+            except OSError as exc:
+                if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    raise
+                log.info("%s: IPv6 unavailable here (%s): listening on IPv4 only", interception.name, exc)
+        return await loop.create_server(factory, host, port, reuse_address=True, backlog=4096, reuse_port=reuse_port)
 
     async def start(self) -> list[tuple[str, asyncio.Server]]:
         """The listeners, by the name their address is logged under."""

@@ -66,13 +66,16 @@ def run(*cmd: str, ns: str | None = None) -> str:
 class Lab:
     """Pods (namespaces) on one bridge, in a hub namespace: pod i has 10.<net>.0.<i>/24 on its eth0."""
 
-    def __init__(self, pods: list[str], subnet: str = "10.200.0") -> None:
+    def __init__(self, pods: list[str], subnet: str = "10.200.0", subnet6: str | None = None) -> None:
+        """`subnet6` (e.g. "fd00:200::") also gives pod i the address `subnet6 + i`/64 and ::6 on lo (dual stack,
+        as Istio sets up an IPv6 pod)."""
         tag = secrets.token_hex(3)
         self.tag = tag
         self.hub = f"mphub{tag}"
         self.subnet = subnet
         self.ns: dict[str, str] = {}
         self.ip: dict[str, str] = {}
+        self.ip6: dict[str, str] = {}
         self.made: list[str] = []
         try:
             self._add(self.hub)
@@ -91,6 +94,11 @@ class Lab:
                 run("ip", "link", "set", "eth0", "up", ns=ns)
                 run("ip", "link", "set", "lo", "up", ns=ns)
                 run("ip", "route", "add", "default", "dev", "eth0", ns=ns)  # service VIPs are routed, as in a pod
+                if subnet6 is not None:
+                    self.ip6[pod] = f"{subnet6}{index}"
+                    run("ip", "-6", "addr", "add", f"{subnet6}{index}/64", "dev", "eth0", "nodad", ns=ns)
+                    run("ip", "-6", "addr", "add", "::6/128", "dev", "lo", ns=ns)
+                    run("ip", "-6", "route", "add", "default", "dev", "eth0", ns=ns)
                 run("ip", "link", "set", outer, "master", "br0", ns=self.hub)
                 run("ip", "link", "set", outer, "up", ns=self.hub)
                 self.ns[pod], self.ip[pod] = ns, address
@@ -102,10 +110,10 @@ class Lab:
         run("ip", "netns", "add", ns)
         self.made.append(ns)
 
-    def iptables(self, pod: str, *rules: str) -> None:
-        """`iptables -t nat` rules in a pod, each given as one string of arguments."""
+    def iptables(self, pod: str, *rules: str, command: str = "iptables") -> None:
+        """`iptables -t nat` (or ip6tables) rules in a pod, each given as one string of arguments."""
         for rule in rules:
-            run("iptables", "-t", "nat", *rule.split(), ns=self.ns[pod])
+            run(command, "-t", "nat", *rule.split(), ns=self.ns[pod])
 
     def close(self) -> None:
         for ns in reversed(self.made):

@@ -31,6 +31,12 @@ PASSTHROUGH_CLUSTER: Final = "PassthroughCluster"
 BLACKHOLE_CLUSTER: Final = "BlackHoleCluster"
 INBOUND_PASSTHROUGH_CLUSTER: Final = "InboundPassthroughCluster"
 INBOUND_SOURCE_ADDRESS: Final = "127.0.0.6"  # Istio's inbound upstream_bind_config (since 1.10)
+INBOUND_SOURCE_ADDRESS_V6: Final = "::6"  # ... for IPv6 destinations (Istio puts ::6 on lo in dual-stack pods)
+
+
+def inbound_source(address: str) -> str:
+    """The address the inbound side connects to the app from: 127.0.0.6, or ::6 for an IPv6 destination."""
+    return INBOUND_SOURCE_ADDRESS_V6 if ":" in address else INBOUND_SOURCE_ADDRESS
 ALLOW_ANY: Final = "ALLOW_ANY"
 REGISTRY_ONLY: Final = "REGISTRY_ONLY"
 OUTBOUND_TRAFFIC_POLICIES: Final = (ALLOW_ANY, REGISTRY_ONLY)

@@ -328,3 +328,25 @@ def test_unknown_destination_allow_any_and_registry_only(tmp_path: Path, servers
         assert len(backend.peers) == 1  # only the ALLOW_ANY connection reached it
     finally:
         assert strict.stop() == 0, strict.log
+
+
+def test_idle_connections_are_closed_after_the_idle_timeout(tmp_path: Path, servers) -> None:
+    backend = servers(echo)
+    proxy = start(tmp_path, [tcp_service("idle", 7300, [(backend.port, {})])], [f"127.0.0.1:0={VIP}:7300"],
+                  "--tcp-idle-timeout", "0.5")
+    try:
+        with socket.create_connection(("127.0.0.1", port_of(proxy, f"{VIP}:7300")), timeout=10) as conn:
+            started = time.monotonic()
+            for _ in range(4):  # traffic every 0.3 s keeps it open past the 0.5 s timeout
+                conn.sendall(b"tick")
+                assert conn.recv(10) == b"tick"
+                last = time.monotonic()
+                time.sleep(0.3)
+            assert read_all(conn) == b""  # then silence: closed by the proxy
+            closed_at = time.monotonic()
+            assert closed_at - started > 0.9 and closed_at - last >= 0.45
+        entry = proxy.access_entries(1)[0]
+        assert entry["bytes_received"] == entry["bytes_sent"] == 16
+        wait_until(lambda: backend.received, what="the upstream side closed too")
+    finally:
+        assert proxy.stop() == 0, proxy.log

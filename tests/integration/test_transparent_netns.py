@@ -19,6 +19,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,20 +44,20 @@ WEB_VIP, DB_VIP = "10.96.0.10", "10.96.0.20"
 LISTENING = re.compile(r"(\S+) listening on (\S+):(\d+)")
 
 
-def config(b: str) -> str:
+def config(b: str, web_vip: str = WEB_VIP, db_vip: str = DB_VIP) -> str:
     return f"""
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{name: web}}
 spec:
   hosts: [web.default.svc.cluster.local]
-  addresses: [{WEB_VIP}]
+  addresses: ["{web_vip}"]
   location: MESH_INTERNAL
   ports: [{{number: 80, name: http, protocol: HTTP}}]
   resolution: STATIC
   endpoints:
-  - {{address: {b}, ports: {{http: 8080}}, labels: {{version: v1}}}}
-  - {{address: {b}, ports: {{http: 8081}}, labels: {{version: v2}}}}
+  - {{address: "{b}", ports: {{http: 8080}}, labels: {{version: v1}}}}
+  - {{address: "{b}", ports: {{http: 8081}}, labels: {{version: v2}}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -80,11 +81,11 @@ kind: ServiceEntry
 metadata: {{name: db}}
 spec:
   hosts: [db.default.svc.cluster.local]
-  addresses: [{DB_VIP}]
+  addresses: ["{db_vip}"]
   location: MESH_INTERNAL
   ports: [{{number: 5432, name: tcp-pg, protocol: TCP}}]
   resolution: STATIC
-  endpoints: [{{address: {b}, ports: {{tcp-pg: 9000}}}}]
+  endpoints: [{{address: "{b}", ports: {{tcp-pg: 9000}}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -344,3 +345,40 @@ def test_unknown_destination_is_refused_with_registry_only(lab: Lab, world, clie
                       what="the refused connection counted")
     assert metric(text, "istio_requests_total", destination_service_name="BlackHoleCluster",
                   response_code="502") == 1
+
+
+OUTBOUND_RULES_V6 = tuple(r.replace("127.0.0.6/32", "::6/128").replace("127.0.0.1/32", "::1/128") for r in OUTBOUND_RULES)
+WEB_VIP6, DB_VIP6 = "fd00:96::10", "fd00:96::20"
+
+
+def test_ipv6_original_destination_and_inbound_from_colon_colon_6(tmp_path: Path) -> None:
+    """IP6T_SO_ORIGINAL_DST: an IPv6 pod's calls to IPv6 service addresses, and the inbound side's ::6."""
+    if shutil.which("ip6tables") is None:
+        pytest.skip("needs the ip6tables command")
+    lab6 = Lab(["a", "b"], subnet="10.201.0", subnet6="fd00:201::")
+    servers: list[TcpServer] = []
+    sidecars: list[Sidecar] = []
+    try:
+        lab6.iptables("a", *OUTBOUND_RULES_V6, command="ip6tables")
+        lab6.iptables("b", *OUTBOUND_RULES_V6, *INBOUND_RULES, command="ip6tables")
+        b6 = lab6.ip6["b"]
+        path = write_config(tmp_path, "mesh.yaml", config(b6, WEB_VIP6, DB_VIP6))
+        with inside(lab6.ns["b"]):
+            servers += [TcpServer(http_app("v1"), host=b6, port=8080), TcpServer(http_app("v2"), host=b6, port=8081),
+                        TcpServer(tcp_echo_with_peers, host=b6, port=9000)]
+        sidecars.append(Sidecar(lab6.ns["b"], path, "db-server"))
+        a = Sidecar(lab6.ns["a"], path, "client")
+        sidecars.append(a)
+        assert tcp(lab6, DB_VIP6, 5432, b"over IPv6") == b"over IPv6"
+        assert servers[2].received[0] == b"::6"
+        status, body = get(lab6, WEB_VIP6, 80, "web", {"end-user": "jason"})
+        assert status == 200 and json.loads(body)["version"] == "v2" and json.loads(body)["peer"] == "::6"
+        entry = wait_until(lambda: [e for e in a.access if e["method"] == "-"] or None, what="the TCP line")[0]
+        assert entry["downstream_local_address"] == f"[{DB_VIP6}]:5432"
+        assert entry["upstream_cluster"] == "outbound|5432||db.default.svc.cluster.local"
+    finally:
+        for sidecar in sidecars:
+            assert sidecar.stop() == 0, "".join(sidecar.lines)
+        for server in servers:
+            server.close()
+        lab6.close()
