@@ -350,3 +350,28 @@ def test_idle_connections_are_closed_after_the_idle_timeout(tmp_path: Path, serv
         wait_until(lambda: backend.received, what="the upstream side closed too")
     finally:
         assert proxy.stop() == 0, proxy.log
+
+
+def test_max_connections_overflow_closes_with_UO(tmp_path: Path, servers) -> None:
+    backend = servers(echo)
+    rule = """---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: capped}
+spec:
+  host: capped
+  trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}
+"""
+    proxy = start(tmp_path, [tcp_service("capped", 7400, [(backend.port, {})]), rule], [f"127.0.0.1:0={VIP}:7400"])
+    try:
+        port = port_of(proxy, f"{VIP}:7400")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as first:
+            first.sendall(b"one")
+            assert first.recv(10) == b"one"  # connected upstream: the one connection the cluster allows
+            assert exchange(port, b"two") == b""  # over the limit: closed at once
+            entry = proxy.access_entries(1)[0]
+            assert entry["response_flags"] == "UO" and entry["upstream_host"] == "-"
+        assert proxy.access_entries(1)[0]["bytes_received"] == 3  # the first connection is over...
+        assert exchange(port, b"three") == b"three"  # ... and its slot free again
+    finally:
+        assert proxy.stop() == 0, proxy.log
