@@ -407,12 +407,13 @@ class _Compiler:
         out = Destinations(outbound_policy=self.identity.outbound_policy)
         subnets: list[tuple[Network, int, L4Target]] = []
         tls_services: list[tuple[str, int, Cluster]] = []
-        tcp_rules: dict[int, tuple[L4Rule, ...]] = {}  # by id of the VirtualService
+        tcp_rules: dict[int, tuple[L4Rule, ...]] = {}  # by id of the VirtualService; every one compiled (warnings)
+        for vs in owner.values():
+            if id(vs) not in tcp_rules:
+                tcp_rules[id(vs)] = tuple(self.l4_rules(vs, vs.tcp, "tcp"))
         for name, service in self.services.items():
             vs = owner.get(name)
-            rules: tuple[L4Rule, ...] = ()
-            if vs is not None and vs.tcp:
-                rules = tcp_rules.get(id(vs)) or tcp_rules.setdefault(id(vs), tuple(self.l4_rules(vs, vs.tcp, "tcp")))
+            rules = tcp_rules[id(vs)] if vs is not None else ()
             for port in service.ports:
                 protocol = proto.of_service_entry_port(port.number, port.name, port.protocol)
                 if protocol == proto.UDP:
@@ -446,6 +447,7 @@ class _Compiler:
     def l4_rules(self, vs: m.VirtualService, routes: tuple[m.L4Route, ...], kind: str) -> list[L4Rule]:
         """The match blocks of `tcp:` / `tls:` routes that apply to this proxy, each with its route's picker."""
         out: list[L4Rule] = []
+        first_warning = len(self.warnings)
         for index, route in enumerate(routes):
             path = f"spec.{kind}[{index}]"
             weighted = len(route.route) > 1
@@ -458,6 +460,10 @@ class _Compiler:
                     continue
                 subnets = tuple(ipaddress.ip_network(s, strict=False) for s in block.destination_subnets)
                 out.append(L4Rule(name, picker, block.port, subnets, block.sni_hosts))
+        for i in range(first_warning, len(self.warnings)):  # destination() speaks of HTTP requests
+            problem = self.warnings[i]
+            self.warnings[i] = dataclasses.replace(
+                problem, message=problem.message.replace("requests get 503 NC", "connections are closed (NC)"))
         return out
 
     def l4_source_matches(self, block: m.L4MatchAttributes, vs: m.VirtualService) -> bool:

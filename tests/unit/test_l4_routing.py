@@ -193,3 +193,19 @@ class _Head:
         self.headers: list[tuple[bytes, bytes]] = []
         self.query = b""
         self.scheme = b"http"
+
+
+def test_tcp_route_to_an_unknown_host_warns_in_tcp_terms() -> None:
+    text = CONFIG + """---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ghost, namespace: data}
+spec:
+  hosts: [ghost]
+  tcp: [{route: [{destination: {host: nowhere}}]}]
+"""
+    problems: list = []
+    _, warnings = compile_table(snapshot_of(load_text(text, "l4.yaml", problems)), Identity(namespace="data"))
+    found = [w for w in warnings if w.path == "spec.tcp[0].route[0].destination.host"]
+    assert len(found) == 1 and "nowhere.data.svc.cluster.local" in found[0].message
+    assert found[0].message.endswith("connections are closed (NC)") and found[0].doc == 9
