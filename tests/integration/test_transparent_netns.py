@@ -284,6 +284,9 @@ def test_http_to_a_service_address_is_routed_by_host_and_reaches_the_app_from_12
     inbound = wait_until(lambda: [e for e in b.access if e.get("method") == "GET"][-2:] or None,
                          what="pod b's access log")
     assert {e["upstream_cluster"] for e in inbound} == {"inbound|8080||", "inbound|8081||"}
+    inbound_text = b.scrape()  # the callee's sidecar reports the same requests as their destination
+    assert metric(inbound_text, "istio_requests_total", reporter="destination", destination_service_name="web",
+                  destination_workload="db-server", response_code="200") >= 2
     text = a.scrape()
     assert metric(text, "istio_requests_total", reporter="source", destination_service_name="web",
                   response_code="200") == 2
