@@ -141,7 +141,11 @@ class Intercepted:
             return
         if kind == sniff.TLS and self.listener.direction == "outbound" and not sniff.client_hello_complete(buffer):
             return  # the server name is in the ClientHello: wait for all of it
-        self._hand_over(pick_codec(kind), sniff.server_name(buffer) if kind == sniff.TLS else "")
+        sni = sniff.server_name(buffer) if kind == sniff.TLS else ""
+        if proto.is_tls(self.protocol):  # a declared TLS port stays TCP whatever it carries: only its SNI was awaited
+            self._hand_over(CODEC_TCP, sni)
+        else:
+            self._hand_over(pick_codec(kind), sni)
 
     def eof_received(self) -> bool | None:
         """The client half-closed before its bytes decided: TCP, with the EOF passed on."""

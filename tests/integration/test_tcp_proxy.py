@@ -375,3 +375,18 @@ spec:
         assert exchange(port, b"three") == b"three"  # ... and its slot free again
     finally:
         assert proxy.stop() == 0, proxy.log
+
+
+def test_a_declared_tls_port_stays_tcp_whatever_it_carries(tmp_path: Path, servers) -> None:
+    """Only the ClientHello's SNI is awaited on a TLS port: plain HTTP bytes there are not handed to the HTTP
+    listener, they go to the service byte for byte."""
+    backend = servers(echo)
+    proxy = start(tmp_path, [tcp_service("opaque", 8443, [(backend.port, {})], protocol="TLS")],
+                  [f"127.0.0.1:0={VIP}:8443"])
+    try:
+        request = b"GET / HTTP/1.1\r\nHost: opaque\r\n\r\n"
+        assert exchange(port_of(proxy, f"{VIP}:8443"), request) == request
+        entry = proxy.access_entries(1)[0]
+        assert entry["method"] == "-" and entry["upstream_cluster"] == "outbound|8443||opaque.default.svc.cluster.local"
+    finally:
+        assert proxy.stop() == 0, proxy.log
