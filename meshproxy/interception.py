@@ -64,9 +64,9 @@ class Interceptions:
         self.inbound_http: dict[tuple[str, int], ListenerContext] = {}
         self.inbound_clusters: dict[tuple[bool, int], Cluster] = {}
         self.tcp_outbound = TcpContext(OUTBOUND, TcpTelemetry(OUTBOUND, "outbound", access_log, mesh), clusters, rng,
-                                       settings.connect_timeout, settings.tcp_idle_timeout)
+                                       settings.connect_timeout, settings.tcp_idle_timeout, budget=budget)
         self.tcp_inbound = TcpContext(INBOUND, TcpTelemetry(INBOUND, "inbound", access_log, mesh), clusters, rng,
-                                      settings.connect_timeout, settings.tcp_idle_timeout)
+                                      settings.connect_timeout, settings.tcp_idle_timeout, budget=budget)
 
     def follow(self, table: RouteTable) -> None:
         """A reload: the outbound listener's table with its catch-all host (inbound contexts read the app's)."""

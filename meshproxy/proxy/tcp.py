@@ -29,6 +29,7 @@ from ..stream_info import UF, UH, UO, NC, L4Info, format_address
 from ..telemetry.metrics import Service, TcpSeries
 from ..telemetry.tcp import TcpTelemetry
 from .balancer import Clusters, ClusterState
+from .downstream import ConnectionBudget
 from .upstream import WRITE_HIGH_WATER, WRITE_LOW_WATER
 
 log = logging.getLogger("meshproxy.tcp")
@@ -49,6 +50,7 @@ class TcpContext:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # 0 disables it
     connections: set[TcpProxy] = field(default_factory=set)
+    budget: ConnectionBudget = field(default_factory=ConnectionBudget)  # --max-connections, shared by all listeners
 
 
 class TcpProxy:
@@ -56,7 +58,7 @@ class TcpProxy:
 
     __slots__ = ("ctx", "info", "service", "loop", "downstream", "upstream", "pending", "pending_size",
                  "downstream_eof", "upstream_eof", "downstream_closed", "upstream_closed", "connecting", "done",
-                 "last_activity", "timer", "series", "state", "opened")
+                 "last_activity", "timer", "series", "state", "opened", "counted")
 
     def __init__(self, ctx: TcpContext, info: L4Info, service: Service) -> None:
         self.ctx = ctx
@@ -78,12 +80,19 @@ class TcpProxy:
         self.series: TcpSeries | None = None
         self.state: ClusterState | None = None
         self.opened = False  # counted in the metrics (see _open)
+        self.counted = False  # holds a slot of the connection budget
 
     # ---- start: the transparent listener hands over an accepted connection and what it has read of it
 
     def take(self, transport: asyncio.Transport, buffered: bytes, cluster: Cluster | None) -> None:
         self.downstream = transport
         transport.set_protocol(self)  # type: ignore[arg-type]  # an asyncio protocol by its methods
+        if not self.ctx.budget.take():
+            log.debug("tcp %s: over the limit of %d connections: closed", self.ctx.name, self.ctx.budget.limit)
+            self.done = True
+            transport.abort()
+            return
+        self.counted = True
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.ctx.connections.add(self)
         self.info.cluster = cluster
@@ -294,6 +303,9 @@ class TcpProxy:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.counted:
+            self.counted = False
+            self.ctx.budget.give_back()
         self.ctx.connections.discard(self)
         self.ctx.telemetry.on_close(self.info, self.service)
 

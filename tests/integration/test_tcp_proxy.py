@@ -390,3 +390,19 @@ def test_a_declared_tls_port_stays_tcp_whatever_it_carries(tmp_path: Path, serve
         assert entry["method"] == "-" and entry["upstream_cluster"] == "outbound|8443||opaque.default.svc.cluster.local"
     finally:
         assert proxy.stop() == 0, proxy.log
+
+
+def test_max_connections_counts_tcp_connections(tmp_path: Path, servers) -> None:
+    backend = servers(echo)
+    proxy = start(tmp_path, [tcp_service("budget", 7500, [(backend.port, {})])], [f"127.0.0.1:0={VIP}:7500"],
+                  "--max-connections", "1")
+    try:
+        port = port_of(proxy, f"{VIP}:7500")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as first:
+            first.sendall(b"one")
+            assert first.recv(10) == b"one"
+            assert exchange(port, b"two") == b""  # the process's one connection is taken
+        assert proxy.access_entries(1)[0]["bytes_received"] == 3
+        assert exchange(port, b"three") == b"three"
+    finally:
+        assert proxy.stop() == 0, proxy.log
