@@ -144,6 +144,7 @@ def read_mesh_config(path: str) -> MeshConfig:
     if log_file is not None and not isinstance(log_file, str):
         reader.error(f"{prefix}accessLogFile", "expected a string (a path, or /dev/stdout)")
         log_file = None
+    log_file = log_file or None  # "" is Istio's default: no access log
     encoding = reader.enum(spec, "accessLogEncoding", prefix, ACCESS_LOG_ENCODINGS)
     proxy = spec.get("defaultConfig") or {}
     drain = None

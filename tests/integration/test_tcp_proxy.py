@@ -406,3 +406,24 @@ def test_max_connections_counts_tcp_connections(tmp_path: Path, servers) -> None
         assert exchange(port, b"three") == b"three"
     finally:
         assert proxy.stop() == 0, proxy.log
+
+
+def test_mesh_config_file_sets_the_outbound_policy_and_a_flag_wins(tmp_path: Path, servers) -> None:
+    backend = servers(echo)
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\n"
+                    "data:\n  mesh: |-\n    outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n")
+    destination = f"127.0.0.1:{backend.port}"
+    strict = start(tmp_path / "a", [tcp_service("x", 7600, [(free_port(), {})])], [f"127.0.0.1:0={destination}"],
+                   "--mesh-config", str(mesh))
+    try:
+        assert exchange(port_of(strict, destination), b"hello") == b""
+        assert strict.access_entries(1)[0]["upstream_cluster"] == "BlackHoleCluster"
+    finally:
+        assert strict.stop() == 0, strict.log
+    overridden = start(tmp_path / "b", [tcp_service("x", 7600, [(free_port(), {})])], [f"127.0.0.1:0={destination}"],
+                       "--mesh-config", str(mesh), "--outbound-traffic-policy", "ALLOW_ANY")
+    try:
+        assert exchange(port_of(overridden, destination), b"hello") == b"hello"
+    finally:
+        assert overridden.stop() == 0, overridden.log
