@@ -433,7 +433,10 @@ class _Compiler:
                         out.endpoints.setdefault(endpoint.key, by_address)
                 if cluster is not None and proto.is_tls(protocol):  # SNI filter chains (a wildcard host too)
                     tls_services.append((name, port.number, cluster))
-                if proto.is_http(protocol) or (proto.is_tcp(protocol) and not service.addresses):
+                # Port-wide (Istio's 0.0.0.0_PORT listeners): HTTP, and TCP without addresses; a TLS port without
+                # addresses is reached by SNI only (tls_services), other server names pass through.
+                if proto.is_http(protocol) or (proto.is_tcp(protocol) and not proto.is_tls(protocol)
+                                               and not service.addresses):
                     out.ports.setdefault(port.number, target)
         out.subnets = tuple(sorted(subnets, key=lambda item: item[0].prefixlen, reverse=True))
         out.tls_services = tuple(tls_services)

@@ -209,3 +209,26 @@ spec:
     found = [w for w in warnings if w.path == "spec.tcp[0].route[0].destination.host"]
     assert len(found) == 1 and "nowhere.data.svc.cluster.local" in found[0].message
     assert found[0].message.endswith("connections are closed (NC)") and found[0].doc == 9
+
+
+def test_a_tls_port_without_addresses_is_reached_by_sni_only() -> None:
+    """Bookinfo's www.googleapis.com (HTTPS, no addresses): other TLS traffic on 443 is not sent there."""
+    d = destinations()
+    assert d.find("142.250.1.1", 443) is None  # not port-wide: the ClientHello decides
+    rng = random.Random(2).randrange
+    assert d.route_tls(None, "142.250.1.1", 443, "secure.example.com", rng).cluster.subset == "b"
+    assert d.route_tls(None, "142.250.1.1", 443, "www.example.org", rng).cluster is PASSTHROUGH
+
+
+def test_meshproxy_routes_lists_the_original_destinations() -> None:
+    from meshproxy.routing.describe import describe_table
+
+    problems: list = []
+    table, _ = compile_table(snapshot_of(load_text(CONFIG, "l4.yaml", problems)), Identity(namespace="data"))
+    text = describe_table(table)
+    assert "ORIGINAL DESTINATION  PROTOCOL  SERVICE  ->  CLUSTER (outboundTrafficPolicy ALLOW_ANY" in text
+    assert ("10.0.0.10:5432  TCP  db.data.svc.cluster.local  ->  outbound|5432||db.data.svc.cluster.local (tcp); "
+            "data/db:tcp[1] [port 5432, subnet 10.0.0.0/24] -> outbound|5432|v1|db.data.svc.cluster.local 75% | "
+            "outbound|5432|v2|db.data.svc.cluster.local 25%") in text
+    assert "192.168.7.0/24:9000  TCP  nets.internal" in text
+    assert "TLS data/secure:tls[0] [port 443, sni secure.example.com]  ->  outbound|443|b|secure.example.com" in text
