@@ -20,7 +20,7 @@ from .routing.cluster import Cluster
 from .routing.l4 import inbound_source
 from .routing.passthrough import transparent_table
 from .routing.inbound import INBOUND_SERVER, inbound_route_table
-from .routing.table import RouteTable
+from .routing.table import DEFAULT_PORT, RouteTable
 from .telemetry.core import Telemetry
 from .telemetry.tcp import TcpTelemetry
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshproxy")
 
+MAX_OUTBOUND_PORTS = 256  # HTTP contexts kept per original destination port
 OUTBOUND: str = "virtualOutbound"  # Envoy's listener names in an Istio sidecar
 INBOUND: str = "virtualInbound"
 
@@ -55,12 +56,8 @@ class Interceptions:
         """`contexts` is the app's list of HTTP listener contexts (drained on SIGTERM): this adds its own to it."""
         self.settings, self.pool, self.rng, self.clusters = settings, pool, rng, clusters
         self.access_log, self.mesh, self.budget, self.table = access_log, mesh, budget, table
-        self.outbound_http = ListenerContext(
-            OUTBOUND, transparent_table(table()), pool, rng=rng, clusters=clusters,
-            telemetry=Telemetry(OUTBOUND, "outbound", access_log, mesh), limits=listener_limits(settings, EDGE_NONE),
-            budget=budget, retry_reused=settings.retry_reused_connection)
-        self.contexts = contexts  # inbound ones are added as they are made
-        contexts.append(self.outbound_http)
+        self.outbound_http: dict[int, ListenerContext] = {}  # by original destination port, made as they come
+        self.contexts = contexts  # the app's list (drained on SIGTERM): this adds its own to it
         self.inbound_http: dict[tuple[str, int], ListenerContext] = {}
         self.inbound_clusters: dict[tuple[bool, int], Cluster] = {}
         self.tcp_outbound = TcpContext(OUTBOUND, TcpTelemetry(OUTBOUND, "outbound", access_log, mesh), clusters, rng,
@@ -69,14 +66,38 @@ class Interceptions:
                                       settings.connect_timeout, settings.tcp_idle_timeout, budget=budget)
 
     def follow(self, table: RouteTable) -> None:
-        """A reload: the outbound listener's table with its catch-all host (inbound contexts read the app's)."""
-        self.outbound_http.table = transparent_table(table)
+        """A reload: the outbound contexts' tables with their catch-all host (inbound contexts read the app's)."""
+        for port, ctx in self.outbound_http.items():
+            ctx.table = transparent_table(table, port or DEFAULT_PORT)
+
+    def outbound_context(self, destination: tuple[str, int]) -> ListenerContext:
+        """One HTTP context per outbound destination port (Istio's outbound route configuration per port)."""
+        port = destination[1]
+        ctx = self.outbound_http.get(port)
+        if ctx is None and len(self.outbound_http) >= MAX_OUTBOUND_PORTS:
+            port = 0  # bounded: beyond, one shared context (a Host without a port means 80 there)
+            ctx = self.outbound_http.get(port)
+        if ctx is None:
+            settings = self.settings
+            ctx = ListenerContext(
+                f"{OUTBOUND}:{port}", transparent_table(self.table(), port or DEFAULT_PORT), self.pool, rng=self.rng,
+                clusters=self.clusters, telemetry=Telemetry(OUTBOUND, "outbound", self.access_log, self.mesh),
+                limits=listener_limits(settings, EDGE_NONE), budget=self.budget,
+                retry_reused=settings.retry_reused_connection)
+            self._add(ctx)
+            self.outbound_http[port] = ctx
+        return ctx
+
+    def _add(self, ctx: ListenerContext) -> None:
+        if any(c.draining for c in self.contexts):  # made during the drain
+            ctx.start_draining()
+        self.contexts.append(ctx)
 
     def interception(self, direction: str, fixed: tuple[str, int] | None = None) -> Interception:
         inbound = direction == "inbound"
         return Interception(
             name=INBOUND if inbound else OUTBOUND, direction=direction, table=self.table,
-            http=self.inbound_context if inbound else (lambda _: self.outbound_http),
+            http=self.inbound_context if inbound else self.outbound_context,
             tcp=self.tcp_inbound if inbound else self.tcp_outbound, inbound_cluster=self.inbound_cluster,
             detection_timeout=self.settings.protocol_detection_timeout, fixed_destination=fixed)
 
@@ -91,10 +112,8 @@ class Interceptions:
                 telemetry=Telemetry(INBOUND, "inbound", self.access_log, self.mesh, table=table, address=destination),
                 limits=listener_limits(settings, EDGE_INBOUND), budget=self.budget,
                 retry_reused=settings.retry_reused_connection)
-            if self.outbound_http.draining:  # made during the drain
-                ctx.start_draining()
+            self._add(ctx)
             self.inbound_http[destination] = ctx
-            self.contexts.append(ctx)
         return ctx
 
     def inbound_cluster(self, destination: tuple[str, int]) -> Cluster:

@@ -29,9 +29,10 @@ ALLOW_ANY_HOST: Final = VirtualHost("allow_any", ("*",), (ALLOW_ANY_ROUTE,))
 BLOCK_ALL_HOST: Final = VirtualHost("block_all", ("*",), (BLOCK_ALL_ROUTE,))
 
 
-def transparent_table(table: RouteTable) -> RouteTable:
-    """The same virtual hosts, and the catch-all one of the table's outboundTrafficPolicy (once per reload)."""
+def transparent_table(table: RouteTable, port: int) -> RouteTable:
+    """The same virtual hosts, and the catch-all one of the table's outboundTrafficPolicy, for connections to `port`
+    (the port of a Host header without one); made once per port and reload, never per request."""
     policy = table.destinations.outbound_policy if table.destinations is not None else ALLOW_ANY
     catch_all = table.catch_all or (ALLOW_ANY_HOST if policy == ALLOW_ANY else BLOCK_ALL_HOST)
     return RouteTable(exact=table.exact, wildcards=table.wildcards, catch_all=catch_all, version=table.version,
-                      destinations=table.destinations)
+                      destinations=table.destinations, default_port=port)

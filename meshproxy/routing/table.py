@@ -74,6 +74,9 @@ class RouteTable:
     catch_all: VirtualHost | None = None  # host "*"
     version: str = ""
     destinations: Destinations | None = None  # transparent connections by original destination (routing/l4.py)
+    # The port of a Host without one: 80, or on a transparent listener the port the connection was going to (Istio's
+    # outbound route configurations are per port). Read on a cache miss only.
+    default_port: int = DEFAULT_PORT
     _cache: dict[bytes, tuple[VirtualHost | None, int]] = field(default_factory=dict)
 
     def virtual_host(self, authority: bytes) -> tuple[VirtualHost | None, int]:
@@ -89,7 +92,7 @@ class RouteTable:
                     break
             else:
                 vhost = self.catch_all
-        result = (vhost, port or DEFAULT_PORT)
+        result = (vhost, port or self.default_port)
         if vhost is not None and len(self._cache) < AUTHORITY_CACHE_MAX:
             self._cache[authority] = result
         return result

@@ -172,13 +172,14 @@ def test_transparent_table_catch_all() -> None:
     problems: list = []
     snapshot = snapshot_of(load_text(CONFIG, "l4.yaml", problems))
     table, _ = compile_table(snapshot, Identity(namespace="data"))
-    allow = transparent_table(table)
+    allow = transparent_table(table, 8080)
     route, _ = allow.match(_Head(b"unknown.example.com"))
     assert route is not None and route.name == "allow_any" and route.only.cluster is PASSTHROUGH
-    route, _ = allow.match(_Head(b"10.0.0.10:8080"))  # a service's VIP is one of its domains
-    assert route is not None and route.only.cluster.service == "db.data.svc.cluster.local"
+    route, port = allow.match(_Head(b"10.0.0.10"))  # a service's VIP is one of its domains
+    assert route is not None and route.only.cluster_for(port).name == "outbound|8080||db.data.svc.cluster.local"
+    assert port == 8080  # a Host without a port: the port the connection was going to, not 80
     strict, _ = compile_table(snapshot, Identity(namespace="data", outbound_policy=REGISTRY_ONLY))
-    route, _ = transparent_table(strict).match(_Head(b"unknown.example.com"))
+    route, _ = transparent_table(strict, 80).match(_Head(b"unknown.example.com"))
     assert route is not None and route.name == "block_all" and route.direct_status == 502
     assert table.match(_Head(b"unknown.example.com"))[0] is None  # the explicit listener: 404 NR as before
 
