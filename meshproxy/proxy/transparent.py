@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, cast
@@ -186,7 +187,7 @@ class Intercepted:
                 downstream.data_received(buffered)
             return
         decision, host, port = self._route_tcp(sni)
-        info = L4Info(self.info, asyncio.get_running_loop().time())
+        info = L4Info(self.info, time.monotonic())  # the same clock as StreamInfo's (telemetry subtracts)
         info.sni = sni
         info.rule = decision.rule
         tcp = self.listener.tcp
