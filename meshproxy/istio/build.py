@@ -398,8 +398,10 @@ def _build_virtual_service(doc: DocProblems, meta: m.Resource, spec: Mapping[str
         gateways=tuple(spec.get("gateways") or ("mesh",)),
         http=tuple(_http_route(doc, r, f"spec.http[{i}]") for i, r in enumerate(spec.get("http") or ())),
         export_to=tuple(spec.get("exportTo") or ()),
-        tcp=tuple(_l4_route(doc, r, f"spec.tcp[{i}]", tls=False) for i, r in enumerate(spec.get("tcp") or ())),
-        tls=tuple(_l4_route(doc, r, f"spec.tls[{i}]", tls=True) for i, r in enumerate(spec.get("tls") or ())),
+        tcp=tuple(_l4_route(doc, r, f"spec.tcp[{i}]", tls=False, hosts=hosts)
+                  for i, r in enumerate(spec.get("tcp") or ())),
+        tls=tuple(_l4_route(doc, r, f"spec.tls[{i}]", tls=True, hosts=hosts)
+                  for i, r in enumerate(spec.get("tls") or ())),
     )
 
 
@@ -410,7 +412,31 @@ def _subnet(doc: DocProblems, text: str, path: str) -> None:
         doc.error(path, f"{text!r} is not an IP address or CIDR block")
 
 
-def _l4_route(doc: DocProblems, spec: Mapping[str, Any], path: str, *, tls: bool) -> m.L4Route:
+def _host_subset_of(name: str, host: str) -> bool:
+    """Istio's host.Name.SubsetOf: `name` is `host`, or falls under its wildcard."""
+    if host == "*":
+        return True
+    if host.startswith("*"):
+        return name[1:].endswith(host[1:]) if name.startswith("*") else name.endswith(host[1:])
+    return name == host
+
+
+def _sni_host(doc: DocProblems, name: str, hosts: list[str], path: str) -> None:
+    """Istio's validateSniHost: a host name (or, with a warning, an IP), within one of the VirtualService's hosts."""
+    try:
+        ipaddress.ip_address(name)
+        doc.warn(path, f"using an IP address ({name!r}) goes against SNI spec and most clients do not support this")
+        return
+    except ValueError:
+        pass
+    if not _valid_host(name.removeprefix("*.")):
+        doc.error(path, f"{name!r} is not a valid host name")
+    elif not any(_host_subset_of(name, h.lower()) for h in hosts):
+        doc.error(path, f"SNI host {name!r} is not a compatible subset of any of the virtual service hosts: "
+                        f"[{', '.join(hosts)}]")
+
+
+def _l4_route(doc: DocProblems, spec: Mapping[str, Any], path: str, *, tls: bool, hosts: list[str]) -> m.L4Route:
     """A `tcp:` or `tls:` route, checked as Istio's validateTCPRoute / validateTLSRoute."""
     matches = []
     for k, block in enumerate(spec.get("match") or ()):
@@ -424,6 +450,8 @@ def _l4_route(doc: DocProblems, spec: Mapping[str, Any], path: str, *, tls: bool
         sni = tuple(h.lower() for h in block.get("sniHosts") or ())
         if tls and not sni:
             doc.error(f"{sub}.sniHosts", "TLS match must have at least one SNI host")
+        for j, name in enumerate(sni):
+            _sni_host(doc, name, hosts, f"{sub}.sniHosts[{j}]")
         if block.get("sourceSubnet"):
             doc.warn(f"{sub}.sourceSubnet", "sourceSubnet is deprecated and not acted on by meshproxy: never matches")
         matches.append(m.L4MatchAttributes(
