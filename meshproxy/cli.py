@@ -97,6 +97,13 @@ def _telemetry_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def _listen_address(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, int]:
+    address = _address(ctx, param, value)
+    if address is None:
+        raise click.BadParameter("an address is required (host:port)")
+    return address
+
+
 def _intercepts(_: click.Context, __: click.Parameter, values: Sequence[str]) -> tuple[InterceptSpec, ...]:
     try:
         return tuple(InterceptSpec.parse(v) for item in values for v in item.split())
@@ -112,10 +119,10 @@ def _interception_options(command: Callable[..., Any]) -> Callable[..., Any]:
                           "each reading the connection's original destination (SO_ORIGINAL_DST); --listen is then "
                           "off unless given."),
         click.option("--transparent-outbound", default="0.0.0.0:15001", show_default=True,
-                     envvar="MESHPROXY_TRANSPARENT_OUTBOUND", callback=_address,
+                     envvar="MESHPROXY_TRANSPARENT_OUTBOUND", callback=_listen_address,
                      help="The transparent outbound listener (the app's redirected connections)."),
         click.option("--transparent-inbound", default="0.0.0.0:15006", show_default=True,
-                     envvar="MESHPROXY_TRANSPARENT_INBOUND", callback=_address,
+                     envvar="MESHPROXY_TRANSPARENT_INBOUND", callback=_listen_address,
                      help="The transparent inbound listener: to the app at the original destination, from "
                           "127.0.0.6."),
         click.option("--tcp-listener", "tcp_listeners", multiple=True, envvar="MESHPROXY_TCP_LISTENERS",
@@ -144,7 +151,7 @@ def _interception_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-# Settings field -> (MeshConfig attribute, the run option it overrides unless given explicitly)
+# Settings field (a `run` option of the same name) -> the MeshConfig attribute that sets it unless the option is given
 MESH_FIELDS = {
     "outbound_traffic_policy": "outbound_traffic_policy",
     "protocol_detection_timeout": "protocol_detection_timeout",
