@@ -217,6 +217,7 @@ def world(lab: Lab, tmp_path_factory: pytest.TempPathFactory):
         servers += [TcpServer(http_app("v1"), host=lab.ip["b"], port=8080),
                     TcpServer(http_app("v2"), host=lab.ip["b"], port=8081),
                     TcpServer(tcp_echo_with_peers, host=lab.ip["b"], port=9000)]
+        servers.append(TcpServer(echo, host="127.0.0.1", port=9200))  # bound to localhost only
     with inside(lab.ns["c"]):
         servers += [TcpServer(http_app("outside"), host=lab.ip["c"], port=8000),
                     TcpServer(echo, host=lab.ip["c"], port=9100)]
@@ -319,6 +320,18 @@ def test_tcp_to_a_service_address_routed_by_port_with_exact_metrics(lab: Lab, wo
     assert echo_server.received[0] == b"127.0.0.6"
     entry = wait_until(lambda: [e for e in a.access if e["method"] == "-"] or None, what="the TCP access-log line")[0]
     assert entry["route_name"] == "default/db:tcp[0]" and entry["downstream_local_address"] == f"{DB_VIP}:5432"
+
+
+def test_an_app_bound_to_localhost_only_is_not_exposed(lab: Lab, world, client_sidecar) -> None:
+    """Istio >= 1.10: the inbound side connects to the pod's address, where nothing listens on that port."""
+    client_sidecar()
+    private = world["servers"][3]
+    assert tcp(lab, lab.ip["b"], 9200, b"let me in") == b""
+    b = world["b"]
+    entry = wait_until(lambda: [e for e in b.access if e.get("upstream_cluster") == "inbound|9200||"] or None,
+                       what="pod b's inbound line for port 9200")[0]
+    assert entry["response_flags"] == "UF" and entry["upstream_host"] == f"{lab.ip['b']}:9200"
+    assert private.peers == []
 
 
 def test_unknown_destination_passes_through_with_allow_any(lab: Lab, world, client_sidecar) -> None:
