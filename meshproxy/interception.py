@@ -17,7 +17,7 @@ from .proxy.downstream import EDGE_INBOUND, EDGE_NONE, ListenerContext, listener
 from .proxy.tcp import TcpContext, TcpProxy
 from .proxy.transparent import Intercepted, Interception
 from .routing.cluster import Cluster
-from .routing.l4 import inbound_source
+from .routing.l4 import INBOUND_PASSTHROUGH_IPV4, INBOUND_PASSTHROUGH_IPV6, inbound_source
 from .routing.passthrough import transparent_table
 from .routing.inbound import INBOUND_SERVER, inbound_route_table
 from .routing.table import DEFAULT_PORT, RouteTable
@@ -41,9 +41,13 @@ OUTBOUND: str = "virtualOutbound"  # Envoy's listener names in an Istio sidecar
 INBOUND: str = "virtualInbound"
 
 
-def inbound_cluster(address: str, port: int) -> Cluster:
-    """Istio's inbound|PORT|| cluster: ORIGINAL_DST (the pod's own address and port), bound to 127.0.0.6 (::6)."""
-    return Cluster(Cluster.name_of("inbound", port, "", ""), "", port, "", (), original_destination=True,
+def inbound_cluster(address: str, port: int, declared: bool) -> Cluster:
+    """Istio's inbound|PORT|| cluster for a port a service declares, else InboundPassthroughClusterIpv4 (Ipv6):
+    ORIGINAL_DST (the pod's own address and port), bound to 127.0.0.6 (::6)."""
+    v6 = ":" in address
+    name = Cluster.name_of("inbound", port, "", "") if declared else \
+        INBOUND_PASSTHROUGH_IPV6 if v6 else INBOUND_PASSTHROUGH_IPV4
+    return Cluster(name, "", port if declared else 0, "", (), original_destination=True,
                    bind_address=inbound_source(address))
 
 
@@ -59,7 +63,7 @@ class Interceptions:
         self.outbound_http: dict[int, ListenerContext] = {}  # by original destination port, made as they come
         self.contexts = contexts  # the app's list (drained on SIGTERM): this adds its own to it
         self.inbound_http: dict[tuple[str, int], ListenerContext] = {}
-        self.inbound_clusters: dict[tuple[bool, int], Cluster] = {}
+        self.inbound_clusters: dict[tuple[bool, int, bool], Cluster] = {}
         self.tcp_outbound = TcpContext(OUTBOUND, TcpTelemetry(OUTBOUND, "outbound", access_log, mesh), clusters, rng,
                                        settings.connect_timeout, settings.tcp_idle_timeout, budget=budget)
         self.tcp_inbound = TcpContext(INBOUND, TcpTelemetry(INBOUND, "inbound", access_log, mesh), clusters, rng,
@@ -116,11 +120,11 @@ class Interceptions:
             self.inbound_http[destination] = ctx
         return ctx
 
-    def inbound_cluster(self, destination: tuple[str, int]) -> Cluster:
-        key = (":" in destination[0], destination[1])
+    def inbound_cluster(self, destination: tuple[str, int], declared: bool) -> Cluster:
+        key = (":" in destination[0], destination[1] if declared else 0, declared)
         cluster = self.inbound_clusters.get(key)
         if cluster is None:
-            cluster = self.inbound_clusters[key] = inbound_cluster(*destination)
+            cluster = self.inbound_clusters[key] = inbound_cluster(destination[0], destination[1], declared)
         return cluster
 
     async def listen(self, interception: Interception, address: tuple[str, int]) -> asyncio.Server:

@@ -81,7 +81,8 @@ class Interception:
     table: Callable[[], RouteTable]  # the current config (its `destinations`), read once per connection
     http: Callable[[tuple[str, int]], ListenerContext]  # the HTTP/1.1 listener context for a destination
     tcp: TcpContext
-    inbound_cluster: Callable[[tuple[str, int]], Cluster]  # inbound|PORT||: the app at the original destination
+    # inbound|PORT|| (a declared port) or InboundPassthroughClusterIpv4/6: the app at the original destination
+    inbound_cluster: Callable[[tuple[str, int], bool], Cluster]
     detection_timeout: float = 0.0  # meshConfig.protocolDetectionTimeout; 0 waits for the client's bytes
     fixed_destination: tuple[str, int] | None = None  # a --tcp-listener: no SO_ORIGINAL_DST
 
@@ -200,8 +201,8 @@ class Intercepted:
         randbelow = listener.tcp.rng.randrange
         if listener.direction == "inbound":
             found = self.destinations.endpoints.get((address, port)) if self.destinations is not None else None
-            return L4Decision(listener.inbound_cluster(self.destination)), found.service if found else "", \
-                found.port if found else port
+            cluster = listener.inbound_cluster(self.destination, found is not None)
+            return L4Decision(cluster), found.service if found else "", found.port if found else port
         destinations = self.destinations
         if destinations is None:
             return L4Decision(None), "", port

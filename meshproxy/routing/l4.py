@@ -29,7 +29,8 @@ from .policy import RouteDestination
 
 PASSTHROUGH_CLUSTER: Final = "PassthroughCluster"
 BLACKHOLE_CLUSTER: Final = "BlackHoleCluster"
-INBOUND_PASSTHROUGH_CLUSTER: Final = "InboundPassthroughCluster"
+INBOUND_PASSTHROUGH_IPV4: Final = "InboundPassthroughClusterIpv4"  # inbound to a port no service declares
+INBOUND_PASSTHROUGH_IPV6: Final = "InboundPassthroughClusterIpv6"
 INBOUND_SOURCE_ADDRESS: Final = "127.0.0.6"  # Istio's inbound upstream_bind_config (since 1.10)
 INBOUND_SOURCE_ADDRESS_V6: Final = "::6"  # ... for IPv6 destinations (Istio puts ::6 on lo in dual-stack pods)
 

@@ -328,8 +328,9 @@ def test_an_app_bound_to_localhost_only_is_not_exposed(lab: Lab, world, client_s
     private = world["servers"][3]
     assert tcp(lab, lab.ip["b"], 9200, b"let me in") == b""
     b = world["b"]
-    entry = wait_until(lambda: [e for e in b.access if e.get("upstream_cluster") == "inbound|9200||"] or None,
-                       what="pod b's inbound line for port 9200")[0]
+    entry = wait_until(lambda: [e for e in b.access if e.get("downstream_local_address") == f"{lab.ip['b']}:9200"]
+                       or None, what="pod b's inbound line for port 9200")[0]
+    assert entry["upstream_cluster"] == "InboundPassthroughClusterIpv4"  # no service declares port 9200
     assert entry["response_flags"] == "UF" and entry["upstream_host"] == f"{lab.ip['b']}:9200"
     assert private.peers == []
 
