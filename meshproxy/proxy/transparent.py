@@ -201,8 +201,8 @@ class Intercepted:
         randbelow = listener.tcp.rng.randrange
         if listener.direction == "inbound":
             found = self.destinations.endpoints.get((address, port)) if self.destinations is not None else None
-            cluster = listener.inbound_cluster(self.destination, found is not None)
-            return L4Decision(cluster), found.service if found else "", found.port if found else port
+            inbound = listener.inbound_cluster(self.destination, found is not None)
+            return L4Decision(inbound), found.service if found else "", found.port if found else port
         destinations = self.destinations
         if destinations is None:
             return L4Decision(None), "", port
