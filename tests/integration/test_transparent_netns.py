@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from harness import REPO, write_config
-from netns import Lab, inside, missing
+from netns import Lab, inside, missing, run
 from tcp_servers import TcpServer, echo, exchange, metric, read_all
 from waiting import wait_until
 
@@ -40,11 +40,11 @@ SKIP = missing()
 pytestmark = pytest.mark.skipif(SKIP is not None, reason=f"transparent interception test: {SKIP}")
 
 PROXY_GID = 1337
-WEB_VIP, DB_VIP = "10.96.0.10", "10.96.0.20"
+WEB_VIP, DB_VIP, SILENT_VIP = "10.96.0.10", "10.96.0.20", "10.96.0.30"
 LISTENING = re.compile(r"(\S+) listening on (\S+):(\d+)")
 
 
-def config(b: str, web_vip: str = WEB_VIP, db_vip: str = DB_VIP) -> str:
+def config(b: str, web_vip: str = WEB_VIP, db_vip: str = DB_VIP, c: str = "10.200.0.3") -> str:
     return f"""
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -95,6 +95,24 @@ spec:
   tcp:
   - match: [{{port: 5432}}]
     route: [{{destination: {{host: db, port: {{number: 5432}}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: silent}}
+spec:
+  hosts: [silent.default.svc.cluster.local]
+  addresses: ["{SILENT_VIP}"]
+  location: MESH_INTERNAL
+  ports: [{{number: 5433, name: tcp, protocol: TCP}}]
+  resolution: STATIC
+  endpoints: [{{address: "{c}", ports: {{tcp: 9999}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: silent}}
+spec:
+  host: silent
+  trafficPolicy: {{connectionPool: {{tcp: {{connectTimeout: 500ms}}}}}}
 """
 
 
@@ -200,6 +218,7 @@ def tcp_echo_with_peers(conn: socket.socket, server: TcpServer) -> None:
 def lab() -> Iterator[Lab]:
     made = Lab(["a", "b", "c"])
     try:
+        run("iptables", "-A", "INPUT", "-p", "tcp", "--dport", "9999", "-j", "DROP", ns=made.ns["c"])  # SYNs vanish
         made.iptables("a", *OUTBOUND_RULES)
         made.iptables("b", *OUTBOUND_RULES, *INBOUND_RULES)
         yield made
@@ -333,6 +352,17 @@ def test_an_app_bound_to_localhost_only_is_not_exposed(lab: Lab, world, client_s
     assert entry["upstream_cluster"] == "InboundPassthroughClusterIpv4"  # no service declares port 9200
     assert entry["response_flags"] == "UF" and entry["upstream_host"] == f"{lab.ip['b']}:9200"
     assert private.peers == []
+
+
+def test_the_destination_rule_connect_timeout_applies_to_tcp(lab: Lab, world, client_sidecar) -> None:
+    a = client_sidecar()
+    started = time.monotonic()
+    assert tcp(lab, SILENT_VIP, 5433, b"anyone?") == b""  # the SYN is dropped: closed after connectTimeout
+    elapsed = time.monotonic() - started
+    assert 0.45 <= elapsed < 5.0, elapsed  # 500ms, not the 10 s default
+    entry = wait_until(lambda: [e for e in a.access if e["upstream_cluster"].endswith("silent.default.svc.cluster.local")]
+                       or None, what="the silent service's line")[0]
+    assert entry["response_flags"] == "UF" and entry["upstream_host"] == f"{lab.ip['c']}:9999"
 
 
 def test_unknown_destination_passes_through_with_allow_any(lab: Lab, world, client_sidecar) -> None:
