@@ -27,12 +27,10 @@ from .proxy.downstream import (
 )
 from .proxy.listener import DownstreamProtocol
 from .proxy.upstream import UpstreamPool
-from .routing.cluster import Cluster, Endpoint
 from .routing.compile import Identity, compile_table
-from .routing.match import CATCH_ALL
-from .routing.picker import WeightedPicker
-from .routing.policy import ACTION_ROUTE, HeaderMutation, RetryPolicy, Route, RouteDestination
-from .routing.table import RouteTable, VirtualHost
+from .routing.inbound import INBOUND_SERVER, inbound_route_table
+from .routing.policy import RetryPolicy
+from .routing.table import RouteTable
 from .security.jwks_fetch import JwksFetcher
 from .security.jwt_authn import JwksCache
 from .security.peer_authn import strict_without_tls
@@ -44,29 +42,21 @@ from .telemetry.core import MeshTelemetry, Telemetry
 
 if TYPE_CHECKING:
     from .admin import AdminServer
+    from .interception import Interceptions
+    from .proxy.tcp import TcpProxy
 
 log = logging.getLogger("meshproxy")
-
-INBOUND_SERVER = HeaderMutation(set=((b"server", b"istio-envoy"),))
-# Istio's inbound route retry: only what cannot have reached the app (ConvertInboundPolicy).
-INBOUND_RETRY = RetryPolicy.compile(2, "reset-before-request,connect-failure")
 
 
 def identity_of(settings: Settings) -> Identity:
     return Identity(name=settings.workload, namespace=settings.namespace, labels=dict(settings.labels),
-                    gateways=settings.gateways,
+                    gateways=settings.gateways, outbound_policy=settings.outbound_traffic_policy,
                     default_retry=RetryPolicy.compile(settings.default_retry_attempts, settings.default_retry_on))
 
 
 def inbound_table(spec: InboundSpec) -> RouteTable:
-    """The inbound side: every request goes to the local app (cluster inbound|PORT||)."""
-    port = spec.app[1]
-    cluster = Cluster(Cluster.name_of("inbound", port, "", ""), "", port, "", (Endpoint(spec.app[0], port),))
-    dest = RouteDestination("", "", cluster)
-    route = Route(name="default", virtual_service="", index=-1, match=CATCH_ALL, action=ACTION_ROUTE,
-                  picker=WeightedPicker.compile([(dest, 1)]), retry=INBOUND_RETRY, operation=f"inbound|{port}||")
-    vhost = VirtualHost(f"inbound|http|{port}", ("*",), (route,))
-    return RouteTable(exact={}, wildcards=(), catch_all=vhost)
+    """The inbound side of an `--inbound LISTEN=APP` listener: every request goes to the local app."""
+    return inbound_route_table(spec.app)
 
 
 def load_config(settings: Settings, jwks: JwksCache | None = None) -> tuple[RouteTable, Snapshot, list[Problem]]:
@@ -105,6 +95,8 @@ class ProxyApp:
         self.admin: AdminServer | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._jwks_task: asyncio.Task[None] | None = None
+        self.budget = connection_budget(settings)  # one downstream connection limit for the whole process
+        self.interceptions: Interceptions | None = None  # --transparent, --tcp-listener (interception.py)
 
     # ---- config
 
@@ -125,6 +117,8 @@ class ProxyApp:
         self.jwks.retain(authn.remotes() if authn is not None else ())
         if self.jwks_fetcher is not None:
             self.jwks_fetcher.start_new()
+        if self.interceptions is not None:
+            self.interceptions.follow(table)
 
     def _outbound_table(self, table: RouteTable) -> RouteTable:
         """A sidecar's outbound listener carries the app's own calls: the destination's proxy authorizes them.
@@ -140,7 +134,7 @@ class ProxyApp:
         loop = asyncio.get_running_loop()
         self.stopping = asyncio.Event()
         settings = self.settings
-        budget = connection_budget(settings)  # one downstream connection limit for the whole process
+        budget = self.budget
         if settings.listen is not None:
             edge = EDGE_NONE if "mesh" in settings.gateways else EDGE_GATEWAY  # a gateway's clients are outside
             ctx = ListenerContext("outbound", self._outbound_table(self.config.table), self.pool, rng=self.rng,
@@ -165,6 +159,16 @@ class ProxyApp:
         self.jwks_fetcher = JwksFetcher(self.jwks, settings.jwks_refresh_interval)
         self.jwks_fetcher.start_new()
         self._jwks_task = loop.create_task(self.jwks_fetcher.watch())
+        if settings.transparent or settings.tcp_listeners:
+            from .interception import Interceptions
+
+            self.interceptions = Interceptions(settings, self.pool, self.rng, self.clusters, self.access_log,
+                                               self.telemetry, self.budget, lambda: self.config.table,
+                                               self.contexts)
+            for name, server in await self.interceptions.start():
+                sock = server.sockets[0].getsockname()
+                self.addresses[name] = (sock[0], sock[1])
+                self.servers.append(server)
         if settings.admin is not None:
             from .admin import ProxyAdmin, serve_admin  # prometheus-client is only needed for the admin port
 
@@ -203,16 +207,22 @@ class ProxyApp:
         for ctx in self.contexts:
             ctx.start_draining()
         deadline = time.monotonic() + self.settings.drain_time
-        while any(ctx.connections for ctx in self.contexts) and time.monotonic() < deadline:
+        tcp = self._tcp_connections
+        while (any(ctx.connections for ctx in self.contexts) or tcp()) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        left = sum(len(ctx.connections) for ctx in self.contexts)
+        left = sum(len(ctx.connections) for ctx in self.contexts) + len(tcp())
         if left:
             log.warning("drain time over: closing %d connections", left)
             for ctx in self.contexts:
                 for conn in list(ctx.connections):
                     conn.reset_after_write()
+            for proxied in tcp():  # TCP connections are not drained by Envoy either: reset at the end
+                proxied.abort()
         self.pool.close_idle()
         self.access_log.close()  # the lines of the last requests, before the process exits
+
+    def _tcp_connections(self) -> list[TcpProxy]:
+        return self.interceptions.tcp_connections() if self.interceptions is not None else []
 
     async def run(self) -> None:
         await self.start()

@@ -17,7 +17,7 @@ from .routing.policy import DEFAULT_RETRY_ATTEMPTS, DEFAULT_RETRY_ON
 
 if TYPE_CHECKING:
     from .istio.load import LoadResult
-from .settings import InboundSpec, Settings, parse_address
+from .settings import InboundSpec, InterceptSpec, Settings, parse_address
 from .sidecar import commands as sidecar_commands
 
 
@@ -100,6 +100,98 @@ def _telemetry_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def _listen_address(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, int]:
+    address = _address(ctx, param, value)
+    if address is None:
+        raise click.BadParameter("an address is required (host:port)")
+    return address
+
+
+def _intercepts(_: click.Context, __: click.Parameter, values: Sequence[str]) -> tuple[InterceptSpec, ...]:
+    try:
+        return tuple(InterceptSpec.parse(v) for item in values for v in item.split())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _interception_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Transparent interception and the mesh-wide settings of `run` (Settings fields of the same names)."""
+    options = [
+        click.option("--transparent", is_flag=True, envvar="MESHPROXY_TRANSPARENT",
+                     help="Istio's sidecar listeners for traffic redirected by iptables: outbound and inbound, "
+                          "each reading the connection's original destination (SO_ORIGINAL_DST); --listen is then "
+                          "off unless given."),
+        click.option("--transparent-outbound", default="0.0.0.0:15001", show_default=True,
+                     envvar="MESHPROXY_TRANSPARENT_OUTBOUND", callback=_listen_address,
+                     help="The transparent outbound listener (the app's redirected connections)."),
+        click.option("--transparent-inbound", default="0.0.0.0:15006", show_default=True,
+                     envvar="MESHPROXY_TRANSPARENT_INBOUND", callback=_listen_address,
+                     help="The transparent inbound listener: to the app at the original destination, from "
+                          "127.0.0.6."),
+        click.option("--tcp-listener", "tcp_listeners", multiple=True, envvar="MESHPROXY_TCP_LISTENERS",
+                     callback=_intercepts,
+                     help="LISTEN=ADDRESS:PORT: connections to LISTEN are handled as if redirected on their way to "
+                          "ADDRESS:PORT (a ServiceEntry address and port), without iptables (repeatable)."),
+        click.option("--outbound-traffic-policy", type=click.Choice(["ALLOW_ANY", "REGISTRY_ONLY"]),
+                     default="ALLOW_ANY", show_default=True, envvar="MESHPROXY_OUTBOUND_TRAFFIC_POLICY",
+                     help="Destinations outside the registry (meshConfig.outboundTrafficPolicy.mode): passed "
+                          "through, or refused (HTTP 502 BlackHoleCluster, TCP closed)."),
+        click.option("--protocol-detection-timeout", type=float, default=0.0, show_default=True,
+                     envvar="MESHPROXY_PROTOCOL_DETECTION_TIMEOUT",
+                     help="Seconds an undeclared port waits for the client's first bytes before proxying it as "
+                          "TCP (meshConfig.protocolDetectionTimeout; 0: wait, as Istio's default)."),
+        click.option("--tcp-idle-timeout", type=float, default=3600.0, show_default=True,
+                     envvar="MESHPROXY_TCP_IDLE_TIMEOUT",
+                     help="Seconds a proxied TCP connection may carry no byte either way (0: off)."),
+        click.option("--mesh-config", type=click.Path(exists=True, dir_okay=False), default=None,
+                     envvar="MESHPROXY_MESH_CONFIG",
+                     help="Istio MeshConfig YAML (or the `istio` ConfigMap): outboundTrafficPolicy, "
+                          "protocolDetectionTimeout, connectTimeout, accessLogFile/Encoding, "
+                          "defaultConfig.terminationDrainDuration. Flags given explicitly win."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+# Settings field (a `run` option of the same name) -> the MeshConfig attribute that sets it unless the option is given
+MESH_FIELDS = {
+    "outbound_traffic_policy": "outbound_traffic_policy",
+    "protocol_detection_timeout": "protocol_detection_timeout",
+    "connect_timeout": "connect_timeout",
+    "access_log_file": "access_log_file",
+    "access_log": "access_log_encoding",
+    "drain_time": "termination_drain_duration",
+}
+
+
+def _apply_mesh_config(path: str | None, values: dict[str, Any]) -> None:
+    """Fill `values` (run's options by Settings name) from the mesh config where no flag was given."""
+    if path is None:
+        return
+    from .istio.mesh import read_mesh_config
+
+    try:
+        mesh = read_mesh_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(str(problem), err=True)
+        click.echo("meshproxy: mesh config rejected, not starting", err=True)
+        sys.exit(2)
+    ctx = click.get_current_context()
+    for name, attribute in MESH_FIELDS.items():
+        value = getattr(mesh, attribute)
+        source = ctx.get_parameter_source(name)
+        if value is None or source not in (click.core.ParameterSource.DEFAULT, None):
+            continue
+        if name == "access_log" and mesh.access_log_file is None:
+            continue  # an encoding alone does not turn the log on (Istio: accessLogFile does)
+        values[name] = value
+    if mesh.access_log_file and ctx.get_parameter_source("access_log") == click.core.ParameterSource.DEFAULT \
+            and values.get("access_log") == "off":
+        values["access_log"] = "text"  # Istio's accessLogEncoding default
+
+
 def _retry_on(_: click.Context, __: click.Parameter, value: str) -> str:
     from .istio.values import retry_on_problems  # the same rules as retryOn in a VirtualService
 
@@ -179,6 +271,7 @@ def main() -> None:
               help="Seconds between fetches of each RequestAuthentication jwksUri (istiod's default: 20 minutes).")
 @_limit_options
 @_telemetry_options
+@_interception_options
 @click.option("--access-log", default="off", show_default=True, envvar="MESHPROXY_ACCESS_LOG",
               type=click.Choice(["off", "text", "json"]), help="One line per request, Envoy/Istio format.")
 @click.option("--access-log-file", default="/dev/stdout", show_default=True, envvar="MESHPROXY_ACCESS_LOG_FILE",
@@ -197,15 +290,20 @@ def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[
     from .workers import resolve_concurrency, supervise
 
     _setup_logging(log_level)
+    values = {"connect_timeout": connect_timeout, "drain_time": drain_time, "access_log": access_log,
+              "access_log_file": access_log_file, **limits}
+    _apply_mesh_config(values.pop("mesh_config"), values)
+    if values["transparent"] and click.get_current_context().get_parameter_source("listen") == \
+            click.core.ParameterSource.DEFAULT:
+        listen = None  # the transparent outbound listener takes the app's traffic
     settings = Settings(
         config=config, listen=listen, inbound=inbound, admin=admin, admin_allow_remote=admin_allow_remote,
         workload=workload, namespace=namespace, labels=labels,
         gateways=tuple(g for item in gateways for g in item.replace(",", " ").split()) or ("mesh",),
-        log_level=log_level, access_log=access_log, drain_time=drain_time, connect_timeout=connect_timeout,
-        upstream_idle_timeout=upstream_idle_timeout, watch_interval=watch_interval, seed=seed,
+        log_level=log_level, upstream_idle_timeout=upstream_idle_timeout, watch_interval=watch_interval, seed=seed,
         default_retry_attempts=default_retry_attempts, default_retry_on=default_retry_on,
-        retry_reused_connection=retry_reused_connection, access_log_file=access_log_file,
-        concurrency=resolve_concurrency(concurrency), **limits,
+        retry_reused_connection=retry_reused_connection,
+        concurrency=resolve_concurrency(concurrency), **values,
     )
     try:
         sys.exit(supervise(settings) if settings.concurrency > 1 else run_app(settings))

@@ -36,6 +36,22 @@ class InboundSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class InterceptSpec:
+    """`LISTEN=DESTINATION`: connections to LISTEN are handled as if redirected on their way to DESTINATION
+    (a ServiceEntry address and port): a transparent listener without iptables (`--tcp-listener`)."""
+
+    listen: tuple[str, int]
+    destination: tuple[str, int]
+
+    @classmethod
+    def parse(cls, text: str) -> InterceptSpec:
+        listen, sep, destination = text.partition("=")
+        if not sep:
+            raise ValueError(f"{text!r} is not LISTEN=ADDRESS:PORT (e.g. 127.0.0.1:13306=10.0.0.5:3306)")
+        return cls(parse_address(listen), parse_address(destination))
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     config: tuple[str, ...] = ()
     listen: tuple[str, int] | None = ("127.0.0.1", 15001)  # outbound; None disables it
@@ -82,3 +98,12 @@ class Settings:
     worker_index: int | None = None
     # RequestAuthentication: how often the keys of each jwksUri are fetched again (istiod's default, 20 minutes).
     jwks_refresh_interval: float = 1200.0
+    # Transparent interception (proxy/transparent.py), as Istio's sidecar behind istio-iptables.
+    transparent: bool = False  # listen on transparent_outbound and transparent_inbound
+    transparent_outbound: tuple[str, int] = ("0.0.0.0", 15001)
+    transparent_inbound: tuple[str, int] = ("0.0.0.0", 15006)
+    tcp_listeners: tuple[InterceptSpec, ...] = ()  # fixed original destination, no iptables
+    # Mesh-wide (Istio's meshConfig; `--mesh-config` reads them from Istio's YAML, istio/mesh.py).
+    outbound_traffic_policy: str = "ALLOW_ANY"  # ALLOW_ANY | REGISTRY_ONLY
+    protocol_detection_timeout: float = 0.0  # seconds an undeclared port waits for client bytes; 0: no timeout
+    tcp_idle_timeout: float = 3600.0  # Istio's tcp_proxy idle_timeout (1 h)

@@ -81,19 +81,51 @@ VIA_UPSTREAM: Final = "via_upstream"
 class ConnectionInfo:
     """The downstream connection a request came on, as telemetry needs it; addresses are looked up once."""
 
-    __slots__ = ("peer_ip", "transport", "addresses", "peer_principal")
+    __slots__ = ("peer_ip", "transport", "addresses", "peer_principal", "original_destination")
 
     def __init__(self, peer_ip: bytes = b"unknown", transport: Any = None, peer_principal: str = "") -> None:
         self.peer_ip = peer_ip
         self.transport = transport
         self.peer_principal = peer_principal  # the peer certificate's SPIFFE identity; "" when plaintext
         self.addresses: tuple[str, str] | None = None  # (local, remote) as the access log writes them
+        # (address, port) before iptables redirected it (SO_ORIGINAL_DST), read once on transparent listeners;
+        # None elsewhere. An ORIGINAL_DST cluster (PassthroughCluster) connects there.
+        self.original_destination: tuple[str, int] | None = None
 
     def log_addresses(self) -> tuple[str, str]:
         addresses = self.addresses
         if addresses is None:  # get_extra_info is a syscall each time under uvloop
-            addresses = self.addresses = (_address(self.transport, "sockname"), _address(self.transport, "peername"))
+            original = self.original_destination  # as Envoy's %DOWNSTREAM_LOCAL_ADDRESS% on a redirected connection
+            local = format_address(original) if original is not None else _address(self.transport, "sockname")
+            addresses = self.addresses = (local, _address(self.transport, "peername"))
         return addresses
+
+
+class L4Info:
+    """What one proxied TCP connection was (Envoy's TCP proxy StreamInfo): read by telemetry at open and close."""
+
+    __slots__ = ("connection", "cluster", "endpoint", "rule", "flags", "start", "received", "sent", "sni",
+                 "upstream_local", "series")
+
+    def __init__(self, connection: ConnectionInfo, start: float) -> None:
+        self.connection = connection
+        self.cluster: Cluster | None = None
+        self.endpoint: str = ""  # `address:port` connected to ("" before a pick)
+        self.rule = ""  # the tcp:/tls: rule that chose the cluster ("" for the default)
+        self.flags = 0
+        self.start = start
+        self.received = 0  # bytes from downstream, sent upstream (Istio's istio_tcp_received_bytes_total)
+        self.sent = 0  # bytes from upstream, sent downstream (istio_tcp_sent_bytes_total)
+        self.sni = ""  # the ClientHello's server name, for TLS passthrough
+        self.upstream_local = ""
+        self.series: Any = None  # telemetry's counters of this connection, bound at open
+
+
+def format_address(address: tuple[Any, ...] | None) -> str:
+    if not address:
+        return "-"
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def _address(transport: object, key: str) -> str:

@@ -389,8 +389,6 @@ def _build_virtual_service(doc: DocProblems, meta: m.Resource, spec: Mapping[str
     hosts = spec.get("hosts") or []
     if not hosts:
         doc.error("spec.hosts", "at least one host is required (delegate VirtualServices are not supported)")
-    if spec.get("tcp") or spec.get("tls"):
-        doc.warn("spec", "tcp and tls routes are not served by meshproxy (HTTP only)")
     gateways = spec.get("gateways") or ["mesh"]
     if "mesh" in gateways and "*" in hosts:
         doc.error(f"spec.hosts[{hosts.index('*')}]",
@@ -401,7 +399,81 @@ def _build_virtual_service(doc: DocProblems, meta: m.Resource, spec: Mapping[str
         gateways=tuple(spec.get("gateways") or ("mesh",)),
         http=tuple(_http_route(doc, r, f"spec.http[{i}]") for i, r in enumerate(spec.get("http") or ())),
         export_to=tuple(spec.get("exportTo") or ()),
+        tcp=tuple(_l4_route(doc, r, f"spec.tcp[{i}]", tls=False, hosts=hosts)
+                  for i, r in enumerate(spec.get("tcp") or ())),
+        tls=tuple(_l4_route(doc, r, f"spec.tls[{i}]", tls=True, hosts=hosts)
+                  for i, r in enumerate(spec.get("tls") or ())),
     )
+
+
+def _subnet(doc: DocProblems, text: str, path: str) -> None:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        doc.error(path, f"{text!r} is not an IP address or CIDR block")
+
+
+def _host_subset_of(name: str, host: str) -> bool:
+    """Istio's host.Name.SubsetOf: `name` is `host`, or falls under its wildcard."""
+    if host == "*":
+        return True
+    if host.startswith("*"):
+        return name[1:].endswith(host[1:]) if name.startswith("*") else name.endswith(host[1:])
+    return name == host
+
+
+def _sni_host(doc: DocProblems, name: str, hosts: list[str], path: str) -> None:
+    """Istio's validateSniHost: a host name (or, with a warning, an IP), within one of the VirtualService's hosts."""
+    try:
+        ipaddress.ip_address(name)
+        doc.warn(path, f"using an IP address ({name!r}) goes against SNI spec and most clients do not support this")
+        return
+    except ValueError:
+        pass
+    if not _valid_host(name.removeprefix("*.")):
+        doc.error(path, f"{name!r} is not a valid host name")
+    elif not any(_host_subset_of(name, h.lower()) for h in hosts):
+        doc.error(path, f"SNI host {name!r} is not a compatible subset of any of the virtual service hosts: "
+                        f"[{', '.join(hosts)}]")
+
+
+def _l4_route(doc: DocProblems, spec: Mapping[str, Any], path: str, *, tls: bool, hosts: list[str]) -> m.L4Route:
+    """A `tcp:` or `tls:` route, checked as Istio's validateTCPRoute / validateTLSRoute."""
+    matches = []
+    for k, block in enumerate(spec.get("match") or ()):
+        sub = f"{path}.match[{k}]"
+        block = block or {}
+        for j, subnet in enumerate(block.get("destinationSubnets") or ()):
+            _subnet(doc, subnet, f"{sub}.destinationSubnets[{j}]")
+        port = block.get("port")
+        if port is not None and not 1 <= port <= 65535:
+            doc.error(f"{sub}.port", f"{port} is not a valid port")
+        sni = tuple(h.lower() for h in block.get("sniHosts") or ())
+        if tls and not sni:
+            doc.error(f"{sub}.sniHosts", "TLS match must have at least one SNI host")
+        for j, name in enumerate(sni):
+            _sni_host(doc, name, hosts, f"{sub}.sniHosts[{j}]")
+        if block.get("sourceSubnet"):
+            doc.warn(f"{sub}.sourceSubnet", "sourceSubnet is deprecated and not acted on by meshproxy: never matches")
+        matches.append(m.L4MatchAttributes(
+            destination_subnets=tuple(block.get("destinationSubnets") or ()), port=port,
+            source_labels=dict(block.get("sourceLabels") or {}), source_namespace=block.get("sourceNamespace", ""),
+            gateways=tuple(block.get("gateways") or ()), sni_hosts=sni, never=bool(block.get("sourceSubnet"))))
+    if tls and not matches:
+        doc.error(f"{path}.match", "TLS route must have at least one match condition")
+    destinations = []
+    for i, dest in enumerate(spec.get("route") or ()):
+        sub = f"{path}.route[{i}]"
+        weight = dest.get("weight", 0)
+        if weight < 0:
+            doc.error(f"{sub}.weight", "weight must not be negative")
+        destinations.append(m.HTTPRouteDestination(
+            destination=_destination(doc, dest.get("destination"), f"{sub}.destination"), weight=weight))
+    if not destinations:
+        doc.error(f"{path}.route", "route is required")
+    elif len(destinations) > 1 and sum(d.weight for d in destinations) <= 0:
+        doc.error(f"{path}.route", "total destination weight must be greater than 0")
+    return m.L4Route(match=tuple(matches), route=tuple(destinations))
 
 
 def _build_destination_rule(doc: DocProblems, meta: m.Resource, spec: Mapping[str, Any]) -> m.DestinationRule:
@@ -583,6 +655,8 @@ def _build_service_entry(doc: DocProblems, meta: m.Resource, spec: Mapping[str, 
                 doc.error(f"{sub}.ports.{port_name}", f"endpoint port {port_name!r} is not defined by the service entry")
         endpoints.append(m.WorkloadEntry(address=address, ports=dict(ep.get("ports") or {}),
                                          labels=dict(ep.get("labels") or {}), weight=ep.get("weight", 0)))
+    for i, address in enumerate(spec.get("addresses") or ()):
+        _subnet(doc, address, f"spec.addresses[{i}]")
     if resolution == "STATIC" and not endpoints and not spec.get("workloadSelector"):
         doc.warn("spec.endpoints", "STATIC resolution with no endpoints: requests to these hosts get 503 no healthy upstream")
     if spec.get("workloadSelector"):

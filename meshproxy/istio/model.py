@@ -184,12 +184,35 @@ class Resource:
 
 
 @dataclass(frozen=True, slots=True)
+class L4MatchAttributes:
+    """A `tcp:` route's match block; `sni_hosts` only in a `tls:` route's (TLSMatchAttributes)."""
+
+    destination_subnets: tuple[str, ...] = ()
+    port: int | None = None
+    source_labels: Mapping[str, str] = field(default_factory=dict)
+    source_namespace: str = ""
+    gateways: tuple[str, ...] = ()
+    sni_hosts: tuple[str, ...] = ()
+    never: bool = False  # a condition meshproxy cannot check (the deprecated sourceSubnet): the block never matches
+
+
+@dataclass(frozen=True, slots=True)
+class L4Route:
+    """A VirtualService `tcp:` (TCPRoute) or `tls:` (TLSRoute) entry: matches, weighted destinations."""
+
+    match: tuple[L4MatchAttributes, ...] = ()
+    route: tuple[HTTPRouteDestination, ...] = ()  # RouteDestination: destination and weight (no headers)
+
+
+@dataclass(frozen=True, slots=True)
 class VirtualService:
     meta: Resource
     hosts: tuple[str, ...]
     gateways: tuple[str, ...]
     http: tuple[HTTPRoute, ...]
     export_to: tuple[str, ...] = ()
+    tcp: tuple[L4Route, ...] = ()
+    tls: tuple[L4Route, ...] = ()
 
 
 # ---- DestinationRule traffic policy. Fields left out in YAML keep the proto's zero value here (0, "",

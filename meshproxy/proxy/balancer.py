@@ -181,11 +181,28 @@ def _cookie(header: bytes | None, name: bytes) -> bytes | None:
     return None
 
 
+MAX_ORIGINAL_DESTINATIONS: Final = 4096  # clusters kept per original destination (then the cache starts again)
+
+
 class Clusters:
     """ClusterState by cluster name, rebuilt (keeping counters) when a reload brings a new Cluster object."""
 
     def __init__(self) -> None:
         self.states: dict[str, ClusterState] = {}
+        self.originals: dict[tuple[int, str, int], Cluster] = {}
+
+    def original_destination(self, cluster: Cluster, address: tuple[str, int]) -> Cluster:
+        """Envoy's ORIGINAL_DST cluster: the connection's original destination is its one endpoint (kept per
+        destination, so that its connections pool under (cluster, address, port) as any other endpoint's)."""
+        key = (id(cluster), address[0], address[1])
+        found = self.originals.get(key)
+        if found is None or found.name != cluster.name:
+            if len(self.originals) >= MAX_ORIGINAL_DESTINATIONS:
+                self.originals.clear()
+            found = self.originals[key] = Cluster(cluster.name, cluster.service, cluster.port, cluster.subset,
+                                                  (Endpoint(address[0], address[1]),), cluster.policy,
+                                                  cluster.external, False, cluster.bind_address)
+        return found
 
     def state(self, cluster: Cluster) -> ClusterState:
         state = self.states.get(cluster.name)

@@ -562,10 +562,14 @@ def _forward(conn: Downstream, stream: Stream, route: Route, port: int) -> bool:
     if cluster is None:
         stream.reply_with(NO_CLUSTER)
         return True
-    stream.cluster = cluster
     if not cluster.endpoints:
-        stream.reply_with(NO_HEALTHY_UPSTREAM)
-        return True
+        original = stream.connection.original_destination if cluster.original_destination else None
+        if original is None:
+            stream.cluster = cluster
+            stream.reply_with(NO_HEALTHY_UPSTREAM)
+            return True
+        cluster = conn.clusters.original_destination(cluster, original)  # PassthroughCluster: where it was going
+    stream.cluster = cluster
     if not dest.request_headers.empty:
         stream.request_mutation = dest.request_headers
     if not dest.response_headers.empty:  # on top of what the listener and CORS already set

@@ -328,9 +328,11 @@ class UpstreamPool:
         # The connection is a protocol by its methods, not by asyncio.Protocol as a base (its base is the codec's
         # handler); the event loop asks for no more.
         factory = cast(Callable[[], asyncio.Protocol], lambda: UpstreamConnection(self, key, state))
+        bind = state.cluster.bind_address  # Istio's inbound clusters connect from 127.0.0.6
         try:
             async with asyncio.timeout(timeout):
-                _, connected = await loop.create_connection(factory, key[1], key[2])
+                _, connected = await loop.create_connection(factory, key[1], key[2],
+                                                            local_addr=(bind, 0) if bind else None)
         except TimeoutError:
             raise ConnectFailureError("connection timeout") from None
         except ConnectionRefusedError as exc:

@@ -43,6 +43,10 @@ class Cluster:
     endpoints: tuple[Endpoint, ...]
     policy: ClusterPolicy = DEFAULT_POLICY
     external: bool = False  # MESH_EXTERNAL: requests leave the mesh, so mesh-internal headers are stripped
+    # Envoy's ORIGINAL_DST cluster (PassthroughCluster, inbound): no endpoints of its own, each connection's
+    # original destination is its endpoint (see proxy/balancer.Clusters.original_destination).
+    original_destination: bool = False
+    bind_address: str = ""  # source address of upstream connections (Istio's inbound 127.0.0.6); "" = any
     # Built with the cluster (at compile time, never on a request); follows from policy and endpoints.
     hash_table: HashTable | None = field(init=False, default=None, compare=False, repr=False)
 

@@ -10,6 +10,7 @@ but that will not work are returned as warnings naming the place
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -40,6 +41,8 @@ from .policy import (
 from .cors import CorsPolicy
 from .cors import join as cors_join
 from .rewrite import Redirect, Rewrite
+from . import protocol as proto
+from .l4 import ALLOW_ANY, Destinations, L4Rule, L4Target, Network
 from .table import RouteTable, VirtualHost
 from .traffic import compile_cluster_policy, merge_traffic_policy
 
@@ -60,6 +63,7 @@ class Identity:
     labels: Mapping[str, str] = field(default_factory=dict)
     gateways: tuple[str, ...] = (MESH_GATEWAY,)  # "mesh" for a sidecar; "ns/name" or "name" for a gateway
     default_retry: RetryPolicy = DEFAULT_RETRY
+    outbound_policy: str = ALLOW_ANY  # meshConfig.outboundTrafficPolicy.mode, for transparent connections
 
 
 def fqdn(host: str, namespace: str) -> str:
@@ -93,6 +97,7 @@ class Service:
     resolution: str
     origin: m.Origin
     external: bool = False  # ServiceEntry location MESH_EXTERNAL (Istio's default): outside the mesh
+    addresses: list[str] = field(default_factory=list)  # ServiceEntry `addresses`: VIPs or CIDR blocks
 
     def endpoints(self, port: m.ServicePort, labels: Mapping[str, str]) -> tuple[Endpoint, ...]:
         out = []
@@ -126,11 +131,13 @@ class _Compiler:
                 service = self.services.get(name)
                 if service is None:
                     self.services[name] = Service(name, se.meta.namespace, list(se.ports), list(se.endpoints),
-                                                  se.resolution, se.meta.origin, se.location != "MESH_INTERNAL")
-                else:  # several entries for one host: union of ports and endpoints
+                                                  se.resolution, se.meta.origin, se.location != "MESH_INTERNAL",
+                                                  list(se.addresses))
+                else:  # several entries for one host: union of ports, endpoints and addresses
                     known = {p.number for p in service.ports}
                     service.ports += [p for p in se.ports if p.number not in known]
                     service.entries += se.endpoints
+                    service.addresses += [a for a in se.addresses if a not in service.addresses]
         for dr in self.snapshot.destination_rules:
             name = fqdn(dr.host, dr.meta.namespace)
             if name in self.rules:
@@ -348,9 +355,15 @@ class _Compiler:
         owner: dict[str, m.VirtualService] = {}
         hosts: dict[str, list[Route]] = {}
         vhost_names: dict[str, str] = {}
+        l4_owner: dict[str, m.VirtualService] = {}  # the first VirtualService with tcp: routes for a host
         for vs in self.snapshot.virtual_services:
             if not self.applies_here(vs.gateways, vs.meta.namespace):
                 continue
+            if vs.tcp:
+                for host in vs.hosts:
+                    l4_owner.setdefault(fqdn(host, vs.meta.namespace), vs)
+            if not vs.http and (vs.tcp or vs.tls):
+                continue  # TCP/TLS only: HTTP to its hosts keeps the service's default route (as Istio)
             routes = self.http_routes(vs)
             for i, host in enumerate(vs.hosts):
                 name = fqdn(host, vs.meta.namespace)
@@ -372,6 +385,9 @@ class _Compiler:
         catch_all = None
         for name, routes in hosts.items():
             domains = aliases(name, self.identity.namespace)
+            registered = self.services.get(name)
+            if registered is not None:  # Istio lists a service's VIPs among its virtual host's domains
+                domains += [a for a in registered.addresses if "/" not in a]
             vhost = VirtualHost(name, tuple(domains), tuple(routes))
             if name == "*":
                 catch_all = vhost
@@ -381,7 +397,83 @@ class _Compiler:
                 for domain in domains:
                     exact.setdefault(domain, vhost)
         wildcards.sort(key=lambda item: len(item[0]), reverse=True)
-        return RouteTable(exact=exact, wildcards=tuple(wildcards), catch_all=catch_all)
+        table = RouteTable(exact=exact, wildcards=tuple(wildcards), catch_all=catch_all)
+        table.destinations = self.compile_destinations(l4_owner)
+        return table
+
+    # ---- transparent connections (routing/l4.py): by original destination, tcp: and tls: routes
+
+    def compile_destinations(self, owner: Mapping[str, m.VirtualService]) -> Destinations:
+        out = Destinations(outbound_policy=self.identity.outbound_policy)
+        subnets: list[tuple[Network, int, L4Target]] = []
+        tls_services: list[tuple[str, int, Cluster]] = []
+        tcp_rules: dict[int, tuple[L4Rule, ...]] = {}  # by id of the VirtualService; every one compiled (warnings)
+        for vs in owner.values():
+            if id(vs) not in tcp_rules:
+                tcp_rules[id(vs)] = tuple(self.l4_rules(vs, vs.tcp, "tcp"))
+        for name, service in self.services.items():
+            vs = owner.get(name)
+            rules = tcp_rules[id(vs)] if vs is not None else ()
+            for port in service.ports:
+                protocol = proto.of_service_entry_port(port.number, port.name, port.protocol)
+                if protocol == proto.UDP:
+                    continue
+                cluster = self.cluster(name, port.number, "")
+                target = L4Target(name, port.number, protocol, cluster, rules)
+                for address in service.addresses:
+                    if "/" in address:
+                        subnets.append((ipaddress.ip_network(address, strict=False), port.number, target))
+                    else:
+                        out.exact.setdefault((address, port.number), target)
+                if cluster is not None:
+                    by_address = dataclasses.replace(target, original_destination=True,
+                                                     cluster=dataclasses.replace(cluster, endpoints=(),
+                                                                                 original_destination=True))
+                    for endpoint in cluster.endpoints:
+                        out.endpoints.setdefault(endpoint.key, by_address)
+                if cluster is not None and proto.is_tls(protocol):  # SNI filter chains (a wildcard host too)
+                    tls_services.append((name, port.number, cluster))
+                # Port-wide (Istio's 0.0.0.0_PORT listeners): HTTP, and TCP without addresses; a TLS port without
+                # addresses is reached by SNI only (tls_services), other server names pass through.
+                if proto.is_http(protocol) or (proto.is_tcp(protocol) and not proto.is_tls(protocol)
+                                               and not service.addresses):
+                    out.ports.setdefault(port.number, target)
+        out.subnets = tuple(sorted(subnets, key=lambda item: item[0].prefixlen, reverse=True))
+        out.tls_services = tuple(tls_services)
+        tls: list[L4Rule] = []
+        for vs in self.snapshot.virtual_services:
+            if vs.tls and self.applies_here(vs.gateways, vs.meta.namespace):
+                tls += self.l4_rules(vs, vs.tls, "tls")
+        out.tls = tuple(tls)
+        return out
+
+    def l4_rules(self, vs: m.VirtualService, routes: tuple[m.L4Route, ...], kind: str) -> list[L4Rule]:
+        """The match blocks of `tcp:` / `tls:` routes that apply to this proxy, each with its route's picker."""
+        out: list[L4Rule] = []
+        first_warning = len(self.warnings)
+        for index, route in enumerate(routes):
+            path = f"spec.{kind}[{index}]"
+            weighted = len(route.route) > 1
+            picker = WeightedPicker.compile([(self.destination(vs, d, f"{path}.route[{i}]", None, weighted), d.weight)
+                                             for i, d in enumerate(route.route)])
+            name = f"{vs.meta.namespace}/{vs.meta.name}:{kind}[{index}]"  # no space: a field of the text log
+            blocks = route.match or (m.L4MatchAttributes(),)
+            for block in blocks:
+                if block.never or not self.l4_source_matches(block, vs):
+                    continue
+                subnets = tuple(ipaddress.ip_network(s, strict=False) for s in block.destination_subnets)
+                out.append(L4Rule(name, picker, block.port, subnets, block.sni_hosts))
+        for i in range(first_warning, len(self.warnings)):  # destination() speaks of HTTP requests
+            problem = self.warnings[i]
+            self.warnings[i] = dataclasses.replace(
+                problem, message=problem.message.replace("requests get 503 NC", "connections are closed (NC)"))
+        return out
+
+    def l4_source_matches(self, block: m.L4MatchAttributes, vs: m.VirtualService) -> bool:
+        """sourceLabels, sourceNamespace and gateways of an L4 match, settled for this proxy (as for HTTP)."""
+        return self.source_matches(m.HTTPMatchRequest(source_labels=block.source_labels,
+                                                      source_namespace=block.source_namespace,
+                                                      gateways=block.gateways), vs)
 
     def check_shadowing(self, vs: m.VirtualService, routes: list[Route], places: list[str]) -> None:
         """istioctl-analyze-style: an HTTPRoute after a catch-all never matches (Istio even stops emitting

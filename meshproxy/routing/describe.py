@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from ..istio.values import RETRY_ON_BITS
+from . import protocol as proto
+from .l4 import Destinations, L4Rule, L4Target
 from .match import MatchInput
 from .policy import ACTION_DIRECT_RESPONSE, ACTION_REDIRECT, Route, sticky_hash
 from .table import RouteTable
@@ -64,7 +66,50 @@ def describe_table(table: RouteTable) -> str:
                 extras.append(f"sticky {route.sticky.kind} {route.sticky.name.decode()}")
             extra = f"  [{', '.join(extras)}]" if extras else ""
             lines.append(f"  {name}  {describe_match(route)}  ->  {describe_action(route)}{extra}")
+    if table.destinations is not None:
+        lines += describe_l4(table.destinations)
     return "\n".join(lines) + "\n"
+
+
+def _target_line(where: str, target: L4Target) -> str:
+    cluster = target.cluster.name if target.cluster is not None else "(no cluster)"
+    how = "routed by Host" if proto.is_http(target.protocol) else \
+        "sniffed" if proto.is_sniffed(target.protocol) else "tcp"
+    rules = "".join(f"; {rule.name}{_rule_match(rule)} -> {_rule_clusters(rule)}" for rule in target.tcp)
+    original = " (to the address itself)" if target.original_destination else ""
+    return f"{where}  {target.protocol}  {target.service}  ->  {cluster}{original} ({how}){rules}"
+
+
+def _rule_match(rule: L4Rule) -> str:
+    parts = [f"port {rule.port}"] if rule.port is not None else []
+    parts += [f"subnet {net}" for net in rule.subnets] + [f"sni {host}" for host in rule.sni_hosts]
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
+def _rule_clusters(rule: L4Rule) -> str:
+    picker, previous, shares = rule.picker, 0, []
+    for dest, bound in zip(picker.choices, picker.upper_bounds):
+        name = dest.cluster.name if dest.cluster is not None else f"(no cluster: {dest.host})"
+        shares.append(name if len(picker.choices) == 1 else f"{name} {100 * (bound - previous) / picker.total:.0f}%")
+        previous = bound
+    return " | ".join(shares)
+
+
+def describe_l4(destinations: Destinations) -> list[str]:
+    """Transparent connections by original destination (like `istioctl proxy-config listeners`)."""
+    lines = ["", f"ORIGINAL DESTINATION  PROTOCOL  SERVICE  ->  CLUSTER (outboundTrafficPolicy "
+                 f"{destinations.outbound_policy} for the rest)"]
+    for (address, port), target in sorted(destinations.exact.items()):
+        lines.append(_target_line(f"{address}:{port}", target))
+    for net, port, target in destinations.subnets:
+        lines.append(_target_line(f"{net}:{port}", target))
+    for port, target in sorted(destinations.ports.items()):
+        lines.append(_target_line(f"*:{port}", target))
+    for rule in destinations.tls:
+        lines.append(f"TLS {rule.name}{_rule_match(rule)}  ->  {_rule_clusters(rule)}")
+    for host, port, cluster in destinations.tls_services:
+        lines.append(f"TLS sni {host} port {port}  ->  {cluster.name}")
+    return lines
 
 
 def describe_retry(route: Route) -> str:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ..security.policy import NO_POLICY, NO_WORKLOAD_POLICY, RequestPolicy, WorkloadPolicy
+from .l4 import Destinations
 from .match import MatchInput
 from .policy import Route
 from .trie import NO_ROUTE, PathIndex
@@ -73,6 +74,10 @@ class RouteTable:
     wildcards: tuple[tuple[str, VirtualHost], ...]  # (".suffix", vhost), longest suffix first
     catch_all: VirtualHost | None = None  # host "*"
     version: str = ""
+    destinations: Destinations | None = None  # transparent connections by original destination (routing/l4.py)
+    # The port of a Host without one: 80, or on a transparent listener the port the connection was going to (Istio's
+    # outbound route configurations are per port). Read on a cache miss only.
+    default_port: int = DEFAULT_PORT
     _cache: dict[bytes, tuple[VirtualHost | None, int]] = field(default_factory=dict)
     # Security (security/policy.py): what the snapshot says of requests to this workload, and what the listener
     # holding this table enforces (NO_POLICY: nothing, one identity check per request).
@@ -83,7 +88,8 @@ class RouteTable:
         """The same routes, enforcing `policy` (a listener's own copy; routes and hosts are shared)."""
         if policy is self.policy:
             return self
-        return RouteTable(self.exact, self.wildcards, self.catch_all, self.version, {}, self.security, policy)
+        return RouteTable(self.exact, self.wildcards, self.catch_all, self.version, self.destinations,
+                          self.default_port, security=self.security, policy=policy)
 
     def virtual_host(self, authority: bytes) -> tuple[VirtualHost | None, int]:
         hit = self._cache.get(authority)
@@ -98,7 +104,7 @@ class RouteTable:
                     break
             else:
                 vhost = self.catch_all
-        result = (vhost, port or DEFAULT_PORT)
+        result = (vhost, port or self.default_port)
         if vhost is not None and len(self._cache) < AUTHORITY_CACHE_MAX:
             self._cache[authority] = result
         return result

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Final, TextIO
 from ..stream_info import flags_text
 
 if TYPE_CHECKING:
-    from ..stream_info import StreamInfo
+    from ..stream_info import L4Info, StreamInfo
 
 log = logging.getLogger("meshproxy.access_log")
 
@@ -104,8 +104,34 @@ class AccessLog:
             "listener": listener,
         }
 
+    def tcp_fields(self, info: L4Info, listener: str) -> dict[str, object]:
+        """A TCP proxy's line: Envoy's same format, with `-` for what only HTTP has (as Istio's TCP lines)."""
+        elapsed = time.monotonic() - info.start
+        addresses = info.connection.log_addresses()
+        cluster = info.cluster
+        return {
+            "start_time": datetime.fromtimestamp(time.time() - elapsed, UTC)
+            .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "method": "-", "path": "-", "protocol": "-", "response_code": 0,
+            "response_flags": flags_text(info.flags), "response_code_details": "-",
+            "connection_termination_details": "-", "upstream_transport_failure_reason": "-",
+            "bytes_received": info.received, "bytes_sent": info.sent, "duration": int(elapsed * 1000),
+            "upstream_service_time": "-", "x_forwarded_for": "-", "user_agent": "-", "request_id": "-",
+            "authority": "-", "upstream_host": info.endpoint or "-",
+            "upstream_cluster": cluster.name if cluster is not None else "-",
+            "upstream_local_address": info.upstream_local or "-",
+            "downstream_local_address": addresses[0], "downstream_remote_address": addresses[1],
+            "requested_server_name": info.sni or "-", "route_name": info.rule or "-",
+            "listener": listener,
+        }
+
+    def log_tcp(self, info: L4Info, listener: str) -> None:
+        self._add(self._format(self.tcp_fields(info, listener)) + "\n")
+
     def line(self, info: StreamInfo, listener: str) -> str:
-        f = self.fields(info, listener)
+        return self._format(self.fields(info, listener))
+
+    def _format(self, f: dict[str, object]) -> str:
         if self.format == "json":
             return json.dumps(f, separators=(",", ":"))
         return (
@@ -119,7 +145,9 @@ class AccessLog:
         )
 
     def log(self, info: StreamInfo, listener: str) -> None:
-        line = self.line(info, listener) + "\n"
+        self._add(self.line(info, listener) + "\n")
+
+    def _add(self, line: str) -> None:
         self.pending.append(line)
         self.pending_bytes += len(line)
         if self.pending_bytes >= BATCH_BYTES:

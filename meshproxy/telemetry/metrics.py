@@ -43,6 +43,10 @@ LABELS: Final = (
     "request_protocol", "response_code", "grpc_response_status", "response_flags", "connection_security_policy",
 )
 
+# Istio's TCP metrics carry the same labels but response_code and grpc_response_status.
+TCP_LABELS: Final = tuple(name for name in LABELS if name not in ("response_code", "grpc_response_status"))
+TCP_PROTOCOL: Final = "tcp"
+
 SOURCE: Final = "source"
 DESTINATION: Final = "destination"
 
@@ -96,6 +100,26 @@ def label_values(reporter: str, source: Workload, destination: Workload, service
     )
 
 
+def tcp_label_values(reporter: str, source: Workload, destination: Workload, service: Service, flags: str,
+                     security: str) -> tuple[str, ...]:
+    """One TCP series' label values, in TCP_LABELS order."""
+    values = label_values(reporter, source, destination, service, 0, flags, security, TCP_PROTOCOL)
+    return values[:21] + values[23:]
+
+
+class TcpSeries:
+    """Istio's four TCP counters of one label set, updated as bytes move (a scrape sees them at once)."""
+
+    __slots__ = ("labels", "opened", "closed", "sent", "received")
+
+    def __init__(self, labels: tuple[str, ...]) -> None:
+        self.labels = labels
+        self.opened = 0
+        self.closed = 0
+        self.sent = 0
+        self.received = 0
+
+
 class Series:
     """Counters of one label set: requests, and the three histograms (bucket counts not cumulative)."""
 
@@ -147,6 +171,7 @@ class IstioMetrics:
 
     def __init__(self) -> None:
         self.series: dict[tuple[str, ...], Series] = {}
+        self.tcp: dict[tuple[str, ...], TcpSeries] = {}
         self.build = ""  # meshproxy's version, at the first collect
         self.reused_connection_retries = 0  # the free retries after a reused connection was reset (README)
 
@@ -155,6 +180,12 @@ class IstioMetrics:
         series = self.series.get(labels)
         if series is None:
             series = self.series[labels] = Series(labels)
+        return series
+
+    def bind_tcp(self, labels: tuple[str, ...]) -> TcpSeries:
+        series = self.tcp.get(labels)
+        if series is None:
+            series = self.tcp[labels] = TcpSeries(labels)
         return series
 
     def collect(self) -> Iterator[Metric]:
@@ -175,6 +206,8 @@ class IstioMetrics:
         yield duration
         yield request_bytes
         yield response_bytes
+        if self.tcp:
+            yield from self._collect_tcp()
         reused = CounterMetricFamily(
             "meshproxy_upstream_reused_connection_retries",
             "Idempotent requests sent once more because their reused keep-alive connection was reset "
@@ -186,6 +219,28 @@ class IstioMetrics:
             self.build = _meshproxy_version()
         build.add_metric(["proxy", f"meshproxy-{self.build}"], 1)
         yield build
+
+    def _collect_tcp(self) -> Iterator[Metric]:
+        opened = CounterMetricFamily("istio_tcp_connections_opened",
+                                     "Counter of TCP connections opened (Istio standard metric)", labels=TCP_LABELS)
+        closed = CounterMetricFamily("istio_tcp_connections_closed",
+                                     "Counter of TCP connections closed (Istio standard metric)", labels=TCP_LABELS)
+        sent = CounterMetricFamily("istio_tcp_sent_bytes",
+                                   "Bytes sent to the downstream on TCP connections (Istio standard metric)",
+                                   labels=TCP_LABELS)
+        received = CounterMetricFamily("istio_tcp_received_bytes",
+                                       "Bytes received from the downstream on TCP connections (Istio standard metric)",
+                                       labels=TCP_LABELS)
+        for series in list(self.tcp.values()):
+            labels = list(series.labels)
+            opened.add_metric(labels, series.opened)
+            closed.add_metric(labels, series.closed)
+            sent.add_metric(labels, series.sent)
+            received.add_metric(labels, series.received)
+        yield opened
+        yield closed
+        yield sent
+        yield received
 
     def describe(self) -> list[Metric]:
         return []

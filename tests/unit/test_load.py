@@ -80,6 +80,21 @@ BILLION_LAUGHS = "".join(
 
 # (id, YAML text, field path of the one error, fragment of its message)
 BAD_DOCUMENTS = [
+    # ---- tcp: and tls: routes, ServiceEntry addresses (Istio's validateTCPRoute / validateTLSRoute)
+    ("tcp-bad-subnet", vs(TO_RATINGS, extra="tcp: [{match: [{destinationSubnets: [10.0.0/8]}], "
+                                            "route: [{destination: {host: ratings}}]}]"),
+     "spec.tcp[0].match[0].destinationSubnets[0]", "is not an IP address or CIDR block"),
+    ("tcp-no-route", vs(TO_RATINGS, extra="tcp: [{match: [{port: 80}]}]"), "spec.tcp[0].route", "route is required"),
+    ("tls-no-sni", vs(TO_RATINGS, extra="tls: [{match: [{port: 443}], route: [{destination: {host: ratings}}]}]"),
+     "spec.tls[0].match[0].sniHosts", "at least one SNI host"),
+    ("tls-sni-outside-hosts", vs(TO_RATINGS, hosts="['*.example.com']",
+                                 extra="tls: [{match: [{sniHosts: [a.example.org]}], route: [{destination: {host: x}}]}]"),
+     "spec.tls[0].match[0].sniHosts[0]", "SNI host 'a.example.org' is not a compatible subset of any of the virtual "
+                                         "service hosts: [*.example.com]"),
+    ("tls-no-match", vs(TO_RATINGS, extra="tls: [{route: [{destination: {host: ratings}}]}]"),
+     "spec.tls[0].match", "at least one match condition"),
+    ("se-bad-address", se("addresses: [10.0.0.300]\nports: [{number: 80, name: tcp, protocol: TCP}]"),
+     "spec.addresses[0]", "is not an IP address or CIDR block"),
     # ---- schema: unknown fields, wrong types
     ("unknown-field-hint", vs(f"{TO_RATINGS}\ntimout: 1s"),
      "spec.http[0].timout", "unknown field 'timout' (did you mean 'timeout'?)"),
@@ -375,8 +390,16 @@ GOOD_DOCUMENTS = [
      lambda r: r.http[0].fault.delay == m.Delay(2.0, 0.0), []),
     ("mirror-percentage-default-100", vs(f"{TO_RATINGS}\nmirror: {{host: ratings-shadow}}"),
      lambda r: r.http[0].mirrors == (m.HTTPMirrorPolicy(m.Destination("ratings-shadow"), 100.0),), []),
-    ("tcp-routes-warn", vs(TO_RATINGS, extra="tcp: [{route: [{destination: {host: ratings}}]}]"),
-     lambda r: len(r.http) == 1, ["spec"]),
+    ("tcp-routes-load", vs(TO_RATINGS, extra="tcp: [{match: [{port: 27017, destinationSubnets: [10.0.0.0/8]}], "
+                                             "route: [{destination: {host: ratings}}]}]"),
+     lambda r: len(r.http) == 1 and r.tcp == (m.L4Route(
+         (m.L4MatchAttributes(destination_subnets=("10.0.0.0/8",), port=27017),),
+         (m.HTTPRouteDestination(m.Destination("ratings")),)),), []),
+    ("tls-routes-load", vs(TO_RATINGS, hosts="[ratings, '*.example.com']",
+                           extra="tls: [{match: [{sniHosts: [A.example.com, '*.b.example.com']}], "
+                                 "route: [{destination: {host: ratings}, weight: 100}]}]"),
+     lambda r: r.tls[0].match[0].sni_hosts == ("a.example.com", "*.b.example.com")
+     and r.tls[0].route[0].weight == 100, []),
     ("header-name-underscore-warns", vs("match: [{headers: {end_user: {exact: jason}}}]\n" + TO_RATINGS),
      lambda r: r.http[0].match[0].headers[0][0] == "end_user", ["spec.http[0].match[0].headers.end_user"]),
     ("dr-quoted-label", dr("- {name: v1, labels: {version: '1'}}"),

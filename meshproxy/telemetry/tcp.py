@@ -1,0 +1,73 @@
+"""Telemetry of proxied TCP connections: Istio's TCP metrics and the access-log line of Envoy's TCP proxy.
+
+`on_open` is called once the upstream connect has succeeded or failed, so the response flags that label the series
+are final (`UF` for a failed connect, `NC`, `UO`, or none); it binds the series and counts the connection opened
+(a counter never moves between series). The data path then adds bytes to `info.series` as they move, so a scrape sees them at once (Istio reports
+deltas every few seconds and at close); `on_close` counts it closed and writes the access-log line.
+
+Without mutual TLS there is no peer metadata exchange on plain TCP (Istio exchanges it over ALPN in mTLS), so the
+peer's workload labels are `unknown`, as Istio reports them for a plaintext TCP peer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..stream_info import L4Info, flags_text
+from .access_log import AccessLog
+from .core import MeshTelemetry
+from .metrics import DESTINATION, SOURCE, UNKNOWN_SERVICE, Service, TcpSeries, tcp_label_values
+from .peer import UNKNOWN_WORKLOAD
+
+log = logging.getLogger("meshproxy.telemetry")
+
+
+class TcpTelemetry:
+    """One listener's TCP telemetry; `direction` "outbound" reports as source, "inbound" as destination."""
+
+    __slots__ = ("listener", "inbound", "access_log", "mesh")
+
+    def __init__(self, listener: str, direction: str, access_log: AccessLog, mesh: MeshTelemetry | None) -> None:
+        self.listener = listener
+        self.inbound = direction == "inbound"
+        self.access_log = access_log
+        self.mesh = mesh
+
+    def service(self, host: str, port: int) -> Service:
+        """The destination service: the cluster's (PassthroughCluster and BlackHoleCluster by that name); inbound
+        without a known service, this workload's canonical service, as Istio reports it."""
+        mesh = self.mesh
+        if mesh is None:
+            return UNKNOWN_SERVICE
+        if host:
+            return mesh.service(host, port)
+        own = mesh.own
+        return mesh.services.setdefault(("", own.canonical_service),
+                                        Service(own.canonical_service, own.canonical_service, own.namespace))
+
+    def on_open(self, info: L4Info, service: Service) -> None:
+        series = self._series(service, info.flags)
+        if series is not None:
+            series.opened += 1
+            info.series = series
+
+    def on_close(self, info: L4Info, service: Service) -> None:
+        try:
+            series: TcpSeries | None = info.series
+            if series is not None:
+                series.closed += 1
+            if self.access_log.enabled:
+                self.access_log.log_tcp(info, self.listener)
+        except Exception:  # telemetry must never break the connection it observes
+            log.exception("telemetry failed for a TCP connection (%s)", self.listener)
+
+    def _series(self, service: Service, flags: int) -> TcpSeries | None:
+        mesh = self.mesh
+        if mesh is None or mesh.metrics is None:
+            return None
+        text = flags_text(flags)
+        if self.inbound:
+            labels = tcp_label_values(DESTINATION, UNKNOWN_WORKLOAD, mesh.own, service, text, "none")
+        else:
+            labels = tcp_label_values(SOURCE, mesh.own, UNKNOWN_WORKLOAD, service, text, "unknown")
+        return mesh.metrics.bind_tcp(labels)
