@@ -46,6 +46,13 @@ LISTENING = re.compile(r"(\S+) listening on (\S+):(\d+)")
 
 def config(b: str, web_vip: str = WEB_VIP, db_vip: str = DB_VIP, c: str = "10.200.0.3") -> str:
     return f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-flagged, namespace: default}}
+spec:
+  action: DENY
+  rules: [{{when: [{{key: "request.headers[x-deny]", values: ["yes"]}}]}}]
+---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{name: web}}
@@ -310,6 +317,21 @@ def test_http_to_a_service_address_is_routed_by_host_and_reaches_the_app_from_12
     text = a.scrape()
     assert metric(text, "istio_requests_total", reporter="source", destination_service_name="web",
                   response_code="200") == 2
+
+
+def test_the_inbound_sidecar_enforces_the_workloads_authorization_policy(lab: Lab, world, client_sidecar) -> None:
+    """AuthorizationPolicy applies to the traffic a workload receives: on pod b's transparent inbound listener, not
+    on pod a's outbound one (the request reaches b's sidecar, which answers Envoy's 403)."""
+    client_sidecar()
+    status, body = get(lab, WEB_VIP, 80, "web", {"x-deny": "yes"})
+    assert (status, body) == (403, b"RBAC: access denied")
+    b = world["b"]
+    denied = wait_until(lambda: [e for e in b.access if e.get("response_code") == 403] or None,
+                        what="pod b's access log of the denied request")
+    assert denied[-1]["response_code_details"] == \
+        "rbac_access_denied_matched_policy[ns[default]-policy[deny-flagged]-rule[0]]"
+    status, _ = get(lab, WEB_VIP, 80, "web", {"x-deny": "no"})
+    assert status == 200
 
 
 def test_tcp_to_a_service_address_routed_by_port_with_exact_metrics(lab: Lab, world, client_sidecar) -> None:
