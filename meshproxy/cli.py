@@ -361,5 +361,52 @@ def demo_delete(demo_dir: Path, files: tuple[str, ...]) -> None:
     _demo_change(demo_dir, files, delete=True)
 
 
+@main.group("ca")
+def ca_group() -> None:
+    """A mesh root CA and workload certificates (SPIFFE identities), as Istio's self-signed CA makes them."""
+
+
+@ca_group.command("init")
+@click.argument("ca_dir", type=click.Path(path_type=Path))
+@click.option("--trust-domain", default="cluster.local", show_default=True, help="The mesh's SPIFFE trust domain.")
+@click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True,
+              help="RSA 2048 (Istio's default) or EC P-256.")
+@click.option("--force", is_flag=True, help="Replace a CA already in CA_DIR.")
+def ca_init(ca_dir: Path, trust_domain: str, key_type: str, force: bool) -> None:
+    """Make a self-signed mesh root in CA_DIR: ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem."""
+    from .security.ca import CAError, init_ca
+
+    try:
+        ca = init_ca(ca_dir, trust_domain, key_type, overwrite=force)
+    except (CAError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"mesh root for trust domain {ca.trust_domain} in {ca_dir} (valid until "
+               f"{ca.cert.not_valid_after_utc:%Y-%m-%d})")
+
+
+@ca_group.command("issue")
+@click.option("--ca", "ca_dir", required=True, type=click.Path(path_type=Path), help="A folder made by `ca init`.")
+@click.option("--namespace", required=True, help="The workload's namespace.")
+@click.option("--service-account", required=True, help="The workload's service account.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder to write cert-chain.pem, key.pem, root-cert.pem (pilot-agent's layout).")
+@click.option("--ttl", default="24h", show_default=True, help="Lifetime (Istio's DEFAULT_WORKLOAD_CERT_TTL).")
+@click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True)
+@click.option("--trust-domain", default=None, help="Trust domain of the SPIFFE id  [default: the CA's]")
+def ca_issue(ca_dir: Path, namespace: str, service_account: str, out: Path, ttl: str, key_type: str,
+             trust_domain: str | None) -> None:
+    """Issue a workload certificate for spiffe://<trust domain>/ns/NAMESPACE/sa/SERVICE_ACCOUNT into OUT."""
+    from .security.ca import CAError, issue, load_ca, parse_ttl
+
+    try:
+        lifetime = parse_ttl(ttl)
+        identity = issue(load_ca(ca_dir), namespace, service_account, out, lifetime, key_type, trust_domain)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    except CAError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{identity} in {out} (valid {ttl})")
+
+
 if __name__ == "__main__":
     main()
