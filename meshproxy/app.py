@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, cast
 from . import hot_path
 from .istio.load import load
 from .istio.model import Snapshot
-from .istio.problems import Problem
+from .istio.problems import ConfigError, Problem
 from .lifecycle import ConfigReloader, ConfigState, handle_signals, ignore_stop_signals
 from .proxy.balancer import Clusters
 from .proxy.downstream import (
@@ -26,6 +26,7 @@ from .proxy.downstream import (
     listener_limits,
 )
 from .proxy.listener import DownstreamProtocol
+from .proxy.secure_server import DISABLE, PERMISSIVE, SecureServer
 from .proxy.upstream import UpstreamPool
 from .routing.cluster import Cluster, Endpoint
 from .routing.compile import Identity, compile_table
@@ -33,6 +34,8 @@ from .routing.match import CATCH_ALL
 from .routing.picker import WeightedPicker
 from .routing.policy import ACTION_ROUTE, HeaderMutation, RetryPolicy, Route, RouteDestination
 from .routing.table import RouteTable, VirtualHost
+from .security.certs import CertError, CertStore
+from .security.client_tls import UpstreamTLS, UpstreamTLSCompiler, broken_tls, check_tls_files
 from .settings import InboundSpec, Settings
 from .telemetry.access_log import AccessLog
 from .telemetry.core import MeshTelemetry, Telemetry
@@ -64,25 +67,40 @@ def inbound_table(spec: InboundSpec) -> RouteTable:
     return RouteTable(exact={}, wildcards=(), catch_all=vhost)
 
 
-def load_config(settings: Settings) -> tuple[RouteTable, Snapshot, list[Problem]]:
-    """Load and compile; raises ConfigError. Warnings are returned, not raised."""
+def load_config(settings: Settings, upstream_tls: UpstreamTLSCompiler | None = None
+                ) -> tuple[RouteTable, Snapshot, list[Problem]]:
+    """Load and compile; raises ConfigError. Warnings are returned, not raised. With `upstream_tls`, every
+    DestinationRule tls must load (its certificate files, or the workload certificates ISTIO_MUTUAL needs)."""
     result = load(settings.config)
     table, warnings = compile_table(result.snapshot, identity_of(settings))
-    return table, result.snapshot, result.warnings + warnings
+    problems = result.warnings + warnings
+    if upstream_tls is not None:
+        errors = check_tls_files(result.snapshot, upstream_tls)
+        if errors:
+            raise ConfigError(errors + problems)
+        upstream_tls.cache.clear()  # contexts are made again from the files as they are now
+    return table, result.snapshot, problems
 
 
 class ProxyApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Workload certificates (CertError when they do not load: the proxy does not start without them) and the
+        # upstream TLS of every cluster, compiled with each config load.
+        self.certs = CertStore(settings.cert_dir) if settings.cert_dir else None
+        self.upstream_tls = UpstreamTLSCompiler(self.certs)
+        self.inbound_tls = settings.inbound_tls or (PERMISSIVE if self.certs is not None else DISABLE)
         # file watch, SIGHUP and POST /reload all reload through this one object
-        self.reloader = ConfigReloader(settings.config, lambda: load_config(settings), self._follow)
+        self.reloader = ConfigReloader(settings.config, lambda: load_config(settings, self.upstream_tls),
+                                       self._follow)
         self.rng = random.Random(settings.seed)
         self.pool = UpstreamPool(settings.upstream_idle_timeout, settings.connect_timeout)
         self.access_log = AccessLog(settings.access_log, path=settings.access_log_file)
         self.telemetry = MeshTelemetry.from_settings(settings)  # metrics, tracing, peer metadata: one per process
-        self.clusters = Clusters()
+        self.clusters = Clusters(self._upstream_tls_of)
         self.contexts: list[ListenerContext] = []
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[asyncio.Server | SecureServer] = []
+        self.secure_servers: dict[str, SecureServer] = {}  # inbound listeners by name: `mode` is settable
         self.ready = False
         self.stopping: asyncio.Event | None = None  # created in start(), inside the loop
         self.addresses: dict[str, tuple[str, int]] = {}
@@ -99,6 +117,15 @@ class ProxyApp:
         for ctx in self.contexts:
             if ctx.follows_config:
                 ctx.table = table
+
+    def _upstream_tls_of(self, cluster: Cluster, endpoint: Endpoint) -> UpstreamTLS | None:
+        """How new connections to one endpoint do TLS; asked when the data path meets a new cluster."""
+        try:
+            return self.upstream_tls.for_endpoint(cluster.policy.tls, cluster.name, cluster.service,
+                                                  cluster.subject_alt_names, cluster.service_accounts, endpoint.labels)
+        except CertError as exc:  # the files changed since the load that checked them
+            log.error("upstream TLS of %s: %s", cluster.name, exc)
+            return broken_tls(str(exc))
 
     # ---- lifecycle
 
@@ -122,7 +149,7 @@ class ProxyApp:
                                   telemetry=Telemetry(name, "inbound", self.access_log, self.telemetry,
                                                       table=lambda: self.config.table, address=spec.listen),
                                   limits=listener_limits(settings, EDGE_INBOUND), budget=budget,
-                                  retry_reused=settings.retry_reused_connection)
+                                  retry_reused=settings.retry_reused_connection, secure=self.certs is not None)
             await self._listen(ctx, spec.listen)
         if settings.admin is not None:
             from .admin import ProxyAdmin, serve_admin  # prometheus-client is only needed for the admin port
@@ -130,6 +157,11 @@ class ProxyApp:
             self.admin = await serve_admin(ProxyAdmin(self), settings.admin, settings.admin_allow_remote)
             # a worker's own admin (on an ephemeral port, for its supervisor) is not the sidecar's admin
             self.addresses["admin" if settings.worker_index is None else "worker-admin"] = self.admin.address
+        if self.certs is not None:
+            self.certs.start(settings.cert_poll_interval)
+            log.info("workload identity %s (certificates from %s, valid until %s); inbound mTLS %s",
+                     self.certs.certs.spiffe_id, settings.cert_dir,
+                     f"{self.certs.certs.not_after:%Y-%m-%dT%H:%M:%SZ}", self.inbound_tls)
         handle_signals(loop, self.request_stop, self.reloader.reload)
         if settings.watch_interval > 0 and settings.config:
             self._watcher = loop.create_task(self.reloader.watch(settings.watch_interval))
@@ -142,9 +174,17 @@ class ProxyApp:
         loop = asyncio.get_running_loop()
         # a protocol by its methods (its base is the exchange's Downstream), which is all the event loop asks
         factory = cast(Callable[[], asyncio.Protocol], lambda: DownstreamProtocol(ctx))
-        server = await loop.create_server(factory, address[0], address[1],
-                                          reuse_address=True, backlog=4096,
-                                          reuse_port=self.settings.concurrency > 1 or None)  # sibling workers
+        server: asyncio.Server | SecureServer
+        certs = self.certs
+        if ctx.secure and certs is not None:  # accepts itself: TLS detection, the mode may change at run time
+            server = await SecureServer.listen(address[0], address[1], factory, self.inbound_tls,
+                                               lambda: certs.server_context(), self.settings.concurrency > 1,
+                                               self.settings.request_headers_timeout)
+            self.secure_servers[ctx.name] = server
+        else:
+            server = await loop.create_server(factory, address[0], address[1],
+                                              reuse_address=True, backlog=4096,
+                                              reuse_port=self.settings.concurrency > 1 or None)  # sibling workers
         sock = server.sockets[0].getsockname()
         self.addresses[ctx.name] = (sock[0], sock[1])
         self.contexts.append(ctx)
@@ -171,6 +211,8 @@ class ProxyApp:
                 for conn in list(ctx.connections):
                     conn.reset_after_write()
         self.pool.close_idle()
+        if self.certs is not None:
+            self.certs.stop()
         self.access_log.close()  # the lines of the last requests, before the process exits
 
     async def run(self) -> None:

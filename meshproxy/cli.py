@@ -180,14 +180,23 @@ def main() -> None:
                    "event loop.")
 @click.option("--log-level", default="info", show_default=True, envvar="MESHPROXY_LOG_LEVEL",
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option("--cert-dir", default=None, envvar="MESHPROXY_CERT_DIR", type=click.Path(file_okay=False),
+              help="Workload certificates (cert-chain.pem, key.pem, root-cert.pem, as pilot-agent writes them; "
+                   "`meshproxy ca issue` makes them), re-read when they change: mutual TLS inbound and to "
+                   "ISTIO_MUTUAL / auto mTLS upstreams.")
+@click.option("--inbound-tls", default="", envvar="MESHPROXY_INBOUND_TLS",
+              type=click.Choice(["", "STRICT", "PERMISSIVE", "DISABLE"], case_sensitive=False),
+              help="Inbound mutual TLS with --cert-dir, as PeerAuthentication's modes: STRICT (TLS only), "
+                   "PERMISSIVE (TLS or plaintext, per connection), DISABLE  [default: PERMISSIVE with --cert-dir]")
 def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[InboundSpec, ...],
         admin: tuple[str, int] | None, admin_allow_remote: bool, workload: str, namespace: str,
         labels: dict[str, str], gateways: tuple[str, ...], drain_time: float, connect_timeout: float,
         upstream_idle_timeout: float, watch_interval: float, seed: int | None, concurrency: int,
         default_retry_attempts: int, default_retry_on: str, retry_reused_connection: bool, access_log: str,
-        access_log_file: str, log_level: str, **limits: Any) -> None:
+        access_log_file: str, log_level: str, cert_dir: str | None, inbound_tls: str, **limits: Any) -> None:
     """Run the proxy: outbound and inbound listeners, admin, config hot reload."""
     from .app import run as run_app
+    from .security.certs import CertError
     from .workers import resolve_concurrency, supervise
 
     _setup_logging(log_level)
@@ -199,14 +208,20 @@ def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[
         upstream_idle_timeout=upstream_idle_timeout, watch_interval=watch_interval, seed=seed,
         default_retry_attempts=default_retry_attempts, default_retry_on=default_retry_on,
         retry_reused_connection=retry_reused_connection, access_log_file=access_log_file,
-        concurrency=resolve_concurrency(concurrency), **limits,
+        concurrency=resolve_concurrency(concurrency), cert_dir=cert_dir, inbound_tls=inbound_tls.upper(), **limits,
     )
+    if settings.inbound_tls in ("STRICT", "PERMISSIVE") and not cert_dir:
+        raise click.BadParameter(f"{settings.inbound_tls} needs the workload certificates: give --cert-dir",
+                                 param_hint="--inbound-tls")
     try:
         sys.exit(supervise(settings) if settings.concurrency > 1 else run_app(settings))
     except ConfigError as exc:
         for problem in exc.problems:
             click.echo(str(problem), err=True)
         click.echo("meshproxy: configuration rejected, not starting", err=True)
+        sys.exit(2)
+    except CertError as exc:
+        click.echo(f"meshproxy: certificates: {exc}", err=True)
         sys.exit(2)
     except OSError as exc:
         click.echo(f"meshproxy: {exc}", err=True)

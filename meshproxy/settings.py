@@ -80,3 +80,9 @@ class Settings:
     # listeners share their ports with SO_REUSEPORT. `worker_index` is set only in a worker's own Settings.
     concurrency: int = 1
     worker_index: int | None = None
+    # Workload certificates (security/certs.py): a folder in pilot-agent's layout, polled for rotation. With it,
+    # inbound listeners take mutual TLS in `inbound_tls` mode (STRICT, PERMISSIVE or DISABLE; "": PERMISSIVE,
+    # Istio's default) and ISTIO_MUTUAL / auto mTLS work upstream. Without it, everything stays plaintext.
+    cert_dir: str | None = None
+    inbound_tls: str = ""
+    cert_poll_interval: float = 1.0

@@ -81,12 +81,15 @@ VIA_UPSTREAM: Final = "via_upstream"
 class ConnectionInfo:
     """The downstream connection a request came on, as telemetry needs it; addresses are looked up once."""
 
-    __slots__ = ("peer_ip", "transport", "addresses")
+    __slots__ = ("peer_ip", "transport", "addresses", "peer_principal")
 
-    def __init__(self, peer_ip: bytes = b"unknown", transport: Any = None) -> None:
+    def __init__(self, peer_ip: bytes = b"unknown", transport: Any = None, peer_principal: str = "") -> None:
         self.peer_ip = peer_ip
         self.transport = transport
         self.addresses: tuple[str, str] | None = None  # (local, remote) as the access log writes them
+        # The client's SPIFFE identity from its verified certificate, as Istio's source.principal
+        # (`cluster.local/ns/default/sa/sleep`); "" on a plaintext connection (or a certificate naming none).
+        self.peer_principal = peer_principal
 
     def log_addresses(self) -> tuple[str, str]:
         addresses = self.addresses

@@ -526,10 +526,19 @@ def _client_tls(doc: DocProblems, spec: Mapping[str, Any] | None, path: str) -> 
     if spec is None:
         return None
     mode = _enum_name(spec.get("mode", "DISABLE"), TLS_MODES)
-    if mode != "DISABLE":
-        # Accepted and typed, but the data path cannot originate TLS yet (issue #16): say so, never silently.
-        doc.warn(f"{path}.mode", f"tls mode {mode}: TLS origination is not implemented yet, "
-                                 "traffic to this host stays plaintext")
+    # Istio's validation (validateTLS), and what meshproxy does not do yet: an error, never ignored silently.
+    if spec.get("credentialName"):
+        doc.error(f"{path}.credentialName", "credentialName (a Kubernetes secret) is not implemented: give the "
+                                            "files with clientCertificate, privateKey and caCertificates")
+    elif mode == "MUTUAL":
+        for name, what in (("clientCertificate", "client certificate"), ("privateKey", "private key")):
+            if not spec.get(name):
+                doc.error(f"{path}.{name}", f"{what} required for mutual tls")
+    if mode == "ISTIO_MUTUAL":
+        for name in ("clientCertificate", "privateKey", "caCertificates", "caCrl"):
+            if spec.get(name):
+                doc.warn(f"{path}.{name}", "ignored with ISTIO_MUTUAL: the workload certificates (--cert-dir) "
+                                           "and the mesh roots are used")
     return m.ClientTLSSettings(
         mode=mode,
         client_certificate=spec.get("clientCertificate", ""),
@@ -581,7 +590,8 @@ def _build_service_entry(doc: DocProblems, meta: m.Resource, spec: Mapping[str, 
             if port_name not in names:
                 doc.error(f"{sub}.ports.{port_name}", f"endpoint port {port_name!r} is not defined by the service entry")
         endpoints.append(m.WorkloadEntry(address=address, ports=dict(ep.get("ports") or {}),
-                                         labels=dict(ep.get("labels") or {}), weight=ep.get("weight", 0)))
+                                         labels=dict(ep.get("labels") or {}), weight=ep.get("weight", 0),
+                                         service_account=str(ep.get("serviceAccount") or "")))
     if resolution == "STATIC" and not endpoints and not spec.get("workloadSelector"):
         doc.warn("spec.endpoints", "STATIC resolution with no endpoints: requests to these hosts get 503 no healthy upstream")
     if spec.get("workloadSelector"):
@@ -594,6 +604,7 @@ def _build_service_entry(doc: DocProblems, meta: m.Resource, spec: Mapping[str, 
         location=str(spec.get("location", "MESH_EXTERNAL")),
         resolution=str(resolution),
         endpoints=tuple(endpoints),
+        subject_alt_names=tuple(spec.get("subjectAltNames") or ()),
     )
 
 

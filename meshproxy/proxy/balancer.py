@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     import asyncio
 
     from ..messages import RequestHead
+    from ..security.client_tls import UpstreamTLS
+
+    TLSResolver = Callable[[Cluster, Endpoint], UpstreamTLS | None]
 
 MAX_EJECTION_TIME: Final = 300.0  # Envoy's max_ejection_time default
 
@@ -36,6 +39,7 @@ class EndpointState:
     consecutive_gateway: int = 0
     ejections: int = 0
     ejected_until: float = 0.0
+    tls: UpstreamTLS | None = None  # how its new connections do TLS (None: plaintext), set with its cluster
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
@@ -184,8 +188,9 @@ def _cookie(header: bytes | None, name: bytes) -> bytes | None:
 class Clusters:
     """ClusterState by cluster name, rebuilt (keeping counters) when a reload brings a new Cluster object."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TLSResolver | None = None) -> None:
         self.states: dict[str, ClusterState] = {}
+        self.tls = tls  # None: no upstream TLS anywhere (no cert dir, no DestinationRule tls)
 
     def state(self, cluster: Cluster) -> ClusterState:
         state = self.states.get(cluster.name)
@@ -194,8 +199,10 @@ class Clusters:
         previous = {e.endpoint.key: e for e in state.endpoints} if state is not None else {}
         endpoints = [previous.get(ep.key) or EndpointState(ep, (cluster.name, ep.address, ep.port))
                      for ep in cluster.endpoints]
+        tls = self.tls
         for e, ep in zip(endpoints, cluster.endpoints):
             e.endpoint = ep
+            e.tls = tls(cluster, ep) if tls is not None else None
         fresh = ClusterState(cluster, endpoints)
         if state is not None:  # in-flight counts carry over
             fresh.active_requests, fresh.active_retries = state.active_requests, state.active_retries

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
@@ -25,12 +26,14 @@ from .local_reply import (
     ConnectFailureError,
     ConnectionTerminationError,
     ResponseResetError,
+    TLSFailureError,
     UpstreamError,
     UpstreamOverflowError,
     UpstreamProtocolError,
 )
 
 if TYPE_CHECKING:
+    from ..security.client_tls import UpstreamTLS
     from .balancer import ClusterState, EndpointState
 
 log = logging.getLogger("meshproxy.upstream")
@@ -295,7 +298,8 @@ class UpstreamPool:
                 state.pending -= 1
         state.connections += 1
         try:
-            conn = await self._connect(key, state, connect_timeout or limits.connect_timeout or self.connect_timeout)
+            conn = await self._connect(key, state, connect_timeout or limits.connect_timeout or self.connect_timeout,
+                                       target.tls)
         except BaseException:
             state.connections -= 1
             state.wake_one()
@@ -323,11 +327,14 @@ class UpstreamPool:
                 return True
         return False
 
-    async def _connect(self, key: tuple[str, str, int], state: ClusterState, timeout: float) -> UpstreamConnection:
+    async def _connect(self, key: tuple[str, str, int], state: ClusterState, timeout: float,
+                       tls: UpstreamTLS | None = None) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         # The connection is a protocol by its methods, not by asyncio.Protocol as a base (its base is the codec's
         # handler); the event loop asks for no more.
         factory = cast(Callable[[], asyncio.Protocol], lambda: UpstreamConnection(self, key, state))
+        if tls is not None:
+            return await self._connect_tls(key, factory, timeout, tls)
         try:
             async with asyncio.timeout(timeout):
                 _, connected = await loop.create_connection(factory, key[1], key[2])
@@ -340,6 +347,38 @@ class UpstreamPool:
             raise ConnectFailureError("remote connection failure", f"delayed connect error: {exc.errno}") from None
         self.opened += 1
         return cast(UpstreamConnection, connected)
+
+    async def _connect_tls(self, key: tuple[str, str, int], factory: Callable[[], asyncio.Protocol], timeout: float,
+                           tls: UpstreamTLS) -> UpstreamConnection:
+        """TCP, then the TLS handshake (the cluster's context: the current one, after a certificate rotation), then
+        the server's SANs; a failure is Envoy's 503 UF with the TLS transport failure reason."""
+        from ..security.client_tls import handshake_failure_reason
+
+        loop = asyncio.get_running_loop()
+        if tls.error:
+            raise TLSFailureError("remote connection failure", tls.error)
+        try:
+            async with asyncio.timeout(timeout):
+                transport, connected = await loop.create_connection(
+                    factory, key[1], key[2], ssl=tls.context(), server_hostname=tls.server_hostname,
+                    ssl_handshake_timeout=timeout)
+        except TimeoutError:
+            raise ConnectFailureError("connection timeout") from None
+        except ConnectionRefusedError as exc:
+            raise ConnectFailureError("remote connection failure",
+                                      f"delayed connect error: {exc.errno or errno.ECONNREFUSED}") from None
+        except (ssl.SSLError, ConnectionResetError, ConnectionAbortedError, EOFError) as exc:
+            raise TLSFailureError("remote connection failure", handshake_failure_reason(exc)) from None
+        except OSError as exc:
+            raise ConnectFailureError("remote connection failure", f"delayed connect error: {exc.errno}") from None
+        conn = cast(UpstreamConnection, connected)
+        failure = tls.check_peer(transport.get_extra_info("ssl_object"))
+        if failure:
+            conn.closed = True  # its slot is given back by acquire(), which sees the error
+            transport.abort()
+            raise TLSFailureError("remote connection failure", failure)
+        self.opened += 1
+        return conn
 
     def release(self, conn: UpstreamConnection) -> None:
         """Back to the pool after a complete response, or closed if it cannot be reused."""

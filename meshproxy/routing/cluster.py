@@ -43,6 +43,10 @@ class Cluster:
     endpoints: tuple[Endpoint, ...]
     policy: ClusterPolicy = DEFAULT_POLICY
     external: bool = False  # MESH_EXTERNAL: requests leave the mesh, so mesh-internal headers are stripped
+    # Who may serve it (ISTIO_MUTUAL checks the server's SPIFFE id): the ServiceEntry's subjectAltNames, and
+    # (namespace, service account) of its endpoints that name one.
+    subject_alt_names: tuple[str, ...] = ()
+    service_accounts: tuple[tuple[str, str], ...] = ()
     # Built with the cluster (at compile time, never on a request); follows from policy and endpoints.
     hash_table: HashTable | None = field(init=False, default=None, compare=False, repr=False)
 

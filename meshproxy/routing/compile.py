@@ -93,6 +93,10 @@ class Service:
     resolution: str
     origin: m.Origin
     external: bool = False  # ServiceEntry location MESH_EXTERNAL (Istio's default): outside the mesh
+    subject_alt_names: tuple[str, ...] = ()
+
+    def service_accounts(self) -> tuple[tuple[str, str], ...]:
+        return tuple(dict.fromkeys((self.namespace, ep.service_account) for ep in self.entries if ep.service_account))
 
     def endpoints(self, port: m.ServicePort, labels: Mapping[str, str]) -> tuple[Endpoint, ...]:
         out = []
@@ -126,11 +130,14 @@ class _Compiler:
                 service = self.services.get(name)
                 if service is None:
                     self.services[name] = Service(name, se.meta.namespace, list(se.ports), list(se.endpoints),
-                                                  se.resolution, se.meta.origin, se.location != "MESH_INTERNAL")
+                                                  se.resolution, se.meta.origin, se.location != "MESH_INTERNAL",
+                                                  se.subject_alt_names)
                 else:  # several entries for one host: union of ports and endpoints
                     known = {p.number for p in service.ports}
                     service.ports += [p for p in se.ports if p.number not in known]
                     service.entries += se.endpoints
+                    service.subject_alt_names += tuple(s for s in se.subject_alt_names
+                                                       if s not in service.subject_alt_names)
         for dr in self.snapshot.destination_rules:
             name = fqdn(dr.host, dr.meta.namespace)
             if name in self.rules:
@@ -158,7 +165,7 @@ class _Compiler:
                                               found.traffic_policy if found else None, port)
                 cluster = Cluster(Cluster.name_of("outbound", port, subset, host), host, port, subset,
                                   service.endpoints(service_port, labels), compile_cluster_policy(policy),
-                                  service.external)
+                                  service.external, service.subject_alt_names, service.service_accounts())
         self.clusters[key] = cluster
         return cluster
 

@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeAlias
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -38,7 +38,7 @@ ROOT_TTL: Final = datetime.timedelta(days=3650)  # Istio's self-signed root: 10 
 DEFAULT_WORKLOAD_TTL: Final = datetime.timedelta(hours=24)  # Istio's DEFAULT_WORKLOAD_CERT_TTL
 CLOCK_SKEW: Final = datetime.timedelta(minutes=1)  # notBefore a little in the past, for peers whose clock is behind
 
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+PrivateKey: TypeAlias = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
 class CAError(Exception):

@@ -81,12 +81,15 @@ class WorkloadCerts:
         return trust_domain_of(self.spiffe_id)
 
 
-def _read(path: Path) -> bytes:
+FOLDER_HINT: Final = ("the folder needs cert-chain.pem, key.pem and root-cert.pem, as pilot-agent writes them; "
+                      "`meshproxy ca issue` makes one")
+
+
+def _read(path: Path, hint: str = "") -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise CertError(path, "missing (the folder needs cert-chain.pem, key.pem and root-cert.pem, as "
-                              "pilot-agent writes them; `meshproxy ca issue` makes one)") from None
+        raise CertError(path, f"missing ({hint})" if hint else "missing") from None
     except OSError as exc:
         raise CertError(path, f"cannot read: {exc.strerror or exc}") from None
 
@@ -123,7 +126,7 @@ def read_cert_dir(directory: Path | str, now: datetime.datetime | None = None) -
     """Read and check a workload certificate folder; CertError naming the file at fault."""
     folder = Path(directory)
     chain_path, key_path, roots_path = (folder / name for name in FILES)
-    chain_pem, key_pem, roots_pem = _read(chain_path), _read(key_path), _read(roots_path)
+    chain_pem, key_pem, roots_pem = (_read(p, FOLDER_HINT) for p in (chain_path, key_path, roots_path))
     chain = load_certificates(chain_path, chain_pem)
     key = load_private_key(key_path, key_pem)
     load_certificates(roots_path, roots_pem)
