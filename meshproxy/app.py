@@ -158,6 +158,7 @@ class ProxyApp:
             # a worker's own admin (on an ephemeral port, for its supervisor) is not the sidecar's admin
             self.addresses["admin" if settings.worker_index is None else "worker-admin"] = self.admin.address
         if self.certs is not None:
+            self.telemetry.own_principal = self.certs.certs.spiffe_id
             self.certs.start(settings.cert_poll_interval)
             log.info("workload identity %s (certificates from %s, valid until %s); inbound mTLS %s",
                      self.certs.certs.spiffe_id, settings.cert_dir,
