@@ -97,7 +97,7 @@ class ProxyApp:
         self.pool = UpstreamPool(settings.upstream_idle_timeout, settings.connect_timeout)
         self.access_log = AccessLog(settings.access_log, path=settings.access_log_file)
         self.telemetry = MeshTelemetry.from_settings(settings)  # metrics, tracing, peer metadata: one per process
-        self.clusters = Clusters(self._upstream_tls_of)
+        self.clusters = Clusters(self._upstream_tls_of, self.pool.close_idle_of)
         self.contexts: list[ListenerContext] = []
         self.servers: list[asyncio.Server | SecureServer] = []
         self.secure_servers: dict[str, SecureServer] = {}  # inbound listeners by name: `mode` is settable

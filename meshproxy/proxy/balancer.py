@@ -56,6 +56,7 @@ class ClusterState:
     pending: int = 0
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
     only: EndpointState | None = None  # the one endpoint, when no policy can make a pick other than it (computed)
+    retired: bool = False  # a reload changed who its servers may be (TLS): its connections are not reused
     policy: ClusterPolicy = field(init=False)  # cluster.policy, one attribute nearer for the data path
 
     def __post_init__(self) -> None:
@@ -185,12 +186,18 @@ def _cookie(header: bytes | None, name: bytes) -> bytes | None:
     return None
 
 
+def _tls_changed(old: Cluster, new: Cluster) -> bool:
+    return (old.policy.tls, old.subject_alt_names, old.service_accounts) != \
+        (new.policy.tls, new.subject_alt_names, new.service_accounts)
+
+
 class Clusters:
     """ClusterState by cluster name, rebuilt (keeping counters) when a reload brings a new Cluster object."""
 
-    def __init__(self, tls: TLSResolver | None = None) -> None:
+    def __init__(self, tls: TLSResolver | None = None, retire: Callable[[str], None] | None = None) -> None:
         self.states: dict[str, ClusterState] = {}
         self.tls = tls  # None: no upstream TLS anywhere (no cert dir, no DestinationRule tls)
+        self.retire = retire  # closes the idle connections of a cluster whose TLS changed (the pool's)
 
     def state(self, cluster: Cluster) -> ClusterState:
         state = self.states.get(cluster.name)
@@ -204,6 +211,12 @@ class Clusters:
             e.endpoint = ep
             e.tls = tls(cluster, ep) if tls is not None else None
         fresh = ClusterState(cluster, endpoints)
+        if state is not None and _tls_changed(state.cluster, cluster):
+            # As Envoy drains a changed cluster's pools: no request goes out on a connection made (and its server
+            # checked) under the old TLS settings; busy ones close after their response.
+            state.retired = True
+            if self.retire is not None:
+                self.retire(cluster.name)
         if state is not None:  # in-flight counts carry over
             fresh.active_requests, fresh.active_retries = state.active_requests, state.active_retries
             fresh.connections, fresh.pending, fresh.waiters = state.connections, state.pending, state.waiters

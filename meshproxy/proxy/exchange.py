@@ -580,6 +580,7 @@ def _send(conn: Downstream, stream: Stream, upstream: UpstreamStream, target: En
     assert route is not None
     stream.upstream = upstream
     stream.target = target
+    stream.upstream_principal = upstream.peer_principal  # "" unless mutual TLS (telemetry's destination_principal)
     target.active += 1
     upstream.attach(stream, stream.head.method == b"HEAD")
     now = loop.time()

@@ -68,12 +68,13 @@ class UpstreamStream:
     The exchange sends the request through it and hears the response through its `ResponseSink`; when the
     attempt is over it releases the stream (the response ended whole) or discards it (anything else)."""
 
-    __slots__ = ("sink", "reused", "served")
+    __slots__ = ("sink", "reused", "served", "peer_principal")
 
     def __init__(self) -> None:
         self.sink: ResponseSink | None = None
         self.reused = False  # its connection had served before (a reset then is the reused-connection case)
         self.served = 0  # responses its connection has completed
+        self.peer_principal = ""  # the server's SPIFFE principal on a mutual TLS connection (telemetry's label)
 
     def attach(self, sink: ResponseSink, head_only: bool) -> None:
         raise NotImplementedError
@@ -353,6 +354,7 @@ class UpstreamPool:
         """TCP, then the TLS handshake (the cluster's context: the current one, after a certificate rotation), then
         the server's SANs; a failure is Envoy's 503 UF with the TLS transport failure reason."""
         from ..security.client_tls import handshake_failure_reason
+        from ..security.spiffe import peer_principal
 
         loop = asyncio.get_running_loop()
         if tls.error:
@@ -372,11 +374,14 @@ class UpstreamPool:
         except OSError as exc:
             raise ConnectFailureError("remote connection failure", f"delayed connect error: {exc.errno}") from None
         conn = cast(UpstreamConnection, connected)
-        failure = tls.check_peer(transport.get_extra_info("ssl_object"))
+        ssl_object = transport.get_extra_info("ssl_object")
+        failure = tls.check_peer(ssl_object)
         if failure:
             conn.closed = True  # its slot is given back by acquire(), which sees the error
             transport.abort()
             raise TLSFailureError("remote connection failure", failure)
+        if tls.mutual:
+            conn.peer_principal = peer_principal(ssl_object)
         self.opened += 1
         return conn
 
@@ -388,7 +393,7 @@ class UpstreamPool:
         limits = owner.policy.pool if owner is not None else None
         if conn.closed or not conn.keep_alive or conn.transport is None or conn.transport.is_closing() or \
                 (limits is not None and limits.max_requests_per_connection
-                 and conn.served >= limits.max_requests_per_connection):
+                 and conn.served >= limits.max_requests_per_connection) or (owner is not None and owner.retired):
             conn.mark_closed()
             if conn.transport is not None:
                 conn.transport.close()
@@ -433,6 +438,13 @@ class UpstreamPool:
         conn.mark_closed()
         if conn.transport is not None:
             conn.transport.close()
+
+    def close_idle_of(self, cluster_name: str) -> None:
+        """Close a cluster's idle connections (its TLS settings changed: see Clusters.state)."""
+        for key, conns in list(self.idle.items()):
+            if key[0] == cluster_name:
+                for conn in list(conns):
+                    self._expire(conn)
 
     @property
     def idle_count(self) -> int:

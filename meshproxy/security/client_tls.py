@@ -102,6 +102,10 @@ class UpstreamTLS:
     store: CertStore | None = None  # ISTIO_MUTUAL: the current workload certificates' context (rotation)
     error: str = ""  # settings that could not be loaded: every connection fails with this transport reason
 
+    @property
+    def mutual(self) -> bool:
+        return self.mode in (MUTUAL, ISTIO_MUTUAL)
+
     def context(self) -> ssl.SSLContext:
         if self.store is not None:
             return self.store.client_context(ALPN_ISTIO_HTTP11)

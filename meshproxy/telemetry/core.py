@@ -318,7 +318,8 @@ class Telemetry:
             if metrics is not None:
                 raw = info.peer
                 peer = UNKNOWN_WORKLOAD if raw is None else self.peers.get(raw) or self.peer_cache.get(raw)
-                key = (service, peer, info.status, info.flags, info.connection.peer_principal)
+                principal = info.connection.peer_principal if self.inbound else info.upstream_principal
+                key = (service, peer, info.status, info.flags, principal)
                 series = self.series.get(key) or self._bind(key)
                 series.record((time.monotonic() - info.start) * 1000.0, info.body_size, info.response_bytes)
                 if info.reused_retries:
@@ -369,6 +370,9 @@ class Telemetry:
                                       source_principal=SPIFFE + principal, destination_principal=mesh.own_principal)
             else:
                 labels = label_values(DESTINATION, peer, mesh.own, service, status, flags, NO_TLS)
+        elif principal:  # the upstream's identity from its certificate (Istio's client side reports "unknown")
+            labels = label_values(SOURCE, mesh.own, peer, service, status, flags, "unknown",
+                                  source_principal=mesh.own_principal, destination_principal=SPIFFE + principal)
         else:
             labels = label_values(SOURCE, mesh.own, peer, service, status, flags, "unknown")
         series = self.metrics.bind(labels)
