@@ -612,6 +612,11 @@ def _build_gateway(doc: DocProblems, meta: m.Resource, spec: Mapping[str, Any]) 
     servers = spec.get("servers") or []
     if not servers:
         doc.error("spec.servers", "at least one server is required")
+    for i, server in enumerate(servers):
+        tls = server.get("tls") if isinstance(server, Mapping) else None
+        if tls:  # security settings are never ignored silently (issue #16: gateway TLS is still to come)
+            doc.warn(f"spec.servers[{i}].tls", "TLS termination at a gateway is not implemented yet: the gateway's "
+                                               "listener (--listen) serves this server's hosts in plaintext")
     return m.Gateway(meta=meta, selector=dict(spec.get("selector") or {}), servers=tuple(servers))
 
 

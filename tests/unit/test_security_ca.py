@@ -151,3 +151,22 @@ def test_spiffe_ids_principals_and_tls_detection() -> None:
     assert peer_principal(None) == ""
     assert looks_like_tls(b"\x16\x03") is True
     assert looks_like_tls(b"GE") is False and looks_like_tls(b"\x16") is None and looks_like_tls(b"") is None
+
+
+def test_gateway_tls_is_warned_about_not_ignored() -> None:
+    from meshproxy.istio.load import load_text
+
+    problems: list = []
+    load_text("""apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: ["*"]
+    tls: {mode: SIMPLE, serverCertificate: /etc/cert.pem, privateKey: /etc/key.pem}
+""", "gw.yaml", problems)
+    assert [str(p) for p in problems] == [
+        "gw.yaml:0: spec.servers[0].tls: warning: TLS termination at a gateway is not implemented yet: the "
+        "gateway's listener (--listen) serves this server's hosts in plaintext"]
