@@ -15,8 +15,10 @@ mTLS, compiled into `UpstreamTLS` objects at config load, never per request.
   proxy has workload certificates, plaintext to the others. An explicit DISABLE is plaintext.
 
 A SAN mismatch is found after the handshake (Python has no verify callback) and fails the connection as Envoy's
-does during it: 503 UF, transport failure `TLS_error:|268435581:SSL routines:OPENSSL_internal:
-CERTIFICATE_VERIFY_FAILED:verify cert failed: verify SAN list:TLS_error_end`.
+does during it: 503 UF, transport failure reason (Envoy 1.40's words) `TLS_error:|268435581:SSL routines:
+OPENSSL_internal:CERTIFICATE_VERIFY_FAILED:verify cert failed: SAN matcher, certificate SANs are [<its SANs>]:
+TLS_error_end`; a chain that does not verify `...:verify cert failed: X509_verify_cert: certificate verification
+error at depth 0: <why>:TLS_error_end`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any, Final
 from ..istio import model as m
 from ..istio.problems import Problem
 from .certs import ALPN_ISTIO_HTTP11, CertError, CertStore, check_key_pair, load_certificates, load_private_key
-from .spiffe import DEFAULT_TRUST_DOMAIN, dns_sans, uri_sans
+from .spiffe import DEFAULT_TRUST_DOMAIN
 
 DISABLE: Final = "DISABLE"
 SIMPLE: Final = "SIMPLE"
@@ -59,7 +61,7 @@ _REASONS: Final = {
     "TLSV13_ALERT_CERTIFICATE_REQUIRED": 1116,
     "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": 1120,
 }
-SAN_MISMATCH: Final = "CERTIFICATE_VERIFY_FAILED:verify cert failed: verify SAN list"
+VERIFY_FAILED: Final = "CERTIFICATE_VERIFY_FAILED:verify cert failed: "
 
 
 def tls_failure_reason(reason: str) -> str:
@@ -70,8 +72,16 @@ def tls_failure_reason(reason: str) -> str:
     return f"TLS_error:|{packed}SSL routines:OPENSSL_internal:{reason}:TLS_error_end"
 
 
+def san_mismatch_reason(sans: Iterable[str]) -> str:
+    """Envoy 1.40's words when no SAN of the server's certificate is one the cluster expects."""
+    return tls_failure_reason(f"{VERIFY_FAILED}SAN matcher, certificate SANs are [{', '.join(sans)}]")
+
+
 def handshake_failure_reason(exc: BaseException) -> str:
     """An exception of a failed client handshake -> Envoy's transport failure reason."""
+    if isinstance(exc, ssl.SSLCertVerificationError):  # the chain: Python does not say at which depth; the leaf's
+        return tls_failure_reason(f"{VERIFY_FAILED}X509_verify_cert: certificate verification error at depth 0: "
+                                  f"{exc.verify_message}")
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return tls_failure_reason(str(exc.reason))
     if isinstance(exc, (ConnectionResetError, ssl.SSLEOFError, EOFError, ConnectionAbortedError)):
@@ -119,11 +129,12 @@ class UpstreamTLS:
         if not expected:
             return ""
         cert = ssl_object.getpeercert() if ssl_object is not None else None
-        uris, names = uri_sans(cert), dns_sans(cert)
+        names = (cert or {}).get("subjectAltName", ())
         for san in expected:
-            if san in uris or any(dns_matches(name, san) for name in names):
-                return ""
-        return tls_failure_reason(SAN_MISMATCH)
+            for kind, value in names:
+                if (kind == "DNS" and dns_matches(value, san)) or (kind != "DNS" and value == san):
+                    return ""
+        return san_mismatch_reason(value for _, value in names)
 
 
 def istio_sni(cluster_name: str) -> str:
@@ -138,14 +149,14 @@ def _base_client_context() -> ssl.SSLContext:
     return context
 
 
-def simple_context(spec: m.ClientTLSSettings, hostname_check: bool) -> ssl.SSLContext:
-    """SIMPLE / MUTUAL: CertError naming the file that does not load."""
+def simple_context(spec: m.ClientTLSSettings) -> ssl.SSLContext:
+    """SIMPLE / MUTUAL: CertError naming the file that does not load. Names are checked after the handshake
+    (UpstreamTLS.check_peer), as Envoy's SAN matcher, not by OpenSSL's host name check."""
     context = _base_client_context()
+    context.check_hostname = False
     if spec.insecure_skip_verify:
-        context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     else:
-        context.check_hostname = hostname_check
         context.verify_mode = ssl.CERT_REQUIRED
         if spec.ca_certificates:
             path = Path(spec.ca_certificates)
@@ -214,20 +225,16 @@ class UpstreamTLSCompiler:
             return found
         sni = spec.sni or service
         expected = () if spec.insecure_skip_verify else spec.subject_alt_names
-        hostname_check = not spec.sni and not expected and not spec.insecure_skip_verify and bool(sni)
+        if not spec.sni and not expected and not spec.insecure_skip_verify and sni:
+            expected = (sni,)  # Istio's auto SAN validation: the certificate must be valid for the auto SNI
         key = (spec, sni, expected)
         found = self.cache.get(key)
         if found is None:
-            context = self._context(spec, hostname_check)
+            context = next((tls.static_context for known, tls in self.cache.items() if known[0] == spec), None)
+            if context is None:  # one context per setting, whatever the SNI
+                context = simple_context(spec)
             found = self.cache[key] = UpstreamTLS(spec.mode, sni, expected, static_context=context)
         return found
-
-    def _context(self, spec: m.ClientTLSSettings, hostname_check: bool) -> ssl.SSLContext:
-        for known, tls in self.cache.items():  # same files and checks under another SNI: one context
-            if known[0] == spec and tls.static_context is not None and \
-                    tls.static_context.check_hostname == hostname_check:
-                return tls.static_context
-        return simple_context(spec, hostname_check)
 
 
 AUTO_MUTUAL: Final = m.ClientTLSSettings(mode=ISTIO_MUTUAL)
@@ -270,7 +277,7 @@ def check_tls_files(snapshot: m.Snapshot, compiler: UpstreamTLSCompiler) -> list
                                     "--cert-dir (`meshproxy ca issue` makes a folder)"))
         elif spec.mode in (SIMPLE, MUTUAL):
             try:
-                simple_context(spec, False)
+                simple_context(spec)
             except CertError as exc:
                 field = next((name for name, attr in _FILE_FIELDS if getattr(spec, attr) == exc.path), "mode")
                 problems.append(Problem(origin.file, origin.doc, f"{path}.{field}", f"{exc.path}: {exc.reason}"))

@@ -44,12 +44,6 @@ def uri_sans(peercert: dict[str, Any] | None) -> tuple[str, ...]:
     return tuple(value for kind, value in peercert.get("subjectAltName", ()) if kind == "URI")
 
 
-def dns_sans(peercert: dict[str, Any] | None) -> tuple[str, ...]:
-    if not peercert:
-        return ()
-    return tuple(value for kind, value in peercert.get("subjectAltName", ()) if kind == "DNS")
-
-
 def peer_principal(ssl_object: Any) -> str:
     """The peer's principal (`td/ns/x/sa/y`) from a connected, verified `ssl.SSLObject` (or SSLSocket); "" when
     there is no TLS, no verified peer certificate, or no SPIFFE URI SAN in it (Envoy: the first URI SAN)."""

@@ -77,7 +77,11 @@ def test_two_sidecars_speak_mutual_tls_and_see_each_others_identity(tmp_path: Pa
                                    account="bookinfo-ratings"))
         status, body = wait_until(lambda: (answer := get(client.port))[0] == 503 and answer,
                                   what="the reloaded subjectAltNames in force")
-        assert b"verify SAN list" in body
+        assert body.endswith(b"reset reason: remote connection failure")
+        refused = wait_until(lambda: [e for e in client.access_entries(1) if e["response_code"] == 503],
+                             what="the refused request's access log line")[0]
+        assert refused["response_flags"] == "UF,URX" and refused["response_code_details"].endswith(
+            f"verify_cert_failed:_SAN_matcher,_certificate_SANs_are_[{SERVER_ID}]:TLS_error_end}}")
         served = len(app.requests)
         assert get(client.port)[0] == 503 and len(app.requests) == served
     finally:
