@@ -26,7 +26,7 @@ from .proxy.downstream import (
     listener_limits,
 )
 from .proxy.listener import DownstreamProtocol
-from .proxy.secure_server import DISABLE, PERMISSIVE, SecureServer
+from .proxy.secure_server import DISABLE, PERMISSIVE, STRICT, SecureServer
 from .proxy.upstream import UpstreamPool
 from .routing.cluster import Cluster, Endpoint
 from .routing.compile import Identity, compile_table
@@ -126,6 +126,18 @@ class ProxyApp:
         except CertError as exc:  # the files changed since the load that checked them
             log.error("upstream TLS of %s: %s", cluster.name, exc)
             return broken_tls(str(exc))
+
+    def set_inbound_tls(self, mode: str, port: int | None = None) -> None:
+        """PeerAuthentication's say (STRICT, PERMISSIVE, DISABLE) for the inbound listener of app port `port`, or
+        all of them: new connections follow it at once, open ones are left as they are. Needs --cert-dir (the
+        listeners without certificates are plaintext ones): ValueError otherwise, never a silent plaintext."""
+        if mode not in (STRICT, PERMISSIVE, DISABLE):
+            raise ValueError(f"inbound TLS mode {mode!r}: expected STRICT, PERMISSIVE or DISABLE")
+        if self.certs is None and mode != DISABLE:
+            raise ValueError(f"inbound TLS mode {mode} needs the workload certificates (--cert-dir)")
+        for name, server in self.secure_servers.items():
+            if port is None or name == f"inbound:{port}":
+                server.mode = mode
 
     # ---- lifecycle
 

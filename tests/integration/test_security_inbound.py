@@ -165,3 +165,61 @@ def test_a_missing_cert_dir_stops_the_start_with_the_file_named(tmp_path: Path) 
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 2
     assert f"{tmp_path / 'cert-chain.pem'}: missing" in done.stderr
+
+
+def test_the_mode_changes_at_run_time_for_new_connections(mesh: Mesh, tmp_path: Path, app: Upstream) -> None:
+    """What PeerAuthentication drives: `ProxyApp.set_inbound_tls` switches a running listener; an open plaintext
+    connection is left alone, new ones follow the new mode."""
+    import asyncio
+    import signal
+
+    from meshproxy.app import ProxyApp
+    from meshproxy.settings import InboundSpec, Settings
+
+    server_dir = mesh.workload(tmp_path / "server", "default", "server")
+    request = b"GET /echo HTTP/1.1\r\nHost: app\r\n\r\n"
+
+    async def exchange(port: int, kept: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None) -> bytes:
+        reader, writer = kept or await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            return head.split(b"\r\n")[0]
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return b""
+        finally:
+            if kept is None:
+                writer.close()
+                try:
+                    await writer.wait_closed()
+                except ConnectionError:
+                    pass
+
+    async def scenario() -> None:
+        proxy = ProxyApp(Settings(listen=None, admin=None, inbound=(InboundSpec.parse(
+            f"127.0.0.1:0=127.0.0.1:{app.port}"),), cert_dir=str(server_dir), metrics=False, tracing=False))
+        await proxy.start()
+        try:
+            port = proxy.addresses[f"inbound:{app.port}"][1]
+            assert proxy.secure_servers[f"inbound:{app.port}"].mode == "PERMISSIVE"  # Istio's default
+            kept = await asyncio.open_connection("127.0.0.1", port)
+            assert await exchange(port, kept) == b"HTTP/1.1 200 OK"
+            proxy.set_inbound_tls("STRICT", app.port)
+            assert await exchange(port) == b""  # a new plaintext connection: refused
+            assert await exchange(port, kept) == b"HTTP/1.1 200 OK"  # the open one goes on
+            proxy.set_inbound_tls("DISABLE")
+            assert await exchange(port) == b"HTTP/1.1 200 OK"
+            with pytest.raises(ValueError, match="expected STRICT, PERMISSIVE or DISABLE"):
+                proxy.set_inbound_tls("MUTUAL")
+            kept[1].close()
+            await kept[1].wait_closed()
+        finally:
+            await proxy.drain()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    asyncio.run(scenario())
