@@ -187,8 +187,9 @@ def _load(method: Any, path: Path) -> None:
 
 class UpstreamTLSCompiler:
     """ClientTLSSettings (+ the cluster's SNI and SANs) -> UpstreamTLS, cached by settings: one SSLContext per
-    distinct setting, shared by the clusters that use it. `precompile` runs at config load; `for_endpoint` when the
-    data path meets a cluster (its ClusterState is built), from the cache."""
+    distinct setting, shared by the clusters that use it. At each config load `check_tls_files` proves every
+    setting loads and the cache is emptied; `for_endpoint` runs when the data path meets a new cluster (its
+    ClusterState is built), once per endpoint, never per request."""
 
     def __init__(self, store: CertStore | None) -> None:
         self.store = store
