@@ -140,6 +140,7 @@ def test_auto_mtls_to_sidecars_plaintext_to_the_rest(mesh: Mesh, servers: dict[s
         entry("legacy", plain.port),
         entry("opted-out", plain.port, labels={"security.istio.io/tlsMode": "istio"}),
         rule("opted-out", {"mode": "DISABLE"}),
+        entry("mislabelled", plain.port, labels={"security.istio.io/tlsMode": "istio"}),
     )
     proxy = ProxyProcess(config, args=["--cert-dir", str(client)])
     try:
@@ -148,6 +149,12 @@ def test_auto_mtls_to_sidecars_plaintext_to_the_rest(mesh: Mesh, servers: dict[s
         assert get(proxy.port, "legacy")[0] == 200  # no tlsMode label: plaintext, as Istio
         assert get(proxy.port, "opted-out")[0] == 200  # an explicit DISABLE wins over the label
         assert len(plain.requests) == 2
+        # labelled as a sidecar but plaintext: the handshake meets an HTTP answer, as Envoy words it
+        assert get(proxy.port, "mislabelled")[0] == 503
+        entry_of = {e["authority"]: e for e in proxy.access_entries(4, timeout=10)}["mislabelled"]
+        assert entry_of["response_code_details"] == (
+            "upstream_reset_before_response_started{remote_connection_failure|TLS_error:|268435703:SSL_routines:"
+            "OPENSSL_internal:WRONG_VERSION_NUMBER:TLS_error_end}")
     finally:
         proxy.stop()
 
