@@ -33,6 +33,7 @@ TLS_HANDSHAKE_RECORD: Final = 0x16
 TLS_MAJOR_VERSION: Final = 0x03
 HANDSHAKE_TIMEOUT: Final = 10.0  # Istio's inbound transport_socket_connect_timeout... bounded like a request head
 BACKLOG: Final = 4096
+MAX_PENDING: Final = 1024  # connections between accept and their protocol (detection, handshake); more are closed
 
 
 def looks_like_tls(first: bytes) -> bool | None:
@@ -67,7 +68,7 @@ class SecureServer:
         self.handshake_timeout = handshake_timeout
         self.pending: set[asyncio.Task[None]] = set()  # connections between accept and their protocol
         self.handshake_failures = 0
-        self.plaintext_refused = 0
+        self.refused = 0  # closed at accept: too many connections still in detection or handshake
         self._loop = asyncio.get_running_loop()
         self._accepting = self._loop.create_task(self._accept())
 
@@ -107,6 +108,10 @@ class SecureServer:
             except OSError as exc:  # EMFILE and the like: wait a moment rather than spin
                 log.warning("accept failed: %s", exc)
                 await asyncio.sleep(0.1)
+                continue
+            if len(self.pending) >= MAX_PENDING:  # a flood of clients that never finish a handshake: bounded memory
+                self.refused += 1
+                conn.close()
                 continue
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
