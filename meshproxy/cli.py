@@ -184,8 +184,8 @@ def main() -> None:
               help="Workload certificates (cert-chain.pem, key.pem, root-cert.pem, as pilot-agent writes them; "
                    "`meshproxy ca issue` makes them), re-read when they change: mutual TLS inbound and to "
                    "ISTIO_MUTUAL / auto mTLS upstreams.")
-@click.option("--inbound-tls", default="", envvar="MESHPROXY_INBOUND_TLS",
-              type=click.Choice(["", "STRICT", "PERMISSIVE", "DISABLE"], case_sensitive=False),
+@click.option("--inbound-tls", default=None, envvar="MESHPROXY_INBOUND_TLS",
+              type=click.Choice(["STRICT", "PERMISSIVE", "DISABLE"], case_sensitive=False),
               help="Inbound mutual TLS with --cert-dir, as PeerAuthentication's modes: STRICT (TLS only), "
                    "PERMISSIVE (TLS or plaintext, per connection), DISABLE  [default: PERMISSIVE with --cert-dir]")
 def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[InboundSpec, ...],
@@ -193,7 +193,7 @@ def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[
         labels: dict[str, str], gateways: tuple[str, ...], drain_time: float, connect_timeout: float,
         upstream_idle_timeout: float, watch_interval: float, seed: int | None, concurrency: int,
         default_retry_attempts: int, default_retry_on: str, retry_reused_connection: bool, access_log: str,
-        access_log_file: str, log_level: str, cert_dir: str | None, inbound_tls: str, **limits: Any) -> None:
+        access_log_file: str, log_level: str, cert_dir: str | None, inbound_tls: str | None, **limits: Any) -> None:
     """Run the proxy: outbound and inbound listeners, admin, config hot reload."""
     from .app import run as run_app
     from .security.certs import CertError
@@ -208,7 +208,8 @@ def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[
         upstream_idle_timeout=upstream_idle_timeout, watch_interval=watch_interval, seed=seed,
         default_retry_attempts=default_retry_attempts, default_retry_on=default_retry_on,
         retry_reused_connection=retry_reused_connection, access_log_file=access_log_file,
-        concurrency=resolve_concurrency(concurrency), cert_dir=cert_dir, inbound_tls=inbound_tls.upper(), **limits,
+        concurrency=resolve_concurrency(concurrency), cert_dir=cert_dir,
+        inbound_tls=(inbound_tls or "").upper(), **limits,
     )
     if settings.inbound_tls in ("STRICT", "PERMISSIVE") and not cert_dir:
         raise click.BadParameter(f"{settings.inbound_tls} needs the workload certificates: give --cert-dir",
