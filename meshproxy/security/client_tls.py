@@ -23,7 +23,10 @@ error at depth 0: <why>:TLS_error_end`.
 
 from __future__ import annotations
 
+import logging
+import os
 import ssl
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,8 @@ from ..istio import model as m
 from ..istio.problems import Problem
 from .certs import ALPN_ISTIO_HTTP11, CertError, CertStore, check_key_pair, load_certificates, load_private_key
 from .spiffe import DEFAULT_TRUST_DOMAIN
+
+log = logging.getLogger("meshproxy.security")
 
 DISABLE: Final = "DISABLE"
 SIMPLE: Final = "SIMPLE"
@@ -101,6 +106,59 @@ def dns_matches(pattern: str, name: str) -> bool:
     return False
 
 
+FILE_CHECK_INTERVAL: Final = 1.0  # seconds between two looks at a setting's files (at a new connection)
+
+
+class FileContext:
+    """A SIMPLE / MUTUAL setting's context, made again when its files change (as Istio's agent serves file
+    certificates to Envoy by SDS with a file watch): looked at, with a stat per file, at most once a second and
+    only when a new connection asks. Files that do not load keep the last good context and are logged as an error
+    naming the file (once; the same files twice, as a rotation may be caught half written)."""
+
+    __slots__ = ("spec", "paths", "context", "stamp", "checked_at", "suspect", "failed")
+
+    def __init__(self, spec: m.ClientTLSSettings) -> None:
+        self.spec = spec
+        self.paths = tuple(Path(p) for p in (spec.ca_certificates, spec.ca_crl, spec.client_certificate,
+                                             spec.private_key) if p)
+        self.stamp = _file_stamp(self.paths)
+        self.context = simple_context(spec)  # CertError: the load refuses the setting
+        self.checked_at = time.monotonic()
+        self.suspect: tuple[Any, ...] | None = None
+        self.failed: tuple[Any, ...] | None = None
+
+    def current(self) -> ssl.SSLContext:
+        now = time.monotonic()
+        if now - self.checked_at >= FILE_CHECK_INTERVAL and self.paths:
+            self.checked_at = now
+            stamp = _file_stamp(self.paths)
+            if stamp != self.stamp and stamp != self.failed:
+                try:
+                    context = simple_context(self.spec)
+                except CertError as exc:
+                    if stamp == self.suspect:
+                        self.failed = stamp
+                        log.error("rotated TLS files rejected: %s: %s; the previous ones stay in use", exc.path,
+                                  exc.reason)
+                    self.suspect = stamp
+                else:
+                    self.context, self.stamp, self.suspect, self.failed = context, stamp, None, None
+                    log.info("TLS files reloaded: %s", ", ".join(map(str, self.paths)))
+        return self.context
+
+
+def _file_stamp(paths: tuple[Path, ...]) -> tuple[Any, ...]:
+    stamps: list[Any] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            stamps.append(None)
+            continue
+        stamps.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamps)
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class UpstreamTLS:
     """How connections to one endpoint of one cluster do TLS: read once per new connection."""
@@ -108,7 +166,7 @@ class UpstreamTLS:
     mode: str
     server_hostname: str  # SNI; "" sends none
     subject_alt_names: tuple[str, ...]  # the server must present one of these (URI or DNS); () checks none
-    static_context: ssl.SSLContext | None = None  # SIMPLE / MUTUAL
+    files: FileContext | None = None  # SIMPLE / MUTUAL: the setting's context, made again when its files change
     store: CertStore | None = None  # ISTIO_MUTUAL: the current workload certificates' context (rotation)
     error: str = ""  # settings that could not be loaded: every connection fails with this transport reason
 
@@ -119,8 +177,8 @@ class UpstreamTLS:
     def context(self) -> ssl.SSLContext:
         if self.store is not None:
             return self.store.client_context(ALPN_ISTIO_HTTP11)
-        assert self.static_context is not None
-        return self.static_context
+        assert self.files is not None
+        return self.files.current()
 
     def check_peer(self, ssl_object: Any) -> str:
         """After the handshake: "" when the server's certificate names an expected SAN, else Envoy's transport
@@ -231,10 +289,10 @@ class UpstreamTLSCompiler:
         key = (spec, sni, expected)
         found = self.cache.get(key)
         if found is None:
-            context = next((tls.static_context for known, tls in self.cache.items() if known[0] == spec), None)
-            if context is None:  # one context per setting, whatever the SNI
-                context = simple_context(spec)
-            found = self.cache[key] = UpstreamTLS(spec.mode, sni, expected, static_context=context)
+            files = next((tls.files for known, tls in self.cache.items() if known[0] == spec), None)
+            if files is None:  # one context per setting, whatever the SNI
+                files = FileContext(spec)
+            found = self.cache[key] = UpstreamTLS(spec.mode, sni, expected, files=files)
         return found
 
 

@@ -185,3 +185,32 @@ def test_bad_tls_settings_are_load_errors_that_name_the_field(mesh: Mesh, tmp_pa
     assert f"{config}:1: spec.trafficPolicy.tls.caCertificates: {tmp_path / 'missing.pem'}: missing" in done.stderr
     assert f"{config}:3: spec.trafficPolicy.tls.mode: tls mode ISTIO_MUTUAL needs the workload certificates" \
         in done.stderr
+
+
+def test_a_rules_certificate_files_rotate_for_new_connections(mesh: Mesh, servers: dict[str, Upstream],
+                                                             tmp_path: Path) -> None:
+    """MUTUAL's clientCertificate / privateKey are watched as the workload certificates are: rewritten files serve
+    the next new connections; files that do not load leave the last good ones in use, and the log names them."""
+    from waiting import wait_until
+
+    mu = servers["mutual"]
+    files = mesh.workload(tmp_path / "files", "default", "first")
+    config = write_config(tmp_path / "config", "c.yaml", entry("mutual", mu.port), rule("mutual", {
+        "mode": "MUTUAL", "caCertificates": str(mesh.roots), "subjectAltNames": [BACKEND_ID],
+        "clientCertificate": str(files / "cert-chain.pem"), "privateKey": str(files / "key.pem")}))
+    proxy = ProxyProcess(config, args=["--upstream-idle-timeout", "0.05"])  # each request on a new connection
+    try:
+        assert get(proxy.port, "mutual")[0] == 200
+        assert mu.seen[-1]["client_uris"] == ["spiffe://cluster.local/ns/default/sa/first"]
+        mesh.workload(files, "default", "second")
+        wait_until(lambda: get(proxy.port, "mutual")[0] == 200
+                   and mu.seen[-1]["client_uris"] == ["spiffe://cluster.local/ns/default/sa/second"],
+                   what="the rotated client certificate in use", interval=0.3)  # idle connections expire
+        (files / "key.pem").write_text("not a key\n")
+        wait_until(lambda: get(proxy.port, "mutual")[0] == 200
+                   and f"rotated TLS files rejected: {files / 'key.pem'}" in proxy.log, what="the rejection logged",
+                   interval=0.3)
+        assert get(proxy.port, "mutual")[0] == 200
+        assert mu.seen[-1]["client_uris"] == ["spiffe://cluster.local/ns/default/sa/second"]
+    finally:
+        proxy.stop()

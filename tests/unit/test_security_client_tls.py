@@ -69,7 +69,7 @@ def test_what_each_setting_becomes(tmp_path: Path) -> None:
     other = with_certs.for_endpoint(simple, "outbound|443||api.example", "api.example", (), (), {})
     assert first is not None and other is not None
     assert (first.server_hostname, first.subject_alt_names) == (host, (host,))
-    assert first.static_context is other.static_context and first is not other
+    assert first.files is other.files and first is not other
     skip = with_certs.for_endpoint(m.ClientTLSSettings(mode="SIMPLE", insecure_skip_verify=True), name, host, (),
                                    (), {})
     assert skip is not None and skip.subject_alt_names == ()
