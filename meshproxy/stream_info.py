@@ -113,6 +113,7 @@ class StreamInfo:
     __slots__ = (
         "head", "connection", "route", "cluster", "endpoint", "attempts", "reused_retries", "status", "flags",
         "details", "start", "body_size", "response_bytes", "request_id", "trace", "peer", "upstream_principal",
+        "transport_failure",
     )
 
     def __init__(self, head: RequestHead, connection: ConnectionInfo, start: float) -> None:
@@ -133,6 +134,7 @@ class StreamInfo:
         self.trace: tuple[bytes, bytes, bytes | None] | None = None  # (trace id, span id, parent id) when sampled
         self.peer: bytes | None = None  # the other side's peer metadata header
         self.upstream_principal = ""  # the upstream server's SPIFFE principal, when its connection is mutual TLS
+        self.transport_failure = ""  # Envoy's %UPSTREAM_TRANSPORT_FAILURE_REASON% of the failure answered (TLS_error...)
 
     def response_code_details(self) -> str:
         if self.details:

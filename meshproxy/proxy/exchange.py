@@ -793,6 +793,7 @@ def _give_up(stream: Stream, retry: RetryPolicy, kind: int, request_sent: bool, 
     retried = stream.attempts > 1
     if retried or (retry.num_retries and should_retry_failure(retry, kind, request_sent)):
         stream.flags |= URX
+    stream.transport_failure = error.transport
     stream.reply(error.status, error.body(retried), error.flag, error.details())
 
 

@@ -15,8 +15,9 @@ The text line is Istio's `EnvoyTextLogFormat` (pilot/pkg/model/telemetry_logging
     %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%
 
 (one line). JSON uses the keys of Istio's `EnvoyJSONLogFormatIstio`, plus `listener`. Response flags are
-Envoy's (`-` when none); bytes are body bytes; what meshproxy does not know (upstream local address,
-upstream service time, TLS server name) is `-` as in Envoy. JSON also has `upstream_request_attempt_count`
+Envoy's (`-` when none); bytes are body bytes; the upstream transport failure reason is the connect or TLS
+error a failed request was answered for (`delayed connect error: 111`, `TLS_error:|...:TLS_error_end`); what
+meshproxy does not know (upstream local address, upstream service time, TLS server name) is `-` as in Envoy. JSON also has `upstream_request_attempt_count`
 and `reused_connection_retries` (see the README: a retry Envoy does not make).
 """
 
@@ -83,7 +84,7 @@ class AccessLog:
             "response_flags": flags_text(info.flags),
             "response_code_details": info.response_code_details(),
             "connection_termination_details": "-",
-            "upstream_transport_failure_reason": "-",
+            "upstream_transport_failure_reason": info.transport_failure or "-",
             "bytes_received": info.body_size,
             "bytes_sent": info.response_bytes,
             "duration": int(elapsed * 1000),
