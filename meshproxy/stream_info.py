@@ -81,7 +81,7 @@ VIA_UPSTREAM: Final = "via_upstream"
 class ConnectionInfo:
     """The downstream connection a request came on, as telemetry needs it; addresses are looked up once."""
 
-    __slots__ = ("peer_ip", "transport", "addresses", "peer_principal")
+    __slots__ = ("peer_ip", "transport", "addresses", "peer_principal", "requested_server_name")
 
     def __init__(self, peer_ip: bytes = b"unknown", transport: Any = None, peer_principal: str = "") -> None:
         self.peer_ip = peer_ip
@@ -90,6 +90,7 @@ class ConnectionInfo:
         # The client's SPIFFE identity from its verified certificate, as Istio's source.principal
         # (`cluster.local/ns/default/sa/sleep`); "" on a plaintext connection (or a certificate naming none).
         self.peer_principal = peer_principal
+        self.requested_server_name = ""  # the SNI of a TLS connection (Envoy's; AuthorizationPolicy's connection.sni)
 
     def log_addresses(self) -> tuple[str, str]:
         addresses = self.addresses

@@ -39,7 +39,7 @@ from ..http1.errors import ProtocolError
 from ..http1.server import ServerCodec
 from ..http1.wire import CONTINUE_100, LAST_CHUNK, chunk, local_reply, response_head
 from ..messages import HTTP11, RequestEvents, RequestHead
-from ..security.spiffe import peer_principal
+from ..security.peer import peer_principal, requested_server_name
 from ..stream_info import DC, ConnectionInfo
 from .downstream import ListenerContext
 from .exchange import Downstream, Stream, abandon, start
@@ -110,7 +110,9 @@ class DownstreamProtocol(Downstream, RequestEvents):
             self.peer_ip = str(peer[0]).encode()
         self.info = ConnectionInfo(self.peer_ip, transport)
         if self.ctx.secure:  # once per connection; plaintext listeners skip it
-            self.info.peer_principal = peer_principal(transport.get_extra_info("ssl_object"))
+            ssl_object = transport.get_extra_info("ssl_object")
+            self.info.peer_principal = peer_principal(ssl_object)
+            self.info.requested_server_name = requested_server_name(ssl_object)
         self.ctx.connections.add(self)
         if self.ctx.draining:
             self._close()

@@ -354,7 +354,7 @@ class UpstreamPool:
         """TCP, then the TLS handshake (the cluster's context: the current one, after a certificate rotation), then
         the server's SANs; a failure is Envoy's 503 UF with the TLS transport failure reason."""
         from ..security.client_tls import handshake_failure_reason
-        from ..security.spiffe import peer_principal
+        from ..security.peer import peer_principal
 
         loop = asyncio.get_running_loop()
         if tls.error:

@@ -26,12 +26,14 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
+from .peer import remember_sni
 from .spiffe import principal_of, trust_domain_of
+
+if TYPE_CHECKING:  # imported where used: cryptography costs 8 MiB, which a proxy without TLS should not carry
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import SSHPrivateKeyTypes
 
 log = logging.getLogger("meshproxy.security")
 
@@ -96,6 +98,8 @@ def _read(path: Path, hint: str = "") -> bytes:
 
 def load_certificates(path: Path, data: bytes | None = None) -> list[x509.Certificate]:
     """Every PEM certificate of a file (at least one); CertError naming the file otherwise."""
+    from cryptography import x509
+
     raw = _read(path) if data is None else data
     try:
         certs = x509.load_pem_x509_certificates(raw)
@@ -106,7 +110,9 @@ def load_certificates(path: Path, data: bytes | None = None) -> list[x509.Certif
     return certs
 
 
-def load_private_key(path: Path, data: bytes | None = None) -> serialization.SSHPrivateKeyTypes:
+def load_private_key(path: Path, data: bytes | None = None) -> SSHPrivateKeyTypes:
+    from cryptography.hazmat.primitives import serialization
+
     raw = _read(path) if data is None else data
     try:
         return serialization.load_pem_private_key(raw, password=None)
@@ -114,8 +120,9 @@ def load_private_key(path: Path, data: bytes | None = None) -> serialization.SSH
         raise CertError(path, f"not an unencrypted PEM private key ({exc})") from None
 
 
-def check_key_pair(cert: x509.Certificate, key: serialization.SSHPrivateKeyTypes, key_path: Path,
-                   cert_path: Path) -> None:
+def check_key_pair(cert: x509.Certificate, key: SSHPrivateKeyTypes, key_path: Path, cert_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     if key.public_key().public_bytes(serialization.Encoding.DER, spki) != \
             cert.public_key().public_bytes(serialization.Encoding.DER, spki):
@@ -124,6 +131,8 @@ def check_key_pair(cert: x509.Certificate, key: serialization.SSHPrivateKeyTypes
 
 def read_cert_dir(directory: Path | str, now: datetime.datetime | None = None) -> WorkloadCerts:
     """Read and check a workload certificate folder; CertError naming the file at fault."""
+    from cryptography import x509
+
     folder = Path(directory)
     chain_path, key_path, roots_path = (folder / name for name in FILES)
     chain_pem, key_pem, roots_pem = (_read(p, FOLDER_HINT) for p in (chain_path, key_path, roots_path))
@@ -174,6 +183,7 @@ def server_context(certs: WorkloadCerts, require_client_cert: bool = True,
     load_chain_and_key(context, certs.chain_pem, certs.key_pem)
     context.load_verify_locations(cadata=certs.roots_pem.decode("ascii"))
     context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    context.sni_callback = remember_sni
     if alpn:
         context.set_alpn_protocols(list(alpn))
     return context

@@ -7,7 +7,7 @@ its metrics labels (`source_principal`, `destination_principal`) carry the whole
 from __future__ import annotations
 
 import re
-from typing import Any, Final
+from typing import Final
 
 SCHEME: Final = "spiffe://"
 DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
@@ -35,26 +35,3 @@ def principal_of(uri: str) -> str:
 
 def trust_domain_of(uri: str) -> str:
     return principal_of(uri).partition("/")[0]
-
-
-def uri_sans(peercert: dict[str, Any] | None) -> tuple[str, ...]:
-    """The URI SANs of a certificate as `ssl.SSLSocket.getpeercert()` returns it (verified certificates only)."""
-    if not peercert:
-        return ()
-    return tuple(value for kind, value in peercert.get("subjectAltName", ()) if kind == "URI")
-
-
-def peer_principal(ssl_object: Any) -> str:
-    """The peer's principal (`td/ns/x/sa/y`) from a connected, verified `ssl.SSLObject` (or SSLSocket); "" when
-    there is no TLS, no verified peer certificate, or no SPIFFE URI SAN in it (Envoy: the first URI SAN)."""
-    if ssl_object is None:
-        return ""
-    try:
-        cert = ssl_object.getpeercert()
-    except ValueError:  # handshake not done
-        return ""
-    for uri in uri_sans(cert):
-        principal = principal_of(uri)
-        if principal:
-            return principal
-    return ""

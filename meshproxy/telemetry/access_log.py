@@ -17,7 +17,8 @@ The text line is Istio's `EnvoyTextLogFormat` (pilot/pkg/model/telemetry_logging
 (one line). JSON uses the keys of Istio's `EnvoyJSONLogFormatIstio`, plus `listener`. Response flags are
 Envoy's (`-` when none); bytes are body bytes; the upstream transport failure reason is the connect or TLS
 error a failed request was answered for (`delayed connect error: 111`, `TLS_error:|...:TLS_error_end`); what
-meshproxy does not know (upstream local address, upstream service time, TLS server name) is `-` as in Envoy. JSON also has `upstream_request_attempt_count`
+meshproxy does not know (upstream local address, upstream service time) is `-` as in Envoy, and so is the
+requested server name (SNI) of a connection without TLS. JSON also has `upstream_request_attempt_count`
 and `reused_connection_retries` (see the README: a retry Envoy does not make).
 """
 
@@ -98,7 +99,7 @@ class AccessLog:
             "upstream_local_address": "-",
             "downstream_local_address": addresses[0],
             "downstream_remote_address": addresses[1],
-            "requested_server_name": "-",
+            "requested_server_name": info.connection.requested_server_name or "-",
             "route_name": (route.name or "-") if route else "-",
             "upstream_request_attempt_count": info.attempts,
             "reused_connection_retries": info.reused_retries,

@@ -43,11 +43,12 @@ def sidecar(mesh: Mesh, tmp_path: Path, app: Upstream, mode: str) -> tuple[Proxy
     return proxy, proxy.addresses[f"inbound:{app.port}"][1], server_dir
 
 
-def curl(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+def curl(port: int, *args: str, host: str = "127.0.0.1") -> subprocess.CompletedProcess[str]:
     assert CURL is not None
-    # -k: our workload certificates name a SPIFFE id, not 127.0.0.1; the client certificate is what is checked
+    # -k: our workload certificates name a SPIFFE id, not a host; the client certificate is what is checked
     return subprocess.run([CURL, "-sS", "-k", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "15", *args,
-                           f"https://127.0.0.1:{port}/echo"], capture_output=True, text=True, timeout=30)
+                           "--resolve", f"{host}:{port}:127.0.0.1", f"https://{host}:{port}/echo"],
+                          capture_output=True, text=True, timeout=30)
 
 
 def client_context(mesh: Mesh, client: Path) -> ssl.SSLContext:
@@ -79,9 +80,12 @@ def test_strict_refuses_plaintext_and_clients_without_a_certificate(mesh: Mesh, 
         answer = raw_exchange(port, b"GET /echo HTTP/1.1\r\nHost: app\r\n\r\n")
         assert not answer.startswith(b"HTTP/")  # no HTTP for a plaintext client: the handshake failed
         assert curl(port).stdout == "000"  # TLS without a client certificate: refused
-        done = curl(port, "--cert", str(client / "cert-chain.pem"), "--key", str(client / "key.pem"))
+        done = curl(port, "--cert", str(client / "cert-chain.pem"), "--key", str(client / "key.pem"),
+                    host="reviews.example")
         assert done.stdout == "200", done.stderr
         assert len(app.requests) == 1
+        (logged,) = [e for e in proxy.access_entries(1) if e["response_code"] == 200]
+        assert logged["requested_server_name"] == "reviews.example"  # the SNI: AuthorizationPolicy's connection.sni
         lines = metrics(proxy)
         assert any('source_principal="spiffe://cluster.local/ns/default/sa/client"' in line
                    and 'destination_principal="spiffe://cluster.local/ns/default/sa/server"' in line

@@ -19,7 +19,8 @@ from meshproxy.cli import main
 from meshproxy.proxy.secure_server import looks_like_tls
 from meshproxy.security.ca import parse_ttl
 from meshproxy.security.certs import CertError, CertStore, read_cert_dir
-from meshproxy.security.spiffe import peer_principal, principal_of, spiffe_id
+from meshproxy.security.peer import peer_principal
+from meshproxy.security.spiffe import principal_of, spiffe_id
 
 
 def run(*args: str) -> str:
@@ -170,3 +171,14 @@ spec:
     assert [str(p) for p in problems] == [
         "gw.yaml:0: spec.servers[0].tls: warning: TLS termination at a gateway is not implemented yet: the "
         "gateway's listener (--listen) serves this server's hosts in plaintext"]
+
+
+def test_a_proxy_without_tls_does_not_import_cryptography() -> None:
+    """8 MiB of idle memory: only certificate reading pulls it in."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import sys, meshproxy.app, meshproxy.cli; "
+                           "print(sorted(m for m in sys.modules if m.startswith('cryptography')))"],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
