@@ -16,7 +16,8 @@ The text line is Istio's `EnvoyTextLogFormat` (pilot/pkg/model/telemetry_logging
 
 (one line). JSON uses the keys of Istio's `EnvoyJSONLogFormatIstio`, plus `listener`. Response flags are
 Envoy's (`-` when none); bytes are body bytes; the upstream transport failure reason is the connect or TLS
-error a failed request was answered for (`delayed connect error: 111`, `TLS_error:|...:TLS_error_end`); what
+error a failed request was answered for (`TLS_error:|268435581:SSL_routines:...:TLS_error_end`, spaces as
+underscores as Envoy writes it); what
 meshproxy does not know (upstream local address, upstream service time) is `-` as in Envoy, and so is the
 requested server name (SNI) of a connection without TLS. JSON also has `upstream_request_attempt_count`
 and `reused_connection_retries` (see the README: a retry Envoy does not make).
@@ -85,7 +86,8 @@ class AccessLog:
             "response_flags": flags_text(info.flags),
             "response_code_details": info.response_code_details(),
             "connection_termination_details": "-",
-            "upstream_transport_failure_reason": info.transport_failure or "-",
+            # spaces as underscores, as Envoy 1.40 writes it (`delayed_connect_error:_Connection_refused`)
+            "upstream_transport_failure_reason": info.transport_failure.replace(" ", "_") or "-",
             "bytes_received": info.body_size,
             "bytes_sent": info.response_bytes,
             "duration": int(elapsed * 1000),
