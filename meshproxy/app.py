@@ -26,14 +26,18 @@ from .proxy.downstream import (
     listener_limits,
 )
 from .proxy.listener import DownstreamProtocol
+from .proxy.secure_server import DISABLE, PERMISSIVE, STRICT, SecureServer
 from .proxy.upstream import UpstreamPool
+from .routing.cluster import Cluster, Endpoint
 from .routing.compile import Identity, compile_table
 from .routing.inbound import INBOUND_SERVER, inbound_route_table
 from .routing.policy import RetryPolicy
 from .routing.table import RouteTable
+from .security.certs import CertError, CertStore
+from .security.client_tls import UpstreamTLS, UpstreamTLSCompiler, broken_tls, check_tls_files
 from .security.jwks_fetch import JwksFetcher
 from .security.jwt_authn import JwksCache
-from .security.peer_authn import strict_without_tls
+from .security.peer_authn import NO_CERTIFICATES, TRANSPARENT_INBOUND, UNSET, strict_without_tls
 from .security.policy import compile_workload_policy
 from .security.scope import Workload
 from .settings import InboundSpec, Settings
@@ -59,36 +63,53 @@ def inbound_table(spec: InboundSpec) -> RouteTable:
     return inbound_route_table(spec.app)
 
 
-def load_config(settings: Settings, jwks: JwksCache | None = None) -> tuple[RouteTable, Snapshot, list[Problem]]:
+def load_config(settings: Settings, jwks: JwksCache | None = None, upstream_tls: UpstreamTLSCompiler | None = None
+                ) -> tuple[RouteTable, Snapshot, list[Problem]]:
     """Load and compile (routes, and the security policy of this workload in `table.security`); raises
-    ConfigError. Warnings are returned, not raised."""
+    ConfigError. Warnings are returned, not raised. With `upstream_tls`, every DestinationRule tls must load (its
+    certificate files, or the workload certificates ISTIO_MUTUAL needs)."""
     result = load(settings.config)
     workload = Workload(settings.namespace, dict(settings.labels))
     # No TLS transport yet: a STRICT PeerAuthentication for this workload is refused, never run as plaintext.
     # (The TLS transport enforces the modes; with it, this check goes.)
-    strict = strict_without_tls(result.snapshot.peer_authentications, workload)
+    # STRICT is enforced by the TLS of the --inbound listeners; where connections would be plaintext, it is refused.
+    strict = [] if settings.cert_dir and not settings.transparent else strict_without_tls(
+        result.snapshot.peer_authentications, workload,
+        reason=TRANSPARENT_INBOUND if settings.cert_dir else NO_CERTIFICATES)
     if strict:
         raise ConfigError(strict + result.warnings)
     table, warnings = compile_table(result.snapshot, identity_of(settings))
     table.security = compile_workload_policy(result.snapshot, workload, jwks if jwks is not None else JwksCache())
-    return table, result.snapshot, result.warnings + warnings
+    problems = result.warnings + warnings
+    if upstream_tls is not None:
+        errors = check_tls_files(result.snapshot, upstream_tls)
+        if errors:
+            raise ConfigError(errors + problems)
+        upstream_tls.cache.clear()  # contexts are made again from the files as they are now
+    return table, result.snapshot, problems
 
 
 class ProxyApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.jwks = JwksCache()  # the keys of every jwksUri, shared across reloads
+        # Workload certificates (CertError when they do not load: the proxy does not start without them) and the
+        # upstream TLS of every cluster, compiled with each config load.
+        self.certs = CertStore(settings.cert_dir) if settings.cert_dir else None
+        self.upstream_tls = UpstreamTLSCompiler(self.certs)
         # file watch, SIGHUP and POST /reload all reload through this one object
-        self.reloader = ConfigReloader(settings.config, lambda: load_config(settings, self.jwks), self._follow)
+        self.reloader = ConfigReloader(settings.config, lambda: load_config(settings, self.jwks, self.upstream_tls),
+                                       self._follow)
         self.jwks_fetcher: JwksFetcher | None = None  # created in start(), inside the loop
         self.inbound_tables: dict[int, tuple[RouteTable, int]] = {}  # id(ctx) -> (routes, app port)
         self.rng = random.Random(settings.seed)
         self.pool = UpstreamPool(settings.upstream_idle_timeout, settings.connect_timeout)
         self.access_log = AccessLog(settings.access_log, path=settings.access_log_file)
         self.telemetry = MeshTelemetry.from_settings(settings)  # metrics, tracing, peer metadata: one per process
-        self.clusters = Clusters()
+        self.clusters = Clusters(self._upstream_tls_of, self.pool.close_idle_of)
         self.contexts: list[ListenerContext] = []
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[asyncio.Server | SecureServer] = []
+        self.secure_servers: dict[int, SecureServer] = {}  # inbound listeners by app port: `mode` is settable
         self.ready = False
         self.stopping: asyncio.Event | None = None  # created in start(), inside the loop
         self.addresses: dict[str, tuple[str, int]] = {}
@@ -119,6 +140,8 @@ class ProxyApp:
             self.jwks_fetcher.start_new()
         if self.interceptions is not None:
             self.interceptions.follow(table)
+        for port, server in self.secure_servers.items():  # PeerAuthentication: new connections follow at once
+            server.mode = self.inbound_tls_mode(port, table)
 
     def _outbound_table(self, table: RouteTable) -> RouteTable:
         """A sidecar's outbound listener carries the app's own calls: the destination's proxy authorizes them.
@@ -127,6 +150,35 @@ class ProxyApp:
             return table
         port = self.addresses.get("outbound", self.settings.listen)[1]  # the bound port (a port 0 is chosen)
         return table.with_policy(table.security.bind(port, remote_from_xff=False))
+
+    def _upstream_tls_of(self, cluster: Cluster, endpoint: Endpoint) -> UpstreamTLS | None:
+        """How new connections to one endpoint do TLS; asked when the data path meets a new cluster."""
+        try:
+            return self.upstream_tls.for_endpoint(cluster.policy.tls, cluster.name, cluster.service,
+                                                  cluster.subject_alt_names, cluster.service_accounts, endpoint.labels)
+        except CertError as exc:  # the files changed since the load that checked them
+            log.error("upstream TLS of %s: %s", cluster.name, exc)
+            return broken_tls(str(exc))
+
+    def set_inbound_tls(self, mode: str, port: int | None = None) -> None:
+        """PeerAuthentication's say (STRICT, PERMISSIVE, DISABLE) for the inbound listener of app port `port`, or
+        all of them: new connections follow it at once, open ones are left as they are. Needs --cert-dir (the
+        listeners without certificates are plaintext ones): ValueError otherwise, never a silent plaintext."""
+        if mode not in (STRICT, PERMISSIVE, DISABLE):
+            raise ValueError(f"inbound TLS mode {mode!r}: expected STRICT, PERMISSIVE or DISABLE")
+        if self.certs is None and mode != DISABLE:
+            raise ValueError(f"inbound TLS mode {mode} needs the workload certificates (--cert-dir)")
+        for app_port, server in self.secure_servers.items():
+            if port is None or app_port == port:
+                server.mode = mode
+
+    def inbound_tls_mode(self, port: int, table: RouteTable | None = None) -> str:
+        """The mTLS mode of the inbound listener of app port `port`: `--inbound-tls` when given, else what the
+        workload's PeerAuthentication says for the port (Istio's default: PERMISSIVE)."""
+        if self.settings.inbound_tls:
+            return self.settings.inbound_tls
+        mode = (table or self.config.table).security.peer.mode_for_port(port)
+        return PERMISSIVE if mode == UNSET else mode
 
     # ---- lifecycle
 
@@ -153,7 +205,7 @@ class ProxyApp:
                                   telemetry=Telemetry(name, "inbound", self.access_log, self.telemetry,
                                                       table=lambda: self.config.table, address=spec.listen),
                                   limits=listener_limits(settings, EDGE_INBOUND), budget=budget,
-                                  retry_reused=settings.retry_reused_connection)
+                                  retry_reused=settings.retry_reused_connection, secure=self.certs is not None)
             self.inbound_tables[id(ctx)] = (base, spec.app[1])
             await self._listen(ctx, spec.listen)
         self.jwks_fetcher = JwksFetcher(self.jwks, settings.jwks_refresh_interval)
@@ -175,6 +227,13 @@ class ProxyApp:
             self.admin = await serve_admin(ProxyAdmin(self), settings.admin, settings.admin_allow_remote)
             # a worker's own admin (on an ephemeral port, for its supervisor) is not the sidecar's admin
             self.addresses["admin" if settings.worker_index is None else "worker-admin"] = self.admin.address
+        if self.certs is not None:
+            self.telemetry.own_principal = self.certs.certs.spiffe_id
+            self.certs.start(settings.cert_poll_interval)
+            log.info("workload identity %s (certificates from %s, valid until %s); inbound mTLS %s",
+                     self.certs.certs.spiffe_id, settings.cert_dir,
+                     f"{self.certs.certs.not_after:%Y-%m-%dT%H:%M:%SZ}",
+                     ", ".join(f"{port} {server.mode}" for port, server in self.secure_servers.items()) or "-")
         handle_signals(loop, self.request_stop, self.reloader.reload)
         if settings.watch_interval > 0 and settings.config:
             self._watcher = loop.create_task(self.reloader.watch(settings.watch_interval))
@@ -187,9 +246,18 @@ class ProxyApp:
         loop = asyncio.get_running_loop()
         # a protocol by its methods (its base is the exchange's Downstream), which is all the event loop asks
         factory = cast(Callable[[], asyncio.Protocol], lambda: DownstreamProtocol(ctx))
-        server = await loop.create_server(factory, address[0], address[1],
-                                          reuse_address=True, backlog=4096,
-                                          reuse_port=self.settings.concurrency > 1 or None)  # sibling workers
+        server: asyncio.Server | SecureServer
+        certs = self.certs
+        if ctx.secure and certs is not None:  # accepts itself: TLS detection, the mode may change at run time
+            port = self.inbound_tables[id(ctx)][1]
+            server = await SecureServer.listen(address[0], address[1], factory, self.inbound_tls_mode(port),
+                                               lambda: certs.server_context(), self.settings.concurrency > 1,
+                                               self.settings.request_headers_timeout)
+            self.secure_servers[port] = server
+        else:
+            server = await loop.create_server(factory, address[0], address[1],
+                                              reuse_address=True, backlog=4096,
+                                              reuse_port=self.settings.concurrency > 1 or None)  # sibling workers
         sock = server.sockets[0].getsockname()
         self.addresses[ctx.name] = (sock[0], sock[1])
         self.contexts.append(ctx)
@@ -219,6 +287,8 @@ class ProxyApp:
             for proxied in tcp():  # TCP connections are not drained by Envoy either: reset at the end
                 proxied.abort()
         self.pool.close_idle()
+        if self.certs is not None:
+            self.certs.stop()
         self.access_log.close()  # the lines of the last requests, before the process exits
 
     def _tcp_connections(self) -> list[TcpProxy]:

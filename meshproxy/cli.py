@@ -279,14 +279,23 @@ def main() -> None:
                    "event loop.")
 @click.option("--log-level", default="info", show_default=True, envvar="MESHPROXY_LOG_LEVEL",
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@click.option("--cert-dir", default=None, envvar="MESHPROXY_CERT_DIR", type=click.Path(file_okay=False),
+              help="Workload certificates (cert-chain.pem, key.pem, root-cert.pem, as pilot-agent writes them; "
+                   "`meshproxy ca issue` makes them), re-read when they change: mutual TLS inbound and to "
+                   "ISTIO_MUTUAL / auto mTLS upstreams.")
+@click.option("--inbound-tls", default=None, envvar="MESHPROXY_INBOUND_TLS",
+              type=click.Choice(["STRICT", "PERMISSIVE", "DISABLE"], case_sensitive=False),
+              help="Inbound mutual TLS with --cert-dir, as PeerAuthentication's modes: STRICT (TLS only), "
+                   "PERMISSIVE (TLS or plaintext, per connection), DISABLE  [default: PERMISSIVE with --cert-dir]")
 def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[InboundSpec, ...],
         admin: tuple[str, int] | None, admin_allow_remote: bool, workload: str, namespace: str,
         labels: dict[str, str], gateways: tuple[str, ...], drain_time: float, connect_timeout: float,
         upstream_idle_timeout: float, watch_interval: float, seed: int | None, concurrency: int,
         default_retry_attempts: int, default_retry_on: str, retry_reused_connection: bool, access_log: str,
-        access_log_file: str, log_level: str, **limits: Any) -> None:
+        access_log_file: str, log_level: str, cert_dir: str | None, inbound_tls: str | None, **limits: Any) -> None:
     """Run the proxy: outbound and inbound listeners, admin, config hot reload."""
     from .app import run as run_app
+    from .security.certs import CertError
     from .workers import resolve_concurrency, supervise
 
     _setup_logging(log_level)
@@ -302,15 +311,21 @@ def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[
         gateways=tuple(g for item in gateways for g in item.replace(",", " ").split()) or ("mesh",),
         log_level=log_level, upstream_idle_timeout=upstream_idle_timeout, watch_interval=watch_interval, seed=seed,
         default_retry_attempts=default_retry_attempts, default_retry_on=default_retry_on,
-        retry_reused_connection=retry_reused_connection,
+        retry_reused_connection=retry_reused_connection, cert_dir=cert_dir, inbound_tls=(inbound_tls or "").upper(),
         concurrency=resolve_concurrency(concurrency), **values,
     )
+    if settings.inbound_tls in ("STRICT", "PERMISSIVE") and not cert_dir:
+        raise click.BadParameter(f"{settings.inbound_tls} needs the workload certificates: give --cert-dir",
+                                 param_hint="--inbound-tls")
     try:
         sys.exit(supervise(settings) if settings.concurrency > 1 else run_app(settings))
     except ConfigError as exc:
         for problem in exc.problems:
             click.echo(str(problem), err=True)
         click.echo("meshproxy: configuration rejected, not starting", err=True)
+        sys.exit(2)
+    except CertError as exc:
+        click.echo(f"meshproxy: certificates: {exc}", err=True)
         sys.exit(2)
     except OSError as exc:
         click.echo(f"meshproxy: {exc}", err=True)
@@ -479,6 +494,53 @@ def demo_delete(demo_dir: Path, files: tuple[str, ...]) -> None:
 main.add_command(sidecar_commands.iptables)
 main.add_command(sidecar_commands.inject)
 main.add_command(sidecar_commands.wait)
+
+
+@main.group("ca")
+def ca_group() -> None:
+    """A mesh root CA and workload certificates (SPIFFE identities), as Istio's self-signed CA makes them."""
+
+
+@ca_group.command("init")
+@click.argument("ca_dir", type=click.Path(path_type=Path))
+@click.option("--trust-domain", default="cluster.local", show_default=True, help="The mesh's SPIFFE trust domain.")
+@click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True,
+              help="RSA 2048 (Istio's default) or EC P-256.")
+@click.option("--force", is_flag=True, help="Replace a CA already in CA_DIR.")
+def ca_init(ca_dir: Path, trust_domain: str, key_type: str, force: bool) -> None:
+    """Make a self-signed mesh root in CA_DIR: ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem."""
+    from .security.ca import CAError, init_ca
+
+    try:
+        ca = init_ca(ca_dir, trust_domain, key_type, overwrite=force)
+    except (CAError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"mesh root for trust domain {ca.trust_domain} in {ca_dir} (valid until "
+               f"{ca.cert.not_valid_after_utc:%Y-%m-%d})")
+
+
+@ca_group.command("issue")
+@click.option("--ca", "ca_dir", required=True, type=click.Path(path_type=Path), help="A folder made by `ca init`.")
+@click.option("--namespace", required=True, help="The workload's namespace.")
+@click.option("--service-account", required=True, help="The workload's service account.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder to write cert-chain.pem, key.pem, root-cert.pem (pilot-agent's layout).")
+@click.option("--ttl", default="24h", show_default=True, help="Lifetime (Istio's DEFAULT_WORKLOAD_CERT_TTL).")
+@click.option("--key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True)
+@click.option("--trust-domain", default=None, help="Trust domain of the SPIFFE id  [default: the CA's]")
+def ca_issue(ca_dir: Path, namespace: str, service_account: str, out: Path, ttl: str, key_type: str,
+             trust_domain: str | None) -> None:
+    """Issue a workload certificate for spiffe://<trust domain>/ns/NAMESPACE/sa/SERVICE_ACCOUNT into OUT."""
+    from .security.ca import CAError, issue, load_ca, parse_ttl
+
+    try:
+        lifetime = parse_ttl(ttl)
+        identity = issue(load_ca(ca_dir), namespace, service_account, out, lifetime, key_type, trust_domain)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    except CAError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{identity} in {out} (valid {ttl})")
 
 
 if __name__ == "__main__":

@@ -107,3 +107,9 @@ class Settings:
     outbound_traffic_policy: str = "ALLOW_ANY"  # ALLOW_ANY | REGISTRY_ONLY
     protocol_detection_timeout: float = 0.0  # seconds an undeclared port waits for client bytes; 0: no timeout
     tcp_idle_timeout: float = 3600.0  # Istio's tcp_proxy idle_timeout (1 h)
+    # Workload certificates (security/certs.py): a folder in pilot-agent's layout, polled for rotation. With it,
+    # inbound listeners take mutual TLS in `inbound_tls` mode (STRICT, PERMISSIVE or DISABLE; "": PERMISSIVE,
+    # Istio's default) and ISTIO_MUTUAL / auto mTLS work upstream. Without it, everything stays plaintext.
+    cert_dir: str | None = None
+    inbound_tls: str = ""
+    cert_poll_interval: float = 1.0

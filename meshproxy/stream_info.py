@@ -81,13 +81,17 @@ VIA_UPSTREAM: Final = "via_upstream"
 class ConnectionInfo:
     """The downstream connection a request came on, as telemetry needs it; addresses are looked up once."""
 
-    __slots__ = ("peer_ip", "transport", "addresses", "peer_principal", "original_destination")
+    __slots__ = ("peer_ip", "transport", "addresses", "peer_principal", "requested_server_name",
+                 "original_destination")
 
     def __init__(self, peer_ip: bytes = b"unknown", transport: Any = None, peer_principal: str = "") -> None:
         self.peer_ip = peer_ip
         self.transport = transport
-        self.peer_principal = peer_principal  # the peer certificate's SPIFFE identity; "" when plaintext
         self.addresses: tuple[str, str] | None = None  # (local, remote) as the access log writes them
+        # The client's SPIFFE identity from its verified certificate, as Istio's source.principal
+        # (`cluster.local/ns/default/sa/sleep`); "" on a plaintext connection (or a certificate naming none).
+        self.peer_principal = peer_principal
+        self.requested_server_name = ""  # the SNI of a TLS connection (Envoy's; AuthorizationPolicy's connection.sni)
         # (address, port) before iptables redirected it (SO_ORIGINAL_DST), read once on transparent listeners;
         # None elsewhere. An ORIGINAL_DST cluster (PassthroughCluster) connects there.
         self.original_destination: tuple[str, int] | None = None
@@ -142,7 +146,8 @@ class StreamInfo:
 
     __slots__ = (
         "head", "connection", "route", "cluster", "endpoint", "attempts", "reused_retries", "status", "flags",
-        "details", "start", "body_size", "response_bytes", "request_id", "trace", "peer",
+        "details", "start", "body_size", "response_bytes", "request_id", "trace", "peer", "upstream_principal",
+        "transport_failure",
     )
 
     def __init__(self, head: RequestHead, connection: ConnectionInfo, start: float) -> None:
@@ -162,6 +167,8 @@ class StreamInfo:
         self.request_id: bytes | None = None
         self.trace: tuple[bytes, bytes, bytes | None] | None = None  # (trace id, span id, parent id) when sampled
         self.peer: bytes | None = None  # the other side's peer metadata header
+        self.upstream_principal = ""  # the upstream server's SPIFFE principal, when its connection is mutual TLS
+        self.transport_failure = ""  # Envoy's %UPSTREAM_TRANSPORT_FAILURE_REASON% of the failure answered (TLS_error...)
 
     def response_code_details(self) -> str:
         if self.details:

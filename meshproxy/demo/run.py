@@ -20,7 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import state
-from .topology import CONFIG_DIR, INITIAL_FILES, Workload, ingress_admin_port, layout, listen_ports, services_yaml
+from .topology import (
+    CONFIG_DIR,
+    GATEWAY_NAMESPACE,
+    GATEWAY_SERVICE_ACCOUNT,
+    INITIAL_FILES,
+    Workload,
+    ingress_admin_port,
+    layout,
+    listen_ports,
+    services_yaml,
+)
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0  # the sidecars drain for 2 s first
@@ -38,6 +48,10 @@ class Demo:
     def logs(self) -> Path:
         return self.demo_dir / "logs"
 
+    @property
+    def certs(self) -> Path:
+        return self.demo_dir / "certs"
+
     def _spawn(self, name: str, args: list[str]) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
         out = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child for its lifetime
@@ -52,6 +66,17 @@ class Demo:
         (initial / "services.yaml").write_text(services_yaml(self.base_port))
         files = [initial / "services.yaml"] + [CONFIG_DIR / f for f in INITIAL_FILES if f != "services.yaml"]
         state.reset(self.demo_dir, files)
+        self.issue_certificates()
+
+    def issue_certificates(self) -> None:
+        """A fresh mesh root and one workload certificate per sidecar (EC P-256: cheaper handshakes than RSA), as
+        `meshproxy ca init` / `ca issue` make them: every sidecar speaks mutual TLS to the others (auto mTLS)."""
+        from ..security.ca import KEY_EC, init_ca, issue
+
+        ca = init_ca(self.certs / "ca", key_type=KEY_EC, overwrite=True)
+        for w in layout(self.base_port):
+            issue(ca, "default", w.service_account, self.certs / w.name, key_type=KEY_EC)
+        issue(ca, GATEWAY_NAMESPACE, GATEWAY_SERVICE_ACCOUNT, self.certs / "istio-ingressgateway", key_type=KEY_EC)
 
     def start(self) -> None:
         config = str(state.config_dir(self.demo_dir))
@@ -68,12 +93,14 @@ class Demo:
                 "--inbound", f"127.0.0.1:{w.inbound_port}=127.0.0.1:{w.app_port}",
                 "--admin", f"127.0.0.1:{w.admin_port}",
                 "--workload", w.name, "--label", f"app={w.service}", "--label", f"version={w.version}",
+                "--cert-dir", str(self.certs / w.name),  # inbound PERMISSIVE, as Istio's default
             ])
         self._spawn("istio-ingressgateway", [
             "-m", "meshproxy", "run", *common, "--gateway", "bookinfo-gateway",
             "--listen", f"127.0.0.1:{self.ingress_port}", "--admin", f"127.0.0.1:{ingress_admin_port(self.base_port)}",
             "--workload", "istio-ingressgateway", "--label", "app=istio-ingressgateway",
             "--label", "istio=ingressgateway",
+            "--cert-dir", str(self.certs / "istio-ingressgateway"),
         ])
 
     def wait_ready(self, stopping: Callable[[], bool] = lambda: False) -> bool:
@@ -131,6 +158,7 @@ class Demo:
         for w in workloads:
             lines.append(f"  {w.name + ' sidecar:':24} http://127.0.0.1:{w.admin_port}/stats/prometheus")
         lines += [
+            f"  mutual TLS:     between all sidecars (auto mTLS), identities in {self.certs}",
             f"  routing files:  {state.config_dir(self.demo_dir)}",
             f"  change routing: {self.apply_command(CONFIG_DIR / 'virtual-service-all-v1.yaml')}",
             f"  logs:           {self.logs}",

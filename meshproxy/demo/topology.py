@@ -34,6 +34,15 @@ class Workload:
     def name(self) -> str:
         return f"{self.service}-{self.version}"
 
+    @property
+    def service_account(self) -> str:
+        """Its identity, as in Istio's bookinfo.yaml (one service account per service)."""
+        return f"bookinfo-{self.service}"
+
+
+GATEWAY_NAMESPACE = "istio-system"
+GATEWAY_SERVICE_ACCOUNT = "istio-ingressgateway-service-account"  # Istio's ingress gateway identity
+
 
 def layout(base: int = DEFAULT_BASE_PORT) -> list[Workload]:
     """Workload i gets ports base+10i (app), +1 (sidecar inbound), +2 (sidecar outbound), +3 (sidecar admin)."""
@@ -58,8 +67,10 @@ def services_yaml(base: int = DEFAULT_BASE_PORT) -> str:
     """One ServiceEntry per service: its endpoints are the workloads' sidecar inbound ports, labelled."""
     docs = []
     for service in dict.fromkeys(s for s, _ in WORKLOADS):
+        # Each endpoint runs a sidecar (Istio's tlsMode label: auto mTLS) under its service account.
         endpoints = [{"address": "127.0.0.1", "ports": {"http": w.inbound_port},
-                      "labels": {"app": w.service, "version": w.version}}
+                      "labels": {"app": w.service, "version": w.version, "security.istio.io/tlsMode": "istio"},
+                      "serviceAccount": w.service_account}
                      for w in layout(base) if w.service == service]
         docs.append({
             "apiVersion": "networking.istio.io/v1",

@@ -599,10 +599,19 @@ def _client_tls(doc: DocProblems, spec: Mapping[str, Any] | None, path: str) -> 
     if spec is None:
         return None
     mode = _enum_name(spec.get("mode", "DISABLE"), TLS_MODES)
-    if mode != "DISABLE":
-        # Accepted and typed, but the data path cannot originate TLS yet (issue #16): say so, never silently.
-        doc.warn(f"{path}.mode", f"tls mode {mode}: TLS origination is not implemented yet, "
-                                 "traffic to this host stays plaintext")
+    # Istio's validation (validateTLS), and what meshproxy does not do yet: an error, never ignored silently.
+    if spec.get("credentialName"):
+        doc.error(f"{path}.credentialName", "credentialName (a Kubernetes secret) is not implemented: give the "
+                                            "files with clientCertificate, privateKey and caCertificates")
+    elif mode == "MUTUAL":
+        for name, what in (("clientCertificate", "client certificate"), ("privateKey", "private key")):
+            if not spec.get(name):
+                doc.error(f"{path}.{name}", f"{what} required for mutual tls")
+    if mode == "ISTIO_MUTUAL":
+        for name in ("clientCertificate", "privateKey", "caCertificates", "caCrl"):
+            if spec.get(name):
+                doc.warn(f"{path}.{name}", "ignored with ISTIO_MUTUAL: the workload certificates (--cert-dir) "
+                                           "and the mesh roots are used")
     return m.ClientTLSSettings(
         mode=mode,
         client_certificate=spec.get("clientCertificate", ""),
@@ -654,7 +663,8 @@ def _build_service_entry(doc: DocProblems, meta: m.Resource, spec: Mapping[str, 
             if port_name not in names:
                 doc.error(f"{sub}.ports.{port_name}", f"endpoint port {port_name!r} is not defined by the service entry")
         endpoints.append(m.WorkloadEntry(address=address, ports=dict(ep.get("ports") or {}),
-                                         labels=dict(ep.get("labels") or {}), weight=ep.get("weight", 0)))
+                                         labels=dict(ep.get("labels") or {}), weight=ep.get("weight", 0),
+                                         service_account=str(ep.get("serviceAccount") or "")))
     for i, address in enumerate(spec.get("addresses") or ()):
         _subnet(doc, address, f"spec.addresses[{i}]")
     if resolution == "STATIC" and not endpoints and not spec.get("workloadSelector"):
@@ -669,6 +679,7 @@ def _build_service_entry(doc: DocProblems, meta: m.Resource, spec: Mapping[str, 
         location=str(spec.get("location", "MESH_EXTERNAL")),
         resolution=str(resolution),
         endpoints=tuple(endpoints),
+        subject_alt_names=tuple(spec.get("subjectAltNames") or ()),
     )
 
 
@@ -676,6 +687,11 @@ def _build_gateway(doc: DocProblems, meta: m.Resource, spec: Mapping[str, Any]) 
     servers = spec.get("servers") or []
     if not servers:
         doc.error("spec.servers", "at least one server is required")
+    for i, server in enumerate(servers):
+        tls = server.get("tls") if isinstance(server, Mapping) else None
+        if tls:  # security settings are never ignored silently (issue #16: gateway TLS is still to come)
+            doc.warn(f"spec.servers[{i}].tls", "TLS termination at a gateway is not implemented yet: the gateway's "
+                                               "listener (--listen) serves this server's hosts in plaintext")
     return m.Gateway(meta=meta, selector=dict(spec.get("selector") or {}), servers=tuple(servers))
 
 

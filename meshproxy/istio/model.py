@@ -346,6 +346,7 @@ class WorkloadEntry:
     ports: Mapping[str, int] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
     weight: int = 0
+    service_account: str = ""  # the workload's identity: its SPIFFE id is checked by ISTIO_MUTUAL clients
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +358,7 @@ class ServiceEntry:
     location: str
     resolution: str
     endpoints: tuple[WorkloadEntry, ...]
+    subject_alt_names: tuple[str, ...] = ()  # identities the hosts' servers may present (ISTIO_MUTUAL checks them)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     import asyncio
 
     from ..messages import RequestHead
+    from ..security.client_tls import UpstreamTLS
+
+    TLSResolver = Callable[[Cluster, Endpoint], UpstreamTLS | None]
 
 MAX_EJECTION_TIME: Final = 300.0  # Envoy's max_ejection_time default
 
@@ -36,6 +39,7 @@ class EndpointState:
     consecutive_gateway: int = 0
     ejections: int = 0
     ejected_until: float = 0.0
+    tls: UpstreamTLS | None = None  # how its new connections do TLS (None: plaintext), set with its cluster
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
@@ -52,6 +56,7 @@ class ClusterState:
     pending: int = 0
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
     only: EndpointState | None = None  # the one endpoint, when no policy can make a pick other than it (computed)
+    retired: bool = False  # a reload changed who its servers may be (TLS): its connections are not reused
     policy: ClusterPolicy = field(init=False)  # cluster.policy, one attribute nearer for the data path
 
     def __post_init__(self) -> None:
@@ -184,12 +189,19 @@ def _cookie(header: bytes | None, name: bytes) -> bytes | None:
 MAX_ORIGINAL_DESTINATIONS: Final = 4096  # clusters kept per original destination (then the cache starts again)
 
 
+def _tls_changed(old: Cluster, new: Cluster) -> bool:
+    return (old.policy.tls, old.subject_alt_names, old.service_accounts) != \
+        (new.policy.tls, new.subject_alt_names, new.service_accounts)
+
+
 class Clusters:
     """ClusterState by cluster name, rebuilt (keeping counters) when a reload brings a new Cluster object."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TLSResolver | None = None, retire: Callable[[str], None] | None = None) -> None:
         self.states: dict[str, ClusterState] = {}
         self.originals: dict[tuple[int, str, int], Cluster] = {}
+        self.tls = tls  # None: no upstream TLS anywhere (no cert dir, no DestinationRule tls)
+        self.retire = retire  # closes the idle connections of a cluster whose TLS changed (the pool's)
 
     def original_destination(self, cluster: Cluster, address: tuple[str, int]) -> Cluster:
         """Envoy's ORIGINAL_DST cluster: the connection's original destination is its one endpoint (kept per
@@ -201,7 +213,8 @@ class Clusters:
                 self.originals.clear()
             found = self.originals[key] = Cluster(cluster.name, cluster.service, cluster.port, cluster.subset,
                                                   (Endpoint(address[0], address[1]),), cluster.policy,
-                                                  cluster.external, False, cluster.bind_address)
+                                                  cluster.external, False, cluster.bind_address,
+                                                  cluster.subject_alt_names, cluster.service_accounts)
         return found
 
     def state(self, cluster: Cluster) -> ClusterState:
@@ -211,9 +224,17 @@ class Clusters:
         previous = {e.endpoint.key: e for e in state.endpoints} if state is not None else {}
         endpoints = [previous.get(ep.key) or EndpointState(ep, (cluster.name, ep.address, ep.port))
                      for ep in cluster.endpoints]
+        tls = self.tls
         for e, ep in zip(endpoints, cluster.endpoints):
             e.endpoint = ep
+            e.tls = tls(cluster, ep) if tls is not None else None
         fresh = ClusterState(cluster, endpoints)
+        if state is not None and _tls_changed(state.cluster, cluster):
+            # As Envoy drains a changed cluster's pools: no request goes out on a connection made (and its server
+            # checked) under the old TLS settings; busy ones close after their response.
+            state.retired = True
+            if self.retire is not None:
+                self.retire(cluster.name)
         if state is not None:  # in-flight counts carry over
             fresh.active_requests, fresh.active_retries = state.active_requests, state.active_retries
             fresh.connections, fresh.pending, fresh.waiters = state.connections, state.pending, state.waiters

@@ -125,6 +125,7 @@ class ListenerContext:
     budget: ConnectionBudget = field(default_factory=ConnectionBudget)  # shared by all listeners of the process
     follows_config: bool = False  # the app gives it each reloaded table (the outbound listener)
     retry_reused: bool = True  # one free retry of an idempotent request whose reused connection was reset (README)
+    secure: bool = False  # its connections may be TLS (secure_server.py): each reads its peer's identity once
 
     strip_request: frozenset[bytes] = field(init=False)  # the client's request headers never forwarded (computed)
 

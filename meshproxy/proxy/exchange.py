@@ -655,6 +655,7 @@ def _send(conn: Downstream, stream: Stream, upstream: UpstreamStream, target: En
     assert route is not None
     stream.upstream = upstream
     stream.target = target
+    stream.upstream_principal = upstream.peer_principal  # "" unless mutual TLS (telemetry's destination_principal)
     target.active += 1
     upstream.attach(stream, stream.head.method == b"HEAD")
     now = loop.time()
@@ -867,6 +868,7 @@ def _give_up(stream: Stream, retry: RetryPolicy, kind: int, request_sent: bool, 
     retried = stream.attempts > 1
     if retried or (retry.num_retries and should_retry_failure(retry, kind, request_sent)):
         stream.flags |= URX
+    stream.transport_failure = error.transport
     stream.reply(error.status, error.body(retried), error.flag, error.details())
 
 

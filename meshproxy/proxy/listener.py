@@ -39,6 +39,7 @@ from ..http1.errors import ProtocolError
 from ..http1.server import ServerCodec
 from ..http1.wire import CONTINUE_100, LAST_CHUNK, chunk, local_reply, response_head
 from ..messages import HTTP11, HeaderBlock, RequestEvents, RequestHead
+from ..security.peer import peer_principal, requested_server_name
 from ..stream_info import DC, ConnectionInfo
 from .downstream import ListenerContext
 from .exchange import Downstream, Stream, abandon, start
@@ -108,6 +109,10 @@ class DownstreamProtocol(Downstream, RequestEvents):
         if peer:
             self.peer_ip = str(peer[0]).encode()
         self.info = ConnectionInfo(self.peer_ip, transport)
+        if self.ctx.secure:  # once per connection; plaintext listeners skip it
+            ssl_object = transport.get_extra_info("ssl_object")
+            self.info.peer_principal = peer_principal(ssl_object)
+            self.info.requested_server_name = requested_server_name(ssl_object)
         self.ctx.connections.add(self)
         if self.ctx.draining:
             self._close()

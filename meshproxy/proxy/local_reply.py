@@ -19,9 +19,9 @@ RESET_BEFORE: Final = "upstream_reset_before_response_started"
 RESET_AFTER: Final = "upstream_reset_after_response_started"
 
 
-def reset_details(started: bool, reason: str, transport: str = "") -> str:
+def reset_details(started: bool, reason: str, transport: str = "", separator: str = ",") -> str:
     """Envoy's details for an upstream reset: the reason (and transport failure), spaces as underscores."""
-    inside = f"{reason},{transport}" if transport else reason
+    inside = f"{reason}{separator}{transport}" if transport else reason
     return f"{RESET_AFTER if started else RESET_BEFORE}{{{inside}}}".replace(" ", "_")
 
 
@@ -49,6 +49,19 @@ class ConnectFailureError(UpstreamError):
         super().__init__(reason)
         self.reason = reason
         self.transport = transport
+
+
+class TLSFailureError(ConnectFailureError):
+    """The upstream TLS handshake failed, or the server's certificate is not one the cluster accepts: 503 UF. As
+    Envoy 1.40 answers it (tests/integration/test_security_envoy.py): the body names the reset reason only, the
+    details add the transport failure reason (`TLS_error:|...:TLS_error_end`) after a `|`."""
+
+    def body(self, retried: bool) -> bytes:
+        lead = "retried and the latest " if retried else ""
+        return f"{RESET_PREFIX}{lead}reset reason: {self.reason}".encode()
+
+    def details(self, started: bool = False) -> str:
+        return reset_details(started, self.reason, self.transport, "|")
 
 
 class ConnectionTerminationError(UpstreamError):

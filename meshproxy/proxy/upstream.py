@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
@@ -25,12 +26,14 @@ from .local_reply import (
     ConnectFailureError,
     ConnectionTerminationError,
     ResponseResetError,
+    TLSFailureError,
     UpstreamError,
     UpstreamOverflowError,
     UpstreamProtocolError,
 )
 
 if TYPE_CHECKING:
+    from ..security.client_tls import UpstreamTLS
     from .balancer import ClusterState, EndpointState
 
 log = logging.getLogger("meshproxy.upstream")
@@ -65,12 +68,13 @@ class UpstreamStream:
     The exchange sends the request through it and hears the response through its `ResponseSink`; when the
     attempt is over it releases the stream (the response ended whole) or discards it (anything else)."""
 
-    __slots__ = ("sink", "reused", "served")
+    __slots__ = ("sink", "reused", "served", "peer_principal")
 
     def __init__(self) -> None:
         self.sink: ResponseSink | None = None
         self.reused = False  # its connection had served before (a reset then is the reused-connection case)
         self.served = 0  # responses its connection has completed
+        self.peer_principal = ""  # the server's SPIFFE principal on a mutual TLS connection (telemetry's label)
 
     def attach(self, sink: ResponseSink, head_only: bool) -> None:
         raise NotImplementedError
@@ -295,7 +299,8 @@ class UpstreamPool:
                 state.pending -= 1
         state.connections += 1
         try:
-            conn = await self._connect(key, state, connect_timeout or limits.connect_timeout or self.connect_timeout)
+            conn = await self._connect(key, state, connect_timeout or limits.connect_timeout or self.connect_timeout,
+                                       target.tls)
         except BaseException:
             state.connections -= 1
             state.wake_one()
@@ -323,12 +328,15 @@ class UpstreamPool:
                 return True
         return False
 
-    async def _connect(self, key: tuple[str, str, int], state: ClusterState, timeout: float) -> UpstreamConnection:
+    async def _connect(self, key: tuple[str, str, int], state: ClusterState, timeout: float,
+                       tls: UpstreamTLS | None = None) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         # The connection is a protocol by its methods, not by asyncio.Protocol as a base (its base is the codec's
         # handler); the event loop asks for no more.
         factory = cast(Callable[[], asyncio.Protocol], lambda: UpstreamConnection(self, key, state))
         bind = state.cluster.bind_address  # Istio's inbound clusters connect from 127.0.0.6
+        if tls is not None:
+            return await self._connect_tls(key, factory, timeout, tls, bind)
         try:
             async with asyncio.timeout(timeout):
                 _, connected = await loop.create_connection(factory, key[1], key[2],
@@ -343,6 +351,42 @@ class UpstreamPool:
         self.opened += 1
         return cast(UpstreamConnection, connected)
 
+    async def _connect_tls(self, key: tuple[str, str, int], factory: Callable[[], asyncio.Protocol], timeout: float,
+                           tls: UpstreamTLS, bind: str = "") -> UpstreamConnection:
+        """TCP, then the TLS handshake (the cluster's context: the current one, after a certificate rotation), then
+        the server's SANs; a failure is Envoy's 503 UF with the TLS transport failure reason."""
+        from ..security.client_tls import handshake_failure_reason
+        from ..security.peer import peer_principal
+
+        loop = asyncio.get_running_loop()
+        if tls.error:
+            raise TLSFailureError("remote connection failure", tls.error)
+        try:
+            async with asyncio.timeout(timeout):
+                transport, connected = await loop.create_connection(
+                    factory, key[1], key[2], ssl=tls.context(), server_hostname=tls.server_hostname,
+                    ssl_handshake_timeout=timeout, local_addr=(bind, 0) if bind else None)
+        except TimeoutError:
+            raise ConnectFailureError("connection timeout") from None
+        except ConnectionRefusedError as exc:
+            raise ConnectFailureError("remote connection failure",
+                                      f"delayed connect error: {exc.errno or errno.ECONNREFUSED}") from None
+        except (ssl.SSLError, ConnectionResetError, ConnectionAbortedError, EOFError) as exc:
+            raise TLSFailureError("remote connection failure", handshake_failure_reason(exc)) from None
+        except OSError as exc:
+            raise ConnectFailureError("remote connection failure", f"delayed connect error: {exc.errno}") from None
+        conn = cast(UpstreamConnection, connected)
+        ssl_object = transport.get_extra_info("ssl_object")
+        failure = tls.check_peer(ssl_object)
+        if failure:
+            conn.closed = True  # its slot is given back by acquire(), which sees the error
+            transport.abort()
+            raise TLSFailureError("remote connection failure", failure)
+        if tls.mutual:
+            conn.peer_principal = peer_principal(ssl_object)
+        self.opened += 1
+        return conn
+
     def release(self, conn: UpstreamConnection) -> None:
         """Back to the pool after a complete response, or closed if it cannot be reused."""
         self.active -= 1
@@ -351,7 +395,7 @@ class UpstreamPool:
         limits = owner.policy.pool if owner is not None else None
         if conn.closed or not conn.keep_alive or conn.transport is None or conn.transport.is_closing() or \
                 (limits is not None and limits.max_requests_per_connection
-                 and conn.served >= limits.max_requests_per_connection):
+                 and conn.served >= limits.max_requests_per_connection) or (owner is not None and owner.retired):
             conn.mark_closed()
             if conn.transport is not None:
                 conn.transport.close()
@@ -396,6 +440,13 @@ class UpstreamPool:
         conn.mark_closed()
         if conn.transport is not None:
             conn.transport.close()
+
+    def close_idle_of(self, cluster_name: str) -> None:
+        """Close a cluster's idle connections (its TLS settings changed: see Clusters.state)."""
+        for key, conns in list(self.idle.items()):
+            if key[0] == cluster_name:
+                for conn in list(conns):
+                    self._expire(conn)
 
     @property
     def idle_count(self) -> int:

@@ -47,6 +47,10 @@ class Cluster:
     # original destination is its endpoint (see proxy/balancer.Clusters.original_destination).
     original_destination: bool = False
     bind_address: str = ""  # source address of upstream connections (Istio's inbound 127.0.0.6); "" = any
+    # Who may serve it (ISTIO_MUTUAL checks the server's SPIFFE id): the ServiceEntry's subjectAltNames, and
+    # (namespace, service account) of its endpoints that name one.
+    subject_alt_names: tuple[str, ...] = ()
+    service_accounts: tuple[tuple[str, str], ...] = ()
     # Built with the cluster (at compile time, never on a request); follows from policy and endpoints.
     hash_table: HashTable | None = field(init=False, default=None, compare=False, repr=False)
 

@@ -98,6 +98,10 @@ class Service:
     origin: m.Origin
     external: bool = False  # ServiceEntry location MESH_EXTERNAL (Istio's default): outside the mesh
     addresses: list[str] = field(default_factory=list)  # ServiceEntry `addresses`: VIPs or CIDR blocks
+    subject_alt_names: tuple[str, ...] = ()
+
+    def service_accounts(self) -> tuple[tuple[str, str], ...]:
+        return tuple(dict.fromkeys((self.namespace, ep.service_account) for ep in self.entries if ep.service_account))
 
     def endpoints(self, port: m.ServicePort, labels: Mapping[str, str]) -> tuple[Endpoint, ...]:
         out = []
@@ -132,12 +136,14 @@ class _Compiler:
                 if service is None:
                     self.services[name] = Service(name, se.meta.namespace, list(se.ports), list(se.endpoints),
                                                   se.resolution, se.meta.origin, se.location != "MESH_INTERNAL",
-                                                  list(se.addresses))
-                else:  # several entries for one host: union of ports, endpoints and addresses
+                                                  list(se.addresses), se.subject_alt_names)
+                else:  # several entries for one host: union of ports, endpoints, addresses and SANs
                     known = {p.number for p in service.ports}
                     service.ports += [p for p in se.ports if p.number not in known]
                     service.entries += se.endpoints
                     service.addresses += [a for a in se.addresses if a not in service.addresses]
+                    service.subject_alt_names += tuple(s for s in se.subject_alt_names
+                                                       if s not in service.subject_alt_names)
         for dr in self.snapshot.destination_rules:
             name = fqdn(dr.host, dr.meta.namespace)
             if name in self.rules:
@@ -165,7 +171,8 @@ class _Compiler:
                                               found.traffic_policy if found else None, port)
                 cluster = Cluster(Cluster.name_of("outbound", port, subset, host), host, port, subset,
                                   service.endpoints(service_port, labels), compile_cluster_policy(policy),
-                                  service.external)
+                                  service.external, subject_alt_names=service.subject_alt_names,
+                                  service_accounts=service.service_accounts())
         self.clusters[key] = cluster
         return cluster
 

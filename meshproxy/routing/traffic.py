@@ -84,8 +84,8 @@ class ClusterPolicy:
     pool: ConnectionPool = ConnectionPool()
     outlier: OutlierDetection | None = None
     retry_budget: RetryBudget | None = None
-    # The model's ClientTLSSettings as it is (already typed); None: plaintext (no tls, or mode DISABLE). The data
-    # path does not originate TLS yet (issue #16): the loader warns wherever a DestinationRule asks for it.
+    # The model's ClientTLSSettings as it is (already typed), mode DISABLE included; None: no tls at all, where
+    # Istio's auto mTLS decides per endpoint. security/client_tls.py compiles it into contexts at load.
     tls: m.ClientTLSSettings | None = None
 
 
@@ -148,7 +148,7 @@ def compile_cluster_policy(policy: m.TrafficPolicy | None) -> ClusterPolicy:
     rb = policy.retry_budget
     budget = RetryBudget(rb.percent, rb.min_retry_concurrency) if rb is not None else None
     return ClusterPolicy(lb=lb, hash=hash_policy, pool=_pool(policy.connection_pool), outlier=outlier,
-                         retry_budget=budget, tls=_tls(policy.tls))
+                         retry_budget=budget, tls=policy.tls)
 
 
 def _load_balancer(spec: m.LoadBalancerSettings | None) -> tuple[str, HashPolicy | None]:
@@ -188,7 +188,3 @@ def _pool(spec: m.ConnectionPoolSettings | None) -> ConnectionPool:
         max_retries=http.max_retries or UNLIMITED,
         idle_timeout=http.idle_timeout,
     )
-
-
-def _tls(spec: m.ClientTLSSettings | None) -> m.ClientTLSSettings | None:
-    return None if spec is None or spec.mode == TLS_DISABLE else spec

@@ -24,13 +24,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qsl
-
-import jwt
 
 from ..istio import model as m
 from .scope import Workload, selects
+
+if TYPE_CHECKING:  # PyJWT imports cryptography (8 MiB resident): imported where a key or a token is met
+    import jwt
 
 CLOCK_SKEW: Final = 60.0  # seconds, Envoy's clock_skew_seconds default
 DEFAULT_HEADER: Final = m.JWTHeader("authorization", "Bearer ")
@@ -99,6 +100,8 @@ OPENID_CONFIGURATION: Final = "/.well-known/openid-configuration"
 
 def parse_jwks(text: str | bytes) -> jwt.PyJWKSet:
     """A JWKS document (or one JWK) -> PyJWT's key set; raises ValueError or PyJWTError."""
+    import jwt
+
     data = json.loads(text)
     if isinstance(data, dict) and "keys" not in data:
         data = {"keys": [data]}
@@ -238,6 +241,8 @@ class JwtAuthenticator:
         return AuthnResult(failure=first_failure)
 
     def _verify(self, token: _Token) -> Failure | RemoteJwks | tuple[Provider, dict[str, Any]]:
+        import jwt
+
         try:
             header = jwt.get_unverified_header(token.value)
             unverified = jwt.decode(token.value, options={"verify_signature": False})
@@ -270,6 +275,8 @@ class JwtAuthenticator:
 
     def _verify_with(self, token: str, header: Mapping[str, Any], unverified: Mapping[str, Any],
                      provider: Provider) -> Failure | RemoteJwks | dict[str, Any]:
+        import jwt
+
         keys = provider.key_set()
         if keys is None:
             remote = provider.remote

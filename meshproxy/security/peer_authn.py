@@ -41,16 +41,21 @@ class PeerAuthnPolicy:
 DEFAULT_PEER_AUTHN: Final = PeerAuthnPolicy()
 
 
+NO_CERTIFICATES: Final = ("this proxy has no workload certificates (--cert-dir), so plaintext clients would be "
+                          "accepted; refused rather than ignored (use PERMISSIVE until certificates are configured)")
+TRANSPARENT_INBOUND: Final = ("the transparent inbound listener (--transparent) does not terminate TLS yet, so "
+                              "plaintext clients would be accepted there; refused rather than ignored")
+
+
 def strict_without_tls(policies: Iterable[m.PeerAuthentication], workload: Workload,
-                       root_namespace: str = ROOT_NAMESPACE) -> list[Problem]:
-    """Errors for a STRICT mode this proxy cannot honour: without a TLS transport every connection is plaintext,
-    and accepting it under STRICT would be a hole, not a fallback. Each error names the policy and field that
+                       root_namespace: str = ROOT_NAMESPACE, reason: str = NO_CERTIFICATES) -> list[Problem]:
+    """Errors for a STRICT mode this proxy cannot honour (`reason`: why every connection would be plaintext):
+    accepting plaintext under STRICT would be a hole, not a fallback. Each error names the policy and field that
     made the mode STRICT (PERMISSIVE and DISABLE are honoured by plaintext as they are)."""
     items = list(policies)
     resolved = resolve_peer_authn(items, workload, root_namespace)
     problems: list[Problem] = []
-    message = ("STRICT mutual TLS is not enforced: this proxy has no TLS transport yet, so plaintext clients would "
-               "be accepted; refused rather than ignored (use PERMISSIVE until certificates are configured)")
+    message = f"STRICT mutual TLS is not enforced: {reason}"
     strict_ports = sorted(port for port, mode in resolved.port_modes.items() if mode == STRICT)
     if resolved.mode == STRICT or strict_ports:
         for policy in _levels(items, workload, root_namespace):

@@ -15,8 +15,11 @@ The text line is Istio's `EnvoyTextLogFormat` (pilot/pkg/model/telemetry_logging
     %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%
 
 (one line). JSON uses the keys of Istio's `EnvoyJSONLogFormatIstio`, plus `listener`. Response flags are
-Envoy's (`-` when none); bytes are body bytes; what meshproxy does not know (upstream local address,
-upstream service time, TLS server name) is `-` as in Envoy. JSON also has `upstream_request_attempt_count`
+Envoy's (`-` when none); bytes are body bytes; the upstream transport failure reason is the connect or TLS
+error a failed request was answered for (`TLS_error:|268435581:SSL_routines:...:TLS_error_end`, spaces as
+underscores as Envoy writes it); what
+meshproxy does not know (upstream local address, upstream service time) is `-` as in Envoy, and so is the
+requested server name (SNI) of a connection without TLS. JSON also has `upstream_request_attempt_count`
 and `reused_connection_retries` (see the README: a retry Envoy does not make).
 """
 
@@ -83,7 +86,8 @@ class AccessLog:
             "response_flags": flags_text(info.flags),
             "response_code_details": info.response_code_details(),
             "connection_termination_details": "-",
-            "upstream_transport_failure_reason": "-",
+            # spaces as underscores, as Envoy 1.40 writes it (`delayed_connect_error:_Connection_refused`)
+            "upstream_transport_failure_reason": info.transport_failure.replace(" ", "_") or "-",
             "bytes_received": info.body_size,
             "bytes_sent": info.response_bytes,
             "duration": int(elapsed * 1000),
@@ -97,7 +101,7 @@ class AccessLog:
             "upstream_local_address": "-",
             "downstream_local_address": addresses[0],
             "downstream_remote_address": addresses[1],
-            "requested_server_name": "-",
+            "requested_server_name": info.connection.requested_server_name or "-",
             "route_name": (route.name or "-") if route else "-",
             "upstream_request_attempt_count": info.attempts,
             "reused_connection_retries": info.reused_retries,

@@ -13,7 +13,9 @@ Hooks, in request order, each given the exchange's record (`StreamInfo`; telemet
 
 Costs: with everything off, one pass over the headers for x-request-id. Unsampled requests create no
 span objects (the trace headers are rewritten from bytes). Metrics use a series bound once per
-(service, peer, response code, flags) and cached here (see metrics.py).
+(service, peer, response code, flags, peer principal) and cached here (see metrics.py). An inbound request on
+a mutual TLS connection reports `connection_security_policy="mutual_tls"` with the client's certificate
+identity as `source_principal` and ours as `destination_principal`; plaintext reports `none`.
 
 `MeshTelemetry` is what every listener's `Telemetry` shares, one per process: workload identity, the
 Istio metrics registry, the span recorder, the peer metadata encoded once, ids and sampling.
@@ -35,6 +37,8 @@ from ..stream_info import StreamInfo, flags_text
 from .access_log import AccessLog
 from .metrics import (
     DESTINATION,
+    MUTUAL_TLS,
+    NO_TLS,
     SOURCE,
     UNKNOWN_SERVICE,
     IstioMetrics,
@@ -76,6 +80,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshproxy.telemetry")
 
+SPIFFE: Final = "spiffe://"  # a principal (`td/ns/x/sa/y`) as Istio's metric labels write it
 DEFAULT_SAMPLING: Final = 1.0  # percent: Istio's PILOT_TRACE_SAMPLING default
 MAX_SERIES_KEYS: Final = 10000  # per listener; beyond, series are still found (by labels) but not cached here
 MAX_URL_TAG: Final = 256  # Envoy's max_path_tag_length default
@@ -116,6 +121,7 @@ class MeshTelemetry:
             self.metadata = ((PEER_METADATA_ID, self.node_id.encode()),
                              (PEER_METADATA, encode_metadata(own, labels or {})))
         self.services: dict[object, Service] = {}
+        self.own_principal = ""  # our SPIFFE id (spiffe://...) when the proxy has workload certificates
         self.span_tags = {
             "component": "proxy",
             "node_id": self.node_id,
@@ -205,7 +211,7 @@ class Telemetry:
         self.response_extra: tuple[HeaderBlock, ...] = constant_block(metadata) if inbound else ()
         self.reads_response = exchange and not inbound
         self.randbits = mesh.randbits if mesh is not None else _IDS.getrandbits
-        self.series: dict[tuple[Service, Workload, int, int], Series] = {}
+        self.series: dict[tuple[Service, Workload, int, int, str], Series] = {}
         self.clusters: dict[str, Service] = {}
         self.peer_cache = mesh.peers if mesh is not None else PeerCache()
         self.peers = self.peer_cache.peers  # decoded peers by header value: the hit is a dict lookup here
@@ -314,7 +320,8 @@ class Telemetry:
             if metrics is not None:
                 raw = info.peer
                 peer = UNKNOWN_WORKLOAD if raw is None else self.peers.get(raw) or self.peer_cache.get(raw)
-                key = (service, peer, info.status, info.flags)
+                principal = info.connection.peer_principal if self.inbound else info.upstream_principal
+                key = (service, peer, info.status, info.flags, principal)
                 series = self.series.get(key) or self._bind(key)
                 series.record((time.monotonic() - info.start) * 1000.0, info.body_size, info.response_bytes)
                 if info.reused_retries:
@@ -354,13 +361,20 @@ class Telemetry:
                                                             own.namespace))
             self.operation = ""
 
-    def _bind(self, key: tuple[Service, Workload, int, int]) -> Series:
-        service, peer, status, bits = key
+    def _bind(self, key: tuple[Service, Workload, int, int, str]) -> Series:
+        service, peer, status, bits, principal = key
         flags = flags_text(bits)
         mesh = self.mesh
         assert mesh is not None and self.metrics is not None
-        if self.inbound:  # the callee's sidecar: the source is the peer; with mTLS this would say mutual_tls
-            labels = label_values(DESTINATION, peer, mesh.own, service, status, flags, "none")
+        if self.inbound:  # the callee's sidecar: the source is the peer
+            if principal:  # mutual TLS: the client's identity from its certificate, ours from --cert-dir
+                labels = label_values(DESTINATION, peer, mesh.own, service, status, flags, MUTUAL_TLS,
+                                      source_principal=SPIFFE + principal, destination_principal=mesh.own_principal)
+            else:
+                labels = label_values(DESTINATION, peer, mesh.own, service, status, flags, NO_TLS)
+        elif principal:  # the upstream's identity from its certificate (Istio's client side reports "unknown")
+            labels = label_values(SOURCE, mesh.own, peer, service, status, flags, "unknown",
+                                  source_principal=mesh.own_principal, destination_principal=SPIFFE + principal)
         else:
             labels = label_values(SOURCE, mesh.own, peer, service, status, flags, "unknown")
         series = self.metrics.bind(labels)

@@ -85,14 +85,20 @@ class Service:
 UNKNOWN_SERVICE: Final = Service("unknown", "unknown", "unknown")
 
 
+MUTUAL_TLS: Final = "mutual_tls"  # connection_security_policy of an inbound mTLS connection
+NO_TLS: Final = "none"
+
+
 def label_values(reporter: str, source: Workload, destination: Workload, service: Service, code: int, flags: str,
-                 security: str, protocol: str = "http", grpc_status: str = "") -> tuple[str, ...]:
-    """One series' label values, in LABELS order."""
+                 security: str, protocol: str = "http", grpc_status: str = "", source_principal: str = "",
+                 destination_principal: str = "") -> tuple[str, ...]:
+    """One series' label values, in LABELS order. Principals (`spiffe://...`, from certificates) replace the
+    workloads' own (unknown: peer metadata carries none)."""
     return (
         reporter,
         source.workload, source.canonical_service, source.canonical_revision, source.namespace,
-        source.principal, source.app, source.version, source.cluster,
-        destination.workload, destination.namespace, destination.principal, destination.app,
+        source_principal or source.principal, source.app, source.version, source.cluster,
+        destination.workload, destination.namespace, destination_principal or destination.principal, destination.app,
         destination.version, service.host, destination.canonical_service,
         destination.canonical_revision, service.name, service.namespace,
         destination.cluster,

@@ -159,6 +159,21 @@ def test_without_virtual_services_reviews_rotate(demo: Demo) -> None:
         assert page.stars == ({colour: 9} if colour else {}), page.describe()
 
 
+def test_sidecars_speak_mutual_tls_with_their_service_accounts(demo: Demo) -> None:
+    """Issue #16: every hop between sidecars is mutual TLS (auto mTLS), each side sees the other's identity."""
+    demo.pages(10)
+    productpage = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
+    details = "spiffe://cluster.local/ns/default/sa/bookinfo-details"
+    gateway = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
+    assert demo.metric("details-v1", "istio_requests_total", reporter="destination", source_principal=productpage,
+                       destination_principal=details, connection_security_policy="mutual_tls") >= 10
+    assert demo.metric("productpage-v1", "istio_requests_total", reporter="destination", source_principal=gateway,
+                       connection_security_policy="mutual_tls") >= 10
+    assert demo.metric("productpage-v1", "istio_requests_total", reporter="source", source_principal=productpage,
+                       destination_principal=details) >= 10
+    assert demo.metric("details-v1", "istio_requests_total", connection_security_policy="none") == 0
+
+
 def test_all_v1(demo: Demo, jason: str) -> None:
     check_all_v1(demo, CONFIG, jason)
 

@@ -49,10 +49,7 @@ def test_every_sample_file_loads(name):
     warnings = [str(w) for w in result.warnings]
     if name.startswith("legacy/istio-1.0.0/virtual-service-ratings-test-"):
         assert len(warnings) == 1 and "percent: warning: deprecated" in warnings[0]
-    elif name.endswith(("destination-rule-all-mtls.yaml", "egress-rule-google-apis.yaml")):
-        # tls is typed but not originated yet (issue #16): every tls mode other than DISABLE says so
-        assert warnings and all(".tls.mode: warning: tls mode " in w and "stays plaintext" in w for w in warnings)
-    else:
+    else:  # tls modes (destination-rule-all-mtls.yaml, egress-rule-google-apis.yaml) load without a word now
         assert warnings == []
 
 
@@ -281,9 +278,8 @@ def test_all_current_files_with_service_entries_load_and_compile(service_entries
     snapshot = result.snapshot
     # Files applied in order, as `kubectl apply -f` one after another: a later resource replaces
     # the one of the same kind/namespace/name, and says so.
-    tls = [w for w in result.warnings if w.path.endswith(".tls.mode")]
-    assert {Path(w.file).name for w in tls} == {"destination-rule-all-mtls.yaml", "egress-rule-google-apis.yaml"}
-    replaced = [w for w in result.warnings if w not in tls]
+    assert [w for w in result.warnings if ".tls" in w.path] == []  # every tls mode of the set is implemented
+    replaced = result.warnings
     assert all(w.path == "metadata.name" and "replaces" in w.message for w in replaced)
     assert len(replaced) == 23
     assert {(vs.meta.name, Path(vs.meta.origin.file).name) for vs in snapshot.virtual_services} >= {

@@ -113,8 +113,7 @@ def test_every_istio_sample_document_passes_the_validator(path: Path):
     resources = load_text(text, path.name, problems)
     assert [str(p) for p in problems if p.severity == "error"] == []
     assert len(resources) == _networking_documents(text)
-    # A tls mode is warned about until TLS origination exists (issue #16): not a schema matter.
-    warnings = [str(p) for p in problems if "TLS origination is not implemented" not in p.message]
+    warnings = [str(p) for p in problems]
     if path.parent.name == "istio-1.0.0" and path.name.startswith("virtual-service-ratings-test-"):
         # Istio 1.0's integer `percent`: accepted, deprecated (Istio's proto keeps it, Abort's now reserved)
         kind = path.stem.rsplit("-", 1)[1]

@@ -66,7 +66,6 @@ spec:
         clientCertificate: /etc/cert.pem
         privateKey: /etc/key.pem
         caCertificates: /etc/ca.pem
-        credentialName: reviews-cred
         subjectAltNames: [reviews.example]
         sni: reviews.example
 """
@@ -151,7 +150,8 @@ def test_a_subsets_port_level_entry_replaces_all_four_blocks_of_the_merge() -> N
 """)
     found, _ = clusters(SERVICE + rule + ROUTES)
     v1 = found["outbound|9080|v1|reviews.default.svc.cluster.local"].policy
-    assert (v1.lb, v1.pool, v1.outlier, v1.tls) == ("LEAST_REQUEST", DEFAULT_POLICY.pool, None, None)
+    assert (v1.lb, v1.pool, v1.outlier, v1.tls) == ("LEAST_REQUEST", DEFAULT_POLICY.pool, None,
+                                                    m.ClientTLSSettings(mode="DISABLE"))
     assert v1.retry_budget == found["outbound|9080|v2|reviews.default.svc.cluster.local"].policy.retry_budget
 
 
@@ -159,9 +159,10 @@ def test_tls_settings_are_typed_on_the_cluster() -> None:
     found, _ = clusters(SERVICE + RULE + ROUTES)
     assert found["outbound|9080|v2|reviews.default.svc.cluster.local"].policy.tls == m.ClientTLSSettings(
         mode="MUTUAL", sni="reviews.example", subject_alt_names=("reviews.example",), ca_certificates="/etc/ca.pem",
-        client_certificate="/etc/cert.pem", private_key="/etc/key.pem", credential_name="reviews-cred")
+        client_certificate="/etc/cert.pem", private_key="/etc/key.pem")
     disabled, _ = clusters(SERVICE + RULE.replace("mode: MUTUAL", "mode: DISABLE") + ROUTES)
-    assert disabled["outbound|9080|v2|reviews.default.svc.cluster.local"].policy.tls is None
+    # an explicit DISABLE is kept (it turns Istio's auto mTLS off); no tls at all is None
+    assert disabled["outbound|9080|v2|reviews.default.svc.cluster.local"].policy.tls.mode == "DISABLE"
     by_number, _ = clusters(SERVICE + RULE.replace("mode: MUTUAL", "mode: 3") + ROUTES)  # proto JSON enum number
     assert by_number["outbound|9080|v2|reviews.default.svc.cluster.local"].policy.tls.mode == "ISTIO_MUTUAL"
 
@@ -199,24 +200,27 @@ def test_state_is_one_lookup_and_keeps_the_compiled_objects() -> None:
 
 
 def test_tls_is_not_silently_ignored_by_validate(tmp_path: Path) -> None:
+    """Every mode works now: no warning for them; what is not implemented (credentialName) or invalid (MUTUAL
+    without its key) is an error, and what ISTIO_MUTUAL ignores is said."""
     path = tmp_path / "reviews.yaml"
     path.write_text(SERVICE + RULE + ROUTES)
     result = CliRunner().invoke(main, ["validate", str(path)])
     assert result.exit_code == 0, result.output
-    lines = [line for line in result.output.splitlines() if "tls" in line]
-    assert lines == [
-        f"{path}:1: spec.trafficPolicy.portLevelSettings[0].tls.mode: warning: tls mode SIMPLE: "
-        "TLS origination is not implemented yet, traffic to this host stays plaintext",
-        f"{path}:1: spec.subsets[1].trafficPolicy.tls.mode: warning: tls mode MUTUAL: "
-        "TLS origination is not implemented yet, traffic to this host stays plaintext",
-    ]
-    top = RULE.replace("    loadBalancer: {simple: RANDOM}\n", "    loadBalancer: {simple: RANDOM}\n    tls: {mode: ISTIO_MUTUAL}\n")
-    path.write_text(SERVICE + top + ROUTES)
-    result = CliRunner().invoke(main, ["validate", str(path)])
-    assert f"{path}:1: spec.trafficPolicy.tls.mode: warning: tls mode ISTIO_MUTUAL: " in result.output
-    path.write_text(SERVICE + RULE.replace("mode: MUTUAL", "mode: DISABLE").replace("mode: SIMPLE", "mode: DISABLE")
+    assert [line for line in result.output.splitlines() if "tls" in line] == []
+    path.write_text(SERVICE + RULE.replace("        privateKey: /etc/key.pem\n", "        credentialName: cred\n")
                     + ROUTES)
-    assert "tls" not in CliRunner().invoke(main, ["validate", str(path)]).output
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 1
+    assert f"{path}:1: spec.subsets[1].trafficPolicy.tls.credentialName: credentialName (a Kubernetes secret) is " \
+        "not implemented" in result.output
+    path.write_text(SERVICE + RULE.replace("        privateKey: /etc/key.pem\n", "") + ROUTES)
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert f"{path}:1: spec.subsets[1].trafficPolicy.tls.privateKey: private key required for mutual tls" \
+        in result.output
+    path.write_text(SERVICE + RULE.replace("mode: MUTUAL", "mode: ISTIO_MUTUAL") + ROUTES)
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert f"{path}:1: spec.subsets[1].trafficPolicy.tls.clientCertificate: warning: ignored with ISTIO_MUTUAL" \
+        in result.output
 
 
 def test_each_regex_compiles_once_per_load(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -258,18 +262,19 @@ def test_routing_imports_nothing_from_the_loader() -> None:
                 assert all(a.name != "asyncio" for a in node.names), source
 
 
-def test_run_logs_the_tls_warning_at_every_load(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_run_refuses_tls_files_that_do_not_load(tmp_path: Path) -> None:
+    """`meshproxy run` builds every cluster's TLS context at load: a missing file is an error naming its field."""
     from meshproxy.app import ProxyApp
+    from meshproxy.istio.problems import ConfigError
     from meshproxy.settings import Settings
 
     path = tmp_path / "reviews.yaml"
     path.write_text(SERVICE + RULE + ROUTES)
-    with caplog.at_level("WARNING", logger="meshproxy"):
-        app = ProxyApp(Settings(config=(str(path),), admin=None))
-        assert app.reloader.reload("test")
-    logged = [r.getMessage() for r in caplog.records if "TLS origination is not implemented yet" in r.getMessage()]
-    assert len(logged) == 4  # two places, two loads
-    assert logged[0].startswith(f"{path}:1: spec.trafficPolicy.portLevelSettings[0].tls.mode: warning: tls mode SIMPLE")
+    with pytest.raises(ConfigError) as caught:
+        ProxyApp(Settings(config=(str(path),), admin=None))
+    errors = [str(p) for p in caught.value.problems if p.severity == "error"]
+    assert f"{path}:1: spec.trafficPolicy.portLevelSettings[0].tls.caCertificates: /etc/ca.pem: missing" in errors
+    assert f"{path}:1: spec.subsets[1].trafficPolicy.tls.caCertificates: /etc/ca.pem: missing" in errors
 
 
 def test_tunnel_and_proxy_protocol_are_warned_about_not_silently_ignored() -> None:

@@ -1,0 +1,176 @@
+"""A listener that terminates mutual TLS with the workload certificates: Istio's inbound PeerAuthentication modes.
+
+- DISABLE: plaintext, as a listener without certificates.
+- STRICT: every connection is a TLS handshake that requires a client certificate signed by the mesh roots; a
+  plaintext client fails the handshake and is closed.
+- PERMISSIVE: decided per connection from its first bytes, as Envoy's tls_inspector: a TLS record header
+  (handshake 0x16, version 0x03) is mutual TLS as in STRICT, anything else plaintext. The bytes are peeked, not
+  read, so whichever side takes the connection sees them all. A client that sends nothing within
+  `detect_timeout` is taken as plaintext (a server-first protocol), as Istio's listener filter timeout does.
+
+`mode` may change while the listener runs (a PeerAuthentication applied by a reload): it is read at each accept.
+The handshake runs on the event loop's own TLS (uvloop's), with the context current at accept time: rotated
+certificates serve new connections, open ones keep theirs. The connection's protocol (the HTTP/1.1 listener)
+reads the peer's identity from its transport when it is made (see `ListenerContext.secure`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Final
+
+log = logging.getLogger("meshproxy.listener")
+
+DISABLE: Final = "DISABLE"
+PERMISSIVE: Final = "PERMISSIVE"
+STRICT: Final = "STRICT"
+MODES: Final = (DISABLE, PERMISSIVE, STRICT)
+TLS_HANDSHAKE_RECORD: Final = 0x16
+TLS_MAJOR_VERSION: Final = 0x03
+HANDSHAKE_TIMEOUT: Final = 10.0  # Istio's inbound transport_socket_connect_timeout... bounded like a request head
+BACKLOG: Final = 4096
+MAX_PENDING: Final = 1024  # connections between accept and their protocol (detection, handshake); more are closed
+
+
+def looks_like_tls(first: bytes) -> bool | None:
+    """A TLS record header starts 0x16 0x03; None: not enough bytes to say."""
+    if not first:
+        return None
+    if first[0] != TLS_HANDSHAKE_RECORD:
+        return False
+    if len(first) < 2:
+        return None
+    return first[1] == TLS_MAJOR_VERSION
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+class SecureServer:
+    """Accepts connections itself (see the module docstring); `close()` as asyncio.Server's."""
+
+    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol], mode: str,
+                 context: Callable[[], ssl.SSLContext], detect_timeout: float = 10.0,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
+        if mode not in MODES:
+            raise ValueError(f"inbound TLS mode {mode!r}: expected one of {', '.join(MODES)}")
+        self.sockets = [sock]
+        self.factory = factory
+        self.mode = mode
+        self.context = context
+        self.detect_timeout = detect_timeout
+        self.handshake_timeout = handshake_timeout
+        self.pending: set[asyncio.Task[None]] = set()  # connections between accept and their protocol
+        self.handshake_failures = 0
+        self.refused = 0  # closed at accept: too many connections still in detection or handshake
+        self._loop = asyncio.get_running_loop()
+        self._accepting = self._loop.create_task(self._accept())
+
+    @classmethod
+    async def listen(cls, host: str, port: int, factory: Callable[[], asyncio.Protocol], mode: str,
+                     context: Callable[[], ssl.SSLContext], reuse_port: bool = False,
+                     detect_timeout: float = 10.0) -> SecureServer:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return cls(sock, factory, mode, context, detect_timeout)
+
+    def close(self) -> None:
+        self._accepting.cancel()
+        for sock in self.sockets:
+            sock.close()
+        for task in list(self.pending):
+            task.cancel()
+
+    async def _accept(self) -> None:
+        loop = self._loop
+        listener = self.sockets[0]
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:  # EMFILE and the like: wait a moment rather than spin
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if len(self.pending) >= MAX_PENDING:  # a flood of clients that never finish a handshake: bounded memory
+                self.refused += 1
+                conn.close()
+                continue
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = loop.create_task(self._serve(conn))
+            self.pending.add(task)
+            task.add_done_callback(self.pending.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        mode = self.mode
+        try:
+            if mode == PERMISSIVE:
+                tls = await self._detect(conn)
+                if tls is None:  # closed before a byte
+                    conn.close()
+                    return
+            else:
+                tls = mode == STRICT
+            if tls:
+                await self._loop.connect_accepted_socket(self.factory, conn, ssl=self.context(),
+                                                         ssl_handshake_timeout=self.handshake_timeout)
+            else:
+                await self._loop.connect_accepted_socket(self.factory, conn)
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except (ssl.SSLError, OSError, TimeoutError, EOFError) as exc:
+            self.handshake_failures += 1
+            log.debug("inbound TLS handshake failed (%s): %s", mode, exc)
+            conn.close()
+
+    async def _detect(self, conn: socket.socket) -> bool | None:
+        """Peek at the first bytes: True for TLS, False for plaintext, None when the client closed first."""
+        loop = self._loop
+        deadline = loop.time() + self.detect_timeout if self.detect_timeout > 0 else None
+        while True:
+            try:
+                first = conn.recv(2, socket.MSG_PEEK)
+            except BlockingIOError:
+                first = None
+            if first is not None:
+                if not first:
+                    return None
+                verdict = looks_like_tls(first)
+                if verdict is not None:
+                    return verdict
+            if first:  # one byte, 0x16: the second is on its way; the socket stays readable meanwhile, so no reader
+                if deadline is not None and loop.time() >= deadline:
+                    return True
+                await asyncio.sleep(0.005)
+                continue
+            ready = loop.create_future()
+            loop.add_reader(conn.fileno(), _wake, ready)
+            try:
+                if deadline is None:
+                    await ready
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        await ready
+            except TimeoutError:
+                return False  # nothing within the detection timeout: a server-first protocol, plaintext
+            finally:
+                loop.remove_reader(conn.fileno())
