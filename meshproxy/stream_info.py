@@ -109,8 +109,11 @@ class StreamInfo:
 
     __slots__ = (
         "head", "connection", "route", "cluster", "endpoint", "attempts", "reused_retries", "status", "flags",
-        "details", "start", "body_size", "response_bytes", "request_id", "trace", "peer",
+        "details", "start", "body_size", "response_bytes", "request_id", "trace", "peer", "retry_reasons",
     )
+    # `retry_reasons` (why each retry was made, in order) is set only when the exchange retries: never assigned
+    # here, so a request that is not retried pays nothing for it; read it with getattr(info, "retry_reasons", ()).
+    retry_reasons: list[str]
 
     def __init__(self, head: RequestHead, connection: ConnectionInfo, start: float) -> None:
         self.head = head
