@@ -8,7 +8,7 @@ from typing import Any
 
 from ..routing.cluster import Cluster
 from ..routing.policy import Route
-from ..stream_info import DI, FI, NC, NR, UF, UH, UO, URX, UT, flags_text
+from ..stream_info import DC, DI, FI, NC, NR, UF, UH, UO, URX, UT, flags_text
 from ..telemetry.core import RECENT_FIELDS
 
 PER_MILLION = 10_000  # percent -> per million
@@ -26,9 +26,11 @@ def fault_of(route: Route | None) -> dict[str, Any] | None:
 def route_of(route: Route | None) -> dict[str, Any] | None:
     if route is None:
         return None
+    choices = route.picker.choices if route.picker is not None else ()
     return {"name": route.name or "-", "virtual_service": route.virtual_service or None,
             "index": route.index if route.index >= 0 else None, "timeout_seconds": route.timeout or None,
-            "retries": route.retry.num_retries, "fault": fault_of(route)}
+            "retries": route.retry.num_retries, "fault": fault_of(route),
+            "destinations": [d.host + (f" subset {d.subset}" if d.subset else "") for d in choices]}
 
 
 def destination_of(cluster: Cluster | None) -> dict[str, Any] | None:
@@ -77,7 +79,8 @@ def explain(record: dict[str, Any], bits: int) -> list[str]:
     where = ""
     if route is not None:
         vs = route["virtual_service"]
-        where = f"route {route['name']!r}" + (f" of VirtualService {vs} http[{route['index']}]" if vs else " (default)")
+        named = f"route {route['name']!r}" if route["name"] != "-" else "route"
+        where = f"{named} of VirtualService {vs} http[{route['index']}]" if vs else "the default route"
     fault = route["fault"] if route is not None else None
     status = record["status"]
     if bits & NR:
@@ -89,8 +92,10 @@ def explain(record: dict[str, Any], bits: int) -> list[str]:
     if route is not None and not bits & (NR | FI):
         dest = record["destination"]
         target = ""
-        if dest is not None:
+        if dest is not None and dest["service"]:
             target = f" to {dest['service']}" + (f" subset {dest['subset']}" if dest["subset"] else "")
+        elif dest is not None:
+            target = " to the local app" if record["direction"] == "inbound" else f" to {dest['cluster']}"
         endpoint = f", endpoint {record['endpoint']}" if record["endpoint"] else ""
         lines.append(f"took {where}{target}{endpoint}")
     for n, reason in enumerate(record["retry_reasons"], start=1):
@@ -106,11 +111,14 @@ def explain(record: dict[str, Any], bits: int) -> list[str]:
         lines.append("no healthy upstream endpoint: 503 UH")
     if bits & UO:
         lines.append("circuit breaker (connection pool or retry budget) overflowed: UO")
+    if bits & DC:
+        lines.append(f"the caller closed the connection after {record['duration_ms'] / 1000:.2f}s, before the "
+                     f"response was complete: DC")
     if bits & NC:
         lines.append("the route's destination has no cluster: 503 NC")
     if status >= 500 and not bits and record["details"] == "via_upstream":
         lines.append(f"the upstream answered {status}")
-    elif status == 0:
+    elif status == 0 and not bits & DC:
         lines.append(f"no response was sent ({record['details']}, flags {record['flags']})")
     return lines
 
@@ -205,29 +213,28 @@ def search_traces(spans: Iterable[dict[str, Any]], service: str = "", operation:
 
 def trace_detail(trace_id: str, spans: Iterable[dict[str, Any]],
                  requests: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
-    """One trace's spans in start order, each joined to the request the proxy recorded for it (by span id): its
+    """One trace's spans depth first (siblings by start time), each joined to the request the proxy recorded for it (by span id): its
     route, fault, retries and explanation, which the span's tags alone do not carry."""
     mine = [s for s in spans if s["trace_id"] == trace_id]
     if not mine:
         return None
     by_span = {r["span_id"]: r for r in requests if r["trace_id"] == trace_id}
     ids = {s["span_id"] for s in mine}
-    depth: dict[str, int] = {}
-    parents = {s["span_id"]: s["parent_id"] for s in mine}
-
-    def level(span_id: str) -> int:
-        if span_id not in depth:
-            parent = parents.get(span_id)
-            depth[span_id] = 0  # a cycle guard
-            depth[span_id] = level(parent) + 1 if parent in ids and parent is not None else 0
-        return depth[span_id]
-
-    out = []
+    children: dict[str | None, list[dict[str, Any]]] = {}
     for span in sorted(mine, key=lambda s: (s["start_us"], s["kind"] != "client")):
+        children.setdefault(span["parent_id"] if span["parent_id"] in ids else None, []).append(span)
+    ordered: list[tuple[int, dict[str, Any]]] = []  # Jaeger's order: depth first, siblings by start time
+    stack = [(0, span) for span in reversed(children.get(None, []))]
+    while stack:
+        depth, span = stack.pop()
+        ordered.append((depth, span))
+        stack.extend((depth + 1, child) for child in reversed(children.get(span["span_id"], [])))
+    out = []
+    for depth, span in ordered:
         request = by_span.get(span["span_id"])
         fault = request["route"]["fault"] if request is not None and request["route"] is not None else None
         bits = span["flags"].split(",")
-        out.append({**span, "depth": level(span["span_id"]), "proxy": request["proxy"] if request else None,
+        out.append({**span, "depth": depth, "proxy": request["proxy"] if request else None,
                     "route": request["route"] if request else None,
                     "fault": fault if fault is not None and ("DI" in bits or "FI" in bits) else None,
                     "explanation": request["explanation"] if request else [],

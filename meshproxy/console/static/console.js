@@ -16,7 +16,7 @@ function el(tag, attrs = {}, ...children) {
     else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
     else node.setAttribute(key, value);
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -42,7 +42,10 @@ async function get(path, params = {}) {
 
 const fmtMs = (ms) => ms === null || ms === undefined ? "–" : ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${ms.toFixed(ms < 10 ? 2 : 0)} ms`;
 const fmtRate = (rate) => rate === null || rate === undefined ? "– rps" : `${rate.toFixed(rate < 10 ? 2 : 1)} rps`;
-const fmtTime = (seconds) => new Date(seconds * 1000).toLocaleTimeString();
+const fmtTime = (seconds) => {
+  const d = new Date(seconds * 1000);
+  return `${d.toLocaleTimeString([], { hour12: false })}.${String(d.getMilliseconds()).padStart(3, "0")}`;
+};
 
 function formParams(form) {
   const params = {};
@@ -96,14 +99,14 @@ function layout(nodes, edges) {
   }
   const width = $("#graph").clientWidth || 1200;
   const count = Math.max(...columns.keys()) + 1;
-  const dx = Math.max(200, (width - 120) / Math.max(1, count - 1 || 1));
+  const dx = Math.max(200, (width - 220) / Math.max(1, count - 1));
   const positions = new Map();
   let height = 0;
   for (const [r, column] of columns) {
-    column.forEach((n, i) => positions.set(n.id, { x: 70 + r * dx, y: 60 + i * 110 }));
+    column.forEach((n, i) => positions.set(n.id, { x: 110 + r * dx, y: 60 + i * 110 }));
     height = Math.max(height, 60 + column.length * 110);
   }
-  return { positions, width: Math.max(width, 140 + (count - 1) * dx), height: Math.max(height, 300) };
+  return { positions, width: Math.max(width, 220 + (count - 1) * dx), height: Math.max(height, 300) };
 }
 
 function edgeLabel(e) {
@@ -158,8 +161,9 @@ function drawGraph(nodes, edges) {
     const group = svg("g", { class: `edge ${e.health}`, "data-source": e.source, "data-target": e.target,
       "data-health": e.health, "data-rate": e.rate ?? "", "data-requests": e.requests });
     group.append(svg("path", { d: `M${x1},${y1} L${x2},${y2}`, "marker-end": `url(#arrow-${e.health})` }));
-    const label = svg("text", { x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 6 * edgeLabel(e).length });
-    edgeLabel(e).forEach((line, i) => label.append(svg("tspan", { x: (x1 + x2) / 2, dy: i ? 13 : 0 }, line)));
+    const lines = edgeLabel(e), mx = (x1 + x2) / 2, my = (y1 + y2) / 2;
+    const label = svg("text", { x: mx, y: my - 7 - 13 * (lines.length - 1), "text-anchor": "middle" });
+    lines.forEach((line, i) => label.append(svg("tspan", { x: mx, dy: i ? 13 : 0 }, line)));
     group.append(label, svg("title", {}, `${e.source} → ${e.target}: ${e.requests} requests, codes ` +
       JSON.stringify(e.codes)));
     root.append(group);
@@ -207,7 +211,9 @@ function faultText(span) {
   if (span.flags.includes("DI")) parts.push(`delay ${f.delay_seconds} s injected (${f.delay_percent} % of requests)`);
   if (span.flags.includes("FI")) parts.push(`abort ${f.abort_status ?? f.abort_grpc_status} injected (${f.abort_percent} % of requests)`);
   const route = span.route;
-  return `fault: ${parts.join(", ")}` + (route ? ` by route ${route.name}${route.virtual_service ? ` of ${route.virtual_service}` : ""}` : "");
+  if (!route) return `fault: ${parts.join(", ")}`;
+  const where = route.virtual_service ? `VirtualService ${route.virtual_service} http[${route.index}]` : "the default route";
+  return `fault: ${parts.join(", ")} by ${route.name !== "-" ? `route ${route.name} of ` : ""}${where}`;
 }
 
 async function showTrace(traceId) {
@@ -236,7 +242,8 @@ async function showTrace(traceId) {
           s.flags !== "-" ? el("span", { class: "flags" }, s.flags) : null),
         el("div", { class: "track" },
           el("div", { class: "bar", style: `left:${left}%;width:${width}%` }),
-          el("span", { class: "bar-text", style: left > 60 ? `right:${100 - left + 0.5}%` : `left:${left + width + 0.5}%` },
+          el("span", { class: "bar-text", style: left + width > 85 ? `right:${Math.max(100 - left + 0.5, 0.5)}%`
+            : `left:${left + width + 0.5}%` },
             fmtMs(s.duration_ms)))),
       notes.length ? el("div", { class: "span-notes" }, notes.map((n, i) => [i ? " · " : "", n])) : null);
   });
@@ -261,12 +268,15 @@ async function refreshRequests() {
   $("#request-list").replaceChildren(el("tr", {}, ["Time", "Proxy", "Request", "Status", "Flags", "Route → destination",
     "Attempts", "Duration", "What happened", "Trace"].map((h) => el("th", {}, h))), ...records.map((r) => {
     const failed = r.status === 0 || r.status >= 500;
-    const dest = r.destination ? `${r.destination.service}${r.destination.subset ? " " + r.destination.subset : ""}` : "–";
+    const dest = r.destination
+      ? `${r.destination.service || r.destination.cluster}${r.destination.subset ? " subset " + r.destination.subset : ""}`
+      : r.route?.destinations?.length ? `(not sent: ${r.route.destinations.join(", ")})` : "–";
+    const route = r.route ? (r.route.virtual_service ? `${r.route.virtual_service} http[${r.route.index}]` : "default") : "none";
     return el("tr", { class: `request ${failed ? "error" : ""}`, "data-status": r.status, "data-flags": r.flags },
       el("td", {}, fmtTime(r.time)), el("td", {}, `${r.proxy} (${r.direction})`),
       el("td", {}, `${r.method} ${r.authority}${r.path}`), el("td", {}, r.status),
       el("td", { class: "flags" }, r.flags === "-" ? "" : r.flags),
-      el("td", {}, `${r.route ? r.route.name : "–"} → ${dest}`, r.endpoint ? el("div", { class: "muted" }, r.endpoint) : null),
+      el("td", {}, `${route} → ${dest}`, r.endpoint ? el("div", { class: "muted" }, r.endpoint) : null),
       el("td", {}, r.attempts), el("td", {}, fmtMs(r.duration_ms)),
       el("td", {}, el("ul", { class: "explanation" }, r.explanation.map((line) => el("li", {}, line))),
         el("div", { class: "muted" }, r.details)),
@@ -277,8 +287,9 @@ async function refreshRequests() {
 // ------------------------------------------------------------------ routing
 
 async function loadRoutes() {
+  const chosen = $("#which-route select[name=proxy]").value;
   const { proxies } = await get("/routes");
-  $("#route-tables").replaceChildren(...proxies.map((p) => el("div", { class: "proxy-routes", "data-proxy": p.proxy },
+  $("#route-tables").replaceChildren(...proxies.filter((p) => !chosen || p.proxy === chosen).map((p) => el("div", { class: "proxy-routes", "data-proxy": p.proxy },
     el("h2", {}, `${p.proxy} · config version ${p.version}`),
     el("h3", {}, "Loaded files"), el("ul", {}, p.files.map((f) => el("li", {}, f))),
     p.warnings.length ? el("ul", { class: "flags" }, p.warnings.map((w) => el("li", {}, w))) : null,
@@ -298,9 +309,11 @@ async function whichRoute(event) {
   delete params.headers;
   try {
     const answer = await get("/route", params);
+    $("#route-answer").hidden = false;
     $("#route-answer").textContent = [`${answer.proxy}: request ${answer.request}`, ...answer.lines].join("\n");
     $("#route-answer").dataset.chosen = answer.chosen ? answer.chosen.name : "";
   } catch (error) {
+    $("#route-answer").hidden = false;
     $("#route-answer").textContent = error.message;
   }
 }
@@ -313,6 +326,7 @@ $("#trace-search").addEventListener("submit", (event) => {
 });
 $("#request-filter").addEventListener("submit", (event) => { event.preventDefault(); refreshRequests(); });
 $("#which-route").addEventListener("submit", whichRoute);
+$("#which-route select[name=proxy]").addEventListener("change", loadRoutes);
 $("#graph-window").addEventListener("change", refreshGraph);
 $("#graph-idle").addEventListener("change", refreshGraph);
 window.addEventListener("hashchange", show);
