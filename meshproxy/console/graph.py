@@ -50,8 +50,6 @@ def parse(texts: Iterable[str], at: float) -> Sample:
     sample = Sample(at)
     for text in texts:
         for family in text_string_to_metric_families(text):
-            if family.name not in ("istio_requests", "istio_request_duration_milliseconds"):
-                continue
             for s in family.samples:
                 if s.name == REQUESTS:
                     key = tuple(s.labels.get(n, "") for n in _EDGE_LABELS) + (

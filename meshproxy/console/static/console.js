@@ -216,6 +216,13 @@ function faultText(span) {
   return `fault: ${parts.join(", ")} by ${route.name !== "-" ? `route ${route.name} of ` : ""}${where}`;
 }
 
+function durationPlace(left, width) {
+  // after the bar when there is room, else before it, else inside it (a bar from start to end)
+  if (left + width <= 85) return `left:${left + width + 0.5}%`;
+  if (left > 15) return `right:${100 - left + 0.5}%`;
+  return `right:${Math.max(100 - left - width, 0) + 0.5}%;color:#fff`;
+}
+
 async function showTrace(traceId) {
   let trace;
   try {
@@ -242,8 +249,7 @@ async function showTrace(traceId) {
           s.flags !== "-" ? el("span", { class: "flags" }, s.flags) : null),
         el("div", { class: "track" },
           el("div", { class: "bar", style: `left:${left}%;width:${width}%` }),
-          el("span", { class: "bar-text", style: left + width > 85 ? `right:${Math.max(100 - left + 0.5, 0.5)}%`
-            : `left:${left + width + 0.5}%` },
+          el("span", { class: "bar-text", style: durationPlace(left, width) },
             fmtMs(s.duration_ms)))),
       notes.length ? el("div", { class: "span-notes" }, notes.map((n, i) => [i ? " · " : "", n])) : null);
   });
