@@ -134,8 +134,13 @@ class StreamInfo:
         self.peer: bytes | None = None  # the other side's peer metadata header
 
     def response_code_details(self) -> str:
-        if self.details:
-            return self.details
-        if self.status == 0:
-            return "-"
-        return VIA_UPSTREAM if self.cluster is not None else "direct_response"
+        return code_details(self.details, self.status, self.cluster is not None)
+
+
+def code_details(details: str, status: int, upstream: bool) -> str:
+    """%RESPONSE_CODE_DETAILS% of a record whose `details` were not set by a local reply."""
+    if details:
+        return details
+    if status == 0:
+        return "-"
+    return VIA_UPSTREAM if upstream else "direct_response"

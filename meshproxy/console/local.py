@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,10 @@ class LocalSource:
 
     async def requests(self) -> list[dict[str, Any]]:
         recent = self.telemetry.recent
-        return [request_record(entry, self.name) for entry in list(recent)] if recent is not None else []
+        if recent is None:
+            return []
+        offset = time.time() - time.monotonic()
+        return [request_record(entry, self.name, offset) for entry in list(recent)]
 
     async def spans(self) -> list[dict[str, Any]]:
         recorder = self.telemetry.recorder

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..routing.cluster import Cluster
 from ..routing.policy import Route
-from ..stream_info import DC, DI, FI, NC, NR, UF, UH, UO, URX, UT, flags_text
+from ..stream_info import DC, DI, FI, NC, NR, UF, UH, UO, URX, UT, code_details, flags_text
 from ..telemetry.core import RECENT_FIELDS
 
 PER_MILLION = 10_000  # percent -> per million
@@ -39,24 +39,26 @@ def destination_of(cluster: Cluster | None) -> dict[str, Any] | None:
     return {"cluster": cluster.name, "service": cluster.service, "port": cluster.port, "subset": cluster.subset or None}
 
 
-def request_record(entry: tuple[Any, ...], proxy: str) -> dict[str, Any]:
-    """One buffer entry (telemetry.core.RECENT_FIELDS) as the console shows it."""
+def request_record(entry: tuple[Any, ...], proxy: str, wall_offset: float) -> dict[str, Any]:
+    """One buffer entry (telemetry.core.RECENT_FIELDS) as the console shows it; `wall_offset` turns the record's
+    monotonic times into wall-clock ones (time.time() - time.monotonic(), read once per answer)."""
     f = dict(zip(RECENT_FIELDS, entry))
     head = f["head"]
     trace = f["trace"]
     flags = flags_text(f["flags"])
+    telemetry = f["telemetry"]
     record: dict[str, Any] = {
         "proxy": proxy,
-        "listener": f["listener"],
-        "direction": "inbound" if f["inbound"] else "outbound",
-        "time": f["time"],
-        "duration_ms": round(f["duration"] * 1000.0, 3),
+        "listener": telemetry.listener,
+        "direction": telemetry.direction,
+        "time": f["end"] + wall_offset,
+        "duration_ms": round((f["end"] - f["start"]) * 1000.0, 3),
         "method": head.method.decode("latin-1"),
         "authority": head.authority.decode("latin-1"),
         "path": head.path_and_query.decode("latin-1"),
         "status": f["status"],
         "flags": flags,
-        "details": f["details"],
+        "details": code_details(f["details"], f["status"], f["cluster"] is not None),
         "request_id": (f["request_id"] or b"").decode("latin-1") or None,
         "trace_id": trace[0].decode() if trace is not None else None,
         "span_id": trace[1].decode() if trace is not None else None,

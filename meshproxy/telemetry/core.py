@@ -91,11 +91,11 @@ TRACEPARENT: Final = b"traceparent"
 # What the first proxy of a request adds upstream, as one block (messages.HeaderTemplate): with tracing off, and on.
 NEW_REQUEST_ID: Final = HeaderTemplate((REQUEST_ID,))
 NEW_TRACE: Final = HeaderTemplate((REQUEST_ID, B3_TRACE_ID, B3_SPAN_ID, SAMPLED, TRACEPARENT))
-# The console's record of a finished request (meshproxy/console/recent.py reads it): one tuple appended to a bounded
-# deque, its fields in this order; everything else (texts, the route's policy) is worked out when someone looks.
-RECENT_FIELDS: Final = ("listener", "inbound", "time", "duration", "head", "route", "cluster", "endpoint", "attempts",
-                        "status", "flags", "details", "request_id", "trace", "retry_reasons", "body_size",
-                        "response_bytes")
+# The console's record of a finished request (meshproxy/console/records.py reads it): one tuple appended to a
+# bounded deque, its fields in this order, as the record holds them (times are time.monotonic()); everything
+# else (texts, wall-clock times, the route's policy) is worked out when someone looks.
+RECENT_FIELDS: Final = ("telemetry", "end", "start", "head", "route", "cluster", "endpoint", "attempts", "status",
+                        "flags", "details", "request_id", "trace", "retry_reasons", "body_size", "response_bytes")
 
 
 class MeshTelemetry:
@@ -307,11 +307,11 @@ class Telemetry:
 
     def on_complete(self, info: StreamInfo) -> None:
         recent = self.recent
-        if recent is not None:
-            recent.append((self.listener, self.inbound, time.time(), time.monotonic() - info.start, info.head,
-                           info.route, info.cluster, info.endpoint, info.attempts, info.status, info.flags,
-                           info.response_code_details(), info.request_id, info.trace,
-                           getattr(info, "retry_reasons", None), info.body_size, info.response_bytes))
+        if recent is not None:  # retry_reasons exists only on a retried request, and flags or attempts say so
+            retried = getattr(info, "retry_reasons", None) if info.flags or info.attempts > 1 else None
+            recent.append((self, time.monotonic(), info.start, info.head, info.route, info.cluster, info.endpoint,
+                           info.attempts, info.status, info.flags, info.details, info.request_id, info.trace, retried,
+                           info.body_size, info.response_bytes))
         if self.access_log.enabled:
             self.access_log.log(info, self.listener)
         metrics = self.metrics
