@@ -323,8 +323,7 @@ class ProxyAdmin:
         self.registry.register(_ProxyCollector(proxy))  # type: ignore[arg-type]
         if proxy.telemetry.metrics is not None:
             self.registry.register(proxy.telemetry.metrics)  # type: ignore[arg-type]  # Istio standard metrics
-        self.console_app = Console(LocalSource(proxy.settings.workload, proxy.telemetry, lambda: proxy.config,
-                                               lambda: generate_latest(self.registry)))
+        self.console_app: Console | None = None  # made when first asked
 
     async def ready(self) -> Reply:
         proxy = self.proxy
@@ -351,6 +350,10 @@ class ProxyAdmin:
         return Reply.text("OK\n")
 
     async def console(self, head: RequestHead) -> Reply:
+        if self.console_app is None:
+            proxy = self.proxy
+            self.console_app = Console(LocalSource(proxy.settings.workload, proxy.telemetry, lambda: proxy.config,
+                                                   lambda: generate_latest(self.registry)))
         return await console_reply(self.console_app, head)
 
     def extra_endpoints(self) -> Sequence[tuple[str, str, Handler]]:
