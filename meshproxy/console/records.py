@@ -189,7 +189,7 @@ def summary(trace_id: str, spans: list[dict[str, Any]]) -> dict[str, Any]:
     start = min(s["start_us"] for s in spans)
     end = max(s["start_us"] + s["duration_ms"] * 1000 for s in spans)
     roots = sorted((s for s in spans if s["parent_id"] not in ids), key=lambda s: s["start_us"])
-    root = roots[0]
+    root = roots[0] if roots else min(spans, key=lambda s: s["start_us"])  # ids that loop: the earliest span
     flags = sorted({f for s in spans for f in s["flags"].split(",") if f != "-"})
     return {"trace_id": trace_id, "root": root["name"], "root_service": root["service"],
             "services": sorted({s["service"] for s in spans}), "operations": sorted({s["name"] for s in spans}),
