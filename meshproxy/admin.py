@@ -254,7 +254,8 @@ class _AdminConnection:
     async def _reply(self, head: RequestHead) -> tuple[int, bytes, str, tuple[tuple[bytes, bytes], ...]]:
         methods = self.routes.get(head.path)
         if methods is None:
-            if self.console is not None and (head.path == CONSOLE_PREFIX or head.path.startswith(CONSOLE_PREFIX + b"/")):
+            path = head.path
+            if self.console is not None and (path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + b"/")):
                 if head.method not in (b"GET", b"HEAD"):
                     return 405, b"405: Method Not Allowed", TEXT, ((b"allow", b"GET,HEAD"),)
                 reply = await self.console(head)

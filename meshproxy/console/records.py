@@ -215,8 +215,8 @@ def search_traces(spans: Iterable[dict[str, Any]], service: str = "", operation:
 
 def trace_detail(trace_id: str, spans: Iterable[dict[str, Any]],
                  requests: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
-    """One trace's spans depth first (siblings by start time), each joined to the request the proxy recorded for it (by span id): its
-    route, fault, retries and explanation, which the span's tags alone do not carry."""
+    """One trace's spans depth first (siblings by start time), each joined to the request the proxy recorded for
+    it (by span id): its route, fault, retries and explanation, which the span's tags alone do not carry."""
     mine = [s for s in spans if s["trace_id"] == trace_id]
     if not mine:
         return None

@@ -157,6 +157,25 @@ async def walkthrough(demo: Demo, port: int) -> dict[str, Any]:
             seen["delay-rows"] = await tab.js(
                 "[...document.querySelectorAll('#request-list tr.request')].map(tr => tr.innerText)")
             seen["shots"].append(await screenshot(tab, "requests-delay"))
+
+            # Routing: reviews-v2's loaded files and routes, and which route jason's call to ratings takes.
+            await tab.send("Page.navigate", url=url + "#routing")
+            await tab.wait_for("document.querySelectorAll('#route-tables .proxy-routes').length === 1",
+                               "the first proxy's routes")
+            await tab.js("(() => { const s = document.querySelector('#which-route select[name=proxy]');"
+                         " s.value = 'reviews-v2'; s.dispatchEvent(new Event('change')); })()")
+            await tab.wait_for("document.querySelector('#route-tables .proxy-routes')?.dataset.proxy === 'reviews-v2'",
+                               "reviews-v2's routes")
+            await tab.type_into("#which-route input[name=authority]", "ratings:9080")
+            await tab.js("document.querySelector('#which-route input[name=path]').value = ''")
+            await tab.type_into("#which-route input[name=path]", "/ratings/0")
+            await tab.type_into("#which-route textarea[name=headers]", "end-user: jason")
+            await tab.click("#which-route button")
+            await tab.wait_for("document.querySelector('#route-answer').textContent.includes('chosen:')",
+                               "the which-route answer")
+            seen["route-answer"] = await tab.js("document.querySelector('#route-answer').textContent")
+            seen["route-tables"] = await tab.js("document.querySelector('#route-tables').innerText")
+            seen["shots"].append(await screenshot(tab, "routing"))
     return seen
 
 
@@ -200,6 +219,12 @@ def test_the_console_follows_the_bookinfo_tasks_in_chromium(demo: Demo, tmp_path
         assert "GET reviews:9080/reviews/0" in row and "subset v2" in row, row
         assert re.search(r"the caller closed the connection after [23]\.\d\ds, before the response was complete: DC",
                          row), row
+    # Routing: the answer is `meshproxy route`'s, for reviews-v2's sidecar.
+    answer = seen["route-answer"]
+    assert answer.startswith("reviews-v2: request GET /ratings/0  (authority 'ratings:9080', 1 header line(s))"), answer
+    assert "chosen: VirtualService default/ratings, http[0]" in answer, answer
+    assert "virtualservice.default.ratings.yaml" in seen["route-tables"], seen["route-tables"]
+    assert "fault: delay 7 s injected (100 % of requests)" in seen["route-tables"], seen["route-tables"]
     for shot in seen["shots"]:
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000, shot
 

@@ -40,7 +40,10 @@ async function get(path, params = {}) {
   return response.json();
 }
 
-const fmtMs = (ms) => ms === null || ms === undefined ? "–" : ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${ms.toFixed(ms < 10 ? 2 : 0)} ms`;
+const fmtMs = (ms) => {
+  if (ms === null || ms === undefined) return "–";
+  return ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${ms.toFixed(ms < 10 ? 2 : 0)} ms`;
+};
 const fmtRate = (rate) => rate === null || rate === undefined ? "– rps" : `${rate.toFixed(rate < 10 ? 2 : 1)} rps`;
 const fmtTime = (seconds) => {
   const d = new Date(seconds * 1000);
@@ -292,20 +295,30 @@ async function refreshRequests() {
 
 // ------------------------------------------------------------------ routing
 
+function routeTable(vhost) {
+  const header = el("tr", {}, ["#", "Route", "VirtualService", "Match", "Destination", "Timeout", "Retries", "Fault"]
+    .map((h) => el("th", {}, h)));
+  const rows = vhost.routes.map((r, i) => {
+    const flags = [r.fault?.delay_percent ? "DI" : "", r.fault?.abort_percent ? "FI" : ""].join(",");
+    return el("tr", {}, el("td", {}, i), el("td", {}, r.name),
+      el("td", {}, r.virtual_service ? `${r.virtual_service} http[${r.index}]` : "default"),
+      el("td", {}, r.match), el("td", {}, r.destination),
+      el("td", {}, r.timeout_seconds ? `${r.timeout_seconds} s` : "none"), el("td", {}, r.retries),
+      el("td", { class: "fault" }, r.fault ? faultText({ fault: r.fault, flags, route: null }) : ""));
+  });
+  return [el("h3", {}, `${vhost.name} `, el("span", { class: "muted" }, vhost.domains.join(", "))),
+    el("table", { class: "grid" }, header, rows)];
+}
+
 async function loadRoutes() {
   const chosen = $("#which-route select[name=proxy]").value;
   const { proxies } = await get("/routes");
-  $("#route-tables").replaceChildren(...proxies.filter((p) => !chosen || p.proxy === chosen).map((p) => el("div", { class: "proxy-routes", "data-proxy": p.proxy },
-    el("h2", {}, `${p.proxy} · config version ${p.version}`),
-    el("h3", {}, "Loaded files"), el("ul", {}, p.files.map((f) => el("li", {}, f))),
-    p.warnings.length ? el("ul", { class: "flags" }, p.warnings.map((w) => el("li", {}, w))) : null,
-    ...p.virtual_hosts.map((v) => [el("h3", {}, `${v.name} `, el("span", { class: "muted" }, v.domains.join(", "))),
-      el("table", { class: "grid" }, el("tr", {}, ["#", "Route", "VirtualService", "Match", "Destination", "Timeout",
-        "Retries", "Fault"].map((h) => el("th", {}, h))), v.routes.map((r, i) => el("tr", {},
-        el("td", {}, i), el("td", {}, r.name), el("td", {}, r.virtual_service ? `${r.virtual_service} http[${r.index}]` : "default"),
-        el("td", {}, r.match), el("td", {}, r.destination), el("td", {}, r.timeout_seconds ? `${r.timeout_seconds} s` : "none"),
-        el("td", {}, r.retries), el("td", { class: "fault" }, r.fault ? faultText({ fault: r.fault,
-          flags: [r.fault.delay_percent ? "DI" : "", r.fault.abort_percent ? "FI" : ""].join(","), route: null }) : ""))))]))));
+  $("#route-tables").replaceChildren(...proxies.filter((p) => !chosen || p.proxy === chosen).map((p) =>
+    el("div", { class: "proxy-routes", "data-proxy": p.proxy },
+      el("h2", {}, `${p.proxy} · config version ${p.version}`),
+      el("h3", {}, "Loaded files"), el("ul", {}, p.files.map((f) => el("li", {}, f))),
+      p.warnings.length ? el("ul", { class: "flags" }, p.warnings.map((w) => el("li", {}, w))) : null,
+      p.virtual_hosts.map(routeTable))));
 }
 
 async function whichRoute(event) {
