@@ -26,6 +26,8 @@ from .http1.server import CallbackHandler, ServerCodec
 from .http1.wire import CRLF, DATE, header_lines, status_line
 from .messages import RequestHead
 from .proxy.local_reply import protocol_error_body
+from .console.api import Console
+from .console.local import LocalSource
 from .routing.describe import describe_table
 
 if TYPE_CHECKING:
@@ -146,6 +148,8 @@ class AdminError(Exception):
 
 
 Handler = Callable[[], Awaitable[Reply]]
+RequestHandler = Callable[[RequestHead], Awaitable[Reply]]  # reads the path and query itself (the console)
+CONSOLE_PREFIX: Final = b"/console"
 
 
 class AdminBackend(Protocol):
@@ -157,6 +161,10 @@ class AdminBackend(Protocol):
     async def metrics(self) -> Reply: ...
     async def reload(self) -> Reply: ...
     async def quit(self) -> Reply: ...
+
+    async def console(self, head: RequestHead) -> Reply:
+        """Every path under /console (meshproxy/console/api.py)."""
+        ...
 
     def extra_endpoints(self) -> Sequence[tuple[str, str, Handler]]:
         """Paths only this kind of admin has (the supervisor's /workers); elsewhere they are 404."""
@@ -192,10 +200,11 @@ class _AdminConnection:
     """One admin client connection on the proxy's own HTTP/1.1 codec (no web framework in the proxy's memory):
     requests are answered one at a time, in order; a malformed one gets 400 and the connection closes."""
 
-    __slots__ = ("routes", "codec", "transport", "queue", "busy", "closed")
+    __slots__ = ("routes", "console", "codec", "transport", "queue", "busy", "closed")
 
-    def __init__(self, routes: dict[bytes, dict[bytes, Handler]]) -> None:
+    def __init__(self, routes: dict[bytes, dict[bytes, Handler]], console: RequestHandler | None) -> None:
         self.routes = routes
+        self.console = console
         self.codec = ServerCodec(CallbackHandler(self.on_request_head, self.on_request_body, self.on_request_end),
                                  ADMIN_HEAD_POLICY)
         self.transport: asyncio.Transport | None = None
@@ -245,6 +254,12 @@ class _AdminConnection:
     async def _reply(self, head: RequestHead) -> tuple[int, bytes, str, tuple[tuple[bytes, bytes], ...]]:
         methods = self.routes.get(head.path)
         if methods is None:
+            path = head.path
+            if self.console is not None and (path == CONSOLE_PREFIX or path.startswith(CONSOLE_PREFIX + b"/")):
+                if head.method not in (b"GET", b"HEAD"):
+                    return 405, b"405: Method Not Allowed", TEXT, ((b"allow", b"GET,HEAD"),)
+                reply = await self.console(head)
+                return reply.status, reply.body, reply.content_type, ()
             return 404, b"404: Not Found", TEXT, ()
         handler = methods.get(b"GET" if head.method == b"HEAD" and b"GET" in methods else head.method)
         if handler is None:
@@ -278,14 +293,20 @@ async def serve_admin(backend: AdminBackend, address: tuple[str, int], allow_rem
     """Check the address, then serve the backend's endpoints there. A GET path answers HEAD too; an unknown path
     is 404 and a wrong method 405 with `Allow`, the same on every admin port."""
     check_admin_address(address[0], allow_remote)
+    return await serve_routes(endpoints(backend), backend.console, address)
+
+
+async def serve_routes(handlers: Sequence[tuple[str, str, Handler]], console: RequestHandler | None,
+                       address: tuple[str, int]) -> AdminServer:
+    """Serve these paths (and /console/... by `console`) on the admin's router; the address is the caller's."""
     routes: dict[bytes, dict[bytes, Handler]] = {}
-    for method, path, handler in endpoints(backend):
+    for method, path, handler in handlers:
         allowed = routes.setdefault(path.encode(), {})
         allowed[method.encode()] = handler
         if method == "GET":
             allowed[b"HEAD"] = handler
     loop = asyncio.get_running_loop()
-    factory = cast(Callable[[], asyncio.Protocol], lambda: _AdminConnection(routes))
+    factory = cast(Callable[[], asyncio.Protocol], lambda: _AdminConnection(routes, console))
     server = await loop.create_server(factory, address[0], address[1])
     sock = server.sockets[0].getsockname()
     return AdminServer(server, (sock[0], sock[1]))
@@ -303,6 +324,7 @@ class ProxyAdmin:
         self.registry.register(_ProxyCollector(proxy))  # type: ignore[arg-type]
         if proxy.telemetry.metrics is not None:
             self.registry.register(proxy.telemetry.metrics)  # type: ignore[arg-type]  # Istio standard metrics
+        self.console_app: Console | None = None  # made when first asked
 
     async def ready(self) -> Reply:
         proxy = self.proxy
@@ -328,5 +350,17 @@ class ProxyAdmin:
         self.proxy.request_stop("admin /quitquitquit")
         return Reply.text("OK\n")
 
+    async def console(self, head: RequestHead) -> Reply:
+        if self.console_app is None:
+            proxy = self.proxy
+            self.console_app = Console(LocalSource(proxy.settings.workload, proxy.telemetry, lambda: proxy.config,
+                                                   lambda: generate_latest(self.registry)))
+        return await console_reply(self.console_app, head)
+
     def extra_endpoints(self) -> Sequence[tuple[str, str, Handler]]:
         return ()
+
+
+async def console_reply(console: Console, head: RequestHead) -> Reply:
+    answer = await console.answer(head.path.decode("latin-1"), head.query.decode("latin-1"))
+    return Reply(answer.status, answer.body, answer.content_type)

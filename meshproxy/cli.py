@@ -94,6 +94,12 @@ def _telemetry_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--otlp-endpoint", default=None, envvar="MESHPROXY_OTLP_ENDPOINT",
                      help="OTLP/HTTP traces URL  [default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "
                           "OTEL_EXPORTER_OTLP_ENDPOINT, else http://127.0.0.1:4318/v1/traces]"),
+        click.option("--console-requests", type=click.IntRange(0), default=200, show_default=True,
+                     envvar="MESHPROXY_CONSOLE_REQUESTS",
+                     help="Finished requests the admin's /console keeps in memory (0: off, nothing kept)."),
+        click.option("--console-spans", type=click.IntRange(0), default=2000, show_default=True,
+                     envvar="MESHPROXY_CONSOLE_SPANS",
+                     help="Sampled spans the admin's /console keeps in memory besides the OTLP export (0: off)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -417,28 +423,22 @@ def route(config: tuple[str, ...], headers: list[tuple[bytes, bytes]], method: s
     URL is absolute (http://reviews:9080/reviews/0); the authority comes from it. Exit 0 when routed,
     1 when the request would get 404 NR.
     """
-    from .http1.errors import ProtocolError
-    from .http1.head import build_request_head
     from .routing.compile import Identity, compile_table
-    from .routing.describe import explain_request
+    from .which_route import which_route
 
     _setup_logging("error")
     result = _load_or_exit(config, 2)
-    target = url if "://" in url else f"http://{url}"
-    try:
-        head = build_request_head(method.upper().encode("latin-1"), target.encode("latin-1"),
-                                  list(headers), "1.1", True)
-    except (ProtocolError, UnicodeEncodeError) as exc:
-        raise click.BadParameter(f"{url!r}: {exc}", param_hint="URL") from None
     identity = Identity(namespace=namespace, labels=labels,
                         gateways=tuple(g for item in gateways for g in item.replace(",", " ").split()) or ("mesh",))
     table, _ = compile_table(result.snapshot, identity)
-    query = f"?{head.query.decode('latin-1')}" if head.query else ""
-    click.echo(f"request: {head.method.decode()} {head.path.decode('latin-1')}{query}  "
-               f"(authority {head.authority.decode('latin-1')!r}, {len(head.headers)} header line(s))")
-    lines, chosen = explain_request(table, head)
-    for line in lines:
+    try:
+        answer = which_route(table, method, url, list(headers))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="URL") from None
+    click.echo(f"request: {answer.request}")
+    for line in answer.lines:
         click.echo(line)
+    chosen = answer.chosen
     sys.exit(0 if chosen is not None else 1)
 
 

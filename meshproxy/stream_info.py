@@ -147,8 +147,11 @@ class StreamInfo:
     __slots__ = (
         "head", "connection", "route", "cluster", "endpoint", "attempts", "reused_retries", "status", "flags",
         "details", "start", "body_size", "response_bytes", "request_id", "trace", "peer", "upstream_principal",
-        "transport_failure",
+        "transport_failure", "retry_reasons",
     )
+    # `retry_reasons` (why each retry was made, in order) is set only when the exchange retries: never assigned
+    # here, so a request that is not retried pays nothing for it; read it with getattr(info, "retry_reasons", ()).
+    retry_reasons: list[str]
 
     def __init__(self, head: RequestHead, connection: ConnectionInfo, start: float) -> None:
         self.head = head
@@ -171,8 +174,13 @@ class StreamInfo:
         self.transport_failure = ""  # Envoy's %UPSTREAM_TRANSPORT_FAILURE_REASON% of the failure answered (TLS_error...)
 
     def response_code_details(self) -> str:
-        if self.details:
-            return self.details
-        if self.status == 0:
-            return "-"
-        return VIA_UPSTREAM if self.cluster is not None else "direct_response"
+        return code_details(self.details, self.status, self.cluster is not None)
+
+
+def code_details(details: str, status: int, upstream: bool) -> str:
+    """%RESPONSE_CODE_DETAILS% of a record whose `details` were not set by a local reply."""
+    if details:
+        return details
+    if status == 0:
+        return "-"
+    return VIA_UPSTREAM if upstream else "direct_response"

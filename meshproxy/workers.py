@@ -48,6 +48,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .admin import AdminError, AdminServer, Handler, Reply, check_admin_address, serve_admin
 from .lifecycle import handle_signals, ignore_stop_signals
+from .messages import RequestHead
 from .settings import InboundSpec, Settings
 
 log = logging.getLogger("meshproxy.workers")
@@ -526,6 +527,11 @@ class SupervisorAdmin:
     async def quit(self) -> Reply:
         self.supervisor.stop("admin /quitquitquit")
         return Reply.text("OK\n")
+
+    async def console(self, head: RequestHead) -> Reply:
+        """Each worker keeps its own recent requests and spans: its admin port (GET /workers) serves its console."""
+        raise AdminError(404, "the console is per worker under --concurrency: open a worker's admin port "
+                              "(GET /workers lists them) at /console/\n")
 
     async def workers(self) -> Reply:
         supervisor = self.supervisor

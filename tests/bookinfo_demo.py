@@ -1,7 +1,7 @@
 """`meshproxy demo` as a test fixture: the real command in a subprocess, driven the way a user drives it.
 
 Used by tests/integration/test_bookinfo_walkthrough.py and tests/browser/. Start it once per module: it is
-13 processes and takes a few seconds to get ready.
+14 processes and takes a few seconds to get ready.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from .topology import (
     GATEWAY_SERVICE_ACCOUNT,
     INITIAL_FILES,
     Workload,
+    console_port,
     ingress_admin_port,
     layout,
     listen_ports,
@@ -102,11 +103,17 @@ class Demo:
             "--label", "istio=ingressgateway",
             "--cert-dir", str(self.certs / "istio-ingressgateway"),
         ])
+        # One console for the mesh: it reads every proxy's admin port (requests, spans, routes, metrics).
+        proxies = [f"--proxy={w.name}={w.admin_port}" for w in layout(self.base_port)]
+        proxies.append(f"--proxy=istio-ingressgateway={ingress_admin_port(self.base_port)}")
+        self._spawn("console", ["-m", "meshproxy.console.mesh", "--listen",
+                                f"127.0.0.1:{console_port(self.base_port)}", *proxies])
 
     def wait_ready(self, stopping: Callable[[], bool] = lambda: False) -> bool:
         """True once every app listens and every proxy is ready; False if `stopping()` became true first."""
         deadline = time.monotonic() + READY_TIMEOUT
-        admins = [w.admin_port for w in layout(self.base_port)] + [ingress_admin_port(self.base_port)]
+        admins = [w.admin_port for w in layout(self.base_port)] + [ingress_admin_port(self.base_port),
+                                                                   console_port(self.base_port)]
         apps = [w.app_port for w in layout(self.base_port)]
         while time.monotonic() < deadline:
             if stopping():
@@ -152,6 +159,8 @@ class Demo:
         lines = [
             "Bookinfo is running: 6 apps, each with its meshproxy sidecar, behind an ingress gateway.",
             f"  product page:   http://127.0.0.1:{self.ingress_port}/productpage",
+            f"  mesh console:   http://127.0.0.1:{console_port(self.base_port)}/console/  "
+            "(graph, traces, requests, routing)",
             f"  ingress admin:  http://127.0.0.1:{ingress_admin_port(self.base_port)}  "
             "(/stats/prometheus, /routes, /config_dump)",
         ]

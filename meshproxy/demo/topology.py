@@ -54,9 +54,15 @@ def ingress_admin_port(base: int = DEFAULT_BASE_PORT) -> int:
     return base + 99
 
 
+def console_port(base: int = DEFAULT_BASE_PORT) -> int:
+    """The mesh console (meshproxy.console.mesh), gathering every proxy's admin."""
+    return base + 98
+
+
 def listen_ports(base: int = DEFAULT_BASE_PORT, ingress: int = DEFAULT_INGRESS_PORT) -> list[tuple[int, str]]:
     """Every port the demo listens on, with what listens there."""
-    ports = [(ingress, "ingress gateway"), (ingress_admin_port(base), "ingress gateway admin")]
+    ports = [(ingress, "ingress gateway"), (ingress_admin_port(base), "ingress gateway admin"),
+             (console_port(base), "mesh console")]
     for w in layout(base):
         ports += [(w.app_port, f"{w.name} app"), (w.inbound_port, f"{w.name} sidecar inbound"),
                   (w.outbound_port, f"{w.name} sidecar outbound"), (w.admin_port, f"{w.name} sidecar admin")]

@@ -641,7 +641,7 @@ async def _connect(conn: Downstream, stream: Stream, target: EndpointState) -> b
         retry = stream.route.retry  # type: ignore[union-attr]
         if _should_retry(stream, state, retry, CONNECT_FAILURE, False):
             stream.retrying = True
-            return _back_off(conn, stream)
+            return _back_off(conn, stream, error.details())
         _give_up(stream, retry, CONNECT_FAILURE, False, error)
         return True
     _send(conn, stream, upstream, target)
@@ -730,7 +730,7 @@ def _after_failure(conn: Downstream, stream: Stream, upstream: UpstreamStream,
     retry = route.retry
     if isinstance(outcome, RetriableResponse):
         stream.retrying = True  # the retry slot was taken when the response was judged retriable
-        return _back_off(conn, stream)
+        return _back_off(conn, stream, f"retriable status {outcome.status}")
     if isinstance(outcome, UpstreamTimeoutError) and not outcome.per_try:
         _finish_timeout(stream)
         return True
@@ -746,7 +746,7 @@ def _after_failure(conn: Downstream, stream: Stream, upstream: UpstreamStream,
         return _attempt(conn, stream)
     if _should_retry(stream, state, retry, kind, True):
         stream.retrying = True
-        return _back_off(conn, stream)
+        return _back_off(conn, stream, "per_try_timeout" if kind == PER_TRY_TIMEOUT else outcome.details())
     _give_up(stream, retry, kind, True, outcome)
     return True
 
@@ -889,11 +889,15 @@ def _reply_overflow(stream: Stream) -> None:
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
-def _back_off(conn: Downstream, stream: Stream) -> bool:
+def _back_off(conn: Downstream, stream: Stream, reason: str) -> bool:
     """Spend one retry and wait its jittered back-off in a task, then attempt again; if the route timeout ends
-    first, wait for it and answer 504 instead."""
+    first, wait for it and answer 504 instead. `reason` (why the attempt is retried) goes to the record."""
     route = stream.route
     assert route is not None
+    try:  # only a retried request has the list (StreamInfo.retry_reasons)
+        stream.retry_reasons.append(reason)
+    except AttributeError:
+        stream.retry_reasons = [reason]
     stream.retries_left -= 1
     wait = backoff(route.retry, stream.attempts, conn.random)
     deadline = stream.deadline

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import atexit
 import logging
+from collections import deque
 import os
 import random
 import time
 from binascii import hexlify
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ..messages import HeaderBlock, HeaderTemplate, constant_block, template_of
 from ..stream_info import StreamInfo, flags_text
@@ -95,6 +96,11 @@ TRACEPARENT: Final = b"traceparent"
 # What the first proxy of a request adds upstream, as one block (messages.HeaderTemplate): with tracing off, and on.
 NEW_REQUEST_ID: Final = HeaderTemplate((REQUEST_ID,))
 NEW_TRACE: Final = HeaderTemplate((REQUEST_ID, B3_TRACE_ID, B3_SPAN_ID, SAMPLED, TRACEPARENT))
+# The console's record of a finished request (meshproxy/console/records.py reads it): one tuple appended to a
+# bounded deque, its fields in this order, as the record holds them (times are time.monotonic()); everything
+# else (texts, wall-clock times, the route's policy) is worked out when someone looks.
+RECENT_FIELDS: Final = ("telemetry", "end", "start", "head", "route", "cluster", "endpoint", "attempts", "status",
+                        "flags", "details", "request_id", "trace", "retry_reasons", "body_size", "response_bytes")
 
 
 class MeshTelemetry:
@@ -104,7 +110,8 @@ class MeshTelemetry:
 
     def __init__(self, own: Workload, labels: Mapping[str, str] | None = None, *, metrics: bool = True,
                  tracing: bool = True, sampling: float = DEFAULT_SAMPLING, recorder: SpanRecorder | None = None,
-                 node: str = "", rng: random.Random | None = None) -> None:
+                 node: str = "", rng: random.Random | None = None, recent: int = 0) -> None:
+        """`recent`: how many finished requests the console keeps (0: none, and nothing is done per request)."""
         if not 0.0 <= sampling <= 100.0:
             raise ValueError(f"tracing sampling must be a percentage from 0 to 100, not {sampling}")
         self.own = own
@@ -116,6 +123,7 @@ class MeshTelemetry:
         self.node_id = node or node_id(own.workload, own.namespace)
         self.randbits = (rng or random.Random(int.from_bytes(os.urandom(16), "big"))).getrandbits
         self.peers = PeerCache()
+        self.recent: deque[tuple[Any, ...]] | None = deque(maxlen=recent) if recent > 0 else None
         self.metadata: tuple[tuple[bytes, bytes], ...] = ()
         if metrics:
             self.metadata = ((PEER_METADATA_ID, self.node_id.encode()),
@@ -146,13 +154,14 @@ class MeshTelemetry:
 
             exporter = otlp_exporter(settings.otlp_endpoint)
             service_name = f"{labels.get('app') or own.workload}.{own.namespace}"  # Istio's service cluster
-            recorder = SpanRecorder.batched(exporter, service_name)
+            recorder = SpanRecorder.batched(exporter, service_name, settings.console_spans)
             log.info("tracing: %s%% of new traces sampled (incoming B3/W3C decisions honoured); "
                      "spans by OTLP/HTTP to %s", f"{settings.tracing_sampling:g}", exporter.endpoint)
         else:
             log.info("tracing: off (trace headers are forwarded unchanged)")
         mesh = cls(own, labels, metrics=settings.metrics, tracing=settings.tracing,
-                   sampling=settings.tracing_sampling, recorder=recorder, node=node)
+                   sampling=settings.tracing_sampling, recorder=recorder, node=node,
+                   recent=settings.console_requests)
         if mesh.metrics is not None:
             log.info("metrics: Istio standard metrics at /stats/prometheus as %s.%s (cluster %s)",
                      own.workload, own.namespace, own.cluster)
@@ -180,7 +189,7 @@ class Telemetry:
 
     __slots__ = ("listener", "direction", "access_log", "strip_request", "mesh", "inbound", "watched", "tracing",
                  "metrics", "request_peer_headers", "response_extra", "reads_response", "randbits", "series", "clusters",
-                 "peers", "peer_cache", "table", "address", "seen_table", "service", "operation")
+                 "peers", "peer_cache", "table", "address", "seen_table", "service", "operation", "recent")
 
     def __init__(self, listener: str, direction: str, access_log: AccessLog, mesh: MeshTelemetry | None = None, *,
                  table: Callable[[], RouteTable] | None = None, address: tuple[str, int] | None = None) -> None:
@@ -220,6 +229,7 @@ class Telemetry:
         self.seen_table: object = self  # never a table: the first use resolves
         self.service = UNKNOWN_SERVICE
         self.operation = ""
+        self.recent = mesh.recent if mesh is not None else None  # the console's last requests (RECENT_FIELDS)
 
     # ---- hooks
 
@@ -302,6 +312,12 @@ class Telemetry:
         return [(n, v) for n, v in headers if n not in PEER_HEADERS] if found else headers
 
     def on_complete(self, info: StreamInfo) -> None:
+        recent = self.recent
+        if recent is not None:  # retry_reasons exists only on a retried request, and flags or attempts say so
+            retried = getattr(info, "retry_reasons", None) if info.flags or info.attempts > 1 else None
+            recent.append((self, time.monotonic(), info.start, info.head, info.route, info.cluster, info.endpoint,
+                           info.attempts, info.status, info.flags, info.details, info.request_id, info.trace, retried,
+                           info.body_size, info.response_bytes))
         if self.access_log.enabled:
             self.access_log.log(info, self.listener)
         metrics = self.metrics

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import threading
+from collections import deque
 from collections.abc import Mapping, Sequence
 
 from opentelemetry import trace as trace_api
@@ -147,11 +148,32 @@ def otlp_exporter(explicit_endpoint: str | None) -> ReportingExporter:
     return ReportingExporter(LazyOTLPExporter(resolve_endpoint(explicit_endpoint)), describe_endpoint(explicit_endpoint))
 
 
+class SpanBuffer(SpanProcessor):
+    """The console's recent spans: a second span processor beside the OTLP one, keeping the last `size` ended spans
+    in memory (a deque append on the event loop thread, no copy; the console reads them when asked)."""
+
+    def __init__(self, size: int) -> None:
+        self.spans: deque[ReadableSpan] = deque(maxlen=size)
+
+    def on_start(self, span: object, parent_context: object = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.spans.append(span)
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
 class SpanRecorder:
     """Turns finished, sampled requests into SDK spans. One per process."""
 
     def __init__(self, processor: SpanProcessor, service_name: str, exporter: ReportingExporter | None = None,
-                 ) -> None:
+                 keep: int = 0) -> None:
+        """`keep`: spans kept in memory for the console (`buffer`), besides the export; 0 keeps none."""
         self.processor = processor
         self.exporter = exporter
         self._ids = _PresetIds()
@@ -159,16 +181,19 @@ class SpanRecorder:
         self.provider = TracerProvider(resource=resource, id_generator=self._ids, sampler=ALWAYS_ON,
                                        shutdown_on_exit=False)
         self.provider.add_span_processor(processor)
+        self.buffer = SpanBuffer(keep) if keep > 0 else None
+        if self.buffer is not None:
+            self.provider.add_span_processor(self.buffer)
         self.tracer = self.provider.get_tracer("meshproxy")
         self.closed = False
 
     @classmethod
-    def batched(cls, exporter: ReportingExporter, service_name: str) -> SpanRecorder:
+    def batched(cls, exporter: ReportingExporter, service_name: str, keep: int = 0) -> SpanRecorder:
         # The export thread encodes a batch (up to 512 spans) in Python, holding the GIL; at the default 5 ms switch
         # interval the event loop waits up to 5 ms for it each time it wants the GIL back, which showed in p99 under
         # load. A shorter interval interleaves an export with the requests instead.
         sys.setswitchinterval(min(sys.getswitchinterval(), EXPORT_SWITCH_INTERVAL))
-        return cls(BatchSpanProcessor(exporter), service_name, exporter)
+        return cls(BatchSpanProcessor(exporter), service_name, exporter, keep)
 
     def record(self, name: str, server: bool, trace_id: int, span_id: int, parent_id: int | None, start_ns: int,
                end_ns: int, attributes: dict[str, str], error: bool) -> None:

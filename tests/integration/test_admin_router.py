@@ -55,6 +55,9 @@ class StandIn:
     async def extra(self) -> Reply:
         return await self._answer("extra")
 
+    async def console(self, head: Any) -> Reply:  # every path under /console, with its query
+        return await self._answer(f"console {head.path.decode()}?{head.query.decode()}")
+
     def extra_endpoints(self) -> Sequence[tuple[str, str, Handler]]:
         return (("GET", "/extra", self.extra),)
 
@@ -78,12 +81,14 @@ def test_the_router_maps_paths_and_writes_replies_and_errors() -> None:
             assert server.address[0] == "127.0.0.1" and server.address[1] > 0
             asks = [("GET", "/ready"), ("HEAD", "/ready"), ("GET", "/config_dump"), ("GET", "/stats/prometheus"),
                     ("POST", "/reload"), ("POST", "/quitquitquit"), ("GET", "/extra"), ("GET", "/nope"),
-                    ("POST", "/ready"), ("GET", "/reload")]
+                    ("POST", "/ready"), ("GET", "/reload"), ("GET", "/console/api/graph?window=5"),
+                    ("POST", "/console/api/graph"), ("GET", "/consoles")]
             return [await asyncio.to_thread(exchange, server.address[1], m, p) for m, p in asks]
         finally:
             await server.close()
 
-    ready, head, dump, metrics, reload, quit_, extra, unknown, post_ready, get_reload = asyncio.run(body())
+    (ready, head, dump, metrics, reload, quit_, extra, unknown, post_ready, get_reload, console, post_console,
+     not_console) = asyncio.run(body())
     assert ready[:2] == (200, b"ready\n") and ready[2]["content-type"] == "text/plain; charset=utf-8"
     assert head[:2] == (200, b"")
     assert dump[:2] == (200, b'{\n  "a": 1\n}') and dump[2]["content-type"] == "application/json; charset=utf-8"
@@ -93,7 +98,10 @@ def test_the_router_maps_paths_and_writes_replies_and_errors() -> None:
     assert unknown[:2] == (404, b"404: Not Found")
     assert post_ready[0] == 405 and post_ready[2]["allow"] == "GET,HEAD"
     assert get_reload[0] == 405 and get_reload[2]["allow"] == "POST"
-    assert backend.calls == ["ready", "ready", "quit", "extra"]
+    assert console[:2] == (200, b"console /console/api/graph?window=5\n")
+    assert post_console[0] == 405 and post_console[2]["allow"] == "GET,HEAD"
+    assert not_console[:2] == (404, b"404: Not Found")
+    assert backend.calls == ["ready", "ready", "quit", "extra", "console /console/api/graph?window=5"]
 
 
 def test_the_router_refuses_a_non_loopback_address_before_binding() -> None:

@@ -1,6 +1,6 @@
 """The README walkthrough over HTTP: one `meshproxy demo`, its routing changed step by step by `demo apply`.
 
-The demo starts once for the module (13 processes); the tests run in file order, but each applies what it
+The demo starts once for the module (14 processes); the tests run in file order, but each applies what it
 needs, so any one of them also runs alone. Every apply waits until every proxy's /config_dump holds the new
 state (hot reload), then looks at the product page through the ingress gateway, as a reader would.
 """
@@ -138,7 +138,7 @@ def test_apply_is_kubectl_apply_and_tells_problems_against_the_given_file(tmp_pa
 
 def test_starts_with_every_process_and_the_initial_routing(demo: Demo, traffic: Traffic) -> None:
     assert set(demo.admins) == {*WORKLOADS, "istio-ingressgateway"}
-    assert len(demo.children) == 13  # 6 apps, 6 sidecars, 1 ingress
+    assert len(demo.children) == 14  # 6 apps, 6 sidecars, 1 ingress, the mesh console
     state = demo.state()
     assert [name for _, name, _ in state["VirtualService"]] == ["bookinfo"]  # the gateway's, nothing else
     assert [name for _, name, _ in state["Gateway"]] == ["bookinfo-gateway"]
