@@ -2,12 +2,15 @@
 
 Bodies and details are Envoy 1.40's own strings, so clients, dashboards and tests written against Istio see the
 same answers (router.cc onUpstreamReset / sendNoHealthyUpstreamResponse, fault_filter.cc, conn_manager_impl.cc).
-An upstream reset is detailed as Envoy does it: `upstream_reset_before_response_started{<reset reason>[,<transport
-failure reason>]}` with spaces made underscores, e.g. `...{remote_connection_failure,delayed_connect_error:_111}`.
+An upstream reset is detailed as Envoy 1.40 does it, checked against Envoy itself
+(tests/integration/test_security_envoy.py): `upstream_reset_before_response_started{<reset reason>[|<transport
+failure reason>]}` with spaces made underscores, e.g. `...{remote_connection_failure|delayed_connect_error:_Connection
+_refused}`; the body names the reset reason only.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Final
 
@@ -19,10 +22,16 @@ RESET_BEFORE: Final = "upstream_reset_before_response_started"
 RESET_AFTER: Final = "upstream_reset_after_response_started"
 
 
-def reset_details(started: bool, reason: str, transport: str = "", separator: str = ",") -> str:
+def reset_details(started: bool, reason: str, transport: str = "") -> str:
     """Envoy's details for an upstream reset: the reason (and transport failure), spaces as underscores."""
-    inside = f"{reason}{separator}{transport}" if transport else reason
+    inside = f"{reason}|{transport}" if transport else reason
     return f"{RESET_AFTER if started else RESET_BEFORE}{{{inside}}}".replace(" ", "_")
+
+
+def connect_error(code: int | None) -> str:
+    """Envoy's transport failure reason for a failed connect: the error's text (`delayed connect error: Connection
+    refused`, written `delayed_connect_error:_Connection_refused` in details and logs)."""
+    return f"delayed connect error: {os.strerror(code) if code else 'unknown'}"
 
 
 class UpstreamError(Exception):
@@ -35,8 +44,7 @@ class UpstreamError(Exception):
 
     def body(self, retried: bool) -> bytes:
         lead = "retried and the latest " if retried else ""
-        transport = f", transport failure reason: {self.transport}" if self.transport else ""
-        return f"{RESET_PREFIX}{lead}reset reason: {self.reason}{transport}".encode()
+        return f"{RESET_PREFIX}{lead}reset reason: {self.reason}".encode()
 
     def details(self, started: bool = False) -> str:
         return reset_details(started, self.reason, self.transport)
@@ -52,16 +60,8 @@ class ConnectFailureError(UpstreamError):
 
 
 class TLSFailureError(ConnectFailureError):
-    """The upstream TLS handshake failed, or the server's certificate is not one the cluster accepts: 503 UF. As
-    Envoy 1.40 answers it (tests/integration/test_security_envoy.py): the body names the reset reason only, the
-    details add the transport failure reason (`TLS_error:|...:TLS_error_end`) after a `|`."""
-
-    def body(self, retried: bool) -> bytes:
-        lead = "retried and the latest " if retried else ""
-        return f"{RESET_PREFIX}{lead}reset reason: {self.reason}".encode()
-
-    def details(self, started: bool = False) -> str:
-        return reset_details(started, self.reason, self.transport, "|")
+    """The upstream TLS handshake failed, or the server's certificate is not one the cluster accepts: 503 UF, the
+    transport failure reason `TLS_error:|...:TLS_error_end` (security/client_tls.py)."""
 
 
 class ConnectionTerminationError(UpstreamError):

@@ -30,6 +30,7 @@ from .local_reply import (
     UpstreamError,
     UpstreamOverflowError,
     UpstreamProtocolError,
+    connect_error,
 )
 
 if TYPE_CHECKING:
@@ -345,9 +346,9 @@ class UpstreamPool:
             raise ConnectFailureError("connection timeout") from None
         except ConnectionRefusedError as exc:
             raise ConnectFailureError("remote connection failure",
-                                      f"delayed connect error: {exc.errno or errno.ECONNREFUSED}") from None
+                                      connect_error(exc.errno or errno.ECONNREFUSED)) from None
         except OSError as exc:
-            raise ConnectFailureError("remote connection failure", f"delayed connect error: {exc.errno}") from None
+            raise ConnectFailureError("remote connection failure", connect_error(exc.errno)) from None
         self.opened += 1
         return cast(UpstreamConnection, connected)
 
@@ -370,11 +371,11 @@ class UpstreamPool:
             raise ConnectFailureError("connection timeout") from None
         except ConnectionRefusedError as exc:
             raise ConnectFailureError("remote connection failure",
-                                      f"delayed connect error: {exc.errno or errno.ECONNREFUSED}") from None
+                                      connect_error(exc.errno or errno.ECONNREFUSED)) from None
         except (ssl.SSLError, ConnectionResetError, ConnectionAbortedError, EOFError) as exc:
             raise TLSFailureError("remote connection failure", handshake_failure_reason(exc)) from None
         except OSError as exc:
-            raise ConnectFailureError("remote connection failure", f"delayed connect error: {exc.errno}") from None
+            raise ConnectFailureError("remote connection failure", connect_error(exc.errno)) from None
         conn = cast(UpstreamConnection, connected)
         ssl_object = transport.get_extra_info("ssl_object")
         failure = tls.check_peer(ssl_object)

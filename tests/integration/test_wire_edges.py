@@ -162,7 +162,7 @@ def test_connect_failure_flags_in_envoys_order_with_envoys_details(tmp_path: Pat
         entry = proxy.access_entries(1)[0]
         assert entry["response_flags"] == "UF,URX"
         assert entry["response_code_details"] == (
-            "upstream_reset_before_response_started{remote_connection_failure,delayed_connect_error:_111}")
+            "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}")
         with urllib.request.urlopen(proxy.admin + "/stats/prometheus", timeout=5) as response:
             assert 'response_flags="UF,URX"' in response.read().decode()
     finally:

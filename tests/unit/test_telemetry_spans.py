@@ -168,7 +168,7 @@ def test_text_access_log_is_istios_default_format() -> None:
 
 
 def test_access_log_flags_and_details_of_local_replies() -> None:
-    refused = "upstream_reset_before_response_started{remote_connection_failure,delayed_connect_error:_111}"
+    refused = "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}"
     f = ISTIO_TEXT.match(_logged("text", 503, ["URX", "UF"], CLUSTER, refused).rstrip("\n"))
     assert f and f["flags"] == "UF,URX" and f["details"] == refused  # Envoy's fixed flag order, whatever came first
     f = ISTIO_TEXT.match(_logged("text", 503, ["FI"], None, "fault_filter_abort").rstrip("\n"))
