@@ -94,9 +94,10 @@ def _telemetry_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--otlp-endpoint", default=None, envvar="MESHPROXY_OTLP_ENDPOINT",
                      help="OTLP/HTTP traces URL  [default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "
                           "OTEL_EXPORTER_OTLP_ENDPOINT, else http://127.0.0.1:4318/v1/traces]"),
-        click.option("--console-requests", type=click.IntRange(0), default=200, show_default=True,
+        click.option("--console-requests", type=click.IntRange(0), default=0, show_default=True,
                      envvar="MESHPROXY_CONSOLE_REQUESTS",
-                     help="Finished requests the admin's /console keeps in memory (0: off, nothing kept)."),
+                     help="Finished requests the admin's /console keeps in memory (0: off, nothing kept; "
+                          "`meshproxy demo` keeps 200)."),
         click.option("--console-spans", type=click.IntRange(0), default=2000, show_default=True,
                      envvar="MESHPROXY_CONSOLE_SPANS",
                      help="Sampled spans the admin's /console keeps in memory besides the OTLP export (0: off)."),

@@ -83,7 +83,8 @@ class Demo:
         config = str(state.config_dir(self.demo_dir))
         # Every trace sampled, as Istio's demo profile does, so a Jaeger on 127.0.0.1:4318 shows them all.
         common = ["--config", config, "--watch-interval", "0.5", "--access-log", self.access_log,
-                  "--drain-time", "2", "--tracing-sampling", "100"]
+                  "--drain-time", "2", "--tracing-sampling", "100",
+                  "--console-requests", "200"]
         for w in layout(self.base_port):
             self._spawn(w.name, ["-m", "meshproxy.demo.bookinfo", w.service, "--version", w.version,
                                  "--port", str(w.app_port), "--proxy", f"http://127.0.0.1:{w.outbound_port}",

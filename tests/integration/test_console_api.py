@@ -70,7 +70,8 @@ def start(tmp_path: Path, upstreams: tuple[Upstream, Upstream], *args: str) -> P
                  ROUTING)
     dead = f"http://127.0.0.1:{free_port()}/v1/traces"  # spans are kept for the console whatever the collector does
     return ProxyProcess(folder, args=["--workload", "web-v1", "--label", "app=web", "--label", "version=v1",
-                                      "--tracing-sampling", "100", "--otlp-endpoint", dead, "--seed", "7", *args])
+                                      "--tracing-sampling", "100", "--otlp-endpoint", dead, "--seed", "7",
+                                      "--console-requests", "200", *args])
 
 
 def send(proxy: ProxyProcess, path: str, headers: dict[str, str] | None = None) -> int:
