@@ -28,6 +28,9 @@ log = logging.getLogger("meshproxy.http1")
 
 NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to: on_message_begin gives each head its own list
 HEAD_SLACK: Final = 4096  # bytes of a head beyond max_header_bytes before 431 (the request line, separators)
+# The start of HTTP/2's connection preface (RFC 9113 3.4): llhttp stops on it; the transport may switch to HTTP/2.
+H2_PREFACE_START: Final = b"PRI * HTTP/2.0\r\n\r\n"
+H2_PREFACE_DETAIL: Final = "http1.http2_preface"
 
 
 class CallbackHandler(RequestEvents):
@@ -111,7 +114,9 @@ class ServerCodec:
             return
         except httptools.HttpParserInvalidMethodError:
             raise ProtocolError(400, "http1.invalid_method") from None
-        except httptools.HttpParserError:
+        except httptools.HttpParserError as exc:
+            if str(exc).startswith("Pause on PRI"):
+                raise ProtocolError(400, H2_PREFACE_DETAIL) from None  # h2c with prior knowledge
             raise ProtocolError(400, "http1.codec_error") from None
         if self.in_head and self.head_fed > self.max_head_bytes + HEAD_SLACK:
             raise HEADERS_TOO_LARGE

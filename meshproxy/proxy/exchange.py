@@ -118,6 +118,10 @@ class Downstream(Connection):
     def send_response_end(self) -> None:
         raise NotImplementedError
 
+    def send_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """The response ends with trailers; HTTP/1.1 drops them (Envoy's default, without enable_trailers)."""
+        self.send_response_end()
+
     def flush(self) -> None:
         raise NotImplementedError
 
@@ -151,7 +155,7 @@ class Stream(StreamInfo, ResponseSink):
         "conn", "pending", "pending_size", "request_complete", "upstream", "response_started",
         "response_complete", "request_mutation", "response_mutation", "sent", "replayable", "retries_left", "timer",
         "sent_at", "upstream_extra", "cluster_state", "downstream_extra", "target", "tried", "deadline", "hash_key",
-        "avoid_previous", "retrying", "second_chance", "ended",
+        "avoid_previous", "retrying", "second_chance", "ended", "request_trailers",
     )
 
     def __init__(self, conn: Downstream, head: RequestHead, connection: ConnectionInfo, start: float) -> None:
@@ -182,6 +186,7 @@ class Stream(StreamInfo, ResponseSink):
         self.retrying = False  # holds a retry slot of the cluster (maxRetries, retry budget)
         self.second_chance = conn.ctx.retry_reused  # one free retry when a reused connection turns out closed
         self.ended = False
+        self.request_trailers: list[tuple[bytes, bytes]] | None = None
 
     # ---- request body, from the downstream transport
 
@@ -205,6 +210,12 @@ class Stream(StreamInfo, ResponseSink):
         self.request_complete = True
         if self.upstream is not None:
             self.upstream.end_body()
+
+    def on_request_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.request_complete = True
+        self.request_trailers = trailers  # kept for a retry
+        if self.upstream is not None:
+            self.upstream.send_trailers(trailers)
 
     # ---- response, from the upstream connection (ResponseSink)
 
@@ -247,6 +258,10 @@ class Stream(StreamInfo, ResponseSink):
 
     def on_response_end(self) -> None:
         self.conn.send_response_end()
+        self.response_complete = True
+
+    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.conn.send_response_trailers(trailers)
         self.response_complete = True
 
     def on_upstream_error(self, error: UpstreamError) -> None:
@@ -600,7 +615,10 @@ def _send(conn: Downstream, stream: Stream, upstream: UpstreamStream, target: En
     if conn.read_paused & READ_PAUSED_BY_BUFFER:
         conn.resume_reading(READ_PAUSED_BY_BUFFER)
     if stream.request_complete:
-        upstream.end_body()
+        if stream.request_trailers is None:
+            upstream.end_body()
+        else:
+            upstream.send_trailers(stream.request_trailers)
 
 
 def attempt_over(stream: Stream, outcome: UpstreamError | None) -> None:
@@ -736,6 +754,9 @@ class _MirrorSink(ResponseSink):
     def on_response_end(self) -> None:
         if not self.done.done():
             self.done.set_result(None)
+
+    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.on_response_end()
 
     def on_upstream_error(self, error: UpstreamError) -> None:
         if not self.done.done():

@@ -36,7 +36,7 @@ import time
 from typing import Final, cast
 
 from ..http1.errors import ProtocolError
-from ..http1.server import ServerCodec
+from ..http1.server import H2_PREFACE_DETAIL, H2_PREFACE_START, ServerCodec
 from ..http1.wire import CONTINUE_100, LAST_CHUNK, chunk, local_reply, response_head
 from ..messages import HTTP11, RequestEvents, RequestHead
 from ..stream_info import DC, ConnectionInfo
@@ -127,6 +127,8 @@ class DownstreamProtocol(Downstream, RequestEvents):
         try:
             self.codec.feed(data)
         except ProtocolError as error:
+            if error.detail == H2_PREFACE_DETAIL and self._switch_to_http2(data):
+                return
             self._protocol_error(error)
             return
         if self.codec.head_started and not self.head_deadline and self.header_timeout:
@@ -135,6 +137,23 @@ class DownstreamProtocol(Downstream, RequestEvents):
 
     def eof_received(self) -> bool | None:
         return None  # the transport closes itself
+
+    def _switch_to_http2(self, data: bytes) -> bool:
+        """The connection opened with HTTP/2's preface (h2c, prior knowledge): hand the transport to an HTTP/2
+        connection, with every byte read so far (the codec counted those of the head in progress)."""
+        if self.streams or self.parsing is not None or self.transport is None:
+            return False
+        seen = H2_PREFACE_START[:max(0, self.codec.head_fed - len(data))] + data
+        if not seen.startswith(H2_PREFACE_START):
+            return False
+        from .h2_listener import H2DownstreamConnection  # HTTP/2 code is loaded by the first HTTP/2 client
+
+        self.closed = True  # this object hears nothing more from the transport
+        self._cancel_timer()
+        self.ctx.connections.discard(self)
+        counted, self.counted = self.counted, False
+        H2DownstreamConnection(self.ctx, self.transport, self.info, counted).take_over(seen)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

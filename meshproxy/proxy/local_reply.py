@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..http1.errors import ProtocolError
+from ..messages import RequestHead
 from ..stream_info import DPE, NC, NR, SI, UC, UF, UH, UO, UPE, UT
 
 RESET_PREFIX: Final = "upstream connect error or disconnect/reset before headers. "
@@ -149,3 +150,59 @@ def protocol_error_flag(error: ProtocolError) -> int:
 def stream_idle_timeout(request_complete: bool) -> ProtocolError:
     return ProtocolError(504 if request_complete else 408, STREAM_IDLE_TIMEOUT)
 
+
+
+# ---- gRPC-shaped local replies (Envoy's Utility::sendLocalReply with is_grpc, Grpc::Utility::httpToGrpcStatus)
+
+GRPC_CONTENT_TYPE: Final = b"application/grpc"
+GRPC_STATUS: Final = b"grpc-status"
+GRPC_MESSAGE: Final = b"grpc-message"
+GRPC_UNKNOWN: Final = 2
+_HTTP_TO_GRPC: Final = {
+    400: 13,  # INTERNAL
+    401: 16,  # UNAUTHENTICATED
+    403: 7,  # PERMISSION_DENIED
+    404: 12,  # UNIMPLEMENTED
+    429: 14,  # UNAVAILABLE
+    502: 14,
+    503: 14,
+    504: 14,
+}
+
+
+def is_grpc(head: RequestHead) -> bool:
+    """A gRPC request (content-type application/grpc, +proto, +json...), as Envoy's Grpc::Common::isGrpcRequestHeaders."""
+    content_type = head.header(b"content-type")
+    return content_type is not None and content_type.startswith(GRPC_CONTENT_TYPE) and \
+        (len(content_type) == len(GRPC_CONTENT_TYPE) or content_type[len(GRPC_CONTENT_TYPE)] in b"+;")
+
+
+def http_to_grpc_status(status: int) -> int:
+    return _HTTP_TO_GRPC.get(status, GRPC_UNKNOWN)
+
+
+def grpc_local_reply_headers(status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...]
+                             ) -> list[tuple[bytes, bytes]]:
+    """The header block of a trailers-only gRPC reply (HTTP 200 goes with it): `grpc-status` mapped from the HTTP
+    status unless the reply names one (a fault's abort.grpcStatus), `grpc-message` the body, percent-encoded."""
+    out: list[tuple[bytes, bytes]] = []
+    has_status = False
+    for name, value in extra:
+        if name == GRPC_STATUS:
+            has_status = True
+        elif name == b"content-type":
+            continue
+        out.append((name, value))
+    out.insert(0, (b"content-type", GRPC_CONTENT_TYPE))
+    if not has_status:
+        out.append((GRPC_STATUS, b"%d" % http_to_grpc_status(status)))
+        if body:
+            out.append((GRPC_MESSAGE, grpc_percent_encode(body)))
+    return out
+
+
+def grpc_percent_encode(text: bytes) -> bytes:
+    """gRPC's grpc-message encoding (Envoy's PercentEncoding::encode): `%` and bytes outside 0x20-0x7E as %XX."""
+    if all(0x20 <= byte <= 0x7E and byte != 0x25 for byte in text):
+        return text
+    return b"".join(bytes((byte,)) if 0x20 <= byte <= 0x7E and byte != 0x25 else b"%%%02X" % byte for byte in text)

@@ -88,6 +88,10 @@ class UpstreamStream:
     def end_body(self) -> None:
         raise NotImplementedError
 
+    def send_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """End the request with trailers; HTTP/1.1 drops them (Envoy's default, without enable_trailers)."""
+        self.end_body()
+
     def pause_reading(self) -> None:
         raise NotImplementedError
 
