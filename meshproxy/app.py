@@ -16,7 +16,7 @@ from .istio.load import load
 from .istio.model import Snapshot
 from .istio.problems import Problem
 from .lifecycle import ConfigReloader, ConfigState, handle_signals, ignore_stop_signals
-from .proxy.balancer import Clusters
+from .proxy.balancer import Clusters, ClusterState
 from .proxy.downstream import (
     EDGE_GATEWAY,
     EDGE_INBOUND,
@@ -26,7 +26,7 @@ from .proxy.downstream import (
     listener_limits,
 )
 from .proxy.listener import DownstreamProtocol
-from .proxy.upstream import UpstreamPool
+from .proxy.upstream import MultiplexedPool, UpstreamPool
 from .routing.cluster import Cluster, Endpoint
 from .routing.compile import Identity, compile_table
 from .routing.match import CATCH_ALL
@@ -45,6 +45,13 @@ log = logging.getLogger("meshproxy")
 INBOUND_SERVER = HeaderMutation(set=((b"server", b"istio-envoy"),))
 # Istio's inbound route retry: only what cannot have reached the app (ConvertInboundPolicy).
 INBOUND_RETRY = RetryPolicy.compile(2, "reset-before-request,connect-failure")
+
+
+def http2_pool(pool: UpstreamPool, key: tuple[str, str, int], state: ClusterState) -> MultiplexedPool:
+    """An endpoint's HTTP/2 connections; the HTTP/2 code loads with the first cluster that needs it."""
+    from .proxy.h2_upstream import H2EndpointPool
+
+    return H2EndpointPool(pool, key, state)
 
 
 def identity_of(settings: Settings) -> Identity:
@@ -77,7 +84,7 @@ class ProxyApp:
         # file watch, SIGHUP and POST /reload all reload through this one object
         self.reloader = ConfigReloader(settings.config, lambda: load_config(settings), self._follow)
         self.rng = random.Random(settings.seed)
-        self.pool = UpstreamPool(settings.upstream_idle_timeout, settings.connect_timeout)
+        self.pool = UpstreamPool(settings.upstream_idle_timeout, settings.connect_timeout, multiplexer=http2_pool)
         self.access_log = AccessLog(settings.access_log, path=settings.access_log_file)
         self.telemetry = MeshTelemetry.from_settings(settings)  # metrics, tracing, peer metadata: one per process
         self.clusters = Clusters()

@@ -26,6 +26,7 @@ MODULES = (  # what setup.py compiles (it runs this file)
     "meshproxy.proxy.exchange",
     "meshproxy.proxy.fault",
     "meshproxy.proxy.h2_listener",
+    "meshproxy.proxy.h2_upstream",
     "meshproxy.proxy.listener",
     "meshproxy.proxy.retry",
     "meshproxy.proxy.upstream",

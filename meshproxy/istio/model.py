@@ -235,6 +235,8 @@ class HTTPSettings:
     max_requests_per_connection: int = 0
     max_retries: int = 0
     idle_timeout: float | None = None
+    h2_upgrade_policy: str = "DEFAULT"  # DEFAULT (the mesh's: DO_NOT_UPGRADE) | DO_NOT_UPGRADE | UPGRADE
+    max_concurrent_streams: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from typing import Final
 
 from ..http1.errors import ProtocolError
 from ..messages import RequestHead
-from ..stream_info import DPE, NC, NR, SI, UC, UF, UH, UO, UPE, UT
+from ..stream_info import DPE, NC, NR, SI, UC, UF, UH, UO, UPE, UR, UT
 
 RESET_PREFIX: Final = "upstream connect error or disconnect/reset before headers. "
 RESET_BEFORE: Final = "upstream_reset_before_response_started"
@@ -64,6 +64,19 @@ class UpstreamProtocolError(UpstreamError):
 
 class ResponseResetError(UpstreamError):
     """The upstream went away after the response head was sent downstream: reset the client."""
+
+
+class RemoteResetError(UpstreamError):
+    """The upstream reset the stream (HTTP/2 RST_STREAM): Envoy's UR, `remote reset`."""
+
+    flag = UR
+    reason = "remote reset"
+
+
+class RefusedStreamError(RemoteResetError):
+    """RST_STREAM REFUSED_STREAM, or a stream above the upstream's GOAWAY: never processed (retryOn refused-stream)."""
+
+    reason = "remote refused stream reset"
 
 
 class UpstreamOverflowError(UpstreamError):

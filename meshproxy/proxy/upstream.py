@@ -263,12 +263,35 @@ class UpstreamConnection(UpstreamStream, ResponseEvents):
             self.transport.close()
 
 
-class UpstreamPool:
-    """Idle keep-alive connections per (cluster, endpoint); new ones on demand, within the cluster's limits."""
+class MultiplexedPool:
+    """One endpoint's multiplexed (HTTP/2) connections, as the pool sees them (proxy/h2_upstream.py): a stream on a
+    connection with room, at once, or after connecting within the cluster's limits."""
 
-    def __init__(self, idle_timeout: float, connect_timeout: float) -> None:
+    __slots__ = ()
+
+    def open_stream(self) -> UpstreamStream | None:
+        raise NotImplementedError
+
+    async def acquire(self, state: ClusterState, connect_timeout: float) -> UpstreamStream:
+        raise NotImplementedError
+
+    def close_idle(self) -> None:
+        raise NotImplementedError
+
+
+MultiplexerFactory = Callable[["UpstreamPool", tuple[str, str, int], "ClusterState"], MultiplexedPool]
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per (cluster, endpoint); new ones on demand, within the cluster's limits.
+    A cluster whose upstream speaks HTTP/2 has a `MultiplexedPool` per endpoint instead, made by `multiplexer`."""
+
+    def __init__(self, idle_timeout: float, connect_timeout: float,
+                 multiplexer: MultiplexerFactory | None = None) -> None:
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
+        self.multiplexer = multiplexer
+        self.multiplexed: dict[tuple[str, str, int], MultiplexedPool] = {}
         self.idle: dict[tuple[str, str, int], list[UpstreamConnection]] = {}
         self.active = 0  # connections out of the pool, carrying a request
         self.opened = 0
@@ -278,9 +301,14 @@ class UpstreamPool:
         self.sweep_at = 0.0
 
     async def acquire(self, state: ClusterState, target: EndpointState, connect_timeout: float | None = None
-                      ) -> UpstreamConnection:
+                      ) -> UpstreamStream:
         key = target.pool_key
         limits = state.policy.pool
+        if state.cluster.http2 and self.multiplexer is not None:
+            mux = self.multiplexed.get(key)
+            if mux is None:
+                mux = self.multiplexed[key] = self.multiplexer(self, key, state)
+            return await mux.acquire(state, connect_timeout or limits.connect_timeout or self.connect_timeout)
         while True:
             conn = self.reuse(key)
             if conn is not None:
@@ -307,8 +335,9 @@ class UpstreamPool:
         self.active += 1
         return conn
 
-    def reuse(self, key: tuple[str, str, int]) -> UpstreamConnection | None:
-        """An idle keep-alive connection for (cluster name, address, port), without waiting; None if there is none."""
+    def reuse(self, key: tuple[str, str, int]) -> UpstreamStream | None:
+        """An idle keep-alive connection for (cluster name, address, port), or a stream on a multiplexed connection
+        with room, without waiting; None if there is none."""
         idle = self.idle.get(key)
         while idle:
             conn = idle.pop()  # the most recently used: the warmest, and the others may expire
@@ -316,7 +345,9 @@ class UpstreamPool:
                 conn.reused = True
                 self.active += 1
                 return conn
-        return None
+        # Only when no HTTP/1.1 connection is idle (the HTTP/1.1 path then connects anyway): one dict lookup.
+        mux = self.multiplexed.get(key) if self.multiplexed else None
+        return mux.open_stream() if mux is not None else None
 
     def _evict_idle(self, state: ClusterState) -> bool:
         """At the connection limit, an idle connection to another endpoint of the cluster makes room."""
@@ -404,6 +435,8 @@ class UpstreamPool:
         return sum(len(v) for v in self.idle.values())
 
     def close_idle(self) -> None:
+        for mux in list(self.multiplexed.values()):
+            mux.close_idle()
         for conns in list(self.idle.values()):
             for conn in list(conns):
                 self._expire(conn)
