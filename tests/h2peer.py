@@ -138,3 +138,76 @@ class H2Peer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class H2Server:
+    """An HTTP/2 upstream whose misbehaviour the test chooses (h2 on a plain socket, a thread per connection):
+    /reset-after-start answers a head and some data, then RST_STREAM INTERNAL_ERROR; /refuse answers RST_STREAM
+    REFUSED_STREAM the first time (and 200 `second` after); anything else echoes the request's trailers as JSON."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.requests: list[tuple[str, list[tuple[bytes, bytes]]]] = []  # (path, trailers)
+        self.refused = 0
+        self.running = True
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while self.running:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        import json
+
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        paths: dict[int, str] = {}
+        trailers: dict[int, list[tuple[bytes, bytes]]] = {}
+        with sock:
+            while True:
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    return
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        paths[event.stream_id] = dict(event.headers)[b":path"].decode()
+                    elif isinstance(event, h2.events.DataReceived):
+                        conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, h2.events.TrailersReceived):
+                        trailers[event.stream_id] = list(event.headers)
+                    if isinstance(event, h2.events.StreamEnded | h2.events.TrailersReceived) \
+                            and event.stream_id in paths:
+                        sid = event.stream_id
+                        path = paths.pop(sid)
+                        self.requests.append((path, trailers.get(sid, [])))
+                        if path == "/reset-after-start":
+                            conn.send_headers(sid, [(b":status", b"200")])
+                            conn.send_data(sid, b"partial")
+                            conn.reset_stream(sid, 2)
+                        elif path == "/refuse" and self.refused == 0:
+                            self.refused += 1
+                            conn.reset_stream(sid, 7)
+                        else:
+                            body = json.dumps({"path": path, "trailers": [[k.decode(), v.decode()]
+                                                                          for k, v in trailers.get(sid, [])]})
+                            conn.send_headers(sid, [(b":status", b"200"), (b"content-length", b"%d" % len(body))])
+                            conn.send_data(sid, body.encode(), end_stream=True)
+                sock.sendall(conn.data_to_send())
+
+    def close(self) -> None:
+        self.running = False
+        self.listener.close()

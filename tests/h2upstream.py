@@ -1,7 +1,8 @@
 """An HTTP/2 cleartext upstream for tests: hypercorn (h2c with prior knowledge) serving a small ASGI app in a thread.
 
 Routes: /echo (the request as JSON: method, path, HTTP version, headers, body size and trailers seen), /bytes?size=N
-(streamed), /trailers (a body, then response trailers), /slow?delay=S. Requests and connections are counted.
+(streamed), /trailers (a body, then response trailers), /slow?delay=S, /boom (fails after the response
+started: the stream is reset). Requests and connections are counted.
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ class H2Upstream:
                 sent += len(part)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
+        if path == "/boom":  # the response starts, then the app fails: hypercorn resets the stream
+            await send({"type": "http.response.start", "status": 200, "headers": base})
+            await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+            raise RuntimeError("boom")
         if path == "/trailers":
             await send({"type": "http.response.start", "status": 200, "trailers": True,
                         "headers": [*base, (b"trailer", b"x-result")]})
@@ -110,3 +115,5 @@ class H2Upstream:
         if self._stop is not None:
             self.loop.call_soon_threadsafe(self._stop.set)
         self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()

@@ -191,8 +191,11 @@ class Clusters:
         state = self.states.get(cluster.name)
         if state is not None and (state.cluster is cluster or state.cluster == cluster):
             return state
-        previous = {e.endpoint.key: e for e in state.endpoints} if state is not None else {}
-        endpoints = [previous.get(ep.key) or EndpointState(ep, (cluster.name, ep.address, ep.port))
+        same_protocol = state is not None and state.cluster.http2 == cluster.http2
+        previous = {e.endpoint.key: e for e in state.endpoints} if state is not None and same_protocol else {}
+        # An HTTP/2 cluster's connections are pooled apart: a reload that changes the protocol reuses none.
+        name = cluster.name + "|h2" if cluster.http2 else cluster.name
+        endpoints = [previous.get(ep.key) or EndpointState(ep, (name, ep.address, ep.port))
                      for ep in cluster.endpoints]
         for e, ep in zip(endpoints, cluster.endpoints):
             e.endpoint = ep

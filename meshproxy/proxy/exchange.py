@@ -53,6 +53,7 @@ from .local_reply import (
     NO_HEALTHY_UPSTREAM,
     NO_ROUTE,
     OVERLOADED_HEADER,
+    RefusedStreamError,
     Reply,
     RetriableResponse,
     UpstreamError,
@@ -62,6 +63,7 @@ from .local_reply import (
 from .retry import (
     CONNECT_FAILURE,
     PER_TRY_TIMEOUT,
+    REFUSED,
     RESET,
     backoff,
     should_retry_failure,
@@ -676,7 +678,8 @@ def _after_failure(conn: Downstream, stream: Stream, upstream: UpstreamStream,
     if isinstance(outcome, UpstreamTimeoutError) and not outcome.per_try:
         _finish_timeout(stream)
         return True
-    kind = PER_TRY_TIMEOUT if isinstance(outcome, UpstreamTimeoutError) else RESET
+    kind = PER_TRY_TIMEOUT if isinstance(outcome, UpstreamTimeoutError) else \
+        REFUSED if isinstance(outcome, RefusedStreamError) else RESET
     if kind == RESET and upstream.reused and upstream.served and stream.second_chance and stream.replayable \
             and stream.head.method in IDEMPOTENT:
         # The server closed a kept-alive connection as we reused it: one free retry, as Go's transport does (a
