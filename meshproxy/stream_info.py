@@ -76,6 +76,8 @@ def flag_bits(text: str) -> int:
 
 
 VIA_UPSTREAM: Final = "via_upstream"
+NOT_GRPC: Final = -1  # StreamInfo.grpc_status of a request that is not gRPC
+GRPC_NO_STATUS: Final = -2  # a gRPC request whose status is not known (yet, or ever: a reset)
 
 
 class ConnectionInfo:
@@ -109,7 +111,7 @@ class StreamInfo:
 
     __slots__ = (
         "head", "connection", "route", "cluster", "endpoint", "attempts", "reused_retries", "status", "flags",
-        "details", "start", "body_size", "response_bytes", "request_id", "trace", "peer",
+        "details", "start", "body_size", "response_bytes", "request_id", "trace", "peer", "grpc_status",
     )
 
     def __init__(self, head: RequestHead, connection: ConnectionInfo, start: float) -> None:
@@ -129,6 +131,7 @@ class StreamInfo:
         self.request_id: bytes | None = None
         self.trace: tuple[bytes, bytes, bytes | None] | None = None  # (trace id, span id, parent id) when sampled
         self.peer: bytes | None = None  # the other side's peer metadata header
+        self.grpc_status = NOT_GRPC  # a gRPC request's status (grpc-status of the response), set by its transport
 
     def response_code_details(self) -> str:
         if self.details:

@@ -84,6 +84,8 @@ FORWARDED_PROTO: Final = b"x-forwarded-proto"
 FORWARDED_PROTO_HTTP: Final = (FORWARDED_PROTO, b"http")
 ATTEMPT_COUNT: Final = b"x-envoy-attempt-count"
 EXPECTED_TIMEOUT: Final = b"x-envoy-expected-rq-timeout-ms"
+GRPC_TIMEOUT: Final = b"grpc-timeout"
+GRPC_TIMEOUT_NAME: Final = frozenset({GRPC_TIMEOUT})
 NO_EXTRA: Final[tuple[tuple[bytes, bytes], ...]] = ()
 
 
@@ -157,7 +159,7 @@ class Stream(StreamInfo, ResponseSink):
         "conn", "pending", "pending_size", "request_complete", "upstream", "response_started",
         "response_complete", "request_mutation", "response_mutation", "sent", "replayable", "retries_left", "timer",
         "sent_at", "upstream_extra", "cluster_state", "downstream_extra", "target", "tried", "deadline", "hash_key",
-        "avoid_previous", "retrying", "second_chance", "ended", "request_trailers",
+        "avoid_previous", "retrying", "second_chance", "ended", "request_trailers", "grpc_timeout",
     )
 
     def __init__(self, conn: Downstream, head: RequestHead, connection: ConnectionInfo, start: float) -> None:
@@ -189,6 +191,7 @@ class Stream(StreamInfo, ResponseSink):
         self.second_chance = conn.ctx.retry_reused  # one free retry when a reused connection turns out closed
         self.ended = False
         self.request_trailers: list[tuple[bytes, bytes]] | None = None
+        self.grpc_timeout = 0.0  # a gRPC request's grpc-timeout, seconds (its transport reads it); 0: none
 
     # ---- request body, from the downstream transport
 
@@ -371,7 +374,11 @@ def send_request_head(stream: Stream, upstream: UpstreamStream, attempt: int, de
             extra += peer_headers
     extra.append((ATTEMPT_COUNT, b"%d" % attempt))
     if deadline is not None:
-        extra.append((EXPECTED_TIMEOUT, b"%d" % max(0, int((deadline - now) * 1000))))
+        left = max(0, int((deadline - now) * 1000))
+        extra.append((EXPECTED_TIMEOUT, b"%d" % left))
+        if stream.grpc_timeout:  # the upstream learns the time left, capped by the route timeout
+            drop = drop | GRPC_TIMEOUT_NAME
+            extra.append((GRPC_TIMEOUT, b"%dm" % left))
     no_body = head.content_length is None and not head.chunked
     upstream.send_head(head.method, path, authority, headers, drop, extra,
                        None if head.chunked else head.content_length, no_body)
@@ -530,8 +537,12 @@ def _forward(conn: Downstream, stream: Stream, route: Route, port: int) -> bool:
     stream.cluster_state = state
     retry = route.retry
     stream.retries_left = retry.num_retries
-    # The route timeout covers every attempt and back-off; it starts after any fault delay.
-    stream.deadline = conn.loop.time() + route.timeout if route.timeout else None
+    # The route timeout covers every attempt and back-off; it starts after any fault delay. A gRPC request's
+    # grpc-timeout shortens it (Istio sets Envoy's grpc_timeout_header_max to the route timeout).
+    timeout = route.timeout
+    if stream.grpc_timeout:
+        timeout = min(timeout, stream.grpc_timeout) if timeout else stream.grpc_timeout
+    stream.deadline = conn.loop.time() + timeout if timeout else None
     key = stream.hash_key = state.hash_key(head, stream.connection.peer_ip) if state.policy.hash is not None else None
     stream.avoid_previous = retry.avoid_previous_hosts and key is None  # Istio turns it off with consistent hashing
     return _attempt(conn, stream)

@@ -23,10 +23,10 @@ from typing import Final
 from ..http1.wire import DATE
 from ..http2.codec import CANCEL, INTERNAL_ERROR, NO_ERROR, ConnectionEvents, H2Codec, H2Error, H2Stream, StreamEvents
 from ..messages import RequestHead
-from ..stream_info import DC, DR, ConnectionInfo
+from ..stream_info import DC, DR, GRPC_NO_STATUS, ConnectionInfo
 from .downstream import Connection, ListenerContext
 from .exchange import Downstream, Stream, abandon, start
-from .local_reply import grpc_local_reply_headers, is_grpc
+from .local_reply import grpc_local_reply_headers, grpc_status_of, grpc_timeout, is_grpc
 
 log = logging.getLogger("meshproxy.h2")
 
@@ -120,6 +120,9 @@ class H2DownstreamConnection(Connection, ConnectionEvents):
         stream.downstream_extra = telemetry.response_extra
         if end_stream:
             stream.request_complete = True
+        if downstream.grpc:
+            stream.grpc_status = GRPC_NO_STATUS
+            stream.grpc_timeout = grpc_timeout(head.header(b"grpc-timeout"))
         downstream.stream = stream
         h2stream.events = downstream
         self.active += 1
@@ -220,6 +223,8 @@ class H2DownstreamStream(Downstream, StreamEvents):
         block += extra
         if not dated:
             block.append((b"date", DATE.line()[6:-2]))
+        if self.grpc and end_stream:
+            stream.grpc_status = grpc_status_of(headers)  # trailers-only
         if not self.h2.closed:
             self.codec.send_headers(self.h2, block, end_stream)
 
@@ -230,6 +235,8 @@ class H2DownstreamStream(Downstream, StreamEvents):
         self.codec.end_stream(self.h2)
 
     def send_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        if self.grpc and self.stream is not None:
+            self.stream.grpc_status = grpc_status_of(trailers)
         self.codec.end_stream(self.h2, trailers)
 
     def flush(self) -> None:
@@ -241,7 +248,10 @@ class H2DownstreamStream(Downstream, StreamEvents):
         date = (b"date", DATE.line()[6:-2])
         server = (b"server", self.server_name)
         if self.grpc:  # trailers-only, as Envoy's sendLocalReply answers a gRPC request
-            block = [(b":status", b"200"), *grpc_local_reply_headers(status, body, extra), date, server]
+            headers = grpc_local_reply_headers(status, body, extra)
+            stream.grpc_status = grpc_status_of(headers)
+            stream.status = 200  # what went on the wire (the access log's and the metrics' response code)
+            block = [(b":status", b"200"), *headers, date, server]
             self.codec.send_headers(self.h2, block, True)
         else:
             head_only = stream.head.method == b"HEAD"

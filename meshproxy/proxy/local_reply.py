@@ -183,6 +183,26 @@ _HTTP_TO_GRPC: Final = {
 }
 
 
+GRPC_TIMEOUT_UNITS: Final = {0x48: 3600.0, 0x4D: 60.0, 0x53: 1.0, 0x6D: 1e-3, 0x75: 1e-6, 0x6E: 1e-9}  # H M S m u n
+
+
+def grpc_timeout(value: bytes | None) -> float:
+    """A `grpc-timeout` header (1-8 digits and a unit) in seconds; 0.0 when absent or malformed (then ignored, as
+    Envoy's Grpc::Common::getGrpcTimeout)."""
+    if value is None or not 2 <= len(value) <= 9 or not value[:-1].isdigit():
+        return 0.0
+    unit = GRPC_TIMEOUT_UNITS.get(value[-1])
+    return int(value[:-1]) * unit if unit is not None else 0.0
+
+
+def grpc_status_of(headers: list[tuple[bytes, bytes]]) -> int:
+    """The grpc-status in a header block (a trailers-only response, or trailers); -2 when there is none."""
+    for name, value in headers:
+        if name == GRPC_STATUS:
+            return int(value) if value.isdigit() else GRPC_UNKNOWN
+    return -2
+
+
 def is_grpc(head: RequestHead) -> bool:
     """A gRPC request (content-type application/grpc, +proto, +json...), as Envoy's Grpc::Common::isGrpcRequestHeaders."""
     content_type = head.header(b"content-type")

@@ -30,7 +30,7 @@ from binascii import hexlify
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Final
 
-from ..stream_info import StreamInfo, flags_text
+from ..stream_info import NOT_GRPC, StreamInfo, flags_text
 from .access_log import AccessLog
 from .metrics import (
     DESTINATION,
@@ -202,7 +202,7 @@ class Telemetry:
         self.response_extra: tuple[tuple[bytes, bytes], ...] = metadata if inbound else ()
         self.reads_response = exchange and not inbound
         self.randbits = mesh.randbits if mesh is not None else _IDS.getrandbits
-        self.series: dict[tuple[Service, Workload, int, int], Series] = {}
+        self.series: dict[tuple[Service, Workload, int, int, int], Series] = {}
         self.clusters: dict[str, Service] = {}
         self.peer_cache = mesh.peers if mesh is not None else PeerCache()
         self.peers = self.peer_cache.peers  # decoded peers by header value: the hit is a dict lookup here
@@ -312,7 +312,7 @@ class Telemetry:
             if metrics is not None:
                 raw = info.peer
                 peer = UNKNOWN_WORKLOAD if raw is None else self.peers.get(raw) or self.peer_cache.get(raw)
-                key = (service, peer, info.status, info.flags)
+                key = (service, peer, info.status, info.flags, info.grpc_status)
                 series = self.series.get(key) or self._bind(key)
                 series.record((time.monotonic() - info.start) * 1000.0, info.body_size, info.response_bytes)
                 if info.reused_retries:
@@ -352,15 +352,16 @@ class Telemetry:
                                                             own.namespace))
             self.operation = ""
 
-    def _bind(self, key: tuple[Service, Workload, int, int]) -> Series:
-        service, peer, status, bits = key
+    def _bind(self, key: tuple[Service, Workload, int, int, int]) -> Series:
+        service, peer, status, bits, grpc = key
         flags = flags_text(bits)
+        protocol, grpc_status = ("http", "") if grpc == NOT_GRPC else ("grpc", "" if grpc < 0 else str(grpc))
         mesh = self.mesh
         assert mesh is not None and self.metrics is not None
         if self.inbound:  # the callee's sidecar: the source is the peer; with mTLS this would say mutual_tls
-            labels = label_values(DESTINATION, peer, mesh.own, service, status, flags, "none")
+            labels = label_values(DESTINATION, peer, mesh.own, service, status, flags, "none", protocol, grpc_status)
         else:
-            labels = label_values(SOURCE, mesh.own, peer, service, status, flags, "unknown")
+            labels = label_values(SOURCE, mesh.own, peer, service, status, flags, "unknown", protocol, grpc_status)
         series = self.metrics.bind(labels)
         if len(self.series) < MAX_SERIES_KEYS:
             self.series[key] = series
