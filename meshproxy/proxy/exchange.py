@@ -85,6 +85,9 @@ FORWARDED_PROTO_HTTP: Final = (FORWARDED_PROTO, b"http")
 ATTEMPT_COUNT: Final = b"x-envoy-attempt-count"
 EXPECTED_TIMEOUT: Final = b"x-envoy-expected-rq-timeout-ms"
 GRPC_TIMEOUT: Final = b"grpc-timeout"
+CONNECTION: Final = b"connection"
+UPGRADE: Final = b"upgrade"
+WEBSOCKET: Final = b"websocket"
 GRPC_TIMEOUT_NAME: Final = frozenset({GRPC_TIMEOUT})
 NO_EXTRA: Final[tuple[tuple[bytes, bytes], ...]] = ()
 
@@ -336,14 +339,21 @@ def send_request_head(stream: Stream, upstream: UpstreamStream, attempt: int, de
     count, expected timeout). The codec frames it, in one pass over the client's headers."""
     conn = stream.conn
     head = stream.head
-    drop = conn.strip_request | head.connection_tokens if head.connection_tokens else conn.strip_request
+    extra: list[tuple[bytes, bytes]] = []
+    if head.connection_tokens:
+        drop = conn.strip_request | head.connection_tokens
+        if UPGRADE in head.connection_tokens:  # a WebSocket upgrade (the codec refuses others) asks it again
+            protocol = head.header(UPGRADE)
+            if protocol is not None and protocol.lower() == WEBSOCKET:
+                extra += ((CONNECTION, UPGRADE), (UPGRADE, protocol))
+    else:
+        drop = conn.strip_request
     headers = head.headers
     if stream.request_mutation is not None:
         headers = apply_mutation(headers, stream.request_mutation)
     path, authority = head.path_and_query, head.authority
     route = stream.route
     rewrite = route.rewrite if route is not None else None
-    extra: list[tuple[bytes, bytes]] = []
     if rewrite is not None:
         if rewrite.rewrites_path:
             rewritten = rewrite.path(head.path)

@@ -43,6 +43,8 @@ log = logging.getLogger("meshproxy.h2.upstream")
 
 DEFAULT_MAX_STREAMS: Final = 1024  # Envoy's max_concurrent_streams default
 TE: Final = b"te"
+CONNECTION_SPECIFIC: Final = frozenset({b"connection", b"upgrade", b"keep-alive", b"proxy-connection",
+                                       b"transfer-encoding"})
 TRAILERS: Final = b"trailers"
 NO_HEAD: Final[RequestHead | None] = None
 
@@ -77,7 +79,9 @@ class H2UpstreamStream(UpstreamStream, StreamEvents):
                     block.append((TE, TRAILERS))  # the one `te` HTTP/2 allows (gRPC needs it)
                 continue
             block.append((name, value))
-        block += extra
+        for name, value in extra:
+            if name not in CONNECTION_SPECIFIC:  # a WebSocket upgrade's, say: HTTP/2 has none (RFC 9113 8.2.2)
+                block.append((name, value))
         if content_length is not None and not end_stream:
             block.append((b"content-length", b"%d" % content_length))
         connection = self.connection

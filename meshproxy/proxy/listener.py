@@ -35,8 +35,8 @@ import logging
 import time
 from typing import Final, cast
 
-from ..http1.errors import ProtocolError
-from ..http1.server import H2_PREFACE_DETAIL, H2_PREFACE_START, ServerCodec
+from ..http1.errors import ProtocolError, Upgraded
+from ..http1.server import H2_PREFACE_DETAIL, H2_PREFACE_START, ServerCodec, TunnelCodec
 from ..http1.wire import CONTINUE_100, LAST_CHUNK, chunk, local_reply, response_head
 from ..messages import HTTP11, RequestEvents, RequestHead
 from ..stream_info import DC, ConnectionInfo
@@ -47,6 +47,9 @@ from .upstream import WRITE_HIGH_WATER, WRITE_LOW_WATER
 
 log = logging.getLogger("meshproxy.listener")
 
+CONNECTION: Final = b"connection"
+UPGRADE: Final = b"upgrade"
+WEBSOCKET: Final = b"websocket"
 READ_PAUSED_BY_PIPELINE: Final = 4
 READ_PAUSED_BY_ERROR: Final = 8
 
@@ -131,12 +134,28 @@ class DownstreamProtocol(Downstream, RequestEvents):
                 return
             self._protocol_error(error)
             return
+        except Upgraded as upgrade:
+            self._tunnel(upgrade.rest)
+            return
         if self.codec.head_started and not self.head_deadline and self.header_timeout:
             self.head_deadline = self.last_activity + self.header_timeout
             self._arm(self.head_deadline)
 
     def eof_received(self) -> bool | None:
         return None  # the transport closes itself
+
+    def _tunnel(self, rest: bytes) -> None:
+        """A WebSocket upgrade request was parsed (its exchange runs): the client's further bytes are its body, and
+        the connection closes after it, whether the upstream switched protocols or not."""
+        stream = self.parsing or (self.streams[-1] if self.streams else None)
+        self.parsing = None
+        if stream is None:
+            self._close()
+            return
+        self.close_after = True
+        self.codec = TunnelCodec(self, stream.on_request_body)
+        if rest:
+            stream.on_request_body(rest)
 
     def _switch_to_http2(self, data: bytes) -> bool:
         """The connection opened with HTTP/2's preface (h2c, prior knowledge): hand the transport to an HTTP/2
@@ -216,6 +235,9 @@ class DownstreamProtocol(Downstream, RequestEvents):
         head = stream.head
         chunked = False
         if content_length is None and not end_stream:
+            if status == 101:  # switching protocols: the body is the tunnel, raw; no route timeout from here on
+                self._switch_protocols(stream, headers, extra)
+                return
             if head.version == HTTP11:
                 chunked = True
             else:
@@ -226,6 +248,16 @@ class DownstreamProtocol(Downstream, RequestEvents):
         self.response_head_only = head.method == b"HEAD"
         # Written with the body bytes of the same upstream read: one send (see flush).
         self.out.append(response_head(status, headers, extra, content_length, chunked, self.close_after))
+
+    def _switch_protocols(self, stream: Stream, headers: list[tuple[bytes, bytes]],
+                          extra: list[tuple[bytes, bytes]]) -> None:
+        stream.cancel_timers()
+        self.close_after = True
+        self.response_chunked = False
+        self.response_head_only = False
+        protocol = next((v for n, v in headers if n == UPGRADE), WEBSOCKET)
+        self.out.append(response_head(101, headers, [*extra, (CONNECTION, UPGRADE), (UPGRADE, protocol)], None,
+                                      False, False))
 
     def send_response_body(self, data: bytes) -> None:
         if not self.response_head_only:

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Final, cast
 
 from mypy_extensions import trait
 
-from ..http1.client import ClientCodec
-from ..http1.errors import ProtocolError
+from ..http1.client import ClientCodec, TunnelClientCodec
+from ..http1.errors import ProtocolError, Upgraded
 from ..http1.wire import LAST_CHUNK, chunk, request_head
 from ..messages import ResponseEvents
 from .local_reply import (
@@ -196,6 +196,9 @@ class UpstreamConnection(UpstreamStream, ResponseEvents):
             self.codec.feed(data)
         except ProtocolError as exc:
             self._fail(UpstreamProtocolError(), exc.detail)
+        except Upgraded as upgrade:  # 101 Switching Protocols: the rest of the connection is the tunnel's
+            self.codec = TunnelClientCodec(self)
+            self.codec.feed(upgrade.rest)
         sink.flush()  # after the whole read: a response that ended in it is handed over only now
 
     def eof_received(self) -> bool:
