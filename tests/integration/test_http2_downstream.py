@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from h2peer import H2Peer
-from harness import BACKEND_VS, ProxyProcess, Upstream, service_entry, write_config
+from harness import BACKEND_VS, PeakRss, ProxyProcess, Upstream, service_entry, write_config
 from waiting import wait_until
 
 CURL = shutil.which("curl")
@@ -141,3 +141,26 @@ def test_drain_sends_goaway_with_the_last_stream_and_finishes_it(proxy: ProxyPro
     finally:
         peer.close()
     assert proxy.proc.wait(15) == 0
+
+
+BIG = 128 * 1024 * 1024
+RSS_BOUND = 48 * 1024 * 1024  # a 16 MiB stream window and buffers, far below the 128 MiB that flows
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+def test_a_large_http2_upload_to_http1_keeps_memory_flat(proxy: ProxyProcess, tmp_path: Path) -> None:
+    source = tmp_path / "big"
+    block = bytes(range(256)) * 4096
+    digest = hashlib.sha256()
+    with source.open("wb") as out:
+        for _ in range(BIG // len(block)):
+            out.write(block)
+            digest.update(block)
+    (tmp_path / "warm").write_bytes(b"w" * 1_000_000)
+    curl(proxy.port, "/upload", "--data-binary", f"@{tmp_path / 'warm'}", out=tmp_path / "out")  # HTTP/2 code loaded
+    rss = PeakRss(proxy.proc.pid)
+    status, _ = curl(proxy.port, "/upload", "--data-binary", f"@{source}", out=tmp_path / "out")
+    growth = rss.growth()
+    assert status == "200 2"
+    assert digest.hexdigest() in (tmp_path / "out").read_text()
+    assert growth < RSS_BOUND, f"proxy RSS grew by {growth / 2**20:.1f} MiB"

@@ -17,7 +17,7 @@ import pytest
 
 from h2peer import H2Peer, H2Server
 from h2upstream import H2Upstream
-from harness import BACKEND_VS, ProxyProcess, write_config
+from harness import BACKEND_VS, PeakRss, ProxyProcess, write_config
 from waiting import wait_until
 
 H2LOAD = shutil.which("h2load")
@@ -230,4 +230,27 @@ def test_request_trailers_reach_an_http2_upstream(tmp_path: Path, h2_server: H2S
         assert json.loads(bytes(got.body))["trailers"] == [["x-sum", "42"]]
     finally:
         peer.close()
+        proxy.stop()
+
+
+BIG = 128 * 1024 * 1024
+RSS_BOUND = 48 * 1024 * 1024  # two 16 MiB stream windows and buffers, far below the 128 MiB that flows
+
+
+def test_a_large_download_from_http2_to_http1_keeps_memory_flat(tmp_path: Path, h2_upstream: H2Upstream) -> None:
+    proxy = start_proxy(tmp_path, service_entry(h2_upstream.port))
+    try:
+        assert get(proxy.port, "/bytes?size=1000000")[0] == 200  # warm up: the HTTP/2 code is loaded, pools made
+        rss = PeakRss(proxy.proc.pid)
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=120)
+        conn.request("GET", f"/bytes?size={BIG}", headers={"Host": "backend"})
+        response = conn.getresponse()
+        got = 0
+        while block := response.read(1 << 20):
+            got += len(block)
+        conn.close()
+        growth = rss.growth()
+        assert response.status == 200 and got == BIG
+        assert growth < RSS_BOUND, f"proxy RSS grew by {growth / 2**20:.1f} MiB"
+    finally:
         proxy.stop()
