@@ -23,10 +23,18 @@ from typing import Final
 from ..http1.wire import DATE
 from ..http2.codec import CANCEL, INTERNAL_ERROR, NO_ERROR, ConnectionEvents, H2Codec, H2Error, H2Stream, StreamEvents
 from ..messages import RequestHead
-from ..stream_info import DC, DR, GRPC_NO_STATUS, ConnectionInfo
+from ..stream_info import DC, DR, GRPC_NO_STATUS, SI, ConnectionInfo
 from .downstream import Connection, ListenerContext
 from .exchange import Downstream, Stream, abandon, start
-from .local_reply import grpc_local_reply_headers, grpc_status_of, grpc_timeout, is_grpc
+from ..http1.errors import ProtocolError
+from .local_reply import (
+    grpc_local_reply_headers,
+    grpc_status_of,
+    grpc_timeout,
+    is_grpc,
+    protocol_error_body,
+    stream_idle_timeout,
+)
 
 log = logging.getLogger("meshproxy.h2")
 
@@ -46,7 +54,7 @@ class H2DownstreamConnection(Connection, ConnectionEvents):
     """One HTTP/2 client connection (an asyncio protocol, taken over from the HTTP/1.1 one that saw the preface)."""
 
     __slots__ = ("ctx", "loop", "transport", "codec", "info", "active", "closed", "counted", "draining", "timer",
-                 "idle_timeout", "telemetry")
+                 "idle_timeout", "telemetry", "live", "stream_idle", "stream_timer")
 
     def __init__(self, ctx: ListenerContext, transport: asyncio.Transport, info: ConnectionInfo, counted: bool) -> None:
         self.ctx = ctx
@@ -60,6 +68,9 @@ class H2DownstreamConnection(Connection, ConnectionEvents):
         self.draining = False
         self.timer: asyncio.TimerHandle | None = None
         self.idle_timeout = ctx.limits.idle_timeout
+        self.stream_idle = ctx.limits.stream_idle_timeout
+        self.live: set[H2DownstreamStream] = set()  # the streams whose exchange runs (stream idle timeout)
+        self.stream_timer: asyncio.TimerHandle | None = None
         assert ctx.telemetry is not None
         self.telemetry = ctx.telemetry
 
@@ -112,6 +123,9 @@ class H2DownstreamConnection(Connection, ConnectionEvents):
     def on_request(self, h2stream: H2Stream, head: RequestHead, end_stream: bool) -> None:
         self._cancel_idle()
         downstream = H2DownstreamStream(self, h2stream, head)
+        self.live.add(downstream)
+        if self.stream_idle and self.stream_timer is None:
+            self.stream_timer = self.loop.call_at(downstream.last_activity + self.stream_idle, self._on_stream_timer)
         stream = Stream(downstream, head, self.info, time.monotonic())
         if self.ctx.response_mutation is not None:
             stream.response_mutation = self.ctx.response_mutation
@@ -144,7 +158,8 @@ class H2DownstreamConnection(Connection, ConnectionEvents):
         if data and not self.closed:
             self.transport.write(data)
 
-    def stream_finished(self) -> None:
+    def stream_finished(self, downstream: H2DownstreamStream) -> None:
+        self.live.discard(downstream)
         self.active -= 1
         self.flush()
         if self.active == 0 and not self.closed:
@@ -186,6 +201,26 @@ class H2DownstreamConnection(Connection, ConnectionEvents):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.closed and self.stream_timer is not None:
+            self.stream_timer.cancel()
+            self.stream_timer = None
+
+    def _on_stream_timer(self) -> None:
+        """Envoy's stream idle timeout, per stream: no byte either way on it for that long stops it (SI)."""
+        self.stream_timer = None
+        if self.closed:
+            return
+        now = self.loop.time()
+        following = 0.0
+        for downstream in list(self.live):
+            at = downstream.last_activity + self.stream_idle
+            if at <= now:
+                downstream.idle_out()
+            elif not following or at < following:
+                following = at
+        if following:
+            self.stream_timer = self.loop.call_at(following, self._on_stream_timer)
+        self.flush()
 
     def _on_idle(self) -> None:
         self.timer = None
@@ -196,7 +231,8 @@ class H2DownstreamConnection(Connection, ConnectionEvents):
 class H2DownstreamStream(Downstream, StreamEvents):
     """One HTTP/2 stream as the exchange's downstream: its response goes out on this stream alone."""
 
-    __slots__ = ("connection", "codec", "h2", "stream", "grpc", "remote_reset", "server_name")
+    __slots__ = ("connection", "codec", "h2", "stream", "grpc", "remote_reset", "server_name", "last_activity",
+                 "idle_error")
 
     def __init__(self, connection: H2DownstreamConnection, h2stream: H2Stream, head: RequestHead) -> None:
         super().__init__(connection.ctx)
@@ -207,6 +243,8 @@ class H2DownstreamStream(Downstream, StreamEvents):
         self.grpc = is_grpc(head)
         self.remote_reset = False
         self.server_name = connection.ctx.server_name
+        self.last_activity = self.loop.time()  # of the last byte either way (the stream idle timeout)
+        self.idle_error: ProtocolError | None = None
 
     # ---- the response (called by the exchange)
 
@@ -225,10 +263,12 @@ class H2DownstreamStream(Downstream, StreamEvents):
             block.append((b"date", DATE.line()[6:-2]))
         if self.grpc and end_stream:
             stream.grpc_status = grpc_status_of(headers)  # trailers-only
+        self.last_activity = self.loop.time()
         if not self.h2.closed:
             self.codec.send_headers(self.h2, block, end_stream)
 
     def send_response_body(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
         self.codec.send_data(self.h2, data)
 
     def send_response_end(self) -> None:
@@ -294,6 +334,14 @@ class H2DownstreamStream(Downstream, StreamEvents):
         if self.remote_reset:
             stream.flags = (stream.flags & ~DC) | DR
             stream.details = REMOTE_RESET
+        error = self.idle_error
+        if error is not None:
+            stream.flags = (stream.flags & ~DC) | SI
+            stream.details = error.detail
+            if not stream.response_started:  # 408 while the request comes, 504 after it (Envoy's answers)
+                stream.status = error.status
+                self.send_local_reply(stream, error.status, protocol_error_body(error), ())
+                stream.response_started = stream.response_complete = True
         self.connection.telemetry.on_complete(stream)
         h2stream = self.h2
         if not h2stream.closed:
@@ -304,7 +352,7 @@ class H2DownstreamStream(Downstream, StreamEvents):
             elif not stream.request_complete:
                 self.codec.reset(h2stream, NO_ERROR)  # answered whole: the rest of the request is not wanted
         h2stream.events = None
-        self.connection.stream_finished()
+        self.connection.stream_finished(self)
 
     # ---- Connection (a stream is drained with its connection)
 
@@ -318,6 +366,7 @@ class H2DownstreamStream(Downstream, StreamEvents):
     # ---- the stream's events (StreamEvents, from the codec)
 
     def on_data(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
         stream = self.stream
         if stream is not None and not stream.ended:
             stream.on_request_body(data)
@@ -338,6 +387,19 @@ class H2DownstreamStream(Downstream, StreamEvents):
         if stream is None or stream.ended:
             return
         self.remote_reset = remote
+        self._stop()
+
+    def idle_out(self) -> None:
+        stream = self.stream
+        if stream is None or stream.ended:
+            return
+        self.idle_error = stream_idle_timeout(stream.request_complete)
+        self._stop()
+
+    def _stop(self) -> None:
+        """Stop the exchange, which then finishes the stream (stream_done)."""
+        stream = self.stream
+        assert stream is not None
         task = self.active_task
         if task is not None and not task.done():
             task.cancel()

@@ -164,3 +164,22 @@ def test_a_large_http2_upload_to_http1_keeps_memory_flat(proxy: ProxyProcess, tm
     assert status == "200 2"
     assert digest.hexdigest() in (tmp_path / "out").read_text()
     assert growth < RSS_BOUND, f"proxy RSS grew by {growth / 2**20:.1f} MiB"
+
+
+def test_the_stream_idle_timeout_applies_per_stream(tmp_path: Path, upstream: Upstream) -> None:
+    """A stream with no byte either way for --stream-idle-timeout gets Envoy's 504 `stream timeout` (SI); a
+    neighbour that keeps moving on the same connection is not touched."""
+    proxy = ProxyProcess(write_config(tmp_path / "cfg", "c.yaml",
+                                      service_entry("backend", [(upstream.port, {})], port=80), BACKEND_VS),
+                         args=["--stream-idle-timeout", "0.5"])
+    peer = H2Peer(proxy.port)
+    try:
+        stuck = peer.request("/slow?delay=5")
+        got = peer.finished(stuck)
+        assert got.status == 504 and bytes(got.body) == b"stream timeout"
+        entry = proxy.access_entries(1, timeout=10)[0]
+        assert entry["response_flags"] == "SI" and entry["response_code_details"] == "stream_idle_timeout"
+        assert peer.finished(peer.request("/echo")).status == 200
+    finally:
+        peer.close()
+        proxy.stop()
