@@ -228,3 +228,49 @@ def test_unavailable_before_any_message_is_retried(tmp_path: Path, server: EchoS
         assert proxy.access_entries(1)[0]["upstream_request_attempt_count"] == 2
     finally:
         proxy.stop()
+
+
+def test_routing_by_method_and_metadata_to_two_subsets(tmp_path: Path) -> None:
+    v1, v2 = EchoServer(), EchoServer()
+    docs = f"""---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: backend}}
+spec:
+  hosts: [backend.default.svc.cluster.local]
+  ports: [{{number: 80, name: grpc-echo}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{grpc-echo: {v1.port}}}, labels: {{version: v1}}}}
+  - {{address: 127.0.0.1, ports: {{grpc-echo: {v2.port}}}, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: backend}}
+spec:
+  host: backend
+  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: backend}}
+spec:
+  hosts: [backend]
+  http:
+  - match: [{{uri: {{exact: /test.Echo/ServerStream}}}}, {{headers: {{x-canary: {{exact: "yes"}}}}}}]
+    route: [{{destination: {{host: backend, subset: v2}}}}]
+  - route: [{{destination: {{host: backend, subset: v1}}}}]
+"""
+    proxy = ProxyProcess(write_config(tmp_path / "cfg", "c.yaml", docs))
+    try:
+        with channel(proxy) as chan:
+            unary = method(chan, "unary_unary", "Unary")
+            assert unary(b"a", timeout=10) == b"echo:a"
+            assert unary(b"b", metadata=[("x-canary", "yes")], timeout=10) == b"echo:b"
+            assert list(method(chan, "unary_stream", "ServerStream")(b"2", timeout=10)) == [b"0", b"1"]
+        assert v1.calls == {"Unary": 1}
+        assert v2.calls == {"Unary": 1, "ServerStream": 1}
+    finally:
+        proxy.stop()
+        v1.close()
+        v2.close()
