@@ -263,8 +263,11 @@ class H2Codec:
         stream.in_done = end_stream
         try:
             head = build_request_head(event.headers, end_stream, self.policy)  # type: ignore[arg-type]
-        except ProtocolError:
-            self.conn.reset_stream(stream_id, PROTOCOL_ERROR)  # a malformed request is a stream error (RFC 9113 8.1.1)
+        except ProtocolError as error:  # refused as the HTTP/1.1 codec refuses it (400, 413, 431...), this stream only
+            self.conn.send_headers(stream_id, [(b":status", b"%d" % error.status), (b"content-length", b"0")],
+                                   end_stream=True)
+            if not end_stream:
+                self.conn.reset_stream(stream_id, NO_ERROR)  # the rest of its body is not wanted
             return
         self.streams[stream_id] = stream
         self.handler.on_request(stream, head, end_stream)

@@ -33,12 +33,14 @@ from .local_reply import (
     grpc_timeout,
     is_grpc,
     protocol_error_body,
+    protocol_error_flag,
     stream_idle_timeout,
 )
 
 log = logging.getLogger("meshproxy.h2")
 
-REMOTE_RESET: Final = "http2.remote_reset"  # Envoy's response code details for a stream the client reset
+REMOTE_RESET: Final = "http2.remote_reset"
+BODY_TOO_LARGE: Final = ProtocolError(413, "request_payload_too_large")  # Envoy's response code details for a stream the client reset
 # Connection-specific fields (RFC 9113 8.2.2) an HTTP/1.1 upstream may send; never on an HTTP/2 connection.
 H2_RESPONSE_DROP: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                                      b"upgrade"})
@@ -232,7 +234,7 @@ class H2DownstreamStream(Downstream, StreamEvents):
     """One HTTP/2 stream as the exchange's downstream: its response goes out on this stream alone."""
 
     __slots__ = ("connection", "codec", "h2", "stream", "grpc", "remote_reset", "server_name", "last_activity",
-                 "idle_error")
+                 "error", "max_body", "body_bytes")
 
     def __init__(self, connection: H2DownstreamConnection, h2stream: H2Stream, head: RequestHead) -> None:
         super().__init__(connection.ctx)
@@ -244,7 +246,9 @@ class H2DownstreamStream(Downstream, StreamEvents):
         self.remote_reset = False
         self.server_name = connection.ctx.server_name
         self.last_activity = self.loop.time()  # of the last byte either way (the stream idle timeout)
-        self.idle_error: ProtocolError | None = None
+        self.error: ProtocolError | None = None  # why the transport stopped the stream (idle, body too large)
+        self.max_body = connection.ctx.limits.head.max_body_bytes  # --max-request-body; 0: none
+        self.body_bytes = 0
 
     # ---- the response (called by the exchange)
 
@@ -334,11 +338,11 @@ class H2DownstreamStream(Downstream, StreamEvents):
         if self.remote_reset:
             stream.flags = (stream.flags & ~DC) | DR
             stream.details = REMOTE_RESET
-        error = self.idle_error
+        error = self.error
         if error is not None:
-            stream.flags = (stream.flags & ~DC) | SI
+            stream.flags = (stream.flags & ~DC) | protocol_error_flag(error)
             stream.details = error.detail
-            if not stream.response_started:  # 408 while the request comes, 504 after it (Envoy's answers)
+            if not stream.response_started:  # e.g. 408 while the request comes, 504 after it (stream idle)
                 stream.status = error.status
                 self.send_local_reply(stream, error.status, protocol_error_body(error), ())
                 stream.response_started = stream.response_complete = True
@@ -369,6 +373,12 @@ class H2DownstreamStream(Downstream, StreamEvents):
         self.last_activity = self.loop.time()
         stream = self.stream
         if stream is not None and not stream.ended:
+            if self.max_body:
+                self.body_bytes += len(data)
+                if self.body_bytes > self.max_body:  # Envoy's 413 for a body over the buffer limit
+                    self.error = BODY_TOO_LARGE
+                    self._stop()
+                    return
             stream.on_request_body(data)
 
     def on_end(self) -> None:
@@ -393,7 +403,7 @@ class H2DownstreamStream(Downstream, StreamEvents):
         stream = self.stream
         if stream is None or stream.ended:
             return
-        self.idle_error = stream_idle_timeout(stream.request_complete)
+        self.error = stream_idle_timeout(stream.request_complete)
         self._stop()
 
     def _stop(self) -> None:

@@ -183,3 +183,31 @@ def test_the_stream_idle_timeout_applies_per_stream(tmp_path: Path, upstream: Up
     finally:
         peer.close()
         proxy.stop()
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+def test_a_streamed_body_over_the_limit_is_413(tmp_path: Path, upstream: Upstream) -> None:
+    proxy = ProxyProcess(write_config(tmp_path / "cfg", "c.yaml",
+                                      service_entry("backend", [(upstream.port, {})], port=80), BACKEND_VS),
+                         args=["--max-request-body", "100000"])
+    try:
+        peer = H2Peer(proxy.port)
+        try:
+            got = peer.finished(peer.request("/upload", method="POST", body=b"x" * 300_000))
+            assert got.status == 413
+        finally:
+            peer.close()
+        entry = proxy.access_entries(1, timeout=10)[0]
+        assert entry["response_code"] == 413 and entry["response_flags"] == "DPE"
+    finally:
+        proxy.stop()
+
+
+def test_a_request_the_head_policy_refuses_gets_its_status_on_that_stream_only(proxy: ProxyProcess) -> None:
+    peer = H2Peer(proxy.port)
+    try:
+        bad = peer.finished(peer.request("/echo", headers=[("x_under", "1")]))  # underscores: rejected by default
+        assert bad.status == 400
+        assert peer.finished(peer.request("/echo")).status == 200  # the connection serves on
+    finally:
+        peer.close()
