@@ -63,7 +63,10 @@ def identity_of(settings: Settings) -> Identity:
 def inbound_table(spec: InboundSpec) -> RouteTable:
     """The inbound side: every request goes to the local app (cluster inbound|PORT||)."""
     port = spec.app[1]
-    cluster = Cluster(Cluster.name_of("inbound", port, "", ""), "", port, "", (Endpoint(spec.app[0], port),))
+    # The app's protocol is not declared here: as Istio's inbound cluster of a sniffed port, it follows the client's
+    # (an HTTP/2 or gRPC client reaches the app over HTTP/2, an HTTP/1.1 one over HTTP/1.1).
+    cluster = Cluster(Cluster.name_of("inbound", port, "", ""), "", port, "", (Endpoint(spec.app[0], port),),
+                      follows_client=True)
     dest = RouteDestination("", "", cluster)
     route = Route(name="default", virtual_service="", index=-1, match=CATCH_ALL, action=ACTION_ROUTE,
                   picker=WeightedPicker.compile([(dest, 1)]), retry=INBOUND_RETRY, operation=f"inbound|{port}||")

@@ -507,6 +507,7 @@ def _connection_pool(spec: Mapping[str, Any] | None) -> m.ConnectionPoolSettings
             idle_timeout=_seconds(http.get("idleTimeout")),
             h2_upgrade_policy=_enum_name(http.get("h2UpgradePolicy") or "DEFAULT", H2_UPGRADE_POLICIES),
             max_concurrent_streams=int(http.get("maxConcurrentStreams") or 0),
+            use_client_protocol=bool(http.get("useClientProtocol")),
         ),
     )
 

@@ -237,6 +237,7 @@ class HTTPSettings:
     idle_timeout: float | None = None
     h2_upgrade_policy: str = "DEFAULT"  # DEFAULT (the mesh's: DO_NOT_UPGRADE) | DO_NOT_UPGRADE | UPGRADE
     max_concurrent_streams: int = 0
+    use_client_protocol: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,7 +55,7 @@ def status_value(status: int) -> bytes:
 class H2DownstreamConnection(Connection, ConnectionEvents):
     """One HTTP/2 client connection (an asyncio protocol, taken over from the HTTP/1.1 one that saw the preface)."""
 
-    __slots__ = ("ctx", "loop", "transport", "codec", "info", "active", "closed", "counted", "draining", "timer",
+    __slots__ = ("ctx", "loop", "transport", "codec", "info", "active", "closed", "counted", "draining", "timer", "pool",
                  "idle_timeout", "telemetry", "live", "stream_idle", "stream_timer")
 
     def __init__(self, ctx: ListenerContext, transport: asyncio.Transport, info: ConnectionInfo, counted: bool) -> None:
@@ -65,6 +65,7 @@ class H2DownstreamConnection(Connection, ConnectionEvents):
         self.info = info
         self.counted = counted  # holds a slot of the connection budget (taken at accept)
         self.codec = H2Codec(False, self, policy=ctx.limits.head)
+        self.pool = ctx.pool.for_http2_clients()
         self.active = 0  # streams whose exchange is not done
         self.closed = False
         self.draining = False
@@ -238,6 +239,7 @@ class H2DownstreamStream(Downstream, StreamEvents):
 
     def __init__(self, connection: H2DownstreamConnection, h2stream: H2Stream, head: RequestHead) -> None:
         super().__init__(connection.ctx)
+        self.pool = connection.pool  # clusters that follow the client's protocol go HTTP/2 for this stream
         self.connection = connection
         self.codec = connection.codec
         self.h2 = h2stream

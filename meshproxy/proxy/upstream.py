@@ -295,6 +295,7 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.multiplexer = multiplexer
         self.multiplexed: dict[tuple[str, str, int], MultiplexedPool] = {}
+        self.client_view: UpstreamPool | None = None
         self.idle: dict[tuple[str, str, int], list[UpstreamConnection]] = {}
         self.active = 0  # connections out of the pool, carrying a request
         self.opened = 0
@@ -308,10 +309,7 @@ class UpstreamPool:
         key = target.pool_key
         limits = state.policy.pool
         if state.cluster.http2 and self.multiplexer is not None:
-            mux = self.multiplexed.get(key)
-            if mux is None:
-                mux = self.multiplexed[key] = self.multiplexer(self, key, state)
-            return await mux.acquire(state, connect_timeout or limits.connect_timeout or self.connect_timeout)
+            return await self.acquire_stream(key, state, connect_timeout)
         while True:
             conn = self.reuse(key)
             if conn is not None:
@@ -337,6 +335,22 @@ class UpstreamPool:
             raise
         self.active += 1
         return conn
+
+    async def acquire_stream(self, key: tuple[str, str, int], state: ClusterState,
+                             connect_timeout: float | None = None) -> UpstreamStream:
+        """A stream on one of the endpoint's HTTP/2 connections (`key`'s pool), connecting within the limits."""
+        assert self.multiplexer is not None
+        mux = self.multiplexed.get(key)
+        if mux is None:
+            mux = self.multiplexed[key] = self.multiplexer(self, key, state)
+        return await mux.acquire(state, connect_timeout or state.policy.pool.connect_timeout or self.connect_timeout)
+
+    def for_http2_clients(self) -> UpstreamPool:
+        """The pool as HTTP/2 clients' streams use it (made once): clusters that follow the client go HTTP/2."""
+        view = self.client_view
+        if view is None:
+            view = self.client_view = ClientProtocolPool(self)
+        return view
 
     def reuse(self, key: tuple[str, str, int]) -> UpstreamStream | None:
         """An idle keep-alive connection for (cluster name, address, port), or a stream on a multiplexed connection
@@ -446,3 +460,33 @@ class UpstreamPool:
         if self.sweep is not None:
             self.sweep.cancel()
             self.sweep = None
+
+
+FOLLOWS_CLIENT: Final = "|client"  # balancer.FOLLOWS_CLIENT_KEY: the pool key suffix of a cluster that follows the client
+
+
+class ClientProtocolPool(UpstreamPool):
+    """The pool as an HTTP/2 client's streams see it: a cluster that follows the client's protocol (its pool keys
+    end in FOLLOWS_CLIENT: useClientProtocol, the inbound cluster) gets HTTP/2 streams here, under a key of its
+    own; everything else is the shared pool's. HTTP/1.1 clients use the shared pool directly, at no cost."""
+
+    def __init__(self, shared: UpstreamPool) -> None:
+        super().__init__(shared.idle_timeout, shared.connect_timeout, shared.multiplexer)
+        self.shared = shared
+        self.multiplexed = shared.multiplexed
+
+    def reuse(self, key: tuple[str, str, int]) -> UpstreamStream | None:
+        if not key[0].endswith(FOLLOWS_CLIENT) or self.multiplexer is None:
+            return self.shared.reuse(key)
+        mux = self.multiplexed.get((key[0] + "|h2", key[1], key[2]))
+        return mux.open_stream() if mux is not None else None
+
+    async def acquire(self, state: ClusterState, target: EndpointState, connect_timeout: float | None = None
+                      ) -> UpstreamStream:
+        key = target.pool_key
+        if not key[0].endswith(FOLLOWS_CLIENT) or self.multiplexer is None:
+            return await self.shared.acquire(state, target, connect_timeout)
+        return await self.shared.acquire_stream((key[0] + "|h2", key[1], key[2]), state, connect_timeout)
+
+    def close_idle(self) -> None:
+        self.shared.close_idle()

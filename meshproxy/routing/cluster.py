@@ -44,6 +44,7 @@ class Cluster:
     policy: ClusterPolicy = DEFAULT_POLICY
     external: bool = False  # MESH_EXTERNAL: requests leave the mesh, so mesh-internal headers are stripped
     http2: bool = False  # the upstream speaks HTTP/2 (routing/traffic.upstream_http2)
+    follows_client: bool = False  # the upstream speaks the client's protocol (useClientProtocol; the inbound cluster)
     # Built with the cluster (at compile time, never on a request); follows from policy and endpoints.
     hash_table: HashTable | None = field(init=False, default=None, compare=False, repr=False)
 

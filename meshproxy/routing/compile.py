@@ -41,7 +41,7 @@ from .cors import CorsPolicy
 from .cors import join as cors_join
 from .rewrite import Redirect, Rewrite
 from .table import RouteTable, VirtualHost
-from .traffic import compile_cluster_policy, merge_traffic_policy, upstream_http2
+from .traffic import compile_cluster_policy, follows_client, merge_traffic_policy, upstream_http2
 
 CLUSTER_DOMAIN = "svc.cluster.local"
 MESH_GATEWAY = "mesh"
@@ -158,7 +158,8 @@ class _Compiler:
                                               found.traffic_policy if found else None, port)
                 cluster = Cluster(Cluster.name_of("outbound", port, subset, host), host, port, subset,
                                   service.endpoints(service_port, labels), compile_cluster_policy(policy),
-                                  service.external, upstream_http2(service_port, policy))
+                                  service.external, upstream_http2(service_port, policy),
+                                  follows_client(service_port, policy))
         self.clusters[key] = cluster
         return cluster
 

@@ -206,6 +206,12 @@ def port_protocol(port: m.ServicePort) -> str:
     return prefix if prefix in NAMED_PROTOCOLS else "HTTP"  # meshproxy carries an undeclared port as HTTP
 
 
+def follows_client(port: m.ServicePort, policy: m.TrafficPolicy | None) -> bool:
+    """`useClientProtocol: true`: the upstream protocol is the client's (HTTP/1.1 or HTTP/2), on an HTTP port."""
+    pool = policy.connection_pool if policy is not None else None
+    return pool is not None and pool.http.use_client_protocol and not upstream_http2(port, policy)
+
+
 def upstream_http2(port: m.ServicePort, policy: m.TrafficPolicy | None) -> bool:
     """HTTP/2 to the upstream, as Istio's cluster builder chooses it: an HTTP/2 or gRPC port, or an HTTP port
     whose DestinationRule says `h2UpgradePolicy: UPGRADE` (the mesh default, DEFAULT, is DO_NOT_UPGRADE)."""

@@ -274,3 +274,17 @@ spec:
         proxy.stop()
         v1.close()
         v2.close()
+
+
+def test_the_inbound_listener_reaches_a_grpc_app_over_http2(tmp_path: Path, server: EchoServer) -> None:
+    """The inbound cluster follows the client's protocol (Istio's sniffed inbound port): gRPC in, HTTP/2 to the app."""
+    proxy = ProxyProcess(write_config(tmp_path / "cfg", "c.yaml", config(server.port)),
+                         args=["--inbound", f"127.0.0.1:0=127.0.0.1:{server.port}"])
+    try:
+        name = next(n for n in proxy.addresses if n.startswith("inbound"))
+        address = proxy.addresses[name]
+        with grpc.insecure_channel(f"{address[0]}:{address[1]}", options=[("grpc.enable_http_proxy", 0)]) as chan:
+            assert method(chan, "unary_unary", "Unary")(b"in", timeout=10) == b"echo:in"
+            assert list(method(chan, "unary_stream", "ServerStream")(b"3", timeout=10)) == [b"0", b"1", b"2"]
+    finally:
+        proxy.stop()

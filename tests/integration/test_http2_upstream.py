@@ -254,3 +254,16 @@ def test_a_large_download_from_http2_to_http1_keeps_memory_flat(tmp_path: Path, 
         assert growth < RSS_BOUND, f"proxy RSS grew by {growth / 2**20:.1f} MiB"
     finally:
         proxy.stop()
+
+
+def test_use_client_protocol_follows_each_client(tmp_path: Path, h2_upstream: H2Upstream) -> None:
+    proxy = start_proxy(tmp_path, service_entry(h2_upstream.port, "HTTP", "http"),
+                        destination_rule("useClientProtocol: true"))
+    peer = H2Peer(proxy.port)
+    try:
+        assert json.loads(get(proxy.port, "/echo")[2])["http_version"] == "1.1"
+        got = peer.finished(peer.request("/echo"))
+        assert got.status == 200 and json.loads(bytes(got.body))["http_version"] == "2"
+    finally:
+        peer.close()
+        proxy.stop()
