@@ -3,6 +3,7 @@ many calls on one connection, gRPC-shaped local replies, faults, retries, deadli
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import urllib.request
@@ -286,5 +287,23 @@ def test_the_inbound_listener_reaches_a_grpc_app_over_http2(tmp_path: Path, serv
         with grpc.insecure_channel(f"{address[0]}:{address[1]}", options=[("grpc.enable_http_proxy", 0)]) as chan:
             assert method(chan, "unary_unary", "Unary")(b"in", timeout=10) == b"echo:in"
             assert list(method(chan, "unary_stream", "ServerStream")(b"3", timeout=10)) == [b"0", b"1", b"2"]
+    finally:
+        proxy.stop()
+
+
+def test_an_upstream_that_refuses_connections_is_unavailable(tmp_path: Path) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there
+    proxy = ProxyProcess(write_config(tmp_path / "cfg", "c.yaml", config(port)))
+    try:
+        with channel(proxy) as chan:
+            with pytest.raises(grpc.RpcError) as failed:
+                method(chan, "unary_unary", "Unary")(b"x", timeout=20)
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert failed.value.details().startswith("upstream connect error or disconnect/reset before headers.")
+        entry = proxy.access_entries(1, timeout=10)[0]
+        assert entry["response_flags"] == "UF,URX" and entry["upstream_request_attempt_count"] == 3
     finally:
         proxy.stop()
