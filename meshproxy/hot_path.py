@@ -19,6 +19,7 @@ MODULES = (  # what setup.py compiles (it runs this file)
     "meshproxy.http1.server",
     "meshproxy.http1.wire",
     "meshproxy.http2.codec",
+    "meshproxy.http2.grpc",
     "meshproxy.http2.head",
     "meshproxy.messages",
     "meshproxy.proxy.balancer",

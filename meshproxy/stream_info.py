@@ -112,6 +112,7 @@ class StreamInfo:
     __slots__ = (
         "head", "connection", "route", "cluster", "endpoint", "attempts", "reused_retries", "status", "flags",
         "details", "start", "body_size", "response_bytes", "request_id", "trace", "peer", "grpc_status",
+        "request_messages", "response_messages",
     )
 
     def __init__(self, head: RequestHead, connection: ConnectionInfo, start: float) -> None:
@@ -132,6 +133,8 @@ class StreamInfo:
         self.trace: tuple[bytes, bytes, bytes | None] | None = None  # (trace id, span id, parent id) when sampled
         self.peer: bytes | None = None  # the other side's peer metadata header
         self.grpc_status = NOT_GRPC  # a gRPC request's status (grpc-status of the response), set by its transport
+        self.request_messages = 0  # gRPC messages each way, counted by the transport of a gRPC request
+        self.response_messages = 0
 
     def response_code_details(self) -> str:
         if self.details:

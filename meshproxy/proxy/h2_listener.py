@@ -20,13 +20,14 @@ import logging
 import time
 from typing import Final
 
+from ..http1.errors import ProtocolError
 from ..http1.wire import DATE
 from ..http2.codec import CANCEL, INTERNAL_ERROR, NO_ERROR, ConnectionEvents, H2Codec, H2Error, H2Stream, StreamEvents
+from ..http2.grpc import MessageCounter
 from ..messages import RequestHead
 from ..stream_info import DC, DR, GRPC_NO_STATUS, SI, ConnectionInfo
 from .downstream import Connection, ListenerContext
 from .exchange import Downstream, Stream, abandon, start
-from ..http1.errors import ProtocolError
 from .local_reply import (
     grpc_local_reply_headers,
     grpc_status_of,
@@ -235,7 +236,7 @@ class H2DownstreamStream(Downstream, StreamEvents):
     """One HTTP/2 stream as the exchange's downstream: its response goes out on this stream alone."""
 
     __slots__ = ("connection", "codec", "h2", "stream", "grpc", "remote_reset", "server_name", "last_activity",
-                 "error", "max_body", "body_bytes")
+                 "error", "max_body", "body_bytes", "messages_in", "messages_out")
 
     def __init__(self, connection: H2DownstreamConnection, h2stream: H2Stream, head: RequestHead) -> None:
         super().__init__(connection.ctx)
@@ -245,6 +246,9 @@ class H2DownstreamStream(Downstream, StreamEvents):
         self.h2 = h2stream
         self.stream: Stream | None = None
         self.grpc = is_grpc(head)
+        # gRPC messages each way (istio_request_messages_total, istio_response_messages_total); None: not gRPC
+        self.messages_in: MessageCounter | None = MessageCounter() if self.grpc else None
+        self.messages_out: MessageCounter | None = MessageCounter() if self.grpc else None
         self.remote_reset = False
         self.server_name = connection.ctx.server_name
         self.last_activity = self.loop.time()  # of the last byte either way (the stream idle timeout)
@@ -275,6 +279,8 @@ class H2DownstreamStream(Downstream, StreamEvents):
 
     def send_response_body(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        if self.messages_out is not None:
+            self.messages_out.feed(data)
         self.codec.send_data(self.h2, data)
 
     def send_response_end(self) -> None:
@@ -348,6 +354,9 @@ class H2DownstreamStream(Downstream, StreamEvents):
                 stream.status = error.status
                 self.send_local_reply(stream, error.status, protocol_error_body(error), ())
                 stream.response_started = stream.response_complete = True
+        if self.messages_in is not None and self.messages_out is not None:
+            stream.request_messages = self.messages_in.count
+            stream.response_messages = self.messages_out.count
         self.connection.telemetry.on_complete(stream)
         h2stream = self.h2
         if not h2stream.closed:
@@ -381,6 +390,8 @@ class H2DownstreamStream(Downstream, StreamEvents):
                     self.error = BODY_TOO_LARGE
                     self._stop()
                     return
+            if self.messages_in is not None:
+                self.messages_in.feed(data)
             stream.on_request_body(data)
 
     def on_end(self) -> None:

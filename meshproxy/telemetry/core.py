@@ -315,6 +315,9 @@ class Telemetry:
                 key = (service, peer, info.status, info.flags, info.grpc_status)
                 series = self.series.get(key) or self._bind(key)
                 series.record((time.monotonic() - info.start) * 1000.0, info.body_size, info.response_bytes)
+                if info.grpc_status != NOT_GRPC:
+                    series.request_messages += info.request_messages
+                    series.response_messages += info.response_messages
                 if info.reused_retries:
                     metrics.reused_connection_retries += info.reused_retries
             if info.trace is not None:

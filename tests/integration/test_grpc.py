@@ -141,6 +141,10 @@ def test_unary_and_streaming_calls_and_their_metrics(tmp_path: Path, server: Ech
         ok = [line for line in metrics.splitlines() if line.startswith("istio_requests_total{")
               and 'grpc_response_status="0"' in line]
         assert ok and 'request_protocol="grpc"' in ok[0] and ok[0].endswith(" 4.0")
+        sent = [line for line in metrics.splitlines() if line.startswith("istio_request_messages_total{")]
+        received = [line for line in metrics.splitlines() if line.startswith("istio_response_messages_total{")]
+        assert len(sent) == 1 and sent[0].endswith(" 7.0")  # 1 + 1 + 3 + 2 messages from the client
+        assert len(received) == 1 and received[0].endswith(" 204.0")  # 1 + 200 + 1 + 2 to it
     finally:
         proxy.stop()
 
