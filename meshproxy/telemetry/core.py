@@ -408,6 +408,13 @@ class Telemetry:
         })
         if info.endpoint is not None:
             tags["upstream_address"] = str(info.endpoint)
+        if info.grpc_status != NOT_GRPC:  # Envoy's gRPC span tags (Tracing::HttpTracerUtility)
+            content_type = head.header(b"content-type")
+            tags["grpc.path"] = head.path.decode("latin-1")
+            tags["grpc.authority"] = head.authority.decode("latin-1")
+            tags["grpc.content_type"] = content_type.decode("latin-1") if content_type is not None else "-"
+            if info.grpc_status >= 0:
+                tags["grpc.status_code"] = str(info.grpc_status)
         error = status == 0 or status >= 500
         if error:
             tags["error"] = "true"

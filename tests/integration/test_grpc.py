@@ -311,3 +311,24 @@ def test_an_upstream_that_refuses_connections_is_unavailable(tmp_path: Path) -> 
         assert entry["response_flags"] == "UF,URX" and entry["upstream_request_attempt_count"] == 3
     finally:
         proxy.stop()
+
+
+def test_spans_carry_the_grpc_method_and_status(tmp_path: Path, server: EchoServer) -> None:
+    from test_telemetry_mesh import OtlpReceiver, attributes
+
+    receiver = OtlpReceiver()
+    proxy = ProxyProcess(write_config(tmp_path / "cfg", "c.yaml", config(server.port)),
+                         env={"OTEL_BSP_SCHEDULE_DELAY": "50"},
+                         args=["--tracing-sampling", "100", "--otlp-endpoint", f"{receiver.base}/v1/traces"])
+    try:
+        with channel(proxy) as chan:
+            assert method(chan, "unary_unary", "Unary")(b"t", metadata=[("x-request-id", "grpc-span-1")],
+                                                         timeout=10) == b"echo:t"
+        (_, span), = receiver.wait_for("grpc-span-1", 1)
+        tags = attributes(span)
+        assert tags["grpc.path"] == f"/{SERVICE}/Unary" and tags["grpc.status_code"] == "0"
+        assert tags["grpc.authority"] == "backend" and tags["grpc.content_type"] == "application/grpc"
+        assert tags["http.protocol"] == "HTTP/2"
+    finally:
+        proxy.stop()
+        receiver.close()
