@@ -25,7 +25,7 @@ from ..http1.wire import DATE
 from ..http2.codec import CANCEL, INTERNAL_ERROR, NO_ERROR, ConnectionEvents, H2Codec, H2Error, H2Stream, StreamEvents
 from ..http2.grpc import MessageCounter
 from ..messages import RequestHead
-from ..stream_info import DC, DR, GRPC_NO_STATUS, SI, ConnectionInfo
+from ..stream_info import DC, DR, GRPC_NO_STATUS, ConnectionInfo
 from .downstream import Connection, ListenerContext
 from .exchange import Downstream, Stream, abandon, start
 from .local_reply import (

@@ -46,7 +46,6 @@ TE: Final = b"te"
 CONNECTION_SPECIFIC: Final = frozenset({b"connection", b"upgrade", b"keep-alive", b"proxy-connection",
                                        b"transfer-encoding"})
 TRAILERS: Final = b"trailers"
-NO_HEAD: Final[RequestHead | None] = None
 
 
 class H2UpstreamStream(UpstreamStream, StreamEvents):
