@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import time
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -264,6 +265,29 @@ def test_use_client_protocol_follows_each_client(tmp_path: Path, h2_upstream: H2
         assert json.loads(get(proxy.port, "/echo")[2])["http_version"] == "1.1"
         got = peer.finished(peer.request("/echo"))
         assert got.status == 200 and json.loads(bytes(got.body))["http_version"] == "2"
+    finally:
+        peer.close()
+        proxy.stop()
+
+
+def test_grpc_timeout_is_honoured_by_the_proxy_and_sent_upstream_capped(tmp_path: Path,
+                                                                        h2_upstream: H2Upstream) -> None:
+    """An upstream that ignores grpc-timeout (hypercorn): the proxy's own deadline answers, gRPC-shaped."""
+    proxy = start_proxy(tmp_path, service_entry(h2_upstream.port))
+    peer = H2Peer(proxy.port)
+    try:
+        started = time.monotonic()
+        got = peer.finished(peer.request("/slow?delay=3", method="POST", body=b"\0\0\0\0\0",
+                                         headers=[("content-type", "application/grpc"), ("te", "trailers"),
+                                                  ("grpc-timeout", "400m")]))
+        assert time.monotonic() - started < 2.5
+        headers = dict(got.headers)
+        assert got.status == 200 and headers[b"grpc-status"] == b"14"
+        assert headers[b"grpc-message"] == b"upstream request timeout"
+        entry = proxy.access_entries(1)[0]
+        assert entry["response_flags"] == "UT" and entry["response_code"] == 200
+        sent = [v for k, v in h2_upstream.requests[0]["headers"] if k == "grpc-timeout"]
+        assert len(sent) == 1 and sent[0].endswith("m") and int(sent[0][:-1]) <= 400
     finally:
         peer.close()
         proxy.stop()
