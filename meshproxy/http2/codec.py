@@ -19,6 +19,7 @@ connection window):
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -445,3 +446,46 @@ class H2Codec:
                 stream.closed = True
                 if stream.events is not None:
                     stream.events.on_reset(error_code, False)
+
+
+class CallbackEvents(ConnectionEvents, StreamEvents):
+    """Connection and stream events to one plain callable, `record(kind, stream_id, value)`, for code outside the
+    compiled hot path (a tool, a test): an interpreted class cannot inherit a compiled trait. As a connection's
+    handler it makes every new server stream report to itself too."""
+
+    __slots__ = ("record", "stream_id")
+
+    def __init__(self, record: Callable[[str, int, object], None], stream_id: int = 0) -> None:
+        self.record = record
+        self.stream_id = stream_id
+
+    def on_request(self, stream: H2Stream, head: RequestHead, end_stream: bool) -> None:
+        stream.events = CallbackEvents(self.record, stream.id)
+        self.record("request", stream.id, (head, end_stream))
+
+    def on_goaway(self, last_stream_id: int, error_code: int) -> None:
+        self.record("goaway", 0, (last_stream_id, error_code))
+
+    def on_capacity(self, max_streams: int) -> None:
+        self.record("capacity", 0, max_streams)
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        self.record("response", self.stream_id, (status, headers, end_stream))
+
+    def on_data(self, data: bytes) -> None:
+        self.record("data", self.stream_id, data)
+
+    def on_trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.record("trailers", self.stream_id, headers)
+
+    def on_end(self) -> None:
+        self.record("end", self.stream_id, None)
+
+    def on_reset(self, error_code: int, remote: bool) -> None:
+        self.record("reset", self.stream_id, (error_code, remote))
+
+    def on_write_blocked(self) -> None:
+        self.record("blocked", self.stream_id, None)
+
+    def on_writable(self) -> None:
+        self.record("writable", self.stream_id, None)
