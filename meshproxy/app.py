@@ -16,7 +16,7 @@ from .istio.load import load
 from .istio.model import Snapshot
 from .istio.problems import ConfigError, Problem
 from .lifecycle import ConfigReloader, ConfigState, handle_signals, ignore_stop_signals
-from .proxy.balancer import Clusters
+from .proxy.balancer import Clusters, ClusterState
 from .proxy.downstream import (
     EDGE_GATEWAY,
     EDGE_INBOUND,
@@ -27,7 +27,7 @@ from .proxy.downstream import (
 )
 from .proxy.listener import DownstreamProtocol
 from .proxy.secure_server import DISABLE, PERMISSIVE, STRICT, SecureServer
-from .proxy.upstream import UpstreamPool
+from .proxy.upstream import MultiplexedPool, UpstreamPool
 from .routing.cluster import Cluster, Endpoint
 from .routing.compile import Identity, compile_table
 from .routing.inbound import INBOUND_SERVER, inbound_route_table
@@ -50,6 +50,13 @@ if TYPE_CHECKING:
     from .proxy.tcp import TcpProxy
 
 log = logging.getLogger("meshproxy")
+
+
+def http2_pool(pool: UpstreamPool, key: tuple[str, str, int], state: ClusterState) -> MultiplexedPool:
+    """An endpoint's HTTP/2 connections; the HTTP/2 code loads with the first cluster that needs it."""
+    from .proxy.h2_upstream import H2EndpointPool
+
+    return H2EndpointPool(pool, key, state)
 
 
 def identity_of(settings: Settings) -> Identity:
@@ -103,7 +110,7 @@ class ProxyApp:
         self.jwks_fetcher: JwksFetcher | None = None  # created in start(), inside the loop
         self.inbound_tables: dict[int, tuple[RouteTable, int]] = {}  # id(ctx) -> (routes, app port)
         self.rng = random.Random(settings.seed)
-        self.pool = UpstreamPool(settings.upstream_idle_timeout, settings.connect_timeout)
+        self.pool = UpstreamPool(settings.upstream_idle_timeout, settings.connect_timeout, multiplexer=http2_pool)
         self.access_log = AccessLog(settings.access_log, path=settings.access_log_file)
         self.telemetry = MeshTelemetry.from_settings(settings)  # metrics, tracing, peer metadata: one per process
         self.clusters = Clusters(self._upstream_tls_of, self.pool.close_idle_of)

@@ -15,6 +15,7 @@ from mypy_extensions import trait
 
 HTTP11: Final = b"1.1"
 HTTP10: Final = b"1.0"
+HTTP2: Final = b"2"
 
 
 class RequestHead:
@@ -33,7 +34,7 @@ class RequestHead:
         self.query = query  # without the "?"
         self.authority = authority  # Host, or the authority of an absolute-form target
         self.headers = headers  # (lower-case name, value), arrival order
-        self.version = version  # b"1.1" or b"1.0"
+        self.version = version  # b"1.1", b"1.0" or b"2"
         self.keep_alive = keep_alive
         self.content_length = content_length
         self.chunked = chunked
@@ -106,7 +107,7 @@ def block_pairs(blocks: Iterable[HeaderBlock]) -> list[tuple[bytes, bytes]]:
 
 @trait
 class RequestEvents:
-    """A request, as a server codec reports it: the head, body chunks, the end (trailers are not forwarded)."""
+    """A request, as a server codec reports it: the head, body chunks, the end or trailers (which end it)."""
 
     __slots__ = ()
 
@@ -117,6 +118,10 @@ class RequestEvents:
         raise NotImplementedError
 
     def on_request_end(self) -> None:
+        raise NotImplementedError
+
+    def on_request_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """The request ended with trailers (HTTP/2; HTTP/1.1's are dropped, as Envoy without enable_trailers)."""
         raise NotImplementedError
 
 
@@ -135,4 +140,8 @@ class ResponseEvents:
         raise NotImplementedError
 
     def on_response_end(self) -> None:
+        raise NotImplementedError
+
+    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """The response ended with trailers (HTTP/2, e.g. gRPC's grpc-status); no on_response_end follows."""
         raise NotImplementedError

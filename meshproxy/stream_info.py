@@ -76,6 +76,8 @@ def flag_bits(text: str) -> int:
 
 
 VIA_UPSTREAM: Final = "via_upstream"
+NOT_GRPC: Final = -1  # StreamInfo.grpc_status of a request that is not gRPC
+GRPC_NO_STATUS: Final = -2  # a gRPC request whose status is not known (yet, or ever: a reset)
 
 
 class ConnectionInfo:
@@ -147,7 +149,7 @@ class StreamInfo:
     __slots__ = (
         "head", "connection", "route", "cluster", "endpoint", "attempts", "reused_retries", "status", "flags",
         "details", "start", "body_size", "response_bytes", "request_id", "trace", "peer", "upstream_principal",
-        "transport_failure", "retry_reasons",
+        "transport_failure", "retry_reasons", "grpc_status", "request_messages", "response_messages",
     )
     # `retry_reasons` (why each retry was made, in order) is set only when the exchange retries: never assigned
     # here, so a request that is not retried pays nothing for it; read it with getattr(info, "retry_reasons", ()).
@@ -172,6 +174,9 @@ class StreamInfo:
         self.peer: bytes | None = None  # the other side's peer metadata header
         self.upstream_principal = ""  # the upstream server's SPIFFE principal, when its connection is mutual TLS
         self.transport_failure = ""  # Envoy's %UPSTREAM_TRANSPORT_FAILURE_REASON% of the failure answered (TLS_error...)
+        self.grpc_status = NOT_GRPC  # a gRPC request's status (grpc-status of the response), set by its transport
+        self.request_messages = 0  # gRPC messages each way, counted by the transport of a gRPC request
+        self.response_messages = 0
 
     def response_code_details(self) -> str:
         return code_details(self.details, self.status, self.cluster is not None)

@@ -15,7 +15,7 @@ from typing import Final
 import httptools
 
 from ..messages import ResponseEvents
-from .errors import ProtocolError
+from .errors import ProtocolError, Upgraded
 
 FRAMING_LENGTH: Final = 0  # content-length
 FRAMING_CHUNKED: Final = 1
@@ -54,7 +54,7 @@ class _Unexpected(Exception):
 
 class ClientCodec:
     __slots__ = ("handler", "parser", "expecting", "head_only", "status", "headers", "head_done", "framing",
-                 "content_length", "keep_alive")
+                 "content_length", "keep_alive", "upgraded")
 
     def __init__(self, handler: ResponseEvents) -> None:
         self.handler = handler
@@ -67,6 +67,7 @@ class ClientCodec:
         self.framing = FRAMING_LENGTH
         self.content_length: int | None = None
         self.keep_alive = True  # the connection may carry another request after this response
+        self.upgraded = False  # a 101 to an upgrade request: the connection is a tunnel now
 
     def expect(self, head_only: bool) -> None:
         """A request was sent: parse its response (`head_only`: the request was HEAD, no body follows)."""
@@ -85,6 +86,10 @@ class ClientCodec:
             if isinstance(exc.__context__, _Unexpected):
                 raise ProtocolError(502, UNEXPECTED_RESPONSE) from None
             raise ProtocolError(502, f"http1.codec_error: {exc.__context__}") from None
+        except httptools.HttpParserUpgrade as exc:
+            if self.upgraded:
+                raise Upgraded(data[int(exc.args[0]):]) from None
+            raise ProtocolError(502, UNEXPECTED_RESPONSE) from None
         except httptools.HttpParserError as exc:
             raise ProtocolError(502, f"http1.codec_error: {exc}") from None
 
@@ -110,6 +115,9 @@ class ClientCodec:
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200:
+            if status == 101 and self.expecting and self.parser.should_upgrade():
+                self._switch_protocols()
+                return
             self.headers = []  # 1xx interim response: dropped
             return
         self.head_done = True
@@ -132,6 +140,16 @@ class ClientCodec:
             self.parser = httptools.HttpResponseParser(self)  # llhttp would wait for a body a HEAD never gets
             self._finish()
 
+    def _switch_protocols(self) -> None:
+        """101 to an upgrade request: the final response; its body is the tunnel, until the upstream closes."""
+        self.head_done = True
+        self.status = 101
+        self.keep_alive = False
+        self.framing = FRAMING_EOF
+        self.upgraded = True
+        self.handler.on_response_head(101, self.headers, None, False)
+        self.expecting = False  # llhttp completes the 101 "message" now: not the response's end (the close is)
+
     def on_body(self, body: bytes) -> None:
         if self.expecting:
             self.handler.on_response_body(body)
@@ -143,3 +161,22 @@ class ClientCodec:
     def _finish(self) -> None:
         self.expecting = False
         self.handler.on_response_end()
+
+
+class TunnelClientCodec(ClientCodec):
+    """After a 101: the upstream's bytes are the response body as they come, until it closes (close() ends it)."""
+
+    __slots__ = ()
+
+    def __init__(self, handler: ResponseEvents) -> None:
+        super().__init__(handler)
+        self.expecting = True
+        self.head_done = True
+        self.status = 101
+        self.keep_alive = False
+        self.framing = FRAMING_EOF
+        self.upgraded = True
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            self.handler.on_response_body(data)

@@ -10,3 +10,12 @@ class ProtocolError(Exception):
         super().__init__(f"{status}: {detail}")
         self.status = status
         self.detail = detail  # Envoy's response code detail, e.g. http1.codec_error
+
+
+class Upgraded(Exception):
+    """The message just parsed switched the connection to another protocol (a WebSocket upgrade): from here on its
+    bytes are the tunnel's, `rest` the first of them (read with the head)."""
+
+    def __init__(self, rest: bytes) -> None:
+        super().__init__("upgraded")
+        self.rest = rest

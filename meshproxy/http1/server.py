@@ -7,8 +7,11 @@ close. Limits are counted while parsing, with the numbers of the listener's `Hea
 names and values over `max_header_bytes`, or more than `max_header_count` lines -> 431; body over
 `max_body_bytes` -> 413. Trailers are parsed and not forwarded.
 
-Upgrades are not proxied (403, as Envoy without upgrade_configs); an `Upgrade: h2c` request without a body is
-served as the HTTP/1.1 request it also is (RFC 9113 3.2 lets a server ignore it; Envoy strips it).
+`Upgrade: websocket` on a bodiless GET is proxied, as Istio configures Envoy (upgrade_configs: websocket): the head
+is reported as any other, then `feed` raises `Upgraded` with the bytes after it, which belong to the tunnel (the
+transport swaps this codec for a `TunnelCodec`). Other upgrades are refused (403 `upgrade_failed`), CONNECT too; an
+`Upgrade: h2c` request without a body is served as the HTTP/1.1 request it also is (RFC 9113 3.2 lets a server
+ignore it; Envoy strips it).
 The response side is serialized by `http1.wire`.
 """
 
@@ -21,13 +24,16 @@ from typing import Final
 import httptools
 
 from ..messages import RequestEvents, RequestHead
-from .errors import ProtocolError
+from .errors import ProtocolError, Upgraded
 from .head import DEFAULT_POLICY, HeadPolicy, build_request_head
 
 log = logging.getLogger("meshproxy.http1")
 
 NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to: on_message_begin gives each head its own list
 HEAD_SLACK: Final = 4096  # bytes of a head beyond max_header_bytes before 431 (the request line, separators)
+# The start of HTTP/2's connection preface (RFC 9113 3.4): llhttp stops on it; the transport may switch to HTTP/2.
+H2_PREFACE_START: Final = b"PRI * HTTP/2.0\r\n\r\n"
+H2_PREFACE_DETAIL: Final = "http1.http2_preface"
 
 
 class CallbackHandler(RequestEvents):
@@ -68,6 +74,7 @@ class ServerCodec:
     __slots__ = (
         "handler", "parser", "policy", "url", "headers", "head_size", "in_head", "head_fed", "head_started",
         "body_bytes", "upgrade_ignored", "max_head_bytes", "max_head_count", "max_body", "chunk", "message_bytes",
+        "upgrading",
     )
 
     def __init__(self, handler: RequestEvents, policy: HeadPolicy = DEFAULT_POLICY) -> None:
@@ -87,6 +94,7 @@ class ServerCodec:
         self.upgrade_ignored = False  # the request being parsed is an h2c upgrade served as HTTP/1.1
         self.chunk = b""  # the bytes being fed, when a request may begin at their start
         self.message_bytes = b""  # the bytes in which the request being parsed began at the start, if it did
+        self.upgrading = False  # the request being parsed is a WebSocket upgrade
 
     def feed(self, data: bytes) -> None:
         """Parse `data`, calling the handler; raises ProtocolError."""
@@ -105,6 +113,9 @@ class ServerCodec:
             log.error("request callback failed", exc_info=cause)
             raise ProtocolError(400, "http1.codec_error") from None
         except httptools.HttpParserUpgrade as exc:
+            if self.upgrading:
+                self.upgrading = False
+                raise Upgraded(data[int(exc.args[0]):]) from None
             if not self.upgrade_ignored:
                 raise ProtocolError(403, "upgrade_failed") from None
             self.upgrade_ignored = False  # an h2c upgrade served as a plain request: parse on after it
@@ -115,7 +126,9 @@ class ServerCodec:
             return
         except httptools.HttpParserInvalidMethodError:
             raise ProtocolError(400, "http1.invalid_method") from None
-        except httptools.HttpParserError:
+        except httptools.HttpParserError as exc:
+            if str(exc).startswith("Pause on PRI"):
+                raise ProtocolError(400, H2_PREFACE_DETAIL) from None  # h2c with prior knowledge
             raise ProtocolError(400, "http1.codec_error") from None
         if self.in_head and self.head_fed > self.max_head_bytes + HEAD_SLACK:
             raise HEADERS_TOO_LARGE
@@ -188,8 +201,12 @@ class ServerCodec:
         upgrade = [v for n, v in self.headers if n == b"upgrade"]
         framed = [v for n, v in self.headers if n == b"transfer-encoding" or (n == b"content-length" and v.strip(b" \t")
                                                                               not in (b"0", b""))]
-        if len(upgrade) == 1 and upgrade[0].strip(b" \t").lower() == b"h2c" and not framed:
+        protocol = upgrade[0].strip(b" \t").lower() if len(upgrade) == 1 else b""
+        if protocol == b"h2c" and not framed:
             self.upgrade_ignored = True
+            return
+        if protocol == b"websocket" and method == b"GET" and not framed:
+            self.upgrading = True
             return
         raise ProtocolError(403, "upgrade_failed")
 
@@ -204,3 +221,16 @@ class ServerCodec:
         self.in_head = True
         self.head_fed = 0
         self.handler.on_request_end()
+
+
+class TunnelCodec(ServerCodec):
+    """After an upgrade: the client's bytes go to the upgraded request's body as they come, unparsed."""
+
+    __slots__ = ("tunnel",)
+
+    def __init__(self, handler: RequestEvents, tunnel: Callable[[bytes], None]) -> None:
+        super().__init__(handler)
+        self.tunnel = tunnel  # the upgraded request's body sink
+
+    def feed(self, data: bytes) -> None:
+        self.tunnel(data)

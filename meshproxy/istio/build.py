@@ -22,6 +22,7 @@ MAX_DIRECT_RESPONSE_BYTES = 1 << 20
 HOST_LABEL_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_]*[A-Za-z0-9])?")
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 SE_RESOLUTIONS = ("NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS")
+H2_UPGRADE_POLICIES = ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE")  # ConnectionPoolSettings.HTTPSettings.H2UpgradePolicy
 PORT_PROTOCOLS = ("HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "TCP", "TLS", "UDP", "REDIS", "MYSQL")
 
 
@@ -577,6 +578,9 @@ def _connection_pool(spec: Mapping[str, Any] | None) -> m.ConnectionPoolSettings
             max_requests_per_connection=int(http.get("maxRequestsPerConnection") or 0),
             max_retries=int(http.get("maxRetries") or 0),
             idle_timeout=_seconds(http.get("idleTimeout")),
+            h2_upgrade_policy=_enum_name(http.get("h2UpgradePolicy") or "DEFAULT", H2_UPGRADE_POLICIES),
+            max_concurrent_streams=int(http.get("maxConcurrentStreams") or 0),
+            use_client_protocol=bool(http.get("useClientProtocol")),
         ),
     )
 

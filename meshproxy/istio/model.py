@@ -258,6 +258,9 @@ class HTTPSettings:
     max_requests_per_connection: int = 0
     max_retries: int = 0
     idle_timeout: float | None = None
+    h2_upgrade_policy: str = "DEFAULT"  # DEFAULT (the mesh's: DO_NOT_UPGRADE) | DO_NOT_UPGRADE | UPGRADE
+    max_concurrent_streams: int = 0
+    use_client_protocol: bool = False
 
 
 @dataclass(frozen=True, slots=True)

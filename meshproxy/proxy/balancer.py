@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     TLSResolver = Callable[[Cluster, Endpoint], UpstreamTLS | None]
 
 MAX_EJECTION_TIME: Final = 300.0  # Envoy's max_ejection_time default
+H2_KEY: Final = "|h2"  # suffix of the pool keys of an HTTP/2 cluster's endpoints
+FOLLOWS_CLIENT_KEY: Final = "|client"  # ... of a cluster whose upstream protocol is the client's
 
 
 @dataclass(slots=True)
@@ -221,8 +223,13 @@ class Clusters:
         state = self.states.get(cluster.name)
         if state is not None and (state.cluster is cluster or state.cluster == cluster):
             return state
-        previous = {e.endpoint.key: e for e in state.endpoints} if state is not None else {}
-        endpoints = [previous.get(ep.key) or EndpointState(ep, (cluster.name, ep.address, ep.port))
+        same_protocol = state is not None and state.cluster.http2 == cluster.http2 \
+            and state.cluster.follows_client == cluster.follows_client
+        previous = {e.endpoint.key: e for e in state.endpoints} if state is not None and same_protocol else {}
+        # An HTTP/2 cluster's connections are pooled apart, and so are those of a cluster that follows the client's
+        # protocol (upstream.ClientProtocolPool): a reload that changes the protocol reuses none.
+        name = cluster.name + (H2_KEY if cluster.http2 else FOLLOWS_CLIENT_KEY if cluster.follows_client else "")
+        endpoints = [previous.get(ep.key) or EndpointState(ep, (name, ep.address, ep.port))
                      for ep in cluster.endpoints]
         tls = self.tls
         for e, ep in zip(endpoints, cluster.endpoints):

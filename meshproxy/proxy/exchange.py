@@ -56,6 +56,7 @@ from .local_reply import (
     NO_HEALTHY_UPSTREAM,
     NO_ROUTE,
     OVERLOADED_HEADER,
+    RefusedStreamError,
     Reply,
     RetriableResponse,
     UpstreamError,
@@ -67,6 +68,7 @@ from .local_reply import (
 from .retry import (
     CONNECT_FAILURE,
     PER_TRY_TIMEOUT,
+    REFUSED,
     RESET,
     backoff,
     should_retry_failure,
@@ -95,6 +97,13 @@ FORWARDED_TIMEOUT: Final = HeaderTemplate((FORWARDED_FOR, ATTEMPT_COUNT, EXPECTE
 FORWARDED_HTTP_TIMEOUT: Final = HeaderTemplate((FORWARDED_FOR, FORWARDED_PROTO, ATTEMPT_COUNT, EXPECTED_TIMEOUT))
 ORIGINAL_PATH_BLOCK: Final = HeaderTemplate((ORIGINAL_PATH,))
 SERVICE_TIME: Final = HeaderTemplate((UPSTREAM_SERVICE_TIME,))
+GRPC_TIMEOUT: Final = b"grpc-timeout"
+CONNECTION: Final = b"connection"
+UPGRADE: Final = b"upgrade"
+WEBSOCKET: Final = b"websocket"
+GRPC_TIMEOUT_NAME: Final = frozenset({GRPC_TIMEOUT})
+UPGRADE_BLOCK: Final = HeaderTemplate((CONNECTION, UPGRADE))  # a WebSocket upgrade, asked again upstream
+GRPC_TIMEOUT_BLOCK: Final = HeaderTemplate((GRPC_TIMEOUT,))
 NO_EXTRA: Final[tuple[tuple[bytes, bytes], ...]] = ()
 
 
@@ -131,6 +140,10 @@ class Downstream(Connection):
     def send_response_end(self) -> None:
         raise NotImplementedError
 
+    def send_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """The response ends with trailers; HTTP/1.1 drops them (Envoy's default, without enable_trailers)."""
+        self.send_response_end()
+
     def flush(self) -> None:
         raise NotImplementedError
 
@@ -164,7 +177,7 @@ class Stream(StreamInfo, ResponseSink):
         "conn", "pending", "pending_size", "request_complete", "upstream", "response_started",
         "response_complete", "request_mutation", "response_mutation", "sent", "replayable", "retries_left", "timer",
         "sent_at", "upstream_extra", "cluster_state", "downstream_extra", "target", "tried", "deadline", "hash_key",
-        "avoid_previous", "retrying", "second_chance", "ended",
+        "avoid_previous", "retrying", "second_chance", "ended", "request_trailers", "grpc_timeout",
     )
 
     def __init__(self, conn: Downstream, head: RequestHead, connection: ConnectionInfo, start: float) -> None:
@@ -195,6 +208,8 @@ class Stream(StreamInfo, ResponseSink):
         self.retrying = False  # holds a retry slot of the cluster (maxRetries, retry budget)
         self.second_chance = conn.ctx.retry_reused  # one free retry when a reused connection turns out closed
         self.ended = False
+        self.request_trailers: list[tuple[bytes, bytes]] | None = None
+        self.grpc_timeout = 0.0  # a gRPC request's grpc-timeout, seconds (its transport reads it); 0: none
 
     # ---- request body, from the downstream transport
 
@@ -218,6 +233,12 @@ class Stream(StreamInfo, ResponseSink):
         self.request_complete = True
         if self.upstream is not None:
             self.upstream.end_body()
+
+    def on_request_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.request_complete = True
+        self.request_trailers = trailers  # kept for a retry
+        if self.upstream is not None:
+            self.upstream.send_trailers(trailers)
 
     # ---- response, from the upstream connection (ResponseSink)
 
@@ -260,6 +281,10 @@ class Stream(StreamInfo, ResponseSink):
 
     def on_response_end(self) -> None:
         self.conn.send_response_end()
+        self.response_complete = True
+
+    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.conn.send_response_trailers(trailers)
         self.response_complete = True
 
     def on_upstream_error(self, error: UpstreamError) -> None:
@@ -329,7 +354,15 @@ def send_request_head(stream: Stream, upstream: UpstreamStream, attempt: int, de
     count, expected timeout). The codec frames it, in one pass over the client's headers."""
     conn = stream.conn
     head = stream.head
-    drop = conn.strip_request | head.connection_tokens if head.connection_tokens else conn.strip_request
+    upgrade: HeaderBlock | None = None
+    if head.connection_tokens:
+        drop = conn.strip_request | head.connection_tokens
+        if UPGRADE in head.connection_tokens:  # a WebSocket upgrade (the codec refuses others) asks it again
+            protocol = head.header(UPGRADE)
+            if protocol is not None and protocol.lower() == WEBSOCKET:
+                upgrade = (UPGRADE_BLOCK, (UPGRADE, protocol))
+    else:
+        drop = conn.strip_request
     headers = head.headers
     if stream.request_mutation is not None:
         headers = apply_mutation(headers, stream.request_mutation)
@@ -374,6 +407,11 @@ def send_request_head(stream: Stream, upstream: UpstreamStream, attempt: int, de
         cluster = shadow or stream.cluster
         if cluster is None or not cluster.external:  # Istio never gives peer metadata to a MESH_EXTERNAL service
             extra += peer_headers
+    if deadline is not None and stream.grpc_timeout:  # the upstream learns the time left, capped by the route timeout
+        drop = drop | GRPC_TIMEOUT_NAME
+        extra.append((GRPC_TIMEOUT_BLOCK, (b"%dm" % max(0, int((deadline - now) * 1000)),)))
+    if upgrade is not None:
+        extra.append(upgrade)
     no_body = head.content_length is None and not head.chunked
     upstream.send_head(head.method, path, authority, headers, drop, extra,
                        None if head.chunked else head.content_length, no_body)
@@ -588,8 +626,12 @@ def _forward(conn: Downstream, stream: Stream, route: Route, port: int) -> bool:
     stream.cluster_state = state
     retry = route.retry
     stream.retries_left = retry.num_retries
-    # The route timeout covers every attempt and back-off; it starts after any fault delay.
-    stream.deadline = conn.loop.time() + route.timeout if route.timeout else None
+    # The route timeout covers every attempt and back-off; it starts after any fault delay. A gRPC request's
+    # grpc-timeout shortens it (Istio sets Envoy's grpc_timeout_header_max to the route timeout).
+    timeout = route.timeout
+    if stream.grpc_timeout:
+        timeout = min(timeout, stream.grpc_timeout) if timeout else stream.grpc_timeout
+    stream.deadline = conn.loop.time() + timeout if timeout else None
     key = stream.hash_key = state.hash_key(head, stream.connection.peer_ip) if state.policy.hash is not None else None
     stream.avoid_previous = retry.avoid_previous_hosts and key is None  # Istio turns it off with consistent hashing
     return _attempt(conn, stream)
@@ -676,7 +718,10 @@ def _send(conn: Downstream, stream: Stream, upstream: UpstreamStream, target: En
     if conn.read_paused & READ_PAUSED_BY_BUFFER:
         conn.resume_reading(READ_PAUSED_BY_BUFFER)
     if stream.request_complete:
-        upstream.end_body()
+        if stream.request_trailers is None:
+            upstream.end_body()
+        else:
+            upstream.send_trailers(stream.request_trailers)
 
 
 def attempt_over(stream: Stream, outcome: UpstreamError | None) -> None:
@@ -734,7 +779,8 @@ def _after_failure(conn: Downstream, stream: Stream, upstream: UpstreamStream,
     if isinstance(outcome, UpstreamTimeoutError) and not outcome.per_try:
         _finish_timeout(stream)
         return True
-    kind = PER_TRY_TIMEOUT if isinstance(outcome, UpstreamTimeoutError) else RESET
+    kind = PER_TRY_TIMEOUT if isinstance(outcome, UpstreamTimeoutError) else \
+        REFUSED if isinstance(outcome, RefusedStreamError) else RESET
     if kind == RESET and upstream.reused and upstream.served and stream.second_chance and stream.replayable \
             and stream.head.method in IDEMPOTENT:
         # The server closed a kept-alive connection as we reused it: one free retry, as Go's transport does (a
@@ -812,6 +858,9 @@ class _MirrorSink(ResponseSink):
     def on_response_end(self) -> None:
         if not self.done.done():
             self.done.set_result(None)
+
+    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.on_response_end()
 
     def on_upstream_error(self, error: UpstreamError) -> None:
         if not self.done.done():

@@ -35,10 +35,10 @@ import logging
 import time
 from typing import Final, cast
 
-from ..http1.errors import ProtocolError
-from ..http1.server import ServerCodec
+from ..http1.errors import ProtocolError, Upgraded
+from ..http1.server import H2_PREFACE_DETAIL, H2_PREFACE_START, ServerCodec, TunnelCodec
 from ..http1.wire import CONTINUE_100, LAST_CHUNK, chunk, local_reply, response_head
-from ..messages import HTTP11, HeaderBlock, RequestEvents, RequestHead
+from ..messages import HTTP11, HeaderBlock, HeaderTemplate, RequestEvents, RequestHead
 from ..security.peer import peer_principal, requested_server_name
 from ..stream_info import DC, ConnectionInfo
 from .downstream import ListenerContext
@@ -48,6 +48,9 @@ from .upstream import WRITE_HIGH_WATER, WRITE_LOW_WATER
 
 log = logging.getLogger("meshproxy.listener")
 
+UPGRADE: Final = b"upgrade"
+UPGRADE_BLOCK: Final = HeaderTemplate((b"connection", UPGRADE))  # a 101's `connection: upgrade`, `upgrade: PROTOCOL`
+WEBSOCKET: Final = b"websocket"
 READ_PAUSED_BY_PIPELINE: Final = 4
 READ_PAUSED_BY_ERROR: Final = 8
 
@@ -132,7 +135,12 @@ class DownstreamProtocol(Downstream, RequestEvents):
         try:
             self.codec.feed(data)
         except ProtocolError as error:
+            if error.detail == H2_PREFACE_DETAIL and self._switch_to_http2(data):
+                return
             self._protocol_error(error)
+            return
+        except Upgraded as upgrade:
+            self._tunnel(upgrade.rest)
             return
         if self.codec.head_started and not self.head_deadline and self.header_timeout:
             self.head_deadline = self.last_activity + self.header_timeout
@@ -140,6 +148,36 @@ class DownstreamProtocol(Downstream, RequestEvents):
 
     def eof_received(self) -> bool | None:
         return None  # the transport closes itself
+
+    def _tunnel(self, rest: bytes) -> None:
+        """A WebSocket upgrade request was parsed (its exchange runs): the client's further bytes are its body, and
+        the connection closes after it, whether the upstream switched protocols or not."""
+        stream = self.parsing or (self.streams[-1] if self.streams else None)
+        self.parsing = None
+        if stream is None:
+            self._close()
+            return
+        self.close_after = True
+        self.codec = TunnelCodec(self, stream.on_request_body)
+        if rest:
+            stream.on_request_body(rest)
+
+    def _switch_to_http2(self, data: bytes) -> bool:
+        """The connection opened with HTTP/2's preface (h2c, prior knowledge): hand the transport to an HTTP/2
+        connection, with every byte read so far (the codec counted those of the head in progress)."""
+        if self.streams or self.parsing is not None or self.transport is None:
+            return False
+        seen = H2_PREFACE_START[:max(0, self.codec.head_fed - len(data))] + data
+        if not seen.startswith(H2_PREFACE_START):
+            return False
+        from .h2_listener import H2DownstreamConnection  # HTTP/2 code is loaded by the first HTTP/2 client
+
+        self.closed = True  # this object hears nothing more from the transport
+        self._cancel_timer()
+        self.ctx.connections.discard(self)
+        counted, self.counted = self.counted, False
+        H2DownstreamConnection(self.ctx, self.transport, self.info, counted).take_over(seen)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -202,6 +240,9 @@ class DownstreamProtocol(Downstream, RequestEvents):
         head = stream.head
         chunked = False
         if content_length is None and not end_stream:
+            if status == 101:  # switching protocols: the body is the tunnel, raw; no route timeout from here on
+                self._switch_protocols(stream, headers, extra)
+                return
             if head.version == HTTP11:
                 chunked = True
             else:
@@ -212,6 +253,16 @@ class DownstreamProtocol(Downstream, RequestEvents):
         self.response_head_only = head.method == b"HEAD"
         # Written with the body bytes of the same upstream read: one send (see flush).
         self.out.append(response_head(status, headers, extra, content_length, chunked, self.close_after))
+
+    def _switch_protocols(self, stream: Stream, headers: list[tuple[bytes, bytes]],
+                          extra: list[HeaderBlock]) -> None:
+        stream.cancel_timers()
+        self.close_after = True
+        self.response_chunked = False
+        self.response_head_only = False
+        protocol = next((v for n, v in headers if n == UPGRADE), WEBSOCKET)
+        self.out.append(response_head(101, headers, [*extra, (UPGRADE_BLOCK, (UPGRADE, protocol))], None,
+                                      False, False))
 
     def send_response_body(self, data: bytes) -> None:
         if not self.response_head_only:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..http1.errors import ProtocolError
-from ..stream_info import DPE, NC, NR, SI, UC, UF, UH, UO, UPE, UT
+from ..messages import RequestHead
+from ..stream_info import DPE, NC, NR, SI, UC, UF, UH, UO, UPE, UR, UT
 
 RESET_PREFIX: Final = "upstream connect error or disconnect/reset before headers. "
 RESET_BEFORE: Final = "upstream_reset_before_response_started"
@@ -76,6 +77,19 @@ class UpstreamProtocolError(UpstreamError):
 
 class ResponseResetError(UpstreamError):
     """The upstream went away after the response head was sent downstream: reset the client."""
+
+
+class RemoteResetError(UpstreamError):
+    """The upstream reset the stream (HTTP/2 RST_STREAM): Envoy's UR, `remote reset`."""
+
+    flag = UR
+    reason = "remote reset"
+
+
+class RefusedStreamError(RemoteResetError):
+    """RST_STREAM REFUSED_STREAM, or a stream above the upstream's GOAWAY: never processed (retryOn refused-stream)."""
+
+    reason = "remote refused stream reset"
 
 
 class UpstreamOverflowError(UpstreamError):
@@ -178,3 +192,78 @@ def jwt_denied(status: int, message: str, details: str, uri: bytes) -> tuple[Rep
     challenge = b'Bearer realm="' + uri + b'", error="invalid_token"'
     return Reply(status, message.encode(), 0, details), ((b"www-authenticate", challenge),)
 
+
+# ---- gRPC-shaped local replies (Envoy's Utility::sendLocalReply with is_grpc, Grpc::Utility::httpToGrpcStatus)
+
+GRPC_CONTENT_TYPE: Final = b"application/grpc"
+GRPC_STATUS: Final = b"grpc-status"
+GRPC_MESSAGE: Final = b"grpc-message"
+GRPC_UNKNOWN: Final = 2
+_HTTP_TO_GRPC: Final = {
+    400: 13,  # INTERNAL
+    401: 16,  # UNAUTHENTICATED
+    403: 7,  # PERMISSION_DENIED
+    404: 12,  # UNIMPLEMENTED
+    429: 14,  # UNAVAILABLE
+    502: 14,
+    503: 14,
+    504: 14,
+}
+
+
+GRPC_TIMEOUT_UNITS: Final = {0x48: 3600.0, 0x4D: 60.0, 0x53: 1.0, 0x6D: 1e-3, 0x75: 1e-6, 0x6E: 1e-9}  # H M S m u n
+
+
+def grpc_timeout(value: bytes | None) -> float:
+    """A `grpc-timeout` header (1-8 digits and a unit) in seconds; 0.0 when absent or malformed (then ignored, as
+    Envoy's Grpc::Common::getGrpcTimeout)."""
+    if value is None or not 2 <= len(value) <= 9 or not value[:-1].isdigit():
+        return 0.0
+    unit = GRPC_TIMEOUT_UNITS.get(value[-1])
+    return int(value[:-1]) * unit if unit is not None else 0.0
+
+
+def grpc_status_of(headers: list[tuple[bytes, bytes]]) -> int:
+    """The grpc-status in a header block (a trailers-only response, or trailers); -2 when there is none."""
+    for name, value in headers:
+        if name == GRPC_STATUS:
+            return int(value) if value.isdigit() else GRPC_UNKNOWN
+    return -2
+
+
+def is_grpc(head: RequestHead) -> bool:
+    """A gRPC request (content-type application/grpc, +proto, +json...), as Envoy's Grpc::Common::isGrpcRequestHeaders."""
+    content_type = head.header(b"content-type")
+    return content_type is not None and content_type.startswith(GRPC_CONTENT_TYPE) and \
+        (len(content_type) == len(GRPC_CONTENT_TYPE) or content_type[len(GRPC_CONTENT_TYPE)] in b"+;")
+
+
+def http_to_grpc_status(status: int) -> int:
+    return _HTTP_TO_GRPC.get(status, GRPC_UNKNOWN)
+
+
+def grpc_local_reply_headers(status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...]
+                             ) -> list[tuple[bytes, bytes]]:
+    """The header block of a trailers-only gRPC reply (HTTP 200 goes with it): `grpc-status` mapped from the HTTP
+    status unless the reply names one (a fault's abort.grpcStatus), `grpc-message` the body, percent-encoded."""
+    out: list[tuple[bytes, bytes]] = []
+    has_status = False
+    for name, value in extra:
+        if name == GRPC_STATUS:
+            has_status = True
+        elif name == b"content-type":
+            continue
+        out.append((name, value))
+    out.insert(0, (b"content-type", GRPC_CONTENT_TYPE))
+    if not has_status:
+        out.append((GRPC_STATUS, b"%d" % http_to_grpc_status(status)))
+        if body:
+            out.append((GRPC_MESSAGE, grpc_percent_encode(body)))
+    return out
+
+
+def grpc_percent_encode(text: bytes) -> bytes:
+    """gRPC's grpc-message encoding (Envoy's PercentEncoding::encode): `%` and bytes outside 0x20-0x7E as %XX."""
+    if all(0x20 <= byte <= 0x7E and byte != 0x25 for byte in text):
+        return text
+    return b"".join(bytes((byte,)) if 0x20 <= byte <= 0x7E and byte != 0x25 else b"%%%02X" % byte for byte in text)

@@ -15,6 +15,7 @@ from ..routing.policy import (
     RETRY_ON_GRPC_INTERNAL,
     RETRY_ON_GRPC_RESOURCE_EXHAUSTED,
     RETRY_ON_GRPC_UNAVAILABLE,
+    RETRY_ON_REFUSED_STREAM,
     RETRY_ON_RESET,
     RETRY_ON_RESET_BEFORE_REQUEST,
     RETRY_ON_RETRIABLE_4XX,
@@ -27,6 +28,7 @@ from ..routing.policy import (
 CONNECT_FAILURE: Final = 0
 RESET: Final = 1  # the upstream closed or reset before the response head
 PER_TRY_TIMEOUT: Final = 2
+REFUSED: Final = 3  # HTTP/2 REFUSED_STREAM (or a stream above a GOAWAY): never processed
 
 GRPC_BITS: Final = {
     b"1": RETRY_ON_GRPC_CANCELLED,
@@ -74,6 +76,8 @@ def should_retry_failure(policy: RetryPolicy, kind: int, request_sent: bool) -> 
         return True
     if kind == CONNECT_FAILURE:
         return bool(on & (RETRY_ON_CONNECT_FAILURE | RETRY_ON_RESET_BEFORE_REQUEST))
+    if kind == REFUSED:
+        return bool(on & (RETRY_ON_REFUSED_STREAM | RETRY_ON_RESET_BEFORE_REQUEST))
     return kind == RESET and not request_sent and bool(on & RETRY_ON_RESET_BEFORE_REQUEST)
 
 

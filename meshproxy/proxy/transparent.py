@@ -47,11 +47,10 @@ CODEC_TCP: Final = 2
 
 
 def pick_codec(kind: int) -> int:
-    """The codec of a connection whose first bytes are `kind` (sniff.HTTP1, HTTP2, TLS, TCP).
-
-    The HTTP/2 codec plugs in here: until it exists, a prior-knowledge HTTP/2 connection (the preface) is proxied
-    as TCP, byte for byte to the same destination, which keeps h2c and gRPC working, unrouted."""
-    if kind == sniff.HTTP1:
+    """The codec of a connection whose first bytes are `kind` (sniff.HTTP1, HTTP2, TLS, TCP). HTTP/2 with prior
+    knowledge goes to the HTTP listener too, which hands a connection that opens with the preface to the HTTP/2
+    codec (proxy/h2_listener.py): h2c and gRPC are routed as HTTP."""
+    if kind == sniff.HTTP1 or kind == sniff.HTTP2:
         return CODEC_HTTP1
     return CODEC_TCP
 

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Final, cast
 
 from mypy_extensions import trait
 
-from ..http1.client import ClientCodec
-from ..http1.errors import ProtocolError
+from ..http1.client import ClientCodec, TunnelClientCodec
+from ..http1.errors import ProtocolError, Upgraded
 from ..http1.wire import LAST_CHUNK, chunk, request_head
 from ..messages import HeaderBlock, ResponseEvents
 from .local_reply import (
@@ -92,6 +92,10 @@ class UpstreamStream:
 
     def end_body(self) -> None:
         raise NotImplementedError
+
+    def send_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        """End the request with trailers; HTTP/1.1 drops them (Envoy's default, without enable_trailers)."""
+        self.end_body()
 
     def pause_reading(self) -> None:
         raise NotImplementedError
@@ -197,6 +201,9 @@ class UpstreamConnection(UpstreamStream, ResponseEvents):
             self.codec.feed(data)
         except ProtocolError as exc:
             self._fail(UpstreamProtocolError(), exc.detail)
+        except Upgraded as upgrade:  # 101 Switching Protocols: the rest of the connection is the tunnel's
+            self.codec = TunnelClientCodec(self)
+            self.codec.feed(upgrade.rest)
         sink.flush()  # after the whole read: a response that ended in it is handed over only now
 
     def eof_received(self) -> bool:
@@ -264,12 +271,36 @@ class UpstreamConnection(UpstreamStream, ResponseEvents):
             self.transport.close()
 
 
-class UpstreamPool:
-    """Idle keep-alive connections per (cluster, endpoint); new ones on demand, within the cluster's limits."""
+class MultiplexedPool:
+    """One endpoint's multiplexed (HTTP/2) connections, as the pool sees them (proxy/h2_upstream.py): a stream on a
+    connection with room, at once, or after connecting within the cluster's limits."""
 
-    def __init__(self, idle_timeout: float, connect_timeout: float) -> None:
+    __slots__ = ()
+
+    def open_stream(self) -> UpstreamStream | None:
+        raise NotImplementedError
+
+    async def acquire(self, state: ClusterState, connect_timeout: float) -> UpstreamStream:
+        raise NotImplementedError
+
+    def close_idle(self) -> None:
+        raise NotImplementedError
+
+
+MultiplexerFactory = Callable[["UpstreamPool", tuple[str, str, int], "ClusterState"], MultiplexedPool]
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per (cluster, endpoint); new ones on demand, within the cluster's limits.
+    A cluster whose upstream speaks HTTP/2 has a `MultiplexedPool` per endpoint instead, made by `multiplexer`."""
+
+    def __init__(self, idle_timeout: float, connect_timeout: float,
+                 multiplexer: MultiplexerFactory | None = None) -> None:
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
+        self.multiplexer = multiplexer
+        self.multiplexed: dict[tuple[str, str, int], MultiplexedPool] = {}
+        self.client_view: UpstreamPool | None = None
         self.idle: dict[tuple[str, str, int], list[UpstreamConnection]] = {}
         self.active = 0  # connections out of the pool, carrying a request
         self.opened = 0
@@ -279,9 +310,11 @@ class UpstreamPool:
         self.sweep_at = 0.0
 
     async def acquire(self, state: ClusterState, target: EndpointState, connect_timeout: float | None = None
-                      ) -> UpstreamConnection:
+                      ) -> UpstreamStream:
         key = target.pool_key
         limits = state.policy.pool
+        if state.cluster.http2 and self.multiplexer is not None:
+            return await self.acquire_stream(key, state, connect_timeout)
         while True:
             conn = self.reuse(key)
             if conn is not None:
@@ -309,8 +342,25 @@ class UpstreamPool:
         self.active += 1
         return conn
 
-    def reuse(self, key: tuple[str, str, int]) -> UpstreamConnection | None:
-        """An idle keep-alive connection for (cluster name, address, port), without waiting; None if there is none."""
+    async def acquire_stream(self, key: tuple[str, str, int], state: ClusterState,
+                             connect_timeout: float | None = None) -> UpstreamStream:
+        """A stream on one of the endpoint's HTTP/2 connections (`key`'s pool), connecting within the limits."""
+        assert self.multiplexer is not None
+        mux = self.multiplexed.get(key)
+        if mux is None:
+            mux = self.multiplexed[key] = self.multiplexer(self, key, state)
+        return await mux.acquire(state, connect_timeout or state.policy.pool.connect_timeout or self.connect_timeout)
+
+    def for_http2_clients(self) -> UpstreamPool:
+        """The pool as HTTP/2 clients' streams use it (made once): clusters that follow the client go HTTP/2."""
+        view = self.client_view
+        if view is None:
+            view = self.client_view = ClientProtocolPool(self)
+        return view
+
+    def reuse(self, key: tuple[str, str, int]) -> UpstreamStream | None:
+        """An idle keep-alive connection for (cluster name, address, port), or a stream on a multiplexed connection
+        with room, without waiting; None if there is none."""
         idle = self.idle.get(key)
         while idle:
             conn = idle.pop()  # the most recently used: the warmest, and the others may expire
@@ -318,7 +368,9 @@ class UpstreamPool:
                 conn.reused = True
                 self.active += 1
                 return conn
-        return None
+        # Only when no HTTP/1.1 connection is idle (the HTTP/1.1 path then connects anyway): one dict lookup.
+        mux = self.multiplexed.get(key) if self.multiplexed else None
+        return mux.open_stream() if mux is not None else None
 
     def _evict_idle(self, state: ClusterState) -> bool:
         """At the connection limit, an idle connection to another endpoint of the cluster makes room."""
@@ -454,9 +506,41 @@ class UpstreamPool:
         return sum(len(v) for v in self.idle.values())
 
     def close_idle(self) -> None:
+        for mux in list(self.multiplexed.values()):
+            mux.close_idle()
         for conns in list(self.idle.values()):
             for conn in list(conns):
                 self._expire(conn)
         if self.sweep is not None:
             self.sweep.cancel()
             self.sweep = None
+
+
+FOLLOWS_CLIENT: Final = "|client"  # balancer.FOLLOWS_CLIENT_KEY: the pool key suffix of a cluster that follows the client
+
+
+class ClientProtocolPool(UpstreamPool):
+    """The pool as an HTTP/2 client's streams see it: a cluster that follows the client's protocol (its pool keys
+    end in FOLLOWS_CLIENT: useClientProtocol, the inbound cluster) gets HTTP/2 streams here, under a key of its
+    own; everything else is the shared pool's. HTTP/1.1 clients use the shared pool directly, at no cost."""
+
+    def __init__(self, shared: UpstreamPool) -> None:
+        super().__init__(shared.idle_timeout, shared.connect_timeout, shared.multiplexer)
+        self.shared = shared
+        self.multiplexed = shared.multiplexed
+
+    def reuse(self, key: tuple[str, str, int]) -> UpstreamStream | None:
+        if not key[0].endswith(FOLLOWS_CLIENT) or self.multiplexer is None:
+            return self.shared.reuse(key)
+        mux = self.multiplexed.get((key[0] + "|h2", key[1], key[2]))
+        return mux.open_stream() if mux is not None else None
+
+    async def acquire(self, state: ClusterState, target: EndpointState, connect_timeout: float | None = None
+                      ) -> UpstreamStream:
+        key = target.pool_key
+        if not key[0].endswith(FOLLOWS_CLIENT) or self.multiplexer is None:
+            return await self.shared.acquire(state, target, connect_timeout)
+        return await self.shared.acquire_stream((key[0] + "|h2", key[1], key[2]), state, connect_timeout)
+
+    def close_idle(self) -> None:
+        self.shared.close_idle()

@@ -51,6 +51,8 @@ class Cluster:
     # (namespace, service account) of its endpoints that name one.
     subject_alt_names: tuple[str, ...] = ()
     service_accounts: tuple[tuple[str, str], ...] = ()
+    http2: bool = False  # the upstream speaks HTTP/2 (routing/traffic.upstream_http2)
+    follows_client: bool = False  # the upstream speaks the client's protocol (useClientProtocol; the inbound cluster)
     # Built with the cluster (at compile time, never on a request); follows from policy and endpoints.
     hash_table: HashTable | None = field(init=False, default=None, compare=False, repr=False)
 

@@ -44,7 +44,7 @@ from .rewrite import Redirect, Rewrite
 from . import protocol as proto
 from .l4 import ALLOW_ANY, Destinations, L4Rule, L4Target, Network
 from .table import RouteTable, VirtualHost
-from .traffic import compile_cluster_policy, merge_traffic_policy
+from .traffic import compile_cluster_policy, follows_client, merge_traffic_policy, upstream_http2
 
 CLUSTER_DOMAIN = "svc.cluster.local"
 MESH_GATEWAY = "mesh"
@@ -172,7 +172,9 @@ class _Compiler:
                 cluster = Cluster(Cluster.name_of("outbound", port, subset, host), host, port, subset,
                                   service.endpoints(service_port, labels), compile_cluster_policy(policy),
                                   service.external, subject_alt_names=service.subject_alt_names,
-                                  service_accounts=service.service_accounts())
+                                  service_accounts=service.service_accounts(),
+                                  http2=upstream_http2(service_port, policy),
+                                  follows_client=follows_client(service_port, policy))
         self.clusters[key] = cluster
         return cluster
 

@@ -19,8 +19,10 @@ def inbound_route_table(app: tuple[str, int], bind_address: str = "") -> RouteTa
     """Every request goes to the app at `app` (cluster inbound|PORT||), from `bind_address` when given (the
     transparent inbound listener's 127.0.0.6)."""
     port = app[1]
+    # The app's protocol is not declared here: as Istio's inbound cluster of a sniffed port, it follows the client's
+    # (an HTTP/2 or gRPC client reaches the app over HTTP/2, an HTTP/1.1 one over HTTP/1.1).
     cluster = Cluster(Cluster.name_of("inbound", port, "", ""), "", port, "", (Endpoint(app[0], port),),
-                      bind_address=bind_address)
+                      bind_address=bind_address, follows_client=True)
     dest = RouteDestination("", "", cluster)
     route = Route(name="default", virtual_service="", index=-1, match=CATCH_ALL, action=ACTION_ROUTE,
                   picker=WeightedPicker.compile([(dest, 1)]), retry=INBOUND_RETRY, operation=f"inbound|{port}||")

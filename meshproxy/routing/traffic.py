@@ -57,6 +57,7 @@ class ConnectionPool:
     max_requests_per_connection: int = 0  # 0 = unlimited
     max_retries: int = UNLIMITED
     idle_timeout: float | None = None  # None: the proxy's --upstream-idle-timeout
+    max_concurrent_streams: int = 0  # HTTP/2 streams per upstream connection; 0: Envoy's default (1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,4 +188,35 @@ def _pool(spec: m.ConnectionPoolSettings | None) -> ConnectionPool:
         max_requests_per_connection=http.max_requests_per_connection,
         max_retries=http.max_retries or UNLIMITED,
         idle_timeout=http.idle_timeout,
+        max_concurrent_streams=http.max_concurrent_streams,
     )
+
+
+HTTP2_PROTOCOLS: Final = frozenset({"HTTP2", "GRPC", "GRPC-WEB"})  # Istio's protocol.Instance.IsHTTP2()
+NAMED_PROTOCOLS: Final = frozenset({"HTTP", "HTTP2", "HTTPS", "GRPC", "GRPC-WEB", "TCP", "TLS", "MONGO", "REDIS",
+                                    "MYSQL", "UDP"})
+
+
+def port_protocol(port: m.ServicePort) -> str:
+    """The port's protocol as Istio reads it: `protocol:`, else the name's prefix before any `-` (Kubernetes'
+    convention, `grpc-api` -> GRPC)."""
+    if port.protocol:
+        return port.protocol.upper()
+    prefix = port.name.partition("-")[0].upper()
+    return prefix if prefix in NAMED_PROTOCOLS else "HTTP"  # meshproxy carries an undeclared port as HTTP
+
+
+def follows_client(port: m.ServicePort, policy: m.TrafficPolicy | None) -> bool:
+    """`useClientProtocol: true`: the upstream protocol is the client's (HTTP/1.1 or HTTP/2), on an HTTP port."""
+    pool = policy.connection_pool if policy is not None else None
+    return pool is not None and pool.http.use_client_protocol and not upstream_http2(port, policy)
+
+
+def upstream_http2(port: m.ServicePort, policy: m.TrafficPolicy | None) -> bool:
+    """HTTP/2 to the upstream, as Istio's cluster builder chooses it: an HTTP/2 or gRPC port, or an HTTP port
+    whose DestinationRule says `h2UpgradePolicy: UPGRADE` (the mesh default, DEFAULT, is DO_NOT_UPGRADE)."""
+    protocol = port_protocol(port)
+    if protocol in HTTP2_PROTOCOLS:
+        return True
+    pool = policy.connection_pool if policy is not None else None
+    return protocol == "HTTP" and pool is not None and pool.http.h2_upgrade_policy == "UPGRADE"

@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from ..messages import HeaderBlock, HeaderTemplate, constant_block, template_of
-from ..stream_info import StreamInfo, flags_text
+from ..stream_info import NOT_GRPC, StreamInfo, flags_text
 from .access_log import AccessLog
 from .metrics import (
     DESTINATION,
@@ -220,7 +220,7 @@ class Telemetry:
         self.response_extra: tuple[HeaderBlock, ...] = constant_block(metadata) if inbound else ()
         self.reads_response = exchange and not inbound
         self.randbits = mesh.randbits if mesh is not None else _IDS.getrandbits
-        self.series: dict[tuple[Service, Workload, int, int, str], Series] = {}
+        self.series: dict[tuple[Service, Workload, int, int, str, int], Series] = {}
         self.clusters: dict[str, Service] = {}
         self.peer_cache = mesh.peers if mesh is not None else PeerCache()
         self.peers = self.peer_cache.peers  # decoded peers by header value: the hit is a dict lookup here
@@ -337,9 +337,12 @@ class Telemetry:
                 raw = info.peer
                 peer = UNKNOWN_WORKLOAD if raw is None else self.peers.get(raw) or self.peer_cache.get(raw)
                 principal = info.connection.peer_principal if self.inbound else info.upstream_principal
-                key = (service, peer, info.status, info.flags, principal)
+                key = (service, peer, info.status, info.flags, principal, info.grpc_status)
                 series = self.series.get(key) or self._bind(key)
                 series.record((time.monotonic() - info.start) * 1000.0, info.body_size, info.response_bytes)
+                if info.grpc_status != NOT_GRPC:
+                    series.request_messages += info.request_messages
+                    series.response_messages += info.response_messages
                 if info.reused_retries:
                     metrics.reused_connection_retries += info.reused_retries
             if info.trace is not None:
@@ -377,22 +380,25 @@ class Telemetry:
                                                             own.namespace))
             self.operation = ""
 
-    def _bind(self, key: tuple[Service, Workload, int, int, str]) -> Series:
-        service, peer, status, bits, principal = key
+    def _bind(self, key: tuple[Service, Workload, int, int, str, int]) -> Series:
+        service, peer, status, bits, principal, grpc = key
         flags = flags_text(bits)
+        protocol, grpc_status = ("http", "") if grpc == NOT_GRPC else ("grpc", "" if grpc < 0 else str(grpc))
         mesh = self.mesh
         assert mesh is not None and self.metrics is not None
         if self.inbound:  # the callee's sidecar: the source is the peer
             if principal:  # mutual TLS: the client's identity from its certificate, ours from --cert-dir
-                labels = label_values(DESTINATION, peer, mesh.own, service, status, flags, MUTUAL_TLS,
-                                      source_principal=SPIFFE + principal, destination_principal=mesh.own_principal)
+                labels = label_values(DESTINATION, peer, mesh.own, service, status, flags, MUTUAL_TLS, protocol,
+                                      grpc_status, source_principal=SPIFFE + principal,
+                                      destination_principal=mesh.own_principal)
             else:
-                labels = label_values(DESTINATION, peer, mesh.own, service, status, flags, NO_TLS)
+                labels = label_values(DESTINATION, peer, mesh.own, service, status, flags, NO_TLS, protocol,
+                                      grpc_status)
         elif principal:  # the upstream's identity from its certificate (Istio's client side reports "unknown")
-            labels = label_values(SOURCE, mesh.own, peer, service, status, flags, "unknown",
+            labels = label_values(SOURCE, mesh.own, peer, service, status, flags, "unknown", protocol, grpc_status,
                                   source_principal=mesh.own_principal, destination_principal=SPIFFE + principal)
         else:
-            labels = label_values(SOURCE, mesh.own, peer, service, status, flags, "unknown")
+            labels = label_values(SOURCE, mesh.own, peer, service, status, flags, "unknown", protocol, grpc_status)
         series = self.metrics.bind(labels)
         if len(self.series) < MAX_SERIES_KEYS:
             self.series[key] = series
@@ -436,6 +442,13 @@ class Telemetry:
         })
         if info.endpoint is not None:
             tags["upstream_address"] = str(info.endpoint)
+        if info.grpc_status != NOT_GRPC:  # Envoy's gRPC span tags (Tracing::HttpTracerUtility)
+            content_type = head.header(b"content-type")
+            tags["grpc.path"] = head.path.decode("latin-1")
+            tags["grpc.authority"] = head.authority.decode("latin-1")
+            tags["grpc.content_type"] = content_type.decode("latin-1") if content_type is not None else "-"
+            if info.grpc_status >= 0:
+                tags["grpc.status_code"] = str(info.grpc_status)
         error = status == 0 or status >= 500
         if error:
             tags["error"] = "true"

@@ -130,7 +130,7 @@ class Series:
     """Counters of one label set: requests, and the three histograms (bucket counts not cumulative)."""
 
     __slots__ = ("labels", "count", "duration", "duration_sum", "request_bytes", "request_bytes_sum",
-                 "response_bytes", "response_bytes_sum")
+                 "response_bytes", "response_bytes_sum", "request_messages", "response_messages", "grpc")
 
     def __init__(self, labels: tuple[str, ...]) -> None:
         self.labels = labels
@@ -141,6 +141,9 @@ class Series:
         self.request_bytes_sum = 0
         self.response_bytes = [0] * (len(BUCKETS) + 1)
         self.response_bytes_sum = 0
+        self.grpc = labels[LABELS.index("request_protocol")] == "grpc" if len(labels) == len(LABELS) else False
+        self.request_messages = 0  # gRPC messages (istio_request_messages_total), gRPC series only
+        self.response_messages = 0
 
     def record(self, duration_ms: float, request_bytes: int, response_bytes: int) -> None:
         """One finished request. Bucket i counts values <= BUCKETS[i] (Prometheus `le`), the last one +Inf."""
@@ -202,16 +205,25 @@ class IstioMetrics:
         request_bytes = HistogramMetricFamily("istio_request_bytes", "Request body sizes in bytes", labels=LABELS)
         response_bytes = HistogramMetricFamily("istio_response_bytes", "Response body sizes in bytes",
                                                labels=LABELS)
+        request_messages = CounterMetricFamily("istio_request_messages", "Counter of gRPC messages from clients",
+                                               labels=LABELS)
+        response_messages = CounterMetricFamily("istio_response_messages", "Counter of gRPC messages to clients",
+                                                labels=LABELS)
         for series in list(self.series.values()):
             labels = list(series.labels)
             requests.add_metric(labels, series.count)
             duration.add_metric(labels, _cumulative(series.duration), series.duration_sum)
             request_bytes.add_metric(labels, _cumulative(series.request_bytes), series.request_bytes_sum)
             response_bytes.add_metric(labels, _cumulative(series.response_bytes), series.response_bytes_sum)
+            if series.grpc:
+                request_messages.add_metric(labels, series.request_messages)
+                response_messages.add_metric(labels, series.response_messages)
         yield requests
         yield duration
         yield request_bytes
         yield response_bytes
+        yield request_messages
+        yield response_messages
         if self.tcp:
             yield from self._collect_tcp()
         reused = CounterMetricFamily(

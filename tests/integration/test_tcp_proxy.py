@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import random
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -288,14 +289,21 @@ def test_sniffed_port_http_tcp_and_server_first(tmp_path: Path, servers) -> None
         reply = raw_exchange(port_of(proxy, "10.77.0.4:7102"),
                              b"GET /echo HTTP/1.1\r\nHost: web:7102\r\nConnection: close\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 200") and b'"/echo"' in reply
+        h2c = subprocess.run(["curl", "-sS", "--http2-prior-knowledge", "-o", "/dev/null",
+                              "-w", "%{http_version} %{http_code}", "-H", "Host: web:7102",
+                              f"http://127.0.0.1:{port_of(proxy, '10.77.0.4:7102')}/echo"],
+                             capture_output=True, text=True, timeout=30)
+        assert h2c.stdout == "2 200", h2c  # the HTTP/2 preface: routed as HTTP too, by the HTTP/2 codec
         with socket.create_connection(("127.0.0.1", port_of(proxy, "10.77.0.3:7101")), timeout=10) as conn:
             assert conn.recv(100) == b"220 banner\r\n"
             conn.sendall(b"QUIT\r\n")
             conn.shutdown(socket.SHUT_WR)
             assert read_all(conn) == b"QUIT\r\n"
-        entries = proxy.access_entries(3)
+        entries = proxy.access_entries(4)
         http = [e for e in entries if e["method"] == "GET"]
-        assert len(http) == 1 and http[0]["upstream_cluster"] == "outbound|7102||web.default.svc.cluster.local"
+        assert [(e["protocol"], e["upstream_cluster"]) for e in http] == [
+            ("HTTP/1.1", "outbound|7102||web.default.svc.cluster.local"),
+            ("HTTP/2", "outbound|7102||web.default.svc.cluster.local")]
         assert http[0]["listener"] == "virtualOutbound" and http[0]["downstream_local_address"] == "10.77.0.4:7102"
         assert sorted(e["upstream_cluster"] for e in entries if e["method"] == "-") == [
             "outbound|7100||mixed.default.svc.cluster.local", "outbound|7101||banner.default.svc.cluster.local"]

@@ -6,7 +6,7 @@ import pytest
 
 from meshproxy.http1.client import CallbackHandler as ClientCallbacks
 from meshproxy.http1.client import ClientCodec
-from meshproxy.http1.errors import ProtocolError
+from meshproxy.http1.errors import ProtocolError, Upgraded
 from meshproxy.http1.head import HeadPolicy
 from meshproxy.http1.server import CallbackHandler, ServerCodec
 from meshproxy.http1.wire import request_head, response_head
@@ -81,7 +81,8 @@ def test_each_request_has_its_own_version_whatever_the_reads() -> None:
     (b"GET / HTTP/1.1\r\nhost: a\r\nx: " + b"v" * 70_000 + b"\r\n\r\n", 431, "http1.headers_too_large"),
     (b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n20\r\n" + b"x" * 32 + b"\r\n", 413,
      "request_payload_too_large"),
-    (b"GET / HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n", 403, "upgrade_failed"),
+    (b"GET / HTTP/1.1\r\nhost: a\r\nupgrade: foo\r\nconnection: upgrade\r\n\r\n", 403, "upgrade_failed"),
+    (b"POST / HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n", 403, "upgrade_failed"),
     (b"CONNECT a:443 HTTP/1.1\r\nhost: a:443\r\n\r\n", 403, "http1.connect_not_supported"),
     (b"GET / HTTP/1.1\r\nhost: \r\n\r\n", 400, "http1.invalid_authority"),
     (b"G\x00T / HTTP/1.1\r\n\r\n", 400, "http1.invalid_method"),
@@ -170,3 +171,26 @@ def test_heads_out_drop_hop_by_hop_headers_regenerate_framing_and_add_a_missing_
     assert request_head(b"POST", b"/", b"svc", [], frozenset(), [], 3, False).endswith(b"content-length: 3\r\n\r\n")
     assert request_head(b"POST", b"/", b"svc", [], frozenset(), [], None, True).endswith(
         b"transfer-encoding: chunked\r\n\r\n")
+
+
+def test_a_websocket_upgrade_is_reported_then_the_rest_is_the_tunnels() -> None:
+    data = (b"GET /chat HTTP/1.1\r\nhost: a\r\nconnection: Upgrade\r\nupgrade: websocket\r\n"
+            b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n\x81\x02hi")
+    with pytest.raises(Upgraded) as caught:
+        server_events([data])
+    assert caught.value.rest == b"\x81\x02hi"
+
+
+def test_a_101_to_an_upgrade_ends_the_head_and_the_codec_hands_over() -> None:
+    events: list[tuple[str, object]] = []
+    codec = ClientCodec(ClientCallbacks(lambda *head: events.append(("head", head[0])),
+                                        lambda data: events.append(("body", data)),
+                                        lambda: events.append(("end", None))))
+    codec.expect(False)
+    with pytest.raises(Upgraded) as caught:
+        codec.feed(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n\x81\x00")
+    assert events == [("head", 101)]  # no end: the tunnel ends when the upstream closes
+    assert caught.value.rest == b"\x81\x00"
+    codec.expect(False)
+    codec.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")  # 100 stays interim
+    assert events[1:] == [("head", 200), ("end", None)]

@@ -1,0 +1,71 @@
+"""HTTP/2 request heads -> the protocol-neutral `RequestHead` the exchange reads, as the HTTP/1.1 codec builds it.
+
+h2 has already validated the block (pseudo-headers first and complete, lower-case names, no connection-specific
+field, `te` only `trailers`). What remains is HTTP semantics the proxy needs: `:authority` (or `host`) as the
+authority, `:path` split and normalized as Envoy normalizes it, the `cookie` crumbs joined for an HTTP/1.1 upstream
+(RFC 9113 8.2.3), the listener's header policy (underscores, mesh-edge stripping), and the body's framing: a
+request that did not end with its head and declares no length streams its body (`chunked` means "length unknown").
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from ..http1.errors import ProtocolError
+from ..http1.head import DEFAULT_POLICY, UNDERSCORE_ALLOW, UNDERSCORE_REJECT, HeadPolicy, remove_dot_segments
+from ..messages import HTTP2, RequestHead
+
+COOKIE: Final = b"cookie"
+NO_TOKENS: Final[frozenset[bytes]] = frozenset()
+
+
+def build_request_head(block: list[tuple[bytes, bytes]], end_stream: bool,
+                       policy: HeadPolicy = DEFAULT_POLICY) -> RequestHead:
+    method = path = authority = b""
+    host = b""
+    headers: list[tuple[bytes, bytes]] = []
+    cookies: list[bytes] = []
+    content_length: int | None = None
+    size = 0
+    for name, value in block:
+        size += len(name) + len(value)
+        if name[:1] == b":":
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+            continue  # :scheme: the upstream scheme is the proxy's own
+        if policy.filters_names:
+            if b"_" in name and policy.underscores != UNDERSCORE_ALLOW:
+                if policy.underscores == UNDERSCORE_REJECT:
+                    raise ProtocolError(400, "http2.unexpected_underscore")
+                continue
+            if name in policy.strip_names or (policy.strip_prefix and name.startswith(policy.strip_prefix)):
+                continue
+        if name == COOKIE:
+            cookies.append(value)
+            continue
+        if name == b"host":
+            host = value
+            continue  # the authority travels as :authority (HTTP/2) or Host (HTTP/1.1), written by the codec
+        if name == b"content-length":
+            if content_length is not None or not value.isdigit():
+                raise ProtocolError(400, "http2.content_length_not_allowed")
+            content_length = int(value)
+        headers.append((name, value))
+    if size > policy.max_header_bytes or len(headers) > policy.max_header_count:
+        raise ProtocolError(431, "http2.headers_too_large")
+    if cookies:
+        headers.append((COOKIE, b"; ".join(cookies)))
+    if not authority:
+        authority = host
+    if method == b"CONNECT":
+        raise ProtocolError(403, "http2.connect_not_supported")
+    if content_length is not None and policy.max_body_bytes and content_length > policy.max_body_bytes:
+        raise ProtocolError(413, "request_payload_too_large")
+    raw, _, query = path.partition(b"?")
+    raw = raw.partition(b"#")[0]
+    return RequestHead(method, path, remove_dot_segments(raw) if raw != b"*" else raw, query, authority, headers,
+                       HTTP2, True, content_length, not end_stream and content_length is None, False, NO_TOKENS)
