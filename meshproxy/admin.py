@@ -26,11 +26,10 @@ from .http1.server import CallbackHandler, ServerCodec
 from .http1.wire import CRLF, DATE, header_lines, status_line
 from .messages import RequestHead
 from .proxy.local_reply import protocol_error_body
-from .console.api import Console
-from .console.local import LocalSource
 from .routing.describe import describe_table
 
 if TYPE_CHECKING:
+    from .console.api import Console  # the console is loaded by its first request (0.8 MiB an idle proxy never needs)
     from .lifecycle import ConfigReloader, ConfigState
     from .proxy.downstream import ListenerContext
     from .proxy.upstream import UpstreamPool
@@ -352,6 +351,9 @@ class ProxyAdmin:
 
     async def console(self, head: RequestHead) -> Reply:
         if self.console_app is None:
+            from .console.api import Console
+            from .console.local import LocalSource
+
             proxy = self.proxy
             self.console_app = Console(LocalSource(proxy.settings.workload, proxy.telemetry, lambda: proxy.config,
                                                    lambda: generate_latest(self.registry)))

@@ -330,9 +330,11 @@ def tune_memory() -> None:
     gc.collect()  # what loading and compiling the config left behind, before the rest is frozen
     gc.freeze()
     try:
-        mallopt = ctypes.CDLL(None).mallopt  # glibc; other C libraries keep their own defaults
+        libc = ctypes.CDLL(None)
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim  # glibc; other C libraries keep their own defaults
     except (OSError, AttributeError):
         return
+    malloc_trim(0)  # the free pages start-up left in the heap (YAML parsing, compiling) go back to the system first
     mallopt(M_MMAP_THRESHOLD, 4 << 20)
     mallopt(M_TRIM_THRESHOLD, 128 << 20)
 

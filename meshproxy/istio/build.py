@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import model as m
-from .build_security import build_authorization_policy, build_peer_authentication, build_request_authentication
 from .problems import DocProblems
 from .values import compile_regex, header_key, is_header_name, parse_duration, retry_on_problems
 
@@ -704,13 +703,23 @@ def _build_workload_entry(doc: DocProblems, meta: m.Resource, spec: Mapping[str,
     return None
 
 
+def _build_security(doc: DocProblems, meta: m.Resource, spec: Mapping[str, Any]) -> Any:
+    """security.istio.io kinds: their builders load with the first such document (a proxy without is lighter)."""
+    from . import build_security
+
+    builder = {"AuthorizationPolicy": build_security.build_authorization_policy,
+               "PeerAuthentication": build_security.build_peer_authentication,
+               "RequestAuthentication": build_security.build_request_authentication}[meta.kind]
+    return builder(doc, meta, spec)
+
+
 BUILDERS: dict[str, Callable[[DocProblems, m.Resource, Mapping[str, Any]], Any]] = {
     "VirtualService": _build_virtual_service,
     "DestinationRule": _build_destination_rule,
     "ServiceEntry": _build_service_entry,
     "Gateway": _build_gateway,
     "WorkloadEntry": _build_workload_entry,
-    "AuthorizationPolicy": build_authorization_policy,
-    "PeerAuthentication": build_peer_authentication,
-    "RequestAuthentication": build_request_authentication,
+    "AuthorizationPolicy": _build_security,
+    "PeerAuthentication": _build_security,
+    "RequestAuthentication": _build_security,
 }

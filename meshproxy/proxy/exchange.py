@@ -40,7 +40,6 @@ from ..routing.policy import (
 )
 from ..routing.rewrite import ORIGINAL_PATH
 from ..routing.table import RouteTable
-from ..security.jwt_authn import JWKS_FETCH_FAILED, Failure
 from ..security.policy import NO_POLICY, RequestPolicy, Verdict
 from ..stream_info import DC, DI, FI, UO, URX, ConnectionInfo, StreamInfo
 from .balancer import ClusterState, EndpointState
@@ -519,7 +518,7 @@ def _check(stream: Stream, policy: RequestPolicy) -> Verdict | None:
     """JWT authentication, then authorization (Envoy's jwt_authn and rbac filters, before the router); None: go on."""
     connection = stream.connection
     return policy.check(stream.head, connection.peer_ip, connection.peer_principal,
-                        _local_ip(connection) if policy.authz.needs_local_ip else "")
+                        _local_ip(connection) if policy.authz is not None and policy.authz.needs_local_ip else "")
 
 
 def _reply_refused(stream: Stream, verdict: Verdict) -> None:
@@ -537,6 +536,8 @@ def _reply_refused(stream: Stream, verdict: Verdict) -> None:
 async def _after_jwks(conn: Downstream, stream: Stream, table: RouteTable, policy: RequestPolicy,
                       pending: asyncio.Future[None] | None) -> bool:
     """A token's keys were being fetched for the first time: check again once they are in, then route."""
+    from ..security.jwt_authn import JWKS_FETCH_FAILED, Failure  # loaded with the policy, already
+
     if pending is not None:
         await asyncio.shield(pending)  # shared by every request waiting for it: a client that leaves cancels none
     verdict = _check(stream, policy)

@@ -16,14 +16,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from ..istio import model as m
 from ..messages import RequestHead
-from .authz import NO_AUTHZ, AuthzRequest, Authorizer, Decision, compile_authz
-from .jwt_authn import AuthnResult, Failure, JwksCache, JwtAuthenticator, RemoteJwks, compile_jwt_authn
-from .peer_authn import DEFAULT_PEER_AUTHN, PeerAuthnPolicy, resolve_peer_authn
-from .scope import Workload
+from .peer_authn import DEFAULT_PEER_AUTHN, PeerAuthnPolicy
+
+if TYPE_CHECKING:  # the machinery is loaded with the first policy: a proxy without one never carries it (1.5 MiB)
+    from ..istio import model as m
+    from .authz import Authorizer, Decision
+    from .jwt_authn import AuthnResult, Failure, JwksCache, JwtAuthenticator, RemoteJwks
+    from .scope import Workload
 
 log = logging.getLogger("meshproxy.authz")
 
@@ -35,14 +37,14 @@ class WorkloadPolicy:
     """What the snapshot says about requests to this workload (before a listener binds its port)."""
 
     authn: JwtAuthenticator | None = None
-    authz: Authorizer = NO_AUTHZ
+    authz: Authorizer | None = None  # None: no AuthorizationPolicy applies
     # PeerAuthentication, resolved: the TLS transport asks `peer.mode_for_port(port)` for each inbound connection.
     peer: PeerAuthnPolicy = DEFAULT_PEER_AUTHN
 
     @property
     def empty(self) -> bool:
         """Nothing to check per request (mTLS modes are the transport's, per connection)."""
-        return self.authn is None and self.authz is NO_AUTHZ
+        return self.authn is None and self.authz is None
 
     def bind(self, port: int, remote_from_xff: bool) -> RequestPolicy:
         if self.empty:
@@ -54,13 +56,19 @@ NO_WORKLOAD_POLICY: Final = WorkloadPolicy()
 
 
 def compile_workload_policy(snapshot: m.Snapshot, workload: Workload, cache: JwksCache) -> WorkloadPolicy:
+    if not (snapshot.request_authentications or snapshot.authorization_policies or snapshot.peer_authentications):
+        return NO_WORKLOAD_POLICY
+    from .authz import NO_AUTHZ, compile_authz
+    from .jwt_authn import compile_jwt_authn
+    from .peer_authn import resolve_peer_authn
+
     authn = compile_jwt_authn(snapshot.request_authentications, workload, cache)
     authz = compile_authz(snapshot.authorization_policies, workload)
     peer = resolve_peer_authn(snapshot.peer_authentications, workload) if snapshot.peer_authentications \
         else DEFAULT_PEER_AUTHN
     if authn is None and authz is NO_AUTHZ and peer is DEFAULT_PEER_AUTHN:
         return NO_WORKLOAD_POLICY
-    return WorkloadPolicy(authn, authz, peer)
+    return WorkloadPolicy(authn, None if authz is NO_AUTHZ else authz, peer)
 
 
 @dataclass(slots=True)
@@ -76,7 +84,7 @@ class Verdict:
 @dataclass(frozen=True, slots=True)
 class RequestPolicy:
     authn: JwtAuthenticator | None
-    authz: Authorizer
+    authz: Authorizer | None  # None: no AuthorizationPolicy applies
     port: int  # destination.port and `ports` of the requests this listener receives
     remote_from_xff: bool  # remote.ip is the last X-Forwarded-For address (sidecar inbound, as Envoy there)
 
@@ -95,8 +103,10 @@ class RequestPolicy:
             if claims is not None:
                 apply_authn(head, result)
         authz = self.authz
-        if authz is NO_AUTHZ:
+        if authz is None:
             return None
+        from .authz import AuthzRequest  # loaded with the policies, already
+
         source = peer_ip.decode("latin-1")
         remote = _last_forwarded(head.headers) if self.remote_from_xff else ""
         req = AuthzRequest(head.method.decode("latin-1"), head.path.decode("latin-1"),
@@ -116,7 +126,7 @@ class RequestPolicy:
             return None
         return Verdict(403, decision=decision)
 
-NO_POLICY: Final = RequestPolicy(None, NO_AUTHZ, 0, False)
+NO_POLICY: Final = RequestPolicy(None, None, 0, False)
 
 
 def apply_authn(head: RequestHead, result: AuthnResult) -> None:
