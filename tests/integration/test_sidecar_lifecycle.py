@@ -209,3 +209,37 @@ def test_an_idle_keep_alive_connection_holds_the_drain_until_the_drain_time(tmp_
     assert code == 0, proxy.log
     assert drain - 0.5 < exited_after < drain + 5, exited_after
     assert "drain time over: closing 1 connections" in proxy.log
+
+
+def test_under_concurrency_the_supervisor_serves_the_health_and_stats_ports(tmp_path: Path) -> None:
+    """--concurrency 2: one health and one stats port for the sidecar, answered from every worker (ready when all are;
+    the workers' metrics merged, then the app's)."""
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=APP_METRICS, content_type="text/plain")
+
+    upstream, app = Upstream("backend"), Upstream("app", handler=metrics)
+    proxy = sidecar(tmp_path, upstream, app, "--concurrency", "2", "--health-port", "0", "--status-port", "0",
+                    "--listen", "127.0.0.1:0",
+                    env={"ISTIO_PROMETHEUS_ANNOTATIONS": f'{{"scrape":"true","port":"{app.port}"}}'})
+    try:
+        health, status = wait_for_port(proxy, "health"), wait_for_port(proxy, "status")
+        assert wait_until(lambda: get(health, "/healthz/ready")[0] == 200, what="every worker ready")
+        for _ in range(4):
+            conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            conn.request("GET", "/echo", headers={"Host": "backend"})
+            assert conn.getresponse().status == 200
+            conn.close()
+        code, body, _ = get(status, "/stats/prometheus")
+        assert code == 200
+        families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        assert families["meshproxy_workers"].samples[0].value == 2
+        requests = sum(s.value for s in families["istio_requests"].samples if s.name == "istio_requests_total")
+        assert requests == 4  # both workers' counts, summed
+        assert families["app_orders"].samples[0].value == 7.0
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: proxy.proc.poll() is not None or get(health, "/healthz/ready")[0] == 503,
+                          timeout=5, what="readiness 503 while the workers drain")
+    finally:
+        assert proxy.stop() == 0, proxy.log
+        upstream.close()
+        app.close()
