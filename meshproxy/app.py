@@ -269,7 +269,7 @@ class ProxyApp:
         from .status_ports import StatusPorts, app_scrape_from
 
         backend = self._admin_backend()
-        self.status_ports = StatusPorts(backend.ready, backend.metrics, app_scrape_from(os.environ))
+        self.status_ports = StatusPorts(backend.ready, backend.metrics, app_scrape_from(os.environ, settings.status_port))
         bound = await self.status_ports.start(settings.health_port, settings.status_port)
         self.addresses.update(bound)
 

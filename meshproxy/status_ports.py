@@ -47,10 +47,12 @@ class AppScrape:
         return f"http://127.0.0.1:{self.port}{self.path}"
 
 
-def app_scrape_from(environ: Mapping[str, str]) -> AppScrape | None:
-    """`ISTIO_PROMETHEUS_ANNOTATIONS` ({"scrape": "true", "port": "8080", "path": "/metrics"}) -> the app's metrics,
-    or None when the variable is absent or does not ask for a scrape. ValueError naming the variable and field when
-    it is malformed: a sidecar told to merge metrics must not silently drop them."""
+def app_scrape_from(environ: Mapping[str, str], status_port: int | None = None) -> AppScrape | None:
+    """`ISTIO_PROMETHEUS_ANNOTATIONS` ({"scrape": "true", "port": "8080", "path": "/metrics"}, as `meshproxy inject`
+    writes it from the pod's prometheus.io annotations) -> the app's metrics, read as pilot-agent reads it: a scrape
+    that is not "false" is on, the path defaults to /metrics and the port to 80, and the status port itself is refused
+    (a scrape of itself). None when the variable is absent. ValueError naming the variable and field when it is
+    malformed: a sidecar told to merge metrics must not silently drop them."""
     raw = environ.get(PROMETHEUS_ANNOTATIONS_ENV, "").strip()
     if not raw:
         return None
@@ -60,11 +62,14 @@ def app_scrape_from(environ: Mapping[str, str]) -> AppScrape | None:
         raise ValueError(f"{PROMETHEUS_ANNOTATIONS_ENV}: not JSON ({exc})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{PROMETHEUS_ANNOTATIONS_ENV}: expected a JSON object, got {type(value).__name__}")
-    if str(value.get("scrape", "")).lower() != "true":
+    if str(value.get("scrape") or "") == "false":
         return None
-    port = str(value.get("port", "")).strip()
+    port = str(value.get("port") or "80").strip()
     if not port.isdigit() or not 0 < int(port) <= 65535:
         raise ValueError(f"{PROMETHEUS_ANNOTATIONS_ENV}: port: {value.get('port')!r} is not a port number")
+    if status_port is not None and int(port) == status_port:
+        raise ValueError(f"{PROMETHEUS_ANNOTATIONS_ENV}: port: {port} is the status port itself (a scrape of its own "
+                         "scrape): the pod's prometheus.io/port must name the app's port")
     path = str(value.get("path") or "/metrics")
     if not path.startswith("/"):
         raise ValueError(f"{PROMETHEUS_ANNOTATIONS_ENV}: path: {path!r} must start with '/'")

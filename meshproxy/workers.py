@@ -431,7 +431,7 @@ class Supervisor:
             if self.settings.health_port is not None or self.settings.status_port is not None:
                 from .status_ports import StatusPorts, app_scrape_from
 
-                status = StatusPorts(admin.ready, admin.metrics, app_scrape_from(os.environ))
+                status = StatusPorts(admin.ready, admin.metrics, app_scrape_from(os.environ, self.settings.status_port))
                 for name, address in (await status.start(self.settings.health_port,
                                                          self.settings.status_port)).items():
                     log.info("%s listening on %s:%d", name, *address)

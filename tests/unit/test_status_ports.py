@@ -18,6 +18,8 @@ OWN = b"# HELP meshproxy_config_version v\n# TYPE meshproxy_config_version gauge
     ('{"scrape":"true","port":"8080","path":"/stats"}', AppScrape(8080, "/stats")),
     ('{"scrape":"true","port":"9090"}', AppScrape(9090, "/metrics")),  # Prometheus's default path
     ('{"scrape":"false","port":"9090"}', None),
+    ('{"scrape":"","path":"","port":"9090"}', AppScrape(9090, "/metrics")),  # on unless "false", as pilot-agent
+    ('{"scrape":"true"}', AppScrape(80, "/metrics")),  # pilot-agent's default port
 ])
 def test_the_annotations_inject_writes(value: str | None, expected: AppScrape | None) -> None:
     environ = {} if value is None else {"ISTIO_PROMETHEUS_ANNOTATIONS": value}
@@ -29,10 +31,11 @@ def test_the_annotations_inject_writes(value: str | None, expected: AppScrape | 
     ('["scrape"]', "expected a JSON object"),
     ('{"scrape":"true","port":"http"}', "ISTIO_PROMETHEUS_ANNOTATIONS: port: 'http' is not a port number"),
     ('{"scrape":"true","port":"80","path":"metrics"}', "path: 'metrics' must start with '/'"),
+    ('{"scrape":"true","port":"15020"}', "port: 15020 is the status port itself"),
 ])
 def test_a_malformed_annotation_is_an_error_naming_the_field(value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("'", "'")):
-        app_scrape_from({"ISTIO_PROMETHEUS_ANNOTATIONS": value})
+        app_scrape_from({"ISTIO_PROMETHEUS_ANNOTATIONS": value}, status_port=15020)
 
 
 def test_the_merge_is_one_valid_exposition() -> None:
@@ -49,3 +52,28 @@ def test_a_worker_gets_a_loopback_admin_and_no_status_ports() -> None:
     worker = worker_settings(settings, 1)
     assert (worker.admin, worker.health_port, worker.status_port) == (("127.0.0.1", 0), None, None)
     assert worker_settings(Settings(admin=None, concurrency=2), 0).admin is None
+
+
+def test_what_inject_writes_is_what_the_status_port_scrapes() -> None:
+    """`meshproxy inject` moves the app's prometheus.io annotations into the sidecar's ISTIO_PROMETHEUS_ANNOTATIONS and
+    points Prometheus at 15020; the status port reads that variable back to the app's port and path."""
+    import yaml
+
+    from meshproxy.sidecar.inject import InjectOptions, inject_text
+
+    pod = """apiVersion: v1
+kind: Pod
+metadata:
+  name: shop
+  labels: {app: shop}
+  annotations: {prometheus.io/scrape: "true", prometheus.io/port: "9102", prometheus.io/path: /shop/metrics}
+spec:
+  containers: [{name: shop, image: shop:1}]
+"""
+    out, problems = inject_text(pod, "pod.yaml", InjectOptions())
+    assert not [p for p in problems if p.severity == "error"]
+    doc = yaml.safe_load(out)
+    assert doc["metadata"]["annotations"]["prometheus.io/port"] == "15020"
+    sidecar = next(c for c in doc["spec"]["containers"] if c["name"] == "istio-proxy")
+    environ = {e["name"]: e["value"] for e in sidecar["env"] if "value" in e}
+    assert app_scrape_from(environ, status_port=15020) == AppScrape(9102, "/shop/metrics")
