@@ -139,7 +139,8 @@ def _interception_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--transparent", is_flag=True, envvar="MESHPROXY_TRANSPARENT",
                      help="Istio's sidecar listeners for traffic redirected by iptables: outbound and inbound, "
                           "each reading the connection's original destination (SO_ORIGINAL_DST); --listen is then "
-                          "off unless given."),
+                          "off unless given. Also pilot-agent's ports (--health-port 15021, --status-port 15020) and "
+                          "its drain: listeners kept open, --min-drain-time 5."),
         click.option("--transparent-outbound", default="0.0.0.0:15001", show_default=True,
                      envvar="MESHPROXY_TRANSPARENT_OUTBOUND", callback=_listen_address,
                      help="The transparent outbound listener (the app's redirected connections)."),
