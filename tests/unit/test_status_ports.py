@@ -77,3 +77,28 @@ spec:
     sidecar = next(c for c in doc["spec"]["containers"] if c["name"] == "istio-proxy")
     environ = {e["name"]: e["value"] for e in sidecar["env"] if "value" in e}
     assert app_scrape_from(environ, status_port=15020) == AppScrape(9102, "/shop/metrics")
+
+
+def test_a_pods_termination_drain_duration_becomes_the_sidecars_drain_time() -> None:
+    """proxy.istio.io/config's terminationDrainDuration, as Istio's injector passes it to the sidecar; a bad one is an
+    error at its place."""
+    import yaml
+
+    from meshproxy.sidecar.inject import InjectOptions, inject_text
+
+    pod = """apiVersion: v1
+kind: Pod
+metadata:
+  name: shop
+  annotations: {proxy.istio.io/config: "terminationDrainDuration: %s"}
+spec:
+  containers: [{name: shop, image: shop:1}]
+"""
+    out, _ = inject_text(pod % "20s", "pod.yaml", InjectOptions())
+    sidecar = next(c for c in yaml.safe_load(out)["spec"]["containers"] if c["name"] == "istio-proxy")
+    assert sidecar["args"][-2:] == ["--drain-time", "20"]
+    from meshproxy.istio.problems import ConfigError
+
+    with pytest.raises(ConfigError, match=r"pod.yaml:0: metadata.annotations\['proxy.istio.io/config'\]"
+                                        r".terminationDrainDuration: 'soon' is not a duration"):
+        inject_text(pod % "soon", "pod.yaml", InjectOptions())
