@@ -165,7 +165,7 @@ def test_sigterm_drains_as_istio_no_request_fails_and_exit_at_zero_connections(t
         for caller in everyone:
             caller.sigterm_at = sigterm_at
         proxy.proc.send_signal(signal.SIGTERM)
-        assert wait_until(lambda: get(health, "/healthz/ready")[0] == 503, timeout=2, what="readiness 503")
+        assert wait_until(lambda: get(health, "/healthz/ready")[0] == 503, timeout=5, what="readiness 503")
         for caller in (kept, fresh):  # the app shuts down over 2 s, calling out all along, then closes its connections
             caller.stop_at = sigterm_at + 2.0
         for caller in everyone:
