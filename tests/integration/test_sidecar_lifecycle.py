@@ -7,12 +7,14 @@ explicit `--listen` outbound and `--inbound` listener, which the tests' clients 
 from __future__ import annotations
 
 import http.client
+import json
 import signal
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,7 +26,7 @@ APP_METRICS = (b"# HELP app_orders_total Orders taken by the app.\n# TYPE app_or
                b"app_orders_total{kind=\"book\"} 7.0\n# EOF\n")  # OpenMetrics' trailer: dropped by the merge
 
 
-def sidecar(tmp_path: Path, upstream: Upstream, app: Upstream, *args: str, env: dict[str, str] | None = None
+def sidecar(tmp_path: Path, upstream: Upstream, app: Any, *args: str, env: dict[str, str] | None = None
             ) -> ProxyProcess:
     config = write_config(tmp_path / "config", "c.yaml", service_entry("backend", [(upstream.port, {})], port=80),
                           virtual_service("backend"))
@@ -241,5 +243,41 @@ def test_under_concurrency_the_supervisor_serves_the_health_and_stats_ports(tmp_
                           timeout=5, what="readiness 503 while the workers drain")
     finally:
         assert proxy.stop() == 0, proxy.log
+        upstream.close()
+        app.close()
+
+
+def test_http2_inbound_gets_goaway_and_the_apps_outbound_http2_goes_on(tmp_path: Path) -> None:
+    """On SIGTERM the inbound listener's HTTP/2 connection gets GOAWAY (its stream in flight finishes), while the app's
+    own HTTP/2 connection on the outbound listener gets none and opens new streams during the drain."""
+    from h2peer import H2Peer
+    from h2upstream import H2Upstream
+
+    upstream, app = Upstream("backend"), H2Upstream("app")  # the inbound cluster speaks the client's protocol
+    proxy = sidecar(tmp_path, upstream, app, "--listen", "127.0.0.1:0", "--health-port", "off",
+                    "--status-port", "off", "--drain-time", "8", "--min-drain-time", "0")
+    inbound_peer = H2Peer(proxy.addresses["inbound:%d" % app.port][1])
+    outbound_peer = H2Peer(proxy.port)
+    try:
+        inflight = inbound_peer.request("/slow?delay=1", authority="app")
+        wait_until(lambda: any(r["path"].startswith("/slow") for r in app.requests), what="the inbound request")
+        assert outbound_peer.finished(outbound_peer.request("/echo")).status == 200
+        proxy.proc.send_signal(signal.SIGTERM)
+        inbound_peer.wait(lambda: inbound_peer.goaway is not None)
+        assert inbound_peer.goaway.last_stream_id == inflight
+        got = inbound_peer.finished(inflight)
+        assert got.status == 200 and json.loads(bytes(got.body))["path"] == "/slow"  # finished, not cut
+        for _ in range(3):  # the app's calls during the drain, on its kept HTTP/2 connection
+            assert outbound_peer.finished(outbound_peer.request("/echo")).status == 200
+        assert outbound_peer.goaway is None
+        assert proxy.proc.poll() is None  # its connection keeps the sidecar up
+    finally:
+        inbound_peer.close()
+        outbound_peer.close()
+    try:
+        assert proxy.proc.wait(8 + 5) == 0  # the app's connection gone: no connection left, exit
+        assert "drain time over" not in proxy.log
+    finally:
+        proxy.stop()
         upstream.close()
         app.close()
