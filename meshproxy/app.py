@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import gc
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -264,12 +265,11 @@ class ProxyApp:
         settings = self.settings
         if settings.health_port is None and settings.status_port is None:
             return
-        import os
-
         from .status_ports import StatusPorts, app_scrape_from
 
         backend = self._admin_backend()
-        self.status_ports = StatusPorts(backend.ready, backend.metrics, app_scrape_from(os.environ, settings.status_port))
+        app_metrics = app_scrape_from(os.environ, settings.status_port)  # ValueError: a malformed variable
+        self.status_ports = StatusPorts(backend.ready, backend.metrics, app_metrics)
         bound = await self.status_ports.start(settings.health_port, settings.status_port)
         self.addresses.update(bound)
 
@@ -307,9 +307,9 @@ class ProxyApp:
         Envoy's graceful drain: iptables still sends the app's outbound connections to them while the app shuts
         down, and callers that have not yet seen the endpoint go still reach it; idle HTTP/1.1 connections are left
         to their clients (closing one would race a request the client is sending on it). A standalone proxy stops
-        accepting at once and closes idle connections. The process exits once no downstream connection is left, but not before min_drain_time
-        (Istio's EXIT_ON_ZERO_ACTIVE_CONNECTIONS after MINIMUM_DRAIN_DURATION), and at drain_time at the latest
-        (Istio's terminationDrainDuration), closing what is left."""
+        accepting at once and closes idle connections. The process exits once no downstream connection is left, but
+        not before min_drain_time (Istio's EXIT_ON_ZERO_ACTIVE_CONNECTIONS after MINIMUM_DRAIN_DURATION), and at
+        drain_time at the latest (Istio's terminationDrainDuration), closing what is left."""
         self.ready = False
         settings = self.settings
         if not settings.transparent:

@@ -38,7 +38,8 @@ INBOUND_RULES = (  # istio-iptables' inbound capture, reduced: everything but th
 CONTROL = {"x-envoy-retry-on": "5xx", "x-envoy-max-retries": "9", "x-envoy-upstream-rq-timeout-ms": "1",
            "x-envoy-upstream-rq-per-try-timeout-ms": "1", "x-envoy-force-trace": "true",
            "x-envoy-retriable-status-codes": "200"}
-PEER = {"x-envoy-peer-metadata": "CgsKBE5BTUUSAxoBeA==", "x-envoy-peer-metadata-id": "sidecar~10.0.0.9~spoof.default~default.svc.cluster.local"}
+PEER = {"x-envoy-peer-metadata": "CgsKBE5BTUUSAxoBeA==",
+        "x-envoy-peer-metadata-id": "sidecar~10.0.0.9~spoof.default~default.svc.cluster.local"}
 
 
 def echo_headers(conn: socket.socket, server: TcpServer) -> None:
