@@ -23,9 +23,12 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
  && useradd --uid 1337 --no-create-home meshproxy
 # UID 1337 as istio-proxy: istio-init-style iptables rules exclude this user's traffic from redirection.
 USER 1337
+# The outbound listener trusts its client (the app beside it): loopback only, never 0.0.0.0 (an open proxy to every
+# service). In a pod the sidecar runs `meshproxy run --transparent` (meshproxy inject): iptables brings the app's
+# traffic to 15001/15006; only the kubelet's 15021 (/healthz/ready) and Prometheus's 15020 are for the outside.
 ENV MESHPROXY_CONFIG=/etc/meshproxy \
-    MESHPROXY_LISTEN=0.0.0.0:15001 \
+    MESHPROXY_LISTEN=127.0.0.1:15001 \
     MESHPROXY_ADMIN=127.0.0.1:15000
-EXPOSE 15001 15006
+EXPOSE 15020 15021
 HEALTHCHECK CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:15000/ready')"]
 ENTRYPOINT ["meshproxy", "run"]

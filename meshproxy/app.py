@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import gc
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -45,8 +46,9 @@ from .telemetry.access_log import AccessLog
 from .telemetry.core import MeshTelemetry, Telemetry
 
 if TYPE_CHECKING:
-    from .admin import AdminServer
+    from .admin import AdminServer, ProxyAdmin
     from .interception import Interceptions
+    from .status_ports import StatusPorts
     from .proxy.tcp import TcpProxy
 
 log = logging.getLogger("meshproxy")
@@ -121,6 +123,8 @@ class ProxyApp:
         self.stopping: asyncio.Event | None = None  # created in start(), inside the loop
         self.addresses: dict[str, tuple[str, int]] = {}
         self.admin: AdminServer | None = None
+        self.admin_backend: ProxyAdmin | None = None  # the admin's answers, also behind the status ports
+        self.status_ports: StatusPorts | None = None  # --health-port, --status-port (pilot-agent's 15021, 15020)
         self._watcher: asyncio.Task[None] | None = None
         self._jwks_task: asyncio.Task[None] | None = None
         self.budget = connection_budget(settings)  # one downstream connection limit for the whole process
@@ -194,6 +198,7 @@ class ProxyApp:
         self.stopping = asyncio.Event()
         settings = self.settings
         budget = self.budget
+        await self._serve_status_ports()  # first: the kubelet's probe answers 503 until every listener is up
         if settings.listen is not None:
             edge = EDGE_NONE if "mesh" in settings.gateways else EDGE_GATEWAY  # a gateway's clients are outside
             ctx = ListenerContext("outbound", self._outbound_table(self.config.table), self.pool, rng=self.rng,
@@ -229,9 +234,9 @@ class ProxyApp:
                 self.addresses[name] = (sock[0], sock[1])
                 self.servers.append(server)
         if settings.admin is not None:
-            from .admin import ProxyAdmin, serve_admin  # prometheus-client is only needed for the admin port
+            from .admin import serve_admin
 
-            self.admin = await serve_admin(ProxyAdmin(self), settings.admin, settings.admin_allow_remote)
+            self.admin = await serve_admin(self._admin_backend(), settings.admin, settings.admin_allow_remote)
             # a worker's own admin (on an ephemeral port, for its supervisor) is not the sidecar's admin
             self.addresses["admin" if settings.worker_index is None else "worker-admin"] = self.admin.address
         if self.certs is not None:
@@ -248,6 +253,25 @@ class ProxyApp:
         self.ready = True
         for name, (host, port) in self.addresses.items():
             log.info("%s listening on %s:%d", name, host, port)
+
+    def _admin_backend(self) -> ProxyAdmin:
+        if self.admin_backend is None:
+            from .admin import ProxyAdmin  # prometheus-client is only needed for the admin and status ports
+
+            self.admin_backend = ProxyAdmin(self)
+        return self.admin_backend
+
+    async def _serve_status_ports(self) -> None:
+        settings = self.settings
+        if settings.health_port is None and settings.status_port is None:
+            return
+        from .status_ports import StatusPorts, app_scrape_from
+
+        backend = self._admin_backend()
+        app_metrics = app_scrape_from(os.environ, settings.status_port)  # ValueError: a malformed variable
+        self.status_ports = StatusPorts(backend.ready, backend.metrics, app_metrics)
+        bound = await self.status_ports.start(settings.health_port, settings.status_port)
+        self.addresses.update(bound)
 
     async def _listen(self, ctx: ListenerContext, address: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
@@ -271,32 +295,66 @@ class ProxyApp:
         self.servers.append(server)
 
     def request_stop(self, reason: str = "") -> None:
+        self.ready = False  # the readiness probe says 503 from this moment
         if self.stopping is not None:
             self.stopping.set()
 
     async def drain(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded by drain_time), then close."""
+        """Drain as Istio's sidecar drains, then close.
+
+        On the drained listeners (`_drain_listener`) HTTP/1.1 responses say `connection: close` from now on and
+        HTTP/2 connections get GOAWAY. A sidecar (--transparent) keeps every listener open for the whole drain, as
+        Envoy's graceful drain: iptables still sends the app's outbound connections to them while the app shuts
+        down, and callers that have not yet seen the endpoint go still reach it; idle HTTP/1.1 connections are left
+        to their clients (closing one would race a request the client is sending on it). A standalone proxy stops
+        accepting at once and closes idle connections. The process exits once no downstream connection is left, but
+        not before min_drain_time (Istio's EXIT_ON_ZERO_ACTIVE_CONNECTIONS after MINIMUM_DRAIN_DURATION), and at
+        drain_time at the latest (Istio's terminationDrainDuration), closing what is left."""
         self.ready = False
-        for server in self.servers:
-            server.close()
+        settings = self.settings
+        if not settings.transparent:
+            self._close_listeners()
         for ctx in self.contexts:
-            ctx.start_draining()
-        deadline = time.monotonic() + self.settings.drain_time
+            self._drain_listener(ctx)
+        if self.interceptions is not None:
+            self.interceptions.drain_new = self._drain_listener  # contexts made during the drain (a new port)
+        started = time.monotonic()
+        deadline = started + settings.drain_time
+        earliest = started + min(settings.min_drain_time, settings.drain_time)
         tcp = self._tcp_connections
-        while (any(ctx.connections for ctx in self.contexts) or tcp()) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if time.monotonic() >= earliest and not (any(ctx.connections for ctx in self.contexts) or tcp()):
+                break
             await asyncio.sleep(0.02)
+        self._close_listeners()
         left = sum(len(ctx.connections) for ctx in self.contexts) + len(tcp())
         if left:
             log.warning("drain time over: closing %d connections", left)
             for ctx in self.contexts:
+                ctx.start_draining(close_idle=True)  # idle ones close cleanly; the rest are cut
                 for conn in list(ctx.connections):
                     conn.reset_after_write()
             for proxied in tcp():  # TCP connections are not drained by Envoy either: reset at the end
                 proxied.abort()
         self.pool.close_idle()
+        if self.status_ports is not None:
+            await self.status_ports.close()
         if self.certs is not None:
             self.certs.stop()
         self.access_log.close()  # the lines of the last requests, before the process exits
+
+    def _drain_listener(self, ctx: ListenerContext) -> None:
+        """A standalone proxy drains every listener. A sidecar drains its inbound listeners only, as pilot-agent asks
+        Envoy (`drain_listeners?inboundonly&graceful`): its callers are told to go, while the app's own calls keep
+        their connections until the app closes them."""
+        if not self.settings.transparent:
+            ctx.start_draining()
+        elif ctx.telemetry is not None and ctx.telemetry.inbound:
+            ctx.start_draining(close_idle=False)
+
+    def _close_listeners(self) -> None:
+        for server in self.servers:
+            server.close()
 
     def _tcp_connections(self) -> list[TcpProxy]:
         return self.interceptions.tcp_connections() if self.interceptions is not None else []
@@ -305,7 +363,8 @@ class ProxyApp:
         await self.start()
         assert self.stopping is not None
         await self.stopping.wait()
-        log.info("draining (up to %.1fs)", self.settings.drain_time)
+        log.info("draining (up to %.1fs, at least %.1fs)", self.settings.drain_time,
+                 min(self.settings.min_drain_time, self.settings.drain_time))
         await self.drain()
         ignore_stop_signals(asyncio.get_running_loop())
         log.info("stopped")

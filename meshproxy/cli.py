@@ -107,6 +107,18 @@ def _telemetry_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def _port_or_off(_: click.Context, __: click.Parameter, value: str | None) -> int | None:
+    """A port number (0: a free one, as for the listeners), `off` (-1 here: off even with --transparent), or None
+    when not given (the default)."""
+    if value is None:
+        return None
+    if value in ("off", "none", ""):
+        return -1
+    if not value.isdigit() or not 0 <= int(value) <= 65535:
+        raise click.BadParameter(f"{value!r} is not a port number or 'off'")
+    return int(value)
+
+
 def _listen_address(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, int]:
     address = _address(ctx, param, value)
     if address is None:
@@ -127,7 +139,8 @@ def _interception_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--transparent", is_flag=True, envvar="MESHPROXY_TRANSPARENT",
                      help="Istio's sidecar listeners for traffic redirected by iptables: outbound and inbound, "
                           "each reading the connection's original destination (SO_ORIGINAL_DST); --listen is then "
-                          "off unless given."),
+                          "off unless given. Also pilot-agent's ports (--health-port 15021, --status-port 15020) and "
+                          "its drain: listeners kept open, --min-drain-time 5."),
         click.option("--transparent-outbound", default="0.0.0.0:15001", show_default=True,
                      envvar="MESHPROXY_TRANSPARENT_OUTBOUND", callback=_listen_address,
                      help="The transparent outbound listener (the app's redirected connections)."),
@@ -252,7 +265,20 @@ def main() -> None:
 @click.option("--gateway", "gateways", multiple=True, envvar="MESHPROXY_GATEWAYS",
               help="Act as this gateway (name or namespace/name) instead of a sidecar ('mesh').")
 @click.option("--drain-time", default=5.0, show_default=True, type=float, envvar="MESHPROXY_DRAIN_TIME",
-              help="Seconds in-flight requests get to finish after SIGTERM.")
+              help="Seconds the drain after SIGTERM may take (Istio's terminationDrainDuration); then what is left "
+                   "is closed.")
+@click.option("--min-drain-time", default=None, type=click.FloatRange(min=0), envvar="MESHPROXY_MIN_DRAIN_TIME",
+              help="Seconds after SIGTERM before the proxy may exit early, once no connection is left (Istio's "
+                   "MINIMUM_DRAIN_DURATION with EXIT_ON_ZERO_ACTIVE_CONNECTIONS)  [default: 5 with --transparent, "
+                   "whose listeners keep accepting while it drains; else 0]")
+@click.option("--status-port", default=None, envvar="MESHPROXY_STATUS_PORT", callback=_port_or_off,
+              help="pilot-agent's status port on all addresses: /stats/prometheus, the proxy's metrics merged with the "
+                   "app's (ISTIO_PROMETHEUS_ANNOTATIONS), and /healthz/ready ('off' to disable)  "
+                   "[default: 15020 with --transparent, else off]")
+@click.option("--health-port", default=None, envvar="MESHPROXY_HEALTH_PORT", callback=_port_or_off,
+              help="The kubelet's readiness port on all addresses: /healthz/ready, 200 once the config is loaded and "
+                   "every listener is up, 503 before and while draining ('off' to disable)  "
+                   "[default: 15021 with --transparent, else off]")
 @click.option("--connect-timeout", default=10.0, show_default=True, type=float, envvar="MESHPROXY_CONNECT_TIMEOUT",
               help="Upstream TCP connect timeout in seconds.")
 @click.option("--upstream-idle-timeout", default=4.0, show_default=True, type=float,
@@ -312,6 +338,12 @@ def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[
     if values["transparent"] and click.get_current_context().get_parameter_source("listen") == \
             click.core.ParameterSource.DEFAULT:
         listen = None  # the transparent outbound listener takes the app's traffic
+    sidecar = values["transparent"]  # pilot-agent's ports and drain, as in a pod; standalone keeps its own
+    for name, port in (("status_port", 15020), ("health_port", 15021)):
+        given = values[name]
+        values[name] = (port if sidecar else None) if given is None else (None if given < 0 else given)
+    if values["min_drain_time"] is None:
+        values["min_drain_time"] = 5.0 if sidecar else 0.0
     settings = Settings(
         config=config, listen=listen, inbound=inbound, admin=admin, admin_allow_remote=admin_allow_remote,
         workload=workload, namespace=namespace, labels=labels,

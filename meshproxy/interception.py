@@ -65,6 +65,7 @@ class Interceptions:
         self.inbound_http: dict[tuple[str, int], ListenerContext] = {}
         self.inbound_routes: dict[tuple[str, int], RouteTable] = {}  # each destination's table, before its policy
         self.inbound_clusters: dict[tuple[bool, int, bool], Cluster] = {}
+        self.drain_new: Callable[[ListenerContext], None] | None = None  # set by the app's drain: how a new one drains
         self.tcp_outbound = TcpContext(OUTBOUND, TcpTelemetry(OUTBOUND, "outbound", access_log, mesh), clusters, rng,
                                        settings.connect_timeout, settings.tcp_idle_timeout, budget=budget)
         self.tcp_inbound = TcpContext(INBOUND, TcpTelemetry(INBOUND, "inbound", access_log, mesh), clusters, rng,
@@ -96,8 +97,8 @@ class Interceptions:
         return ctx
 
     def _add(self, ctx: ListenerContext) -> None:
-        if any(c.draining for c in self.contexts):  # made during the drain
-            ctx.start_draining()
+        if self.drain_new is not None:  # made during the drain
+            self.drain_new(ctx)
         self.contexts.append(ctx)
 
     def interception(self, direction: str, fixed: tuple[str, int] | None = None) -> Interception:

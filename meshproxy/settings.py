@@ -66,6 +66,9 @@ class Settings:
     access_log: str = "off"  # off | text | json
     access_log_file: str = "/dev/stdout"  # Istio's meshConfig.accessLogFile default
     drain_time: float = 5.0  # Istio terminationDrainDuration
+    # Istio's MINIMUM_DRAIN_DURATION (with EXIT_ON_ZERO_ACTIVE_CONNECTIONS): no exit before it, even with no
+    # connection left (the CLI gives 5 s with --transparent, 0 without); capped at drain_time.
+    min_drain_time: float = 0.0
     connect_timeout: float = 10.0  # Istio's mesh connectTimeout default
     upstream_idle_timeout: float = 4.0  # below common app keep-alives (Node 5 s), so the proxy closes first
     watch_interval: float = 1.0  # seconds between config file checks; 0 disables (SIGHUP still reloads)
@@ -116,3 +119,6 @@ class Settings:
     cert_dir: str | None = None
     inbound_tls: str = ""
     cert_poll_interval: float = 1.0
+    # pilot-agent's ports (status_ports.py), on all addresses; None: off. The CLI turns them on with --transparent.
+    status_port: int | None = None  # /stats/prometheus: the proxy's metrics merged with the app's (15020)
+    health_port: int | None = None  # /healthz/ready: the kubelet's readiness probe (15021)

@@ -13,6 +13,8 @@ The supervisor (this module's `supervise`) owns what the sidecar shows the outsi
   (`merge_expositions`), so a scrape sees one sidecar with today's names and labels; POST /reload goes to every
   worker; POST /quitquitquit stops them all; /config_dump and /routes are worker 0's (every worker loads the
   same files); /workers lists them (index, pid, admin port, restarts);
+- pilot-agent's health and status ports (`status_ports.py`), answered as its admin answers /ready and
+  /stats/prometheus (the workers then get their loopback admin even when the sidecar's is off);
 - signals: SIGTERM/SIGINT are forwarded as SIGTERM (each worker drains as a single process does), SIGHUP as
   SIGHUP (reload); it exits 0 when every worker exited 0;
 - crashes: a worker that exits on its own is logged with its exit code or signal and started again, up to
@@ -40,7 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import Metric
@@ -50,6 +52,9 @@ from .admin import AdminError, AdminServer, Handler, Reply, check_admin_address,
 from .lifecycle import handle_signals, ignore_stop_signals
 from .messages import RequestHead
 from .settings import InboundSpec, Settings
+
+if TYPE_CHECKING:
+    from .status_ports import StatusPorts
 
 log = logging.getLogger("meshproxy.workers")
 
@@ -168,9 +173,10 @@ def worker_settings(settings: Settings, index: int) -> Settings:
     """One worker's Settings: the sidecar's, with its own loopback admin on an ephemeral port and its share of
     --max-connections (a limit of the whole sidecar, split evenly: the kernel spreads connections evenly)."""
     limit = settings.max_connections
+    asked = settings.admin is not None or settings.status_port is not None or settings.health_port is not None
     return dataclasses.replace(
-        settings, worker_index=index,
-        admin=("127.0.0.1", 0) if settings.admin is not None else None, admin_allow_remote=False,
+        settings, worker_index=index, status_port=None, health_port=None,  # the supervisor serves those
+        admin=("127.0.0.1", 0) if asked else None, admin_allow_remote=False,
         max_connections=math.ceil(limit / settings.concurrency) if limit > 0 else 0,
     )
 
@@ -417,10 +423,18 @@ class Supervisor:
         self.done = asyncio.Event()
         admin = SupervisorAdmin(self)
         server: AdminServer | None = None
+        status: StatusPorts | None = None  # pilot-agent's health and stats ports: answered for all workers
         try:
             if self.settings.admin is not None:
                 server = await serve_admin(admin, self.settings.admin, self.settings.admin_allow_remote)
                 log.info("admin listening on %s:%d", *server.address)
+            if self.settings.health_port is not None or self.settings.status_port is not None:
+                from .status_ports import StatusPorts, app_scrape_from
+
+                status = StatusPorts(admin.ready, admin.metrics, app_scrape_from(os.environ, self.settings.status_port))
+                for name, address in (await status.start(self.settings.health_port,
+                                                         self.settings.status_port)).items():
+                    log.info("%s listening on %s:%d", name, *address)
             handle_signals(loop, self.stop, self.reload_all)
             log.info("starting %d workers", self.count)
             for index in range(self.count):
@@ -433,6 +447,8 @@ class Supervisor:
             for worker in self.live():  # only after an error in this coroutine: do not leave them running
                 self._signal(worker, signal.SIGTERM)
             await admin.close()
+            if status is not None:
+                await status.close()
             if server is not None:
                 await server.close()
         log.info("stopped" if self.exit_code == 0 else "stopped with errors")

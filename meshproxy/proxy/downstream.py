@@ -16,6 +16,7 @@ from ..routing.policy import HeaderMutation
 from ..routing.table import RouteTable
 from ..telemetry.access_log import AccessLog
 from ..telemetry.core import Telemetry
+from ..telemetry.peer import PEER_HEADERS
 from .balancer import Clusters
 from .upstream import UpstreamPool
 
@@ -119,6 +120,10 @@ class ListenerContext:
     rng: random.Random = field(default_factory=random.Random)
     connections: set[Connection] = field(default_factory=set)
     draining: bool = False
+    # While draining, an idle HTTP/1.1 connection is closed at once (True), or kept until its next response, which
+    # says `connection: close`, or the drain's end (False: a sidecar's listeners stay open; closing an idle
+    # connection would race a request its client is sending on it). HTTP/2 gets GOAWAY either way.
+    drain_closes_idle: bool = True
     clusters: Clusters = field(default_factory=Clusters)  # shared by all listeners of the process
     telemetry: Telemetry | None = None
     limits: ListenerLimits = DEFAULT_LIMITS
@@ -132,10 +137,15 @@ class ListenerContext:
     def __post_init__(self) -> None:
         if self.telemetry is None:
             self.telemetry = Telemetry(self.name, "outbound", AccessLog())
-        # once, not per connection: hop-by-hop, what the proxy sets itself, what telemetry replaces
-        self.strip_request = HOP_BY_HOP | H2C_SETTINGS | PROXY_SET_HEADERS | self.telemetry.strip_request
+        # once, not per connection: hop-by-hop, what the proxy sets itself, what telemetry replaces, and on a listener
+        # whose clients are not the local app (inbound, gateway) the peer metadata, never given to the app even when
+        # the metrics that read it are off
+        head = self.limits.head
+        edge = PEER_HEADERS if head.strip_names or head.strip_prefix else frozenset()
+        self.strip_request = HOP_BY_HOP | H2C_SETTINGS | PROXY_SET_HEADERS | self.telemetry.strip_request | edge
 
-    def start_draining(self) -> None:
+    def start_draining(self, close_idle: bool = True) -> None:
         self.draining = True
+        self.drain_closes_idle = close_idle
         for conn in list(self.connections):
             conn.drain()

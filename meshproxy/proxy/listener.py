@@ -116,10 +116,7 @@ class DownstreamProtocol(Downstream, RequestEvents):
             ssl_object = transport.get_extra_info("ssl_object")
             self.info.peer_principal = peer_principal(ssl_object)
             self.info.requested_server_name = requested_server_name(ssl_object)
-        self.ctx.connections.add(self)
-        if self.ctx.draining:
-            self._close()
-            return
+        self.ctx.connections.add(self)  # accepted while draining: served, `connection: close` after its response
         now = self.last_activity = self.loop.time()
         limits = self.limits
         if limits.request_headers_timeout:
@@ -384,7 +381,7 @@ class DownstreamProtocol(Downstream, RequestEvents):
             abandon(self, self.streams[0])
 
     def drain(self) -> None:
-        if not self.streams:
+        if not self.streams and self.ctx.drain_closes_idle:
             self._close()
 
     # ---- timers: one per connection, re-armed only when a deadline moves earlier

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from ..istio.problems import ConfigError, DocProblems, Problem
+from ..istio.values import is_duration, parse_duration
 from .iptables import DEFAULT_INBOUND_PORTS_EXCLUDE, CaptureConfig, CaptureConfigError, check, separate_v4_v6, split
 
 SIDECAR = "istio-proxy"
@@ -222,6 +223,7 @@ def inject_pod(template: dict[str, Any], where: DocProblems, workload: str,
         return None
     capture = capture_args(read_annotations, where) if mode == "REDIRECT" else None
     hold = hold_application(read_annotations, where, options.hold_application_until_proxy_starts)
+    drain = drain_time(read_annotations, where) if not where.errors else None
     if where.errors:
         return None
 
@@ -241,6 +243,8 @@ def inject_pod(template: dict[str, Any], where: DocProblems, workload: str,
     image = read_annotations.get(PROXY_IMAGE, options.image)
     resources = proxy_resources(read_annotations)
     sidecar = sidecar_container(image, workload, {str(k): text(v) for k, v in labels.items()}, resources, hold)
+    if drain is not None:
+        sidecar["args"] += ["--drain-time", f"{drain:g}"]
     if scrape is not None:
         sidecar["env"].append({"name": PROMETHEUS_ENV, "value": scrape})
     init = init_container(image, capture, resources) if capture is not None else None
@@ -390,19 +394,40 @@ def check_capture(args: list[str], annotations: dict[str, str], where: DocProble
             where.error(f"metadata.annotations['{TRAFFIC}{name}']", message)
 
 
-def hold_application(annotations: dict[str, str], where: DocProblems, default: bool) -> bool:
-    """proxy.istio.io/config's holdApplicationUntilProxyStarts (a ProxyConfig in YAML or JSON), else the default."""
+def proxy_config(annotations: dict[str, str], where: DocProblems) -> dict[str, Any]:
+    """proxy.istio.io/config (a ProxyConfig in YAML or JSON); {} when absent or malformed (an error then)."""
     if PROXY_CONFIG not in annotations:
-        return default
+        return {}
     place = f"metadata.annotations['{PROXY_CONFIG}']"
     try:
         config = yaml.safe_load(annotations[PROXY_CONFIG]) or {}
     except yaml.YAMLError as exc:
         where.error(place, f"not valid YAML: {exc}")
-        return default
+        return {}
     if not isinstance(config, dict):
         where.error(place, "must be a ProxyConfig mapping")
+        return {}
+    return config
+
+
+def drain_time(annotations: dict[str, str], where: DocProblems) -> float | None:
+    """proxy.istio.io/config's terminationDrainDuration (seconds), for the sidecar's --drain-time; None: the mesh's."""
+    raw = proxy_config(annotations, where).get("terminationDrainDuration")
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not is_duration(raw):
+        where.error(f"metadata.annotations['{PROXY_CONFIG}'].terminationDrainDuration",
+                    f"{raw!r} is not a duration (e.g. 5s)")
+        return None
+    return parse_duration(raw)
+
+
+def hold_application(annotations: dict[str, str], where: DocProblems, default: bool) -> bool:
+    """proxy.istio.io/config's holdApplicationUntilProxyStarts, else the default."""
+    if PROXY_CONFIG not in annotations:
         return default
+    place = f"metadata.annotations['{PROXY_CONFIG}']"
+    config = proxy_config(annotations, where)
     value = config.get("holdApplicationUntilProxyStarts", default)
     if not isinstance(value, bool):
         where.error(f"{place}.holdApplicationUntilProxyStarts", f"{value!r} is not a boolean")

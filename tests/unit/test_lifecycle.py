@@ -80,3 +80,22 @@ def test_a_poll_reloads_only_when_a_file_changed(tmp_path: Path) -> None:
     assert reloader.reload_if_changed() is True
     assert reloader.reload_if_changed() is None
     assert (loader.calls, reloader.state.version) == (2, 2)
+
+
+def test_a_configmap_data_swap_is_a_change_even_with_the_same_size_and_time(tmp_path: Path) -> None:
+    """The kubelet's `..data` swap points `x.yaml -> ..data/x.yaml` at another file; one with the same size and
+    modification time (a coarse clock, a copied file) is still seen, by its inode; `..*` entries are not config."""
+    from meshproxy.istio.watch import config_signature
+
+    for stamp in ("..2026_12_06_11_00_01.1", "..2026_12_06_11_00_02.2"):
+        (tmp_path / stamp).mkdir()
+        (tmp_path / stamp / "vs.yaml").write_text(f"# {stamp[-1]}\n")
+        os.utime(tmp_path / stamp / "vs.yaml", ns=(1_000_000_000, 1_000_000_000))
+    os.symlink("..2026_12_06_11_00_01.1", tmp_path / "..data")
+    os.symlink("..data/vs.yaml", tmp_path / "vs.yaml")
+    before = config_signature([str(tmp_path)])
+    assert [entry[0] for entry in before] == [str(tmp_path / "vs.yaml"), str(tmp_path)]  # read once, by its link
+    os.symlink("..2026_12_06_11_00_02.2", tmp_path / "..data_tmp")
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    after = config_signature([str(tmp_path)])
+    assert after[0] != before[0]  # the file's own entry differs (same size, same time: another inode)
