@@ -31,7 +31,7 @@ from .proxy.secure_server import DISABLE, PERMISSIVE, STRICT, SecureServer
 from .proxy.upstream import MultiplexedPool, UpstreamPool
 from .routing.cluster import Cluster, Endpoint
 from .routing.compile import Identity, compile_table
-from .routing.inbound import INBOUND_SERVER, inbound_route_table
+from .routing.inbound import INBOUND_SERVER, enforcing, inbound_route_table
 from .routing.policy import RetryPolicy
 from .routing.table import RouteTable
 from .security.certs import CertError, CertStore
@@ -144,7 +144,7 @@ class ProxyApp:
                 ctx.table = self._outbound_table(table)
             elif id(ctx) in self.inbound_tables:
                 base, port = self.inbound_tables[id(ctx)]
-                ctx.table = base.with_policy(table.security.bind(port, remote_from_xff=True))
+                ctx.table = enforcing(base, table, port)
         authn = table.security.authn
         self.jwks.retain(authn.remotes() if authn is not None else ())
         if self.jwks_fetcher is not None:
@@ -210,7 +210,7 @@ class ProxyApp:
             ctx.table = self._outbound_table(self.config.table)  # now with the port bound
         for spec in settings.inbound:
             base = inbound_table(spec)
-            table = base.with_policy(self.config.table.security.bind(spec.app[1], remote_from_xff=True))
+            table = enforcing(base, self.config.table, spec.app[1])
             name = f"inbound:{spec.app[1]}"
             ctx = ListenerContext(name, table, self.pool, server_name=b"istio-envoy",
                                   response_mutation=INBOUND_SERVER, rng=self.rng, clusters=self.clusters,

@@ -19,7 +19,7 @@ from .proxy.transparent import Intercepted, Interception
 from .routing.cluster import Cluster
 from .routing.l4 import INBOUND_PASSTHROUGH_IPV4, INBOUND_PASSTHROUGH_IPV6, inbound_source
 from .routing.passthrough import transparent_table
-from .routing.inbound import INBOUND_SERVER, inbound_route_table
+from .routing.inbound import INBOUND_SERVER, enforcing, inbound_route_table
 from .routing.table import DEFAULT_PORT, RouteTable
 from .telemetry.core import Telemetry
 from .telemetry.tcp import TcpTelemetry
@@ -76,7 +76,7 @@ class Interceptions:
         for port, ctx in self.outbound_http.items():
             ctx.table = transparent_table(table, port or DEFAULT_PORT)
         for destination, ctx in self.inbound_http.items():
-            ctx.table = _enforcing(self.inbound_routes[destination], table, destination[1])
+            ctx.table = enforcing(self.inbound_routes[destination], table, destination[1])
 
     def outbound_context(self, destination: tuple[str, int]) -> ListenerContext:
         """One HTTP context per outbound destination port (Istio's outbound route configuration per port)."""
@@ -116,7 +116,7 @@ class Interceptions:
             settings, table = self.settings, self.table
             routes = self.inbound_routes[destination] = inbound_route_table(destination, inbound_source(destination[0]))
             ctx = ListenerContext(
-                f"{INBOUND}:{destination[1]}", _enforcing(routes, table(), destination[1]), self.pool,
+                f"{INBOUND}:{destination[1]}", enforcing(routes, table(), destination[1]), self.pool,
                 server_name=b"istio-envoy", response_mutation=INBOUND_SERVER, rng=self.rng, clusters=self.clusters,
                 telemetry=Telemetry(INBOUND, "inbound", self.access_log, self.mesh, table=table, address=destination),
                 limits=listener_limits(settings, EDGE_INBOUND), budget=self.budget,
@@ -164,9 +164,3 @@ class Interceptions:
 
     def tcp_connections(self) -> list[TcpProxy]:
         return [*self.tcp_outbound.connections, *self.tcp_inbound.connections]
-
-
-def _enforcing(routes: RouteTable, config: RouteTable, port: int) -> RouteTable:
-    """An inbound destination's routes with the workload's security policy for its port (AuthorizationPolicy,
-    RequestAuthentication), as the `--inbound` listeners have them: traffic this workload receives."""
-    return routes.with_policy(config.security.bind(port, remote_from_xff=True))

@@ -28,3 +28,9 @@ def inbound_route_table(app: tuple[str, int], bind_address: str = "") -> RouteTa
                   picker=WeightedPicker.compile([(dest, 1)]), retry=INBOUND_RETRY, operation=f"inbound|{port}||")
     vhost = VirtualHost(f"inbound|http|{port}", ("*",), (route,))
     return RouteTable(exact={}, wildcards=(), catch_all=vhost)
+
+
+def enforcing(routes: RouteTable, config: RouteTable, port: int) -> RouteTable:
+    """An inbound listener's routes with the workload's policy for the app port `port` (AuthorizationPolicy,
+    RequestAuthentication): what the traffic this workload receives must pass, on every inbound listener alike."""
+    return routes.with_policy(config.security.bind(port, remote_from_xff=True))
