@@ -20,6 +20,14 @@ def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]
     return host, number
 
 
+def _address_pair(text: str, form: str) -> tuple[tuple[str, int], tuple[str, int]]:
+    """`HOST:PORT=HOST:PORT` -> both addresses; ValueError naming the expected `form`."""
+    left, sep, right = text.partition("=")
+    if not sep:
+        raise ValueError(f"{text!r} is not {form}")
+    return parse_address(left), parse_address(right)
+
+
 @dataclass(frozen=True, slots=True)
 class InboundSpec:
     """`LISTEN=APP`: traffic arriving at LISTEN is for the local app at APP."""
@@ -29,10 +37,7 @@ class InboundSpec:
 
     @classmethod
     def parse(cls, text: str) -> InboundSpec:
-        listen, sep, app = text.partition("=")
-        if not sep:
-            raise ValueError(f"{text!r} is not LISTEN=APP (e.g. 127.0.0.1:15006=127.0.0.1:9080)")
-        return cls(parse_address(listen), parse_address(app))
+        return cls(*_address_pair(text, "LISTEN=APP (e.g. 127.0.0.1:15006=127.0.0.1:9080)"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +50,7 @@ class InterceptSpec:
 
     @classmethod
     def parse(cls, text: str) -> InterceptSpec:
-        listen, sep, destination = text.partition("=")
-        if not sep:
-            raise ValueError(f"{text!r} is not LISTEN=ADDRESS:PORT (e.g. 127.0.0.1:13306=10.0.0.5:3306)")
-        return cls(parse_address(listen), parse_address(destination))
+        return cls(*_address_pair(text, "LISTEN=ADDRESS:PORT (e.g. 127.0.0.1:13306=10.0.0.5:3306)"))
 
 
 @dataclass(frozen=True, slots=True)
