@@ -17,14 +17,14 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import psutil
 import pytest
-from bookinfo_demo import CONFIG, REPO, Demo, running_demo
+from bookinfo_demo import REPO, Demo
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -42,14 +42,6 @@ def artifacts_dir() -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
-    if CHROMIUM is None:
-        pytest.skip(f"no Chromium found (looked for {', '.join(BROWSERS)}): `apt-get install chromium`")
-    with running_demo(tmp_path_factory.mktemp("demo")) as running:
-        running.apply(CONFIG / "virtual-service-all-v1.yaml", CONFIG / "virtual-service-reviews-test-v2.yaml")
-        yield running
-        assert running.interrupt() == 0, running.text
 
 
 # --------------------------------------------------------------------------- Chromium
@@ -107,6 +99,21 @@ class Chromium:
         self.log.close()
 
 
+async def wait_for_js(js: Callable[[str], Awaitable[Any]], expression: str, what: str,
+                      timeout: float = STEP_TIMEOUT) -> Any:
+    """The first truthy value of `expression` in the page (any browser: `js` evaluates it), polled."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = await js(expression)
+        except RuntimeError:  # the page is navigating: its context went away
+            value = None
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}: {await js('document.body.innerText')}")
+
+
 class Tab:
     """One page target over its DevTools websocket: commands by id, events dropped."""
 
@@ -132,16 +139,7 @@ class Tab:
         return result["result"].get("value")
 
     async def wait_for(self, expression: str, what: str) -> Any:
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                value = await self.js(expression)
-            except RuntimeError:  # the page is navigating: its context went away
-                value = None
-            if value:
-                return value
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}: {await self.js('document.body.innerText')}")
+        return await wait_for_js(self.js, expression, what)
 
     async def type_into(self, selector: str, text: str) -> None:
         await self.js(f"document.querySelector({json.dumps(selector)}).focus()")

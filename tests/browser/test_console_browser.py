@@ -14,14 +14,13 @@ import base64
 import json
 import re
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from bookinfo_demo import CONFIG, Demo, running_demo
-from test_bookinfo_browser import BROWSERS, CHROMIUM, HEIGHT, WIDTH, Chromium, Tab, artifacts_dir
+from bookinfo_demo import CONFIG, Demo
+from test_bookinfo_browser import HEIGHT, WIDTH, Chromium, Tab, artifacts_dir
 from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -32,14 +31,6 @@ RATINGS = "service:ratings.default.svc.cluster.local"
 _CONSOLE = re.compile(r"mesh console:\s+(http://\S+)")
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
-    if CHROMIUM is None:
-        pytest.skip(f"no Chromium found (looked for {', '.join(BROWSERS)}): `apt-get install chromium`")
-    with running_demo(tmp_path_factory.mktemp("demo")) as running:
-        running.apply(CONFIG / "virtual-service-all-v1.yaml", CONFIG / "virtual-service-reviews-test-v2.yaml")
-        yield running
-        assert running.interrupt() == 0, running.text
 
 
 def console_url(demo: Demo) -> str:

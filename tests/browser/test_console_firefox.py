@@ -31,7 +31,7 @@ import psutil
 import pytest
 import websockets
 from harness import ProxyProcess, Upstream
-from test_bookinfo_browser import artifacts_dir
+from test_bookinfo_browser import artifacts_dir, wait_for_js
 
 # The API test's proxy set-up, traffic helpers and routing, reused as they are (tests/integration is not a package).
 sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
@@ -176,16 +176,7 @@ class Page:
         return json.loads(value["value"]) if value["type"] == "string" else None
 
     async def wait_for(self, expression: str, what: str) -> Any:
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                value = await self.js(expression)
-            except RuntimeError:  # the page is navigating: its realm went away
-                value = None
-            if value:
-                return value
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}: {await self.js('document.body.innerText')}")
+        return await wait_for_js(self.js, expression, what, STEP_TIMEOUT)
 
     async def wait_for_log(self, text: str) -> list[dict[str, Any]]:
         deadline = time.monotonic() + STEP_TIMEOUT
