@@ -124,7 +124,7 @@ class ProxyApp:
         self.addresses: dict[str, tuple[str, int]] = {}
         self.admin: AdminServer | None = None
         self.admin_backend: ProxyAdmin | None = None  # the admin's answers, also behind the status ports
-        self.status_ports: StatusPorts | None = None  # --health-port, --status-port (pilot-agent's 15021, 15020)
+        self.status_ports: StatusPorts | None = None  # --health-port, --status-port, --prometheus-port
         self._watcher: asyncio.Task[None] | None = None
         self._jwks_task: asyncio.Task[None] | None = None
         self.budget = connection_budget(settings)  # one downstream connection limit for the whole process
@@ -263,14 +263,14 @@ class ProxyApp:
 
     async def _serve_status_ports(self) -> None:
         settings = self.settings
-        if settings.health_port is None and settings.status_port is None:
+        if settings.pod_ports == (None, None, None):
             return
         from .status_ports import StatusPorts, app_scrape_from
 
         backend = self._admin_backend()
         app_metrics = app_scrape_from(os.environ, settings.status_port)  # ValueError: a malformed variable
         self.status_ports = StatusPorts(backend.ready, backend.metrics, app_metrics)
-        bound = await self.status_ports.start(settings.health_port, settings.status_port)
+        bound = await self.status_ports.start(*settings.pod_ports)
         self.addresses.update(bound)
 
     async def _listen(self, ctx: ListenerContext, address: tuple[str, int]) -> None:

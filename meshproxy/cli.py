@@ -139,8 +139,8 @@ def _interception_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--transparent", is_flag=True, envvar="MESHPROXY_TRANSPARENT",
                      help="Istio's sidecar listeners for traffic redirected by iptables: outbound and inbound, "
                           "each reading the connection's original destination (SO_ORIGINAL_DST); --listen is then "
-                          "off unless given. Also pilot-agent's ports (--health-port 15021, --status-port 15020) and "
-                          "its drain: listeners kept open, --min-drain-time 5."),
+                          "off unless given. Also pilot-agent's and Envoy's ports (--health-port 15021, --status-port "
+                          "15020, --prometheus-port 15090) and its drain: listeners kept open, --min-drain-time 5."),
         click.option("--transparent-outbound", default="0.0.0.0:15001", show_default=True,
                      envvar="MESHPROXY_TRANSPARENT_OUTBOUND", callback=_listen_address,
                      help="The transparent outbound listener (the app's redirected connections)."),
@@ -279,6 +279,9 @@ def main() -> None:
               help="The kubelet's readiness port on all addresses: /healthz/ready, 200 once the config is loaded and "
                    "every listener is up, 503 before and while draining ('off' to disable)  "
                    "[default: 15021 with --transparent, else off]")
+@click.option("--prometheus-port", default=None, envvar="MESHPROXY_PROMETHEUS_PORT", callback=_port_or_off,
+              help="Envoy's Prometheus port on all addresses: /stats/prometheus, the proxy's own metrics ('off' to "
+                   "disable)  [default: 15090 with --transparent, else off]")
 @click.option("--connect-timeout", default=10.0, show_default=True, type=float, envvar="MESHPROXY_CONNECT_TIMEOUT",
               help="Upstream TCP connect timeout in seconds.")
 @click.option("--upstream-idle-timeout", default=4.0, show_default=True, type=float,
@@ -339,7 +342,7 @@ def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[
             click.core.ParameterSource.DEFAULT:
         listen = None  # the transparent outbound listener takes the app's traffic
     sidecar = values["transparent"]  # pilot-agent's ports and drain, as in a pod; standalone keeps its own
-    for name, port in (("status_port", 15020), ("health_port", 15021)):
+    for name, port in (("status_port", 15020), ("health_port", 15021), ("prometheus_port", 15090)):
         given = values[name]
         values[name] = (port if sidecar else None) if given is None else (None if given < 0 else given)
     if values["min_drain_time"] is None:

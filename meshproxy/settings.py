@@ -124,3 +124,9 @@ class Settings:
     # pilot-agent's ports (status_ports.py), on all addresses; None: off. The CLI turns them on with --transparent.
     status_port: int | None = None  # /stats/prometheus: the proxy's metrics merged with the app's (15020)
     health_port: int | None = None  # /healthz/ready: the kubelet's readiness probe (15021)
+    prometheus_port: int | None = None  # /stats/prometheus: the proxy's own metrics, as Envoy's 15090
+
+    @property
+    def pod_ports(self) -> tuple[int | None, int | None, int | None]:
+        """(health, status, prometheus): pilot-agent's and Envoy's ports, as StatusPorts.start takes them."""
+        return self.health_port, self.status_port, self.prometheus_port

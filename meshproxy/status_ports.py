@@ -1,4 +1,5 @@
-"""pilot-agent's ports, as the kubelet and Prometheus reach them in a pod: health (15021) and merged stats (15020).
+"""pilot-agent's and Envoy's ports, as the kubelet and Prometheus reach them in a pod: health (15021), merged stats
+(15020) and the proxy's own stats (15090).
 
 - `/healthz/ready` on the health port: 200 once the config is loaded and every listener is up, 503 before that and
   from SIGTERM on (draining), as Istio's readiness probe (which `meshproxy inject` points at 15021).
@@ -7,6 +8,8 @@
   `meshproxy inject` writes from the pod's `prometheus.io/*` annotations), as pilot-agent's metrics merge. A failed
   app scrape is logged and the proxy's metrics are still served (pilot-agent does the same). The status port also
   answers `/healthz/ready`, as pilot-agent's does.
+- `/stats/prometheus` on the Prometheus port: the proxy's metrics alone, as Envoy's `http-envoy-prom` listener on
+  15090 (pilot-agent's merge scrapes Envoy there; some dashboards and ServiceMonitors scrape it directly).
 
 Both listen on every address (0.0.0.0, and [::] where the host has IPv6): the kubelet and Prometheus come from
 outside the pod. Only these paths are served there (the admin's router with these routes alone: no /quitquitquit,
@@ -135,8 +138,9 @@ class StatusPorts:
             return own
         return Reply(200, merge_exposition(own.body, await self.app.fetch()), TEXT_FORMAT)
 
-    async def start(self, health_port: int | None, status_port: int | None) -> dict[str, tuple[str, int]]:
-        """Listen; returns the bound addresses by name ("health", "status"), for the log."""
+    async def start(self, health_port: int | None, status_port: int | None, prometheus_port: int | None = None
+                    ) -> dict[str, tuple[str, int]]:
+        """Listen; returns the bound addresses by name ("health", "status", "prometheus"), for the log."""
         ports: list[tuple[str, int, list[tuple[str, str, Handler]]]] = []
         if health_port is not None:
             ports.append(("health", health_port, [("GET", READY_PATH, self.ready)]))
@@ -146,6 +150,8 @@ class StatusPorts:
                 ports[0][2].append(stats)  # one port for both
             else:
                 ports.append(("status", status_port, [("GET", READY_PATH, self.ready), stats]))
+        if prometheus_port is not None:
+            ports.append(("prometheus", prometheus_port, [("GET", STATS_PATH, self.own_metrics)]))
         bound = {}
         for name, port, handlers in ports:
             servers = await serve_everywhere(handlers, port)

@@ -173,9 +173,9 @@ def worker_settings(settings: Settings, index: int) -> Settings:
     """One worker's Settings: the sidecar's, with its own loopback admin on an ephemeral port and its share of
     --max-connections (a limit of the whole sidecar, split evenly: the kernel spreads connections evenly)."""
     limit = settings.max_connections
-    asked = settings.admin is not None or settings.status_port is not None or settings.health_port is not None
+    asked = settings.admin is not None or settings.pod_ports != (None, None, None)
     return dataclasses.replace(
-        settings, worker_index=index, status_port=None, health_port=None,  # the supervisor serves those
+        settings, worker_index=index, status_port=None, health_port=None, prometheus_port=None,  # the supervisor's
         admin=("127.0.0.1", 0) if asked else None, admin_allow_remote=False,
         max_connections=math.ceil(limit / settings.concurrency) if limit > 0 else 0,
     )
@@ -428,12 +428,11 @@ class Supervisor:
             if self.settings.admin is not None:
                 server = await serve_admin(admin, self.settings.admin, self.settings.admin_allow_remote)
                 log.info("admin listening on %s:%d", *server.address)
-            if self.settings.health_port is not None or self.settings.status_port is not None:
+            if self.settings.pod_ports != (None, None, None):
                 from .status_ports import StatusPorts, app_scrape_from
 
                 status = StatusPorts(admin.ready, admin.metrics, app_scrape_from(os.environ, self.settings.status_port))
-                for name, address in (await status.start(self.settings.health_port,
-                                                         self.settings.status_port)).items():
+                for name, address in (await status.start(*self.settings.pod_ports)).items():
                     log.info("%s listening on %s:%d", name, *address)
             handle_signals(loop, self.stop, self.reload_all)
             log.info("starting %d workers", self.count)

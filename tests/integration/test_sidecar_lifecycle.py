@@ -1,4 +1,5 @@
-"""A sidecar as the kubelet and Prometheus see it: pilot-agent's health (15021) and merged stats (15020) ports, and
+"""A sidecar as the kubelet and Prometheus see it: pilot-agent's health (15021) and merged stats (15020) ports, Envoy's
+own stats port (15090), and
 the drain on SIGTERM (listeners kept open, `connection: close`, exit at zero connections or at the drain time).
 
 The proxies run with `--transparent` (whose listeners, on loopback port 0 here, need no iptables to start) plus an
@@ -32,7 +33,8 @@ def sidecar(tmp_path: Path, upstream: Upstream, app: Any, *args: str, env: dict[
                           virtual_service("backend"))
     return ProxyProcess(config, args=["--transparent", "--transparent-outbound", "127.0.0.1:0",
                                       "--transparent-inbound", "127.0.0.1:0",
-                                      "--inbound", f"127.0.0.1:0=127.0.0.1:{app.port}", *args], env=env)
+                                      "--inbound", f"127.0.0.1:0=127.0.0.1:{app.port}", "--prometheus-port", "off",
+                                      *args], env=env)  # a later --prometheus-port wins (click takes the last)
 
 
 def get(port: int, path: str, method: str = "GET") -> tuple[int, bytes, str]:
@@ -53,8 +55,8 @@ def test_health_and_merged_stats_ports(tmp_path: Path) -> None:
         return web.Response(body=APP_METRICS, content_type="text/plain")
 
     upstream, app = Upstream("backend"), Upstream("app", handler=metrics)
-    proxy = sidecar(tmp_path, upstream, app, "--health-port", "0", "--status-port", "0", "--listen", "127.0.0.1:0",
-                    env={"ISTIO_PROMETHEUS_ANNOTATIONS": f'{{"scrape":"true","port":"{app.port}","path":"/metrics"}}'})
+    proxy = sidecar(tmp_path, upstream, app, "--health-port", "0", "--status-port", "0", "--prometheus-port", "0",
+                    "--listen", "127.0.0.1:0", env={"ISTIO_PROMETHEUS_ANNOTATIONS": f'{{"scrape":"true","port":"{app.port}","path":"/metrics"}}'})
     try:
         health, status = wait_for_port(proxy, "health"), wait_for_port(proxy, "status")
         assert proxy.addresses["health"][0] == "0.0.0.0" and proxy.addresses["status"][0] == "0.0.0.0"
@@ -72,6 +74,12 @@ def test_health_and_merged_stats_ports(tmp_path: Path) -> None:
         assert get(status, "/quitquitquit", "POST")[0] == 404
         assert get(status, "/config_dump")[0] == 404
         assert get(status, "/healthz/ready")[0] == 200  # pilot-agent's status port answers it too
+        # Envoy's 15090: the proxy's metrics alone, nothing else.
+        prometheus = wait_for_port(proxy, "prometheus")
+        code, body, _ = get(prometheus, "/stats/prometheus")
+        own = {f.name for f in text_string_to_metric_families(body.decode())}
+        assert code == 200 and "meshproxy_config_version" in own and "app_orders" not in own
+        assert get(prometheus, "/healthz/ready")[0] == 404
         # The app gone: the proxy's metrics are still served (pilot-agent logs the failed scrape).
         app.close()
         code, body, _ = get(status, "/stats/prometheus")

@@ -48,9 +48,10 @@ def test_the_merge_is_one_valid_exposition() -> None:
 
 
 def test_a_worker_gets_a_loopback_admin_and_no_status_ports() -> None:
-    settings = Settings(admin=None, health_port=15021, status_port=15020, concurrency=2)
+    settings = Settings(admin=None, health_port=15021, status_port=15020, prometheus_port=15090, concurrency=2)
     worker = worker_settings(settings, 1)
-    assert (worker.admin, worker.health_port, worker.status_port) == (("127.0.0.1", 0), None, None)
+    assert (worker.admin, worker.pod_ports) == (("127.0.0.1", 0), (None, None, None))
+    assert worker_settings(Settings(admin=None, prometheus_port=15090, concurrency=2), 0).admin == ("127.0.0.1", 0)
     assert worker_settings(Settings(admin=None, concurrency=2), 0).admin is None
 
 
