@@ -258,10 +258,6 @@ class Stream(StreamInfo, ResponseSink):
             self.flags |= URX  # retries exhausted: the last upstream answer goes to the client
         elif retry.grpc_trailers_bytes and not end_stream and _hold(self, retry, status, headers, content_length):
             return  # held until its trailers say whether to retry (meshproxy.io/retry-grpc-trailers)
-        self.forward_response_head(status, headers, content_length, end_stream)
-
-    def forward_response_head(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None,
-                              end_stream: bool) -> None:
         self.status = status
         self.response_started = True
         conn = self.conn
@@ -833,8 +829,8 @@ def _hold(stream: Stream, retry: RetryPolicy, status: int, headers: list[tuple[b
     """Hold a gRPC response whose status will come in trailers, instead of forwarding it (meshproxy extension,
     opt-in per route): only when the request is whole and kept for a retry (unary calls) and the head fits."""
     upstream = stream.upstream
-    if upstream is None or not stream.request_complete or not stream.replayable:
-        return False
+    if upstream is None or upstream.sink is not stream or not stream.request_complete or not stream.replayable:
+        return False  # (a held head being released comes from the holder, the upstream's sink: not held again)
     left = holds_for_trailers(retry, status, headers)
     if not left:
         return False
@@ -867,10 +863,10 @@ class _HeldResponse(ResponseSink):
     def release(self) -> None:
         """Hand the held part downstream; from here the stream gets the upstream's events itself."""
         stream = self.stream
+        stream.on_response_head(self.status, self.headers, self.content_length, False)  # judged as before: forwarded
         upstream = stream.upstream
         if upstream is not None:
             upstream.sink = stream
-        stream.forward_response_head(self.status, self.headers, self.content_length, False)
         for data in self.chunks:
             stream.on_response_body(data)
         self.chunks = []
