@@ -27,7 +27,9 @@ BIG = random.Random(18).randbytes(200_000)  # a response message far above any b
 class AioServer:
     """A grpc.aio server on its own loop (thread). /Flaky sends initial metadata, then fails UNAVAILABLE the first
     `fail` calls and answers `ok:<request>` after; /BigHead sends 3000 bytes of initial metadata then fails;
-    /Big answers BIG; /Stream sends `first`, waits until the test has seen it (`seen`), then `second`, then fails."""
+    /Big answers BIG; /Stream sends `first`, waits until the test has seen it (`seen`), then `second`, then fails;
+    /Coded answers with a message but sets UNAVAILABLE the first `fail` calls (grpcio sends headers, an empty
+    message and the status in one write); /Late sends initial metadata and then waits 5 s the first call."""
 
     def __init__(self, fail: int) -> None:
         self.fail = fail
@@ -50,6 +52,18 @@ class AioServer:
         if n <= self.fail:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"not yet ({n})")
         return b"ok:" + request
+
+    async def coded(self, request: bytes, context: Any) -> bytes:
+        if self._count("Coded") <= self.fail:
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details("coded")
+        return b"ok:" + request
+
+    async def late(self, request: bytes, context: Any) -> bytes:
+        await context.send_initial_metadata(())
+        if self._count("Late") == 1:
+            await asyncio.sleep(5)
+        return b"in time"
 
     async def big_head(self, request: bytes, context: Any) -> bytes:
         self._count("BigHead")
@@ -80,6 +94,8 @@ class AioServer:
             "BigHead": grpc.unary_unary_rpc_method_handler(self.big_head),
             "Big": grpc.unary_unary_rpc_method_handler(self.big),
             "Stream": grpc.unary_stream_rpc_method_handler(self.stream),
+            "Coded": grpc.unary_unary_rpc_method_handler(self.coded),
+            "Late": grpc.unary_unary_rpc_method_handler(self.late),
         }
         self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -156,6 +172,31 @@ def test_with_the_annotation_a_status_in_trailers_is_retried(tmp_path: Path, ser
         assert entry["response_code"] == 200
         (seen,) = requests_seen(proxy)
         assert seen["retry_reasons"] == ["retriable grpc-status 14 in trailers"] * 2
+    finally:
+        proxy.stop()
+
+
+def test_a_small_response_with_a_message_before_its_status_is_retried(tmp_path: Path, server: AioServer) -> None:
+    """The message and the status come in one upstream read (one write by the server): judged together."""
+    proxy = start(tmp_path, server)
+    try:
+        with channel(proxy) as chan:
+            assert call(chan, "Coded", b"m") == b"ok:m"
+        assert server.calls["Coded"] == 3
+        assert proxy.access_entries(1)[0]["upstream_request_attempt_count"] == 3
+    finally:
+        proxy.stop()
+
+
+def test_a_held_attempt_past_its_per_try_timeout_is_retried(tmp_path: Path, server: AioServer) -> None:
+    """Nothing went downstream yet: the per-try timeout is an attempt without a response, retried by policy."""
+    proxy = start(tmp_path, server, retries="{attempts: 2, perTryTimeout: 0.5s, retryOn: 'unavailable,gateway-error'}")
+    try:
+        with channel(proxy) as chan:
+            assert call(chan, "Late") == b"in time"
+        assert server.calls["Late"] == 2
+        entry = proxy.access_entries(1)[0]
+        assert entry["upstream_request_attempt_count"] == 2 and entry["response_flags"] == "-"
     finally:
         proxy.stop()
 
