@@ -21,7 +21,7 @@ from typing import Final
 
 from . import model as m
 from .problems import DocProblems
-from .values import RETRY_ON_BITS, retry_on_tokens
+from .values import retry_on_tokens
 
 RETRY_GRPC_TRAILERS: Final = "meshproxy.io/retry-grpc-trailers"
 MAX_HELD_BYTES: Final = 1 << 20  # each held response is memory per request in flight
@@ -54,23 +54,25 @@ def held_bytes(doc: DocProblems, annotations: Mapping[str, str], http: Sequence[
         for i, route in enumerate(http):
             if route.name:
                 index.setdefault(route.name, i)  # Istio's names are unique; the first one, if not
+        named: set[str] = set()
         for item in text.split(","):
             name, sep, value = (part.strip() for part in item.partition("="))
             if not sep or not name:
                 doc.error(FIELD, f"{item.strip()!r} is not ROUTE-NAME=SIZE (the per-route form is "
                                  "'name=SIZE, other=SIZE'; a lone SIZE applies to every route)")
                 continue
-            size = _size(doc, value, f" for route {name!r}")
             if name not in index:
                 known = ", ".join(repr(n) for n in index) or "none: give the http routes a name"
                 doc.error(FIELD, f"no http route is named {name!r} (names: {known})")
                 continue
-            if index[name] in chosen:
+            if name in named:
                 doc.error(FIELD, f"route {name!r} is named twice")
                 continue
+            named.add(name)
             if not http[index[name]].route:
                 doc.error(FIELD, f"route {name!r} (spec.http[{index[name]}]) has no destination: nothing to retry")
                 continue
+            size = _size(doc, value, f" for route {name!r}")
             if size is not None:
                 chosen[index[name]] = size
     for i in list(chosen):
@@ -105,6 +107,3 @@ def _retry_problem(retries: m.HTTPRetry | None) -> str:
         return (f"its retryOn {retries.retry_on!r} has no gRPC condition ({', '.join(GRPC_RETRY_ON)}): "
                 "nothing in trailers would be retried")
     return ""
-
-
-assert all(name in RETRY_ON_BITS for name in GRPC_RETRY_ON)

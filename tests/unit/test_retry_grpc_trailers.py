@@ -131,6 +131,7 @@ ONLY_REDIRECTS = """\
     ("=4Ki", ROUTES, "'=4Ki' is not ROUTE-NAME=SIZE"),
     ("nope=4Ki", ROUTES, "no http route is named 'nope' (names: 'get', 'moved', 'rest')"),
     ("get=1,get=2", ROUTES, "route 'get' is named twice"),
+    ("get=1,rest=2,get=x", ROUTES, "route 'get' is named twice"),
     ("moved=1Ki", ROUTES, "route 'moved' (spec.http[1]) has no destination: nothing to retry"),
     ("1Ki", ONLY_REDIRECTS, "no http route of the VirtualService has a destination"),
     ("get=1Ki", NO_RETRY_ON_GRPC, "route 'get' (spec.http[0]): its retryOn '5xx' has no gRPC condition"),
