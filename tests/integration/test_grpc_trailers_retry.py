@@ -36,6 +36,7 @@ class AioServer:
         self.calls: dict[str, int] = {}
         self.seen = threading.Event()
         self.waited: list[bool] = []  # /Stream: whether the client had `first` before `second` was sent
+        self.attempt_counts: list[str | None] = []  # /Flaky: x-envoy-attempt-count of each call
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -48,6 +49,7 @@ class AioServer:
 
     async def flaky(self, request: bytes, context: Any) -> bytes:
         n = self._count("Flaky")
+        self.attempt_counts.append(dict(context.invocation_metadata()).get("x-envoy-attempt-count"))
         await context.send_initial_metadata((("x-call", str(n)),))
         if n <= self.fail:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"not yet ({n})")
@@ -167,6 +169,7 @@ def test_with_the_annotation_a_status_in_trailers_is_retried(tmp_path: Path, ser
         assert response == b"ok:hi"
         assert dict(rpc.initial_metadata())["x-call"] == "3"  # only the answer that went downstream was seen
         assert server.calls["Flaky"] == 3  # two failures held and retried, then the answer
+        assert server.attempt_counts == ["1", "2", "3"]
         entry = proxy.access_entries(1)[0]
         assert entry["upstream_request_attempt_count"] == 3 and entry["response_flags"] == "-"
         assert entry["response_code"] == 200
