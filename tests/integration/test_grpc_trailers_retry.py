@@ -29,7 +29,7 @@ class AioServer:
     `fail` calls and answers `ok:<request>` after; /BigHead sends 3000 bytes of initial metadata then fails;
     /Big answers BIG; /Stream sends `first`, waits until the test has seen it (`seen`), then `second`, then fails;
     /Coded answers with a message but sets UNAVAILABLE the first `fail` calls (grpcio sends headers, an empty
-    message and the status in one write); /Late sends initial metadata and then waits 5 s the first call."""
+    message and the status in one write); /Late sends initial metadata and then waits 30 s the first call."""
 
     def __init__(self, fail: int) -> None:
         self.fail = fail
@@ -64,7 +64,7 @@ class AioServer:
     async def late(self, request: bytes, context: Any) -> bytes:
         await context.send_initial_metadata(())
         if self._count("Late") == 1:
-            await asyncio.sleep(5)
+            await asyncio.sleep(30)  # past the per-try timeout by far: the proxy resets it first
         return b"in time"
 
     async def big_head(self, request: bytes, context: Any) -> bytes:
@@ -193,7 +193,7 @@ def test_a_small_response_with_a_message_before_its_status_is_retried(tmp_path: 
 
 def test_a_held_attempt_past_its_per_try_timeout_is_retried(tmp_path: Path, server: AioServer) -> None:
     """Nothing went downstream yet: the per-try timeout is an attempt without a response, retried by policy."""
-    proxy = start(tmp_path, server, retries="{attempts: 2, perTryTimeout: 0.5s, retryOn: 'unavailable,gateway-error'}")
+    proxy = start(tmp_path, server, retries="{attempts: 2, perTryTimeout: 1.5s, retryOn: 'unavailable,gateway-error'}")
     try:
         with channel(proxy) as chan:
             assert call(chan, "Late") == b"in time"
