@@ -37,3 +37,7 @@ class MessageCounter:
             self.prefix = b""
             self.count += 1
             self.skip = int.from_bytes(header[1:5], "big")
+
+    def first_complete(self) -> bool:
+        """The first message has arrived whole (a second may have begun): a response that goes on is streaming."""
+        return self.count > 1 or (self.count == 1 and self.skip == 0)

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import model as m
 from .problems import DocProblems
+from .retry_annotation import held_bytes
 from .values import compile_regex, header_key, is_header_name, parse_duration, retry_on_problems
 
 MAX_DIRECT_RESPONSE_BYTES = 1 << 20
@@ -393,16 +394,18 @@ def _build_virtual_service(doc: DocProblems, meta: m.Resource, spec: Mapping[str
     if "mesh" in gateways and "*" in hosts:
         doc.error(f"spec.hosts[{hosts.index('*')}]",
                   "wildcard host * is not allowed for virtual services bound to the mesh gateway")
+    http = tuple(_http_route(doc, r, f"spec.http[{i}]") for i, r in enumerate(spec.get("http") or ()))
     return m.VirtualService(
         meta=meta,
         hosts=_hosts(doc, hosts, "spec.hosts", wildcard=True),
         gateways=tuple(spec.get("gateways") or ("mesh",)),
-        http=tuple(_http_route(doc, r, f"spec.http[{i}]") for i, r in enumerate(spec.get("http") or ())),
+        http=http,
         export_to=tuple(spec.get("exportTo") or ()),
         tcp=tuple(_l4_route(doc, r, f"spec.tcp[{i}]", tls=False, hosts=hosts)
                   for i, r in enumerate(spec.get("tcp") or ())),
         tls=tuple(_l4_route(doc, r, f"spec.tls[{i}]", tls=True, hosts=hosts)
                   for i, r in enumerate(spec.get("tls") or ())),
+        retry_grpc_trailers=held_bytes(doc, meta.annotations, http),
     )
 
 

@@ -213,6 +213,8 @@ class VirtualService:
     export_to: tuple[str, ...] = ()
     tcp: tuple[L4Route, ...] = ()
     tls: tuple[L4Route, ...] = ()
+    # meshproxy.io/retry-grpc-trailers (istio/retry_annotation.py): http route index -> response bytes held
+    retry_grpc_trailers: Mapping[int, int] = field(default_factory=dict)
 
 
 # ---- DestinationRule traffic policy. Fields left out in YAML keep the proto's zero value here (0, "",

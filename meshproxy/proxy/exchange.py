@@ -22,6 +22,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
+from ..http2.grpc import MessageCounter
 from ..messages import HeaderBlock, HeaderTemplate, RequestHead, block_pairs
 from ..routing.cluster import Cluster, Endpoint
 from ..routing.cors import ORIGIN as CORS_ORIGIN
@@ -70,6 +71,8 @@ from .retry import (
     REFUSED,
     RESET,
     backoff,
+    holds_for_trailers,
+    retriable_grpc_status,
     should_retry_failure,
     should_retry_response,
 )
@@ -253,6 +256,8 @@ class Stream(StreamInfo, ResponseSink):
                 attempt_over(self, RetriableResponse(status))  # discarded: the exchange retries
                 return
             self.flags |= URX  # retries exhausted: the last upstream answer goes to the client
+        elif retry.grpc_trailers_bytes and not end_stream and _hold(self, retry, status, headers, content_length):
+            return  # held until its trailers say whether to retry (meshproxy.io/retry-grpc-trailers)
         self.status = status
         self.response_started = True
         conn = self.conn
@@ -776,7 +781,7 @@ def _after_failure(conn: Downstream, stream: Stream, upstream: UpstreamStream,
     retry = route.retry
     if isinstance(outcome, RetriableResponse):
         stream.retrying = True  # the retry slot was taken when the response was judged retriable
-        return _back_off(conn, stream, f"retriable status {outcome.status}")
+        return _back_off(conn, stream, outcome.why)
     if isinstance(outcome, UpstreamTimeoutError) and not outcome.per_try:
         _finish_timeout(stream)
         return True
@@ -817,6 +822,99 @@ def _cors(stream: Stream, cors: CorsPolicy) -> bool:
         stream.reply(200, b"", 0, DIRECT_RESPONSE)
         return True
     return False
+
+
+def _hold(stream: Stream, retry: RetryPolicy, status: int, headers: list[tuple[bytes, bytes]],
+          content_length: int | None) -> bool:
+    """Hold a gRPC response whose status will come in trailers, instead of forwarding it (meshproxy extension,
+    opt-in per route): only when the request is whole and kept for a retry (unary calls) and the head fits."""
+    upstream = stream.upstream
+    if upstream is None or upstream.sink is not stream or not stream.request_complete or not stream.replayable:
+        return False  # (a held head being released comes from the holder, the upstream's sink: not held again)
+    left = holds_for_trailers(retry, status, headers)
+    if not left:
+        return False
+    upstream.sink = _HeldResponse(stream, retry, status, headers, content_length, left)
+    return True
+
+
+class _HeldResponse(ResponseSink):
+    """The upstream's sink while a response is held: its head and DATA are kept, not forwarded, until
+    - trailers: a retriable grpc-status retries the attempt (as a retriable response head would; URX when no
+      retry is left), any other goes downstream with the held response;
+    - the held bytes would pass the bound, the response ends without trailers, or an upstream read ends with the
+      first gRPC message whole (a unary server sends its message and status together; a streaming one goes on):
+      the held part goes downstream and the stream continues as any other, without retry.
+    An upstream failure or a timer meanwhile is an attempt that sent nothing downstream (retried or replied)."""
+
+    __slots__ = ("stream", "retry", "status", "headers", "content_length", "left", "chunks", "messages")
+
+    def __init__(self, stream: Stream, retry: RetryPolicy, status: int, headers: list[tuple[bytes, bytes]],
+                 content_length: int | None, left: int) -> None:
+        self.stream = stream
+        self.retry = retry
+        self.status = status
+        self.headers = headers
+        self.content_length = content_length
+        self.left = left  # bytes that may still be held
+        self.chunks: list[bytes] = []
+        self.messages = MessageCounter()
+
+    def release(self) -> None:
+        """Hand the held part downstream; from here the stream gets the upstream's events itself."""
+        stream = self.stream
+        stream.on_response_head(self.status, self.headers, self.content_length, False)  # judged as before: forwarded
+        upstream = stream.upstream
+        if upstream is not None:
+            upstream.sink = stream
+        for data in self.chunks:
+            stream.on_response_body(data)
+        self.chunks = []
+
+    def on_response_head(self, status: int, headers: list[tuple[bytes, bytes]], content_length: int | None,
+                         end_stream: bool) -> None:
+        self.release()  # a second head is not for a held response to judge
+        self.stream.on_response_head(status, headers, content_length, end_stream)
+
+    def on_response_body(self, data: bytes) -> None:
+        self.left -= len(data)
+        if self.left < 0:
+            self.release()
+            self.stream.on_response_body(data)
+            return
+        self.chunks.append(data)
+        self.messages.feed(data)
+
+    def flush(self) -> None:
+        if self.messages.first_complete():
+            self.release()
+            self.stream.flush()
+
+    def on_response_end(self) -> None:
+        self.release()
+        self.stream.on_response_end()
+
+    def on_response_trailers(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        stream = self.stream
+        code = retriable_grpc_status(self.retry, trailers)
+        if code:
+            state = stream.cluster_state
+            if stream.retries_left > 0 and state is not None and _retry_allowed(stream, state):
+                attempt_over(stream, RetriableResponse(self.status, f"retriable grpc-status {code.decode()} "
+                                                                    "in trailers"))
+                return
+            stream.flags |= URX  # retries exhausted: the last upstream answer goes to the client
+        self.release()
+        stream.on_response_trailers(trailers)
+
+    def on_upstream_error(self, error: UpstreamError) -> None:
+        self.stream.on_upstream_error(error)
+
+    def pause_upstream_writes(self) -> None:
+        self.stream.pause_upstream_writes()
+
+    def resume_upstream_writes(self) -> None:
+        self.stream.resume_upstream_writes()
 
 
 MIRROR_TIMEOUT: Final = 30.0  # a shadow request never outlives this, whatever the mirror does

@@ -123,9 +123,10 @@ class UpstreamTimeoutError(UpstreamError):
 class RetriableResponse(UpstreamError):
     """A real upstream response the retry policy discards (not an error the client sees)."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int, why: str = "") -> None:
         super().__init__(f"retriable response {status}")
         self.status = status
+        self.why = why or f"retriable status {status}"  # the record's retry reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from ..routing.policy import (
     RETRY_ON_CONNECT_FAILURE,
     RETRY_ON_ENVOY_RATELIMITED,
     RETRY_ON_GATEWAY_ERROR,
+    RETRY_ON_GRPC_ANY,
     RETRY_ON_GRPC_CANCELLED,
     RETRY_ON_GRPC_DEADLINE_EXCEEDED,
     RETRY_ON_GRPC_INTERNAL,
@@ -37,8 +38,7 @@ GRPC_BITS: Final = {
     b"13": RETRY_ON_GRPC_INTERNAL,
     b"14": RETRY_ON_GRPC_UNAVAILABLE,
 }
-GRPC_ANY: Final = (RETRY_ON_GRPC_CANCELLED | RETRY_ON_GRPC_DEADLINE_EXCEEDED | RETRY_ON_GRPC_RESOURCE_EXHAUSTED
-            | RETRY_ON_GRPC_INTERNAL | RETRY_ON_GRPC_UNAVAILABLE)
+GRPC_ANY: Final = RETRY_ON_GRPC_ANY
 
 
 def should_retry_response(policy: RetryPolicy, status: int, headers: list[tuple[bytes, bytes]],
@@ -67,6 +67,37 @@ def should_retry_response(policy: RetryPolicy, status: int, headers: list[tuple[
             if name == b"grpc-status":
                 return bool(on & GRPC_BITS.get(value.strip(), 0))
     return False
+
+
+GRPC_STATUS: Final = b"grpc-status"
+CONTENT_TYPE: Final = b"content-type"
+GRPC_CONTENT_TYPE: Final = b"application/grpc"
+GRPC_WEB_CONTENT_TYPE: Final = b"application/grpc-web"
+
+
+def holds_for_trailers(policy: RetryPolicy, status: int, headers: list[tuple[bytes, bytes]]) -> int:
+    """The meshproxy.io/retry-grpc-trailers hold: how many response bytes are left to hold after this head (0: do
+    not hold). Only a gRPC response (HTTP 200, application/grpc, not gRPC-web) whose head fits the bound is held;
+    a trailers-only one (end_stream) never reaches here: its status is judged as any response head."""
+    if status != 200:
+        return 0
+    size = 0
+    grpc = False
+    for name, value in headers:
+        size += len(name) + len(value)
+        if name == CONTENT_TYPE:
+            grpc = value.startswith(GRPC_CONTENT_TYPE) and not value.startswith(GRPC_WEB_CONTENT_TYPE)
+    left = policy.grpc_trailers_bytes - size
+    return left if grpc and left > 0 else 0
+
+
+def retriable_grpc_status(policy: RetryPolicy, trailers: list[tuple[bytes, bytes]]) -> bytes:
+    """The retriable grpc-status of a held response's trailers (its code, b"" if none is retriable)."""
+    for name, value in trailers:
+        if name == GRPC_STATUS:
+            code = value.strip()
+            return code if policy.retry_on & GRPC_BITS.get(code, 0) else b""
+    return b""
 
 
 def should_retry_failure(policy: RetryPolicy, kind: int, request_sent: bool) -> bool:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from ..istio import model as m
 from ..istio.values import HEADER_NAME_RE, compile_regex
 from ..istio.problems import Problem
+from ..istio.retry_annotation import RETRY_GRPC_TRAILERS
 from .cluster import Cluster, Endpoint
 from .match import CATCH_ALL, IGNORED_HEADER_KEYS, RouteMatch, StringMatcher, compile_match
 from .picker import WeightedPicker
@@ -27,6 +28,7 @@ from .policy import (
     DEFAULT_RETRY,
     NO_FAULT,
     NO_HEADERS,
+    RETRY_ON_GRPC_ANY,
     FaultPolicy,
     HeaderMutation,
     Mirror,
@@ -51,7 +53,7 @@ MESH_GATEWAY = "mesh"
 ANNOTATION_PREFIX = "meshproxy.io/"
 STICKY_HEADER_ANNOTATION = "meshproxy.io/sticky-header"
 STICKY_COOKIE_ANNOTATION = "meshproxy.io/sticky-cookie"
-KNOWN_ANNOTATIONS = frozenset({STICKY_HEADER_ANNOTATION, STICKY_COOKIE_ANNOTATION})
+KNOWN_ANNOTATIONS = frozenset({STICKY_HEADER_ANNOTATION, STICKY_COOKIE_ANNOTATION, RETRY_GRPC_TRAILERS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +254,11 @@ class _Compiler:
             if http.match and not blocks:
                 continue  # no block applies to this proxy
             common = self.route_policy(vs, http, path)
+            held = vs.retry_grpc_trailers.get(index)
+            if held:
+                retry = common["retry"]
+                assert isinstance(retry, RetryPolicy)
+                common["retry"] = self.grpc_trailers_retry(vs, retry, held, path)
             picker = common["picker"]
             if sticky is not None and isinstance(picker, WeightedPicker) and len(picker.choices) > 1:
                 common["sticky"] = sticky
@@ -294,6 +301,15 @@ class _Compiler:
             self.warn(origin, f"metadata.annotations.{key}",
                       "no route of this VirtualService has several destinations: nothing to keep sticky")
         return StickyKey(kind, name.lower().encode() if kind == STICKY_HEADER else name.encode())
+
+    def grpc_trailers_retry(self, vs: m.VirtualService, retry: RetryPolicy, held: int, path: str) -> RetryPolicy:
+        """The route's retry policy with the meshproxy.io/retry-grpc-trailers hold (istio/retry_annotation.py)."""
+        if not retry.num_retries or not retry.retry_on & RETRY_ON_GRPC_ANY:
+            self.warn(vs.meta.origin, f"metadata.annotations.{RETRY_GRPC_TRAILERS}",
+                      f"{path} retries no gRPC status (its retry policy, or the mesh's default one, has no attempts or "
+                      "no gRPC retryOn condition): no response is held")
+            return retry
+        return dataclasses.replace(retry, grpc_trailers_bytes=held)
 
     def check_header_keys(self, vs: m.VirtualService, http: m.HTTPRoute, path: str) -> None:
         for k, block in enumerate(http.match):

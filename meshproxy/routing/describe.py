@@ -119,7 +119,8 @@ def describe_retry(route: Route) -> str:
     on = [name for name, bit in RETRY_ON_BITS.items() if retry.retry_on & bit]
     codes = ",".join(str(c) for c in sorted(retry.retriable_status_codes))
     per_try = f", per try {retry.per_try_timeout:g}s" if retry.per_try_timeout else ""
-    return f"{retry.num_retries} retries on {','.join(on)}{f' (codes {codes})' if codes else ''}{per_try}"
+    held = f", gRPC trailers held up to {retry.grpc_trailers_bytes} bytes" if retry.grpc_trailers_bytes else ""
+    return f"{retry.num_retries} retries on {','.join(on)}{f' (codes {codes})' if codes else ''}{per_try}{held}"
 
 
 def describe_destinations(route: Route, req: MatchInput | None = None) -> list[str]:

@@ -38,6 +38,8 @@ RETRY_ON_GRPC_DEADLINE_EXCEEDED: Final = RETRY_ON_BITS["deadline-exceeded"]
 RETRY_ON_GRPC_INTERNAL: Final = RETRY_ON_BITS["internal"]
 RETRY_ON_GRPC_RESOURCE_EXHAUSTED: Final = RETRY_ON_BITS["resource-exhausted"]
 RETRY_ON_GRPC_UNAVAILABLE: Final = RETRY_ON_BITS["unavailable"]
+RETRY_ON_GRPC_ANY: Final = (RETRY_ON_GRPC_CANCELLED | RETRY_ON_GRPC_DEADLINE_EXCEEDED | RETRY_ON_GRPC_INTERNAL
+                           | RETRY_ON_GRPC_RESOURCE_EXHAUSTED | RETRY_ON_GRPC_UNAVAILABLE)
 
 # Istio's default when a route has no `retries` (retry.go DefaultPolicy, 1.24+: no 503).
 DEFAULT_RETRY_ON: Final = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
@@ -54,6 +56,9 @@ class RetryPolicy:
     backoff_base: float = DEFAULT_BACKOFF_BASE
     backoff_max: float = DEFAULT_BACKOFF_BASE * 10
     avoid_previous_hosts: bool = True
+    # meshproxy extension (annotation meshproxy.io/retry-grpc-trailers): a gRPC response whose status comes in
+    # trailers is held up to this many bytes, so a retriable status there is retried too; 0: off (Envoy's way)
+    grpc_trailers_bytes: int = 0
 
     @classmethod
     def compile(cls, attempts: int, retry_on: str, per_try_timeout: float | None = None,
