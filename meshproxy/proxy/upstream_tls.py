@@ -1,0 +1,105 @@
+"""Opening a TLS connection to an upstream endpoint, for every upstream protocol (HTTP/1.1, HTTP/2, TCP): TCP, the
+handshake with the endpoint's `UpstreamTLS` context for that protocol (its ALPN), then the server's SANs, and only
+then the connection's own protocol object.
+
+Envoy checks the server's SANs during the handshake, so nothing is ever written to a server it refuses. Python has
+no verify callback, so the check comes just after the handshake; until it passes the transport belongs to a
+placeholder protocol (`_Handshaking`) that holds what the server sends (an HTTP/2 server's SETTINGS, a server-first
+TCP greeting), and the real protocol is made and handed the transport only then: an HTTP/2 preface or a TCP
+client's first bytes never reach a server with the wrong identity.
+
+Failures are Envoy's: a refused or timed-out connect `ConnectFailureError` (UF, `delayed connect error: ...`), a
+failed handshake or a SAN mismatch `TLSFailureError` (UF, `TLS_error:|...:TLS_error_end`, security/client_tls.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ssl
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from .local_reply import ConnectFailureError, TLSFailureError, connect_error
+
+if TYPE_CHECKING:
+    from ..security.client_tls import UpstreamTLS
+
+
+class _Handshaking(asyncio.Protocol):
+    """The transport's protocol between the end of the handshake and the SAN check: keeps what arrives."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.received: list[bytes] = []
+        self.eof = False
+        self.lost = False
+        self.lost_with: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True  # kept open: the real protocol decides
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost, self.lost_with = True, exc
+
+    def hand_over(self, protocol: asyncio.Protocol) -> None:
+        """The real protocol takes the transport, then hears what arrived meanwhile, in order."""
+        transport = self.transport
+        assert transport is not None
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if self.received:
+            protocol.data_received(b"".join(self.received))
+            self.received.clear()
+        if self.eof and not protocol.eof_received():
+            transport.close()
+        if self.lost:
+            protocol.connection_lost(self.lost_with)
+
+
+async def connect_tls(factory: Callable[[], asyncio.Protocol], host: str, port: int, timeout: float,
+                      tls: UpstreamTLS, protocol: str, bind: str = "") -> tuple[asyncio.Transport, asyncio.Protocol,
+                                                                                  str]:
+    """(transport, the protocol `factory` made, the server's SPIFFE principal on mutual TLS, else "");
+    ConnectFailureError / TLSFailureError as Envoy words them (see the module docstring)."""
+    from ..security.certs import CertError
+    from ..security.client_tls import handshake_failure_reason
+    from ..security.peer import peer_principal
+
+    if tls.error:
+        raise TLSFailureError("remote connection failure", tls.error)
+    try:
+        context = tls.context(protocol)
+    except CertError as exc:  # files that loaded at config load and no longer do
+        raise TLSFailureError("remote connection failure", f"TLS_error:|{exc}:TLS_error_end") from None
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            transport, waiting = await loop.create_connection(
+                _Handshaking, host, port, ssl=context, server_hostname=tls.sni(protocol),
+                ssl_handshake_timeout=timeout, local_addr=(bind, 0) if bind else None)
+    except TimeoutError:
+        raise ConnectFailureError("connection timeout") from None
+    except ConnectionRefusedError as exc:
+        raise ConnectFailureError("remote connection failure",
+                                  connect_error(exc.errno or errno.ECONNREFUSED)) from None
+    except (ssl.SSLError, ConnectionResetError, ConnectionAbortedError, EOFError) as exc:
+        raise TLSFailureError("remote connection failure", handshake_failure_reason(exc)) from None
+    except OSError as exc:
+        raise ConnectFailureError("remote connection failure", connect_error(exc.errno)) from None
+    ssl_object = transport.get_extra_info("ssl_object")
+    failure = tls.check_peer(ssl_object, protocol)
+    if failure:
+        transport.abort()
+        raise TLSFailureError("remote connection failure", failure)
+    principal = peer_principal(ssl_object) if tls.mutual else ""
+    connected = factory()
+    cast(_Handshaking, waiting).hand_over(connected)
+    return cast(asyncio.Transport, transport), connected, principal
