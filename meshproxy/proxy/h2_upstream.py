@@ -436,9 +436,10 @@ class H2EndpointPool(MultiplexedPool):
         from .upstream_tls import connect_tls
 
         bind = state.cluster.bind_address
-        _, connected, principal = await connect_tls(factory, self.key[1], self.key[2], timeout, tls, HTTP2, bind)
-        connection = cast(H2UpstreamConnection, connected)
+        connected, principal = await connect_tls(self.key[1], self.key[2], timeout, tls, HTTP2, bind)
+        connection = cast(H2UpstreamConnection, factory())
         connection.peer_principal = principal
+        connected.hand_over(cast(asyncio.Protocol, connection))  # the preface goes out now, to a checked server
         self.pool.opened += 1
         return connection
 

@@ -412,9 +412,10 @@ class UpstreamPool:
         from ..security.client_tls import HTTP11
         from .upstream_tls import connect_tls
 
-        _, connected, principal = await connect_tls(factory, key[1], key[2], timeout, tls, HTTP11, bind)
-        conn = cast(UpstreamConnection, connected)
+        connected, principal = await connect_tls(key[1], key[2], timeout, tls, HTTP11, bind)
+        conn = cast(UpstreamConnection, factory())
         conn.peer_principal = principal
+        connected.hand_over(cast(asyncio.Protocol, conn))
         self.opened += 1
         return conn
 

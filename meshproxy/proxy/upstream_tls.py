@@ -4,9 +4,10 @@ then the connection's own protocol object.
 
 Envoy checks the server's SANs during the handshake, so nothing is ever written to a server it refuses. Python has
 no verify callback, so the check comes just after the handshake; until it passes the transport belongs to a
-placeholder protocol (`_Handshaking`) that holds what the server sends (an HTTP/2 server's SETTINGS, a server-first
+placeholder protocol (`Handshaken`) that holds what the server sends (an HTTP/2 server's SETTINGS, a server-first
 TCP greeting), and the real protocol is made and handed the transport only then: an HTTP/2 preface or a TCP
-client's first bytes never reach a server with the wrong identity.
+client's first bytes never reach a server with the wrong identity. The caller makes its protocol knowing the
+server's principal (telemetry labels are bound when a TCP connection opens), then calls `Handshaken.hand_over`.
 
 Failures are Envoy's: a refused or timed-out connect `ConnectFailureError` (UF, `delayed connect error: ...`), a
 failed handshake or a SAN mismatch `TLSFailureError` (UF, `TLS_error:|...:TLS_error_end`, security/client_tls.py).
@@ -17,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import ssl
-from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from .local_reply import ConnectFailureError, TLSFailureError, connect_error
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ..security.client_tls import UpstreamTLS
 
 
-class _Handshaking(asyncio.Protocol):
+class Handshaken(asyncio.Protocol):
     """The transport's protocol between the end of the handshake and the SAN check: keeps what arrives."""
 
     def __init__(self) -> None:
@@ -64,11 +64,11 @@ class _Handshaking(asyncio.Protocol):
             protocol.connection_lost(self.lost_with)
 
 
-async def connect_tls(factory: Callable[[], asyncio.Protocol], host: str, port: int, timeout: float,
-                      tls: UpstreamTLS, protocol: str, bind: str = "") -> tuple[asyncio.Transport, asyncio.Protocol,
-                                                                                  str]:
-    """(transport, the protocol `factory` made, the server's SPIFFE principal on mutual TLS, else "");
-    ConnectFailureError / TLSFailureError as Envoy words them (see the module docstring)."""
+async def connect_tls(host: str, port: int, timeout: float, tls: UpstreamTLS, protocol: str,
+                      bind: str = "") -> tuple[Handshaken, str]:
+    """(the connection, held until `hand_over`, and the server's SPIFFE principal on mutual TLS, else "");
+    ConnectFailureError / TLSFailureError as Envoy words them (see the module docstring). `protocol` is
+    client_tls's HTTP11, HTTP2 or TCP: the ALPN offered, and whether HTTP's auto SNI / SAN apply."""
     from ..security.certs import CertError
     from ..security.client_tls import handshake_failure_reason
     from ..security.peer import peer_principal
@@ -83,7 +83,7 @@ async def connect_tls(factory: Callable[[], asyncio.Protocol], host: str, port: 
     try:
         async with asyncio.timeout(timeout):
             transport, waiting = await loop.create_connection(
-                _Handshaking, host, port, ssl=context, server_hostname=tls.sni(protocol),
+                Handshaken, host, port, ssl=context, server_hostname=tls.sni(protocol),
                 ssl_handshake_timeout=timeout, local_addr=(bind, 0) if bind else None)
     except TimeoutError:
         raise ConnectFailureError("connection timeout") from None
@@ -99,7 +99,4 @@ async def connect_tls(factory: Callable[[], asyncio.Protocol], host: str, port: 
     if failure:
         transport.abort()
         raise TLSFailureError("remote connection failure", failure)
-    principal = peer_principal(ssl_object) if tls.mutual else ""
-    connected = factory()
-    cast(_Handshaking, waiting).hand_over(connected)
-    return cast(asyncio.Transport, transport), connected, principal
+    return cast(Handshaken, waiting), peer_principal(ssl_object) if tls.mutual else ""

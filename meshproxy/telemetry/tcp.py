@@ -15,7 +15,7 @@ import logging
 
 from ..stream_info import L4Info, flags_text
 from .access_log import AccessLog
-from .core import MeshTelemetry
+from .core import SPIFFE, MeshTelemetry
 from .metrics import DESTINATION, SOURCE, UNKNOWN_SERVICE, Service, TcpSeries, tcp_label_values
 from .peer import UNKNOWN_WORKLOAD
 
@@ -46,7 +46,7 @@ class TcpTelemetry:
                                         Service(own.canonical_service, own.canonical_service, own.namespace))
 
     def on_open(self, info: L4Info, service: Service) -> None:
-        series = self._series(service, info.flags)
+        series = self._series(service, info.flags, info.upstream_principal)
         if series is not None:
             series.opened += 1
             info.series = series
@@ -61,13 +61,17 @@ class TcpTelemetry:
         except Exception:  # telemetry must never break the connection it observes
             log.exception("telemetry failed for a TCP connection (%s)", self.listener)
 
-    def _series(self, service: Service, flags: int) -> TcpSeries | None:
+    def _series(self, service: Service, flags: int, upstream_principal: str = "") -> TcpSeries | None:
         mesh = self.mesh
         if mesh is None or mesh.metrics is None:
             return None
         text = flags_text(flags)
         if self.inbound:
             labels = tcp_label_values(DESTINATION, UNKNOWN_WORKLOAD, mesh.own, service, text, "none")
+        elif upstream_principal:  # mutual TLS upstream: both identities from the certificates, as for HTTP
+            labels = tcp_label_values(SOURCE, mesh.own, UNKNOWN_WORKLOAD, service, text, "unknown",
+                                      source_principal=mesh.own_principal,
+                                      destination_principal=SPIFFE + upstream_principal)
         else:
             labels = tcp_label_values(SOURCE, mesh.own, UNKNOWN_WORKLOAD, service, text, "unknown")
         return mesh.metrics.bind_tcp(labels)
