@@ -31,9 +31,11 @@ from dataclasses import dataclass, field
 from typing import Final, cast
 
 from ..routing.cluster import Cluster
-from ..security.client_tls import TCP, UpstreamTLS
+from ..security.client_tls import PEER_EXCHANGE, TCP, UpstreamTLS
 from ..stream_info import UF, UH, UO, NC, L4Info, format_address
 from ..telemetry.metrics import Service, TcpSeries
+from ..telemetry.peer import PEER_METADATA
+from ..telemetry.peer_exchange import PeerExchangeReader, exchange_header
 from ..telemetry.tcp import TcpTelemetry
 from .balancer import Clusters, ClusterState
 from .downstream import ConnectionBudget
@@ -60,6 +62,16 @@ class TcpContext:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # 0 disables it
     connections: set[TcpProxy] = field(default_factory=set)
     budget: ConnectionBudget = field(default_factory=ConnectionBudget)  # --max-connections, shared by all listeners
+    peer_exchange: bytes | None = None  # our TCP metadata exchange header, made at first use
+
+    def exchange_header(self) -> bytes:
+        """What this sidecar writes first on a mutual TLS connection that chose `istio-peer-exchange`."""
+        if self.peer_exchange is None:
+            mesh = self.telemetry.mesh
+            metadata = dict(mesh.metadata) if mesh is not None else {}
+            self.peer_exchange = exchange_header(mesh.node_id if mesh is not None else "",
+                                                 metadata.get(PEER_METADATA, b""))
+        return self.peer_exchange
 
 
 class TcpProxy:
@@ -67,7 +79,7 @@ class TcpProxy:
 
     __slots__ = ("ctx", "info", "service", "loop", "downstream", "upstream", "pending", "pending_size",
                  "downstream_eof", "upstream_eof", "downstream_closed", "upstream_closed", "connecting", "done",
-                 "last_activity", "timer", "series", "state", "opened", "counted", "upstream_tls")
+                 "last_activity", "timer", "series", "state", "opened", "counted", "upstream_tls", "exchange")
 
     def __init__(self, ctx: TcpContext, info: L4Info, service: Service) -> None:
         self.ctx = ctx
@@ -91,6 +103,7 @@ class TcpProxy:
         self.opened = False  # counted in the metrics (see _open)
         self.counted = False  # holds a slot of the connection budget
         self.upstream_tls: UpstreamTLS | None = None  # the picked endpoint's TLS (None: plaintext)
+        self.exchange: PeerExchangeReader | None = None  # Istio's TCP metadata exchange, when its ALPN was chosen
 
     # ---- start: the transparent listener hands over an accepted connection and what it has read of it
 
@@ -173,6 +186,9 @@ class TcpProxy:
                 connected, principal = await connect_tls(address[0], address[1], timeout, tls, TCP,
                                                          cluster.bind_address)
                 self.info.upstream_principal = principal  # before the open binds the metrics' labels
+                ssl_object = connected.transport.get_extra_info("ssl_object") if connected.transport else None
+                if ssl_object is not None and ssl_object.selected_alpn_protocol() == PEER_EXCHANGE:
+                    self.exchange = PeerExchangeReader()
                 connected.hand_over(factory())
         except (OSError, TimeoutError, ConnectFailureError) as exc:
             if isinstance(exc, ConnectFailureError):
@@ -202,6 +218,10 @@ class TcpProxy:
         if self.downstream_closed:
             transport.close()
             return
+        if self.exchange is not None:  # Istio's TCP metadata exchange: our header before any client byte
+            header = self.ctx.exchange_header()
+            if header:
+                transport.write(header)
         if self.pending:
             transport.write(b"".join(self.pending))
             self.pending.clear()
@@ -213,6 +233,13 @@ class TcpProxy:
 
     def from_upstream(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        exchange = self.exchange
+        if exchange is not None and not exchange.done:  # the server's metadata exchange header comes off first
+            data = exchange.feed(data)
+            if exchange.done:
+                log.debug("tcp %s: peer metadata exchanged with %s", self.ctx.name, exchange.peer_id or "-")
+            if not data:
+                return
         size = len(data)
         self.info.sent += size
         series = self.series

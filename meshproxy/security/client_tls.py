@@ -16,7 +16,7 @@ mTLS, compiled into `UpstreamTLS` objects at config load, never per request.
 ALPN depends on what the connection carries (`UpstreamTLS.context(protocol)`), as Istio's cluster builder and
 Envoy's pools set it: ISTIO_MUTUAL offers `istio-http/1.1`, `istio`, `http/1.1` for HTTP/1.1 (the istio_alpn
 filter's override), `istio-h2`, `istio`, `h2` for HTTP/2, and `istio-peer-exchange`, `istio` for TCP (Istio's
-ALPNInMeshWithMxc: the peer then speaks the TCP metadata exchange, proxy/peer_exchange.py); SIMPLE / MUTUAL offer
+ALPNInMeshWithMxc: when chosen, both sides speak the TCP metadata exchange, telemetry/peer_exchange.py); SIMPLE / MUTUAL offer
 `h2` for HTTP/2 (Istio's ALPNH2Only), `http/1.1` for HTTP/1.1 (Envoy's HTTP/1.1 pool fallback) and nothing for
 TCP.
 - No `tls` at all: auto mTLS, ISTIO_MUTUAL to endpoints labelled `security.istio.io/tlsMode: istio` when the

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import threading
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from google.protobuf import any_pb2, struct_pb2
 
 from harness import ProxyProcess, write_config
 from tcp_servers import metric
@@ -28,9 +31,32 @@ SAN_FAILURE = ("TLS_error:|268435581:SSL_routines:OPENSSL_internal:CERTIFICATE_V
                f"matcher,_certificate_SANs_are_[{BACKEND_ID}]:TLS_error_end")
 
 
+def read_exactly(tls: ssl.SSLSocket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = tls.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("closed in a metadata exchange header")
+        data += chunk
+    return data
+
+
+def mx_header(node_id: str) -> bytes:
+    """An Istio sidecar's TCP metadata exchange header (istio/proxy metadata_exchange.cc: magic, size, Any(Struct)),
+    made here with protobuf alone."""
+    data = struct_pb2.Struct()
+    data.fields["x-envoy-peer-metadata-id"].string_value = node_id
+    data.fields["x-envoy-peer-metadata"].struct_value.update({"NAME": "backend-0", "NAMESPACE": "default"})
+    blob = any_pb2.Any(type_url="type.googleapis.com/google.protobuf.Struct", value=data.SerializeToString())
+    payload = blob.SerializeToString()
+    return struct.pack(">II", 0x3D230467, len(payload)) + payload
+
+
 class TLSEcho:
     """A TLS server answering each read with `<client URI SANs>|<bytes>`, recording each connection's SNI, chosen
-    ALPN, client URI SANs and the bytes it received. `offers`: its ALPN names (its preference order)."""
+    ALPN, client URI SANs and the bytes it received. `offers`: its ALPN names (its preference order). When ALPN chose
+    `istio-peer-exchange` it speaks Istio's TCP metadata exchange first, as an Istio sidecar's inbound: reads the
+    client's header (recording its node id and NAME) and writes its own, before any application byte."""
 
     def __init__(self, certs: Path, roots: Path | None = None, offers: tuple[str, ...] = ()) -> None:
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -64,6 +90,15 @@ class TLSEcho:
                     "alpn": tls.selected_alpn_protocol(), "data": b"",
                     "client_uris": [v for k, v in (cert or {}).get("subjectAltName", ()) if k == "URI"]}
                 self.seen.append(seen)
+                if seen["alpn"] == "istio-peer-exchange":
+                    magic, size = struct.unpack(">II", read_exactly(tls, 8))
+                    assert magic == 0x3D230467
+                    envelope, data = any_pb2.Any(), struct_pb2.Struct()
+                    envelope.ParseFromString(read_exactly(tls, size))
+                    data.ParseFromString(envelope.value)
+                    seen["peer_id"] = data.fields["x-envoy-peer-metadata-id"].string_value
+                    seen["peer_name"] = data.fields["x-envoy-peer-metadata"].struct_value.fields["NAME"].string_value
+                    tls.sendall(mx_header("sidecar~127.0.0.1~backend-0.default~default.svc.cluster.local"))
                 prefix = ",".join(seen["client_uris"]).encode() + b"|"
                 while data := tls.recv(65536):
                     seen["data"] += data
@@ -237,6 +272,24 @@ def test_a_rotated_workload_certificate_serves_new_tcp_connections(mesh: Mesh, b
             assert talk(port, b"b") == b"spiffe://cluster.local/ns/default/sa/client-2|b"  # new: the new one
             kept.sendall(b"c")
             assert kept.recv(100) == PROXY_ID.encode() + b"|c"  # ... keeps its own
+    finally:
+        proxy.stop()
+        server.close()
+
+
+def test_istios_tcp_metadata_exchange_when_the_peer_chooses_it(mesh: Mesh, backend: Path, tmp_path: Path) -> None:
+    """An Istio sidecar's inbound chooses `istio-peer-exchange` (offered first, as Istio's ALPNInMeshWithMxc): then
+    each side writes its metadata header before any application byte, and only the bytes after the server's reach
+    the client."""
+    client = mesh.workload(tmp_path / "client", "default", "client")
+    server = TLSEcho(backend, roots=mesh.roots, offers=("istio-peer-exchange", "istio"))
+    proxy, port = start(tmp_path, 7400, tcp_service("db", 7400, server.port, sidecar=True, sans=[BACKEND_ID]),
+                        cert_dir=client)
+    try:
+        assert talk(port, b"hello") == PROXY_ID.encode() + b"|hello"  # nothing of the server's header
+        seen = server.seen[-1]
+        assert seen["alpn"] == "istio-peer-exchange" and seen["data"] == b"hello"  # our header came off first
+        assert seen["peer_id"].startswith("sidecar~") and seen["peer_name"]
     finally:
         proxy.stop()
         server.close()
