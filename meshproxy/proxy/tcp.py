@@ -211,7 +211,8 @@ class TcpProxy:
 
     def upstream_made(self, transport: asyncio.Transport) -> None:
         self.upstream = transport
-        self._open()
+        if self.exchange is None:
+            self._open()  # else once the server's metadata is in: it labels the metrics
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         local = transport.get_extra_info("sockname")
         self.info.upstream_local = format_address(local)
@@ -238,6 +239,8 @@ class TcpProxy:
             data = exchange.feed(data)
             if exchange.done:
                 log.debug("tcp %s: peer metadata exchanged with %s", self.ctx.name, exchange.peer_id or "-")
+                self.info.upstream_peer = exchange.peer
+                self._open()
             if not data:
                 return
         size = len(data)
@@ -256,6 +259,7 @@ class TcpProxy:
         self._maybe_both_done()
 
     def upstream_lost(self, exc: Exception | None) -> None:
+        self._open()  # counted even if it ended in the middle of a metadata exchange
         self._upstream_gone()
         if not self.downstream_closed and self.downstream is not None:
             if exc is not None:

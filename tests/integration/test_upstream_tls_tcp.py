@@ -290,6 +290,14 @@ def test_istios_tcp_metadata_exchange_when_the_peer_chooses_it(mesh: Mesh, backe
         seen = server.seen[-1]
         assert seen["alpn"] == "istio-peer-exchange" and seen["data"] == b"hello"  # our header came off first
         assert seen["peer_id"].startswith("sidecar~") and seen["peer_name"]
+        # the server's metadata labels the TCP metrics, as Istio's do after the exchange
+        labels = {"reporter": "source", "destination_workload": "backend-0", "destination_workload_namespace":
+                  "default", "destination_principal": BACKEND_ID, "response_flags": "-"}
+        text = wait_until(lambda: (t := scrape(proxy)) and metric(t, "istio_tcp_connections_closed_total", **labels)
+                          and t, what="the connection counted closed")
+        assert metric(text, "istio_tcp_connections_opened_total", **labels) == 1
+        assert metric(text, "istio_tcp_received_bytes_total", **labels) == 5
+        assert metric(text, "istio_tcp_sent_bytes_total", **labels) == len(PROXY_ID) + 6  # not the header
     finally:
         proxy.stop()
         server.close()
