@@ -458,3 +458,11 @@ class H2EndpointPool(MultiplexedPool):
         for connection in list(self.connections):
             if connection.streams == 0:
                 connection.close()
+
+    def retire(self) -> None:
+        """No new stream on the connections made so far (its cluster's TLS changed); busy ones close when done."""
+        for connection in list(self.connections):
+            connection.going_away = True
+            self.forget(connection)
+            if connection.streams == 0:
+                connection.close()

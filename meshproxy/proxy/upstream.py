@@ -285,6 +285,10 @@ class MultiplexedPool:
     def close_idle(self) -> None:
         raise NotImplementedError
 
+    def retire(self) -> None:
+        """Its cluster's TLS settings changed: no new stream on its connections; each closes when idle."""
+        raise NotImplementedError
+
 
 MultiplexerFactory = Callable[["UpstreamPool", tuple[str, str, int], "ClusterState"], MultiplexedPool]
 
@@ -474,11 +478,17 @@ class UpstreamPool:
             conn.transport.close()
 
     def close_idle_of(self, cluster_name: str) -> None:
-        """Close a cluster's idle connections (its TLS settings changed: see Clusters.state)."""
+        """Close a cluster's idle connections and retire its HTTP/2 ones (its TLS settings changed: see
+        Clusters.state), so that no request goes out on a connection whose server was checked under the old ones."""
         for key, conns in list(self.idle.items()):
             if key[0] == cluster_name:
                 for conn in list(conns):
                     self._expire(conn)
+        if self.multiplexed:
+            names = (f"{cluster_name}|h2", f"{cluster_name}{FOLLOWS_CLIENT}|h2")
+            for key, mux in list(self.multiplexed.items()):
+                if key[0] in names:
+                    mux.retire()
 
     @property
     def idle_count(self) -> int:

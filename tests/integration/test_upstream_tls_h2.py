@@ -266,3 +266,26 @@ def test_what_each_http_connection_offers_by_alpn(mesh: Mesh, backend: Path, tmp
     finally:
         proxy.stop()
         probe.close()
+
+
+def test_a_reload_that_changes_the_accepted_identities_retires_http2_connections(mesh: Mesh, backend: Path,
+                                                                                 tmp_path: Path) -> None:
+    """HTTP/2 connections are long-lived: after a reload that no longer accepts the server's identity, no stream
+    goes out on the connection checked under the old settings; the new connection is refused (UF)."""
+    client = mesh.workload(tmp_path / "client", "default", "client")
+    server = TLSEchoServer(backend, roots=mesh.roots)
+    folder = tmp_path / "config"
+    write_config(folder, "c.yaml", service("backend", server.port, sidecar=True, sans=[BACKEND_ID]))
+    proxy = ProxyProcess(folder, args=["--cert-dir", str(client)])
+    try:
+        asyncio.run(calls(proxy.port, "backend", n=1))
+        assert server.calls == 2
+        write_config(folder, "c.yaml", service("backend", server.port, sidecar=True,
+                                               sans=["spiffe://cluster.local/ns/default/sa/someone-else"]))
+        wait_until(lambda: "config version 2 loaded" in proxy.log, what="the reload")
+        error = asyncio.run(failing_call(proxy.port, "backend"))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert server.calls == 2
+    finally:
+        proxy.stop()
+        server.close()
