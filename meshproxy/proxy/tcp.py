@@ -11,8 +11,8 @@
   before a client byte goes out; a failed handshake is `UF` with its transport failure reason in the access log,
   and a mutual TLS peer's principal labels the TCP metrics (`destination_principal`).
 - Half-close is honoured both ways: an EOF from one side is passed on (`write_eof`) and the other direction keeps
-  flowing until it ends too; then both sides close (after their buffered bytes are written). A TLS upstream
-  cannot be half-closed (asyncio): the client's EOF closes it, gracefully.
+  flowing until it ends too; then both sides close (after their buffered bytes are written). A TLS upstream is
+  half-closed as Envoy does it: close_notify, then reading goes on (proxy/tls_stream.py).
 - Backpressure both ways: when one side's write buffer passes the high-water mark, the other side stops reading
   until it drains; bytes received before the upstream connects are held (up to PENDING_LIMIT, then reading pauses).
 - Timeouts: connect (the cluster's `connectTimeout`, else the mesh's, 10 s), idle (no byte either way: Istio's
@@ -186,8 +186,7 @@ class TcpProxy:
                 connected, principal = await connect_tls(address[0], address[1], timeout, tls, TCP,
                                                          cluster.bind_address)
                 self.info.upstream_principal = principal  # before the open binds the metrics' labels
-                ssl_object = connected.transport.get_extra_info("ssl_object") if connected.transport else None
-                if ssl_object is not None and ssl_object.selected_alpn_protocol() == PEER_EXCHANGE:
+                if connected.selected_alpn() == PEER_EXCHANGE:
                     self.exchange = PeerExchangeReader()
                 connected.hand_over(factory())
         except (OSError, TimeoutError, ConnectFailureError) as exc:
@@ -303,13 +302,8 @@ class TcpProxy:
     def eof_received(self) -> bool:
         self.downstream_eof = True
         upstream = self.upstream
-        if upstream is not None and not self.upstream_closed:
-            if upstream.can_write_eof():
-                upstream.write_eof()
-            elif self.upstream_tls is not None:
-                # asyncio's TLS transport cannot half-close (Envoy sends close_notify and keeps reading): closed
-                # gracefully, its buffered bytes and close_notify sent; what the server says after is lost.
-                upstream.close()
+        if upstream is not None and not self.upstream_closed and upstream.can_write_eof():
+            upstream.write_eof()  # over TLS: close_notify, as Envoy (proxy/tls_stream.py)
         self._maybe_both_done()
         return True  # keep the transport open: the other direction may still be flowing
 

@@ -9,6 +9,9 @@ TCP greeting), and the real protocol is made and handed the transport only then:
 client's first bytes never reach a server with the wrong identity. The caller makes its protocol knowing the
 server's principal (telemetry labels are bound when a TCP connection opens), then calls `Handshaken.hand_over`.
 
+A TCP connection's TLS is `tls_stream.TLSStream` rather than asyncio's TLS transport, so that it can half-close as
+Envoy's does (close_notify, then keep reading); HTTP connections never half-close.
+
 Failures are Envoy's: a refused or timed-out connect `ConnectFailureError` (UF, `delayed connect error: ...`), a
 failed handshake or a SAN mismatch `TLSFailureError` (UF, `TLS_error:|...:TLS_error_end`, security/client_tls.py).
 """
@@ -18,12 +21,21 @@ from __future__ import annotations
 import asyncio
 import errno
 import ssl
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from .local_reply import ConnectFailureError, TLSFailureError, connect_error
+from .tls_stream import TLSStream
 
 if TYPE_CHECKING:
     from ..security.client_tls import UpstreamTLS
+
+
+class HeldConnection(Protocol):
+    """A connection whose handshake is done and whose server passed the check, waiting for its protocol."""
+
+    def hand_over(self, protocol: asyncio.Protocol) -> None: ...
+
+    def selected_alpn(self) -> str | None: ...
 
 
 class Handshaken(asyncio.Protocol):
@@ -63,14 +75,18 @@ class Handshaken(asyncio.Protocol):
         if self.lost:
             protocol.connection_lost(self.lost_with)
 
+    def selected_alpn(self) -> str | None:
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        return ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+
 
 async def connect_tls(host: str, port: int, timeout: float, tls: UpstreamTLS, protocol: str,
-                      bind: str = "") -> tuple[Handshaken, str]:
+                      bind: str = "") -> tuple[HeldConnection, str]:
     """(the connection, held until `hand_over`, and the server's SPIFFE principal on mutual TLS, else "");
     ConnectFailureError / TLSFailureError as Envoy words them (see the module docstring). `protocol` is
     client_tls's HTTP11, HTTP2 or TCP: the ALPN offered, and whether HTTP's auto SNI / SAN apply."""
     from ..security.certs import CertError
-    from ..security.client_tls import handshake_failure_reason
+    from ..security.client_tls import TCP, handshake_failure_reason
     from ..security.peer import peer_principal
 
     if tls.error:
@@ -80,11 +96,24 @@ async def connect_tls(host: str, port: int, timeout: float, tls: UpstreamTLS, pr
     except CertError as exc:  # files that loaded at config load and no longer do
         raise TLSFailureError("remote connection failure", f"TLS_error:|{exc}:TLS_error_end") from None
     loop = asyncio.get_running_loop()
+    held: HeldConnection
     try:
         async with asyncio.timeout(timeout):
-            transport, waiting = await loop.create_connection(
-                Handshaken, host, port, ssl=context, server_hostname=tls.sni(protocol),
-                ssl_handshake_timeout=timeout, local_addr=(bind, 0) if bind else None)
+            if protocol == TCP:
+                stream = TLSStream(context, tls.sni(protocol))
+                transport, _ = await loop.create_connection(lambda: stream, host, port,
+                                                            local_addr=(bind, 0) if bind else None)
+                try:
+                    await stream.handshake
+                except BaseException:
+                    transport.abort()
+                    raise
+                transport, held = cast(asyncio.Transport, stream), stream
+            else:
+                transport, waiting = await loop.create_connection(
+                    Handshaken, host, port, ssl=context, server_hostname=tls.sni(protocol),
+                    ssl_handshake_timeout=timeout, local_addr=(bind, 0) if bind else None)
+                held = cast(Handshaken, waiting)
     except TimeoutError:
         raise ConnectFailureError("connection timeout") from None
     except ConnectionRefusedError as exc:
@@ -99,4 +128,4 @@ async def connect_tls(host: str, port: int, timeout: float, tls: UpstreamTLS, pr
     if failure:
         transport.abort()
         raise TLSFailureError("remote connection failure", failure)
-    return cast(Handshaken, waiting), peer_principal(ssl_object) if tls.mutual else ""
+    return held, peer_principal(ssl_object) if tls.mutual else ""

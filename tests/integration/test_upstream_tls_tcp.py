@@ -7,6 +7,8 @@ serves new connections."""
 
 from __future__ import annotations
 
+import hashlib
+import random
 import socket
 import ssl
 import struct
@@ -20,7 +22,7 @@ import pytest
 from google.protobuf import any_pb2, struct_pb2
 
 from harness import ProxyProcess, write_config
-from tcp_servers import metric
+from tcp_servers import exchange, metric
 from tls_peers import Mesh, make_mesh
 from waiting import wait_until
 
@@ -103,6 +105,10 @@ class TLSEcho:
                 while data := tls.recv(65536):
                     seen["data"] += data
                     tls.sendall(prefix + data)
+                if seen["data"].endswith(b"EOF"):  # a client that half-closed: answered after its end
+                    tls.sendall(b"|bye")
+                elif seen["data"].startswith(b"DIGEST"):
+                    tls.sendall(b"|" + hashlib.sha256(seen["data"]).hexdigest().encode())
         except (OSError, ssl.SSLError):
             conn.close()
         finally:
@@ -228,13 +234,16 @@ def test_auto_mtls_to_a_tcp_sidecar_checks_its_identity_and_labels_the_metrics(m
     try:
         assert talk(port, b"hello") == PROXY_ID.encode() + b"|hello"  # our workload certificate
         assert server.seen[-1]["alpn"] == "istio"  # Istio's in-mesh ALPN
+        # half-close through TLS, as Envoy's: the client's EOF is close_notify to the server, whose answer still
+        # comes back (the server answers after it saw the end)
+        assert exchange(port, b"then EOF") == PROXY_ID.encode() + b"|then EOF" + b"|bye"
         assert server.sni[-1] == "outbound_.7200_._.db.default.svc.cluster.local"
         labels = {"reporter": "source", "destination_service_name": "db", "response_flags": "-",
                   "source_principal": PROXY_ID, "destination_principal": BACKEND_ID}
         text = wait_until(lambda: (t := scrape(proxy)) and metric(t, "istio_tcp_connections_closed_total", **labels)
-                          and t, what="the connection counted closed")
-        assert metric(text, "istio_tcp_connections_opened_total", **labels) == 1
-        assert metric(text, "istio_tcp_received_bytes_total", **labels) == 5
+                          == 2 and t, what="the connections counted closed")
+        assert metric(text, "istio_tcp_connections_opened_total", **labels) == 2
+        assert metric(text, "istio_tcp_received_bytes_total", **labels) == 5 + 8
     finally:
         proxy.stop()
 
@@ -298,6 +307,35 @@ def test_istios_tcp_metadata_exchange_when_the_peer_chooses_it(mesh: Mesh, backe
         assert metric(text, "istio_tcp_connections_opened_total", **labels) == 1
         assert metric(text, "istio_tcp_received_bytes_total", **labels) == 5
         assert metric(text, "istio_tcp_sent_bytes_total", **labels) == len(PROXY_ID) + 6  # not the header
+    finally:
+        proxy.stop()
+        server.close()
+
+
+def test_a_large_transfer_both_ways_over_tls_with_backpressure(mesh: Mesh, backend: Path, tmp_path: Path) -> None:
+    """8 MiB through TLS both ways, the client half-closing: every byte arrives in order (the server echoes each
+    read, then sends the digest of all it received once it has seen the end)."""
+    client = mesh.workload(tmp_path / "client", "default", "client")
+    server = TLSEcho(backend, roots=mesh.roots)
+    proxy, port = start(tmp_path, 7500, tcp_service("db", 7500, server.port, sidecar=True), cert_dir=client)
+    try:
+        payload = b"DIGEST" + random.Random(17).randbytes(8 << 20)
+        answer = bytearray()
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as conn:
+            def send() -> None:
+                for i in range(0, len(payload), 1 << 16):
+                    conn.sendall(payload[i:i + (1 << 16)])
+                conn.shutdown(socket.SHUT_WR)
+
+            writer = threading.Thread(target=send)
+            writer.start()
+            while chunk := conn.recv(1 << 16):
+                answer += chunk
+            writer.join(60)
+        prefix = PROXY_ID.encode() + b"|"
+        digest = b"|" + hashlib.sha256(payload).hexdigest().encode()
+        assert answer.endswith(digest)
+        assert bytes(answer[:-len(digest)]).replace(prefix, b"") == payload  # each echoed read carries the prefix
     finally:
         proxy.stop()
         server.close()
