@@ -31,6 +31,7 @@ class TLSStream(asyncio.Protocol):
         self.held: list[bytes] = []  # application bytes before the hand-over
         self.peer_closed = False  # close_notify or FIN from the server
         self.shut = False  # our close_notify sent
+        self.failed: Exception | None = None  # a TLS error after the handshake: the connection was reset for it
 
     # ---- the TCP transport's protocol
 
@@ -56,7 +57,7 @@ class TLSStream(asyncio.Protocol):
         if not self.handshake.done():
             self.handshake.set_exception(exc or ConnectionResetError("closed by the server during the handshake"))
         elif self.app is not None:
-            self.app.connection_lost(exc)
+            self.app.connection_lost(exc or self.failed)
 
     def pause_writing(self) -> None:
         if self.app is not None:
@@ -90,9 +91,8 @@ class TLSStream(asyncio.Protocol):
             except ssl.SSLZeroReturnError:  # close_notify: the server's direction is over
                 self._peer_end()
                 break
-            except ssl.SSLError:
-                if self.transport is not None:
-                    self.transport.abort()
+            except ssl.SSLError as exc:  # a fatal alert, a bad record: reset, as an error
+                self._fail(exc)
                 return
             if not chunk:
                 break
@@ -108,6 +108,11 @@ class TLSStream(asyncio.Protocol):
         self.peer_closed = True
         if self.app is not None and not self.app.eof_received() and self.transport is not None:
             self.transport.close()
+
+    def _fail(self, exc: Exception) -> None:
+        self.failed = exc
+        if self.transport is not None:
+            self.transport.abort()
 
     def _flush(self) -> None:
         data = self.outgoing.read()
@@ -130,9 +135,13 @@ class TLSStream(asyncio.Protocol):
         return self.ssl.selected_alpn_protocol()
 
     def write(self, data: bytes) -> None:
-        if self.shut:
+        if self.shut or self.failed is not None:
             return
-        self.ssl.write(data)
+        try:
+            self.ssl.write(data)
+        except ssl.SSLError as exc:
+            self._fail(exc)
+            return
         self._flush()
 
     def can_write_eof(self) -> bool:
