@@ -245,15 +245,18 @@ class ALPNProbe:
     # SIMPLE: h2 alone for HTTP/2 (Istio's ALPNH2Only), http/1.1 alone for HTTP/1.1, no istio names
     ("SIMPLE", "GRPC", ("istio-h2", "istio", "http/1.1", "h2"), "h2"),
     ("SIMPLE", "HTTP", ("istio-http/1.1", "istio", "h2", "http/1.1"), "http/1.1"),
+    ("MUTUAL", "GRPC", ("istio-h2", "istio", "http/1.1", "h2"), "h2"),  # MUTUAL as SIMPLE, with its certificate
 ])
 def test_what_each_http_connection_offers_by_alpn(mesh: Mesh, backend: Path, tmp_path: Path, mode: str,
                                                   protocol: str, server_offers: tuple[str, ...],
                                                   chosen: str | None) -> None:
     client = mesh.workload(tmp_path / "client", "default", "client")
-    probe = ALPNProbe(backend, server_offers, roots=mesh.roots if mode == "ISTIO_MUTUAL" else None)
+    probe = ALPNProbe(backend, server_offers, roots=mesh.roots if mode != "SIMPLE" else None)
     tls: dict[str, object] = {"mode": mode}
-    if mode == "SIMPLE":
+    if mode != "ISTIO_MUTUAL":
         tls.update(caCertificates=str(mesh.roots), subjectAltNames=[BACKEND_ID])
+    if mode == "MUTUAL":
+        tls.update(clientCertificate=str(client / "cert-chain.pem"), privateKey=str(client / "key.pem"))
     config = write_config(tmp_path / "config", "c.yaml", service("probe", probe.port, protocol=protocol),
                           rule("probe", {"tls": tls}))
     proxy = ProxyProcess(config, args=["--cert-dir", str(client)])
