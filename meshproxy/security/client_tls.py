@@ -13,14 +13,15 @@ mTLS, compiled into `UpstreamTLS` objects at config load, never per request.
   destination's service accounts when known (ServiceEntry `subjectAltNames`, endpoint `serviceAccount`); a
   DestinationRule's own `subjectAltNames` replace them.
 
+- No `tls` at all: auto mTLS, ISTIO_MUTUAL to endpoints labelled `security.istio.io/tlsMode: istio` when the
+  proxy has workload certificates, plaintext to the others. An explicit DISABLE is plaintext.
+
 ALPN depends on what the connection carries (`UpstreamTLS.context(protocol)`), as Istio's cluster builder and
 Envoy's pools set it: ISTIO_MUTUAL offers `istio-http/1.1`, `istio`, `http/1.1` for HTTP/1.1 (the istio_alpn
 filter's override), `istio-h2`, `istio`, `h2` for HTTP/2, and `istio-peer-exchange`, `istio` for TCP (Istio's
-ALPNInMeshWithMxc: when chosen, both sides speak the TCP metadata exchange, telemetry/peer_exchange.py); SIMPLE / MUTUAL offer
-`h2` for HTTP/2 (Istio's ALPNH2Only), `http/1.1` for HTTP/1.1 (Envoy's HTTP/1.1 pool fallback) and nothing for
-TCP.
-- No `tls` at all: auto mTLS, ISTIO_MUTUAL to endpoints labelled `security.istio.io/tlsMode: istio` when the
-  proxy has workload certificates, plaintext to the others. An explicit DISABLE is plaintext.
+ALPNInMeshWithMxc: when chosen, both sides speak the TCP metadata exchange, telemetry/peer_exchange.py);
+SIMPLE / MUTUAL offer `h2` for HTTP/2 (Istio's ALPNH2Only), `http/1.1` for HTTP/1.1 (Envoy's HTTP/1.1 pool
+fallback) and nothing for TCP.
 
 A SAN mismatch is found after the handshake (Python has no verify callback) and fails the connection as Envoy's
 does during it: 503 UF, transport failure reason (Envoy 1.40's words) `TLS_error:|268435581:SSL routines:

@@ -216,7 +216,7 @@ def test_simple_tls_origination_for_tcp(mesh: Mesh, backend: Path, tmp_path: Pat
         ended = server.ended
         assert talk(port, b"secret") == b""
         wait_until(lambda: server.ended > ended, what="the refused connection over at the server")
-        assert all(b"secret" not in seen["data"] for seen in server.seen)  # refused before a client byte went out  # refused before a client byte went out
+        assert all(b"secret" not in seen["data"] for seen in server.seen)  # refused before a client byte went out
         entry = proxy.access_entries(1, timeout=10)[0]
         assert entry["response_flags"] == "UF" and entry["bytes_sent"] == 0
         assert entry["upstream_transport_failure_reason"] == SAN_FAILURE
