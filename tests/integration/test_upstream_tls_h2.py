@@ -292,3 +292,32 @@ def test_a_reload_that_changes_the_accepted_identities_retires_http2_connections
     finally:
         proxy.stop()
         server.close()
+
+
+def test_grpc_between_two_meshproxy_sidecars_over_istio_mutual_tls(mesh: Mesh, tmp_path: Path) -> None:
+    """grpc.aio -> sidecar A (auto mTLS, HTTP/2 by ALPN offer) -> sidecar B's STRICT inbound -> a grpcio app: each
+    side checks the other's identity, and B's metrics see A's."""
+    from test_grpc import EchoServer
+
+    a = mesh.workload(tmp_path / "a", "default", "client")
+    b = mesh.workload(tmp_path / "b", "default", "backend")
+    app = EchoServer()
+    inbound = ProxyProcess(write_config(tmp_path / "cb", "c.yaml", service("self", app.port)),
+                           args=["--inbound", f"127.0.0.1:0=127.0.0.1:{app.port}", "--cert-dir", str(b),
+                                 "--inbound-tls", "STRICT"])
+    port = inbound.addresses[f"inbound:{app.port}"][1]
+    outbound = ProxyProcess(write_config(tmp_path / "ca", "c.yaml",
+                                         service("backend", port, sidecar=True, sans=[BACKEND_ID])),
+                            args=["--cert-dir", str(a)])
+    try:
+        answers, streamed = asyncio.run(calls(outbound.port, "backend"))
+        assert answers == [b"echo:m0", b"echo:m1", b"echo:m2"] and streamed == [b"0", b"1", b"2", b"3"]
+        lines = [x for x in scrape(inbound) if x.startswith("istio_requests_total{")]
+        assert any(f'source_principal="{PROXY_ID}"' in x and 'connection_security_policy="mutual_tls"' in x
+                   and 'request_protocol="grpc"' in x for x in lines), lines
+        lines = [x for x in scrape(outbound) if x.startswith("istio_requests_total{")]
+        assert any(f'destination_principal="{BACKEND_ID}"' in x for x in lines), lines
+    finally:
+        outbound.stop()
+        inbound.stop()
+        app.close()
