@@ -111,7 +111,7 @@ class L4Info:
     """What one proxied TCP connection was (Envoy's TCP proxy StreamInfo): read by telemetry at open and close."""
 
     __slots__ = ("connection", "cluster", "endpoint", "rule", "flags", "start", "received", "sent", "sni",
-                 "upstream_local", "series")
+                 "upstream_local", "series", "upstream_principal", "transport_failure", "upstream_peer")
 
     def __init__(self, connection: ConnectionInfo, start: float) -> None:
         self.connection = connection
@@ -125,6 +125,9 @@ class L4Info:
         self.sni = ""  # the ClientHello's server name, for TLS passthrough
         self.upstream_local = ""
         self.series: Any = None  # telemetry's counters of this connection, bound at open
+        self.upstream_principal = ""  # the upstream's SPIFFE principal over mutual TLS (destination_principal)
+        self.transport_failure = ""  # why the upstream connect or TLS handshake failed, in Envoy's words
+        self.upstream_peer = b""  # the upstream's metadata from Istio's TCP metadata exchange (b"": none)
 
 
 def format_address(address: tuple[Any, ...] | None) -> str:

@@ -37,6 +37,7 @@ from .local_reply import (
 from .upstream import WRITE_HIGH_WATER, WRITE_LOW_WATER, MultiplexedPool, ResponseSink, UpstreamPool, UpstreamStream
 
 if TYPE_CHECKING:
+    from ..security.client_tls import UpstreamTLS
     from .balancer import ClusterState
 
 log = logging.getLogger("meshproxy.h2.upstream")
@@ -62,6 +63,7 @@ class H2UpstreamStream(UpstreamStream, StreamEvents):
         self.pending_flush = False
         self.reused = False  # a refused stream is retried by policy (refused-stream), not as a reused connection
         self.served = connection.served
+        self.peer_principal = connection.peer_principal  # the server's, on mutual TLS (telemetry's label)
 
     # ---- request side (called by the exchange)
 
@@ -198,7 +200,7 @@ class H2UpstreamConnection(ConnectionEvents):
 
     __slots__ = ("pool", "key", "transport", "codec", "streams", "started", "served", "peer_max", "closed",
                  "going_away", "touched", "failure", "idle_timer", "limits_max_streams", "limits_max_requests",
-                 "idle_timeout")
+                 "idle_timeout", "peer_principal")
 
     def __init__(self, pool: H2EndpointPool, key: tuple[str, str, int], settings: H2Settings,
                  max_requests: int, idle_timeout: float) -> None:
@@ -218,6 +220,7 @@ class H2UpstreamConnection(ConnectionEvents):
         self.touched: list[H2UpstreamStream] = []  # streams with events in the read being handled
         self.failure: UpstreamError | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.peer_principal = ""  # the server's SPIFFE principal on a mutual TLS connection
 
     def has_room(self) -> bool:
         return not self.closed and not self.going_away and \
@@ -360,7 +363,8 @@ class H2EndpointPool(MultiplexedPool):
                 return connection.new_stream()
         return None
 
-    async def acquire(self, state: ClusterState, connect_timeout: float) -> UpstreamStream:
+    async def acquire(self, state: ClusterState, connect_timeout: float, tls: UpstreamTLS | None = None
+                      ) -> UpstreamStream:
         self.state = state  # a reload may bring a new ClusterState for the same cluster
         limits = state.policy.pool
         while True:
@@ -386,7 +390,7 @@ class H2EndpointPool(MultiplexedPool):
         future: asyncio.Future[H2UpstreamConnection] = loop.create_future()
         self.connecting = future
         try:
-            connection = await self._connect(state, connect_timeout)
+            connection = await self._connect(state, connect_timeout, tls)
         except BaseException as exc:
             state.connections -= 1
             state.wake_one()
@@ -401,7 +405,9 @@ class H2EndpointPool(MultiplexedPool):
         stream = connection.new_stream()
         return stream
 
-    async def _connect(self, state: ClusterState, timeout: float) -> H2UpstreamConnection:
+    async def _connect(self, state: ClusterState, timeout: float, tls: UpstreamTLS | None) -> H2UpstreamConnection:
+        """A new connection, over TLS when the endpoint's `tls` says so (upstream_tls.py: ALPN for HTTP/2, the
+        server's identity checked before the preface is sent)."""
         loop = asyncio.get_running_loop()
         limits = state.policy.pool
         settings = H2Settings(max_concurrent_streams=limits.max_concurrent_streams or DEFAULT_MAX_STREAMS)
@@ -409,6 +415,8 @@ class H2EndpointPool(MultiplexedPool):
         factory = cast(Callable[[], asyncio.Protocol],
                        lambda: H2UpstreamConnection(self, self.key, settings, limits.max_requests_per_connection,
                                                     idle))
+        if tls is not None:
+            return await self._connect_tls(state, factory, timeout, tls)
         try:
             async with asyncio.timeout(timeout):
                 _, connected = await loop.create_connection(factory, self.key[1], self.key[2])
@@ -421,6 +429,19 @@ class H2EndpointPool(MultiplexedPool):
             raise ConnectFailureError("remote connection failure", f"delayed connect error: {exc.errno}") from None
         self.pool.opened += 1
         return cast(H2UpstreamConnection, connected)
+
+    async def _connect_tls(self, state: ClusterState, factory: Callable[[], asyncio.Protocol], timeout: float,
+                           tls: UpstreamTLS) -> H2UpstreamConnection:
+        from ..security.client_tls import HTTP2
+        from .upstream_tls import connect_tls
+
+        bind = state.cluster.bind_address
+        connected, principal = await connect_tls(self.key[1], self.key[2], timeout, tls, HTTP2, bind)
+        connection = cast(H2UpstreamConnection, factory())
+        connection.peer_principal = principal
+        connected.hand_over(cast(asyncio.Protocol, connection))  # the preface goes out now, to a checked server
+        self.pool.opened += 1
+        return connection
 
     def forget(self, connection: H2UpstreamConnection) -> None:
         """A connection that takes no new stream: out of the list, its slot back to the circuit breaker."""
@@ -435,5 +456,13 @@ class H2EndpointPool(MultiplexedPool):
 
     def close_idle(self) -> None:
         for connection in list(self.connections):
+            if connection.streams == 0:
+                connection.close()
+
+    def retire(self) -> None:
+        """No new stream on the connections made so far (its cluster's TLS changed); busy ones close when done."""
+        for connection in list(self.connections):
+            connection.going_away = True
+            self.forget(connection)
             if connection.streams == 0:
                 connection.close()

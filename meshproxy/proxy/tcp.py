@@ -5,8 +5,14 @@
   connection's original destination, from the cluster's bind address (Istio's inbound 127.0.0.6).
 - Failures close the client connection, as Envoy does: no cluster `NC`, no endpoint `UH` (BlackHoleCluster has
   none), the cluster's `tcp.maxConnections` reached `UO`, connect refused or timed out `UF`.
+- Upstream TLS as for HTTP (security/client_tls.py, proxy/upstream_tls.py): the endpoint's DestinationRule `tls`
+  or auto mTLS, ALPN for TCP (ISTIO_MUTUAL: Istio's in-mesh names; SIMPLE: none), no SNI nor name check unless
+  the rule gives `sni` / `subjectAltNames` (auto SNI is Envoy's for HTTP only), the server's identity checked
+  before a client byte goes out; a failed handshake is `UF` with its transport failure reason in the access log,
+  and a mutual TLS peer's principal labels the TCP metrics (`destination_principal`).
 - Half-close is honoured both ways: an EOF from one side is passed on (`write_eof`) and the other direction keeps
-  flowing until it ends too; then both sides close (after their buffered bytes are written).
+  flowing until it ends too; then both sides close (after their buffered bytes are written). A TLS upstream is
+  half-closed as Envoy does it: close_notify, then reading goes on (proxy/tls_stream.py).
 - Backpressure both ways: when one side's write buffer passes the high-water mark, the other side stops reading
   until it drains; bytes received before the upstream connects are held (up to PENDING_LIMIT, then reading pauses).
 - Timeouts: connect (the cluster's `connectTimeout`, else the mesh's, 10 s), idle (no byte either way: Istio's
@@ -25,12 +31,17 @@ from dataclasses import dataclass, field
 from typing import Final, cast
 
 from ..routing.cluster import Cluster
+from ..security.client_tls import PEER_EXCHANGE, TCP, UpstreamTLS
 from ..stream_info import UF, UH, UO, NC, L4Info, format_address
 from ..telemetry.metrics import Service, TcpSeries
+from ..telemetry.peer import PEER_METADATA
+from ..telemetry.peer_exchange import PeerExchangeReader, exchange_header
 from ..telemetry.tcp import TcpTelemetry
 from .balancer import Clusters, ClusterState
 from .downstream import ConnectionBudget
+from .local_reply import ConnectFailureError, connect_error
 from .upstream import WRITE_HIGH_WATER, WRITE_LOW_WATER
+from .upstream_tls import connect_tls
 
 log = logging.getLogger("meshproxy.tcp")
 
@@ -51,6 +62,16 @@ class TcpContext:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # 0 disables it
     connections: set[TcpProxy] = field(default_factory=set)
     budget: ConnectionBudget = field(default_factory=ConnectionBudget)  # --max-connections, shared by all listeners
+    peer_exchange: bytes | None = None  # our TCP metadata exchange header, made at first use
+
+    def exchange_header(self) -> bytes:
+        """What this sidecar writes first on a mutual TLS connection that chose `istio-peer-exchange`."""
+        if self.peer_exchange is None:
+            mesh = self.telemetry.mesh
+            metadata = dict(mesh.metadata) if mesh is not None else {}
+            self.peer_exchange = exchange_header(mesh.node_id if mesh is not None else "",
+                                                 metadata.get(PEER_METADATA, b""))
+        return self.peer_exchange
 
 
 class TcpProxy:
@@ -58,7 +79,7 @@ class TcpProxy:
 
     __slots__ = ("ctx", "info", "service", "loop", "downstream", "upstream", "pending", "pending_size",
                  "downstream_eof", "upstream_eof", "downstream_closed", "upstream_closed", "connecting", "done",
-                 "last_activity", "timer", "series", "state", "opened", "counted")
+                 "last_activity", "timer", "series", "state", "opened", "counted", "upstream_tls", "exchange")
 
     def __init__(self, ctx: TcpContext, info: L4Info, service: Service) -> None:
         self.ctx = ctx
@@ -81,6 +102,8 @@ class TcpProxy:
         self.state: ClusterState | None = None
         self.opened = False  # counted in the metrics (see _open)
         self.counted = False  # holds a slot of the connection budget
+        self.upstream_tls: UpstreamTLS | None = None  # the picked endpoint's TLS (None: plaintext)
+        self.exchange: PeerExchangeReader | None = None  # Istio's TCP metadata exchange, when its ALPN was chosen
 
     # ---- start: the transparent listener hands over an accepted connection and what it has read of it
 
@@ -127,6 +150,7 @@ class TcpProxy:
                 info.flags |= UH
                 return None
             address = (target.endpoint.address, target.endpoint.port)
+            self.upstream_tls = target.tls
         if state.connections >= state.policy.pool.max_connections:  # tcp.maxConnections: Envoy's overflow
             info.flags |= UO
             return None
@@ -153,12 +177,25 @@ class TcpProxy:
         timeout = cluster.policy.pool.connect_timeout or self.ctx.connect_timeout
         local = (cluster.bind_address, 0) if cluster.bind_address else None
         factory = cast(Callable[[], asyncio.Protocol], lambda: _Upstream(self))
+        tls = self.upstream_tls
         try:
-            async with asyncio.timeout(timeout):
-                await self.loop.create_connection(factory, address[0], address[1], local_addr=local)
-        except (OSError, TimeoutError) as exc:
-            reason = exc.errno if isinstance(exc, OSError) else errno.ETIMEDOUT
+            if tls is None:
+                async with asyncio.timeout(timeout):
+                    await self.loop.create_connection(factory, address[0], address[1], local_addr=local)
+            else:
+                connected, principal = await connect_tls(address[0], address[1], timeout, tls, TCP,
+                                                         cluster.bind_address)
+                self.info.upstream_principal = principal  # before the open binds the metrics' labels
+                if connected.selected_alpn() == PEER_EXCHANGE:
+                    self.exchange = PeerExchangeReader()
+                connected.hand_over(factory())
+        except (OSError, TimeoutError, ConnectFailureError) as exc:
+            if isinstance(exc, ConnectFailureError):
+                reason = exc.transport or exc.reason
+            else:
+                reason = connect_error(exc.errno if isinstance(exc, OSError) else errno.ETIMEDOUT)
             log.debug("tcp %s: connect to %s failed: %s", self.ctx.name, self.info.endpoint, reason)
+            self.info.transport_failure = reason
             self.info.flags |= UF
             self._open()
             self._upstream_gone()
@@ -173,13 +210,18 @@ class TcpProxy:
 
     def upstream_made(self, transport: asyncio.Transport) -> None:
         self.upstream = transport
-        self._open()
+        if self.exchange is None:
+            self._open()  # else once the server's metadata is in: it labels the metrics
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         local = transport.get_extra_info("sockname")
         self.info.upstream_local = format_address(local)
         if self.downstream_closed:
             transport.close()
             return
+        if self.exchange is not None:  # Istio's TCP metadata exchange: our header before any client byte
+            header = self.ctx.exchange_header()
+            if header:
+                transport.write(header)
         if self.pending:
             transport.write(b"".join(self.pending))
             self.pending.clear()
@@ -191,6 +233,15 @@ class TcpProxy:
 
     def from_upstream(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        exchange = self.exchange
+        if exchange is not None and not exchange.done:  # the server's metadata exchange header comes off first
+            data = exchange.feed(data)
+            if exchange.done:
+                log.debug("tcp %s: peer metadata exchanged with %s", self.ctx.name, exchange.peer_id or "-")
+                self.info.upstream_peer = exchange.peer
+                self._open()
+            if not data:
+                return
         size = len(data)
         self.info.sent += size
         series = self.series
@@ -207,6 +258,7 @@ class TcpProxy:
         self._maybe_both_done()
 
     def upstream_lost(self, exc: Exception | None) -> None:
+        self._open()  # counted even if it ended in the middle of a metadata exchange
         self._upstream_gone()
         if not self.downstream_closed and self.downstream is not None:
             if exc is not None:
@@ -251,7 +303,7 @@ class TcpProxy:
         self.downstream_eof = True
         upstream = self.upstream
         if upstream is not None and not self.upstream_closed and upstream.can_write_eof():
-            upstream.write_eof()
+            upstream.write_eof()  # over TLS: close_notify, as Envoy (proxy/tls_stream.py)
         self._maybe_both_done()
         return True  # keep the transport open: the other direction may still be flowing
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
@@ -26,7 +25,6 @@ from .local_reply import (
     ConnectFailureError,
     ConnectionTerminationError,
     ResponseResetError,
-    TLSFailureError,
     UpstreamError,
     UpstreamOverflowError,
     UpstreamProtocolError,
@@ -280,10 +278,15 @@ class MultiplexedPool:
     def open_stream(self) -> UpstreamStream | None:
         raise NotImplementedError
 
-    async def acquire(self, state: ClusterState, connect_timeout: float) -> UpstreamStream:
+    async def acquire(self, state: ClusterState, connect_timeout: float, tls: UpstreamTLS | None = None
+                      ) -> UpstreamStream:
         raise NotImplementedError
 
     def close_idle(self) -> None:
+        raise NotImplementedError
+
+    def retire(self) -> None:
+        """Its cluster's TLS settings changed: no new stream on its connections; each closes when idle."""
         raise NotImplementedError
 
 
@@ -314,7 +317,7 @@ class UpstreamPool:
         key = target.pool_key
         limits = state.policy.pool
         if state.cluster.http2 and self.multiplexer is not None:
-            return await self.acquire_stream(key, state, connect_timeout)
+            return await self.acquire_stream(key, state, connect_timeout, target.tls)
         while True:
             conn = self.reuse(key)
             if conn is not None:
@@ -343,13 +346,15 @@ class UpstreamPool:
         return conn
 
     async def acquire_stream(self, key: tuple[str, str, int], state: ClusterState,
-                             connect_timeout: float | None = None) -> UpstreamStream:
-        """A stream on one of the endpoint's HTTP/2 connections (`key`'s pool), connecting within the limits."""
+                             connect_timeout: float | None = None, tls: UpstreamTLS | None = None) -> UpstreamStream:
+        """A stream on one of the endpoint's HTTP/2 connections (`key`'s pool), connecting within the limits (over
+        TLS when `tls`, the endpoint's)."""
         assert self.multiplexer is not None
         mux = self.multiplexed.get(key)
         if mux is None:
             mux = self.multiplexed[key] = self.multiplexer(self, key, state)
-        return await mux.acquire(state, connect_timeout or state.policy.pool.connect_timeout or self.connect_timeout)
+        return await mux.acquire(state, connect_timeout or state.policy.pool.connect_timeout or self.connect_timeout,
+                                 tls)
 
     def for_http2_clients(self) -> UpstreamPool:
         """The pool as HTTP/2 clients' streams use it (made once): clusters that follow the client go HTTP/2."""
@@ -406,37 +411,15 @@ class UpstreamPool:
 
     async def _connect_tls(self, key: tuple[str, str, int], factory: Callable[[], asyncio.Protocol], timeout: float,
                            tls: UpstreamTLS, bind: str = "") -> UpstreamConnection:
-        """TCP, then the TLS handshake (the cluster's context: the current one, after a certificate rotation), then
-        the server's SANs; a failure is Envoy's 503 UF with the TLS transport failure reason."""
-        from ..security.client_tls import handshake_failure_reason
-        from ..security.peer import peer_principal
+        """TCP, the TLS handshake (ALPN for HTTP/1.1), the server's SANs (upstream_tls.py); a failure is Envoy's 503
+        UF with the TLS transport failure reason."""
+        from ..security.client_tls import HTTP11
+        from .upstream_tls import connect_tls
 
-        loop = asyncio.get_running_loop()
-        if tls.error:
-            raise TLSFailureError("remote connection failure", tls.error)
-        try:
-            async with asyncio.timeout(timeout):
-                transport, connected = await loop.create_connection(
-                    factory, key[1], key[2], ssl=tls.context(), server_hostname=tls.server_hostname,
-                    ssl_handshake_timeout=timeout, local_addr=(bind, 0) if bind else None)
-        except TimeoutError:
-            raise ConnectFailureError("connection timeout") from None
-        except ConnectionRefusedError as exc:
-            raise ConnectFailureError("remote connection failure",
-                                      connect_error(exc.errno or errno.ECONNREFUSED)) from None
-        except (ssl.SSLError, ConnectionResetError, ConnectionAbortedError, EOFError) as exc:
-            raise TLSFailureError("remote connection failure", handshake_failure_reason(exc)) from None
-        except OSError as exc:
-            raise ConnectFailureError("remote connection failure", connect_error(exc.errno)) from None
-        conn = cast(UpstreamConnection, connected)
-        ssl_object = transport.get_extra_info("ssl_object")
-        failure = tls.check_peer(ssl_object)
-        if failure:
-            conn.closed = True  # its slot is given back by acquire(), which sees the error
-            transport.abort()
-            raise TLSFailureError("remote connection failure", failure)
-        if tls.mutual:
-            conn.peer_principal = peer_principal(ssl_object)
+        connected, principal = await connect_tls(key[1], key[2], timeout, tls, HTTP11, bind)
+        conn = cast(UpstreamConnection, factory())
+        conn.peer_principal = principal
+        connected.hand_over(cast(asyncio.Protocol, conn))
         self.opened += 1
         return conn
 
@@ -495,11 +478,17 @@ class UpstreamPool:
             conn.transport.close()
 
     def close_idle_of(self, cluster_name: str) -> None:
-        """Close a cluster's idle connections (its TLS settings changed: see Clusters.state)."""
+        """Close a cluster's idle connections and retire its HTTP/2 ones (its TLS settings changed: see
+        Clusters.state), so that no request goes out on a connection whose server was checked under the old ones."""
         for key, conns in list(self.idle.items()):
             if key[0] == cluster_name:
                 for conn in list(conns):
                     self._expire(conn)
+        if self.multiplexed:
+            names = (f"{cluster_name}|h2", f"{cluster_name}{FOLLOWS_CLIENT}|h2")
+            for key, mux in list(self.multiplexed.items()):
+                if key[0] in names:
+                    mux.retire()
 
     @property
     def idle_count(self) -> int:
@@ -540,7 +529,8 @@ class ClientProtocolPool(UpstreamPool):
         key = target.pool_key
         if not key[0].endswith(FOLLOWS_CLIENT) or self.multiplexer is None:
             return await self.shared.acquire(state, target, connect_timeout)
-        return await self.shared.acquire_stream((key[0] + "|h2", key[1], key[2]), state, connect_timeout)
+        return await self.shared.acquire_stream((key[0] + "|h2", key[1], key[2]), state, connect_timeout,
+                                                target.tls)
 
     def close_idle(self) -> None:
         self.shared.close_idle()

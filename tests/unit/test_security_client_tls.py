@@ -10,6 +10,10 @@ from meshproxy.istio import model as m
 from meshproxy.security.ca import init_ca, issue
 from meshproxy.security.certs import CertError, CertStore
 from meshproxy.security.client_tls import (
+    ALPN_ISTIO_TCP,
+    HTTP2,
+    HTTP11,
+    TCP,
     UpstreamTLSCompiler,
     dns_matches,
     istio_sni,
@@ -79,3 +83,30 @@ def test_what_each_setting_becomes(tmp_path: Path) -> None:
     with pytest.raises(CertError, match="missing"):
         without.for_endpoint(m.ClientTLSSettings(mode="MUTUAL", client_certificate=str(tmp_path / "none.pem"),
                                                  private_key=str(tmp_path / "none.key")), name, host, (), (), {})
+
+
+def test_alpn_sni_and_names_per_protocol(tmp_path: Path) -> None:
+    """ALPN as Istio's cluster builder and Envoy's pools set it; auto SNI and auto SAN validation are Envoy HTTP
+    options, so a TCP connection of a SIMPLE rule without `sni` sends none and checks no name."""
+    ca = init_ca(tmp_path / "ca", key_type="ec")
+    issue(ca, "default", "me", tmp_path / "me", key_type="ec")
+    compiler = UpstreamTLSCompiler(CertStore(tmp_path / "me"))
+    name, host = "outbound|9080||db.default.svc.cluster.local", "db.default.svc.cluster.local"
+    istio = compiler.for_endpoint(None, name, host, (), (), SIDECAR)
+    assert istio is not None
+    assert (istio.alpn(HTTP11), istio.alpn(HTTP2), istio.alpn(TCP)) == (
+        ("istio-http/1.1", "istio", "http/1.1"), ("istio-h2", "istio", "h2"), ALPN_ISTIO_TCP)
+    assert istio.sni(TCP) == istio.sni(HTTP2) == istio_sni(name)  # Istio's SNI is the TLS context's: every protocol
+    assert istio.context(HTTP2) is not istio.context(HTTP11)  # an SSLContext carries its ALPN
+
+    roots = str(tmp_path / "ca" / "root-cert.pem")
+    auto = compiler.for_endpoint(m.ClientTLSSettings(mode="SIMPLE", ca_certificates=roots), name, host, (), (), {})
+    assert auto is not None
+    assert (auto.alpn(HTTP11), auto.alpn(HTTP2), auto.alpn(TCP)) == (("http/1.1",), ("h2",), ())
+    assert (auto.sni(HTTP11), auto.sni(TCP)) == (host, "")
+    assert auto.check_peer(None, TCP) == ""  # no name to check over TCP
+    assert auto.check_peer(None, HTTP11) == san_mismatch_reason([])  # the host, over HTTP
+    assert auto.context(TCP) is auto.context(TCP) and auto.context(TCP) is not auto.context(HTTP2)
+    named = compiler.for_endpoint(m.ClientTLSSettings(mode="SIMPLE", ca_certificates=roots, sni="db.example",
+                                                      subject_alt_names=("db.example",)), name, host, (), (), {})
+    assert named is not None and named.sni(TCP) == "db.example" and named.check_peer(None, TCP) != ""
