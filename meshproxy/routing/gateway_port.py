@@ -94,9 +94,9 @@ def port_table(table: RouteTable, port: PortHosts) -> RouteTable:
     else:
         for p in patterns:
             if not p.startswith("*."):  # a host: the virtual host a request for it reaches in the whole table
-                vhost, _ = table.virtual_host(p.encode())
-                if vhost is not None:
-                    add(p, vhost)
+                reached, _ = table.virtual_host(p.encode())
+                if reached is not None:
+                    add(p, reached)
                 continue
             suffix = p[1:]  # ".example.com"
             for name, vhost in table.exact.items():  # narrower hosts keep their own virtual host
