@@ -94,8 +94,8 @@ def check_ports(servers: dict[int, list[tuple[m.Gateway, m.GatewayServer]]],
                                             f"namespace bound to this gateway serve the host", "warning"))
     for spec in specs:
         if spec.number not in servers:
-            log.warning("--gateway-port %d: no server of this gateway has port %d: its listener refuses nothing but "
-                        "serves no host (404)", spec.number, spec.number)
+            log.warning("--gateway-port %d: no server of this gateway has port %d: its listener answers 404 to "
+                        "every request", spec.number, spec.number)
     return problems
 
 
