@@ -382,3 +382,96 @@ def test_a_bad_certificate_file_is_a_load_error_naming_file_and_field(tmp_path: 
         assert https_get(port, "httpbin.example.com", "/status/200", ca.pem)[0] == 200
     finally:
         assert proxy.stop() == 0
+
+
+def test_istio_bookinfo_gateway_on_its_own_port(tmp_path: Path, upstream_app: Upstream) -> None:
+    """Istio's bookinfo-gateway.yaml (samples/bookinfo/networking) unchanged: its plaintext port 8080."""
+    config = write_config(tmp_path / "config", "services.yaml", service_entry("productpage", [(upstream_app.port, {})]))
+    proxy = ProxyProcess(config, REPO / "config" / "bookinfo" / "bookinfo-gateway.yaml",
+                         args=["--gateway", "bookinfo-gateway", "--listen", "off", "--gateway-port", "8080=127.0.0.1:0"])
+    try:
+        port = proxy.addresses["gateway:8080"][1]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for path, status in (("/productpage", 200), ("/api/v1/products/0", 200), ("/admin", 404)):
+            conn.request("GET", path, headers={"host": "bookinfo.example.com"})
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == status, path
+        conn.close()
+        assert [r["path"] for r in upstream_app.requests] == ["/productpage", "/api/v1/products/0"]
+    finally:
+        assert proxy.stop() == 0
+
+
+OPTIONAL = """---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: mygateway
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+  - port: {number: 443, name: https-httpbin, protocol: HTTPS}
+    hosts: [httpbin.example.com]
+    tls: {mode: OPTIONAL_MUTUAL, credentialName: httpbin-credential}
+  - port: {number: 443, name: https-default, protocol: HTTPS}
+    hosts: ["*"]
+    tls: {mode: OPTIONAL_MUTUAL, credentialName: default-credential}
+"""
+
+
+def test_optional_mutual_and_the_default_server_for_other_names(tmp_path: Path, ca: TestCA,
+                                                                upstream_app: Upstream) -> None:
+    credentials = tmp_path / "credentials"
+    httpbin = ca.issue("httpbin.example.com", ("httpbin.example.com",))
+    fallback = ca.issue("default.example.com", ("*.example.com",))
+    write_secret(credentials / "httpbin-credential", httpbin, ca=ca.pem)
+    write_secret(credentials / "default-credential", fallback, ca=ca.pem)
+    client = ca.issue("client.example.com", client=True)
+    (tmp_path / "client.crt").write_bytes(client.cert)
+    (tmp_path / "client.key").write_bytes(client.key)
+    stranger = TestCA("another root").issue("client.example.com", client=True)
+    (tmp_path / "stranger.crt").write_bytes(stranger.cert)
+    (tmp_path / "stranger.key").write_bytes(stranger.key)
+    config = write_config(tmp_path / "config", "gw.yaml", services(upstream_app), OPTIONAL,
+                          "---\n" + SECURE_INGRESS.split("---\n", 2)[2])
+    proxy = gateway(config, credentials)
+    try:
+        port = proxy.addresses["gateway:443"][1]
+        assert served_certificate(port, "httpbin.example.com", ca.pem).serial_number == httpbin.serial
+        # a server with host "*" takes any other name, and no name (Envoy's filter chain without server_names)
+        assert served_certificate(port, "www.example.com", ca.pem).serial_number == fallback.serial
+        assert served_certificate(port, None, ca.pem).serial_number == fallback.serial
+        assert https_get(port, "httpbin.example.com", "/status/200", ca.pem)[0] == 200  # no client certificate
+        status, _ = https_get(port, "httpbin.example.com", "/status/200", ca.pem,
+                              client=(tmp_path / "client.crt", tmp_path / "client.key"))
+        assert status == 200
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):  # given, it must be signed by the CA
+            https_get(port, "httpbin.example.com", "/status/200", ca.pem,
+                      client=(tmp_path / "stranger.crt", tmp_path / "stranger.key"))
+    finally:
+        assert proxy.stop() == 0
+
+
+def test_servers_of_one_port_that_need_different_handshakes_are_refused(tmp_path: Path, ca: TestCA,
+                                                                         upstream_app: Upstream) -> None:
+    credentials = tmp_path / "credentials"
+    write_secret(credentials / "httpbin-credential", ca.issue("httpbin.example.com", ("httpbin.example.com",)),
+                 ca=ca.pem)
+    write_secret(credentials / "default-credential", ca.issue("default.example.com", ("*.example.com",)))
+    mixed = OPTIONAL.replace("{mode: OPTIONAL_MUTUAL, credentialName: default-credential}",
+                             "{mode: SIMPLE, credentialName: default-credential}")
+    config = write_config(tmp_path / "config", "gw.yaml", services(upstream_app), mixed)
+    run = subprocess.run([sys.executable, "-m", "meshproxy", "run", "--config", str(config), "--admin", "off",
+                          "--listen", "off", "--gateway", "mygateway", "--gateway-port", "443=127.0.0.1:0",
+                          "--credentials-dir", str(credentials)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert run.returncode == 2
+    assert "gw.yaml:2: spec.servers[1].tls: port 443 has TLS servers that differ in client certificates" in run.stderr
+    # and a TLS server the plaintext --listen listener would serve in plaintext
+    run = subprocess.run([sys.executable, "-m", "meshproxy", "run", "--config", str(config), "--admin", "off",
+                          "--listen", "127.0.0.1:0", "--gateway", "mygateway"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert run.returncode == 2
+    assert "gw.yaml:2: spec.servers[0].tls: the gateway's plaintext --listen listener would serve this TLS " \
+           "server's hosts" in run.stderr, run.stderr
