@@ -475,3 +475,38 @@ def test_servers_of_one_port_that_need_different_handshakes_are_refused(tmp_path
     assert run.returncode == 2
     assert "gw.yaml:2: spec.servers[0].tls: the gateway's plaintext --listen listener would serve this TLS " \
            "server's hosts" in run.stderr, run.stderr
+
+
+DENY_SNI = """---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-teapots, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/status/418"]}}]
+    when: [{key: connection.sni, values: ["httpbin.example.com"]}]
+"""
+
+
+def test_a_reload_adds_a_server_and_policies_see_the_sni(tmp_path: Path, ca: TestCA, upstream_app: Upstream) -> None:
+    credentials = tmp_path / "credentials"
+    write_secret(credentials / "httpbin-credential", ca.issue("httpbin.example.com", ("httpbin.example.com",)))
+    hello = ca.issue("helloworld.example.com", ("helloworld.example.com",))
+    write_secret(credentials / "helloworld-credential", hello)
+    config = write_config(tmp_path / "config", "gw.yaml", services(upstream_app), SECURE_INGRESS, DENY_SNI)
+    proxy = gateway(config, credentials)
+    try:
+        port = proxy.addresses["gateway:443"][1]
+        assert https_get(port, "httpbin.example.com", "/status/418", ca.pem) == (403, b"RBAC: access denied")
+        assert https_get(port, "httpbin.example.com", "/status/200", ca.pem)[0] == 200
+        with pytest.raises(ssl.SSLError):
+            served_certificate(port, "helloworld.example.com", ca.pem)
+        write_config(tmp_path / "config", "gw.yaml", services(upstream_app), HELLOWORLD,
+                     "---\n" + SECURE_INGRESS.split("---\n", 2)[2], DENY_SNI)
+        wait_until(lambda: "config version 2 loaded" in proxy.log, what="the reload")
+        assert served_certificate(port, "helloworld.example.com", ca.pem).serial_number == hello.serial
+        assert https_get(port, "helloworld.example.com", "/hello", ca.pem)[0] == 200
+    finally:
+        assert proxy.stop() == 0
