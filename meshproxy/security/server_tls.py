@@ -32,7 +32,14 @@ from typing import Final
 
 from ..istio import model as m
 from ..istio.problems import Problem
-from .certs import TLS12_CIPHERS, CertError, check_key_pair, load_certificates, load_private_key
+from .certs import (
+    TLS12_CIPHERS,
+    CertError,
+    check_key_pair,
+    load_certificates,
+    load_chain_and_key,
+    load_private_key,
+)
 from .peer import remember_sni
 
 log = logging.getLogger("meshproxy.security")
@@ -163,23 +170,34 @@ def _stamp(paths: Iterable[Path]) -> tuple[tuple[int, int, int, int] | None, ...
     return tuple(out)
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CertError(path, "missing") from None
+    except OSError as exc:
+        raise CertError(path, f"cannot read: {exc.strerror or exc}") from None
+
+
 def server_context(files: ServerFiles, handshake: Handshake) -> ssl.SSLContext:
-    """One server's context from its files; CertError naming the file that does not load."""
-    chain = load_certificates(files.cert)
-    key = load_private_key(files.key)
-    check_key_pair(chain[0], key, files.key, files.cert)
+    """One server's context from its files, each read once (a rotation may be writing them); CertError naming the
+    file that does not load."""
+    chain_pem, key_pem = _read(files.cert), _read(files.key)
+    chain = load_certificates(files.cert, chain_pem)
+    check_key_pair(chain[0], load_private_key(files.key, key_pem), files.key, files.cert)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = handshake.minimum
     context.maximum_version = handshake.maximum
     if handshake.ciphers:
         context.set_ciphers(handshake.ciphers)
     try:
-        context.load_cert_chain(str(files.cert), str(files.key))
-    except (ssl.SSLError, OSError) as exc:
+        load_chain_and_key(context, chain_pem, key_pem)
+    except ssl.SSLError as exc:
         raise CertError(files.cert, f"not usable as a server certificate with {files.key}: {exc}") from None
     if files.ca is not None:
-        load_certificates(files.ca)  # a clear message for a file that is not PEM certificates
-        context.load_verify_locations(cafile=str(files.ca))
+        ca_pem = _read(files.ca)
+        load_certificates(files.ca, ca_pem)  # a clear message for a file that is not PEM certificates
+        context.load_verify_locations(cadata=ca_pem.decode("ascii", errors="replace"))
     context.verify_mode = handshake.verify
     context.set_alpn_protocols(list(ALPN))
     return context
@@ -293,6 +311,12 @@ def _compile_port(number: int, servers: Sequence[tuple[m.Gateway, m.GatewayServe
             problems.append(Problem(origin.file, origin.doc, where, f"not usable: {exc}"))
             continue
         names = tuple(dict.fromkeys(h.rpartition("/")[2].lower() for h in server.hosts))
+        for name in names:  # Istio: conflicting servers, the first one wins
+            earlier = next((c for c in compiled if name in c.names), None)
+            if earlier is not None:
+                problems.append(Problem(origin.file, origin.doc, f"{server.path}.hosts",
+                                        f"{name!r} on port {number} is already served by {earlier.server.path}: "
+                                        f"that server's certificate is used", "warning"))
         compiled.append(CompiledServer(server, origin, files, handshake, names, context, _stamp(files.paths())))
     if compiled and plain:
         gateway, server = servers[0]
