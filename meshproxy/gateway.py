@@ -68,6 +68,8 @@ def check_ports(servers: dict[int, list[tuple[m.Gateway, m.GatewayServer]]],
     for number, entries in servers.items():
         for gateway, server in entries:
             origin = gateway.meta.origin
+            for path, message in server.unsupported:  # warned about at load; this gateway would serve it
+                problems.append(Problem(origin.file, origin.doc, path, message))
             if number in mapped and server.port.protocol not in HTTP_PROTOCOLS:
                 problems.append(Problem(origin.file, origin.doc, f"{server.path}.port.protocol",
                                         f"protocol {server.port.protocol} is not implemented on meshproxy's gateway "

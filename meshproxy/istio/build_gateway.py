@@ -1,5 +1,7 @@
-"""Gateway `servers` -> model, checked as Istio's webhook checks them (validateServer, validateTLSOptions), plus what
-meshproxy does not do yet: refused at load with a message that says so, never ignored (issue #16).
+"""Gateway `servers` -> model, checked as Istio's webhook checks them (validateServer, validateTLSOptions). What
+meshproxy's gateway does not do yet is a warning here (a sidecar loads Gateways it never serves) and kept on the
+server (`unsupported`): the gateway proxy that serves the Gateway refuses the config with those messages (gateway.py),
+never ignores them (issue #16).
 
 Certificate files are not read here (the loader is pure): security/server_tls.py reads them when a gateway proxy
 that serves the Gateway loads it, and names the file, document and field of any that does not load.
@@ -50,7 +52,20 @@ def _host(doc: DocProblems, host: str, path: str) -> None:
         doc.error(path, f"{host!r} is not a valid host name (a wildcard must be a whole leading label: *.example.com)")
 
 
-def _tls(doc: DocProblems, spec: Mapping[str, Any], path: str, protocol: str) -> m.ServerTLSSettings:
+class Unsupported:
+    """What one server asks that meshproxy's gateway does not do: warned about, kept for the gateway to refuse."""
+
+    def __init__(self, doc: DocProblems) -> None:
+        self.doc = doc
+        self.items: list[tuple[str, str]] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append((path, message))
+        self.doc.warn(path, message + " (a gateway serving this Gateway refuses it)")
+
+
+def _tls(doc: DocProblems, spec: Mapping[str, Any], path: str, protocol: str,
+         unsupported: Unsupported) -> m.ServerTLSSettings:
     mode = _enum(spec.get("mode"), TLS_MODES, "PASSTHROUGH")
     tls = m.ServerTLSSettings(
         mode=mode, https_redirect=bool(spec.get("httpsRedirect", False)),
@@ -61,9 +76,9 @@ def _tls(doc: DocProblems, spec: Mapping[str, Any], path: str, protocol: str) ->
         cipher_suites=tuple(spec.get("cipherSuites") or ()))
     for name, message in NOT_IMPLEMENTED.items():
         if spec.get(name):
-            doc.error(f"{path}.{name}", message)
+            unsupported.add(f"{path}.{name}", message)
     if spec.get("insecureSkipVerify"):
-        doc.error(f"{path}.insecureSkipVerify", "insecureSkipVerify is not implemented on a gateway server")
+        unsupported.add(f"{path}.insecureSkipVerify", "insecureSkipVerify is not implemented on a gateway server")
     files = bool(tls.server_certificate or tls.private_key or tls.ca_certificates)
     if protocol in TLS_PROTOCOLS:
         pass
@@ -77,10 +92,10 @@ def _tls(doc: DocProblems, spec: Mapping[str, Any], path: str, protocol: str) ->
     if tls.https_redirect:
         doc.warn(f"{path}.httpsRedirect", "httpsRedirect applies to plaintext HTTP servers only: ignored here, as Istio")
     if mode in ("PASSTHROUGH", "AUTO_PASSTHROUGH"):
-        doc.error(f"{path}.mode", f"tls mode {mode} is not implemented on meshproxy's gateway (it terminates TLS: "
+        unsupported.add(f"{path}.mode", f"tls mode {mode} is not implemented on meshproxy's gateway (it terminates TLS: "
                                   f"SIMPLE, MUTUAL, OPTIONAL_MUTUAL)")
     elif mode == "ISTIO_MUTUAL":
-        doc.error(f"{path}.mode", "tls mode ISTIO_MUTUAL is not implemented on meshproxy's gateway (SIMPLE, MUTUAL "
+        unsupported.add(f"{path}.mode", "tls mode ISTIO_MUTUAL is not implemented on meshproxy's gateway (SIMPLE, MUTUAL "
                                   "and OPTIONAL_MUTUAL are)")
     if mode not in TERMINATING:
         return tls
@@ -138,17 +153,19 @@ def build_gateway(doc: DocProblems, meta: m.Resource, spec: Mapping[str, Any]) -
             doc.error(f"{path}.hosts", "server config must contain at least one host")
         for j, host in enumerate(hosts):
             _host(doc, host, f"{path}.hosts[{j}]")
+        unsupported = Unsupported(doc)
         raw_tls = raw.get("tls")
         tls: m.ServerTLSSettings | None = None
         if isinstance(raw_tls, Mapping):
-            tls = _tls(doc, raw_tls, f"{path}.tls", protocol)
+            tls = _tls(doc, raw_tls, f"{path}.tls", protocol, unsupported)
         elif protocol in TLS_PROTOCOLS:
             doc.error(path, "server must have TLS settings for HTTPS/TLS protocols")
         if protocol == "TLS":
-            doc.error(f"{path}.port.protocol", "protocol TLS (TLS to TCP routes) is not implemented on meshproxy's "
+            unsupported.add(f"{path}.port.protocol", "protocol TLS (TLS to TCP routes) is not implemented on meshproxy's "
                                                "gateway: use HTTPS")
         if raw.get("bind"):
             doc.warn(f"{path}.bind", "bind is not used: the listener's address comes from --gateway-port")
         servers.append(m.GatewayServer(m.ServicePort(number, protocol, str(port.get("name") or "")),
-                                       tuple(h.lower() for h in hosts), tls, str(raw.get("name") or ""), path))
+                                       tuple(h.lower() for h in hosts), tls, str(raw.get("name") or ""), path,
+                                       tuple(unsupported.items)))
     return m.Gateway(meta=meta, selector=dict(spec.get("selector") or {}), servers=tuple(servers))

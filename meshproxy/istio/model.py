@@ -386,6 +386,7 @@ class GatewayServer:
     tls: ServerTLSSettings | None = None
     name: str = ""
     path: str = ""  # `spec.servers[i]`, for messages
+    unsupported: tuple[tuple[str, str], ...] = ()  # (field path, message): what meshproxy's gateway refuses
 
 
 @dataclass(frozen=True, slots=True)

@@ -510,3 +510,21 @@ def test_a_reload_adds_a_server_and_policies_see_the_sni(tmp_path: Path, ca: Tes
         assert https_get(port, "helloworld.example.com", "/hello", ca.pem)[0] == 200
     finally:
         assert proxy.stop() == 0
+
+
+def test_what_the_gateway_does_not_implement_is_refused_by_the_gateway_alone(tmp_path: Path,
+                                                                             upstream_app: Upstream) -> None:
+    passthrough = SECURE_INGRESS.replace("mode: SIMPLE", "mode: PASSTHROUGH").replace(
+        "credentialName: httpbin-credential # must be the same as secret", "")
+    config = write_config(tmp_path / "config", "gw.yaml", services(upstream_app), passthrough)
+    run = subprocess.run([sys.executable, "-m", "meshproxy", "run", "--config", str(config), "--admin", "off",
+                          "--listen", "off", "--gateway", "mygateway", "--gateway-port", "443=127.0.0.1:0"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert run.returncode == 2
+    assert "gw.yaml:2: spec.servers[0].tls.mode: tls mode PASSTHROUGH is not implemented on meshproxy's gateway" \
+        in run.stderr, run.stderr
+    sidecar = ProxyProcess(config)  # a sidecar never serves the Gateway: it loads, with the warning
+    try:
+        assert "warning: tls mode PASSTHROUGH is not implemented" in sidecar.log
+    finally:
+        assert sidecar.stop() == 0

@@ -46,14 +46,16 @@ HTTPS = "- port: {number: 443, name: https, protocol: HTTPS}\n  hosts: [a.exampl
     (HTTPS + "  tls: {mode: SIMPLE, credentialName: a, serverCertificate: /c, privateKey: /k}", [
         "gw.yaml:0: spec.servers[0].tls: only one of credential_name, credential_names, "
         "server_certificate/private_key, tls_certificates should be specified"]),
+    # what meshproxy's gateway does not do: a warning for every proxy, an error for the gateway serving it
     (HTTPS + "  tls: {mode: PASSTHROUGH}", [
-        "gw.yaml:0: spec.servers[0].tls.mode: tls mode PASSTHROUGH is not implemented on meshproxy's gateway (it "
-        "terminates TLS: SIMPLE, MUTUAL, OPTIONAL_MUTUAL)"]),
+        "gw.yaml:0: spec.servers[0].tls.mode: warning: tls mode PASSTHROUGH is not implemented on meshproxy's gateway "
+        "(it terminates TLS: SIMPLE, MUTUAL, OPTIONAL_MUTUAL) (a gateway serving this Gateway refuses it)"]),
     (HTTPS + "  tls: {mode: ISTIO_MUTUAL}", [
-        "gw.yaml:0: spec.servers[0].tls.mode: tls mode ISTIO_MUTUAL is not implemented on meshproxy's gateway "
-        "(SIMPLE, MUTUAL and OPTIONAL_MUTUAL are)"]),
+        "gw.yaml:0: spec.servers[0].tls.mode: warning: tls mode ISTIO_MUTUAL is not implemented on meshproxy's "
+        "gateway (SIMPLE, MUTUAL and OPTIONAL_MUTUAL are) (a gateway serving this Gateway refuses it)"]),
     (HTTPS + "  tls: {mode: SIMPLE, credentialName: a, caCrl: /crl}", [
-        "gw.yaml:0: spec.servers[0].tls.caCrl: certificate revocation lists (caCrl) are not implemented"]),
+        "gw.yaml:0: spec.servers[0].tls.caCrl: warning: certificate revocation lists (caCrl) are not implemented "
+        "(a gateway serving this Gateway refuses it)"]),
     (HTTPS + "  tls: {mode: SIMPLE, credentialName: a, minProtocolVersion: TLSV1_3, maxProtocolVersion: TLSV1_2}", [
         "gw.yaml:0: spec.servers[0].tls.maxProtocolVersion: TLSV1_2 is below minProtocolVersion TLSV1_3"]),
     ("- port: {number: 80, name: http, protocol: HTTP}\n  hosts: ['*']\n  tls: {httpsRedirect: true}", []),
@@ -183,3 +185,11 @@ def test_credential_folders_in_istio_secret_layouts(tmp_path: Path) -> None:
     (tmp_path / "generic-cacert" / "cacert").unlink()
     with pytest.raises(ServerTLSError, match="MUTUAL TLS needs the client CA"):
         credential_files(str(tmp_path), "generic", wants_ca=True)
+
+
+def test_what_the_gateway_refuses_is_kept_on_the_server() -> None:
+    problems: list[Problem] = []
+    (gateway,) = load_text(gateway_doc(HTTPS + "  tls: {mode: SIMPLE, credentialName: a, subjectAltNames: [x]}"),
+                           "gw.yaml", problems)
+    assert gateway.servers[0].unsupported == (
+        ("spec.servers[0].tls.subjectAltNames", "checking the client certificate's subjectAltNames is not implemented"),)
