@@ -1,7 +1,11 @@
 """One gateway port's route table, compiled at load: Istio builds a route configuration per gateway port holding
 the virtual hosts of the VirtualServices bound to the gateway whose hosts meet the port's servers' `hosts`; a
 request for any other host gets 404 (`NR`). A plaintext server with `tls.httpsRedirect: true` answers every
-request for its hosts with Envoy's `require_tls: ALL`: 301 to `https://` + the request's Host + path.
+request for its hosts with Envoy's `require_tls: ALL`: 301 to `https://` + the request's Host + path. As on any edge
+listener of Envoy (Istio's gateways set use_remote_address), the client's `x-forwarded-proto` is replaced with the
+scheme of its connection, `https` on a TLS port: a request mutation set first on every destination of the port's
+routes (a route's own header operations still come after it, as Envoy's route headers follow the connection
+manager's).
 
 Pure (no I/O): the table is the proxy's whole gateway table narrowed once per load and per port, so a request
 costs what it costs on any listener.
@@ -9,19 +13,23 @@ costs what it costs on any listener.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from ..istio import model as m
 from .match import CATCH_ALL
-from .policy import ACTION_REDIRECT, Route
+from .picker import WeightedPicker
+from .policy import ACTION_REDIRECT, HeaderMutation, Route, merge_mutations
 from .rewrite import Redirect
 from .table import RouteTable, VirtualHost
 
 ANY_HOST: Final = "*"
 # Envoy's createSslRedirectPath: https:// + Host + path (the port the client named is kept; 443 is implied).
 HTTPS_REDIRECT: Final = Redirect(code=301, scheme=b"https", derive_port="FROM_REQUEST_PORT")
+FORWARDED_PROTO: Final = b"x-forwarded-proto"
+TERMINATING: Final = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
 
 
 def server_host(host: str) -> str:
@@ -50,18 +58,21 @@ class PortHosts:
     number: int
     hosts: tuple[str, ...]
     redirect: tuple[str, ...] = ()
+    tls: bool = False  # the port terminates TLS: x-forwarded-proto is https
 
     @classmethod
     def of(cls, number: int, servers: Iterable[m.GatewayServer]) -> PortHosts:
         hosts: dict[str, None] = {}
         redirect: dict[str, None] = {}
+        tls = False
         for server in servers:
+            tls = tls or (server.tls is not None and server.tls.mode in TERMINATING)
             for host in server.hosts:
                 name = server_host(host)
                 hosts.setdefault(name)
                 if server.tls is not None and server.tls.https_redirect and server.port.protocol != "HTTPS":
                     redirect.setdefault(name)
-        return cls(number, tuple(hosts), tuple(redirect))
+        return cls(number, tuple(hosts), tuple(redirect), tls)
 
 
 def port_table(table: RouteTable, port: PortHosts) -> RouteTable:
@@ -111,8 +122,29 @@ def port_table(table: RouteTable, port: PortHosts) -> RouteTable:
             if broader is not None:
                 add(p, broader)
     wildcards.sort(key=lambda item: len(item[0]), reverse=True)
-    return RouteTable(exact, tuple(wildcards), catch_all, table.version, None, port.number,
+    scheme = HeaderMutation(set=((FORWARDED_PROTO, b"https" if port.tls else b"http"),))
+    copies: dict[int, VirtualHost] = {}
+
+    def edge(vhost: VirtualHost) -> VirtualHost:
+        copy = copies.get(id(vhost))
+        if copy is None:
+            copy = copies[id(vhost)] = dataclasses.replace(
+                vhost, routes=tuple(_with_request_first(route, scheme) for route in vhost.routes))
+        return copy
+
+    return RouteTable({name: edge(v) for name, v in exact.items()}, tuple((s, edge(v)) for s, v in wildcards),
+                      edge(catch_all) if catch_all is not None else None, table.version, None, port.number,
                       security=table.security, policy=table.policy)
+
+
+def _with_request_first(route: Route, mutation: HeaderMutation) -> Route:
+    """The route with `mutation` applied to its requests before its own request header operations."""
+    picker = route.picker
+    if picker is None:  # a redirect or a direct response: nothing goes upstream
+        return route
+    choices = tuple(dataclasses.replace(d, request_headers=merge_mutations(mutation, d.request_headers))
+                    for d in picker.choices)
+    return dataclasses.replace(route, picker=WeightedPicker(choices, picker.upper_bounds, picker.total))
 
 
 def ports_of(gateways: Sequence[m.Gateway]) -> dict[int, list[m.GatewayServer]]:

@@ -184,9 +184,12 @@ def test_simple_tls_serves_istio_secure_ingress(tmp_path: Path, ca: TestCA, upst
     proxy = gateway(config, credentials)
     try:
         port = proxy.addresses["gateway:443"][1]
-        done = curl(port, "httpbin.example.com", "/status/418", tmp_path / "ca.crt")
+        done = curl(port, "httpbin.example.com", "/status/418", tmp_path / "ca.crt",
+                    "-H", "x-forwarded-proto: http")
         assert done.stdout == "418", done.stderr
         assert upstream_app.requests[-1]["path"] == "/status/418"
+        # Envoy at the edge: the scheme of the client's connection, whatever the client said
+        assert [v for k, v in upstream_app.requests[-1]["headers"] if k.lower() == b"x-forwarded-proto"] == [b"https"]
         # a host the port's servers do not name: 404 NR (no virtual host), though its certificate is refused first
         # by curl; Python's client without host check shows the route side
         status, _ = https_get(port, "httpbin.example.com", "/headers", ca.pem)

@@ -122,6 +122,8 @@ def test_a_port_serves_the_hosts_of_its_servers_only() -> None:
     assert vs_of(narrow, b"api.example.net") == "default/rest"  # a server host reached through the "*" VS
     assert vs_of(narrow, b"other.example.com") is None  # 404 NR: no server of the port names it
     assert narrow.default_port == 443
+    (dest,) = narrow.exact["shop.example.com"].routes[0].picker.choices  # type: ignore[union-attr]
+    assert dest.request_headers.set == ((b"x-forwarded-proto", b"https"),)  # a TLS port: the client's scheme
     everything = port_table(table, PortHosts.of(8443, [s for s in gateway.servers if s.port.number == 8443]))
     assert vs_of(everything, b"other.example.com") == "default/rest"
 
