@@ -136,11 +136,11 @@ class Settings:
     # inbound listeners take mutual TLS in `inbound_tls` mode (STRICT, PERMISSIVE or DISABLE; "": PERMISSIVE,
     # Istio's default) and ISTIO_MUTUAL / auto mTLS work upstream. Without it, everything stays plaintext.
     cert_dir: str | None = None
+    inbound_tls: str = ""
+    cert_poll_interval: float = 1.0
     # Gateway ports (gateway.py): each Gateway server port with a listener, and credentialName's folders.
     gateway_ports: tuple[GatewayPortSpec, ...] = ()
     credentials_dir: str | None = None
-    inbound_tls: str = ""
-    cert_poll_interval: float = 1.0
     # pilot-agent's ports (status_ports.py), on all addresses; None: off. The CLI turns them on with --transparent.
     status_port: int | None = None  # /stats/prometheus: the proxy's metrics merged with the app's (15020)
     health_port: int | None = None  # /healthz/ready: the kubelet's readiness probe (15021)
