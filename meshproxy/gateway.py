@@ -1,9 +1,10 @@
 """Wiring of a gateway's server ports (`--gateway NAME --gateway-port NUMBER=[HOST:]PORT`): one listener per mapped
 Gateway port, serving the hosts of that port's servers, terminating TLS as their `tls` says, answering httpsRedirect.
 
-Built by app.py when `--gateway-port` is given; nothing here runs otherwise. At each config load `prepare` checks the
-Gateways this proxy is and reads their certificate files (a problem is a load error naming file, document and
-field: the running config stays); `follow` installs what the accepted load prepared and gives each port its table.
+Built by app.py for a gateway proxy (`--gateway`); a sidecar never loads it. At each config load `prepare` checks the
+Gateways this proxy is (also without `--gateway-port`: a TLS server the plaintext `--listen` listener would serve is
+refused) and reads their certificate files (a problem is a load error naming file, document and field: the running
+config stays); `follow` installs what the accepted load prepared and gives each port its table.
 The routes are the gateway's own (VirtualServices bound to it), narrowed per port (routing/gateway_port.py); the TLS
 is security/server_tls.py's.
 """

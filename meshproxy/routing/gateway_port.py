@@ -14,7 +14,7 @@ costs what it costs on any listener.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -145,15 +145,6 @@ def _with_request_first(route: Route, mutation: HeaderMutation) -> Route:
     choices = tuple(dataclasses.replace(d, request_headers=merge_mutations(mutation, d.request_headers))
                     for d in picker.choices)
     return dataclasses.replace(route, picker=WeightedPicker(choices, picker.upper_bounds, picker.total))
-
-
-def ports_of(gateways: Sequence[m.Gateway]) -> dict[int, list[m.GatewayServer]]:
-    """The servers of these Gateways by port number, in declaration order."""
-    out: dict[int, list[m.GatewayServer]] = {}
-    for gateway in gateways:
-        for server in gateway.servers:
-            out.setdefault(server.port.number, []).append(server)
-    return out
 
 
 def serves(gateway: m.Gateway, names: Iterable[str]) -> bool:
