@@ -123,15 +123,16 @@ class GatewayPorts:
         problems = check_ports(servers, self.settings.gateway_ports, self.settings.listen is not None)
         mapped = {spec.number for spec in self.settings.gateway_ports}
         tls, tls_problems = compile_gateway_tls({n: s for n, s in servers.items() if n in mapped},
-                                                self.settings.credentials_dir)
+                                                self.settings.credentials_dir, self.settings.cert_dir)
         problems += tls_problems
         if self.secure is not None:  # a listener is TLS or plaintext for its life: never silently plaintext
             for number, entries in servers.items():
                 if number in mapped and (number in tls) != (number in self.secure):
                     gateway, server = entries[0]
+                    was = "with" if number in self.secure else "without"
                     problems.append(Problem(gateway.meta.origin.file, gateway.meta.origin.doc, f"{server.path}.tls",
-                                            f"port {number} was started {'with' if number in self.secure else 'without'}"
-                                            f" TLS: changing it needs a restart of the gateway"))
+                                            f"port {number} was started {was} TLS: changing it needs a restart of "
+                                            f"the gateway"))
         if any(p.severity == "error" for p in problems):
             raise ConfigError(problems)
         hosts = {number: PortHosts.of(number, (server for _, server in servers.get(number, ()))) for number in mapped}

@@ -17,7 +17,7 @@ from .problems import DocProblems
 
 TLS_MODES: Final = ("PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL")
 TLS_VERSIONS: Final = ("TLS_AUTO", "TLSV1_0", "TLSV1_1", "TLSV1_2", "TLSV1_3")
-TERMINATING: Final = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")  # the modes meshproxy's gateway terminates
+TERMINATING: Final = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL", "ISTIO_MUTUAL")  # the modes meshproxy's gateway terminates
 TLS_PROTOCOLS: Final = ("HTTPS", "TLS")  # Istio's protocol.IsTLS()
 HTTP_PROTOCOLS: Final = ("HTTP", "HTTP2", "GRPC", "GRPC-WEB", "HTTPS")  # served by the gateway's HTTP listener
 KNOWN_PROTOCOLS: Final = ("HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "TCP", "TLS", "REDIS", "MYSQL")
@@ -90,16 +90,19 @@ def _tls(doc: DocProblems, spec: Mapping[str, Any], path: str, protocol: str,
         doc.error(path, "server cannot have TLS settings for non HTTPS/TLS ports")
         return tls
     if tls.https_redirect:
-        doc.warn(f"{path}.httpsRedirect", "httpsRedirect applies to plaintext HTTP servers only: ignored here, as Istio")
+        doc.warn(f"{path}.httpsRedirect", "httpsRedirect applies to plaintext HTTP servers only: ignored here, as "
+                                          "Istio")
     if mode in ("PASSTHROUGH", "AUTO_PASSTHROUGH"):
-        unsupported.add(f"{path}.mode", f"tls mode {mode} is not implemented on meshproxy's gateway (it terminates TLS: "
-                                  f"SIMPLE, MUTUAL, OPTIONAL_MUTUAL)")
-    elif mode == "ISTIO_MUTUAL":
-        unsupported.add(f"{path}.mode", "tls mode ISTIO_MUTUAL is not implemented on meshproxy's gateway (SIMPLE, MUTUAL "
-                                  "and OPTIONAL_MUTUAL are)")
+        unsupported.add(f"{path}.mode", f"tls mode {mode} is not implemented on meshproxy's gateway (it terminates "
+                                        f"TLS: SIMPLE, MUTUAL, OPTIONAL_MUTUAL, ISTIO_MUTUAL)")
     if mode not in TERMINATING:
         return tls
-    if tls.credential_name and (tls.server_certificate or tls.private_key):
+    if mode == "ISTIO_MUTUAL":  # the workload certificates (--cert-dir), nothing else
+        for name, what in (("serverCertificate", "server certificate"), ("privateKey", "private key"),
+                           ("caCertificates", "CA bundle"), ("credentialName", "credentialName")):
+            if spec.get(name):
+                doc.error(f"{path}.{name}", f"ISTIO_MUTUAL TLS cannot have associated {what}")
+    elif tls.credential_name and (tls.server_certificate or tls.private_key):
         doc.error(path, "only one of credential_name, credential_names, server_certificate/private_key, "
                         "tls_certificates should be specified")
     elif not tls.credential_name:
@@ -110,7 +113,7 @@ def _tls(doc: DocProblems, spec: Mapping[str, Any], path: str, protocol: str,
             doc.error(f"{path}.privateKey", f"{prefix} requires a private key")
         if mode != "SIMPLE" and not tls.ca_certificates:
             doc.error(f"{path}.caCertificates", f"{prefix} requires a client CA bundle")
-    if tls.credential_name and tls.ca_certificates:
+    if mode != "ISTIO_MUTUAL" and tls.credential_name and tls.ca_certificates:
         doc.warn(f"{path}.caCertificates", "with credentialName the CA comes from the credential (its ca.crt or "
                                            "cacert, or the <credentialName>-cacert folder): this file is not read")
     versions = TLS_VERSIONS.index
@@ -161,8 +164,8 @@ def build_gateway(doc: DocProblems, meta: m.Resource, spec: Mapping[str, Any]) -
         elif protocol in TLS_PROTOCOLS:
             doc.error(path, "server must have TLS settings for HTTPS/TLS protocols")
         if protocol == "TLS":
-            unsupported.add(f"{path}.port.protocol", "protocol TLS (TLS to TCP routes) is not implemented on meshproxy's "
-                                               "gateway: use HTTPS")
+            unsupported.add(f"{path}.port.protocol", "protocol TLS (TLS to TCP routes) is not implemented on "
+                                                     "meshproxy's gateway: use HTTPS")
         if raw.get("bind"):
             doc.warn(f"{path}.bind", "bind is not used: the listener's address comes from --gateway-port")
         servers.append(m.GatewayServer(m.ServicePort(number, protocol, str(port.get("name") or "")),

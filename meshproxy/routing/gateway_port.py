@@ -29,7 +29,7 @@ ANY_HOST: Final = "*"
 # Envoy's createSslRedirectPath: https:// + Host + path (the port the client named is kept; 443 is implied).
 HTTPS_REDIRECT: Final = Redirect(code=301, scheme=b"https", derive_port="FROM_REQUEST_PORT")
 FORWARDED_PROTO: Final = b"x-forwarded-proto"
-TERMINATING: Final = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
+TERMINATING: Final = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL", "ISTIO_MUTUAL")
 
 
 def server_host(host: str) -> str:

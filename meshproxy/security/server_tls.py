@@ -1,11 +1,13 @@
-"""The ingress gateway's TLS termination: a Gateway's `servers[].tls` (SIMPLE, MUTUAL, OPTIONAL_MUTUAL) compiled at
-load into one TLS context per server, grouped per listener port, the server picked by SNI as Envoy's filter chain
-match picks it.
+"""The ingress gateway's TLS termination: a Gateway's `servers[].tls` (SIMPLE, MUTUAL, OPTIONAL_MUTUAL, ISTIO_MUTUAL)
+compiled at load into one TLS context per server, grouped per listener port, the server picked by SNI as Envoy's
+filter chain match picks it.
 
 - **Files**: `serverCertificate`, `privateKey`, `caCertificates` are paths; `credentialName: NAME` is a folder
   `--credentials-dir DIR/NAME/` in the layout of the Kubernetes secrets Istio reads: `cert`, `key`, `cacert` (a
   generic secret) or `tls.crt`, `tls.key`, `ca.crt` (a TLS secret), the generic names first as in Istio's
   credentials controller; MUTUAL's CA may also be in `DIR/NAME-cacert/` (Istio's `<name>-cacert` secret).
+  ISTIO_MUTUAL uses the gateway's own workload certificates (`--cert-dir`: cert-chain.pem, key.pem) and requires a
+  client certificate from the mesh roots (root-cert.pem), as Istio's gateways do with their SDS identity.
 - **SNI**, as Envoy's `server_names` (istiod gives a server's hosts, none when a host is `*`): an exact name first,
   then the longest wildcard suffix, then a server whose hosts include `*`; no SNI, or an SNI no server names, with
   no `*` server: the handshake fails (`unrecognized_name`), as Envoy finds no filter chain and closes.
@@ -33,6 +35,9 @@ from typing import Final
 from ..istio import model as m
 from ..istio.problems import Problem
 from .certs import (
+    CERT_CHAIN,
+    KEY,
+    ROOT_CERT,
     TLS12_CIPHERS,
     CertError,
     check_key_pair,
@@ -53,7 +58,8 @@ VERSIONS: Final = {"TLSV1_0": ssl.TLSVersion.TLSv1, "TLSV1_1": ssl.TLSVersion.TL
 DEFAULT_MIN: Final = ssl.TLSVersion.TLSv1_2  # Istio's gateway default
 DEFAULT_MAX: Final = ssl.TLSVersion.TLSv1_3
 ALPN: Final = ("http/1.1",)
-VERIFY: Final = {"SIMPLE": ssl.CERT_NONE, "MUTUAL": ssl.CERT_REQUIRED, "OPTIONAL_MUTUAL": ssl.CERT_OPTIONAL}
+VERIFY: Final = {"SIMPLE": ssl.CERT_NONE, "MUTUAL": ssl.CERT_REQUIRED, "OPTIONAL_MUTUAL": ssl.CERT_OPTIONAL,
+                  "ISTIO_MUTUAL": ssl.CERT_REQUIRED}
 ANY_HOST: Final = "*"
 
 
@@ -115,7 +121,13 @@ def credential_files(credentials_dir: str | None, name: str, wants_ca: bool) -> 
     return ServerFiles(folder / cert_name, folder / key_name, ca, where, where, where)
 
 
-def server_files(tls: m.ServerTLSSettings, credentials_dir: str | None) -> ServerFiles:
+def server_files(tls: m.ServerTLSSettings, credentials_dir: str | None, cert_dir: str | None = None) -> ServerFiles:
+    if tls.mode == "ISTIO_MUTUAL":  # the gateway's workload certificates; clients verified against the mesh roots
+        if not cert_dir:
+            raise ServerTLSError("tls.mode", "tls mode ISTIO_MUTUAL needs the gateway's workload certificates: start "
+                                             "it with --cert-dir (`meshproxy ca issue` makes a folder)")
+        folder = Path(cert_dir)
+        return ServerFiles(folder / CERT_CHAIN, folder / KEY, folder / ROOT_CERT, "tls.mode", "tls.mode", "tls.mode")
     wants_ca = tls.mode != "SIMPLE"
     if tls.credential_name:
         return credential_files(credentials_dir, tls.credential_name, wants_ca)
@@ -267,7 +279,7 @@ class PortTLS:
 
 
 def _compile_port(number: int, servers: Sequence[tuple[m.Gateway, m.GatewayServer]], credentials_dir: str | None,
-                  problems: list[Problem]) -> PortTLS | None:
+                  cert_dir: str | None, problems: list[Problem]) -> PortTLS | None:
     compiled: list[CompiledServer] = []
     plain: list[m.GatewayServer] = []
     first: tuple[m.GatewayServer, Handshake] | None = None
@@ -296,7 +308,7 @@ def _compile_port(number: int, servers: Sequence[tuple[m.Gateway, m.GatewayServe
                                     f"connection settles them before SNI picks the server); use separate ports"))
             continue
         try:
-            files = server_files(tls, credentials_dir)
+            files = server_files(tls, credentials_dir, cert_dir)
             context = server_context(files, handshake)
         except ServerTLSError as exc:
             problems.append(Problem(origin.file, origin.doc, f"{server.path}.{exc.field}", exc.message))
@@ -305,7 +317,8 @@ def _compile_port(number: int, servers: Sequence[tuple[m.Gateway, m.GatewayServe
             field_name = next((name for name, path in ((files.cert_field, files.cert), (files.key_field, files.key),
                                                          (files.ca_field, files.ca)) if str(path) == exc.path),
                               "tls")
-            problems.append(Problem(origin.file, origin.doc, f"{server.path}.{field_name}", f"{exc.path}: {exc.reason}"))
+            problems.append(Problem(origin.file, origin.doc, f"{server.path}.{field_name}",
+                                    f"{exc.path}: {exc.reason}"))
             continue
         except (ssl.SSLError, ValueError) as exc:
             problems.append(Problem(origin.file, origin.doc, where, f"not usable: {exc}"))
@@ -328,13 +341,14 @@ def _compile_port(number: int, servers: Sequence[tuple[m.Gateway, m.GatewayServe
 
 
 def compile_gateway_tls(servers_by_port: dict[int, list[tuple[m.Gateway, m.GatewayServer]]],
-                        credentials_dir: str | None) -> tuple[dict[int, PortTLS], list[Problem]]:
+                        credentials_dir: str | None, cert_dir: str | None = None
+                        ) -> tuple[dict[int, PortTLS], list[Problem]]:
     """Every TLS port of the gateway: its servers' contexts, read from their files now. Problems with severity
     "error" make the load fail."""
     problems: list[Problem] = []
     ports: dict[int, PortTLS] = {}
     for number, servers in servers_by_port.items():
-        port = _compile_port(number, servers, credentials_dir, problems)
+        port = _compile_port(number, servers, credentials_dir, cert_dir, problems)
         if port is not None:
             ports[number] = port
     return ports, problems

@@ -19,6 +19,7 @@ from cryptography import x509
 
 from harness import REPO, ProxyProcess, Upstream, service_entry, write_config
 from server_certs import TestCA, write_secret
+from tls_peers import make_mesh
 from waiting import wait_until
 
 CURL = shutil.which("curl")
@@ -391,7 +392,8 @@ def test_istio_bookinfo_gateway_on_its_own_port(tmp_path: Path, upstream_app: Up
     """Istio's bookinfo-gateway.yaml (samples/bookinfo/networking) unchanged: its plaintext port 8080."""
     config = write_config(tmp_path / "config", "services.yaml", service_entry("productpage", [(upstream_app.port, {})]))
     proxy = ProxyProcess(config, REPO / "config" / "bookinfo" / "bookinfo-gateway.yaml",
-                         args=["--gateway", "bookinfo-gateway", "--listen", "off", "--gateway-port", "8080=127.0.0.1:0"])
+                         args=["--gateway", "bookinfo-gateway", "--listen", "off",
+                               "--gateway-port", "8080=127.0.0.1:0"])
     try:
         port = proxy.addresses["gateway:8080"][1]
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -531,3 +533,71 @@ def test_what_the_gateway_does_not_implement_is_refused_by_the_gateway_alone(tmp
         assert "warning: tls mode PASSTHROUGH is not implemented" in sidecar.log
     finally:
         assert sidecar.stop() == 0
+
+
+ISTIO_MUTUAL = """---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: mygateway
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+  - port: {number: 443, name: tls-mesh, protocol: HTTPS}
+    hosts: ["*"]
+    tls: {mode: ISTIO_MUTUAL}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-client, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]}]
+"""
+
+
+def test_istio_mutual_takes_mesh_workloads_with_their_identity(tmp_path: Path, upstream_app: Upstream) -> None:
+    """ISTIO_MUTUAL: the gateway's workload certificate; clients need one from the mesh roots, and their SPIFFE
+    identity is the principal AuthorizationPolicies see."""
+    mesh = make_mesh(tmp_path)
+    own = mesh.workload(tmp_path / "gateway-certs", "istio-system", "istio-ingressgateway-service-account")
+    client = mesh.workload(tmp_path / "client", "default", "client")
+    other = mesh.workload(tmp_path / "other", "default", "other")
+    config = write_config(tmp_path / "config", "gw.yaml", services(upstream_app), ISTIO_MUTUAL,
+                          "---\n" + SECURE_INGRESS.split("---\n", 2)[2])
+    proxy = ProxyProcess(config, args=["--gateway", "mygateway", "--namespace", "istio-system",
+                                       "--label", "istio=ingressgateway", "--listen", "off",
+                                       "--gateway-port", "443=127.0.0.1:0", "--cert-dir", str(own)])
+    try:
+        port = proxy.addresses["gateway:443"][1]
+        roots = mesh.roots.read_bytes()
+
+        def get(workload: Path | None) -> int:
+            context = ssl.create_default_context(cadata=roots.decode())
+            context.check_hostname = False  # a SPIFFE identity is no host name
+            if workload is not None:
+                context.load_cert_chain(workload / "cert-chain.pem", workload / "key.pem")
+            conn = http.client.HTTPSConnection("httpbin.example.com", port, timeout=10, context=context)
+            conn.sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                            server_hostname="httpbin.example.com")
+            conn.request("GET", "/status/200")
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        assert get(client) == 200
+        assert get(other) == 403  # RBAC: the principal is not the allowed one
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            get(None)  # no client certificate
+        assert len(upstream_app.requests) == 1
+    finally:
+        assert proxy.stop() == 0
+
+    # without the workload certificates the gateway cannot serve ISTIO_MUTUAL: a load error, not plaintext
+    run = subprocess.run([sys.executable, "-m", "meshproxy", "run", "--config", str(config), "--admin", "off",
+                          "--listen", "off", "--gateway", "mygateway", "--gateway-port", "443=127.0.0.1:0"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert run.returncode == 2
+    assert "gw.yaml:2: spec.servers[0].tls.mode: tls mode ISTIO_MUTUAL needs the gateway's workload certificates" \
+        in run.stderr, run.stderr

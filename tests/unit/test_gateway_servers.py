@@ -49,10 +49,11 @@ HTTPS = "- port: {number: 443, name: https, protocol: HTTPS}\n  hosts: [a.exampl
     # what meshproxy's gateway does not do: a warning for every proxy, an error for the gateway serving it
     (HTTPS + "  tls: {mode: PASSTHROUGH}", [
         "gw.yaml:0: spec.servers[0].tls.mode: warning: tls mode PASSTHROUGH is not implemented on meshproxy's gateway "
-        "(it terminates TLS: SIMPLE, MUTUAL, OPTIONAL_MUTUAL) (a gateway serving this Gateway refuses it)"]),
-    (HTTPS + "  tls: {mode: ISTIO_MUTUAL}", [
-        "gw.yaml:0: spec.servers[0].tls.mode: warning: tls mode ISTIO_MUTUAL is not implemented on meshproxy's "
-        "gateway (SIMPLE, MUTUAL and OPTIONAL_MUTUAL are) (a gateway serving this Gateway refuses it)"]),
+        "(it terminates TLS: SIMPLE, MUTUAL, OPTIONAL_MUTUAL, ISTIO_MUTUAL) (a gateway serving this Gateway refuses "
+        "it)"]),
+    (HTTPS + "  tls: {mode: ISTIO_MUTUAL}", []),
+    (HTTPS + "  tls: {mode: ISTIO_MUTUAL, credentialName: a}", [
+        "gw.yaml:0: spec.servers[0].tls.credentialName: ISTIO_MUTUAL TLS cannot have associated credentialName"]),
     (HTTPS + "  tls: {mode: SIMPLE, credentialName: a, caCrl: /crl}", [
         "gw.yaml:0: spec.servers[0].tls.caCrl: warning: certificate revocation lists (caCrl) are not implemented "
         "(a gateway serving this Gateway refuses it)"]),
@@ -194,4 +195,5 @@ def test_what_the_gateway_refuses_is_kept_on_the_server() -> None:
     (gateway,) = load_text(gateway_doc(HTTPS + "  tls: {mode: SIMPLE, credentialName: a, subjectAltNames: [x]}"),
                            "gw.yaml", problems)
     assert gateway.servers[0].unsupported == (
-        ("spec.servers[0].tls.subjectAltNames", "checking the client certificate's subjectAltNames is not implemented"),)
+        ("spec.servers[0].tls.subjectAltNames",
+         "checking the client certificate's subjectAltNames is not implemented"),)
