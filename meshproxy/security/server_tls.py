@@ -13,7 +13,9 @@ filter chain match picks it.
   no `*` server: the handshake fails (`unrecognized_name`), as Envoy finds no filter chain and closes.
 - **One port, several servers**: Python's ssl switches the certificate and the trusted CA at SNI time, but the
   client-certificate request, protocol versions and cipher suites are the connection's before SNI is read; so the
-  TLS servers of one port must agree on those (a load error otherwise, naming the server).
+  TLS servers of one port must agree on those (a load error otherwise, naming the server). Sessions are kept by the
+  port's first context whichever server SNI picked, so a session could resume under another server than the one
+  that verified its client certificate: servers of one port that verify clients must trust the same client CA.
 - **Defaults**, as Istio's gateways: TLS 1.2 to 1.3, the ECDHE AEAD suites for TLS 1.2; ALPN `http/1.1` (the
   gateway's TLS listener speaks HTTP/1.1; Istio also offers h2).
 - **Rotation**: `GatewayTLS.poll()` stats the files of every server (as security/certs.py does for workload
@@ -224,6 +226,19 @@ class CompiledServer:
     names: tuple[str, ...]  # SNI names (hosts without namespace); "*" matches any SNI and none
     context: ssl.SSLContext
     stamp: tuple[tuple[int, int, int, int] | None, ...] = ()
+    client_ca: bytes = b""  # the CA bundle client certificates are verified against ("" when none is asked)
+
+
+def client_ca_of(files: ServerFiles) -> bytes:
+    return _read(files.ca) if files.ca is not None else b""
+
+
+def other_client_ca(servers: Sequence[CompiledServer]) -> CompiledServer | None:
+    """The first server that verifies clients against another CA than the port's first server (see the module
+    docstring: a session verified by one could resume under the other)."""
+    if len(servers) < 2 or servers[0].handshake.verify == ssl.CERT_NONE:
+        return None
+    return next((c for c in servers[1:] if c.client_ca != servers[0].client_ca), None)
 
 
 @dataclass(slots=True)
@@ -310,6 +325,7 @@ def _compile_port(number: int, servers: Sequence[tuple[m.Gateway, m.GatewayServe
         try:
             files = server_files(tls, credentials_dir, cert_dir)
             context = server_context(files, handshake)
+            client_ca = client_ca_of(files)
         except ServerTLSError as exc:
             problems.append(Problem(origin.file, origin.doc, f"{server.path}.{exc.field}", exc.message))
             continue
@@ -330,7 +346,15 @@ def _compile_port(number: int, servers: Sequence[tuple[m.Gateway, m.GatewayServe
                 problems.append(Problem(origin.file, origin.doc, f"{server.path}.hosts",
                                         f"{name!r} on port {number} is already served by {earlier.server.path}: "
                                         f"that server's certificate is used", "warning"))
-        compiled.append(CompiledServer(server, origin, files, handshake, names, context, _stamp(files.paths())))
+        compiled.append(CompiledServer(server, origin, files, handshake, names, context, _stamp(files.paths()),
+                                       client_ca))
+    other = other_client_ca(compiled)
+    if other is not None:
+        problems.append(Problem(other.origin.file, other.origin.doc, f"{other.server.path}.tls",
+                                f"port {number} has servers that verify client certificates against different CAs "
+                                f"({compiled[0].server.path} and this one): not implemented (a TLS session of one could "
+                                f"resume under the other); use separate ports"))
+        return None
     if compiled and plain:
         gateway, server = servers[0]
         problems.append(Problem(gateway.meta.origin.file, gateway.meta.origin.doc, plain[0].path,
@@ -387,8 +411,11 @@ class GatewayTLS:
                 continue
             try:
                 servers = [CompiledServer(c.server, c.origin, c.files, c.handshake, c.names,
-                                          server_context(c.files, c.handshake), stamp)
+                                          server_context(c.files, c.handshake), stamp, client_ca_of(c.files))
                            for c, stamp in zip(port.servers, stamps)]
+                other = other_client_ca(servers)
+                if other is not None:
+                    raise ValueError(f"{other.files.ca} is not the client CA of the port's other servers")
             except (CertError, ssl.SSLError, ValueError) as exc:
                 if stamps != self.suspect.get(number):  # perhaps between two writes: an error when it fails twice
                     self.suspect[number] = stamps

@@ -601,3 +601,55 @@ def test_istio_mutual_takes_mesh_workloads_with_their_identity(tmp_path: Path, u
     assert run.returncode == 2
     assert "gw.yaml:2: spec.servers[0].tls.mode: tls mode ISTIO_MUTUAL needs the gateway's workload certificates" \
         in run.stderr, run.stderr
+
+
+TWO_MUTUAL = """---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata:
+  name: mygateway
+spec:
+  selector:
+    istio: ingressgateway
+  servers:
+  - port: {number: 443, name: https-httpbin, protocol: HTTPS}
+    hosts: [httpbin.example.com]
+    tls: {mode: MUTUAL, credentialName: httpbin-credential}
+  - port: {number: 443, name: https-helloworld, protocol: HTTPS}
+    hosts: [helloworld.example.com]
+    tls: {mode: MUTUAL, credentialName: helloworld-credential}
+"""
+
+
+def test_mutual_servers_of_one_port_share_their_client_ca(tmp_path: Path, ca: TestCA, upstream_app: Upstream) -> None:
+    """Two MUTUAL servers on one port: with one client CA both serve by SNI; with different ones the gateway refuses
+    the config (a session verified by one server's CA could resume under the other, the port's TLS sessions being
+    shared), and a rotation that makes them differ keeps the running certificates."""
+    credentials = tmp_path / "credentials"
+    hello = ca.issue("helloworld.example.com", ("helloworld.example.com",))
+    write_secret(credentials / "httpbin-credential", ca.issue("httpbin.example.com", ("httpbin.example.com",)),
+                 ca=ca.pem)
+    write_secret(credentials / "helloworld-credential", hello, ca=ca.pem)
+    client = ca.issue("client.example.com", client=True)
+    (tmp_path / "client.crt").write_bytes(client.cert)
+    (tmp_path / "client.key").write_bytes(client.key)
+    config = write_config(tmp_path / "config", "gw.yaml", services(upstream_app), TWO_MUTUAL,
+                          "---\n" + SECURE_INGRESS.split("---\n", 2)[2], "---\n" + HELLOWORLD.split("---\n", 2)[2])
+    proxy = gateway(config, credentials)
+    try:
+        port = proxy.addresses["gateway:443"][1]
+        pair = (tmp_path / "client.crt", tmp_path / "client.key")
+        assert https_get(port, "httpbin.example.com", "/status/200", ca.pem, client=pair)[0] == 200
+        assert https_get(port, "helloworld.example.com", "/hello", ca.pem, client=pair)[0] == 200
+        write_secret(credentials / "helloworld-credential", hello, ca=TestCA("helloworld clients").pem)
+        wait_until(lambda: "rotated certificates rejected" in proxy.log, what="the rotation rejected")
+        assert "is not the client CA of the port's other servers" in proxy.log
+        assert https_get(port, "helloworld.example.com", "/hello", ca.pem, client=pair)[0] == 200
+    finally:
+        assert proxy.stop() == 0
+    run = subprocess.run([sys.executable, "-m", "meshproxy", "run", "--config", str(config), "--admin", "off",
+                          "--listen", "off", "--gateway", "mygateway", "--gateway-port", "443=127.0.0.1:0",
+                          "--credentials-dir", str(credentials)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert run.returncode == 2
+    assert "gw.yaml:2: spec.servers[1].tls: port 443 has servers that verify client certificates against different " \
+           "CAs" in run.stderr, run.stderr
