@@ -47,6 +47,7 @@ from .telemetry.core import MeshTelemetry, Telemetry
 
 if TYPE_CHECKING:
     from .admin import AdminServer, ProxyAdmin
+    from .gateway import GatewayPorts
     from .interception import Interceptions
     from .status_ports import StatusPorts
     from .proxy.tcp import TcpProxy
@@ -72,8 +73,8 @@ def inbound_table(spec: InboundSpec) -> RouteTable:
     return inbound_route_table(spec.app)
 
 
-def load_config(settings: Settings, jwks: JwksCache | None = None, upstream_tls: UpstreamTLSCompiler | None = None
-                ) -> tuple[RouteTable, Snapshot, list[Problem]]:
+def load_config(settings: Settings, jwks: JwksCache | None = None, upstream_tls: UpstreamTLSCompiler | None = None,
+                gateway: GatewayPorts | None = None) -> tuple[RouteTable, Snapshot, list[Problem]]:
     """Load and compile (routes, and the security policy of this workload in `table.security`); raises
     ConfigError. Warnings are returned, not raised. With `upstream_tls`, every DestinationRule tls must load (its
     certificate files, or the workload certificates ISTIO_MUTUAL needs)."""
@@ -95,6 +96,8 @@ def load_config(settings: Settings, jwks: JwksCache | None = None, upstream_tls:
         if errors:
             raise ConfigError(errors + problems)
         upstream_tls.cache.clear()  # contexts are made again from the files as they are now
+    if gateway is not None:  # the gateway's server ports: their hosts and TLS files (gateway.py)
+        problems += gateway.prepare(result.snapshot)
     return table, result.snapshot, problems
 
 
@@ -106,8 +109,14 @@ class ProxyApp:
         # upstream TLS of every cluster, compiled with each config load.
         self.certs = CertStore(settings.cert_dir) if settings.cert_dir else None
         self.upstream_tls = UpstreamTLSCompiler(self.certs)
+        self.gateway: GatewayPorts | None = None  # a gateway's server ports (--gateway-port; gateway.py)
+        if "mesh" not in settings.gateways:
+            from .gateway import GatewayPorts
+
+            self.gateway = GatewayPorts(settings)
         # file watch, SIGHUP and POST /reload all reload through this one object
-        self.reloader = ConfigReloader(settings.config, lambda: load_config(settings, self.jwks, self.upstream_tls),
+        self.reloader = ConfigReloader(settings.config, lambda: load_config(settings, self.jwks, self.upstream_tls,
+                                                                      self.gateway),
                                        self._follow)
         self.jwks_fetcher: JwksFetcher | None = None  # created in start(), inside the loop
         self.inbound_tables: dict[int, tuple[RouteTable, int]] = {}  # id(ctx) -> (routes, app port)
@@ -151,6 +160,8 @@ class ProxyApp:
             self.jwks_fetcher.start_new()
         if self.interceptions is not None:
             self.interceptions.follow(table)
+        if self.gateway is not None:
+            self.gateway.follow(table)
         for port, server in self.secure_servers.items():  # PeerAuthentication: new connections follow at once
             server.mode = self.inbound_tls_mode(port, table)
 
@@ -208,6 +219,9 @@ class ProxyApp:
                                   retry_reused=settings.retry_reused_connection)
             await self._listen(ctx, settings.listen)
             ctx.table = self._outbound_table(self.config.table)  # now with the port bound
+        if self.gateway is not None:
+            await self.gateway.start(self.config.table, self.pool, self.rng, self.clusters, self.access_log,
+                                     self.telemetry, budget, self.contexts, self.servers, self.addresses)
         for spec in settings.inbound:
             base = inbound_table(spec)
             table = enforcing(base, self.config.table, spec.app[1])
@@ -341,6 +355,8 @@ class ProxyApp:
             await self.status_ports.close()
         if self.certs is not None:
             self.certs.stop()
+        if self.gateway is not None:
+            self.gateway.stop()
         self.access_log.close()  # the lines of the last requests, before the process exits
 
     def _drain_listener(self, ctx: ListenerContext) -> None:

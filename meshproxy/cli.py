@@ -17,7 +17,7 @@ from .routing.policy import DEFAULT_RETRY_ATTEMPTS, DEFAULT_RETRY_ON
 
 if TYPE_CHECKING:
     from .istio.load import LoadResult
-from .settings import InboundSpec, InterceptSpec, Settings, parse_address
+from .settings import GatewayPortSpec, InboundSpec, InterceptSpec, Settings, parse_address
 from .sidecar import commands as sidecar_commands
 
 
@@ -33,6 +33,13 @@ def _address(_: click.Context, __: click.Parameter, value: str | None) -> tuple[
 def _inbound(_: click.Context, __: click.Parameter, values: Sequence[str]) -> tuple[InboundSpec, ...]:
     try:
         return tuple(InboundSpec.parse(v) for item in values for v in item.split())
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _gateway_ports(_: click.Context, __: click.Parameter, values: Sequence[str]) -> tuple[GatewayPortSpec, ...]:
+    try:
+        return tuple(GatewayPortSpec.parse(v) for item in values for v in item.replace(",", " ").split())
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
 
@@ -264,6 +271,13 @@ def main() -> None:
               help="Workload label key=value (repeatable, or comma-separated), for sourceLabels and telemetry.")
 @click.option("--gateway", "gateways", multiple=True, envvar="MESHPROXY_GATEWAYS",
               help="Act as this gateway (name or namespace/name) instead of a sidecar ('mesh').")
+@click.option("--gateway-port", "gateway_ports", multiple=True, envvar="MESHPROXY_GATEWAY_PORTS",
+              callback=_gateway_ports,
+              help="With --gateway: serve the Gateway servers of port NUMBER on [HOST:]PORT (repeatable), e.g. "
+                   "443=127.0.0.1:8443: their hosts only, TLS as their `tls` says, httpsRedirect.")
+@click.option("--credentials-dir", default=None, envvar="MESHPROXY_CREDENTIALS_DIR", type=click.Path(file_okay=False),
+              help="A gateway server's `credentialName: NAME` is the folder DIR/NAME/ (tls.crt, tls.key, ca.crt, or "
+                   "cert, key, cacert, as Istio's secrets), re-read when the files change.")
 @click.option("--drain-time", default=5.0, show_default=True, type=float, envvar="MESHPROXY_DRAIN_TIME",
               help="Seconds the drain after SIGTERM may take (Istio's terminationDrainDuration); then what is left "
                    "is closed.")
@@ -356,6 +370,8 @@ def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[
         retry_reused_connection=retry_reused_connection, cert_dir=cert_dir, inbound_tls=(inbound_tls or "").upper(),
         concurrency=resolve_concurrency(concurrency), **values,
     )
+    if settings.gateway_ports and "mesh" in settings.gateways:
+        raise click.BadParameter("serves a Gateway's ports: give --gateway NAME too", param_hint="--gateway-port")
     if settings.inbound_tls in ("STRICT", "PERMISSIVE") and not cert_dir:
         raise click.BadParameter(f"{settings.inbound_tls} needs the workload certificates: give --cert-dir",
                                  param_hint="--inbound-tls")

@@ -54,6 +54,23 @@ class InterceptSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayPortSpec:
+    """`NUMBER=[HOST:]PORT`: the Gateway servers of port NUMBER are served on HOST:PORT (`--gateway-port`), as a
+    Kubernetes Service maps a gateway's port 443 to its pod's 8443."""
+
+    number: int
+    listen: tuple[str, int]
+
+    @classmethod
+    def parse(cls, text: str) -> GatewayPortSpec:
+        number, sep, listen = text.partition("=")
+        if not sep or not number.strip().isdigit() or not 0 < int(number) < 65536:
+            raise ValueError(f"{text!r} is not NUMBER=[HOST:]PORT (e.g. 443=127.0.0.1:8443)")
+        listen = listen.strip()
+        return cls(int(number), parse_address(listen if ":" in listen else f":{listen}"))
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     config: tuple[str, ...] = ()
     listen: tuple[str, int] | None = ("127.0.0.1", 15001)  # outbound; None disables it
@@ -121,6 +138,9 @@ class Settings:
     cert_dir: str | None = None
     inbound_tls: str = ""
     cert_poll_interval: float = 1.0
+    # Gateway ports (gateway.py): each Gateway server port with a listener, and credentialName's folders.
+    gateway_ports: tuple[GatewayPortSpec, ...] = ()
+    credentials_dir: str | None = None
     # pilot-agent's ports (status_ports.py), on all addresses; None: off. The CLI turns them on with --transparent.
     status_port: int | None = None  # /stats/prometheus: the proxy's metrics merged with the app's (15020)
     health_port: int | None = None  # /healthz/ready: the kubelet's readiness probe (15021)

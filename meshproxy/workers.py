@@ -51,7 +51,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from .admin import AdminError, AdminServer, Handler, Reply, check_admin_address, serve_admin
 from .lifecycle import handle_signals, ignore_stop_signals
 from .messages import RequestHead
-from .settings import InboundSpec, Settings
+from .settings import GatewayPortSpec, InboundSpec, Settings
 
 if TYPE_CHECKING:
     from .status_ports import StatusPorts
@@ -162,11 +162,12 @@ def reserve_ports(settings: Settings) -> tuple[Settings, list[socket.socket]]:
 
         listen = concrete(settings.listen) if settings.listen is not None else None
         inbound = tuple(InboundSpec(concrete(spec.listen), spec.app) for spec in settings.inbound)
+        gateway_ports = tuple(GatewayPortSpec(spec.number, concrete(spec.listen)) for spec in settings.gateway_ports)
     except BaseException:
         for sock in held:
             sock.close()
         raise
-    return dataclasses.replace(settings, listen=listen, inbound=inbound), held
+    return dataclasses.replace(settings, listen=listen, inbound=inbound, gateway_ports=gateway_ports), held
 
 
 def worker_settings(settings: Settings, index: int) -> Settings:

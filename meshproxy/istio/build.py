@@ -690,15 +690,9 @@ def _build_service_entry(doc: DocProblems, meta: m.Resource, spec: Mapping[str, 
 
 
 def _build_gateway(doc: DocProblems, meta: m.Resource, spec: Mapping[str, Any]) -> m.Gateway:
-    servers = spec.get("servers") or []
-    if not servers:
-        doc.error("spec.servers", "at least one server is required")
-    for i, server in enumerate(servers):
-        tls = server.get("tls") if isinstance(server, Mapping) else None
-        if tls:  # security settings are never ignored silently (issue #16: gateway TLS is still to come)
-            doc.warn(f"spec.servers[{i}].tls", "TLS termination at a gateway is not implemented yet: the gateway's "
-                                               "listener (--listen) serves this server's hosts in plaintext")
-    return m.Gateway(meta=meta, selector=dict(spec.get("selector") or {}), servers=tuple(servers))
+    from .build_gateway import build_gateway  # servers and their TLS (issue #16)
+
+    return build_gateway(doc, meta, spec)
 
 
 def _build_workload_entry(doc: DocProblems, meta: m.Resource, spec: Mapping[str, Any]) -> None:

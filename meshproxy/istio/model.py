@@ -367,10 +367,35 @@ class ServiceEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerTLSSettings:
+    """A Gateway server's `tls` (istio/build_gateway.py checks it; security/server_tls.py compiles it)."""
+
+    mode: str = "PASSTHROUGH"  # Istio's enum default
+    https_redirect: bool = False
+    server_certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    credential_name: str = ""
+    min_protocol_version: str = "TLS_AUTO"
+    max_protocol_version: str = "TLS_AUTO"
+    cipher_suites: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayServer:
+    port: ServicePort  # number, protocol (upper case), name
+    hosts: tuple[str, ...]  # as written: `host`, `*`, `ns/host`
+    tls: ServerTLSSettings | None = None
+    name: str = ""
+    path: str = ""  # `spec.servers[i]`, for messages
+    unsupported: tuple[tuple[str, str], ...] = ()  # (field path, message): what meshproxy's gateway refuses
+
+
+@dataclass(frozen=True, slots=True)
 class Gateway:
     meta: Resource
     selector: Mapping[str, str]
-    servers: tuple[Mapping[str, Any], ...]
+    servers: tuple[GatewayServer, ...]
 
 
 # ---- security.istio.io: typed as written (lists of strings, validated by the loader); security/ compiles them.

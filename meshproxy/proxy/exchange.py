@@ -523,7 +523,8 @@ def _check(stream: Stream, policy: RequestPolicy) -> Verdict | None:
     """JWT authentication, then authorization (Envoy's jwt_authn and rbac filters, before the router); None: go on."""
     connection = stream.connection
     return policy.check(stream.head, connection.peer_ip, connection.peer_principal,
-                        _local_ip(connection) if policy.authz is not None and policy.authz.needs_local_ip else "")
+                        _local_ip(connection) if policy.authz is not None and policy.authz.needs_local_ip else "",
+                        connection.requested_server_name)  # connection.sni: the TLS connection's SNI
 
 
 def _reply_refused(stream: Stream, verdict: Verdict) -> None:

@@ -114,7 +114,8 @@ def test_bookinfo_gateway_and_its_virtual_service():
     (gateway,) = snapshot.gateways
     (vs,) = snapshot.virtual_services
     assert (gateway.meta.name, dict(gateway.selector)) == ("bookinfo-gateway", {"istio": "ingressgateway"})
-    assert gateway.servers[0]["port"] == {"number": 8080, "name": "http", "protocol": "HTTP"}
+    assert gateway.servers[0].port == m.ServicePort(8080, "HTTP", "http")
+    assert (gateway.servers[0].hosts, gateway.servers[0].tls) == (("*",), None)
     assert vs.hosts == ("*",)
     assert vs.gateways == ("bookinfo-gateway",)
     (route,) = vs.http
@@ -127,7 +128,7 @@ def test_bookinfo_gateway_and_its_virtual_service():
 def test_bookinfo_gateway_port_changed_from_80_to_8080():
     for folder, port in ((LEGACY_1_0, 80), (LEGACY_1_5, 80), (SAMPLES, 8080)):
         (gateway,) = load([folder / "bookinfo-gateway.yaml"]).snapshot.gateways
-        assert gateway.servers[0]["port"]["number"] == port
+        assert gateway.servers[0].port.number == port
 
 
 # ---------------------------------------------------------------- typed values

@@ -154,11 +154,13 @@ def test_spiffe_ids_principals_and_tls_detection() -> None:
     assert looks_like_tls(b"GE") is False and looks_like_tls(b"\x16") is None and looks_like_tls(b"") is None
 
 
-def test_gateway_tls_is_warned_about_not_ignored() -> None:
+def test_gateway_tls_loads_as_a_typed_server() -> None:
+    """Gateway TLS is read into the model (tests/unit/test_gateway_build.py has its checks); the files are read by the
+    gateway that serves it (tests/integration/test_gateway_tls.py)."""
     from meshproxy.istio.load import load_text
 
     problems: list = []
-    load_text("""apiVersion: networking.istio.io/v1
+    resources = load_text("""apiVersion: networking.istio.io/v1
 kind: Gateway
 metadata: {name: gw}
 spec:
@@ -168,9 +170,11 @@ spec:
     hosts: ["*"]
     tls: {mode: SIMPLE, serverCertificate: /etc/cert.pem, privateKey: /etc/key.pem}
 """, "gw.yaml", problems)
-    assert [str(p) for p in problems] == [
-        "gw.yaml:0: spec.servers[0].tls: warning: TLS termination at a gateway is not implemented yet: the "
-        "gateway's listener (--listen) serves this server's hosts in plaintext"]
+    assert problems == []
+    (gateway,) = resources
+    tls = gateway.servers[0].tls
+    assert tls is not None
+    assert (tls.mode, tls.server_certificate, tls.private_key) == ("SIMPLE", "/etc/cert.pem", "/etc/key.pem")
 
 
 def test_a_proxy_without_tls_does_not_import_cryptography() -> None:
