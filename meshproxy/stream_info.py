@@ -111,7 +111,7 @@ class L4Info:
     """What one proxied TCP connection was (Envoy's TCP proxy StreamInfo): read by telemetry at open and close."""
 
     __slots__ = ("connection", "cluster", "endpoint", "rule", "flags", "start", "received", "sent", "sni",
-                 "upstream_local", "series")
+                 "upstream_local", "series", "termination_details")
 
     def __init__(self, connection: ConnectionInfo, start: float) -> None:
         self.connection = connection
@@ -125,6 +125,7 @@ class L4Info:
         self.sni = ""  # the ClientHello's server name, for TLS passthrough
         self.upstream_local = ""
         self.series: Any = None  # telemetry's counters of this connection, bound at open
+        self.termination_details = ""  # why the proxy closed it (Envoy's %CONNECTION_TERMINATION_DETAILS%: rbac)
 
 
 def format_address(address: tuple[Any, ...] | None) -> str:

@@ -107,9 +107,10 @@ def label_values(reporter: str, source: Workload, destination: Workload, service
 
 
 def tcp_label_values(reporter: str, source: Workload, destination: Workload, service: Service, flags: str,
-                     security: str) -> tuple[str, ...]:
+                     security: str, source_principal: str = "", destination_principal: str = "") -> tuple[str, ...]:
     """One TCP series' label values, in TCP_LABELS order."""
-    values = label_values(reporter, source, destination, service, 0, flags, security, TCP_PROTOCOL)
+    values = label_values(reporter, source, destination, service, 0, flags, security, TCP_PROTOCOL,
+                          source_principal=source_principal, destination_principal=destination_principal)
     return values[:21] + values[23:]
 
 

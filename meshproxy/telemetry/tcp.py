@@ -6,7 +6,10 @@ are final (`UF` for a failed connect, `NC`, `UO`, or none); it binds the series 
 deltas every few seconds and at close); `on_close` counts it closed and writes the access-log line.
 
 Without mutual TLS there is no peer metadata exchange on plain TCP (Istio exchanges it over ALPN in mTLS), so the
-peer's workload labels are `unknown`, as Istio reports them for a plaintext TCP peer.
+peer's workload labels are `unknown`, as Istio reports them for a plaintext TCP peer. An inbound connection on mutual
+TLS reports `connection_security_policy="mutual_tls"` and the client's `source_principal` from its certificate.
+A connection the workload's AuthorizationPolicy refused is counted opened and closed with no response flag (Envoy's
+network RBAC filter sets none) and logged with `rbac_access_denied_matched_policy[...]` as its termination details.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import logging
 
 from ..stream_info import L4Info, flags_text
 from .access_log import AccessLog
-from .core import MeshTelemetry
-from .metrics import DESTINATION, SOURCE, UNKNOWN_SERVICE, Service, TcpSeries, tcp_label_values
+from .core import SPIFFE, MeshTelemetry
+from .metrics import (DESTINATION, MUTUAL_TLS, SOURCE, UNKNOWN_SERVICE, Service, TcpSeries,
+                      tcp_label_values)
 from .peer import UNKNOWN_WORKLOAD
 
 log = logging.getLogger("meshproxy.telemetry")
@@ -46,7 +50,7 @@ class TcpTelemetry:
                                         Service(own.canonical_service, own.canonical_service, own.namespace))
 
     def on_open(self, info: L4Info, service: Service) -> None:
-        series = self._series(service, info.flags)
+        series = self._series(service, info.flags, info.connection.peer_principal)
         if series is not None:
             series.opened += 1
             info.series = series
@@ -61,12 +65,15 @@ class TcpTelemetry:
         except Exception:  # telemetry must never break the connection it observes
             log.exception("telemetry failed for a TCP connection (%s)", self.listener)
 
-    def _series(self, service: Service, flags: int) -> TcpSeries | None:
+    def _series(self, service: Service, flags: int, principal: str = "") -> TcpSeries | None:
         mesh = self.mesh
         if mesh is None or mesh.metrics is None:
             return None
         text = flags_text(flags)
-        if self.inbound:
+        if self.inbound and principal:  # mutual TLS: the client's identity from its certificate, ours from --cert-dir
+            labels = tcp_label_values(DESTINATION, UNKNOWN_WORKLOAD, mesh.own, service, text, MUTUAL_TLS,
+                                      SPIFFE + principal, mesh.own_principal)
+        elif self.inbound:
             labels = tcp_label_values(DESTINATION, UNKNOWN_WORKLOAD, mesh.own, service, text, "none")
         else:
             labels = tcp_label_values(SOURCE, mesh.own, UNKNOWN_WORKLOAD, service, text, "unknown")
