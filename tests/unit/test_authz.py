@@ -424,3 +424,31 @@ def test_audit_for_tcp_marks_what_is_left_of_the_rule():
                                           action="AUDIT")), WORKLOAD, for_tcp=True)
     assert authz.audited(connection()) == "ns[foo]-policy[audit-posts]-rule[0]"
     assert authz.check(connection()).allowed
+
+
+def test_the_workload_policy_carries_a_tcp_authorizer_and_check_connection_decides_with_it(caplog):
+    import logging
+
+    from meshproxy.security.jwt_authn import JwksCache
+    from meshproxy.security.policy import check_connection, compile_workload_policy
+
+    text = policy("  rules: [{to: [{operation: {ports: ['5432'], methods: [GET]}}]}]", "deny-db", action="DENY") + \
+        policy("  rules: [{}]", "audit-all", action="AUDIT") + \
+        policy("  rules: [{from: [{source: {principals: ['" + SLEEP + "']}}]}]", "only-sleep").replace(
+            "metadata: {name: only-sleep, namespace: foo}",
+            "metadata: {name: only-sleep, namespace: foo, annotations: {istio.io/dry-run: 'true'}}")
+    problems: list[Any] = []
+    snapshot = snapshot_of(load_text(text, "p.yaml", problems))
+    workload_policy = compile_workload_policy(snapshot, WORKLOAD, JwksCache())
+    tcp = workload_policy.tcp
+    assert tcp is not None and workload_policy.authz is not None and tcp is not workload_policy.authz
+    with caplog.at_level(logging.INFO, logger="meshproxy.authz"):
+        denied = check_connection(tcp, 5432, "10.0.0.1", SLEEP, "10.0.0.9")
+        allowed = check_connection(tcp, 6379, "10.0.0.1", "", "10.0.0.9")
+    assert (denied.allowed, denied.policy_id) == (False, "ns[foo]-policy[deny-db]-rule[0]")
+    assert allowed.allowed  # the dry-run ALLOW would refuse a plaintext peer: logged, not enforced
+    logged = caplog.text
+    assert "audit: TCP connection from 10.0.0.1 to port 5432 matched ns[foo]-policy[audit-all]-rule[0]" in logged
+    assert "dry-run: TCP connection from 10.0.0.1 to port 6379 would be denied by none" in logged
+    assert compile_workload_policy(snapshot_of(load_text(policy("  rules: [{}]", namespace="bar"), "q.yaml", [])),
+                                   WORKLOAD, JwksCache()).tcp is None
