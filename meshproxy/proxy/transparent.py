@@ -133,10 +133,11 @@ class Intercepted:
         peer = transport.get_extra_info("peername")
         self.info = ConnectionInfo(str(peer[0]).encode() if peer else b"unknown", transport)
         self.info.original_destination = destination
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None:  # mutual TLS terminated by the acceptor: the client's identity, once
-            self.info.peer_principal = peer_principal(ssl_object)
-            self.info.requested_server_name = requested_server_name(ssl_object)
+        if self.known is not None:  # from the TLS acceptor: on mutual TLS, the client's identity, once
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self.info.peer_principal = peer_principal(ssl_object)
+                self.info.requested_server_name = requested_server_name(ssl_object)
         table = listener.table()
         destinations = self.destinations = table.destinations
         address, port = destination
