@@ -116,7 +116,8 @@ class Interceptions:
             name=INBOUND if inbound else OUTBOUND, direction=direction, table=self.table,
             http=self.inbound_context if inbound else self.outbound_context,
             tcp=self.tcp_inbound if inbound else self.tcp_outbound, inbound_cluster=self.inbound_cluster,
-            detection_timeout=self.settings.protocol_detection_timeout, fixed_destination=fixed)
+            detection_timeout=self.settings.protocol_detection_timeout, fixed_destination=fixed,
+            authorizes=inbound or (fixed is not None and "mesh" not in self.settings.gateways))
 
     def inbound_context(self, destination: tuple[str, int]) -> ListenerContext:
         """One HTTP context per inbound destination (the pod's few ports), made at its first connection."""

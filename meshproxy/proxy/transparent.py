@@ -95,6 +95,9 @@ class Interception:
     inbound_cluster: Callable[[tuple[str, int], bool], Cluster]
     detection_timeout: float = 0.0  # meshConfig.protocolDetectionTimeout; 0 waits for the client's bytes
     fixed_destination: tuple[str, int] | None = None  # a --tcp-listener: no SO_ORIGINAL_DST
+    # Its TCP connections pass the workload's authorization: the transparent inbound listener (destination: the
+    # original one), and a gateway's --tcp-listener (its clients' traffic; destination: the listener's address).
+    authorizes: bool = False
 
 
 class Intercepted:
@@ -141,7 +144,7 @@ class Intercepted:
         table = listener.table()
         destinations = self.destinations = table.destinations
         address, port = destination
-        if listener.direction == "inbound":
+        if listener.authorizes:
             self.tcp_authz = table.security.tcp
         if destinations is not None:
             if listener.direction == "inbound":
@@ -217,7 +220,11 @@ class Intercepted:
         proxy = TcpProxy(tcp, info, tcp.telemetry.service(host, port))
         authz = self.tcp_authz
         if authz is not None:  # Envoy's network RBAC filter, once per connection
-            address, dport = self.destination
+            if self.listener.direction == "inbound":
+                address, dport = self.destination
+            else:  # a gateway's own listener
+                local = transport.get_extra_info("sockname")
+                address, dport = str(local[0]), int(local[1])
             verdict = check_connection(authz, dport, self.info.peer_ip.decode(), self.info.peer_principal, address,
                                        self.info.requested_server_name or sni)
             if not verdict.allowed:
