@@ -38,7 +38,10 @@ log = logging.getLogger("meshproxy.transparent")
 
 # Istio's allIstioMtlsALPNs: a client offering one of them is a sidecar speaking mutual TLS
 ISTIO_MTLS_ALPN: Final = frozenset({"istio", "istio-peer-exchange", "istio-http/1.0", "istio-http/1.1", "istio-h2"})
-POLL: Final = 0.005  # while a ClientHello arrives in pieces (the socket stays readable: no reader to wait on)
+# While a ClientHello arrives in pieces the socket stays readable (peeked bytes stay): no reader to wait on, so
+# it is looked at again after a pause that doubles, from POLL to MAX_POLL (a stalled client costs little).
+POLL: Final = 0.005
+MAX_POLL: Final = 0.2
 
 
 def offers_istio_mtls(hello: bytes) -> bool:
@@ -163,6 +166,7 @@ class TransparentTLSServer:
         loop = self._loop
         deadline = loop.time() + self.detect_timeout if self.detect_timeout > 0 else None
         hello_deadline = 0.0
+        pause = POLL
         while True:
             try:
                 data: bytes | None = conn.recv(sniff.MAX_CLIENT_HELLO, socket.MSG_PEEK)
@@ -180,7 +184,8 @@ class TransparentTLSServer:
                     hello_deadline = loop.time() + self.handshake_timeout
                 if loop.time() >= hello_deadline:
                     return data if verdict else b""
-                await asyncio.sleep(POLL)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, MAX_POLL)
                 continue
             ready = loop.create_future()
             loop.add_reader(conn.fileno(), _wake, ready)
