@@ -1,7 +1,8 @@
 """The transparent inbound listener with workload certificates, in network namespaces the test builds (root): pod
 `b` runs its apps on its own address and a `meshproxy run --transparent --cert-dir` sidecar (iptables REDIRECT to
 15006, as istio-iptables writes it); pod `a` has no sidecar and dials b's address itself, as Istio's sidecars and
-plain clients would, with certificates from `meshproxy ca` (sleep, intruder) or none.
+plain clients would, with certificates from `meshproxy ca` (sleep, intruder) or none; pod `c` runs a meshproxy
+sidecar of its own, whose auto mTLS (the endpoint's `security.istio.io/tlsMode: istio`) reaches b's STRICT port.
 
 - PeerAuthentication per port: b's workload policy is PERMISSIVE with ports 8080 and 9000 STRICT (the original
   destination port picks the mode). STRICT refuses plaintext and clients without a certificate; PERMISSIVE takes
@@ -53,7 +54,7 @@ spec:
   location: MESH_INTERNAL
   ports: [{{number: 8080, name: http, protocol: HTTP}}, {{number: 9000, name: tcp-strict, protocol: TCP}}]
   resolution: STATIC
-  endpoints: [{{address: "{b}", labels: {{app: server}}}}]
+  endpoints: [{{address: "{b}", labels: {{app: server, security.istio.io/tlsMode: istio}}}}]
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -89,9 +90,10 @@ spec:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    made = Lab(["a", "b"], subnet="10.201.0")
+    made = Lab(["a", "b", "c"], subnet="10.201.0")
     try:
         made.iptables("b", *OUTBOUND_RULES, *INBOUND_RULES)
+        made.iptables("c", *OUTBOUND_RULES)  # pod c's app calls through its own sidecar
         yield made
     finally:
         made.close()
@@ -101,7 +103,8 @@ def lab() -> Iterator[Lab]:
 def world(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     folder = tmp_path_factory.mktemp("mesh")
     mesh = make_mesh(folder)
-    certs = {name: mesh.workload(folder / name, "default", name) for name in ("server", "sleep", "intruder")}
+    certs = {name: mesh.workload(folder / name, "default", name)
+             for name in ("server", "sleep", "intruder", "client")}
     path = write_config(folder / "config", "mesh.yaml", config(lab.ip["b"]))
     b = lab.ip["b"]
     with inside(lab.ns["b"]):  # the apps, on the pod's address only; their threads are made in b's namespace
@@ -408,3 +411,28 @@ def test_envoy_as_an_istio_sidecar_reaches_the_transparent_inbound_over_mutual_t
     finally:
         envoy.terminate()
         envoy.wait(15)
+
+
+# ---------------------------------------------------------------------------------------------- sidecar to sidecar
+
+def test_a_client_sidecars_auto_mtls_reaches_a_strict_port(lab: Lab, world: dict) -> None:
+    """Pod c's app calls b's address with no proxy settings; c's sidecar (iptables to 15001) sends it over
+    ISTIO_MUTUAL (auto mTLS: the endpoint carries tlsMode istio), b's transparent inbound terminates it on the
+    STRICT port 8080 and reports c's identity."""
+    config = world["folder"] / "config" / "mesh.yaml"
+    c = Sidecar(lab.ns["c"], config, "client", "--cert-dir", str(world["certs"]["client"]))
+    try:
+        with inside(lab.ns["c"]):
+            conn = http.client.HTTPConnection(lab.ip["b"], 8080, timeout=15)
+            conn.connect()
+        conn.request("GET", "/echo", headers={"Host": "server.default.svc.cluster.local:8080"})
+        response = conn.getresponse()
+        seen = json.loads(response.read())
+        conn.close()
+        assert response.status == 200 and seen["upstream"] == "web"
+        text = world["b"].scrape()
+        assert metric(text, "istio_requests_total", reporter="destination",
+                      source_principal="spiffe://cluster.local/ns/default/sa/client",
+                      connection_security_policy="mutual_tls", response_code="200") >= 1
+    finally:
+        assert c.stop() == 0, "".join(c.lines)
