@@ -28,10 +28,9 @@ if TYPE_CHECKING:
     import random
     import ssl
 
-    from .proxy.transparent_tls import TransparentTLSServer
-
     from .proxy.balancer import Clusters
     from .proxy.downstream import ConnectionBudget
+    from .proxy.transparent_tls import TransparentTLSServer
     from .proxy.upstream import UpstreamPool
     from .settings import Settings
     from .telemetry.access_log import AccessLog
