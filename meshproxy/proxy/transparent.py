@@ -136,11 +136,15 @@ class Intercepted:
         peer = transport.get_extra_info("peername")
         self.info = ConnectionInfo(str(peer[0]).encode() if peer else b"unknown", transport)
         self.info.original_destination = destination
+        tcp_over_mtls = False
         if self.known is not None:  # from the TLS acceptor: on mutual TLS, the client's identity, once
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
                 self.info.peer_principal = peer_principal(ssl_object)
                 self.info.requested_server_name = requested_server_name(ssl_object)
+                # no HTTP protocol offered (an Istio sidecar's `istio-peer-exchange`, `istio` for TCP): Istio's
+                # mTLS TCP filter chain, whatever the bytes look like
+                tcp_over_mtls = ssl_object.selected_alpn_protocol() is None
         table = listener.table()
         destinations = self.destinations = table.destinations
         address, port = destination
@@ -157,6 +161,8 @@ class Intercepted:
             self._hand_over(CODEC_HTTP1)
         elif proto.is_tcp(protocol) and not (proto.is_tls(protocol) and listener.direction == "outbound"):
             self._hand_over(CODEC_TCP)  # server-first protocols work: nothing is waited for
+        elif tcp_over_mtls:
+            self._hand_over(CODEC_TCP)
         elif listener.detection_timeout > 0:
             self.timer = asyncio.get_running_loop().call_later(listener.detection_timeout, self._detection_timeout)
 

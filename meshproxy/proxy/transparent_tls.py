@@ -14,8 +14,9 @@ Each accepted connection's original destination is read first (SO_ORIGINAL_DST);
 - DISABLE: as it is, nothing peeked (server-first protocols work).
 
 Then the connection is the ordinary transparent one (`transparent.Intercepted`, told the original destination):
-on mutual TLS it reads the decrypted bytes, so HTTP/1.1, HTTP/2 (ALPN `h2`/`istio-h2`: the preface follows) and
-TCP are told apart as on plaintext, and the client's principal and SNI feed authorization and metrics. The mode is
+on mutual TLS it reads the decrypted bytes, so HTTP/1.1, HTTP/2 (ALPN `h2`: the preface follows) and TCP are told
+apart as on plaintext (a client that offered no HTTP protocol by ALPN is TCP: Istio's mTLS TCP chain), and the
+client's principal and SNI feed authorization and metrics. The mode is
 read at each accept: a reload changes it for new connections. The handshake runs on the event loop's TLS
 (uvloop's), with the server context current at accept time (rotated certificates serve new connections). That TLS
 closes the whole connection on the client's close_notify: a half-close is not passed on over mutual TLS.

@@ -208,6 +208,16 @@ def test_permissive_port_takes_both_and_passes_an_apps_own_tls_through(lab: Lab,
     wait_until(lambda: any(data[:1] == b"\x16" for data in echoed(world, 9001)), what="the raw ClientHello at the app")
 
 
+def test_mtls_offering_no_http_protocol_is_tcp_whatever_its_bytes(lab: Lab, world: dict) -> None:
+    """Istio's mTLS TCP filter chain (ALPN istio-peer-exchange, istio): an HTTP-looking payload is proxied byte for
+    byte, not parsed; offering http/1.1 beside them makes it HTTP (the app answers)."""
+    request = b"GET /echo HTTP/1.1\r\nHost: server\r\n\r\n"
+    assert tls_exchange(lab, world, 9001, request)[0] == request  # the echo app got the bytes
+    closing = request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    answer, selected = tls_exchange(lab, world, 9002, closing, alpn=("istio-http/1.1", "istio", "http/1.1"))
+    assert selected == "http/1.1" and answer.startswith(b"HTTP/1.1 200")
+
+
 def test_mutual_tls_shows_in_the_metrics_with_the_clients_principal(lab: Lab, world: dict) -> None:
     assert tls_exchange(lab, world, 9001, b"counted")[0] == b"counted"
     text = world["b"].scrape()
