@@ -190,6 +190,14 @@ class ProxyApp:
         mode = (table or self.config.table).security.peer.mode_for_port(port)
         return PERMISSIVE if mode == UNSET else mode
 
+    def _transparent_modes(self) -> str:
+        """The transparent inbound listener's modes, for the start-up log: the workload's and each port's."""
+        if self.settings.inbound_tls:
+            return f"virtualInbound {self.settings.inbound_tls}"
+        peer = self.config.table.security.peer
+        ports = "".join(f", port {port} {mode}" for port, mode in sorted(peer.port_modes.items()))
+        return f"virtualInbound {PERMISSIVE if peer.mode == UNSET else peer.mode}{ports}"
+
     # ---- lifecycle
 
     async def start(self) -> None:
@@ -248,7 +256,8 @@ class ProxyApp:
             log.info("workload identity %s (certificates from %s, valid until %s); inbound mTLS %s",
                      self.certs.certs.spiffe_id, settings.cert_dir,
                      f"{self.certs.certs.not_after:%Y-%m-%dT%H:%M:%SZ}",
-                     ", ".join(f"{port} {server.mode}" for port, server in self.secure_servers.items()) or "-")
+                     ", ".join([f"{port} {server.mode}" for port, server in self.secure_servers.items()] +
+                               ([self._transparent_modes()] if settings.transparent else [])) or "-")
         handle_signals(loop, self.request_stop, self.reloader.reload)
         if settings.watch_interval > 0 and settings.config:
             self._watcher = loop.create_task(self.reloader.watch(settings.watch_interval))

@@ -188,6 +188,8 @@ def curl(lab: Lab, world: dict, url: str, *args: str, who: str = "sleep") -> tup
 # ---------------------------------------------------------------------------------------------- mTLS modes
 
 def test_strict_port_takes_mutual_tls_only(lab: Lab, world: dict) -> None:
+    assert any("inbound mTLS virtualInbound PERMISSIVE, port 8080 STRICT, port 9000 STRICT" in line
+               for line in world["b"].lines), "".join(world["b"].lines)
     assert tls_exchange(lab, world, 9000, b"over mtls")[0] == b"over mtls"
     assert plain_exchange(lab, 9000, b"plaintext") == b""  # no handshake: closed
     assert tls_exchange(lab, world, 9000, b"no certificate", who=None)[0] == b""  # the server requires one
