@@ -6,7 +6,7 @@ Each accepted connection's original destination is read first (SO_ORIGINAL_DST);
 (`mode_for_port`: the workload policy's port-level mode, else the workload's; PERMISSIVE by default):
 
 - STRICT: a TLS handshake that requires a client certificate signed by the mesh roots; anything else (a plaintext
-  client, a client without a certificate) fails the handshake and is closed.
+  client, a client without a certificate, nothing within the handshake timeout) is closed.
 - PERMISSIVE: the first bytes decide, peeked (never read): a ClientHello offering one of Istio's mTLS ALPN
   protocols (`istio`, `istio-peer-exchange`, `istio-http/1.0`, `istio-http/1.1`, `istio-h2`: what Istio's sidecars
   offer) is mutual TLS as under STRICT; plaintext, or TLS without those (an app's own TLS, as Istio's "plain TLS"
@@ -17,9 +17,10 @@ Then the connection is the ordinary transparent one (`transparent.Intercepted`, 
 on mutual TLS it reads the decrypted bytes, so HTTP/1.1, HTTP/2 (ALPN `h2`: the preface follows) and TCP are told
 apart as on plaintext (a client that offered no HTTP protocol by ALPN is TCP: Istio's mTLS TCP chain), and the
 client's principal and SNI feed authorization and metrics. The mode is
-read at each accept: a reload changes it for new connections. The handshake runs on the event loop's TLS
-(uvloop's), with the server context current at accept time (rotated certificates serve new connections). That TLS
-closes the whole connection on the client's close_notify: a half-close is not passed on over mutual TLS.
+read at each accept: a reload changes it for new connections. The server context is the one current at accept
+time (rotated certificates serve new connections). A client offering HTTP by ALPN (`h2`, `http/1.1`) gets the
+event loop's TLS (uvloop's, fast); one offering none (TCP over mutual TLS) gets `tls_half_close.py`'s, which
+passes a half-close on where the event loop's TLS would close the whole connection at the client's close_notify.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from collections.abc import Callable
 from typing import Final
 
 from . import sniff
-from .secure_server import BACKLOG, HANDSHAKE_TIMEOUT, MAX_PENDING, PERMISSIVE, STRICT, looks_like_tls
+from .secure_server import BACKLOG, HANDSHAKE_TIMEOUT, INBOUND_ALPN, MAX_PENDING, PERMISSIVE, STRICT, looks_like_tls
+from .tls_half_close import TLSHalfCloseProtocol
 from .transparent import Intercepted, Interception, original_destination
 
 log = logging.getLogger("meshproxy.transparent")
@@ -48,6 +50,11 @@ MAX_POLL: Final = 0.2
 
 def offers_istio_mtls(hello: bytes) -> bool:
     return any(protocol in ISTIO_MTLS_ALPN for protocol in sniff.alpn(hello))
+
+
+def offers_http(hello: bytes) -> bool:
+    """Whether the server will select an HTTP protocol by ALPN (else the connection is TCP over mutual TLS)."""
+    return any(protocol in INBOUND_ALPN for protocol in sniff.alpn(hello))
 
 
 def listen_sockets(host: str, port: int, reuse_port: bool) -> list[socket.socket]:
@@ -139,17 +146,29 @@ class TransparentTLSServer:
             return Intercepted(interception, destination)  # type: ignore[return-value]  # a protocol by its methods
 
         try:
-            if mode == STRICT:
-                tls = True
-            elif mode == PERMISSIVE:
-                hello = await self._client_hello(conn)
-                if hello is None:
+            hello = b""
+            if mode == STRICT:  # the ClientHello, within the handshake's time: its ALPN picks the TLS below
+                peeked = await self._client_hello(conn, self.handshake_timeout)
+                if not peeked:  # gone, silent, or plaintext: no handshake to make
+                    self.handshake_failures += 1
                     conn.close()
                     return
-                tls = bool(hello) and offers_istio_mtls(hello)
+                hello, tls = peeked, True
+            elif mode == PERMISSIVE:
+                peeked = await self._client_hello(conn, self.detect_timeout)
+                if peeked is None:
+                    conn.close()
+                    return
+                hello, tls = peeked, bool(peeked) and offers_istio_mtls(peeked)
             else:
                 tls = False
-            if tls:
+            if tls and not offers_http(hello):  # TCP over mutual TLS: a TLS that passes half-closes on
+                done = self._loop.create_future()
+                context = self.context()
+                await self._loop.connect_accepted_socket(
+                    lambda: TLSHalfCloseProtocol(context, factory, self.handshake_timeout, done), conn)
+                await done
+            elif tls:
                 await self._loop.connect_accepted_socket(factory, conn, ssl=self.context(),
                                                          ssl_handshake_timeout=self.handshake_timeout)
             else:
@@ -162,11 +181,11 @@ class TransparentTLSServer:
             log.debug("transparent inbound: TLS handshake failed (%s, port %d): %s", mode, destination[1], exc)
             conn.close()
 
-    async def _client_hello(self, conn: socket.socket) -> bytes | None:
-        """The first bytes, peeked: b"" when they are not TLS (or nothing came within the detection timeout), the
+    async def _client_hello(self, conn: socket.socket, timeout: float) -> bytes | None:
+        """The first bytes, peeked: b"" when they are not TLS (or nothing came within `timeout`; 0: no limit), the
         ClientHello when they are (whole, or what came within the handshake timeout), None when the client left."""
         loop = self._loop
-        deadline = loop.time() + self.detect_timeout if self.detect_timeout > 0 else None
+        deadline = loop.time() + timeout if timeout > 0 else None
         hello_deadline = 0.0
         pause = POLL
         while True:
