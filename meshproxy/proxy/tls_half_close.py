@@ -154,7 +154,7 @@ class TLSHalfCloseProtocol(asyncio.Protocol):
             return
         except (ssl.SSLError, ValueError) as exc:
             self._flush()  # the alert, when there is one
-            self._fail(exc)
+            self._fail(exc if isinstance(exc, ssl.SSLError) else ssl.SSLError(str(exc)))
             return
         self._flush()
         if self.timer is not None:
