@@ -18,7 +18,8 @@ it costs on any other listener.
 - Inbound authorization: HTTP requests pass the workload's policy in the HTTP listener (routing/inbound.enforcing);
   a connection handed to the TCP proxy is decided once by the policy compiled for TCP (`WorkloadPolicy.tcp`, from
   the snapshot the connection was accepted under), with its original destination as destination ip and port and,
-  on mutual TLS, the client's principal; a denied one is closed (`TcpProxy.deny`).
+  on mutual TLS, the client's principal; a denied one is closed (`TcpProxy.deny`). A gateway's --tcp-listener is
+  authorized the same way, with the listener's own address as destination.
 - Mutual TLS (proxy/transparent_tls.py) terminates before this protocol is made: it reads the decrypted bytes,
   and the peer's principal and SNI from the TLS transport.
 """

@@ -10,9 +10,9 @@ Where it applies (Istio's placement): on the traffic the workload receives, whic
 own listener (`--gateway`: its clients' traffic; destination port = the listen port). A sidecar's outbound
 listener (the app's own calls) is never authorized by its own proxy: the destination's proxy does it.
 
-Plain TCP connections the workload receives (the transparent inbound listener) are decided once, when the
-connection is handed to the TCP proxy, by `WorkloadPolicy.tcp` (AuthorizationPolicy compiled for TCP, as Envoy's
-network RBAC filter in an Istio sidecar): `check_connection`.
+Plain TCP connections the workload receives (the transparent inbound listener; a gateway's --tcp-listener) are
+decided once, when the connection is handed to the TCP proxy, by `WorkloadPolicy.tcp` (AuthorizationPolicy
+compiled for TCP, as Envoy's network RBAC filter in an Istio sidecar): `check_connection`.
 """
 
 from __future__ import annotations
