@@ -65,7 +65,7 @@ metadata: {{name: server, namespace: default}}
 spec:
   selector: {{matchLabels: {{app: server}}}}
   mtls: {{mode: PERMISSIVE}}
-  portLevelMtls: {{8080: {{mode: STRICT}}, 9000: {{mode: STRICT}}}}
+  portLevelMtls: {{8080: {{mode: STRICT}}, 9000: {{mode: STRICT}}, 9004: {{mode: DISABLE}}}}
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -112,7 +112,7 @@ def world(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     b = lab.ip["b"]
     with inside(lab.ns["b"]):  # the apps, on the pod's address only; their threads are made in b's namespace
         apps = {8080: H2Upstream("web", host=b, port=8080), 9002: H2Upstream("admin", host=b, port=9002)}
-        echoes = {port: TcpServer(echo, host=b, port=port) for port in (9000, 9001, 9003)}
+        echoes = {port: TcpServer(echo, host=b, port=port) for port in (9000, 9001, 9003, 9004)}
     sidecar = Sidecar(lab.ns["b"], path, "server", "--cert-dir", str(certs["server"]))
     try:
         yield {"mesh": mesh, "certs": certs, "b": sidecar, "apps": apps, "echoes": echoes, "folder": folder}
@@ -191,7 +191,7 @@ def curl(lab: Lab, world: dict, url: str, *args: str, who: str = "sleep") -> tup
 # ---------------------------------------------------------------------------------------------- mTLS modes
 
 def test_strict_port_takes_mutual_tls_only(lab: Lab, world: dict) -> None:
-    assert any("inbound mTLS virtualInbound PERMISSIVE, port 8080 STRICT, port 9000 STRICT" in line
+    assert any("inbound mTLS virtualInbound PERMISSIVE, port 8080 STRICT, port 9000 STRICT, port 9004 DISABLE" in line
                for line in world["b"].lines), "".join(world["b"].lines)
     assert tls_exchange(lab, world, 9000, b"over mtls")[0] == b"over mtls"
     assert plain_exchange(lab, 9000, b"plaintext") == b""  # no handshake: closed
@@ -211,6 +211,13 @@ def test_permissive_port_takes_both_and_passes_an_apps_own_tls_through(lab: Lab,
         context.wrap_socket(raw, server_hostname="app.example")  # the echo sends the ClientHello back: not a TLS answer
     raw.close()
     wait_until(lambda: any(data[:1] == b"\x16" for data in echoed(world, 9001)), what="the raw ClientHello at the app")
+
+
+def test_disable_port_terminates_nothing(lab: Lab, world: dict) -> None:
+    assert plain_exchange(lab, 9004, b"plain to 9004") == b"plain to 9004"
+    with pytest.raises((ssl.SSLError, OSError)):  # the app gets the ClientHello and echoes it: no TLS answer
+        tls_exchange(lab, world, 9004, b"mtls to 9004")
+    wait_until(lambda: any(data[:1] == b"\x16" for data in echoed(world, 9004)), what="the ClientHello at the app")
 
 
 def test_mtls_offering_no_http_protocol_is_tcp_whatever_its_bytes(lab: Lab, world: dict) -> None:

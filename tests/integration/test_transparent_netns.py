@@ -52,7 +52,9 @@ metadata: {{name: deny-flagged, namespace: default}}
 spec:
   action: DENY
   # on the HTTP ports only: for TCP, istiod drops the header condition and the rule would deny every connection
-  rules: [{{to: [{{operation: {{ports: ["8080", "8081"]}}}}], when: [{{key: "request.headers[x-deny]", values: ["yes"]}}]}}]
+  rules:
+  - to: [{{operation: {{ports: ["8080", "8081"]}}}}]
+    when: [{{key: "request.headers[x-deny]", values: ["yes"]}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
