@@ -133,19 +133,22 @@ class TransparentTLSServer:
             task.add_done_callback(self.pending.discard)
 
     async def _serve(self, conn: socket.socket) -> None:
-        destination = self.interception.fixed_destination or original_destination(conn)
-        local = conn.getsockname()
-        if destination is None or (local[0], local[1]) == destination:
-            log.debug("transparent inbound: connection without an original destination (not redirected): closed")
-            conn.close()
-            return
-        mode = self.mode_for_port(destination[1])
-        interception = self.interception
-
-        def factory() -> asyncio.Protocol:
-            return Intercepted(interception, destination)  # type: ignore[return-value]  # a protocol by its methods
-
+        transport: asyncio.BaseTransport | None = None  # once made, the connection is the transport's to close
+        mode, port = "", 0
         try:
+            destination = self.interception.fixed_destination or original_destination(conn)
+            local = conn.getsockname()
+            if destination is None or (local[0], local[1]) == destination:
+                log.debug("transparent inbound: connection without an original destination (not redirected): "
+                          "closed")
+                conn.close()
+                return
+            mode, port = self.mode_for_port(destination[1]), destination[1]
+            interception = self.interception
+
+            def factory() -> asyncio.Protocol:
+                return Intercepted(interception, destination)  # type: ignore[return-value]  # a protocol
+
             hello = b""
             if mode == STRICT:  # the ClientHello, within the handshake's time: its ALPN picks the TLS below
                 peeked = await self._client_hello(conn, self.handshake_timeout)
@@ -165,7 +168,7 @@ class TransparentTLSServer:
             if tls and not offers_http(hello):  # TCP over mutual TLS: a TLS that passes half-closes on
                 done = self._loop.create_future()
                 context = self.context()
-                await self._loop.connect_accepted_socket(
+                transport, _ = await self._loop.connect_accepted_socket(
                     lambda: TLSHalfCloseProtocol(context, factory, self.handshake_timeout, done), conn)
                 await done
             elif tls:
@@ -174,12 +177,15 @@ class TransparentTLSServer:
             else:
                 await self._loop.connect_accepted_socket(factory, conn)
         except asyncio.CancelledError:
-            conn.close()
+            _drop(conn, transport)
             raise
         except (ssl.SSLError, OSError, TimeoutError, EOFError) as exc:
             self.handshake_failures += 1
-            log.debug("transparent inbound: TLS handshake failed (%s, port %d): %s", mode, destination[1], exc)
-            conn.close()
+            log.debug("transparent inbound: TLS handshake failed (%s, port %d): %s", mode, port, exc)
+            _drop(conn, transport)
+        except Exception:  # never an unretrieved task error: the connection goes, the listener stays
+            log.exception("transparent inbound: connection failed (%s, port %d)", mode, port)
+            _drop(conn, transport)
 
     async def _client_hello(self, conn: socket.socket, timeout: float) -> bytes | None:
         """The first bytes, peeked: b"" when they are not TLS (or nothing came within `timeout`; 0: no limit), the
@@ -220,6 +226,14 @@ class TransparentTLSServer:
                 return b""  # nothing within the detection timeout: a server-first protocol, as it is
             finally:
                 loop.remove_reader(conn.fileno())
+
+
+def _drop(conn: socket.socket, transport: asyncio.BaseTransport | None) -> None:
+    """Close a connection that failed: its transport when one took the socket (it owns the descriptor then)."""
+    if transport is not None:
+        transport.close()  # the TLS under it aborts what is pending
+    else:
+        conn.close()
 
 
 def _wake(ready: asyncio.Future[None]) -> None:
