@@ -147,7 +147,9 @@ def plain_exchange(lab: Lab, port: int, data: bytes) -> bytes:
             conn.sendall(data)
             conn.shutdown(socket.SHUT_WR)
             return read_all(conn)
-        except (ConnectionResetError, BrokenPipeError):
+        except TimeoutError:
+            raise
+        except OSError:  # reset, or already shut down by the proxy's close (ENOTCONN)
             return b""
 
 
