@@ -27,7 +27,7 @@ from .proxy.downstream import (
     listener_limits,
 )
 from .proxy.listener import DownstreamProtocol
-from .proxy.secure_server import DISABLE, PERMISSIVE, STRICT, SecureServer
+from .proxy.secure_server import DISABLE, INBOUND_ALPN, PERMISSIVE, STRICT, SecureServer
 from .proxy.upstream import MultiplexedPool, UpstreamPool
 from .routing.cluster import Cluster, Endpoint
 from .routing.compile import Identity, compile_table
@@ -38,7 +38,7 @@ from .security.certs import CertError, CertStore
 from .security.client_tls import UpstreamTLS, UpstreamTLSCompiler, broken_tls, check_tls_files
 from .security.jwks_fetch import JwksFetcher
 from .security.jwt_authn import JwksCache
-from .security.peer_authn import NO_CERTIFICATES, TRANSPARENT_INBOUND, UNSET, strict_without_tls
+from .security.peer_authn import NO_CERTIFICATES, UNSET, strict_without_tls
 from .security.policy import compile_workload_policy
 from .security.scope import Workload
 from .settings import InboundSpec, Settings
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from .interception import Interceptions
     from .status_ports import StatusPorts
     from .proxy.tcp import TcpProxy
+    from .proxy.transparent_tls import TransparentTLSServer
 
 log = logging.getLogger("meshproxy")
 
@@ -80,12 +81,10 @@ def load_config(settings: Settings, jwks: JwksCache | None = None, upstream_tls:
     certificate files, or the workload certificates ISTIO_MUTUAL needs)."""
     result = load(settings.config)
     workload = Workload(settings.namespace, dict(settings.labels))
-    # No TLS transport yet: a STRICT PeerAuthentication for this workload is refused, never run as plaintext.
-    # (The TLS transport enforces the modes; with it, this check goes.)
-    # STRICT is enforced by the TLS of the --inbound listeners; where connections would be plaintext, it is refused.
-    strict = [] if settings.cert_dir and not settings.transparent else strict_without_tls(
-        result.snapshot.peer_authentications, workload,
-        reason=TRANSPARENT_INBOUND if settings.cert_dir else NO_CERTIFICATES)
+    # STRICT is enforced by the TLS of the inbound listeners (--inbound, and the transparent one); without
+    # certificates every connection would be plaintext: a STRICT mode for this workload is refused, never ignored.
+    strict = [] if settings.cert_dir else strict_without_tls(result.snapshot.peer_authentications, workload,
+                                                             reason=NO_CERTIFICATES)
     if strict:
         raise ConfigError(strict + result.warnings)
     table, warnings = compile_table(result.snapshot, identity_of(settings))
@@ -126,7 +125,7 @@ class ProxyApp:
         self.telemetry = MeshTelemetry.from_settings(settings)  # metrics, tracing, peer metadata: one per process
         self.clusters = Clusters(self._upstream_tls_of, self.pool.close_idle_of)
         self.contexts: list[ListenerContext] = []
-        self.servers: list[asyncio.Server | SecureServer] = []
+        self.servers: list[asyncio.Server | SecureServer | TransparentTLSServer] = []
         self.secure_servers: dict[int, SecureServer] = {}  # inbound listeners by app port: `mode` is settable
         self.ready = False
         self.stopping: asyncio.Event | None = None  # created in start(), inside the loop
@@ -202,6 +201,14 @@ class ProxyApp:
         mode = (table or self.config.table).security.peer.mode_for_port(port)
         return PERMISSIVE if mode == UNSET else mode
 
+    def _transparent_modes(self) -> str:
+        """The transparent inbound listener's modes, for the start-up log: the workload's and each port's."""
+        if self.settings.inbound_tls:
+            return f"virtualInbound {self.settings.inbound_tls}"
+        peer = self.config.table.security.peer
+        ports = "".join(f", port {port} {mode}" for port, mode in sorted(peer.port_modes.items()))
+        return f"virtualInbound {PERMISSIVE if peer.mode == UNSET else peer.mode}{ports}"
+
     # ---- lifecycle
 
     async def start(self) -> None:
@@ -240,9 +247,13 @@ class ProxyApp:
         if settings.transparent or settings.tcp_listeners:
             from .interception import Interceptions
 
+            certs = self.certs
             self.interceptions = Interceptions(settings, self.pool, self.rng, self.clusters, self.access_log,
                                                self.telemetry, self.budget, lambda: self.config.table,
-                                               self.contexts)
+                                               self.contexts,
+                                               tls_context=None if certs is None else
+                                               lambda: certs.server_context(alpn=INBOUND_ALPN),
+                                               tls_mode=self.inbound_tls_mode)
             for name, server in await self.interceptions.start():
                 sock = server.sockets[0].getsockname()
                 self.addresses[name] = (sock[0], sock[1])
@@ -259,7 +270,8 @@ class ProxyApp:
             log.info("workload identity %s (certificates from %s, valid until %s); inbound mTLS %s",
                      self.certs.certs.spiffe_id, settings.cert_dir,
                      f"{self.certs.certs.not_after:%Y-%m-%dT%H:%M:%SZ}",
-                     ", ".join(f"{port} {server.mode}" for port, server in self.secure_servers.items()) or "-")
+                     ", ".join([f"{port} {server.mode}" for port, server in self.secure_servers.items()] +
+                               ([self._transparent_modes()] if settings.transparent else [])) or "-")
         handle_signals(loop, self.request_stop, self.reloader.reload)
         if settings.watch_interval > 0 and settings.config:
             self._watcher = loop.create_task(self.reloader.watch(settings.watch_interval))
@@ -296,7 +308,8 @@ class ProxyApp:
         if ctx.secure and certs is not None:  # accepts itself: TLS detection, the mode may change at run time
             port = self.inbound_tables[id(ctx)][1]
             server = await SecureServer.listen(address[0], address[1], factory, self.inbound_tls_mode(port),
-                                               lambda: certs.server_context(), self.settings.concurrency > 1,
+                                               lambda: certs.server_context(alpn=INBOUND_ALPN),
+                                               self.settings.concurrency > 1,
                                                self.settings.request_headers_timeout)
             self.secure_servers[port] = server
         else:

@@ -154,7 +154,8 @@ def _interception_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--transparent-inbound", default="0.0.0.0:15006", show_default=True,
                      envvar="MESHPROXY_TRANSPARENT_INBOUND", callback=_listen_address,
                      help="The transparent inbound listener: to the app at the original destination, from "
-                          "127.0.0.6."),
+                          "127.0.0.6; with --cert-dir it terminates mutual TLS per original destination port as "
+                          "PeerAuthentication says."),
         click.option("--tcp-listener", "tcp_listeners", multiple=True, envvar="MESHPROXY_TCP_LISTENERS",
                      callback=_intercepts,
                      help="LISTEN=ADDRESS:PORT: connections to LISTEN are handled as if redirected on their way to "
@@ -336,7 +337,8 @@ def main() -> None:
 @click.option("--inbound-tls", default=None, envvar="MESHPROXY_INBOUND_TLS",
               type=click.Choice(["STRICT", "PERMISSIVE", "DISABLE"], case_sensitive=False),
               help="Inbound mutual TLS with --cert-dir, as PeerAuthentication's modes: STRICT (TLS only), "
-                   "PERMISSIVE (TLS or plaintext, per connection), DISABLE  [default: PERMISSIVE with --cert-dir]")
+                   "PERMISSIVE (TLS or plaintext, per connection), DISABLE; one mode for every inbound listener "
+                   "and port instead of the PeerAuthentication's  [default: PeerAuthentication's, PERMISSIVE]")
 def run(config: tuple[str, ...], listen: tuple[str, int] | None, inbound: tuple[InboundSpec, ...],
         admin: tuple[str, int] | None, admin_allow_remote: bool, workload: str, namespace: str,
         labels: dict[str, str], gateways: tuple[str, ...], drain_time: float, connect_timeout: float,

@@ -11,7 +11,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Union, cast
 
 from .proxy.downstream import EDGE_INBOUND, EDGE_NONE, ListenerContext, listener_limits
 from .proxy.tcp import TcpContext, TcpProxy
@@ -26,9 +26,11 @@ from .telemetry.tcp import TcpTelemetry
 
 if TYPE_CHECKING:
     import random
+    import ssl
 
     from .proxy.balancer import Clusters
     from .proxy.downstream import ConnectionBudget
+    from .proxy.transparent_tls import TransparentTLSServer
     from .proxy.upstream import UpstreamPool
     from .settings import Settings
     from .telemetry.access_log import AccessLog
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshproxy")
 
+Server = Union[asyncio.Server, "TransparentTLSServer"]
 MAX_OUTBOUND_PORTS = 256  # HTTP contexts kept per original destination port
 OUTBOUND: str = "virtualOutbound"  # Envoy's listener names in an Istio sidecar
 INBOUND: str = "virtualInbound"
@@ -56,8 +59,13 @@ class Interceptions:
 
     def __init__(self, settings: Settings, pool: UpstreamPool, rng: random.Random, clusters: Clusters,
                  access_log: AccessLog, mesh: MeshTelemetry, budget: ConnectionBudget,
-                 table: Callable[[], RouteTable], contexts: list[ListenerContext]) -> None:
-        """`contexts` is the app's list of HTTP listener contexts (drained on SIGTERM): this adds its own to it."""
+                 table: Callable[[], RouteTable], contexts: list[ListenerContext],
+                 tls_context: Callable[[], ssl.SSLContext] | None = None,
+                 tls_mode: Callable[[int], str] | None = None) -> None:
+        """`contexts` is the app's list of HTTP listener contexts (drained on SIGTERM): this adds its own to it.
+        With `tls_context` (the workload certificates' server context) the inbound listener terminates mutual TLS
+        as `tls_mode(original destination port)` says (PeerAuthentication: STRICT, PERMISSIVE, DISABLE)."""
+        self.tls_context, self.tls_mode = tls_context, tls_mode
         self.settings, self.pool, self.rng, self.clusters = settings, pool, rng, clusters
         self.access_log, self.mesh, self.budget, self.table = access_log, mesh, budget, table
         self.outbound_http: dict[int, ListenerContext] = {}  # by original destination port, made as they come
@@ -107,7 +115,8 @@ class Interceptions:
             name=INBOUND if inbound else OUTBOUND, direction=direction, table=self.table,
             http=self.inbound_context if inbound else self.outbound_context,
             tcp=self.tcp_inbound if inbound else self.tcp_outbound, inbound_cluster=self.inbound_cluster,
-            detection_timeout=self.settings.protocol_detection_timeout, fixed_destination=fixed)
+            detection_timeout=self.settings.protocol_detection_timeout, fixed_destination=fixed,
+            authorizes=inbound or (fixed is not None and "mesh" not in self.settings.gateways))
 
     def inbound_context(self, destination: tuple[str, int]) -> ListenerContext:
         """One HTTP context per inbound destination (the pod's few ports), made at its first connection."""
@@ -120,7 +129,7 @@ class Interceptions:
                 server_name=b"istio-envoy", response_mutation=INBOUND_SERVER, rng=self.rng, clusters=self.clusters,
                 telemetry=Telemetry(INBOUND, "inbound", self.access_log, self.mesh, table=table, address=destination),
                 limits=listener_limits(settings, EDGE_INBOUND), budget=self.budget,
-                retry_reused=settings.retry_reused_connection)
+                retry_reused=settings.retry_reused_connection, secure=self.tls_context is not None)
             self._add(ctx)
             self.inbound_http[destination] = ctx
         return ctx
@@ -149,13 +158,24 @@ class Interceptions:
                 log.info("%s: IPv6 unavailable here (%s): listening on IPv4 only", interception.name, exc)
         return await loop.create_server(factory, host, port, reuse_address=True, backlog=4096, reuse_port=reuse_port)
 
-    async def start(self) -> list[tuple[str, asyncio.Server]]:
+    def listen_tls(self, interception: Interception, address: tuple[str, int]) -> TransparentTLSServer:
+        """The inbound listener terminating mutual TLS (proxy/transparent_tls.py)."""
+        from .proxy.transparent_tls import TransparentTLSServer, listen_sockets
+
+        assert self.tls_context is not None and self.tls_mode is not None
+        socks = listen_sockets(address[0], address[1], self.settings.concurrency > 1)
+        return TransparentTLSServer(socks, interception, self.tls_mode, self.tls_context,
+                                    self.settings.protocol_detection_timeout)
+
+    async def start(self) -> list[tuple[str, Server]]:
         """The listeners, by the name their address is logged under."""
         settings = self.settings
-        servers = []
+        servers: list[tuple[str, Server]] = []
         if settings.transparent:
             servers.append((OUTBOUND, await self.listen(self.interception("outbound"), settings.transparent_outbound)))
-            servers.append((INBOUND, await self.listen(self.interception("inbound"), settings.transparent_inbound)))
+            inbound = self.interception("inbound")
+            servers.append((INBOUND, self.listen_tls(inbound, settings.transparent_inbound) if self.tls_context
+                            else await self.listen(inbound, settings.transparent_inbound)))
         for spec in settings.tcp_listeners:
             host, port = spec.destination
             servers.append((f"tcp:{host}:{port}", await self.listen(self.interception("outbound", spec.destination),

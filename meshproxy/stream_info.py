@@ -111,7 +111,8 @@ class L4Info:
     """What one proxied TCP connection was (Envoy's TCP proxy StreamInfo): read by telemetry at open and close."""
 
     __slots__ = ("connection", "cluster", "endpoint", "rule", "flags", "start", "received", "sent", "sni",
-                 "upstream_local", "series", "upstream_principal", "transport_failure", "upstream_peer")
+                 "upstream_local", "series", "upstream_principal", "transport_failure", "upstream_peer",
+                 "termination_details")
 
     def __init__(self, connection: ConnectionInfo, start: float) -> None:
         self.connection = connection
@@ -128,6 +129,7 @@ class L4Info:
         self.upstream_principal = ""  # the upstream's SPIFFE principal over mutual TLS (destination_principal)
         self.transport_failure = ""  # why the upstream connect or TLS handshake failed, in Envoy's words
         self.upstream_peer = b""  # the upstream's metadata from Istio's TCP metadata exchange (b"": none)
+        self.termination_details = ""  # why the proxy closed it (Envoy's %CONNECTION_TERMINATION_DETAILS%: rbac)
 
 
 def format_address(address: tuple[Any, ...] | None) -> str:

@@ -19,9 +19,12 @@ from harness import free_port
 
 
 class H2Upstream:
-    def __init__(self, name: str = "h2-backend") -> None:
+    def __init__(self, name: str = "h2-backend", host: str = "127.0.0.1", port: int = 0) -> None:
+        """`host`, `port`: where to listen (a pod's address in a network namespace: made inside it, the server's
+        thread is there too)."""
         self.name = name
-        self.port = free_port()
+        self.host = host
+        self.port = port or free_port()
         self.requests: list[dict[str, Any]] = []
         self.clients: set[tuple[str, int]] = set()
         self.loop = asyncio.new_event_loop()
@@ -35,7 +38,7 @@ class H2Upstream:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         config = Config()
-        config.bind = [f"127.0.0.1:{self.port}"]
+        config.bind = [f"{self.host}:{self.port}"]
         config.accesslog = None
         config.errorlog = None
         config.keep_alive_timeout = 300
@@ -46,7 +49,7 @@ class H2Upstream:
             task = asyncio.ensure_future(serve(self.app, config, shutdown_trigger=self._stop.wait))  # type: ignore[arg-type]
             for _ in range(500):
                 try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    _, writer = await asyncio.open_connection(self.host, self.port)
                     writer.close()
                     break
                 except OSError:

@@ -34,6 +34,11 @@ TLS_MAJOR_VERSION: Final = 0x03
 HANDSHAKE_TIMEOUT: Final = 10.0  # Istio's inbound transport_socket_connect_timeout... bounded like a request head
 BACKLOG: Final = 4096
 MAX_PENDING: Final = 1024  # connections between accept and their protocol (detection, handshake); more are closed
+# What an Istio sidecar's inbound TLS context offers (Istio's ALPNDownstream): the client's HTTP version is selected,
+# h2 when it offers it (curl, grpcio; Istio's sidecars offer `istio-h2`, `istio` and `h2` to an HTTP/2 upstream,
+# `istio-http/1.1`, `istio`, `http/1.1` otherwise). The `istio-*` names only pick Envoy's filter chain; none is
+# selected. The connection's first bytes then say which codec serves it (the HTTP/2 preface, or a request line).
+INBOUND_ALPN: Final = ("h2", "http/1.1")
 
 
 def looks_like_tls(first: bytes) -> bool | None:

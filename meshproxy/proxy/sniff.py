@@ -3,7 +3,9 @@
 `classify(data)` answers NEED_MORE until the bytes decide: a TLS ClientHello (record type 22, version 3.x), the
 HTTP/2 connection preface, an HTTP/1.x request line (`METHOD SP target SP HTTP/1.x`), or anything else (TCP). It
 never needs more than MAX_SNIFF_BYTES. `server_name(data)` reads the SNI of a complete ClientHello without
-terminating TLS (passthrough routing); `client_hello_complete(data)` says when the ClientHello has arrived whole.
+terminating TLS (passthrough routing), `alpn(data)` the protocols it offers (the inbound listener tells an Istio
+peer's mutual TLS from an app's own TLS by them); `client_hello_complete(data)` says when the ClientHello has
+arrived whole.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ _METHOD_CHARS: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
 _HANDSHAKE: Final = 22
 _CLIENT_HELLO: Final = 1
 _SERVER_NAME: Final = 0
+_ALPN: Final = 16
 
 
 def classify(data: bytes) -> int:
@@ -76,11 +79,11 @@ def client_hello_complete(data: bytes) -> bool:
     return _records(data) is not None or len(data) >= MAX_CLIENT_HELLO
 
 
-def server_name(data: bytes) -> str:
-    """The ClientHello's SNI host name (lower case), "" when there is none or the hello is malformed."""
+def _extension(data: bytes, wanted: int) -> bytes | None:
+    """The body of one extension of a complete ClientHello; None when absent or the hello is malformed."""
     hello = _records(data)
     if hello is None or hello[0] != _CLIENT_HELLO:
-        return ""
+        return None
     try:
         pos = 4 + 2 + 32  # handshake header, client_version, random
         pos += 1 + hello[pos]  # session id
@@ -91,18 +94,38 @@ def server_name(data: bytes) -> str:
         while pos + 4 <= end:
             kind = int.from_bytes(hello[pos:pos + 2], "big")
             size = int.from_bytes(hello[pos + 2:pos + 4], "big")
-            body = hello[pos + 4:pos + 4 + size]
+            if kind == wanted:
+                return hello[pos + 4:pos + 4 + size]
             pos += 4 + size
-            if kind != _SERVER_NAME:
-                continue
-            at = 2  # server_name_list length
-            while at + 3 <= len(body):
-                name_type = body[at]
-                length = int.from_bytes(body[at + 1:at + 3], "big")
-                if name_type == 0:
-                    return body[at + 3:at + 3 + length].decode("ascii", "replace").lower().rstrip(".")
-                at += 3 + length
-            return ""
     except IndexError:
+        return None
+    return None
+
+
+def alpn(data: bytes) -> tuple[str, ...]:
+    """The protocols a complete ClientHello offers by ALPN, in its order; () without the extension."""
+    body = _extension(data, _ALPN)
+    if not body:
+        return ()
+    out = []
+    at = 2  # protocol_name_list length
+    while at < len(body):
+        length = body[at]
+        out.append(body[at + 1:at + 1 + length].decode("ascii", "replace"))
+        at += 1 + length
+    return tuple(out)
+
+
+def server_name(data: bytes) -> str:
+    """The ClientHello's SNI host name (lower case), "" when there is none or the hello is malformed."""
+    body = _extension(data, _SERVER_NAME)
+    if body is None:
         return ""
+    at = 2  # server_name_list length
+    while at + 3 <= len(body):
+        name_type = body[at]
+        length = int.from_bytes(body[at + 1:at + 3], "big")
+        if name_type == 0:
+            return body[at + 3:at + 3 + length].decode("ascii", "replace").lower().rstrip(".")
+        at += 3 + length
     return ""

@@ -18,6 +18,9 @@
 - Timeouts: connect (the cluster's `connectTimeout`, else the mesh's, 10 s), idle (no byte either way: Istio's
   tcp_proxy idle_timeout default, 1 h).
 - Telemetry (telemetry/tcp.py): Istio's TCP metrics, updated as bytes move, and an access-log line at close.
+- Authorization (`deny`): a connection the workload's AuthorizationPolicy refuses is closed before any upstream is
+  dialled, its bytes dropped, as Envoy's network RBAC filter (termination details
+  `rbac_access_denied_matched_policy[...]`, no response flag).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from ..telemetry.peer_exchange import PeerExchangeReader, exchange_header
 from ..telemetry.tcp import TcpTelemetry
 from .balancer import Clusters, ClusterState
 from .downstream import ConnectionBudget
-from .local_reply import ConnectFailureError, connect_error
+from .local_reply import RBAC_DENIED_PREFIX, ConnectFailureError, connect_error
 from .upstream import WRITE_HIGH_WATER, WRITE_LOW_WATER
 from .upstream_tls import connect_tls
 
@@ -129,6 +132,21 @@ class TcpProxy:
         self._arm()
         self.upstream_closed = False
         self.connecting = self.loop.create_task(self._connect(address, cluster))
+
+    def deny(self, transport: asyncio.Transport, buffered: bytes, cluster: Cluster | None, policy_id: str) -> None:
+        """Refused by authorization (`policy_id`: the DENY rule that matched, or `none`): closed at once, nothing
+        forwarded. Envoy decides on the first bytes after connecting its upstream and then closes both; here the
+        app is never dialled. Counted opened and closed, and logged, as Envoy's TCP proxy does."""
+        self.downstream = transport
+        transport.set_protocol(self)  # type: ignore[arg-type]  # its connection_lost finishes the record
+        info = self.info
+        info.cluster = cluster
+        info.received = len(buffered)
+        info.termination_details = f"{RBAC_DENIED_PREFIX}[{policy_id}]"
+        log.debug("tcp %s: connection from %s denied by %s", self.ctx.name, info.connection.peer_ip.decode(),
+                  policy_id)
+        self._open()
+        transport.close()
 
     def _target(self, cluster: Cluster | None) -> tuple[str, int] | None:
         """The endpoint to connect to, or None (flags set) when there is none."""

@@ -15,6 +15,13 @@ it costs on any other listener.
   1.10: an app bound only to localhost is not exposed) from 127.0.0.6, reported as `reporter="destination"`.
 - A listener with a fixed destination (`--tcp-listener LISTEN=ADDRESS:PORT`) is the same thing without iptables:
   its connections are handled as if they had been redirected on their way to ADDRESS:PORT.
+- Inbound authorization: HTTP requests pass the workload's policy in the HTTP listener (routing/inbound.enforcing);
+  a connection handed to the TCP proxy is decided once by the policy compiled for TCP (`WorkloadPolicy.tcp`, from
+  the snapshot the connection was accepted under), with its original destination as destination ip and port and,
+  on mutual TLS, the client's principal; a denied one is closed (`TcpProxy.deny`). A gateway's --tcp-listener is
+  authorized the same way, with the listener's own address as destination.
+- Mutual TLS (proxy/transparent_tls.py) terminates before this protocol is made: it reads the decrypted bytes,
+  and the peer's principal and SNI from the TLS transport.
 """
 
 from __future__ import annotations
@@ -25,17 +32,22 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from ..routing import protocol as proto
 from ..routing.cluster import Cluster
 from ..routing.l4 import Destinations, L4Decision, L4Target
 from ..routing.table import RouteTable
+from ..security.peer import peer_principal, requested_server_name
+from ..security.policy import check_connection
 from ..stream_info import ConnectionInfo, L4Info
 from . import sniff
 from .downstream import ListenerContext
 from .listener import DownstreamProtocol
 from .tcp import TcpContext, TcpProxy
+
+if TYPE_CHECKING:
+    from ..security.authz import Authorizer
 
 log = logging.getLogger("meshproxy.transparent")
 
@@ -84,6 +96,9 @@ class Interception:
     inbound_cluster: Callable[[tuple[str, int], bool], Cluster]
     detection_timeout: float = 0.0  # meshConfig.protocolDetectionTimeout; 0 waits for the client's bytes
     fixed_destination: tuple[str, int] | None = None  # a --tcp-listener: no SO_ORIGINAL_DST
+    # Its TCP connections pass the workload's authorization: the transparent inbound listener (destination: the
+    # original one), and a gateway's --tcp-listener (its clients' traffic; destination: the listener's address).
+    authorizes: bool = False
 
 
 class Intercepted:
@@ -91,10 +106,13 @@ class Intercepted:
     transport over)."""
 
     __slots__ = ("listener", "transport", "info", "buffer", "protocol", "timer", "destinations", "target",
-                 "destination", "handed_over")
+                 "destination", "handed_over", "known", "tcp_authz")
 
-    def __init__(self, listener: Interception) -> None:
+    def __init__(self, listener: Interception, known: tuple[str, int] | None = None) -> None:
+        """`known`: the original destination, when the acceptor read it already (the TLS listener does)."""
         self.listener = listener
+        self.known = known
+        self.tcp_authz: Authorizer | None = None  # the workload's TCP authorization (inbound), of this snapshot
         self.transport: asyncio.Transport | None = None
         self.info = ConnectionInfo()
         self.buffer = b""
@@ -108,7 +126,8 @@ class Intercepted:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = stream = cast(asyncio.Transport, transport)
         listener = self.listener
-        destination = listener.fixed_destination or original_destination(transport.get_extra_info("socket"))
+        destination = self.known or listener.fixed_destination or \
+            original_destination(transport.get_extra_info("socket"))
         local = transport.get_extra_info("sockname")
         if destination is None or (local is not None and (local[0], local[1]) == destination):
             log.debug("%s: connection without an original destination (not redirected): closed", listener.name)
@@ -118,8 +137,20 @@ class Intercepted:
         peer = transport.get_extra_info("peername")
         self.info = ConnectionInfo(str(peer[0]).encode() if peer else b"unknown", transport)
         self.info.original_destination = destination
-        destinations = self.destinations = listener.table().destinations
+        tcp_over_mtls = False
+        if self.known is not None:  # from the TLS acceptor: on mutual TLS, the client's identity, once
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                self.info.peer_principal = peer_principal(ssl_object)
+                self.info.requested_server_name = requested_server_name(ssl_object)
+                # no HTTP protocol offered (an Istio sidecar's `istio-peer-exchange`, `istio` for TCP): Istio's
+                # mTLS TCP filter chain, whatever the bytes look like
+                tcp_over_mtls = ssl_object.selected_alpn_protocol() is None
+        table = listener.table()
+        destinations = self.destinations = table.destinations
         address, port = destination
+        if listener.authorizes:
+            self.tcp_authz = table.security.tcp
         if destinations is not None:
             if listener.direction == "inbound":
                 self.protocol = destinations.inbound_protocol(address, port)
@@ -131,6 +162,8 @@ class Intercepted:
             self._hand_over(CODEC_HTTP1)
         elif proto.is_tcp(protocol) and not (proto.is_tls(protocol) and listener.direction == "outbound"):
             self._hand_over(CODEC_TCP)  # server-first protocols work: nothing is waited for
+        elif tcp_over_mtls:
+            self._hand_over(CODEC_TCP)
         elif listener.detection_timeout > 0:
             self.timer = asyncio.get_running_loop().call_later(listener.detection_timeout, self._detection_timeout)
 
@@ -191,7 +224,20 @@ class Intercepted:
         info.sni = sni
         info.rule = decision.rule
         tcp = self.listener.tcp
-        TcpProxy(tcp, info, tcp.telemetry.service(host, port)).take(transport, buffered, decision.cluster)
+        proxy = TcpProxy(tcp, info, tcp.telemetry.service(host, port))
+        authz = self.tcp_authz
+        if authz is not None:  # Envoy's network RBAC filter, once per connection
+            if self.listener.direction == "inbound":
+                address, dport = self.destination
+            else:  # a gateway's own listener
+                local = transport.get_extra_info("sockname")
+                address, dport = str(local[0]), int(local[1])
+            verdict = check_connection(authz, dport, self.info.peer_ip.decode(), self.info.peer_principal, address,
+                                       self.info.requested_server_name or sni)
+            if not verdict.allowed:
+                proxy.deny(transport, buffered, decision.cluster, verdict.policy_id)
+                return
+        proxy.take(transport, buffered, decision.cluster)
 
     def _route_tcp(self, sni: str) -> tuple[L4Decision, str, int]:
         """The TCP route of this connection, and the destination service its metrics name."""

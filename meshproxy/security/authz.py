@@ -18,6 +18,12 @@ How one rule matches, exactly as istiod's authz model generates Envoy's RBAC con
   template (Istio 1.19+);
 - request.auth.audiences/presenter/claims[...] match when any element of the claim (string or list of strings)
   matches any value; nested claims are `claims[a][b]`.
+
+Plain TCP connections get their own Authorizer (`compile_authz(..., for_tcp=True)`), as istiod builds the network
+RBAC filter of a TCP filter chain (builder.go, model.go `Generate(forTCP)`): a field only HTTP has (`hosts`,
+`methods`, `paths`, `requestPrincipals`, `request.headers[...]`, `request.auth.*`) makes an ALLOW rule that uses it
+match nothing (istiod skips the rule; an ALLOW policy left without rules still applies and allows nothing), and
+is dropped from a DENY or AUDIT rule, which then matches on what is left (it denies more).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import ipaddress
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import re2
@@ -449,6 +455,31 @@ class CompiledRule:
         return not self.operations or any(operation(req) for operation in self.operations)
 
 
+# Fields and `when` keys only an HTTP request has (istiod's generators answer "is HTTP only" for TCP).
+HTTP_ONLY_KEYS: Final = ("request.headers[", "request.auth.")
+
+
+def _http_only_key(key: str) -> bool:
+    return key.startswith(HTTP_ONLY_KEYS)
+
+
+def uses_http_only(rule: m.Rule) -> bool:
+    """Whether a rule names anything only an HTTP request has (values or notValues)."""
+    return any(s.request_principals or s.not_request_principals for s in rule.sources) or \
+        any(o.hosts or o.not_hosts or o.methods or o.not_methods or o.paths or o.not_paths
+            for o in rule.operations) or any(_http_only_key(c.key) for c in rule.when)
+
+
+def without_http_fields(rule: m.Rule) -> m.Rule:
+    """A DENY or AUDIT rule as istiod generates it for TCP: its HTTP-only fields dropped (what is left still
+    constrains; a `from` or `to` entry left empty matches any connection)."""
+    return m.Rule(
+        sources=tuple(replace(s, request_principals=(), not_request_principals=()) for s in rule.sources),
+        operations=tuple(replace(o, hosts=(), not_hosts=(), methods=(), not_methods=(), paths=(), not_paths=())
+                         for o in rule.operations),
+        when=tuple(c for c in rule.when if not _http_only_key(c.key)))
+
+
 def compile_rule(policy: m.AuthorizationPolicy, index: int, rule: m.Rule) -> CompiledRule:
     namespace = policy.meta.namespace
     return CompiledRule(
@@ -514,23 +545,35 @@ def applicable(policies: Iterable[m.AuthorizationPolicy], workload: Workload) ->
 DRY_RUN_ANNOTATION: Final = "istio.io/dry-run"
 
 
-def compile_authz(policies: Iterable[m.AuthorizationPolicy], workload: Workload) -> Authorizer:
-    """The Authorizer of `workload`; NO_AUTHZ (the same object) when no policy applies."""
+def compile_authz(policies: Iterable[m.AuthorizationPolicy], workload: Workload, for_tcp: bool = False
+                  ) -> Authorizer:
+    """The Authorizer of `workload` (of its plain TCP connections with `for_tcp`); NO_AUTHZ (the same object) when
+    no policy applies."""
     selected = applicable(policies, workload)
     enforced = [p for p in selected if p.meta.annotations.get(DRY_RUN_ANNOTATION, "").lower() != "true"]
     dry = [p for p in selected if p.meta.annotations.get(DRY_RUN_ANNOTATION, "").lower() == "true"]
-    shadow = _compile(dry) if dry else None
-    authorizer = _compile(enforced, shadow)
+    shadow = _compile(dry, None, for_tcp) if dry else None
+    authorizer = _compile(enforced, shadow, for_tcp)
     return NO_AUTHZ if authorizer.empty else authorizer
 
 
-def _compile(policies: Sequence[m.AuthorizationPolicy], dry_run: Authorizer | None = None) -> Authorizer:
+def _rules_of(policy: m.AuthorizationPolicy, for_tcp: bool) -> list[CompiledRule]:
+    """The compiled rules of one policy, each keeping its index in the policy (Envoy's policy id)."""
+    if not for_tcp:
+        return [compile_rule(policy, i, rule) for i, rule in enumerate(policy.rules)]
+    if policy.action == "ALLOW":  # istiod skips the rule on a TCP filter chain: it allows nothing there
+        return [compile_rule(policy, i, rule) for i, rule in enumerate(policy.rules) if not uses_http_only(rule)]
+    return [compile_rule(policy, i, without_http_fields(rule)) for i, rule in enumerate(policy.rules)]
+
+
+def _compile(policies: Sequence[m.AuthorizationPolicy], dry_run: Authorizer | None = None, tcp: bool = False
+             ) -> Authorizer:
     deny: list[CompiledRule] = []
     allow: list[CompiledRule] = []
     audit: list[CompiledRule] = []
     has_allow = False
     for policy in policies:
-        rules = [compile_rule(policy, i, rule) for i, rule in enumerate(policy.rules)]
+        rules = _rules_of(policy, tcp)
         if policy.action == "DENY":
             deny += rules
         elif policy.action == "AUDIT":

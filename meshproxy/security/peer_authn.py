@@ -43,8 +43,6 @@ DEFAULT_PEER_AUTHN: Final = PeerAuthnPolicy()
 
 NO_CERTIFICATES: Final = ("this proxy has no workload certificates (--cert-dir), so plaintext clients would be "
                           "accepted; refused rather than ignored (use PERMISSIVE until certificates are configured)")
-TRANSPARENT_INBOUND: Final = ("the transparent inbound listener (--transparent) does not terminate TLS yet, so "
-                              "plaintext clients would be accepted there; refused rather than ignored")
 
 
 def strict_without_tls(policies: Iterable[m.PeerAuthentication], workload: Workload,

@@ -9,6 +9,10 @@ Where it applies (Istio's placement): on the traffic the workload receives, whic
 (`--inbound`, destination port = the app's port, the port a Kubernetes pod would be addressed on) and a gateway's
 own listener (`--gateway`: its clients' traffic; destination port = the listen port). A sidecar's outbound
 listener (the app's own calls) is never authorized by its own proxy: the destination's proxy does it.
+
+Plain TCP connections the workload receives (the transparent inbound listener; a gateway's --tcp-listener) are
+decided once, when the connection is handed to the TCP proxy, by `WorkloadPolicy.tcp` (AuthorizationPolicy
+compiled for TCP, as Envoy's network RBAC filter in an Istio sidecar): `check_connection`.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class WorkloadPolicy:
     authz: Authorizer | None = None  # None: no AuthorizationPolicy applies
     # PeerAuthentication, resolved: the TLS transport asks `peer.mode_for_port(port)` for each inbound connection.
     peer: PeerAuthnPolicy = DEFAULT_PEER_AUTHN
+    tcp: Authorizer | None = None  # AuthorizationPolicy for plain TCP connections (None: none applies)
 
     @property
     def empty(self) -> bool:
@@ -64,11 +69,12 @@ def compile_workload_policy(snapshot: m.Snapshot, workload: Workload, cache: Jwk
 
     authn = compile_jwt_authn(snapshot.request_authentications, workload, cache)
     authz = compile_authz(snapshot.authorization_policies, workload)
+    tcp = compile_authz(snapshot.authorization_policies, workload, for_tcp=True)
     peer = resolve_peer_authn(snapshot.peer_authentications, workload) if snapshot.peer_authentications \
         else DEFAULT_PEER_AUTHN
     if authn is None and authz is NO_AUTHZ and peer is DEFAULT_PEER_AUTHN:
         return NO_WORKLOAD_POLICY
-    return WorkloadPolicy(authn, None if authz is NO_AUTHZ else authz, peer)
+    return WorkloadPolicy(authn, None if authz is NO_AUTHZ else authz, peer, None if tcp is NO_AUTHZ else tcp)
 
 
 @dataclass(slots=True)
@@ -127,6 +133,25 @@ class RequestPolicy:
         return Verdict(403, decision=decision)
 
 NO_POLICY: Final = RequestPolicy(None, None, 0, False)
+
+
+def check_connection(authz: Authorizer, port: int, peer_ip: str, principal: str = "", local_ip: str = "",
+                     sni: str = "") -> Decision:
+    """A plain TCP connection to `port` (its original destination port), decided once: Envoy's network RBAC filter.
+    `principal` is the client's, from its certificate on mutual TLS ("" on plaintext); remote.ip is the peer (no
+    X-Forwarded-For on TCP)."""
+    from .authz import AuthzRequest
+
+    req = AuthzRequest("", "", "", (), principal, peer_ip, peer_ip, local_ip, port, sni, None)
+    if authz.audit:
+        mark = authz.audited(req)
+        if mark:
+            log.info("audit: TCP connection from %s to port %d matched %s", peer_ip, port, mark)
+    if authz.dry_run is not None:
+        shadow = authz.dry_run.check(req)
+        log.info("dry-run: TCP connection from %s to port %d would be %s", peer_ip, port,
+                 "allowed" if shadow.allowed else f"denied by {shadow.policy_id}")
+    return authz.check(req)
 
 
 def apply_authn(head: RequestHead, result: AuthnResult) -> None:

@@ -118,7 +118,7 @@ class AccessLog:
             .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "method": "-", "path": "-", "protocol": "-", "response_code": 0,
             "response_flags": flags_text(info.flags), "response_code_details": "-",
-            "connection_termination_details": "-",
+            "connection_termination_details": info.termination_details or "-",
             "upstream_transport_failure_reason": info.transport_failure.replace(" ", "_") or "-",
             "bytes_received": info.received, "bytes_sent": info.sent, "duration": int(elapsed * 1000),
             "upstream_service_time": "-", "x_forwarded_for": "-", "user_agent": "-", "request_id": "-",

@@ -8,7 +8,11 @@ deltas every few seconds and at close); `on_close` counts it closed and writes t
 Without mutual TLS there is no peer metadata exchange on plain TCP (Istio exchanges it over ALPN in mTLS), so the
 peer's workload labels are `unknown`, as Istio reports them for a plaintext TCP peer. Outbound over mutual TLS, the
 upstream's principal labels the series, and its workload too when it spoke Istio's TCP metadata exchange
-(telemetry/peer_exchange.py; the connection is then counted opened once the upstream's header is in).
+(telemetry/peer_exchange.py; the connection is then counted opened once the upstream's header is in). An inbound
+connection on mutual TLS reports `connection_security_policy="mutual_tls"` and the client's `source_principal` from
+its certificate. A connection the workload's AuthorizationPolicy refused is counted opened and closed with no
+response flag (Envoy's network RBAC filter sets none) and logged with `rbac_access_denied_matched_policy[...]` as its
+termination details.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import logging
 from ..stream_info import L4Info, flags_text
 from .access_log import AccessLog
 from .core import SPIFFE, MeshTelemetry
-from .metrics import DESTINATION, SOURCE, UNKNOWN_SERVICE, Service, TcpSeries, tcp_label_values
+from .metrics import (DESTINATION, MUTUAL_TLS, SOURCE, UNKNOWN_SERVICE, Service, TcpSeries,
+                      tcp_label_values)
 from .peer import UNKNOWN_WORKLOAD
 
 log = logging.getLogger("meshproxy.telemetry")
@@ -48,7 +53,8 @@ class TcpTelemetry:
                                         Service(own.canonical_service, own.canonical_service, own.namespace))
 
     def on_open(self, info: L4Info, service: Service) -> None:
-        series = self._series(service, info.flags, info.upstream_principal, info.upstream_peer)
+        series = self._series(service, info.flags, info.connection.peer_principal, info.upstream_principal,
+                              info.upstream_peer)
         if series is not None:
             series.opened += 1
             info.series = series
@@ -63,13 +69,16 @@ class TcpTelemetry:
         except Exception:  # telemetry must never break the connection it observes
             log.exception("telemetry failed for a TCP connection (%s)", self.listener)
 
-    def _series(self, service: Service, flags: int, upstream_principal: str = "",
+    def _series(self, service: Service, flags: int, principal: str = "", upstream_principal: str = "",
                 upstream_peer: bytes = b"") -> TcpSeries | None:
         mesh = self.mesh
         if mesh is None or mesh.metrics is None:
             return None
         text = flags_text(flags)
-        if self.inbound:
+        if self.inbound and principal:  # mutual TLS: the client's identity from its certificate, ours from --cert-dir
+            labels = tcp_label_values(DESTINATION, UNKNOWN_WORKLOAD, mesh.own, service, text, MUTUAL_TLS,
+                                      SPIFFE + principal, mesh.own_principal)
+        elif self.inbound:
             labels = tcp_label_values(DESTINATION, UNKNOWN_WORKLOAD, mesh.own, service, text, "none")
         elif upstream_principal:  # mutual TLS upstream: both identities from the certificates, as for HTTP, and
             # its workload from Istio's TCP metadata exchange when it spoke it

@@ -45,8 +45,11 @@ def sidecar(mesh: Mesh, tmp_path: Path, app: Upstream, mode: str) -> tuple[Proxy
 
 def curl(port: int, *args: str, host: str = "127.0.0.1") -> subprocess.CompletedProcess[str]:
     assert CURL is not None
-    # -k: our workload certificates name a SPIFFE id, not a host; the client certificate is what is checked
-    return subprocess.run([CURL, "-sS", "-k", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "15", *args,
+    # -k: our workload certificates name a SPIFFE id, not a host; the client certificate is what is checked.
+    # --http1.1: the inbound selects h2 when curl offers it, and goes on to the app in the client's protocol (as
+    # Istio's inbound cluster of a sniffed port); this app speaks HTTP/1.1 only.
+    return subprocess.run([CURL, "-sS", "-k", "--http1.1", "-o", "/dev/null", "-w", "%{http_code}", "--max-time",
+                           "15", *args,
                            "--resolve", f"{host}:{port}:127.0.0.1", f"https://{host}:{port}/echo"],
                           capture_output=True, text=True, timeout=30)
 

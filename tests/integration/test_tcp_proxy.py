@@ -435,3 +435,35 @@ def test_mesh_config_file_sets_the_outbound_policy_and_a_flag_wins(tmp_path: Pat
         assert exchange(port_of(overridden, destination), b"hello") == b"hello"
     finally:
         assert overridden.stop() == 0, overridden.log
+
+
+def test_a_gateways_tcp_listener_enforces_the_gateways_authorization_policy(tmp_path: Path, servers) -> None:
+    """A gateway's --tcp-listener carries its clients' traffic: the policies that select the gateway decide each
+    connection (destination.port: the listener's port), with HTTP-only fields dropped from a DENY as istiod does.
+    A sidecar's --tcp-listener carries its app's own calls: not authorized there."""
+    server = servers(echo)
+    deny = """---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-loopback, namespace: default}
+spec:
+  selector: {matchLabels: {app: edge}}
+  action: DENY
+  rules: [{from: [{source: {ipBlocks: [127.0.0.0/8]}}], to: [{operation: {methods: [CONNECT]}}]}]
+"""
+    destination = f"127.0.0.1:{server.port}"
+    gateway = start(tmp_path, [deny], [f"127.0.0.1:0={destination}"], "--gateway", "edge", "--label", "app=edge")
+    try:
+        assert exchange(port_of(gateway, destination), b"from loopback") == b""
+        assert server.received == []
+        line = gateway.access_entries(1, timeout=15)[0]  # the only connection: its line at close
+        assert line["connection_termination_details"] == \
+            "rbac_access_denied_matched_policy[ns[default]-policy[deny-loopback]-rule[0]]"
+        assert metric(scrape(gateway), "istio_tcp_connections_closed_total", response_flags="-") == 1
+    finally:
+        assert gateway.stop() == 0
+    sidecar = start(tmp_path, [deny], [f"127.0.0.1:0={destination}"], "--label", "app=edge")
+    try:
+        assert exchange(port_of(sidecar, destination), b"the app's own call") == b"the app's own call"
+    finally:
+        assert sidecar.stop() == 0

@@ -51,7 +51,10 @@ kind: AuthorizationPolicy
 metadata: {{name: deny-flagged, namespace: default}}
 spec:
   action: DENY
-  rules: [{{when: [{{key: "request.headers[x-deny]", values: ["yes"]}}]}}]
+  # on the HTTP ports only: for TCP, istiod drops the header condition and the rule would deny every connection
+  rules:
+  - to: [{{operation: {{ports: ["8080", "8081"]}}}}]
+    when: [{{key: "request.headers[x-deny]", values: ["yes"]}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry

@@ -346,3 +346,109 @@ def test_pseudo_header_names_in_when_keys():
     text = policy("  rules: [{when: [{key: 'request.headers[:authority]', values: ['*.foo']}]}]")
     assert decide(text, request(host="httpbin.foo")) == (True, "")
     assert decide(text, request(host="httpbin.bar")) == (False, "none")
+
+
+# ---- plain TCP connections: istiod's TCP filter chain (builder testdata action-{allow,deny}-HTTP-for-TCP-filter)
+
+def connection(principal: str = "", source: str = "10.0.0.1", port: int = 8000, sni: str = "") -> AuthzRequest:
+    return AuthzRequest("", "", "", [], principal, source, "", "10.0.0.9", port, sni, None)
+
+
+def decide_tcp(text: str, req: AuthzRequest) -> tuple[bool, str]:
+    decision = compile_authz(policies(text), WORKLOAD, for_tcp=True).check(req)
+    return decision.allowed, decision.policy_id
+
+
+NS1 = "cluster.local/ns/ns-1/sa/client"
+DENY_MIXED = policy("""  rules:
+  - from: [{source: {requestPrincipals: [id-1]}}]
+    to: [{operation: {methods: [GET]}}]
+  - from: [{source: {namespaces: [ns-1]}}]
+    to: [{operation: {methods: [GET]}}]
+  - to: [{operation: {ports: ["80"]}}]
+    from: [{source: {requestPrincipals: [id-1]}}]""", "httpbin-deny", action="DENY")
+
+TCP_CASES = [
+    ("DENY: a rule of HTTP-only fields alone denies every connection", DENY_MIXED, connection(),
+     (False, "ns[foo]-policy[httpbin-deny]-rule[0]")),
+    ("DENY: without the HTTP-only ones, the namespace still constrains", policy(
+        "  rules: [{from: [{source: {namespaces: [ns-1]}}], to: [{operation: {methods: [GET]}}]}]", "d",
+        action="DENY"), connection(SLEEP), (True, "")),
+    ("DENY: ... and denies the namespace's peers", policy(
+        "  rules: [{from: [{source: {namespaces: [ns-1]}}], to: [{operation: {methods: [GET]}}]}]", "d",
+        action="DENY"), connection(NS1), (False, "ns[foo]-policy[d]-rule[0]")),
+    ("DENY: ports stay after requestPrincipals go", policy(
+        "  rules: [{from: [{source: {requestPrincipals: [id-1]}}], to: [{operation: {ports: ['80']}}]}]", "d",
+        action="DENY"), connection(port=8000), (True, "")),
+    ("DENY: a request header condition is dropped: denies all", policy(
+        "  rules: [{when: [{key: 'request.headers[x-deny]', values: ['yes']}]}]", "d", action="DENY"),
+     connection(), (False, "ns[foo]-policy[d]-rule[0]")),
+    ("DENY: notMethods dropped too", policy("  rules: [{to: [{operation: {notMethods: [GET]}}]}]", "d",
+                                            action="DENY"), connection(), (False, "ns[foo]-policy[d]-rule[0]")),
+    ("ALLOW: a rule with an HTTP-only field allows no connection", policy(
+        "  rules: [{to: [{operation: {methods: [GET]}}]}]", "a"), connection(SLEEP), (False, "none")),
+    ("ALLOW: JWT claims are HTTP only", policy(
+        "  rules: [{when: [{key: 'request.auth.claims[iss]', values: [x]}]}]", "a"), connection(), (False, "none")),
+    ("ALLOW: the other rules of the policy still allow", policy(
+        "  rules:\n  - to: [{operation: {methods: [GET]}}]\n  - from: [{source: {principals: ['" + SLEEP + "']}}]",
+        "a"), connection(SLEEP), (True, "")),
+    ("ALLOW: ... whom they name only", policy(
+        "  rules:\n  - to: [{operation: {methods: [GET]}}]\n  - from: [{source: {principals: ['" + SLEEP + "']}}]",
+        "a"), connection(NS1), (False, "none")),
+    ("ALLOW: ports, principals, source.ip and connection.sni are TCP fields", policy(
+        "  rules: [{to: [{operation: {ports: ['8000']}}], from: [{source: {principals: ['" + SLEEP + "']}}], "
+        "when: [{key: source.ip, values: [10.0.0.0/8]}, {key: connection.sni, values: ['*.local']}]}]", "a"),
+     connection(SLEEP, sni="db.local"), (True, "")),
+    ("ALLOW: ... each of them constrains", policy(
+        "  rules: [{to: [{operation: {ports: ['8000']}}], from: [{source: {principals: ['" + SLEEP + "']}}], "
+        "when: [{key: source.ip, values: [10.0.0.0/8]}, {key: connection.sni, values: ['*.local']}]}]", "a"),
+     connection(SLEEP, sni="db.example"), (False, "none")),
+    ("a plaintext peer has no principal", policy("  rules: [{from: [{source: {principals: ['*']}}]}]", "a"),
+     connection(""), (False, "none")),
+]
+
+
+@pytest.mark.parametrize(("text", "req", "expected"), [c[1:] for c in TCP_CASES], ids=[c[0] for c in TCP_CASES])
+def test_tcp_decision(text: str, req: AuthzRequest, expected: tuple[bool, str]) -> None:
+    assert decide_tcp(text, req) == expected
+
+
+def test_the_http_authorizer_keeps_the_http_fields():
+    text = policy("  rules: [{to: [{operation: {methods: [GET]}}]}]", "a")
+    assert decide(text, request("GET")) == (True, "")
+    assert decide(text, request("POST")) == (False, "none")
+
+
+def test_audit_for_tcp_marks_what_is_left_of_the_rule():
+    authz = compile_authz(policies(policy("  rules: [{to: [{operation: {methods: [POST]}}]}]", "audit-posts",
+                                          action="AUDIT")), WORKLOAD, for_tcp=True)
+    assert authz.audited(connection()) == "ns[foo]-policy[audit-posts]-rule[0]"
+    assert authz.check(connection()).allowed
+
+
+def test_the_workload_policy_carries_a_tcp_authorizer_and_check_connection_decides_with_it(caplog):
+    import logging
+
+    from meshproxy.security.jwt_authn import JwksCache
+    from meshproxy.security.policy import check_connection, compile_workload_policy
+
+    text = policy("  rules: [{to: [{operation: {ports: ['5432'], methods: [GET]}}]}]", "deny-db", action="DENY") + \
+        policy("  rules: [{}]", "audit-all", action="AUDIT") + \
+        policy("  rules: [{from: [{source: {principals: ['" + SLEEP + "']}}]}]", "only-sleep").replace(
+            "metadata: {name: only-sleep, namespace: foo}",
+            "metadata: {name: only-sleep, namespace: foo, annotations: {istio.io/dry-run: 'true'}}")
+    problems: list[Any] = []
+    snapshot = snapshot_of(load_text(text, "p.yaml", problems))
+    workload_policy = compile_workload_policy(snapshot, WORKLOAD, JwksCache())
+    tcp = workload_policy.tcp
+    assert tcp is not None and workload_policy.authz is not None and tcp is not workload_policy.authz
+    with caplog.at_level(logging.INFO, logger="meshproxy.authz"):
+        denied = check_connection(tcp, 5432, "10.0.0.1", SLEEP, "10.0.0.9")
+        allowed = check_connection(tcp, 6379, "10.0.0.1", "", "10.0.0.9")
+    assert (denied.allowed, denied.policy_id) == (False, "ns[foo]-policy[deny-db]-rule[0]")
+    assert allowed.allowed  # the dry-run ALLOW would refuse a plaintext peer: logged, not enforced
+    logged = caplog.text
+    assert "audit: TCP connection from 10.0.0.1 to port 5432 matched ns[foo]-policy[audit-all]-rule[0]" in logged
+    assert "dry-run: TCP connection from 10.0.0.1 to port 6379 would be denied by none" in logged
+    assert compile_workload_policy(snapshot_of(load_text(policy("  rules: [{}]", namespace="bar"), "q.yaml", [])),
+                                   WORKLOAD, JwksCache()).tcp is None

@@ -9,11 +9,13 @@ import pytest
 from meshproxy.proxy import sniff
 
 
-def client_hello(server_name: str | None) -> bytes:
+def client_hello(server_name: str | None, alpn: tuple[str, ...] = ()) -> bytes:
     """The first flight of a real TLS client (OpenSSL through ssl.MemoryBIO), never sent anywhere."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
     with pytest.raises(ssl.SSLWantReadError):
@@ -89,3 +91,13 @@ def test_malformed_hellos_never_raise(seed: int) -> None:
     for _ in range(8):
         hello[rng.randrange(5, len(hello))] = rng.randrange(256)
     assert isinstance(sniff.server_name(bytes(hello)), str)
+    assert isinstance(sniff.alpn(bytes(hello)), tuple)
+
+
+def test_alpn_of_a_real_client_hello() -> None:
+    offered = ("istio-peer-exchange", "istio", "istio-h2", "h2")
+    hello = client_hello("outbound_.9080_._.reviews.default.svc.cluster.local", offered)
+    assert sniff.alpn(hello) == offered
+    assert sniff.server_name(hello) == "outbound_.9080_._.reviews.default.svc.cluster.local"
+    assert sniff.alpn(client_hello(None)) == ()
+    assert sniff.alpn(hello[:-10]) == ()  # incomplete
