@@ -33,6 +33,8 @@ COLUMNS: dict[Kind, tuple[Column, ...]] = {
                    Column("added_p99", "added p99 ms", 3), Column("cpu", "cpu us/req", 1)),
     Kind.BODIES: (Column("rps", "req/s", 0), Column("mbps", "MB/s", 0), Column("p50", "p50 ms", 2),
                   Column("p99", "p99 ms", 2), Column("cpu", "cpu us/req", 1)),
+    Kind.MTLS: (Column("rps", "req/s", 0), Column("p50", "p50 ms", 2), Column("p99", "p99 ms", 2),
+                Column("cpu", "cpu us/req", 1), Column("handshakes", "handshakes/s", 0)),
     Kind.IDLE: (Column("connections", "connections", 0, ratio=False), Column("rss_before", "RSS before MiB", 1),
                 Column("rss", "RSS MiB", 1), Column("kib_per_connection", "KiB/conn", 1)),
 }
