@@ -35,6 +35,7 @@ from typing import Any, Final
 from ..istio import model as m
 from ..istio.problems import Problem
 from .certs import ALPN_ISTIO_HTTP11, CertError, CertStore, check_key_pair, load_certificates, load_private_key
+from .sessions import ResumingClientContext
 from .spiffe import DEFAULT_TRUST_DOMAIN
 
 log = logging.getLogger("meshproxy.security")
@@ -202,7 +203,7 @@ def istio_sni(cluster_name: str) -> str:
 
 
 def _base_client_context() -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)  # sessions resumed per SNI, as Envoy's upstream TLS
     context.minimum_version = ssl.TLSVersion.TLSv1_2  # Envoy's upstream default
     return context
 
