@@ -216,9 +216,19 @@ def goal_idle(summaries: Summaries) -> str | None:
     return f"idle-10k: RSS {_number(rss, 2)} MiB (< 100): {_verdict(rss < 100 if rss is not None else None)}"
 
 
+def goal_mtls(summaries: Summaries) -> str | None:
+    """The security issue's (#16): Bookinfo over mutual TLS, both sidecars on one core."""
+    ours = _get(summaries, "mtls-keepalive", "meshproxy")
+    if ours is None or not ours.ratios:
+        return None
+    rps = ours.ratios.get("rps")
+    return (f"mtls-keepalive (security issue): req/s per core {_number(rps, 2)}x envoy (>= 1.5): "
+            f"{_verdict(None if rps is None else rps >= 1.5)}")
+
+
 GOALS: tuple[Callable[[Summaries], str | None], ...] = (
     goal_faster_than_envoy("bookinfo-routing"), goal_faster_than_envoy("bookinfo-telemetry"), goal_routes_1000,
-    goal_one_connection, goal_bodies, goal_idle,
+    goal_one_connection, goal_bodies, goal_idle, goal_mtls,
 )
 
 
