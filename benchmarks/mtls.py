@@ -45,6 +45,7 @@ from scenarios import (
     ROUTING_TARGETS,
     TELEMETRY_OFF,
     Kind,
+    Pinning,
     Probe,
     Request,
     Scenario,
@@ -175,9 +176,9 @@ def build(workdir: Path, backend: Backend, one_request_per_connection: bool) -> 
     placeholder = workdir / "placeholder"
     placeholder.mkdir(exist_ok=True)
     jason = {"end-user": "jason"}
-    return Setup(client_configs(placeholder, dict(backend.subsets), files.destination_rules), Request(host=REVIEWS_HOST, alternate_headers=jason),
-                 TELEMETRY_OFF, probes=(Probe("/", {}, b"v1\n"), Probe("/", jason, b"v2\n")),
-                 proxy_options=BOOKINFO_PROXY_OPTIONS)
+    configs = client_configs(placeholder, dict(backend.subsets), files.destination_rules)
+    return Setup(configs, Request(host=REVIEWS_HOST, alternate_headers=jason), TELEMETRY_OFF,
+                 probes=(Probe("/", {}, b"v1\n"), Probe("/", jason, b"v2\n")), proxy_options=BOOKINFO_PROXY_OPTIONS)
 
 
 def keepalive(workdir: Path, backend: Backend) -> Setup:
@@ -273,7 +274,8 @@ def launch_meshproxy(context: LaunchContext) -> Target:
         *inbound], free_address(), SERVER_PROXY_OPTIONS)
     try:
         listen = free_address()
-        configs = [word for path in client_configs(workdir, server, files.destination_rules) for word in ("--config", str(path))]
+        files_a = client_configs(workdir, server, files.destination_rules)
+        configs = [word for path in files_a for word in ("--config", str(path))]
         sidecar_a = start_meshproxy(context, "meshproxy", [
             "--listen", str(listen), "--cert-dir", str(files.client_certs), *configs], free_address(),
             dict(context.setup.proxy_options))
@@ -325,6 +327,15 @@ def inbound_bootstrap(server: dict[str, Address], apps: dict[str, Address], cert
     }
 
 
+def dump_server_sidecar(directory: Path, backend: Backend) -> None:
+    """--dump-configs: Envoy's sidecar B (`envoy-b.yaml`), its listeners at the placeholder endpoints of A's files
+    (the backend's subset ports) and its app at the same ports (a real run gives B free ports of its own)."""
+    subsets = dict(backend.subsets)
+    config = inbound_bootstrap(subsets, subsets, envoy_config.CertDir(MeshFiles(directory).server_certs),
+                               Address(backend.address.host, 15000))
+    envoy_config.write(directory / "envoy-b.yaml", config)
+
+
 def start_envoy(context: LaunchContext, binary: str, name: str, config: envoy_config.Json, admin: Address) -> Child:
     path = context.workdir / f"{name}.yaml"
     envoy_config.write(path, config)
@@ -349,7 +360,8 @@ def launch_envoy(context: LaunchContext) -> Target:
         server, dict(context.backend.subsets), envoy_config.CertDir(files.server_certs), admin), admin)
     try:
         listen, admin = free_address(), free_address()
-        config = envoy_config.bootstrap(client_configs(workdir, server, files.destination_rules), listen=(listen.host, listen.port),
+        files_a = client_configs(workdir, server, files.destination_rules)
+        config = envoy_config.bootstrap(files_a, listen=(listen.host, listen.port),
                                         admin=(admin.host, admin.port),
                                         certs=envoy_config.CertDir(files.client_certs))
         sidecar_a = start_envoy(context, binary, "envoy", config, admin)
@@ -368,11 +380,12 @@ MTLS_SCENARIO_LIST = (
     Scenario("mtls-keepalive",
              f"Bookinfo (bookinfo-routing's YAML, destination-rule-all-mtls.yaml) over mutual TLS: {PATH}; "
              "keep-alive connections throughout",
-             GOAL, keepalive, kind=Kind.MTLS, targets=ROUTING_TARGETS, launchers=LAUNCHERS),
+             GOAL, keepalive, kind=Kind.MTLS, pinning=Pinning.SIDECARS, targets=ROUTING_TARGETS, launchers=LAUNCHERS),
     Scenario("mtls-handshakes",
-             f"mtls-keepalive with maxRequestsPerConnection: 1 on A's reviews rule: every request a new A -> B "
+             "mtls-keepalive with maxRequestsPerConnection: 1 on A's reviews rule: every request a new A -> B "
              "connection, so a TLS handshake",
-             "- (handshakes/s reported)", handshakes, kind=Kind.MTLS, targets=ROUTING_TARGETS, launchers=LAUNCHERS),
+             "- (handshakes/s reported)", handshakes, kind=Kind.MTLS, pinning=Pinning.SIDECARS, targets=ROUTING_TARGETS,
+             launchers=LAUNCHERS),
 )
 MTLS_SCENARIOS: dict[str, Scenario] = {scenario.name: scenario for scenario in MTLS_SCENARIO_LIST}
 MTLS_QUICK_SCENARIOS = ("mtls-keepalive", "mtls-handshakes")

@@ -66,7 +66,8 @@ from scenarios import (
 from targets import TARGETS, LaunchContext, Target, TargetSkipped, envoy_binary
 from trace_sink import ENVOY_PATH, MESHPROXY_PATH, TraceSink
 
-from mtls import MTLS_QUICK_SCENARIOS, MTLS_SCENARIOS  # isort: skip  (its own module: mutual TLS, issue #16)
+# the mutual-TLS scenarios (security issue #16) live in their own module
+from mtls import MTLS_QUICK_SCENARIOS, MTLS_SCENARIOS, MeshFiles, dump_server_sidecar  # isort: skip
 
 SCENARIOS = {**SCENARIOS, **MTLS_SCENARIOS}
 QUICK_SCENARIOS = (*QUICK_SCENARIOS, *MTLS_QUICK_SCENARIOS)
@@ -117,6 +118,8 @@ class CpuPlan:
         if pinning is Pinning.SHARED:
             return Placement(None, None, None, f"nothing pinned: proxy workers, wrk and backend share CPUs "
                                                f"{first} and {second}")
+        if pinning is Pinning.SIDECARS:
+            return Placement(first, second, {second}, f"both sidecars on CPU {first}; load and backend on CPU {second}")
         return Placement(first, second, {second}, f"proxy alone on CPU {first}; load and backend on CPU {second}")
 
 
@@ -558,8 +561,10 @@ def dump_configs(options: Options) -> int:
         tracing = envoy_config.Tracing(setup.telemetry.sampling_percent, LOOPBACK, 4318, ENVOY_PATH) \
             if setup.telemetry.tracing else None
         config = envoy_config.bootstrap(setup.configs, listen=(LOOPBACK, 15001), admin=(LOOPBACK, 15000),
-                                        tracing=tracing, certs=envoy_config.CertDir(directory / "certs" / "client"))
+                                        tracing=tracing, certs=envoy_config.CertDir(MeshFiles(directory).client_certs))
         envoy_config.write(directory / "envoy.yaml", config)
+        if name in MTLS_SCENARIOS:
+            dump_server_sidecar(directory, backend)
         print(f"{directory}: {', '.join(p.name for p in setup.configs)} (meshproxy --config), envoy.yaml")
     return EXIT_OK
 

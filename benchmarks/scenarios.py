@@ -43,6 +43,7 @@ class Pinning(enum.Enum):
     SPLIT = "split"  # proxy alone on the first CPU; wrk (or the idle client) and the backend on the second
     ONE_CORE = "one-core"  # proxy, wrk and backend all on the first CPU
     SHARED = "shared"  # nothing pinned: a two-worker proxy needs both CPUs, and so do wrk and the backend
+    SIDECARS = "sidecars"  # SPLIT for a target of two sidecars (mtls.py): both on the first CPU
 
 
 @dataclass(frozen=True, slots=True)
