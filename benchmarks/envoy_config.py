@@ -201,7 +201,7 @@ def istio_mutual_tls(certs: CertDir, port: int, subset: str, service: Service) -
                                                        for san in service.subject_alt_names]
     return {"name": TLS_SOCKET, "typed_config": {
         "@type": UPSTREAM_TLS,
-        "sni": f"outbound_.{port}_.{subset or '_'}_.{service.host}",
+        "sni": f"outbound_.{port}_.{subset}_.{service.host}",  # Istio's: the cluster name, '|' -> '_.'
         "common_tls_context": {"tls_params": ISTIO_TLS_PARAMS, "alpn_protocols": ISTIO_ALPN_HTTP11,
                                "tls_certificates": [certs.tls_certificate()], "validation_context": validation},
     }}
