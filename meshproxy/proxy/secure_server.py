@@ -49,6 +49,11 @@ def looks_like_tls(first: bytes) -> bool | None:
     return first[1] == TLS_MAJOR_VERSION
 
 
+def no_context() -> ssl.SSLContext:
+    """A plaintext listener's: it never terminates TLS (its mode stays DISABLE)."""
+    raise RuntimeError("this listener has no certificates: it cannot terminate TLS")
+
+
 def _wake(ready: asyncio.Future[None]) -> None:
     if not ready.done():
         ready.set_result(None)
@@ -58,7 +63,7 @@ class SecureServer:
     """Accepts connections itself (see the module docstring); `close()` as asyncio.Server's."""
 
     def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol], mode: str,
-                 context: Callable[[], ssl.SSLContext], detect_timeout: float = 10.0,
+                 context: Callable[[], ssl.SSLContext] = no_context, detect_timeout: float = 10.0,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         if mode not in MODES:
             raise ValueError(f"inbound TLS mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -77,7 +82,7 @@ class SecureServer:
 
     @classmethod
     async def listen(cls, host: str, port: int, factory: Callable[[], asyncio.Protocol], mode: str,
-                     context: Callable[[], ssl.SSLContext], reuse_port: bool = False,
+                     context: Callable[[], ssl.SSLContext] = no_context, reuse_port: bool = False,
                      detect_timeout: float = 10.0) -> SecureServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
