@@ -246,43 +246,54 @@ def counted(target: Target, server: dict[str, Address]) -> Target:
 
 # ----------------------------------------------------------------------------------------- meshproxy
 
-def meshproxy_environment(context: LaunchContext, options: dict[str, str]) -> dict[str, str]:
+def meshproxy_environment(context: LaunchContext, tree: Path, options: dict[str, str]) -> dict[str, str]:
     inherited = {name: value for name, value in os.environ.items() if not name.startswith("MESHPROXY_")}
     return {**inherited, **telemetry_environment(context), **options,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")]))}
 
 
-def start_meshproxy(context: LaunchContext, name: str, argv: list[str], admin: Address,
-                    options: dict[str, str]) -> Child:
+def start_meshproxy(context: LaunchContext, name: str, argv: list[str], admin: Address, options: dict[str, str],
+                    tree: Path = REPO_ROOT) -> Child:
     return context.children.start_ready(
         name, [sys.executable, "-m", "meshproxy", "run", "--admin", str(admin), *argv],
         ready_url=admin.url + "/ready", timeout=PROXY_READY_TIMEOUT_SECONDS, cpu=context.cpu,
-        log=context.workdir / f"{name}.log", cwd=REPO_ROOT, env=meshproxy_environment(context, options))
+        log=context.workdir / f"{name}.log", cwd=tree, env=meshproxy_environment(context, tree, options))
 
 
 def launch_meshproxy(context: LaunchContext) -> Target:
+    return launch_meshproxy_pair(context, "meshproxy", REPO_ROOT)
+
+
+def launch_meshproxy_before(context: LaunchContext) -> Target:
+    """`--before DIR`: the same pair of sidecars from the other checkout, in the same rounds."""
+    if context.before is None:
+        raise TargetSkipped("no --before checkout given")
+    return launch_meshproxy_pair(context, "meshproxy-before", context.before)
+
+
+def launch_meshproxy_pair(context: LaunchContext, name: str, tree: Path) -> Target:
     if context.workers > 1:
         raise TargetSkipped("one worker per sidecar in the mTLS scenarios")
     files = MeshFiles(context.workdir)
-    workdir = context.workdir / "meshproxy"
+    workdir = context.workdir / name
     workdir.mkdir(exist_ok=True)
-    server = {name: free_address() for name in context.backend.subsets}
-    inbound = [word for name, app in context.backend.subsets.items()
-               for word in ("--inbound", f"{server[name]}={app}")]
-    sidecar_b = start_meshproxy(context, "meshproxy-b", [
+    server = {version: free_address() for version in context.backend.subsets}
+    inbound = [word for version, app in context.backend.subsets.items()
+               for word in ("--inbound", f"{server[version]}={app}")]
+    sidecar_b = start_meshproxy(context, f"{name}-b", [
         "--listen", "off", "--cert-dir", str(files.server_certs), "--config", str(files.peer_authentication),
-        *inbound], free_address(), SERVER_PROXY_OPTIONS)
+        *inbound], free_address(), SERVER_PROXY_OPTIONS, tree)
     try:
         listen = free_address()
         files_a = client_configs(workdir, server, files.destination_rules)
         configs = [word for path in files_a for word in ("--config", str(path))]
-        sidecar_a = start_meshproxy(context, "meshproxy", [
+        sidecar_a = start_meshproxy(context, name, [
             "--listen", str(listen), "--cert-dir", str(files.client_certs), *configs], free_address(),
-            dict(context.setup.proxy_options))
+            dict(context.setup.proxy_options), tree)
     except ChildError:
         context.children.stop(sidecar_b)
         raise
-    return counted(Target("meshproxy", listen, sidecar_a, companions=(sidecar_b,)), server)
+    return counted(Target(name, listen, sidecar_a, companions=(sidecar_b,)), server)
 
 
 # ----------------------------------------------------------------------------------------- Envoy
@@ -373,7 +384,8 @@ def launch_envoy(context: LaunchContext) -> Target:
 
 # ----------------------------------------------------------------------------------------- scenarios
 
-LAUNCHERS: dict[str, Any] = {"meshproxy": launch_meshproxy, "envoy": launch_envoy}
+LAUNCHERS: dict[str, Any] = {"meshproxy": launch_meshproxy, "meshproxy-before": launch_meshproxy_before,
+                             "envoy": launch_envoy}
 GOAL = "meshproxy >= 1.5x envoy req/s per core (both sidecars on one core)"
 PATH = "wrk -> sidecar A (ISTIO_MUTUAL) -> sidecar B (STRICT) -> backend, both sidecars on one CPU"
 MTLS_SCENARIO_LIST = (
