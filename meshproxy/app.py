@@ -274,7 +274,6 @@ class ProxyApp:
         self.addresses.update(bound)
 
     async def _listen(self, ctx: ListenerContext, address: tuple[str, int]) -> None:
-        loop = asyncio.get_running_loop()
         # a protocol by its methods (its base is the exchange's Downstream), which is all the event loop asks
         factory = cast(Callable[[], asyncio.Protocol], lambda: DownstreamProtocol(ctx))
         server: asyncio.Server | SecureServer
