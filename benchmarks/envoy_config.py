@@ -21,8 +21,14 @@ for the subset of Istio the scenarios use:
   not part of upstream Envoy, so Envoy has no equivalent of meshproxy's Istio metrics: with telemetry on,
   Envoy does less work than meshproxy (stated in the README).
 
-Anything else in the YAML (faults, retries, rewrites, mirrors, timeouts, TLS, ...) raises `Untranslatable`, so
-a scenario cannot silently give Envoy a different configuration than meshproxy's.
+- a DestinationRule's `trafficPolicy` (rule and subset level, the subset's fields winning as in Istio) with `tls:
+  {mode: ISTIO_MUTUAL}` -> the cluster's UpstreamTlsContext as istiod writes it for a sidecar (the workload's
+  certificate, the mesh roots, the ServiceEntry's `subjectAltNames` matched exactly, Istio's SNI
+  `outbound_.PORT_.SUBSET_.HOST` and ALPN, TLS 1.2-1.3), given the certificate folder (`bootstrap(certs=...)`);
+  `connectionPool.http.maxRequestsPerConnection` -> the cluster's `max_requests_per_connection`.
+
+Anything else in the YAML (faults, retries, rewrites, mirrors, timeouts, other TLS modes, ...) raises
+`Untranslatable`, so a scenario cannot silently give Envoy a different configuration than meshproxy's.
 """
 
 from __future__ import annotations
@@ -44,6 +50,12 @@ HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_mana
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 ZIPKIN = "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig"
 SINK_CLUSTER = "trace-sink"
+TLS_SOCKET = "envoy.transport_sockets.tls"
+UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+HTTP_PROTOCOL_OPTIONS_NAME = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+HTTP_PROTOCOL_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+ISTIO_ALPN_HTTP11 = ["istio-http/1.1", "istio", "http/1.1"]  # what the istio_alpn filter offers for HTTP/1.1
+ISTIO_TLS_PARAMS = {"tls_minimum_protocol_version": "TLSv1_2", "tls_maximum_protocol_version": "TLSv1_3"}
 NODE_CLUSTER = "productpage.default"  # the service name Envoy gives its spans
 
 Json = dict[str, Any]
@@ -63,12 +75,36 @@ class Tracing:
     path: str
 
 
+@dataclass(frozen=True, slots=True)
+class CertDir:
+    """A workload's certificates in pilot-agent's layout (`meshproxy ca issue --out DIR`)."""
+
+    path: Path
+
+    def tls_certificate(self) -> Json:
+        return {"certificate_chain": {"filename": str(self.path / "cert-chain.pem")},
+                "private_key": {"filename": str(self.path / "key.pem")}}
+
+    def trusted_ca(self) -> Json:
+        return {"filename": str(self.path / "root-cert.pem")}
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The part of a DestinationRule trafficPolicy this translator renders."""
+
+    istio_mutual: bool = False
+    max_requests_per_connection: int = 0  # 0: unlimited
+
+
 @dataclass(slots=True)
 class Service:
     host: str  # fully qualified
     ports: dict[int, str]  # number -> name
     endpoints: list[tuple[str, dict[str, int], dict[str, str]]]  # address, port by name, labels
     subsets: dict[str, dict[str, str]] = field(default_factory=dict)  # DestinationRule subset -> labels
+    subject_alt_names: list[str] = field(default_factory=list)  # the ServiceEntry's, for ISTIO_MUTUAL
+    policies: dict[str, Policy] = field(default_factory=dict)  # "" (the rule's) or a subset -> its policy
 
 
 def fqdn(host: str, namespace: str = NAMESPACE) -> str:
@@ -112,29 +148,66 @@ def services_of(documents: Sequence[Json]) -> dict[str, Service]:
         if doc.get("kind") != "ServiceEntry":
             continue
         spec = doc["spec"]
-        _check_keys("ServiceEntry", spec, {"hosts", "ports", "resolution", "endpoints", "location"})
+        _check_keys("ServiceEntry", spec, {"hosts", "ports", "resolution", "endpoints", "location",
+                                           "subjectAltNames"})
         if spec.get("resolution", "NONE") != "STATIC":
             raise Untranslatable("ServiceEntry: only resolution STATIC is translated")
         ports = {int(port["number"]): str(port["name"]) for port in spec["ports"]}
         endpoints = [(str(ep["address"]), {str(k): int(v) for k, v in (ep.get("ports") or {}).items()},
                       {str(k): str(v) for k, v in (ep.get("labels") or {}).items()}) for ep in spec["endpoints"]]
         for host in spec["hosts"]:
-            services[fqdn(host)] = Service(fqdn(host), ports, endpoints)
+            services[fqdn(host)] = Service(fqdn(host), ports, endpoints,
+                                           subject_alt_names=[str(san) for san in spec.get("subjectAltNames") or []])
     for doc in documents:
         if doc.get("kind") != "DestinationRule":
             continue
         spec = doc["spec"]
-        _check_keys("DestinationRule", spec, {"host", "subsets"})
+        _check_keys("DestinationRule", spec, {"host", "subsets", "trafficPolicy"})
         service = services.get(fqdn(spec["host"]))
         if service is None:
             continue  # a rule for a service this scenario does not have (destination-rule-all.yaml has four)
+        rule = traffic_policy(spec.get("trafficPolicy") or {}, Policy())
+        service.policies[""] = rule
         for subset in spec.get("subsets") or []:
-            _check_keys("DestinationRule subset", subset, {"name", "labels"})
+            _check_keys("DestinationRule subset", subset, {"name", "labels", "trafficPolicy"})
             service.subsets[str(subset["name"])] = {str(k): str(v) for k, v in subset["labels"].items()}
+            service.policies[str(subset["name"])] = traffic_policy(subset.get("trafficPolicy") or {}, rule)
     return services
 
 
-def clusters_of(services: Mapping[str, Service]) -> list[Json]:
+def traffic_policy(policy: Mapping[str, Any], inherited: Policy) -> Policy:
+    """A trafficPolicy over the one it refines (a subset's over its rule's: each field it sets wins, as Istio)."""
+    _check_keys("trafficPolicy", policy, {"tls", "connectionPool"})
+    istio_mutual, max_requests = inherited.istio_mutual, inherited.max_requests_per_connection
+    if "tls" in policy:
+        _check_keys("trafficPolicy.tls", policy["tls"], {"mode"})
+        mode = policy["tls"].get("mode", "DISABLE")
+        if mode not in ("ISTIO_MUTUAL", "DISABLE"):
+            raise Untranslatable(f"trafficPolicy.tls.mode {mode}: only ISTIO_MUTUAL and DISABLE are translated")
+        istio_mutual = mode == "ISTIO_MUTUAL"
+    if "connectionPool" in policy:
+        pool = policy["connectionPool"]
+        _check_keys("trafficPolicy.connectionPool", pool, {"http"})
+        _check_keys("trafficPolicy.connectionPool.http", pool["http"], {"maxRequestsPerConnection"})
+        max_requests = int(pool["http"].get("maxRequestsPerConnection") or 0)
+    return Policy(istio_mutual, max_requests)
+
+
+def istio_mutual_tls(certs: CertDir, port: int, subset: str, service: Service) -> Json:
+    """The UpstreamTlsContext istiod writes for an ISTIO_MUTUAL cluster of a sidecar."""
+    validation: Json = {"trusted_ca": certs.trusted_ca()}
+    if service.subject_alt_names:
+        validation["match_typed_subject_alt_names"] = [{"san_type": "URI", "matcher": {"exact": san}}
+                                                       for san in service.subject_alt_names]
+    return {"name": TLS_SOCKET, "typed_config": {
+        "@type": UPSTREAM_TLS,
+        "sni": f"outbound_.{port}_.{subset}_.{service.host}",  # Istio's: the cluster name, '|' -> '_.'
+        "common_tls_context": {"tls_params": ISTIO_TLS_PARAMS, "alpn_protocols": ISTIO_ALPN_HTTP11,
+                               "tls_certificates": [certs.tls_certificate()], "validation_context": validation},
+    }}
+
+
+def clusters_of(services: Mapping[str, Service], certs: CertDir | None = None) -> list[Json]:
     clusters = []
     for service in services.values():
         for number, port_name in service.ports.items():
@@ -146,7 +219,19 @@ def clusters_of(services: Mapping[str, Service]) -> list[Json]:
                     if all(endpoint_labels.get(key) == value for key, value in labels.items())
                 ]
                 name = cluster_name(number, subset, service.host)
-                clusters.append(static_cluster(name, endpoints))
+                cluster = static_cluster(name, endpoints)
+                policy = service.policies.get(subset) or service.policies.get("") or Policy()
+                if policy.istio_mutual:
+                    if certs is None:
+                        raise Untranslatable(f"{name}: ISTIO_MUTUAL needs the workload's certificates (certs=)")
+                    cluster["transport_socket"] = istio_mutual_tls(certs, number, subset, service)
+                if policy.max_requests_per_connection:
+                    cluster["typed_extension_protocol_options"] = {HTTP_PROTOCOL_OPTIONS_NAME: {
+                        "@type": HTTP_PROTOCOL_OPTIONS,
+                        "common_http_protocol_options": {
+                            "max_requests_per_connection": policy.max_requests_per_connection},
+                        "explicit_http_config": {"http_protocol_options": {}}}}
+                clusters.append(cluster)
     return clusters
 
 
@@ -237,11 +322,12 @@ def socket_address(host: str, port: int) -> Json:
 
 
 def bootstrap(files: Iterable[Path], *, listen: tuple[str, int], admin: tuple[str, int],
-              tracing: Tracing | None = None) -> Json:
-    """The whole static bootstrap: one outbound listener on `listen`, admin on `admin`."""
+              tracing: Tracing | None = None, certs: CertDir | None = None) -> Json:
+    """The whole static bootstrap: one outbound listener on `listen`, admin on `admin`; `certs`: the workload's
+    certificates, for ISTIO_MUTUAL clusters."""
     documents = load_documents(files)
     services = services_of(documents)
-    clusters = clusters_of(services)
+    clusters = clusters_of(services, certs)
     manager: Json = {
         "@type": HCM,
         "stat_prefix": "outbound",

@@ -33,6 +33,8 @@ COLUMNS: dict[Kind, tuple[Column, ...]] = {
                    Column("added_p99", "added p99 ms", 3), Column("cpu", "cpu us/req", 1)),
     Kind.BODIES: (Column("rps", "req/s", 0), Column("mbps", "MB/s", 0), Column("p50", "p50 ms", 2),
                   Column("p99", "p99 ms", 2), Column("cpu", "cpu us/req", 1)),
+    Kind.MTLS: (Column("rps", "req/s", 0), Column("p50", "p50 ms", 2), Column("p99", "p99 ms", 2),
+                Column("cpu", "cpu us/req", 1), Column("handshakes", "handshakes/s", 0)),
     Kind.IDLE: (Column("connections", "connections", 0, ratio=False), Column("rss_before", "RSS before MiB", 1),
                 Column("rss", "RSS MiB", 1), Column("kib_per_connection", "KiB/conn", 1)),
 }
@@ -214,9 +216,19 @@ def goal_idle(summaries: Summaries) -> str | None:
     return f"idle-10k: RSS {_number(rss, 2)} MiB (< 100): {_verdict(rss < 100 if rss is not None else None)}"
 
 
+def goal_mtls(summaries: Summaries) -> str | None:
+    """The security issue's (#16): Bookinfo over mutual TLS, both sidecars on one core."""
+    ours = _get(summaries, "mtls-keepalive", "meshproxy")
+    if ours is None or not ours.ratios:
+        return None
+    rps = ours.ratios.get("rps")
+    return (f"mtls-keepalive (security issue): req/s per core {_number(rps, 2)}x envoy (>= 1.5): "
+            f"{_verdict(None if rps is None else rps >= 1.5)}")
+
+
 GOALS: tuple[Callable[[Summaries], str | None], ...] = (
     goal_faster_than_envoy("bookinfo-routing"), goal_faster_than_envoy("bookinfo-telemetry"), goal_routes_1000,
-    goal_one_connection, goal_bodies, goal_idle,
+    goal_one_connection, goal_bodies, goal_idle, goal_mtls,
 )
 
 

@@ -66,6 +66,12 @@ from scenarios import (
 from targets import TARGETS, LaunchContext, Target, TargetSkipped, envoy_binary
 from trace_sink import ENVOY_PATH, MESHPROXY_PATH, TraceSink
 
+# the mutual-TLS scenarios (security issue #16) live in their own module
+from mtls import MTLS_QUICK_SCENARIOS, MTLS_SCENARIOS, MeshFiles, dump_server_sidecar  # isort: skip
+
+SCENARIOS = {**SCENARIOS, **MTLS_SCENARIOS}
+QUICK_SCENARIOS = (*QUICK_SCENARIOS, *MTLS_QUICK_SCENARIOS)
+
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 EXIT_OK = 0
 EXIT_TARGET_FAILED = 1
@@ -112,6 +118,8 @@ class CpuPlan:
         if pinning is Pinning.SHARED:
             return Placement(None, None, None, f"nothing pinned: proxy workers, wrk and backend share CPUs "
                                                f"{first} and {second}")
+        if pinning is Pinning.SIDECARS:
+            return Placement(first, second, {second}, f"both sidecars on CPU {first}; load and backend on CPU {second}")
         return Placement(first, second, {second}, f"proxy alone on CPU {first}; load and backend on CPU {second}")
 
 
@@ -256,7 +264,7 @@ def launch_targets(context: LaunchContext, scenario: Scenario, names: Sequence[s
     targets = []
     for name in names:
         try:
-            targets.append(TARGETS[name](context))
+            targets.append(scenario.launchers.get(name, TARGETS[name])(context))
         except TargetSkipped as skip:
             say(f"{scenario.name}: {name} skipped: {skip}")
             outcome.skipped.append(name)
@@ -269,11 +277,10 @@ def launch_targets(context: LaunchContext, scenario: Scenario, names: Sequence[s
 
 def stop_targets(bench: Bench, targets: Sequence[Target]) -> None:
     for target in targets:
-        if target.process is None:
-            continue
-        code = bench.children.stop(target.process)
-        if code != 0:
-            say(f"{target.name} exited with code {code} on SIGTERM (expected 0)")
+        for process in target.processes():
+            code = bench.children.stop(process)
+            if code != 0:
+                say(f"{process.name} exited with code {code} on SIGTERM (expected 0)")
 
 
 def http_answer(address: Address, method: str, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
@@ -309,8 +316,8 @@ def probe(bench: Bench, scenario: Scenario, setup: Setup, targets: list[Target],
         say(f"{scenario.name}: {target.name}: {problem}")
         log = target.process.log_tail() if target.process else ""
         outcome.failures.append(Failure(scenario.name, target.name, "probe", problem, log))
-        if target.process is not None:
-            bench.children.stop(target.process)
+        for process in target.processes():
+            bench.children.stop(process)
     return passed
 
 
@@ -322,8 +329,10 @@ def rotated(targets: Sequence[Target], position: int) -> list[Target]:
 
 def measure(
     bench: Bench, target: Target, setup: Setup, load: Load, cpu: int | None, log: Path
-) -> tuple[WrkResult, float | None]:
-    """One wrk run against `target`, and the CPU seconds its process spent meanwhile."""
+) -> tuple[WrkResult, float | None, int | None]:
+    """One wrk run against `target`, the CPU seconds its processes spent meanwhile, and the TLS handshakes
+    between its sidecars meanwhile (None: not counted)."""
+    handshakes_before = target.handshakes() if target.handshakes else None
     before = target.cpu_seconds()
     try:
         result = run_wrk(bench.children, bench.wrk, target.address, setup.request, load, cpu=cpu, log=log)
@@ -332,7 +341,10 @@ def measure(
         raise
     target.check_alive()
     after = target.cpu_seconds()
-    return result, None if before is None or after is None else after - before
+    handshakes = None
+    if target.handshakes and handshakes_before is not None:
+        handshakes = target.handshakes() - handshakes_before
+    return result, None if before is None or after is None else after - before, handshakes
 
 
 def scenario_load(options: Options, scenario: Scenario) -> tuple[int, Load]:
@@ -350,7 +362,8 @@ def phases(options: Options, rounds: int, load: Load) -> list[Phase]:
     return [Phase("warm-up", replace(load, duration_s=min(options.warmup_s, load.duration_s)), None), *measured]
 
 
-def wrk_values(kind: Kind, setup: Setup, result: WrkResult, cpu: float | None) -> dict[str, float | None]:
+def wrk_values(kind: Kind, setup: Setup, result: WrkResult, cpu: float | None,
+               handshakes: int | None = None) -> dict[str, float | None]:
     values: dict[str, float | None] = {
         "rps": result.requests_per_second,
         "p50": result.p50_ms,
@@ -359,6 +372,8 @@ def wrk_values(kind: Kind, setup: Setup, result: WrkResult, cpu: float | None) -
     }
     if kind is Kind.BODIES and result.seconds > 0:
         values["mbps"] = (result.bytes_read + result.requests * request_bytes(setup.request)) / result.seconds / 1e6
+    if kind is Kind.MTLS:
+        values["handshakes"] = handshakes / result.seconds if handshakes is not None and result.seconds > 0 else None
     return values
 
 
@@ -381,7 +396,8 @@ def run_rounds(bench: Bench, scenario: Scenario, setup: Setup, targets: list[Tar
     for position, phase in enumerate(phases(bench.options, rounds, load)):
         for target in rotated(targets, position):
             try:
-                result, cpu = measure(bench, target, setup, phase.load, placement.load, workdir / "wrk.log")
+                result, cpu, handshakes = measure(bench, target, setup, phase.load, placement.load,
+                                                  workdir / "wrk.log")
             except ChildError as error:
                 say(f"{scenario.name}: {phase.label}: {target.name} failed: {error.reason}")
                 outcome.failures.append(Failure(scenario.name, target.name, error.name, error.reason, error.log_tail))
@@ -391,7 +407,7 @@ def run_rounds(bench: Bench, scenario: Scenario, setup: Setup, targets: list[Tar
                       if result.errors else "")
             say(f"{scenario.name}: {phase.label}: {target.name}: {result.requests_per_second:.0f} req/s{errors}")
             if phase.round_index is not None:
-                values = wrk_values(scenario.kind, setup, result, cpu)
+                values = wrk_values(scenario.kind, setup, result, cpu, handshakes)
                 samples.append(Sample(scenario.name, target.name, phase.round_index, values, result.errors))
     if scenario.kind is Kind.LATENCY:
         add_latency_over_direct(samples)
@@ -545,8 +561,10 @@ def dump_configs(options: Options) -> int:
         tracing = envoy_config.Tracing(setup.telemetry.sampling_percent, LOOPBACK, 4318, ENVOY_PATH) \
             if setup.telemetry.tracing else None
         config = envoy_config.bootstrap(setup.configs, listen=(LOOPBACK, 15001), admin=(LOOPBACK, 15000),
-                                        tracing=tracing)
+                                        tracing=tracing, certs=envoy_config.CertDir(MeshFiles(directory).client_certs))
         envoy_config.write(directory / "envoy.yaml", config)
+        if name in MTLS_SCENARIOS:
+            dump_server_sidecar(directory, backend)
         print(f"{directory}: {', '.join(p.name for p in setup.configs)} (meshproxy --config), envoy.yaml")
     return EXIT_OK
 

@@ -17,6 +17,7 @@ import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from peers import BODY_FILE_BYTES, BODY_PATH, Backend
 
@@ -35,12 +36,14 @@ class Kind(enum.Enum):
     LATENCY = "latency"  # wrk with one connection: latency added over going direct
     BODIES = "bodies"  # wrk with 1 MiB each way: MB/s
     IDLE = "idle"  # many idle keep-alive connections: resident memory
+    MTLS = "mtls"  # THROUGHPUT through two sidecars speaking mutual TLS, plus handshakes/s between them (mtls.py)
 
 
 class Pinning(enum.Enum):
     SPLIT = "split"  # proxy alone on the first CPU; wrk (or the idle client) and the backend on the second
     ONE_CORE = "one-core"  # proxy, wrk and backend all on the first CPU
     SHARED = "shared"  # nothing pinned: a two-worker proxy needs both CPUs, and so do wrk and the backend
+    SIDECARS = "sidecars"  # SPLIT for a target of two sidecars (mtls.py): both on the first CPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,7 @@ class Scenario:
     max_duration_s: int | None = None  # a cap on --duration
     max_rounds: int | None = None  # a cap on --rounds
     default: bool = True  # run when no --scenario is given
+    launchers: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)  # target -> its own launcher (mtls.py)
 
 
 # ----------------------------------------------------------------------------------------- configurations

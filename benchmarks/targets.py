@@ -59,28 +59,34 @@ class Target:
     address: Address
     process: Child | None  # the process whose CPU time is charged to this target; None: not measured
     routes: bool = True  # routes by the scenario's Istio YAML, so the scenario's probes apply
+    companions: tuple[Child, ...] = ()  # more processes on the path (mTLS: the second sidecar), charged too
+    handshakes: Callable[[], int] | None = None  # TLS handshakes so far between the sidecars (mtls.py)
+
+    def processes(self) -> tuple[Child, ...]:
+        return () if self.process is None else (self.process, *self.companions)
 
     def check_alive(self) -> None:
-        if self.process is not None:
-            self.process.check_alive()
+        for process in self.processes():
+            process.check_alive()
 
     def cpu_seconds(self) -> float | None:
-        """utime + stime (from /proc/PID/stat, via psutil) of the process and its live children."""
-        if self.process is None:
-            return None
-        try:
-            return sum(cpu for cpu, _ in process_tree_usage(self.process.pid))
-        except psutil.NoSuchProcess as error:
-            raise self.process.died_error() from error
+        """utime + stime (from /proc/PID/stat, via psutil) of the processes and their live children."""
+        return self._usage(0, 1.0)
 
     def rss_mib(self) -> float | None:
-        """Resident memory of the process and its children (summed: shared pages count once per process)."""
+        """Resident memory of the processes and their children (summed: shared pages count once per process)."""
+        return self._usage(1, 1 / MIB)
+
+    def _usage(self, index: int, scale: float) -> float | None:
         if self.process is None:
             return None
-        try:
-            return sum(rss for _, rss in process_tree_usage(self.process.pid)) / MIB
-        except psutil.NoSuchProcess as error:
-            raise self.process.died_error() from error
+        total = 0.0
+        for process in self.processes():
+            try:
+                total += sum(usage[index] for usage in process_tree_usage(process.pid))
+            except psutil.NoSuchProcess as error:
+                raise process.died_error() from error
+        return total * scale
 
 
 TargetLauncher = Callable[[LaunchContext], Target]

@@ -300,7 +300,6 @@ class ProxyApp:
         self.addresses.update(bound)
 
     async def _listen(self, ctx: ListenerContext, address: tuple[str, int]) -> None:
-        loop = asyncio.get_running_loop()
         # a protocol by its methods (its base is the exchange's Downstream), which is all the event loop asks
         factory = cast(Callable[[], asyncio.Protocol], lambda: DownstreamProtocol(ctx))
         server: asyncio.Server | SecureServer
@@ -312,10 +311,10 @@ class ProxyApp:
                                                self.settings.concurrency > 1,
                                                self.settings.request_headers_timeout)
             self.secure_servers[port] = server
-        else:
-            server = await loop.create_server(factory, address[0], address[1],
-                                              reuse_address=True, backlog=4096,
-                                              reuse_port=self.settings.concurrency > 1 or None)  # sibling workers
+        else:  # plaintext, accepted the same way: every queued connection at once (uvloop's server takes one per
+            # loop iteration, so a burst of new clients waited behind a busy loop: benchmarks/README, mtls-handshakes)
+            server = await SecureServer.listen(address[0], address[1], factory, DISABLE,
+                                               reuse_port=self.settings.concurrency > 1)  # sibling workers
         sock = server.sockets[0].getsockname()
         self.addresses[ctx.name] = (sock[0], sock[1])
         self.contexts.append(ctx)

@@ -39,6 +39,8 @@ MAX_PENDING: Final = 1024  # connections between accept and their protocol (dete
 # `istio-http/1.1`, `istio`, `http/1.1` otherwise). The `istio-*` names only pick Envoy's filter chain; none is
 # selected. The connection's first bytes then say which codec serves it (the HTTP/2 preface, or a request line).
 INBOUND_ALPN: Final = ("h2", "http/1.1")
+ACCEPTS_PER_WAKEUP: Final = 64  # connections taken each time the listening socket is readable
+ACCEPT_RETRY_DELAY: Final = 0.1  # seconds without accepting after an accept error (EMFILE): no busy loop
 
 
 def looks_like_tls(first: bytes) -> bool | None:
@@ -52,6 +54,11 @@ def looks_like_tls(first: bytes) -> bool | None:
     return first[1] == TLS_MAJOR_VERSION
 
 
+def no_context() -> ssl.SSLContext:
+    """A plaintext listener's: it never terminates TLS (its mode stays DISABLE)."""
+    raise RuntimeError("this listener has no certificates: it cannot terminate TLS")
+
+
 def _wake(ready: asyncio.Future[None]) -> None:
     if not ready.done():
         ready.set_result(None)
@@ -61,7 +68,7 @@ class SecureServer:
     """Accepts connections itself (see the module docstring); `close()` as asyncio.Server's."""
 
     def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.Protocol], mode: str,
-                 context: Callable[[], ssl.SSLContext], detect_timeout: float = 10.0,
+                 context: Callable[[], ssl.SSLContext] = no_context, detect_timeout: float = 10.0,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT) -> None:
         if mode not in MODES:
             raise ValueError(f"inbound TLS mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -75,11 +82,12 @@ class SecureServer:
         self.handshake_failures = 0
         self.refused = 0  # closed at accept: too many connections still in detection or handshake
         self._loop = asyncio.get_running_loop()
-        self._accepting = self._loop.create_task(self._accept())
+        self._paused: asyncio.TimerHandle | None = None
+        self._loop.add_reader(sock.fileno(), self._accept)
 
     @classmethod
     async def listen(cls, host: str, port: int, factory: Callable[[], asyncio.Protocol], mode: str,
-                     context: Callable[[], ssl.SSLContext], reuse_port: bool = False,
+                     context: Callable[[], ssl.SSLContext] = no_context, reuse_port: bool = False,
                      detect_timeout: float = 10.0) -> SecureServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -96,24 +104,32 @@ class SecureServer:
         return cls(sock, factory, mode, context, detect_timeout)
 
     def close(self) -> None:
-        self._accepting.cancel()
+        """Stop accepting (may be called more than once: a drain closes the listeners, so does the stop)."""
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+        elif self.sockets[0].fileno() >= 0:
+            self._loop.remove_reader(self.sockets[0].fileno())
         for sock in self.sockets:
             sock.close()
         for task in list(self.pending):
             task.cancel()
 
-    async def _accept(self) -> None:
+    def _accept(self) -> None:
+        """The listening socket is readable: take what is queued, up to ACCEPTS_PER_WAKEUP (as asyncio's servers do;
+        one accept per wake-up left new connections, and their handshakes, queued behind whole loop iterations)."""
         loop = self._loop
         listener = self.sockets[0]
-        while True:
+        for _ in range(ACCEPTS_PER_WAKEUP):
             try:
-                conn, _ = await loop.sock_accept(listener)
-            except asyncio.CancelledError:
-                raise
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:  # EMFILE and the like: wait a moment rather than spin
                 log.warning("accept failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
+                loop.remove_reader(listener.fileno())
+                self._paused = loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+                return
             if len(self.pending) >= MAX_PENDING:  # a flood of clients that never finish a handshake: bounded memory
                 self.refused += 1
                 conn.close()
@@ -123,6 +139,10 @@ class SecureServer:
             task = loop.create_task(self._serve(conn))
             self.pending.add(task)
             task.add_done_callback(self.pending.discard)
+
+    def _resume(self) -> None:
+        self._paused = None
+        self._loop.add_reader(self.sockets[0].fileno(), self._accept)
 
     async def _serve(self, conn: socket.socket) -> None:
         mode = self.mode

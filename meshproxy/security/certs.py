@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from .peer import remember_sni
+from .sessions import ResumingClientContext
 from .spiffe import principal_of, trust_domain_of
 
 if TYPE_CHECKING:  # imported where used: cryptography costs 8 MiB, which a proxy without TLS should not carry
@@ -192,7 +193,7 @@ def server_context(certs: WorkloadCerts, require_client_cert: bool = True,
 def client_context(certs: WorkloadCerts, alpn: Sequence[str] = ALPN_ISTIO_HTTP11) -> ssl.SSLContext:
     """ISTIO_MUTUAL: our certificate, the server's verified against the mesh roots (its SPIFFE id is checked
     against the destination's service accounts after the handshake, see client_tls.py)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)  # as Envoy, resumes sessions between sidecars
     _istio_defaults(context)
     context.check_hostname = False  # a SPIFFE identity is no host name
     context.verify_mode = ssl.CERT_REQUIRED

@@ -52,6 +52,7 @@ from .certs import (
     load_certificates,
     load_private_key,
 )
+from .sessions import ResumingClientContext
 from .spiffe import DEFAULT_TRUST_DOMAIN
 
 log = logging.getLogger("meshproxy.security")
@@ -244,7 +245,7 @@ def istio_sni(cluster_name: str) -> str:
 
 
 def _base_client_context() -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)  # sessions resumed per SNI, as Envoy's upstream TLS
     context.minimum_version = ssl.TLSVersion.TLSv1_2  # Envoy's upstream default
     return context
 

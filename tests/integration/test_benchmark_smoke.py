@@ -1,6 +1,8 @@
-"""Smoke test of the benchmark harness: one quick run (`--quick`: single-route and bookinfo-routing, one round of
-2 s each, direct + meshproxy, and Envoy if it is already installed). Checks that every row is measured without
-errors and that the routing probes passed (a failed probe exits 1). Nothing timed, nothing about speed."""
+"""Smoke test of the benchmark harness: one quick run (`--quick`: single-route, bookinfo-routing and the two
+mutual-TLS scenarios, one round of 2 s each, direct + meshproxy, and Envoy if it is already installed). Checks that
+every row is measured without errors and that the routing probes passed (a failed probe exits 1); in
+mtls-handshakes, that each request made its own connection between the sidecars when handshakes are counted (as
+root). Nothing timed, nothing about speed."""
 
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_NO_WRK = 77  # benchmarks/run.py: wrk is neither installed nor installable
-RUN_TIMEOUT_SECONDS = 55
-QUICK_SCENARIOS = ("single-route", "bookinfo-routing")
+RUN_TIMEOUT_SECONDS = 110
+QUICK_SCENARIOS = ("single-route", "bookinfo-routing", "mtls-keepalive", "mtls-handshakes")
 SCENARIO_HEADING = re.compile(r"^== (?P<scenario>\S+):", re.M)
 # target  req/s  p50 ms  p99 ms  cpu us/req  errors
 MEASURED_ROW = re.compile(r"^(?P<target>direct|meshproxy|envoy)\s+(?P<rps>[\d,]+)\s.*\s(?P<errors>\d+)$", re.M)
@@ -51,3 +53,11 @@ def test_quick_benchmark_measures_every_scenario_without_errors() -> None:
         assert {"direct", "meshproxy"} <= set(rows), output  # envoy too when installed
         assert all(float(row["rps"].replace(",", "")) > 0 for row in rows.values()), output
         assert all(int(row["errors"]) == 0 for row in rows.values()), output  # socket errors or 4xx/5xx
+    for target, row in sections["mtls-handshakes"].items():
+        if target == "direct":
+            continue
+        # req/s  p50  p99  cpu us/req  handshakes/s  errors: "-" when not counted (not root, no iptables)
+        handshakes = row[0].split()[-2]
+        if handshakes != "-":
+            rps = float(row["rps"].replace(",", ""))
+            assert 0.8 * rps <= float(handshakes.replace(",", "")) <= 1.2 * rps + 10, output
