@@ -45,6 +45,8 @@ ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 ZIPKIN = "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig"
 SINK_CLUSTER = "trace-sink"
 NODE_CLUSTER = "productpage.default"  # the service name Envoy gives its spans
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+HTTP2_PROTOCOLS = frozenset({"HTTP2", "GRPC", "GRPC-WEB"})  # Istio's protocol.IsHTTP2(): the cluster speaks HTTP/2
 
 Json = dict[str, Any]
 
@@ -69,6 +71,7 @@ class Service:
     ports: dict[int, str]  # number -> name
     endpoints: list[tuple[str, dict[str, int], dict[str, str]]]  # address, port by name, labels
     subsets: dict[str, dict[str, str]] = field(default_factory=dict)  # DestinationRule subset -> labels
+    http2_ports: frozenset[int] = frozenset()  # ports whose protocol is HTTP/2 (HTTP2, GRPC, GRPC-WEB)
 
 
 def fqdn(host: str, namespace: str = NAMESPACE) -> str:
@@ -116,10 +119,12 @@ def services_of(documents: Sequence[Json]) -> dict[str, Service]:
         if spec.get("resolution", "NONE") != "STATIC":
             raise Untranslatable("ServiceEntry: only resolution STATIC is translated")
         ports = {int(port["number"]): str(port["name"]) for port in spec["ports"]}
+        http2_ports = frozenset(int(port["number"]) for port in spec["ports"]
+                                if str(port.get("protocol", "")).upper() in HTTP2_PROTOCOLS)
         endpoints = [(str(ep["address"]), {str(k): int(v) for k, v in (ep.get("ports") or {}).items()},
                       {str(k): str(v) for k, v in (ep.get("labels") or {}).items()}) for ep in spec["endpoints"]]
         for host in spec["hosts"]:
-            services[fqdn(host)] = Service(fqdn(host), ports, endpoints)
+            services[fqdn(host)] = Service(fqdn(host), ports, endpoints, http2_ports=http2_ports)
     for doc in documents:
         if doc.get("kind") != "DestinationRule":
             continue
@@ -146,7 +151,13 @@ def clusters_of(services: Mapping[str, Service]) -> list[Json]:
                     if all(endpoint_labels.get(key) == value for key, value in labels.items())
                 ]
                 name = cluster_name(number, subset, service.host)
-                clusters.append(static_cluster(name, endpoints))
+                cluster = static_cluster(name, endpoints)
+                if number in service.http2_ports:
+                    # as istiod writes an HTTP/2 port's cluster (Envoy's http2 defaults otherwise)
+                    cluster["typed_extension_protocol_options"] = {HTTP_PROTOCOL_OPTIONS: {
+                        "@type": "type.googleapis.com/" + HTTP_PROTOCOL_OPTIONS,
+                        "explicit_http_config": {"http2_protocol_options": {}}}}
+                clusters.append(cluster)
     return clusters
 
 
