@@ -22,6 +22,7 @@ MODULES = (  # what setup.py compiles (it runs this file)
     "meshproxy.http2.codec",
     "meshproxy.http2.grpc",
     "meshproxy.http2.head",
+    "meshproxy.http2.hpack_codec",
     "meshproxy.messages",
     "meshproxy.proxy.balancer",
     "meshproxy.proxy.downstream",

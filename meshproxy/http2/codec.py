@@ -36,6 +36,7 @@ from ..http1.errors import ProtocolError
 from ..http1.head import DEFAULT_POLICY, HeadPolicy
 from ..messages import RequestHead
 from .head import build_request_head
+from .hpack_codec import Decoder, Encoder
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_CONCURRENT_STREAMS: Final = 1024  # Envoy's http2_protocol_options defaults
@@ -163,7 +164,14 @@ class H2Codec:
                  policy: HeadPolicy = DEFAULT_POLICY) -> None:
         config = h2.config.H2Configuration(client_side=client, header_encoding=None, validate_inbound_headers=True,
                                            validate_outbound_headers=True, normalize_inbound_headers=True)
-        self.conn = h2.connection.H2Connection(config=config)
+        conn = h2.connection.H2Connection(config=config)
+        # HPACK compiled with mypyc in place of the pure-Python `hpack` package h2 made (same interface and errors;
+        # hpack_codec.py): most of a small request's codec time went there
+        decoder = Decoder(conn.decoder.max_header_list_size)
+        decoder.max_allowed_table_size = conn.decoder.max_allowed_table_size
+        conn.decoder = decoder  # type: ignore[assignment]
+        conn.encoder = Encoder()  # type: ignore[assignment]
+        self.conn = conn
         self.handler = handler
         self.client = client
         self.settings = settings
