@@ -20,6 +20,7 @@ MODULES = (  # what setup.py compiles (it runs this file)
     "meshproxy.http1.server",
     "meshproxy.http1.wire",
     "meshproxy.http2.codec",
+    "meshproxy.http2.frames",
     "meshproxy.http2.grpc",
     "meshproxy.http2.head",
     "meshproxy.http2.hpack_codec",

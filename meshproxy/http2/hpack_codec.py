@@ -233,12 +233,16 @@ class Encoder:
         self.pairs[(name, value)] = number
         self.names[name] = number
 
-    def encode(self, headers: object, huffman: bool = True) -> bytes:
-        out = bytearray()
+    def start_block(self, out: bytearray) -> None:
+        """A header block's beginning: the table size changes since the last one (RFC 7541 4.2)."""
         if self.size_changes:
             for size in self.size_changes:
                 encode_integer(size, 5, 0x20, out)
             self.size_changes = []
+
+    def encode(self, headers: object, huffman: bool = True) -> bytes:
+        out = bytearray()
+        self.start_block(out)
         items: object = list(headers.items()) if isinstance(headers, dict) else headers
         for header in items:  # type: ignore[attr-defined]
             sensitive = False
