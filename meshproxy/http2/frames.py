@@ -54,7 +54,14 @@ SPEC_WINDOW: Final = 65535  # every window's size before SETTINGS and WINDOW_UPD
 # Connection-specific fields (RFC 9113 8.2.2): refused when received, left out when sent, as h2 does both.
 CONNECTION_HEADERS: Final = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding",
                                        b"upgrade"})
-REQUEST_PSEUDO: Final = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
+METHOD: Final = 1
+SCHEME: Final = 2
+AUTHORITY: Final = 4
+PATH: Final = 8
+PROTOCOL: Final = 16
+STATUS: Final = 32
+PSEUDO_BITS: Final = {b":method": METHOD, b":scheme": SCHEME, b":authority": AUTHORITY, b":path": PATH,
+                      b":protocol": PROTOCOL, b":status": STATUS}
 
 # What a header list is: field_problem's `kind`.
 REQUEST_FIELDS: Final = 0
@@ -96,11 +103,11 @@ def _name_problem(name: bytes) -> str:
     """RFC 9113 8.2.1: no character in 0x00-0x20, 0x41-0x5a (upper case), 0x7f-0xff; a colon only first."""
     if not name:
         return "empty header name"
+    first = True
     for char in name:
-        if char <= 0x20 or 0x41 <= char <= 0x5A or char >= 0x7F:
+        if char <= 0x20 or 0x41 <= char <= 0x5A or char >= 0x7F or (char == 0x3A and not first):
             return f"illegal character in header name {name!r}"
-    if name.find(b":", 1) != -1:
-        return f"illegal ':' in header name {name!r}"
+        first = False
     return ""
 
 
@@ -108,8 +115,9 @@ def _value_problem(value: bytes) -> str:
     """RFC 9113 8.2.1: no NUL, CR or LF; no whitespace first or last."""
     if not value:
         return ""
-    if value.find(b"\x00") != -1 or value.find(b"\r") != -1 or value.find(b"\n") != -1:
-        return "illegal character in a header value"
+    for char in value:
+        if char == 0x0 or char == 0x0A or char == 0x0D:
+            return "illegal character in a header value"
     first, last = value[0], value[-1]
     if first == 0x20 or first == 0x09 or last == 0x20 or last == 0x09:
         return "header value surrounded by whitespace"
@@ -121,7 +129,7 @@ def field_problem(headers: list[tuple[bytes, bytes]], kind: int) -> str:
     validate_headers (names, values, `te`, connection-specific fields, pseudo-header fields first, once each, the
     ones the message needs and no other, Host and :authority)."""
     seen_regular = False
-    pseudo: set[bytes] = set()
+    pseudo = 0  # PSEUDO_BITS of those seen
     method = b""
     path = b""
     authority: bytes | None = None
@@ -137,19 +145,20 @@ def field_problem(headers: list[tuple[bytes, bytes]], kind: int) -> str:
                 return f"pseudo-header field {name!r} after a regular field"
             if kind == TRAILER_FIELDS:
                 return f"pseudo-header field {name!r} in trailers"
-            if name in pseudo:
-                return f"duplicate pseudo-header field {name!r}"
-            pseudo.add(name)
+            bit = PSEUDO_BITS.get(name, 0)
             if kind == RESPONSE_FIELDS:
-                if name != b":status":
+                if bit != STATUS:
                     return f"pseudo-header field {name!r} in a response"
-            elif name not in REQUEST_PSEUDO:
+            elif not bit or bit == STATUS:
                 return f"pseudo-header field {name!r} in a request"
-            elif name == b":method":
+            if pseudo & bit:
+                return f"duplicate pseudo-header field {name!r}"
+            pseudo |= bit
+            if bit == METHOD:
                 method = value
-            elif name == b":path":
+            elif bit == PATH:
                 path = value
-            elif name == b":authority":
+            elif bit == AUTHORITY:
                 authority = value
             continue
         seen_regular = True
@@ -162,19 +171,19 @@ def field_problem(headers: list[tuple[bytes, bytes]], kind: int) -> str:
                 return "several host fields"
             host = value
     if kind == RESPONSE_FIELDS:
-        return "" if b":status" in pseudo else "no :status"
+        return "" if pseudo & STATUS else "no :status"
     if kind == REQUEST_FIELDS:
-        if b":method" not in pseudo:
+        if not pseudo & METHOD:
             return "no :method"
-        if method == b"CONNECT" and b":protocol" not in pseudo:
-            if b":scheme" in pseudo or b":path" in pseudo:
+        if method == b"CONNECT" and not pseudo & PROTOCOL:
+            if pseudo & (SCHEME | PATH):
                 return "CONNECT with :scheme or :path"
         else:
-            if b":scheme" not in pseudo or b":path" not in pseudo:
+            if pseudo & (SCHEME | PATH) != SCHEME | PATH:
                 return "no :scheme or :path"
             if not path:
                 return "empty :path"
-            if b":protocol" in pseudo and method != b"CONNECT":
+            if pseudo & PROTOCOL and method != b"CONNECT":
                 return ":protocol outside CONNECT"
         if authority is None and host is None:
             return "neither :authority nor host"

@@ -47,9 +47,12 @@ def _static_maps() -> tuple[dict[tuple[bytes, bytes], int], dict[bytes, int]]:
 
 STATIC_PAIRS, STATIC_NAMES = _static_maps()
 HUFFMAN_CODES: Final[list[int]] = list(REQUEST_CODES)
-HUFFMAN_LENGTHS: Final[list[int]] = list(REQUEST_CODES_LENGTH)
+HUFFMAN_LENGTHS: Final = bytes(REQUEST_CODES_LENGTH[:256])  # bytes: indexed without boxing (EOS's is not needed)
 EOS: Final = 256
-FAIL: Final = -2  # in HUFFMAN_EMIT: this nibble completes EOS, or follows no code
+FAIL: Final = -2  # in the machine's emit list: this nibble completes EOS, or follows no code
+NOTHING: Final = 0  # HUFFMAN_STEP values
+SYMBOL: Final = 1
+BROKEN: Final = 2
 
 
 def _huffman_machine() -> tuple[list[int], list[int], list[bool]]:
@@ -61,7 +64,7 @@ def _huffman_machine() -> tuple[list[int], list[int], list[bool]]:
     right: list[int] = [-1]
     leaf: dict[int, int] = {}  # child id (negative: -1 - symbol) of a leaf
     for symbol in range(257):
-        code, length = HUFFMAN_CODES[symbol], HUFFMAN_LENGTHS[symbol]
+        code, length = REQUEST_CODES[symbol], REQUEST_CODES_LENGTH[symbol]
         node = 0
         for position in range(length - 1, -1, -1):
             bit = (code >> position) & 1
@@ -103,26 +106,34 @@ def _huffman_machine() -> tuple[list[int], list[int], list[bool]]:
     return next_state, emit, accept
 
 
-HUFFMAN_NEXT, HUFFMAN_EMIT, HUFFMAN_ACCEPT = _huffman_machine()
+def _machine_bytes() -> tuple[bytes, bytes, bytes, bytes]:
+    """The machine as byte strings (mypyc indexes bytes without boxing): next state (the 256 inner nodes fit a
+    byte), what the step does (NOTHING, SYMBOL, BROKEN), the symbol, and whether a state may end a string."""
+    next_state, emit, accept = _huffman_machine()
+    step = bytes(SYMBOL if symbol >= 0 else BROKEN if symbol == FAIL else NOTHING for symbol in emit)
+    return bytes(next_state), step, bytes(max(symbol, 0) for symbol in emit), bytes(accept)
+
+
+HUFFMAN_NEXT, HUFFMAN_STEP, HUFFMAN_SYMBOL, HUFFMAN_ACCEPT = _machine_bytes()
 
 
 def huffman_decode(data: bytes) -> bytes:
     out = bytearray()
     state = 0
-    next_state, emit = HUFFMAN_NEXT, HUFFMAN_EMIT
+    next_state, step, symbols = HUFFMAN_NEXT, HUFFMAN_STEP, HUFFMAN_SYMBOL
     for byte in data:
         index = (state << 4) | (byte >> 4)
-        symbol = emit[index]
-        if symbol >= 0:
-            out.append(symbol)
-        elif symbol == FAIL:
+        kind = step[index]
+        if kind == SYMBOL:
+            out.append(symbols[index])
+        elif kind == BROKEN:
             raise HPACKDecodingError("Invalid Huffman string")
         state = next_state[index]
         index = (state << 4) | (byte & 0x0F)
-        symbol = emit[index]
-        if symbol >= 0:
-            out.append(symbol)
-        elif symbol == FAIL:
+        kind = step[index]
+        if kind == SYMBOL:
+            out.append(symbols[index])
+        elif kind == BROKEN:
             raise HPACKDecodingError("Invalid Huffman string")
         state = next_state[index]
     if not HUFFMAN_ACCEPT[state]:
@@ -143,8 +154,9 @@ def huffman_encode(data: bytes, out: bytearray) -> None:
     buffered = 0  # at most 7 + 30 bits: stays a machine integer
     count = 0
     for byte in data:
-        buffered = (buffered << lengths[byte]) | codes[byte]
-        count += lengths[byte]
+        length = lengths[byte]
+        buffered = (buffered << length) | codes[byte]
+        count += length
         while count >= 8:
             count -= 8
             out.append((buffered >> count) & 0xFF)
