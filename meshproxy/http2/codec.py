@@ -676,8 +676,8 @@ class H2Codec:
         """One header block: HEADERS, then CONTINUATIONs when it is larger than the peer's frame size. Field names
         lower-cased, connection-specific fields left out, credentials never indexed, as h2 normalized them."""
         encoder = self.encoder
-        block = bytearray()
-        encoder.start_block(block)
+        parts: list[bytes] = []
+        encoder.start_block(parts)
         for name, value in headers:
             for char in name:
                 if 0x41 <= char <= 0x5A:
@@ -687,23 +687,24 @@ class H2Codec:
                 continue
             sensitive = name == b"authorization" or name == b"proxy-authorization" or (
                 name == b"cookie" and len(value) < 20)
-            encoder.add(name, value, sensitive, block)
+            encoder.add(name, value, sensitive, parts)
+        block = b"".join(parts)
         size = len(block)
         limit = self.peer_max_frame
         flags = END_STREAM if end_stream else 0
         out = self.out
         if size <= limit:
             out.append(frame_head(size, HEADERS, flags | END_HEADERS, stream_id))
-            out.append(bytes(block))
+            out.append(block)
             return
         out.append(frame_head(limit, HEADERS, flags, stream_id))
-        out.append(bytes(block[:limit]))
+        out.append(block[:limit])
         at = limit
         while at < size:
             piece = block[at:at + limit]
             at += len(piece)
             out.append(frame_head(len(piece), CONTINUATION, END_HEADERS if at >= size else 0, stream_id))
-            out.append(bytes(piece))
+            out.append(piece)
 
     def send_headers(self, stream: H2Stream, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
         if stream.closed:

@@ -149,7 +149,8 @@ def huffman_length(data: bytes) -> int:
     return (bits + 7) >> 3
 
 
-def huffman_encode(data: bytes, out: bytearray) -> None:
+def huffman_encode(data: bytes) -> bytes:
+    out = bytearray()
     codes, lengths = HUFFMAN_CODES, HUFFMAN_LENGTHS
     buffered = 0  # at most 7 + 30 bits: stays a machine integer
     count = 0
@@ -163,30 +164,63 @@ def huffman_encode(data: bytes, out: bytearray) -> None:
         buffered &= (1 << count) - 1
     if count:
         out.append(((buffered << (8 - count)) | ((1 << (8 - count)) - 1)) & 0xFF)  # padded with EOS's 1s
+    return bytes(out)
 
 
-def encode_integer(value: int, prefix_bits: int, first: int, out: bytearray) -> None:
+# The encoder writes a block as a list of byte strings joined once: list.append is cheap compiled, where each
+# bytearray.append is a method call with a boxed int.
+SINGLE: Final = tuple(bytes((octet,)) for octet in range(256))
+# Strings repeat (header values, names): their encoded form is kept, and Huffman-coded strings' decoded form.
+CACHED_STRING_MAX: Final = 128  # longer strings are coded each time
+CACHE_ENTRIES: Final = 2048  # then the cache starts over
+ENCODED: dict[bytes, bytes] = {}
+DECODED: dict[bytes, bytes] = {}
+
+
+def encode_integer(value: int, prefix_bits: int, first: int, out: list[bytes]) -> None:
     """`value` with a `prefix_bits` prefix, the first byte's other bits from `first` (RFC 7541 5.1)."""
     limit = (1 << prefix_bits) - 1
     if value < limit:
-        out.append(first | value)
+        out.append(SINGLE[first | value])
         return
-    out.append(first | limit)
+    octets = bytearray()
+    octets.append(first | limit)
     value -= limit
     while value >= 128:
-        out.append((value & 0x7F) | 0x80)
+        octets.append((value & 0x7F) | 0x80)
         value >>= 7
-    out.append(value)
+    octets.append(value)
+    out.append(bytes(octets))
 
 
-def encode_string(data: bytes, out: bytearray) -> None:
+def encoded_string(data: bytes) -> bytes:
+    """A string literal (RFC 7541 5.2): Huffman-coded when that is shorter."""
     size = huffman_length(data)
+    parts: list[bytes] = []
     if size < len(data):
-        encode_integer(size, 7, 0x80, out)
-        huffman_encode(data, out)
+        encode_integer(size, 7, 0x80, parts)
+        parts.append(huffman_encode(data))
     else:
-        encode_integer(len(data), 7, 0, out)
-        out += data
+        encode_integer(len(data), 7, 0, parts)
+        parts.append(data)
+    return b"".join(parts)
+
+
+def encode_string(data: bytes, out: list[bytes]) -> None:
+    encoded = ENCODED.get(data)
+    if encoded is None:
+        encoded = encoded_string(data)
+        if len(data) <= CACHED_STRING_MAX:
+            if len(ENCODED) >= CACHE_ENTRIES:
+                ENCODED.clear()
+            ENCODED[data] = encoded
+    out.append(encoded)
+
+
+# Fields whose values rarely repeat, sent without indexing so they do not push out the ones that do: nghttp2's list
+# (its hd_deflate should_indexing), and the request id every request gets anew.
+UNINDEXED: Final = frozenset({b":path", b"age", b"content-length", b"etag", b"if-modified-since", b"if-none-match",
+                              b"location", b"set-cookie", b"x-request-id"})
 
 
 def _as_bytes(value: object) -> bytes:
@@ -245,7 +279,7 @@ class Encoder:
         self.pairs[(name, value)] = number
         self.names[name] = number
 
-    def start_block(self, out: bytearray) -> None:
+    def start_block(self, out: list[bytes]) -> None:
         """A header block's beginning: the table size changes since the last one (RFC 7541 4.2)."""
         if self.size_changes:
             for size in self.size_changes:
@@ -253,7 +287,7 @@ class Encoder:
             self.size_changes = []
 
     def encode(self, headers: object, huffman: bool = True) -> bytes:
-        out = bytearray()
+        out: list[bytes] = []
         self.start_block(out)
         items: object = list(headers.items()) if isinstance(headers, dict) else headers
         for header in items:  # type: ignore[attr-defined]
@@ -263,9 +297,9 @@ class Encoder:
             elif len(header) > 2:
                 sensitive = bool(header[2])
             self.add(_as_bytes(header[0]), _as_bytes(header[1]), sensitive, out)
-        return bytes(out)
+        return b"".join(out)
 
-    def add(self, name: bytes, value: bytes, sensitive: bool, out: bytearray) -> None:
+    def add(self, name: bytes, value: bytes, sensitive: bool, out: list[bytes]) -> None:
         pair = (name, value)
         index = STATIC_PAIRS.get(pair, 0)
         if not index:
@@ -282,12 +316,14 @@ class Encoder:
                 name_index = STATIC_LENGTH + self.inserted - number
         if sensitive:
             encode_integer(name_index, 4, 0x10, out)
+        elif name in UNINDEXED:
+            encode_integer(name_index, 4, 0, out)  # literal without indexing
         else:
             encode_integer(name_index, 6, 0x40, out)
         if not name_index:
             encode_string(name, out)
         encode_string(value, out)
-        if not sensitive:
+        if not sensitive and name not in UNINDEXED:
             self._add(name, value)
 
 
@@ -416,4 +452,13 @@ def decode_string(data: bytes, position: int) -> tuple[bytes, int]:
     if end > len(data):
         raise HPACKDecodingError("Truncated header block")
     text = data[position:end]
-    return (huffman_decode(text) if huffman else text), end
+    if not huffman:
+        return text, end
+    decoded = DECODED.get(text)
+    if decoded is None:
+        decoded = huffman_decode(text)
+        if len(text) <= CACHED_STRING_MAX:
+            if len(DECODED) >= CACHE_ENTRIES:
+                DECODED.clear()
+            DECODED[text] = decoded
+    return decoded, end
