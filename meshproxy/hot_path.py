@@ -84,7 +84,7 @@ def status() -> HotPathStatus:
     compiled, interpreted, stale = [], [], []
     for name in MODULES:
         # The file Python loads the module from, without importing it: a module only some connections use (the
-        # HTTP/2 codec and the h2 library under it) stays out of memory until one does.
+        # HTTP/2 codec) stays out of memory until one does.
         spec = importlib.util.find_spec(name)
         if spec is None or (spec.origin or "").endswith(".py"):
             interpreted.append(name)
