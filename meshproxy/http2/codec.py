@@ -172,7 +172,8 @@ class H2Stream:
     """One stream's state in the codec: who hears it, what waits to be sent, the windows both ways."""
 
     __slots__ = ("id", "events", "out", "offset", "out_size", "end_queued", "trailers", "out_done", "in_done",
-                 "unacked", "paused", "blocked", "closed", "send_window", "recv_window", "credit", "head_done")
+                 "unacked", "paused", "blocked", "closed", "send_window", "recv_window", "credit", "head_done",
+                 "expected", "received")
 
     def __init__(self, stream_id: int, send_window: int = SPEC_WINDOW, recv_window: int = SPEC_WINDOW) -> None:
         self.id = stream_id
@@ -192,6 +193,8 @@ class H2Stream:
         self.recv_window = recv_window  # what the peer may still send on it before a WINDOW_UPDATE
         self.credit = 0  # received and delivered, not yet handed back in a WINDOW_UPDATE
         self.head_done = False  # client side: the final response head arrived (what follows is trailers)
+        self.expected = -1  # the peer's content-length (-1: none): its DATA must add up to it (RFC 9113 8.1.1)
+        self.received = 0
 
 
 class H2Codec:
@@ -401,6 +404,12 @@ class H2Codec:
             self._fail(FLOW_CONTROL_ERROR, "DATA beyond the stream window")
         stream.recv_window -= size
         end = bool(flags & END_STREAM)
+        if stream.expected >= 0:
+            stream.received += len(body)
+            if stream.received > stream.expected or (end and not self._length_complete(stream)):
+                self._credit_connection(size)
+                self._stream_error(stream_id, PROTOCOL_ERROR)  # malformed: never passed on short or long
+                return
         if stream.paused:
             stream.unacked += size
         elif size:
@@ -412,6 +421,11 @@ class H2Codec:
             self._maybe_forget(stream)
             if stream.events is not None:
                 stream.events.on_end()
+
+    def _length_complete(self, stream: H2Stream) -> bool:
+        """At the end of a stream: its DATA added up to its content-length. A request's must; a response's may be
+        shorter (a response to HEAD, a 304), as h2 allows."""
+        return stream.received == stream.expected or self.client
 
     def _credit_connection(self, size: int) -> None:
         if not size:
@@ -506,6 +520,9 @@ class H2Codec:
         problem = field_problem(headers, TRAILER_FIELDS)
         if problem:
             self._fail(PROTOCOL_ERROR, problem)
+        if stream.expected >= 0 and not self._length_complete(stream):
+            self._stream_error(stream_id, PROTOCOL_ERROR)
+            return
         stream.in_done = True
         self._maybe_forget(stream)
         if stream.events is not None:
@@ -528,6 +545,11 @@ class H2Codec:
             if not end_stream:
                 self.out.append(rst_stream_frame(stream_id, NO_ERROR))  # the rest of its body is not wanted
             return
+        if head.content_length is not None:
+            if end_stream and head.content_length:
+                self._stream_error(stream_id, PROTOCOL_ERROR)  # a length promised, and no body
+                return
+            stream.expected = head.content_length
         self.streams[stream_id] = stream
         self.handler.on_request(stream, head, end_stream)
 
@@ -536,6 +558,7 @@ class H2Codec:
         if problem:
             self._fail(PROTOCOL_ERROR, problem)
         status = 0
+        expected = -1
         fields: list[tuple[bytes, bytes]] = []
         for name, value in headers:
             if name == b":status":
@@ -543,12 +566,15 @@ class H2Codec:
                     self._fail(PROTOCOL_ERROR, "malformed :status")
                 status = int(value)
             else:
+                if name == b"content-length" and value.isdigit():
+                    expected = int(value)
                 fields.append((name, value))
         if status < 200:
             if end_stream:
                 self._fail(PROTOCOL_ERROR, "an informational response ends its stream")
             return  # 1xx: dropped, as the HTTP/1.1 codec drops them
         stream.head_done = True
+        stream.expected = expected
         events = stream.events
         if events is not None:
             events.on_response_head(status, fields, end_stream)

@@ -197,6 +197,23 @@ def test_a_peer_that_overruns_a_paused_streams_window_is_a_flow_control_error() 
     assert [t.error_code for t in terminated] == [3]  # FLOW_CONTROL_ERROR
 
 
+@pytest.mark.parametrize(("declared", "sent"), [(b"5", [b"abc"]), (b"2", [b"abc"]), (b"4", [b"ab", b"cd", b"e"])])
+def test_a_body_that_does_not_add_up_to_its_content_length_is_reset(declared: bytes, sent: list[bytes]) -> None:
+    """RFC 9113 8.1.1: malformed, a stream error; never passed on (an HTTP/1.1 upstream would read it framed by
+    the content-length: a request smuggled behind it)."""
+    codec, events = server()
+    client = h2_client()
+    exchange(client, codec)
+    codec.feed(headers_frame(1, [*REQUEST, (b"content-length", declared)]))
+    frames = [DataFrame(1, chunk) for chunk in sent]
+    frames[-1].flags.add("END_STREAM")
+    codec.feed(b"".join(frame.serialize() for frame in frames))
+    delivered = b"".join(v for k, _, v in events if k == "data")  # type: ignore[misc]
+    assert len(delivered) <= int(declared)
+    assert ("reset", 1, (1, False)) in events and ("end", 1, None) not in events
+    assert [(type(f), f.error_code) for f in frames_of(codec.data_to_send())] == [(RstStreamFrame, 1)]
+
+
 def headers_frame(stream_id: int, headers: list[tuple[bytes, bytes]], *flags: str) -> bytes:
     frame = HeadersFrame(stream_id)
     frame.data = hpack.Encoder().encode(headers)
