@@ -332,3 +332,40 @@ def test_client_side_against_an_h2_server_with_informational_and_trailers() -> N
         ("response", (200, [(b"content-type", b"application/grpc")], False)), ("data", b"pong"),
         ("trailers", [(b"grpc-status", b"0")])]
     assert codec.open_streams == 0
+
+
+def test_mutated_input_raises_nothing_but_h2error() -> None:
+    """Real frames from h2, mutated at random (seeded): the codec reads them or ends the connection with H2Error,
+    never another exception (the integration test checks the same through the proxy, fewer cases)."""
+    import random
+
+    client = h2_client()
+    client.send_headers(1, [*REQUEST, (b"content-length", b"6"), (b"cookie", b"a=1")])
+    client.send_data(1, b"abc", pad_length=5)
+    client.send_data(1, b"def")
+    client.send_headers(1, [(b"x-t", b"1")], end_stream=True)
+    client.send_headers(3, REQUEST, end_stream=True)
+    client.ping(b"abcdefgh")
+    client.increment_flow_control_window(1000)
+    client.reset_stream(3)
+    base = client.data_to_send()
+    rng = random.Random(77)
+    for _ in range(1500):
+        data = bytearray(base)
+        for _ in range(rng.randrange(1, 6)):
+            at = rng.randrange(24, len(data))
+            choice = rng.randrange(3)
+            if choice == 0:
+                data[at] = rng.randrange(256)
+            elif choice == 1:
+                del data[at:at + rng.randrange(1, 12)]
+            else:
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 12)))
+        codec, _ = server()
+        cut = rng.randrange(1, len(data))
+        try:
+            codec.feed(bytes(data[:cut]))
+            codec.feed(bytes(data[cut:]))
+        except H2Error:
+            pass
+        codec.data_to_send()
