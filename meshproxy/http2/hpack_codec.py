@@ -219,6 +219,7 @@ def encode_string(data: bytes, out: list[bytes]) -> None:
 
 # Fields whose values rarely repeat, sent without indexing so they do not push out the ones that do: nghttp2's list
 # (its hd_deflate should_indexing), and the request id every request gets anew.
+REQUEST_ID: Final = b"x-request-id"
 UNINDEXED: Final = frozenset({b":path", b"age", b"content-length", b"etag", b"if-modified-since", b"if-none-match",
                               b"location", b"set-cookie", b"x-request-id"})
 
@@ -322,7 +323,10 @@ class Encoder:
             encode_integer(name_index, 6, 0x40, out)
         if not name_index:
             encode_string(name, out)
-        encode_string(value, out)
+        if name == REQUEST_ID:
+            out.append(encoded_string(value))  # new each time: kept out of the cache
+        else:
+            encode_string(value, out)
         if not sensitive and name not in UNINDEXED:
             self._add(name, value)
 
