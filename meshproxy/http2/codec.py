@@ -6,14 +6,16 @@ mean: on a server, each new stream as `ConnectionEvents.on_request(stream, head,
 client, the response head, body, trailers and end of each stream it opened. `data_to_send()` is what to write.
 HPACK is hpack_codec.py. The `h2` library did all of this before; its state machine and per-header generators cost
 most of a small request's time (benchmarks/README.md, "HTTP/2"), so the frame layer is ours, checked against h2 as
-the peer (tests/unit/test_http2_codec.py, test_http2_frames.py) and curl, h2load, grpcio, hypercorn.
+the peer (tests/unit/test_http2_codec.py, test_http2_frames.py) and curl, h2load, grpcio, hypercorn
+(tests/integration/test_http2_*.py, test_grpc.py).
 
 What the peer must respect, or the connection ends with a GOAWAY naming its error (RFC 9113): the preface, a
 SETTINGS first; frame sizes (FRAME_SIZE_ERROR); the stream ids and states (PROTOCOL_ERROR, STREAM_CLOSED on a
 half-closed stream as a stream error); header blocks as one HEADERS and its CONTINUATIONs with nothing between;
 padding; HPACK (COMPRESSION_ERROR); header fields as h2 validates them (frames.field_problem: PROTOCOL_ERROR);
 windows both ways (FLOW_CONTROL_ERROR). PRIORITY is read and ignored; PUSH_PROMISE is refused (push is off); a
-stream beyond our SETTINGS_MAX_CONCURRENT_STREAMS is refused with REFUSED_STREAM.
+stream beyond our SETTINGS_MAX_CONCURRENT_STREAMS is refused with REFUSED_STREAM; a request whose DATA does not
+add up to its content-length is reset with PROTOCOL_ERROR before any byte too many is passed on (RFC 9113 8.1.1).
 
 Flow control, per stream, both ways (Envoy's SETTINGS: 1024 concurrent streams, 16 MiB stream windows, a 24 MiB
 connection window):
