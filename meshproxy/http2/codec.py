@@ -5,7 +5,7 @@ mean: on a server, each new stream as `ConnectionEvents.on_request(stream, head,
 `RequestHead` (http2/head.py), then the stream's own `StreamEvents` (body chunks, trailers, the end, a reset); on a
 client, the response head, body, trailers and end of each stream it opened. `data_to_send()` is what to write.
 HPACK is hpack_codec.py. The `h2` library did all of this before; its state machine and per-header generators cost
-most of a small request's time (benchmarks/README.md, "HTTP/2"), so the frame layer is ours, checked against h2 as
+most of a small request's time (benchmarks/README.md, "HTTP/2 and gRPC"), so the frame layer is ours, checked against h2 as
 the peer (tests/unit/test_http2_codec.py, test_http2_frames.py) and curl, h2load, grpcio, hypercorn
 (tests/integration/test_http2_*.py, test_grpc.py).
 
