@@ -21,7 +21,9 @@ Flow control, per stream, both ways (Envoy's SETTINGS: 1024 concurrent streams, 
 connection window):
 - Received data is credited back as soon as it is delivered, unless the stream's consumer paused it (`pause`): then
   the credit is held until `resume`, so a slow consumer stops its own sender after one stream window, and the
-  others go on. Credit goes out in a WINDOW_UPDATE once half a window has gathered (not one per DATA frame).
+  others go on. Credit goes out in a WINDOW_UPDATE once half a window has gathered (not one per DATA frame), or
+  as soon as the window is shut (paused streams may hold most of the connection's: the others must go on), as h2's
+  window manager does.
 - Sent data waits in the stream's queue until the peer's stream and connection windows let it go, in frames of the
   peer's maximum size; nothing is buffered whole. Above SEND_HIGH_WATER queued bytes the stream hears
   `on_write_blocked` (its producer should pause), below SEND_LOW_WATER `on_writable`. While the transport's own
@@ -433,7 +435,8 @@ class H2Codec:
         if not size:
             return
         self.conn_credit += size
-        if self.conn_credit >= self.settings.connection_window >> 1:
+        if self.conn_credit >= self.settings.connection_window >> 1 or (
+                self.recv_window <= 0 and self.conn_credit > min(1024, self.settings.connection_window >> 2)):
             self.out.append(window_update_frame(0, self.conn_credit))
             self.recv_window += self.conn_credit
             self.conn_credit = 0
@@ -444,7 +447,8 @@ class H2Codec:
         if ending or stream.in_done or stream.closed:
             return
         stream.credit += size
-        if stream.credit >= self.settings.initial_stream_window >> 1:
+        if stream.credit >= self.settings.initial_stream_window >> 1 or (
+                stream.recv_window <= 0 and stream.credit > min(1024, self.settings.initial_stream_window >> 2)):
             self.out.append(window_update_frame(stream.id, stream.credit))
             stream.recv_window += stream.credit
             stream.credit = 0

@@ -214,6 +214,41 @@ def test_a_body_that_does_not_add_up_to_its_content_length_is_reset(declared: by
     assert [(type(f), f.error_code) for f in frames_of(codec.data_to_send())] == [(RstStreamFrame, 1)]
 
 
+def test_streams_paused_on_most_of_the_connection_window_do_not_stall_the_others() -> None:
+    """Two streams hold their credit (paused consumers) on three quarters of the connection window: a third
+    stream still gets all its data, its credit handed back once the connection window is shut."""
+    settings = H2Settings(max_concurrent_streams=10, initial_stream_window=65535, connection_window=3 * 65535 // 2)
+    codec, events = server(settings)
+    client = h2_client()
+    exchange(client, codec)
+    client.increment_flow_control_window(1 << 20)
+    for stream_id in (1, 3, 5):
+        client.send_headers(stream_id, REQUEST)
+    exchange(client, codec)
+    codec.pause(stream_of(codec, 1))
+    codec.pause(stream_of(codec, 3))
+    for stream_id in (1, 3):
+        for _ in range(4):
+            client.send_data(stream_id, b"h" * 10_000)
+    exchange(client, codec)
+    body = b"f" * 150_000
+    sent = 0
+    for _ in range(200):  # as much as h2 lets the client send, each time the windows open
+        room = min(client.local_flow_control_window(5), len(body) - sent, 16384)
+        if room > 0:
+            client.send_data(5, body[sent:sent + room])
+            sent += room
+        exchange(client, codec)
+        if sent == len(body):
+            break
+    assert received_on(events, 5) == len(body)
+    assert received_on(events, 1) == received_on(events, 3) == 40_000
+
+
+def received_on(events: list[Event], stream_id: int) -> int:
+    return sum(len(v) for k, s, v in events if k == "data" and s == stream_id)  # type: ignore[arg-type]
+
+
 def headers_frame(stream_id: int, headers: list[tuple[bytes, bytes]], *flags: str) -> bytes:
     frame = HeadersFrame(stream_id)
     frame.data = hpack.Encoder().encode(headers)
