@@ -5,7 +5,8 @@ module translates them into a static Envoy bootstrap the way istiod would for th
 for the subset of Istio the scenarios use:
 
 - ServiceEntry (STATIC endpoints with labels) -> one cluster per (host, port), `outbound|PORT||HOST`, and one
-  per DestinationRule subset, `outbound|PORT|SUBSET|HOST`, holding the endpoints whose labels match;
+  per DestinationRule subset, `outbound|PORT|SUBSET|HOST`, holding the endpoints whose labels match; a port whose
+  protocol is HTTP2, GRPC or GRPC-WEB speaks HTTP/2 to its endpoints (`http2_protocol_options`, as istiod writes it);
 - VirtualService `http` routes -> Envoy routes in the same order (first match wins in both), one per `match`
   entry (Istio ORs them), uri exact/prefix/regex and header exact/prefix/regex matches, one destination ->
   `cluster`, several -> `weighted_clusters` with the same weights;
