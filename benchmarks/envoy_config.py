@@ -5,7 +5,8 @@ module translates them into a static Envoy bootstrap the way istiod would for th
 for the subset of Istio the scenarios use:
 
 - ServiceEntry (STATIC endpoints with labels) -> one cluster per (host, port), `outbound|PORT||HOST`, and one
-  per DestinationRule subset, `outbound|PORT|SUBSET|HOST`, holding the endpoints whose labels match;
+  per DestinationRule subset, `outbound|PORT|SUBSET|HOST`, holding the endpoints whose labels match; a port whose
+  protocol is HTTP2, GRPC or GRPC-WEB speaks HTTP/2 to its endpoints (`http2_protocol_options`, as istiod writes it);
 - VirtualService `http` routes -> Envoy routes in the same order (first match wins in both), one per `match`
   entry (Istio ORs them), uri exact/prefix/regex and header exact/prefix/regex matches, one destination ->
   `cluster`, several -> `weighted_clusters` with the same weights;
@@ -57,6 +58,7 @@ HTTP_PROTOCOL_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.
 ISTIO_ALPN_HTTP11 = ["istio-http/1.1", "istio", "http/1.1"]  # what the istio_alpn filter offers for HTTP/1.1
 ISTIO_TLS_PARAMS = {"tls_minimum_protocol_version": "TLSv1_2", "tls_maximum_protocol_version": "TLSv1_3"}
 NODE_CLUSTER = "productpage.default"  # the service name Envoy gives its spans
+HTTP2_PROTOCOLS = frozenset({"HTTP2", "GRPC", "GRPC-WEB"})  # Istio's protocol.IsHTTP2(): the cluster speaks HTTP/2
 
 Json = dict[str, Any]
 
@@ -105,6 +107,7 @@ class Service:
     subsets: dict[str, dict[str, str]] = field(default_factory=dict)  # DestinationRule subset -> labels
     subject_alt_names: list[str] = field(default_factory=list)  # the ServiceEntry's, for ISTIO_MUTUAL
     policies: dict[str, Policy] = field(default_factory=dict)  # "" (the rule's) or a subset -> its policy
+    http2_ports: frozenset[int] = frozenset()  # ports whose protocol is HTTP/2 (HTTP2, GRPC, GRPC-WEB)
 
 
 def fqdn(host: str, namespace: str = NAMESPACE) -> str:
@@ -153,10 +156,12 @@ def services_of(documents: Sequence[Json]) -> dict[str, Service]:
         if spec.get("resolution", "NONE") != "STATIC":
             raise Untranslatable("ServiceEntry: only resolution STATIC is translated")
         ports = {int(port["number"]): str(port["name"]) for port in spec["ports"]}
+        http2_ports = frozenset(int(port["number"]) for port in spec["ports"]
+                                if str(port.get("protocol", "")).upper() in HTTP2_PROTOCOLS)
         endpoints = [(str(ep["address"]), {str(k): int(v) for k, v in (ep.get("ports") or {}).items()},
                       {str(k): str(v) for k, v in (ep.get("labels") or {}).items()}) for ep in spec["endpoints"]]
         for host in spec["hosts"]:
-            services[fqdn(host)] = Service(fqdn(host), ports, endpoints,
+            services[fqdn(host)] = Service(fqdn(host), ports, endpoints, http2_ports=http2_ports,
                                            subject_alt_names=[str(san) for san in spec.get("subjectAltNames") or []])
     for doc in documents:
         if doc.get("kind") != "DestinationRule":
@@ -225,12 +230,14 @@ def clusters_of(services: Mapping[str, Service], certs: CertDir | None = None) -
                     if certs is None:
                         raise Untranslatable(f"{name}: ISTIO_MUTUAL needs the workload's certificates (certs=)")
                     cluster["transport_socket"] = istio_mutual_tls(certs, number, subset, service)
-                if policy.max_requests_per_connection:
-                    cluster["typed_extension_protocol_options"] = {HTTP_PROTOCOL_OPTIONS_NAME: {
-                        "@type": HTTP_PROTOCOL_OPTIONS,
-                        "common_http_protocol_options": {
-                            "max_requests_per_connection": policy.max_requests_per_connection},
-                        "explicit_http_config": {"http_protocol_options": {}}}}
+                http2 = number in service.http2_ports  # as istiod writes an HTTP/2 port's cluster
+                if policy.max_requests_per_connection or http2:
+                    options: Json = {"@type": HTTP_PROTOCOL_OPTIONS, "explicit_http_config": {
+                        "http2_protocol_options" if http2 else "http_protocol_options": {}}}
+                    if policy.max_requests_per_connection:
+                        options["common_http_protocol_options"] = {
+                            "max_requests_per_connection": policy.max_requests_per_connection}
+                    cluster["typed_extension_protocol_options"] = {HTTP_PROTOCOL_OPTIONS_NAME: options}
                 clusters.append(cluster)
     return clusters
 

@@ -24,6 +24,12 @@ MIB = 1 << 20
 BODY_PATH = "/mib"  # POST or GET: answered with BODY_FILE_BYTES bytes (the request body is read and dropped)
 BODY_FILE_BYTES = MIB
 SUBSET_PORTS = ("v1", "v2", "v3")  # extra listeners that answer their own name: "v1\n" (as long as "ok\n")
+# The HTTP/2 scenarios' backend: nginx's h2c listener (prior knowledge). "ok\n" on any path; GRPC_PATH answers a
+# unary gRPC call: one message (GRPC_RESPONSE, a 5-byte gRPC prefix and a 3-byte protobuf) and grpc-status 0 in
+# the trailers, as a grpcio server answers.
+GRPC_PATH = "/bench.Echo/Unary"
+GRPC_RESPONSE = b"\x00\x00\x00\x00\x03\x08\x01\x10"
+GRPC_FILE = "grpc-response.bin"
 
 # worker_rlimit_nofile and worker_connections: the idle-10k scenario and two-worker proxies open many upstream
 # connections; both stay under the harness's open-file limit (raised to its hard limit, children inherit it).
@@ -65,7 +71,34 @@ http {{
         location = /_drop {{ internal; return 204; }}
         location = /_body {{ internal; default_type application/octet-stream; alias {workdir}{body_path}; }}
     }}
-{subset_servers}}}
+{subset_servers}{h2c_server}}}
+"""
+# nginx 1.22's h2c: `listen ... http2` without ssl speaks HTTP/2 with prior knowledge only. The gRPC location
+# is a static file read after the request body (the mirror, as above): POST to it is 405, turned into 200 and
+# the file by error_page, whose location adds the trailers.
+H2C_SERVER = """\
+    server {{
+        listen {address} http2;
+        http2_max_concurrent_streams 1024;
+        location / {{
+            default_type text/plain;
+            return 200 "ok\\n";
+        }}
+        location = {grpc_path} {{
+            mirror /_drop;
+            mirror_request_body on;
+            alias {workdir}/{grpc_file};
+            default_type application/grpc;
+            error_page 405 =200 /_grpc;
+        }}
+        location = /_drop {{ internal; return 204; }}
+        location = /_grpc {{
+            internal;
+            default_type application/grpc;
+            alias {workdir}/{grpc_file};
+            add_trailer grpc-status 0;
+        }}
+    }}
 """
 SUBSET_SERVER = """\
     server {{
@@ -90,6 +123,7 @@ class Tool:
 
 WRK = Tool("wrk", "wrk")
 NGINX = Tool("nginx", "nginx")
+H2LOAD = Tool("h2load", "nghttp2-client")
 
 
 def locate(program: str) -> str | None:
@@ -159,6 +193,7 @@ class Backend:
     address: Address
     subsets: dict[str, Address]
     child: Child | None  # None: only addresses (run.py --dump-configs)
+    h2c: Address | None = None  # HTTP/2 with prior knowledge ("ok\\n", and GRPC_PATH); None: the Python backend
 
     def pin(self, cpus: set[int] | None) -> None:
         """Move the backend (every process of it: nginx's master and worker) to `cpus`; None: every CPU."""
@@ -183,7 +218,7 @@ def write_body_file(directory: Path) -> None:
 
 
 def start_nginx(children: Children, nginx: str, workdir: Path, cpu: int | None) -> Backend:
-    address = free_address()
+    address, h2c = free_address(), free_address()
     subsets = {name: free_address() for name in SUBSET_PORTS}
     nginx_dir = workdir / "nginx"
     nginx_dir.mkdir(parents=True, exist_ok=True)
@@ -191,12 +226,15 @@ def start_nginx(children: Children, nginx: str, workdir: Path, cpu: int | None) 
     workdir.chmod(0o711)
     nginx_dir.chmod(0o755)
     write_body_file(nginx_dir)
+    (nginx_dir / GRPC_FILE).write_bytes(GRPC_RESPONSE)
     conf = nginx_dir / "nginx.conf"
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     servers = "".join(SUBSET_SERVER.format(address=sub, name=name) for name, sub in subsets.items())
     conf.write_text(NGINX_CONF.format(workdir=nginx_dir, address=address, nofile=nofile,
                                       connections=max(1024, nofile - 100), body_path=BODY_PATH,
-                                      subset_servers=servers))
+                                      subset_servers=servers,
+                                      h2c_server=H2C_SERVER.format(address=h2c, workdir=nginx_dir,
+                                                                   grpc_path=GRPC_PATH, grpc_file=GRPC_FILE)))
     argv = [nginx, "-p", str(nginx_dir), "-c", str(conf), "-e", str(nginx_dir / "nginx-error.log")]
     child = children.start_ready(
         "nginx",
@@ -207,7 +245,7 @@ def start_nginx(children: Children, nginx: str, workdir: Path, cpu: int | None) 
         log=nginx_dir / "nginx.out",
     )
     version = version_of([nginx, "-v"]).removeprefix("nginx version: ")
-    return Backend(f"{version}, 1 worker", address, subsets, child)
+    return Backend(f"{version}, 1 worker (HTTP/1.1, and h2c at {h2c})", address, subsets, child, h2c)
 
 
 def start_python_backend(children: Children, workdir: Path, cpu: int | None) -> Backend:

@@ -31,8 +31,10 @@ from types import FrameType
 
 import envoy_config
 from children import LOOPBACK, Address, ChildError, Children
+from h2load import run_h2load
 from loadgen import Load, WrkResult, request_bytes, run_wrk
 from peers import (
+    H2LOAD,
     NGINX,
     WRK,
     Apt,
@@ -58,8 +60,10 @@ from scenarios import (
     IDLE_CONNECTIONS,
     QUICK_SCENARIOS,
     SCENARIOS,
+    BackendUnsuitable,
     Kind,
     Pinning,
+    Protocol,
     Scenario,
     Setup,
 )
@@ -138,6 +142,7 @@ class Bench:
     children: Children
     workdir: Path
     wrk: str
+    h2load: str | None  # None: not installed, the HTTP/2 scenarios are skipped
     backend: Backend
     cpus: CpuPlan
     sink: TraceSink
@@ -167,7 +172,7 @@ def parse_options(argv: Sequence[str] | None) -> Options:
         help="repeatable; default: every scenario but telemetry-off (--quick: " + ", ".join(QUICK_SCENARIOS) + ")")
     add("--target", action="append", choices=list(TARGETS),
         help="repeatable; default: each scenario's targets (--quick: direct, meshproxy, envoy if installed)")
-    add("--quick", action="store_true", help="smoke run: 1 round x 2 s, 8 connections, two scenarios")
+    add("--quick", action="store_true", help="smoke run: 1 round x 2 s, 8 connections, four scenarios")
     add("--before", type=Path, metavar="DIR",
         help="another checkout of meshproxy (e.g. a git worktree at the commit before a change, built there with "
              "`pip install -e DIR` so its hot path is compiled in place): measured as meshproxy-before in the same "
@@ -246,6 +251,7 @@ def header(bench: Bench, envoy: str | None) -> str:
             f"envoy:     {version_of([envoy, '--version']).partition('version: ')[2] if envoy else 'not used'}",
             f"backend:   {bench.backend.description} at {bench.backend.address}",
             f"wrk:       {version_of([bench.wrk, '-v'])}",
+            f"h2load:    {version_of([bench.h2load, '--version']) if bench.h2load else 'not installed'}",
             (f"load:      {options.rounds} round(s) x {load.duration_s} s, {load.connections} connections, "
              f"{load.threads} wrk thread(s), {options.warmup_s} s warm-up per target, unless a scenario says "
              "otherwise; medians over rounds; 'x envoy': median over rounds of the ratio to Envoy in the same round"),
@@ -328,14 +334,19 @@ def rotated(targets: Sequence[Target], position: int) -> list[Target]:
 
 
 def measure(
-    bench: Bench, target: Target, setup: Setup, load: Load, cpu: int | None, log: Path
+    bench: Bench, scenario: Scenario, target: Target, setup: Setup, load: Load, cpu: int | None, log: Path
 ) -> tuple[WrkResult, float | None, int | None]:
-    """One wrk run against `target`, the CPU seconds its processes spent meanwhile, and the TLS handshakes
-    between its sidecars meanwhile (None: not counted)."""
+    """One wrk (or h2load) run against `target`, the CPU seconds its processes spent meanwhile, and the TLS
+    handshakes between its sidecars meanwhile (None: not counted)."""
     handshakes_before = target.handshakes() if target.handshakes else None
     before = target.cpu_seconds()
     try:
-        result = run_wrk(bench.children, bench.wrk, target.address, setup.request, load, cpu=cpu, log=log)
+        if scenario.protocol is Protocol.H2C:
+            assert bench.h2load is not None  # run_scenario skips the HTTP/2 scenarios without it
+            result = run_h2load(bench.children, bench.h2load, target.address, setup.request, load, scenario.streams,
+                                cpu=cpu, log=log)
+        else:
+            result = run_wrk(bench.children, bench.wrk, target.address, setup.request, load, cpu=cpu, log=log)
     except ChildError:
         target.check_alive()  # a dead target explains a failed wrk run better than wrk does
         raise
@@ -396,8 +407,8 @@ def run_rounds(bench: Bench, scenario: Scenario, setup: Setup, targets: list[Tar
     for position, phase in enumerate(phases(bench.options, rounds, load)):
         for target in rotated(targets, position):
             try:
-                result, cpu, handshakes = measure(bench, target, setup, phase.load, placement.load,
-                                                  workdir / "wrk.log")
+                result, cpu, handshakes = measure(bench, scenario, target, setup, phase.load, placement.load,
+                                                  workdir / "load.log")
             except ChildError as error:
                 say(f"{scenario.name}: {phase.label}: {target.name} failed: {error.reason}")
                 outcome.failures.append(Failure(scenario.name, target.name, error.name, error.reason, error.log_tail))
@@ -476,6 +487,9 @@ def scenario_heading(scenario: Scenario, setup: Setup, placement: Placement, opt
     else:
         how = (f"{rounds} round(s) x {load.duration_s} s, {load.connections} connection(s), {load.threads} wrk "
                f"thread(s)")
+        if scenario.protocol is Protocol.H2C:
+            how = (f"{rounds} round(s) x {load.duration_s} s, h2load: {load.connections} connection(s) x "
+                   f"{scenario.streams} concurrent streams, {load.threads} thread(s)")
     workers = f"; proxies with {scenario.workers} workers" if scenario.workers > 1 else ""
     return "\n".join([
         f"== {scenario.name}: {scenario.summary}",
@@ -490,7 +504,15 @@ def run_scenario(bench: Bench, scenario: Scenario) -> Outcome:
     outcome = Outcome()
     workdir = bench.workdir / scenario.name
     workdir.mkdir()
-    setup = scenario.build(workdir, bench.backend)
+    try:
+        if scenario.protocol is Protocol.H2C and bench.h2load is None:
+            raise BackendUnsuitable("h2load is not installed and could not be installed (apt-get install "
+                                    f"{H2LOAD.package})")
+        setup = scenario.build(workdir, bench.backend)
+    except BackendUnsuitable as why:
+        say(f"{scenario.name} skipped: {why}")
+        print(f"== {scenario.name}: skipped: {why}", end="\n\n", flush=True)
+        return outcome
     placement = bench.cpus.place(scenario.pinning)
     bench.backend.pin(placement.backend)
     bench.sink.take()
@@ -518,7 +540,8 @@ def run_scenario(bench: Bench, scenario: Scenario) -> Outcome:
 
 
 def run(options: Options, children: Children, workdir: Path) -> int:
-    tools = ensure_tools([WRK] if options.backend == "python" else [WRK, NGINX], Apt())
+    apt = Apt()
+    tools = ensure_tools([WRK] if options.backend == "python" else [WRK, NGINX], apt)
     wrk = tools[WRK.program]
     if wrk is None:
         say("wrk is not installed and could not be installed (apt-get install wrk)")
@@ -531,7 +554,9 @@ def run(options: Options, children: Children, workdir: Path) -> int:
     failures: list[Failure] = []
     summaries: Summaries = {}
     sink = TraceSink(children, workdir)
-    bench = Bench(options, children, workdir, wrk, backend, cpus, sink)
+    uses_h2load = any(SCENARIOS[name].protocol is Protocol.H2C for name in options.scenarios)
+    h2load = ensure_tools([H2LOAD], apt)[H2LOAD.program] if uses_h2load else None
+    bench = Bench(options, children, workdir, wrk, h2load, backend, cpus, sink)
     print(header(bench, envoy), end="\n\n", flush=True)
     for name in options.scenarios:
         outcome = run_scenario(bench, SCENARIOS[name])
@@ -546,10 +571,11 @@ def run(options: Options, children: Children, workdir: Path) -> int:
 
 
 def dump_configs(options: Options) -> int:
-    """Each scenario's Istio YAML and Envoy bootstrap, for a backend at 127.0.0.1:8080 (subsets 8081-8083)."""
+    """Each scenario's Istio YAML and Envoy bootstrap, for a backend at 127.0.0.1:8080 (subsets 8081-8083, h2c
+    8084)."""
     assert options.dump_configs is not None
     subsets = {name: Address(LOOPBACK, 8081 + i) for i, name in enumerate(("v1", "v2", "v3"))}
-    backend = Backend("placeholder", Address(LOOPBACK, 8080), subsets, None)
+    backend = Backend("placeholder", Address(LOOPBACK, 8080), subsets, None, Address(LOOPBACK, 8084))
     for name in options.scenarios:
         scenario = SCENARIOS[name]
         directory = options.dump_configs / name

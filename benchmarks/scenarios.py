@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from peers import BODY_FILE_BYTES, BODY_PATH, Backend
+from children import Address
+from peers import BODY_FILE_BYTES, BODY_PATH, GRPC_PATH, Backend
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS_DIR.parent
@@ -27,6 +28,8 @@ REPO_ROOT = BENCHMARKS_DIR.parent
 SAMPLES_DIRS = (REPO_ROOT / "config" / "bookinfo",)
 ROUTES_1000 = 1000
 IDLE_CONNECTIONS = 10_000
+H2_CONNECTIONS = 8  # the HTTP/2 scenarios' load: 8 connections x 8 streams, as many requests in flight as 64
+H2_STREAMS = 8  # HTTP/1.1 connections
 ALL_TARGETS = ("direct", "meshproxy", "envoy", "aiohttp-naive")
 ROUTING_TARGETS = ("direct", "meshproxy", "envoy")  # aiohttp-naive has no route table: not in routing scenarios
 
@@ -37,6 +40,11 @@ class Kind(enum.Enum):
     BODIES = "bodies"  # wrk with 1 MiB each way: MB/s
     IDLE = "idle"  # many idle keep-alive connections: resident memory
     MTLS = "mtls"  # THROUGHPUT through two sidecars speaking mutual TLS, plus handshakes/s between them (mtls.py)
+
+
+class Protocol(enum.Enum):
+    HTTP1 = "HTTP/1.1"  # wrk, HTTP/1.1 both sides
+    H2C = "h2c"  # h2load, HTTP/2 with prior knowledge both sides (downstream and to the backend)
 
 
 class Pinning(enum.Enum):
@@ -70,6 +78,7 @@ class Request:
     path: str = "/"
     method: str = "GET"
     body_bytes: int = 0  # a request body of this many bytes ("x" repeated)
+    body: bytes = b""  # or this body (h2load only: a gRPC message)
     alternate_headers: Mapping[str, str] = field(default_factory=dict)  # added to every second request
 
 
@@ -89,6 +98,7 @@ class Setup:
     telemetry: Telemetry
     probes: tuple[Probe, ...] = ()
     proxy_options: Mapping[str, str] = field(default_factory=dict)  # extra MESHPROXY_* settings
+    direct: Address | None = None  # the `direct` target's address, when not the backend's HTTP/1.1 one
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +115,14 @@ class Scenario:
     threads: int | None = None  # wrk threads, fixed by the scenario
     max_duration_s: int | None = None  # a cap on --duration
     max_rounds: int | None = None  # a cap on --rounds
+    protocol: Protocol = Protocol.HTTP1
+    streams: int = 1  # h2load: concurrent streams per connection (-m)
     default: bool = True  # run when no --scenario is given
     launchers: Mapping[str, Callable[[Any], Any]] = field(default_factory=dict)  # target -> its own launcher (mtls.py)
+
+
+class BackendUnsuitable(Exception):
+    """The backend cannot serve this scenario (the built-in Python backend speaks no HTTP/2): it is skipped."""
 
 
 # ----------------------------------------------------------------------------------------- configurations
@@ -145,6 +161,29 @@ spec:
 REVIEWS_ENDPOINT = "  - {{address: {address.host}, ports: {{http: {address.port}}}, labels: {{app: reviews, version: {name}}}}}\n"
 REVIEWS_HOST = "reviews:9080"  # as productpage calls it
 BOOKINFO_PROXY_OPTIONS = {"MESHPROXY_WORKLOAD": "productpage-v1", "MESHPROXY_LABELS": "app=productpage,version=v1"}
+
+
+# The HTTP/2 scenarios: the same single route, to nginx's h2c listener, the port's protocol saying HTTP/2 (Istio
+# then speaks HTTP/2 upstream: Envoy's cluster gets http2_protocol_options, meshproxy its HTTP/2 pool).
+H2_ROUTE_YAML = """\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: backend}}
+spec:
+  hosts: [backend.default.svc.cluster.local]
+  ports: [{{number: 80, name: {port_name}, protocol: {protocol}}}]
+  resolution: STATIC
+  endpoints: [{{address: {address.host}, ports: {{{port_name}: {address.port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: backend}}
+spec:
+  hosts: [backend]
+  http: [{{route: [{{destination: {{host: backend}}}}]}}]
+"""
+GRPC_HEADERS = {"content-type": "application/grpc", "te": "trailers"}
+GRPC_REQUEST = b"\x00\x00\x00\x00\x03\x08\x01\x10"  # a gRPC message: the 5-byte prefix and 3 bytes of protobuf
 
 
 def samples_dir() -> Path:
@@ -229,6 +268,25 @@ def bodies(workdir: Path, backend: Backend) -> Setup:
     return Setup(single_route_files(workdir, backend), request, TELEMETRY_OFF)
 
 
+def h2_route_files(workdir: Path, backend: Backend, protocol: str) -> tuple[tuple[Path, ...], Address]:
+    if backend.h2c is None:
+        raise BackendUnsuitable(f"{backend.description} has no h2c listener (the HTTP/2 scenarios need nginx)")
+    config = workdir / f"{protocol.lower()}-route.yaml"
+    config.write_text(H2_ROUTE_YAML.format(port_name=protocol.lower(), protocol=protocol, address=backend.h2c))
+    return (config,), backend.h2c
+
+
+def h2c(workdir: Path, backend: Backend) -> Setup:
+    files, direct = h2_route_files(workdir, backend, "HTTP2")
+    return Setup(files, Request(host="backend"), TELEMETRY_OFF, probes=(Probe("/", {}, b"ok\n"),), direct=direct)
+
+
+def grpc_unary(workdir: Path, backend: Backend) -> Setup:
+    files, direct = h2_route_files(workdir, backend, "GRPC")
+    request = Request(host="backend", headers=GRPC_HEADERS, path=GRPC_PATH, method="POST", body=GRPC_REQUEST)
+    return Setup(files, request, TELEMETRY_OFF, probes=(Probe("/", {}, b"ok\n"),), direct=direct)
+
+
 def idle(workdir: Path, backend: Backend) -> Setup:
     # meshproxy's default connection limit is half the open-file limit (a client connection may need an upstream
     # one): with the usual 20,000 that is exactly 10,000. Here each client sends one request, at most a few
@@ -277,8 +335,18 @@ SCENARIO_LIST = (
     Scenario("telemetry-on",
              "single-route with Istio's telemetry (metrics, x-request-id, B3/W3C, 1 % of traces exported)",
              "-", telemetry_on, targets=ROUTING_TARGETS),
+    Scenario("h2c",
+             "single-route over HTTP/2 both ways: h2load (h2c, prior knowledge) -> proxy -> nginx h2c, "
+             f"{H2_CONNECTIONS} connections x {H2_STREAMS} concurrent streams, GET, telemetry off",
+             "meshproxy >= 1.5x envoy req/s, p99 <= envoy's", h2c, targets=ROUTING_TARGETS,
+             protocol=Protocol.H2C, connections=H2_CONNECTIONS, streams=H2_STREAMS),
+    Scenario("grpc-unary",
+             "h2c with unary gRPC calls: POST /bench.Echo/Unary, content-type application/grpc, te: trailers, an "
+             "8-byte gRPC message each way, grpc-status 0 in the trailers; the port's protocol GRPC",
+             "meshproxy >= 1.5x envoy req/s, p99 <= envoy's", grpc_unary, targets=ROUTING_TARGETS,
+             protocol=Protocol.H2C, connections=H2_CONNECTIONS, streams=H2_STREAMS),
     Scenario("telemetry-off", "single-route under its old name (telemetry off); not in the default run", "-",
              single_route, targets=ROUTING_TARGETS, default=False),
 )
 SCENARIOS: dict[str, Scenario] = {scenario.name: scenario for scenario in SCENARIO_LIST}
-QUICK_SCENARIOS = ("single-route", "bookinfo-routing")
+QUICK_SCENARIOS = ("single-route", "bookinfo-routing", "h2c", "grpc-unary")

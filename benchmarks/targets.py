@@ -108,7 +108,7 @@ def process_tree_usage(pid: int) -> list[tuple[float, int]]:
 
 
 def direct(context: LaunchContext) -> Target:
-    return Target("direct", context.backend.address, None, routes=False)
+    return Target("direct", context.setup.direct or context.backend.address, None, routes=False)
 
 
 def telemetry_environment(context: LaunchContext) -> dict[str, str]:

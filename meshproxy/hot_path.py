@@ -20,8 +20,10 @@ MODULES = (  # what setup.py compiles (it runs this file)
     "meshproxy.http1.server",
     "meshproxy.http1.wire",
     "meshproxy.http2.codec",
+    "meshproxy.http2.frames",
     "meshproxy.http2.grpc",
     "meshproxy.http2.head",
+    "meshproxy.http2.hpack_codec",
     "meshproxy.messages",
     "meshproxy.proxy.balancer",
     "meshproxy.proxy.downstream",
@@ -82,7 +84,7 @@ def status() -> HotPathStatus:
     compiled, interpreted, stale = [], [], []
     for name in MODULES:
         # The file Python loads the module from, without importing it: a module only some connections use (the
-        # HTTP/2 codec and the h2 library under it) stays out of memory until one does.
+        # HTTP/2 codec) stays out of memory until one does.
         spec = importlib.util.find_spec(name)
         if spec is None or (spec.origin or "").endswith(".py"):
             interpreted.append(name)

@@ -1,15 +1,29 @@
-"""The HTTP/2 codec, sans-IO, on the `h2` library: bytes in, per-stream events out; per-stream sends out as bytes.
+"""The HTTP/2 codec, sans-IO, compiled with mypyc: bytes in, per-stream events out; per-stream sends out as bytes.
 
-`H2Codec` is one connection, either side. `feed(data)` hands the peer's frames to h2 and reports what they mean:
-on a server, each new stream as `ConnectionEvents.on_request(stream, head, end_stream)` with a validated
+`H2Codec` is one connection, either side. `feed(data)` reads the peer's frames (frames.py) and reports what they
+mean: on a server, each new stream as `ConnectionEvents.on_request(stream, head, end_stream)` with a validated
 `RequestHead` (http2/head.py), then the stream's own `StreamEvents` (body chunks, trailers, the end, a reset); on a
 client, the response head, body, trailers and end of each stream it opened. `data_to_send()` is what to write.
+HPACK is hpack_codec.py. The `h2` library did all of this before; its state machine and per-header generators cost
+most of a small request's time (benchmarks/README.md, "HTTP/2 and gRPC"), so the frame layer is ours, checked against h2 as
+the peer (tests/unit/test_http2_codec.py, test_http2_frames.py) and curl, h2load, grpcio, hypercorn
+(tests/integration/test_http2_*.py, test_grpc.py).
+
+What the peer must respect, or the connection ends with a GOAWAY naming its error (RFC 9113): the preface, a
+SETTINGS first; frame sizes (FRAME_SIZE_ERROR); the stream ids and states (PROTOCOL_ERROR, STREAM_CLOSED on a
+half-closed stream as a stream error); header blocks as one HEADERS and its CONTINUATIONs with nothing between;
+padding; HPACK (COMPRESSION_ERROR); header fields as h2 validates them (frames.field_problem: PROTOCOL_ERROR);
+windows both ways (FLOW_CONTROL_ERROR). PRIORITY is read and ignored; PUSH_PROMISE is refused (push is off); a
+stream beyond our SETTINGS_MAX_CONCURRENT_STREAMS is refused with REFUSED_STREAM; a request whose DATA does not
+add up to its content-length is reset with PROTOCOL_ERROR before any byte too many is passed on (RFC 9113 8.1.1).
 
 Flow control, per stream, both ways (Envoy's SETTINGS: 1024 concurrent streams, 16 MiB stream windows, a 24 MiB
 connection window):
-- Received data is acknowledged (its window credit handed back) as soon as it is delivered, unless the stream's
-  consumer paused it (`pause`): then the credit is held until `resume`, so a slow consumer stops its own sender
-  after one stream window, and the others go on.
+- Received data is credited back as soon as it is delivered, unless the stream's consumer paused it (`pause`): then
+  the credit is held until `resume`, so a slow consumer stops its own sender after one stream window, and the
+  others go on. Credit goes out in a WINDOW_UPDATE once half a window has gathered (not one per DATA frame), or
+  as soon as the window is shut (paused streams may hold most of the connection's: the others must go on), as h2's
+  window manager does.
 - Sent data waits in the stream's queue until the peer's stream and connection windows let it go, in frames of the
   peer's maximum size; nothing is buffered whole. Above SEND_HIGH_WATER queued bytes the stream hears
   `on_write_blocked` (its producer should pause), below SEND_LOW_WATER `on_writable`. While the transport's own
@@ -21,47 +35,75 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NoReturn
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-from hyperframe.frame import GoAwayFrame
+from hpack.exceptions import HPACKError, OversizedHeaderListError
 from mypy_extensions import trait
 
 from ..http1.errors import ProtocolError
 from ..http1.head import DEFAULT_POLICY, HeadPolicy
 from ..messages import RequestHead
+from .frames import (
+    ACK,
+    COMPRESSION_ERROR,
+    CONNECTION_HEADERS,
+    CONTINUATION,
+    DATA,
+    DEFAULT_MAX_FRAME_SIZE,
+    END_HEADERS,
+    END_STREAM,
+    ENHANCE_YOUR_CALM,
+    FLOW_CONTROL_ERROR,
+    FRAME_HEAD,
+    FRAME_SIZE_ERROR,
+    GOAWAY,
+    HEADERS,
+    MAX_MAX_FRAME_SIZE,
+    MAX_WINDOW,
+    PADDED,
+    PING,
+    PRIORITY,
+    PRIORITY_FLAG,
+    PUSH_PROMISE,
+    REQUEST_FIELDS,
+    RESPONSE_FIELDS,
+    RST_STREAM,
+    SETTINGS,
+    SETTINGS_ENABLE_PUSH,
+    SETTINGS_HEADER_TABLE_SIZE,
+    SETTINGS_INITIAL_WINDOW_SIZE,
+    SETTINGS_MAX_CONCURRENT_STREAMS,
+    SETTINGS_MAX_FRAME_SIZE,
+    SETTINGS_MAX_HEADER_LIST_SIZE,
+    STREAM_CLOSED,
+    TRAILER_FIELDS,
+    WINDOW_UPDATE,
+    field_problem,
+    frame_head,
+    goaway_frame,
+    read_u32,
+    rst_stream_frame,
+    settings_frame,
+    window_update_frame,
+)
+from .frames import PREFACE as PREFACE
+from .frames import SPEC_WINDOW as SPEC_WINDOW
 from .head import build_request_head
+from .hpack_codec import DEFAULT_TABLE_SIZE, Decoder, Encoder
 
-PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_CONCURRENT_STREAMS: Final = 1024  # Envoy's http2_protocol_options defaults
 INITIAL_STREAM_WINDOW: Final = 16 * 1024 * 1024
 INITIAL_CONNECTION_WINDOW: Final = 24 * 1024 * 1024
-SPEC_WINDOW: Final = 65535  # every window's size before SETTINGS and WINDOW_UPDATE (RFC 9113 6.9.2)
 SEND_HIGH_WATER: Final = 256 * 1024  # queued bytes of one stream above which its producer is paused
 SEND_LOW_WATER: Final = 64 * 1024
+MAX_HEADER_LIST_SIZE: Final = 1 << 16  # decoded; what h2 allowed (the head policy's own limits are lower)
+MAX_HEADER_BLOCK: Final = 1 << 17  # encoded, HEADERS and CONTINUATIONs together: beyond it, ENHANCE_YOUR_CALM
 
 NO_ERROR: Final = 0
 PROTOCOL_ERROR: Final = 1
 INTERNAL_ERROR: Final = 2
 REFUSED_STREAM: Final = 7
 CANCEL: Final = 8
-
-_DataReceived = h2.events.DataReceived
-_RequestReceived = h2.events.RequestReceived
-_ResponseReceived = h2.events.ResponseReceived
-_TrailersReceived = h2.events.TrailersReceived
-_StreamEnded = h2.events.StreamEnded
-_StreamReset = h2.events.StreamReset
-_WindowUpdated = h2.events.WindowUpdated
-_RemoteSettingsChanged = h2.events.RemoteSettingsChanged
-_ConnectionTerminated = h2.events.ConnectionTerminated
-_InformationalResponseReceived = h2.events.InformationalResponseReceived
-OPEN_STATE: Final = {True: h2.connection.ConnectionState.CLIENT_OPEN, False: h2.connection.ConnectionState.SERVER_OPEN}
 
 
 class H2Error(Exception):
@@ -131,12 +173,13 @@ class ConnectionEvents:
 
 
 class H2Stream:
-    """One stream's state in the codec: who hears it, what waits to be sent, what credit is held back."""
+    """One stream's state in the codec: who hears it, what waits to be sent, the windows both ways."""
 
     __slots__ = ("id", "events", "out", "offset", "out_size", "end_queued", "trailers", "out_done", "in_done",
-                 "unacked", "paused", "blocked", "closed")
+                 "unacked", "paused", "blocked", "closed", "send_window", "recv_window", "credit", "head_done",
+                 "expected", "received")
 
-    def __init__(self, stream_id: int) -> None:
+    def __init__(self, stream_id: int, send_window: int = SPEC_WINDOW, recv_window: int = SPEC_WINDOW) -> None:
         self.id = stream_id
         self.events: StreamEvents | None = None
         self.out: deque[bytes] = deque()  # body chunks not yet framed (the first from `offset`)
@@ -150,20 +193,26 @@ class H2Stream:
         self.paused = False
         self.blocked = False  # on_write_blocked reported, on_writable not yet
         self.closed = False  # reset, or both sides ended: forgotten by the codec
+        self.send_window = send_window  # what the peer lets this side send on the stream
+        self.recv_window = recv_window  # what the peer may still send on it before a WINDOW_UPDATE
+        self.credit = 0  # received and delivered, not yet handed back in a WINDOW_UPDATE
+        self.head_done = False  # client side: the final response head arrived (what follows is trailers)
+        self.expected = -1  # the peer's content-length (-1: none): its DATA must add up to it (RFC 9113 8.1.1)
+        self.received = 0
 
 
 class H2Codec:
     """One HTTP/2 connection (see the module docstring). Calls `handler` for connection events and each stream's
     `events` for its own."""
 
-    __slots__ = ("conn", "handler", "client", "streams", "write_paused", "policy", "goaway_sent", "last_stream_id",
-                 "settings", "pending_out")
+    __slots__ = ("handler", "client", "streams", "write_paused", "policy", "goaway_sent", "last_stream_id",
+                 "settings", "pending_out", "out", "inbuf", "encoder", "decoder", "preface_left", "settings_seen",
+                 "failed", "next_stream_id", "send_window", "recv_window", "conn_credit", "peer_initial_window",
+                 "recv_initial_window", "settings_acked", "peer_max_frame", "block_stream", "block_end_stream",
+                 "block_parts", "block_size")
 
     def __init__(self, client: bool, handler: ConnectionEvents, settings: H2Settings = DEFAULT_SETTINGS,
                  policy: HeadPolicy = DEFAULT_POLICY) -> None:
-        config = h2.config.H2Configuration(client_side=client, header_encoding=None, validate_inbound_headers=True,
-                                           validate_outbound_headers=True, normalize_inbound_headers=True)
-        self.conn = h2.connection.H2Connection(config=config)
         self.handler = handler
         self.client = client
         self.settings = settings
@@ -172,22 +221,53 @@ class H2Codec:
         self.write_paused = False
         self.goaway_sent = False
         self.last_stream_id = 0  # the highest stream the peer opened (server side), for GOAWAY
-        self.pending_out = b""  # a graceful GOAWAY, written after h2's frames
+        self.pending_out = b""  # a graceful GOAWAY, written after the frames queued before it
+        self.out: list[bytes] = []
+        self.inbuf = b""
+        self.encoder = Encoder()
+        self.decoder = Decoder(MAX_HEADER_LIST_SIZE)
+        self.decoder.max_allowed_table_size = DEFAULT_TABLE_SIZE
+        self.preface_left = 0 if client else len(PREFACE)
+        self.settings_seen = False  # the peer's first frame must be SETTINGS (RFC 9113 3.4)
+        self.failed = False
+        self.next_stream_id = 1
+        self.send_window = SPEC_WINDOW  # the connection's, toward the peer
+        self.recv_window = SPEC_WINDOW  # the connection's, from the peer
+        self.conn_credit = 0
+        self.peer_initial_window = SPEC_WINDOW
+        # New streams' receive window: until the peer acknowledges our SETTINGS it may still count from 65,535
+        self.recv_initial_window = max(SPEC_WINDOW, settings.initial_stream_window)
+        self.settings_acked = False
+        self.peer_max_frame = DEFAULT_MAX_FRAME_SIZE
+        self.block_stream = 0  # a header block in progress: the stream whose CONTINUATIONs must follow
+        self.block_end_stream = False
+        self.block_parts: list[bytes] = []
+        self.block_size = 0
 
     def initiate(self) -> None:
         """The connection preface (a client's magic, both sides' SETTINGS) and the connection window."""
-        conn = self.conn
-        conn.local_settings = h2.settings.Settings(client=self.client, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.settings.max_concurrent_streams,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.settings.initial_stream_window,
-            h2.settings.SettingCodes.ENABLE_PUSH: 0,
-        })
-        conn.initiate_connection()
+        if self.client:
+            self.out.append(PREFACE)
+        self.out.append(settings_frame([
+            (SETTINGS_ENABLE_PUSH, 0),
+            (SETTINGS_MAX_CONCURRENT_STREAMS, self.settings.max_concurrent_streams),
+            (SETTINGS_INITIAL_WINDOW_SIZE, self.settings.initial_stream_window),
+            (SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST_SIZE),
+        ]))
         if self.settings.connection_window > SPEC_WINDOW:
-            conn.increment_flow_control_window(self.settings.connection_window - SPEC_WINDOW)
+            self.out.append(window_update_frame(0, self.settings.connection_window - SPEC_WINDOW))
+            self.recv_window = self.settings.connection_window
 
     def data_to_send(self) -> bytes:
-        data: bytes = self.conn.data_to_send()
+        out = self.out
+        if not out:
+            data = b""
+        elif len(out) == 1:
+            data = out[0]
+            out.clear()
+        else:
+            data = b"".join(out)
+            out.clear()
         if self.pending_out:
             data, self.pending_out = data + self.pending_out, b""
         return data
@@ -200,116 +280,407 @@ class H2Codec:
 
     def feed(self, data: bytes) -> None:
         """The peer's bytes: report their events; raises H2Error when the connection must end."""
-        try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            raise H2Error(f"http2.protocol_error: {exc}") from None
-        for event in events:
-            kind = type(event)
-            if kind is _DataReceived:
-                self._on_data(event)  # type: ignore[arg-type]
-            elif kind is _RequestReceived:
-                self._on_request(event)  # type: ignore[arg-type]
-            elif kind is _ResponseReceived:
-                self._on_response(event)  # type: ignore[arg-type]
-            elif kind is _StreamEnded:
-                stream = self.streams.get(event.stream_id)  # type: ignore[attr-defined]
-                if stream is not None and not stream.in_done:
-                    stream.in_done = True
-                    self._maybe_forget(stream)
-                    if stream.events is not None:
-                        stream.events.on_end()
-            elif kind is _TrailersReceived:
-                self._on_trailers(event)  # type: ignore[arg-type]
-            elif kind is _WindowUpdated:
-                stream_id: int = event.stream_id  # type: ignore[attr-defined]
-                if stream_id:
-                    stream = self.streams.get(stream_id)
-                    if stream is not None:
-                        self._pump(stream)
-                else:
-                    self.pump_all()
-            elif kind is _StreamReset:
-                stream = self.streams.pop(event.stream_id, None)  # type: ignore[attr-defined]
-                if stream is not None and not stream.closed:
-                    stream.closed = True
-                    if stream.events is not None:
-                        stream.events.on_reset(int(event.error_code or 0), True)  # type: ignore[attr-defined]
-            elif kind is _RemoteSettingsChanged:
-                changed = event.changed_settings  # type: ignore[attr-defined]
-                if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in changed:
-                    self.pump_all()
-                limit = changed.get(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS)
-                if limit is not None:
-                    self.handler.on_capacity(int(limit.new_value))
-            elif kind is _ConnectionTerminated:
-                code = int(event.error_code or 0)  # type: ignore[attr-defined]
-                if code == NO_ERROR:
-                    # A graceful GOAWAY: the streams up to its last id go on (RFC 9113 6.8), but h2 closes its state
-                    # machine on any GOAWAY; reopened, no new stream is started here (the handler stops that).
-                    self.conn.state_machine.state = OPEN_STATE[self.client]
-                self.handler.on_goaway(int(event.last_stream_id or 0), code)  # type: ignore[attr-defined]
-            elif kind is _InformationalResponseReceived:
-                pass  # 1xx: dropped, as the HTTP/1.1 codec drops them
-
-    def _on_request(self, event: h2.events.RequestReceived) -> None:
-        stream_id = event.stream_id
-        if stream_id > self.last_stream_id:
-            self.last_stream_id = stream_id
-        if self.goaway_sent:
-            self.conn.reset_stream(stream_id, REFUSED_STREAM)  # above our GOAWAY's last stream id: never processed
+        if self.failed:
             return
-        stream = H2Stream(stream_id)
-        end_stream = event.stream_ended is not None
-        stream.in_done = end_stream
-        try:
-            head = build_request_head(event.headers, end_stream, self.policy)  # type: ignore[arg-type]
-        except ProtocolError as error:  # refused as the HTTP/1.1 codec refuses it (400, 413, 431...), this stream only
-            self.conn.send_headers(stream_id, [(b":status", b"%d" % error.status), (b"content-length", b"0")],
-                                   end_stream=True)
-            if not end_stream:
-                self.conn.reset_stream(stream_id, NO_ERROR)  # the rest of its body is not wanted
-            return
-        self.streams[stream_id] = stream
-        self.handler.on_request(stream, head, end_stream)
+        buffer = self.inbuf + data if self.inbuf else data
+        position = 0
+        end = len(buffer)
+        if self.preface_left:
+            start = len(PREFACE) - self.preface_left
+            taken = min(self.preface_left, end)
+            if buffer[:taken] != PREFACE[start:start + taken]:
+                self.inbuf = b""
+                self._fail(PROTOCOL_ERROR, "not the HTTP/2 connection preface")
+            self.preface_left -= taken
+            position = taken
+        max_frame = DEFAULT_MAX_FRAME_SIZE
+        while end - position >= FRAME_HEAD:
+            length = (buffer[position] << 16) | (buffer[position + 1] << 8) | buffer[position + 2]
+            if length > max_frame:
+                self.inbuf = b""
+                self._fail(FRAME_SIZE_ERROR, f"a frame of {length} bytes")
+            if end - position - FRAME_HEAD < length:
+                break
+            kind = buffer[position + 3]
+            flags = buffer[position + 4]
+            stream_id = read_u32(buffer, position + 5) & MAX_WINDOW
+            start = position + FRAME_HEAD
+            position = start + length
+            payload = buffer[start:position]
+            try:
+                self._frame(kind, flags, stream_id, payload)
+            except H2Error:
+                self.inbuf = b""
+                raise
+            if self.failed:
+                return
+        self.inbuf = buffer[position:] if position < end else b""
 
-    def _on_response(self, event: h2.events.ResponseReceived) -> None:
-        stream = self.streams.get(event.stream_id)
+    def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if self.block_stream and kind != CONTINUATION:
+            self._fail(PROTOCOL_ERROR, "a frame inside a header block")
+        if not self.settings_seen:
+            if kind != SETTINGS or flags & ACK:
+                self._fail(PROTOCOL_ERROR, "the preface's SETTINGS missing")
+            self.settings_seen = True
+        if kind == DATA:
+            self._on_data(flags, stream_id, payload)
+        elif kind == HEADERS:
+            self._on_headers(flags, stream_id, payload)
+        elif kind == CONTINUATION:
+            self._on_continuation(flags, stream_id, payload)
+        elif kind == SETTINGS:
+            self._on_settings(flags, stream_id, payload)
+        elif kind == WINDOW_UPDATE:
+            self._on_window_update(stream_id, payload)
+        elif kind == RST_STREAM:
+            self._on_rst_stream(stream_id, payload)
+        elif kind == PING:
+            if stream_id:
+                self._fail(PROTOCOL_ERROR, "PING on a stream")
+            if len(payload) != 8:
+                self._fail(FRAME_SIZE_ERROR, "PING not 8 bytes")
+            if not flags & ACK:
+                self.out.append(frame_head(8, PING, ACK, 0) + payload)
+        elif kind == GOAWAY:
+            if stream_id:
+                self._fail(PROTOCOL_ERROR, "GOAWAY on a stream")
+            if len(payload) < 8:
+                self._fail(FRAME_SIZE_ERROR, "GOAWAY under 8 bytes")
+            self.handler.on_goaway(read_u32(payload, 0) & MAX_WINDOW, read_u32(payload, 4))
+        elif kind == PRIORITY:
+            if not stream_id:
+                self._fail(PROTOCOL_ERROR, "PRIORITY on stream 0")
+            if len(payload) != 5:  # a stream error (RFC 9113 6.3); otherwise ignored (RFC 9113 5.3.2)
+                self._stream_error(stream_id, FRAME_SIZE_ERROR)
+        elif kind == PUSH_PROMISE:
+            self._fail(PROTOCOL_ERROR, "PUSH_PROMISE, push is disabled")
+        # other types: ignored (RFC 9113 5.5)
+
+    def _fail(self, error_code: int, detail: str) -> NoReturn:
+        """A connection error: GOAWAY with its code, and nothing more is read."""
+        self.failed = True
+        if not self.goaway_sent:
+            self.goaway_sent = True
+            self.out.append(goaway_frame(self.last_stream_id, error_code))
+        raise H2Error(f"http2.protocol_error: {detail}")
+
+    def _idle(self, stream_id: int) -> bool:
+        """Never opened: above what the peer opened (server) or what this side opened (client)."""
+        if stream_id % 2 == 0:
+            return True  # no side opens even streams: there is no push
+        return stream_id >= self.next_stream_id if self.client else stream_id > self.last_stream_id
+
+    def _stream_error(self, stream_id: int, error_code: int) -> None:
+        self.out.append(rst_stream_frame(stream_id, error_code))
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None and not stream.closed:
+            stream.closed = True
+            stream.out.clear()
+            if stream.events is not None:
+                stream.events.on_reset(error_code, False)
+
+    # ---- DATA and flow control of what is received
+
+    def _on_data(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if not stream_id:
+            self._fail(PROTOCOL_ERROR, "DATA on stream 0")
+        size = len(payload)  # padding counts against the windows too
+        body = payload
+        if flags & PADDED:
+            if not size or payload[0] >= size:
+                self._fail(PROTOCOL_ERROR, "padding longer than the frame")
+            body = payload[1:size - payload[0]]
+        if size > self.recv_window:
+            self._fail(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+        self.recv_window -= size
+        stream = self.streams.get(stream_id)
         if stream is None:
+            if self._idle(stream_id):
+                self._fail(PROTOCOL_ERROR, "DATA on an idle stream")
+            self._credit_connection(size)  # a stream this side closed or reset: dropped, its credit returned
             return
-        status = 0
-        headers: list[tuple[bytes, bytes]] = []
-        for name, value in event.headers:  # type: ignore[union-attr]
-            if name == b":status":
-                status = int(value)
-            elif name[:1] != b":":
-                headers.append((name, value))  # type: ignore[arg-type]
-        end_stream = event.stream_ended is not None  # StreamEnded follows: on_end then
-        if stream.events is not None:
-            stream.events.on_response_head(status, headers, end_stream)
-
-    def _on_data(self, event: h2.events.DataReceived) -> None:
-        size: int = event.flow_controlled_length or 0
-        stream = self.streams.get(event.stream_id)  # type: ignore[arg-type]
-        if stream is None or stream.closed:
-            if size:
-                self.conn.acknowledge_received_data(size, event.stream_id)
+        if stream.in_done or (self.client and not stream.head_done):
+            self._credit_connection(size)
+            self._stream_error(stream_id, STREAM_CLOSED if stream.in_done else PROTOCOL_ERROR)
             return
+        if size > stream.recv_window:
+            self._fail(FLOW_CONTROL_ERROR, "DATA beyond the stream window")
+        stream.recv_window -= size
+        end = bool(flags & END_STREAM)
+        if stream.expected >= 0:
+            stream.received += len(body)
+            if stream.received > stream.expected or (end and not self._length_complete(stream)):
+                self._credit_connection(size)
+                self._stream_error(stream_id, PROTOCOL_ERROR)  # malformed: never passed on short or long
+                return
         if stream.paused:
             stream.unacked += size
         elif size:
-            self.conn.acknowledge_received_data(size, stream.id)
-        if event.data and stream.events is not None:
-            stream.events.on_data(event.data)  # type: ignore[arg-type]
+            self._credit(stream, size, end)
+        if body and stream.events is not None:
+            stream.events.on_data(body)
+        if end and not stream.closed:  # (not reset meanwhile by the consumer)
+            stream.in_done = True
+            self._maybe_forget(stream)
+            if stream.events is not None:
+                stream.events.on_end()
 
-    def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
-        stream = self.streams.get(event.stream_id)  # type: ignore[arg-type]
+    def _length_complete(self, stream: H2Stream) -> bool:
+        """At the end of a stream: its DATA added up to its content-length. A request's must; a response's may be
+        shorter (a response to HEAD, a 304), as h2 allows."""
+        return stream.received == stream.expected or self.client
+
+    def _credit_connection(self, size: int) -> None:
+        if not size:
+            return
+        self.conn_credit += size
+        if self.conn_credit >= self.settings.connection_window >> 1 or (
+                self.recv_window <= 0 and self.conn_credit > min(1024, self.settings.connection_window >> 2)):
+            self.out.append(window_update_frame(0, self.conn_credit))
+            self.recv_window += self.conn_credit
+            self.conn_credit = 0
+
+    def _credit(self, stream: H2Stream, size: int, ending: bool) -> None:
+        """Delivered bytes: their credit back to the peer, in WINDOW_UPDATEs of at least half a window."""
+        self._credit_connection(size)
+        if ending or stream.in_done or stream.closed:
+            return
+        stream.credit += size
+        if stream.credit >= self.settings.initial_stream_window >> 1 or (
+                stream.recv_window <= 0 and stream.credit > min(1024, self.settings.initial_stream_window >> 2)):
+            self.out.append(window_update_frame(stream.id, stream.credit))
+            stream.recv_window += stream.credit
+            stream.credit = 0
+
+    # ---- header blocks
+
+    def _on_headers(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if not stream_id:
+            self._fail(PROTOCOL_ERROR, "HEADERS on stream 0")
+        start = 0
+        end = len(payload)
+        if flags & PADDED:
+            if not end:
+                self._fail(PROTOCOL_ERROR, "padding longer than the frame")
+            end -= payload[0]
+            start = 1
+        if flags & PRIORITY_FLAG:
+            start += 5
+        if start > end:
+            self._fail(PROTOCOL_ERROR, "padding longer than the frame")
+        block = payload[start:end]
+        if flags & END_HEADERS:
+            self._on_header_block(stream_id, bool(flags & END_STREAM), block)
+            return
+        self.block_stream = stream_id
+        self.block_end_stream = bool(flags & END_STREAM)
+        self.block_parts = [block]
+        self.block_size = len(block)
+
+    def _on_continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if not self.block_stream or stream_id != self.block_stream:
+            self._fail(PROTOCOL_ERROR, "CONTINUATION outside a header block")
+        self.block_parts.append(payload)
+        self.block_size += len(payload)
+        if self.block_size > MAX_HEADER_BLOCK:
+            self._fail(ENHANCE_YOUR_CALM, "header block too large")
+        if flags & END_HEADERS:
+            block = b"".join(self.block_parts)
+            self.block_stream = 0
+            self.block_parts = []
+            self._on_header_block(stream_id, self.block_end_stream, block)
+
+    def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        try:
+            headers: list[tuple[bytes, bytes]] = self.decoder.decode(block, True)
+        except OversizedHeaderListError:
+            self._fail(ENHANCE_YOUR_CALM, "header list too large")
+        except HPACKError as error:
+            self._fail(COMPRESSION_ERROR, f"HPACK: {error}")
+        return headers
+
+    def _on_header_block(self, stream_id: int, end_stream: bool, block: bytes) -> None:
+        headers = self._decode(block)  # always, even for a stream that is gone: the HPACK state must follow
+        stream = self.streams.get(stream_id)
         if stream is None:
+            if stream_id % 2 == 0 or self.client:
+                if stream_id % 2 == 0:
+                    self._fail(PROTOCOL_ERROR, "HEADERS on an even stream")
+                if self._idle(stream_id):
+                    self._fail(PROTOCOL_ERROR, "HEADERS on an idle stream")
+                return  # a stream this side reset: what follows is dropped
+            if stream_id <= self.last_stream_id:  # a stream that is over (reset, refused, done)
+                self.out.append(rst_stream_frame(stream_id, STREAM_CLOSED))
+                return
+            self._on_request(stream_id, headers, end_stream)
+            return
+        if stream.in_done:
+            self._stream_error(stream_id, STREAM_CLOSED)
+            return
+        if self.client and not stream.head_done:
+            self._on_response(stream, headers, end_stream)
+            return
+        if not end_stream:
+            self._fail(PROTOCOL_ERROR, "trailers without END_STREAM")
+        problem = field_problem(headers, TRAILER_FIELDS)
+        if problem:
+            self._fail(PROTOCOL_ERROR, problem)
+        if stream.expected >= 0 and not self._length_complete(stream):
+            self._stream_error(stream_id, PROTOCOL_ERROR)
             return
         stream.in_done = True
         self._maybe_forget(stream)
         if stream.events is not None:
-            stream.events.on_trailers([(n, v) for n, v in event.headers])  # type: ignore[misc,union-attr]
+            stream.events.on_trailers(headers)
+
+    def _on_request(self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        self.last_stream_id = stream_id
+        problem = field_problem(headers, REQUEST_FIELDS)
+        if problem:
+            self._fail(PROTOCOL_ERROR, problem)
+        if self.goaway_sent or len(self.streams) >= self.settings.max_concurrent_streams:
+            self.out.append(rst_stream_frame(stream_id, REFUSED_STREAM))  # never processed: the client may retry
+            return
+        stream = H2Stream(stream_id, self.peer_initial_window, self.recv_initial_window)
+        stream.in_done = end_stream
+        try:
+            head = build_request_head(headers, end_stream, self.policy)
+        except ProtocolError as error:  # refused as the HTTP/1.1 codec refuses it (400, 413, 431...), this stream only
+            self._send_block(stream_id, [(b":status", b"%d" % error.status), (b"content-length", b"0")], True)
+            if not end_stream:
+                self.out.append(rst_stream_frame(stream_id, NO_ERROR))  # the rest of its body is not wanted
+            return
+        if head.content_length is not None:
+            if end_stream and head.content_length:
+                self._stream_error(stream_id, PROTOCOL_ERROR)  # a length promised, and no body
+                return
+            stream.expected = head.content_length
+        self.streams[stream_id] = stream
+        self.handler.on_request(stream, head, end_stream)
+
+    def _on_response(self, stream: H2Stream, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        problem = field_problem(headers, RESPONSE_FIELDS)
+        if problem:
+            self._fail(PROTOCOL_ERROR, problem)
+        status = 0
+        expected = -1
+        fields: list[tuple[bytes, bytes]] = []
+        for name, value in headers:
+            if name == b":status":
+                if len(value) != 3 or not value.isdigit():
+                    self._fail(PROTOCOL_ERROR, "malformed :status")
+                status = int(value)
+            else:
+                if name == b"content-length" and value.isdigit():
+                    expected = int(value)
+                fields.append((name, value))
+        if status < 200:
+            if end_stream:
+                self._fail(PROTOCOL_ERROR, "an informational response ends its stream")
+            return  # 1xx: dropped, as the HTTP/1.1 codec drops them
+        stream.head_done = True
+        stream.expected = expected
+        events = stream.events
+        if events is not None:
+            events.on_response_head(status, fields, end_stream)
+        if end_stream and not stream.closed:
+            stream.in_done = True
+            self._maybe_forget(stream)
+            if stream.events is not None:
+                stream.events.on_end()
+
+    # ---- SETTINGS, WINDOW_UPDATE, RST_STREAM
+
+    def _on_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id:
+            self._fail(PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & ACK:
+            if payload:
+                self._fail(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            if not self.settings_acked:  # the peer now counts our windows from our SETTINGS
+                self.settings_acked = True
+                delta = self.settings.initial_stream_window - self.recv_initial_window
+                self.recv_initial_window = self.settings.initial_stream_window
+                if delta:
+                    for stream in self.streams.values():
+                        stream.recv_window += delta
+            return
+        if len(payload) % 6:
+            self._fail(FRAME_SIZE_ERROR, "SETTINGS not a multiple of 6 bytes")
+        window_changed = False
+        capacity = -1
+        for at in range(0, len(payload), 6):
+            ident = (payload[at] << 8) | payload[at + 1]
+            value = read_u32(payload, at + 2)
+            if ident == SETTINGS_HEADER_TABLE_SIZE:
+                self.encoder.header_table_size = min(value, DEFAULT_TABLE_SIZE)
+            elif ident == SETTINGS_ENABLE_PUSH:
+                if value > 1 or (self.client and value):
+                    self._fail(PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH")
+            elif ident == SETTINGS_MAX_CONCURRENT_STREAMS:
+                capacity = value
+            elif ident == SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    self._fail(FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE above 2^31-1")
+                delta = value - self.peer_initial_window
+                self.peer_initial_window = value
+                if delta:
+                    window_changed = True
+                    for stream in self.streams.values():
+                        stream.send_window += delta
+                        if stream.send_window > MAX_WINDOW:
+                            self._fail(FLOW_CONTROL_ERROR, "a stream window above 2^31-1")
+            elif ident == SETTINGS_MAX_FRAME_SIZE:
+                if value < DEFAULT_MAX_FRAME_SIZE or value > MAX_MAX_FRAME_SIZE:
+                    self._fail(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
+                self.peer_max_frame = value
+            # SETTINGS_MAX_HEADER_LIST_SIZE is advisory; unknown settings are ignored (RFC 9113 6.5.2)
+        self.out.append(frame_head(0, SETTINGS, ACK, 0))
+        if window_changed:
+            self.pump_all()
+        if capacity >= 0:
+            self.handler.on_capacity(capacity)
+
+    def _on_window_update(self, stream_id: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            self._fail(FRAME_SIZE_ERROR, "WINDOW_UPDATE not 4 bytes")
+        increment = read_u32(payload, 0) & MAX_WINDOW
+        if not stream_id:
+            if not increment:
+                self._fail(PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            self.send_window += increment
+            if self.send_window > MAX_WINDOW:
+                self._fail(FLOW_CONTROL_ERROR, "connection window above 2^31-1")
+            self.pump_all()
+            return
+        if self._idle(stream_id):
+            self._fail(PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return  # closed: allowed (RFC 9113 6.9)
+        if not increment:
+            self._stream_error(stream_id, PROTOCOL_ERROR)
+            return
+        stream.send_window += increment
+        if stream.send_window > MAX_WINDOW:
+            self._stream_error(stream_id, FLOW_CONTROL_ERROR)
+            return
+        self._pump(stream)
+
+    def _on_rst_stream(self, stream_id: int, payload: bytes) -> None:
+        if not stream_id:
+            self._fail(PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if len(payload) != 4:
+            self._fail(FRAME_SIZE_ERROR, "RST_STREAM not 4 bytes")
+        if self._idle(stream_id):
+            self._fail(PROTOCOL_ERROR, "RST_STREAM on an idle stream")
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None and not stream.closed:
+            stream.closed = True
+            stream.out.clear()
+            if stream.events is not None:
+                stream.events.on_reset(read_u32(payload, 0), True)
 
     # ---- receiving: the consumer's pace
 
@@ -321,19 +692,56 @@ class H2Codec:
         stream.paused = False
         if stream.unacked:
             size, stream.unacked = stream.unacked, 0
-            self.conn.acknowledge_received_data(size, stream.id)
+            self._credit(stream, size, False)
 
     # ---- sending
 
     def open_stream(self, events: StreamEvents) -> H2Stream:
         """A new client stream (send its head with send_headers)."""
-        stream = H2Stream(self.conn.get_next_available_stream_id())
+        stream = H2Stream(self.next_stream_id, self.peer_initial_window, self.recv_initial_window)
+        self.next_stream_id += 2
         stream.events = events
         self.streams[stream.id] = stream
         return stream
 
+    def _send_block(self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        """One header block: HEADERS, then CONTINUATIONs when it is larger than the peer's frame size. Field names
+        lower-cased, connection-specific fields left out, credentials never indexed, as h2 normalized them."""
+        encoder = self.encoder
+        parts: list[bytes] = []
+        encoder.start_block(parts)
+        for name, value in headers:
+            for char in name:
+                if 0x41 <= char <= 0x5A:
+                    name = name.lower()
+                    break
+            if name in CONNECTION_HEADERS or (name == b"te" and value != b"trailers"):
+                continue
+            sensitive = name == b"authorization" or name == b"proxy-authorization" or (
+                name == b"cookie" and len(value) < 20)
+            encoder.add(name, value, sensitive, parts)
+        block = b"".join(parts)
+        size = len(block)
+        limit = self.peer_max_frame
+        flags = END_STREAM if end_stream else 0
+        out = self.out
+        if size <= limit:
+            out.append(frame_head(size, HEADERS, flags | END_HEADERS, stream_id))
+            out.append(block)
+            return
+        out.append(frame_head(limit, HEADERS, flags, stream_id))
+        out.append(block[:limit])
+        at = limit
+        while at < size:
+            piece = block[at:at + limit]
+            at += len(piece)
+            out.append(frame_head(len(piece), CONTINUATION, END_HEADERS if at >= size else 0, stream_id))
+            out.append(piece)
+
     def send_headers(self, stream: H2Stream, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
-        self.conn.send_headers(stream.id, headers, end_stream=end_stream)
+        if stream.closed:
+            return
+        self._send_block(stream.id, headers, end_stream)
         if end_stream:
             stream.end_queued = stream.out_done = True
             self._maybe_forget(stream)
@@ -363,20 +771,14 @@ class H2Codec:
         stream.closed = True
         self.streams.pop(stream.id, None)
         stream.out.clear()
-        try:
-            self.conn.reset_stream(stream.id, error_code)
-        except h2.exceptions.StreamClosedError:
-            pass  # h2 had already closed it
+        self.out.append(rst_stream_frame(stream.id, error_code))
 
     def goaway(self, error_code: int = NO_ERROR) -> None:
         """A graceful GOAWAY with the last stream id this side has seen: streams above it were never processed (and
-        are refused), those below go on. Framed here: h2's close_connection would also stop the streams in flight."""
+        are refused), those below go on. Written after the frames already queued."""
         if not self.goaway_sent:
             self.goaway_sent = True
-            frame = GoAwayFrame(0)
-            frame.last_stream_id = self.last_stream_id
-            frame.error_code = error_code
-            self.pending_out += frame.serialize()
+            self.pending_out += goaway_frame(self.last_stream_id, error_code)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -394,12 +796,12 @@ class H2Codec:
         """Frame what the windows allow, END_STREAM (or trailers) once the queue is empty."""
         if self.write_paused or stream.closed:
             return
-        conn = self.conn
         out = stream.out
+        frames = self.out
         stream_id = stream.id
-        frame_size: int = conn.max_outbound_frame_size
+        frame_size = self.peer_max_frame
         while out:
-            window = conn.local_flow_control_window(stream_id)
+            window = min(stream.send_window, self.send_window)
             if window <= 0:
                 break
             data = out[0]
@@ -411,20 +813,26 @@ class H2Codec:
                 stream.offset = 0
                 piece = data[offset:] if offset else data
                 last = not out and stream.end_queued and stream.trailers is None
-                conn.send_data(stream_id, piece, end_stream=last)
+                frames.append(frame_head(left, DATA, END_STREAM if last else 0, stream_id))
+                frames.append(piece)
+                stream.send_window -= left
+                self.send_window -= left
                 stream.out_size -= left
                 if last:
                     stream.out_done = True
             else:
-                conn.send_data(stream_id, data[offset:offset + size])
+                frames.append(frame_head(size, DATA, 0, stream_id))
+                frames.append(data[offset:offset + size])
                 stream.offset = offset + size
+                stream.send_window -= size
+                self.send_window -= size
                 stream.out_size -= size
         if not out and stream.end_queued and not stream.out_done:
             stream.out_done = True
             if stream.trailers is not None:
-                conn.send_headers(stream_id, stream.trailers, end_stream=True)
+                self._send_block(stream_id, stream.trailers, True)
             else:
-                conn.end_stream(stream_id)
+                frames.append(frame_head(0, DATA, END_STREAM, stream_id))
         if stream.out_done:
             self._maybe_forget(stream)
         if stream.blocked and stream.out_size < SEND_LOW_WATER:

@@ -1,8 +1,8 @@
-"""Smoke test of the benchmark harness: one quick run (`--quick`: single-route, bookinfo-routing and the two
-mutual-TLS scenarios, one round of 2 s each, direct + meshproxy, and Envoy if it is already installed). Checks that
-every row is measured without errors and that the routing probes passed (a failed probe exits 1); in
-mtls-handshakes, that each request made its own connection between the sidecars when handshakes are counted (as
-root). Nothing timed, nothing about speed."""
+"""Smoke test of the benchmark harness: one quick run (`--quick`: single-route, bookinfo-routing, the two
+mutual-TLS scenarios and the HTTP/2 pair h2c and grpc-unary under h2load, one round of 2 s each, direct +
+meshproxy, and Envoy if it is already installed). Checks that every row is measured without errors and that the
+routing probes passed (a failed probe exits 1); in mtls-handshakes, that each request made its own connection
+between the sidecars when handshakes are counted (as root). Nothing timed, nothing about speed."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_NO_WRK = 77  # benchmarks/run.py: wrk is neither installed nor installable
-RUN_TIMEOUT_SECONDS = 110
-QUICK_SCENARIOS = ("single-route", "bookinfo-routing", "mtls-keepalive", "mtls-handshakes")
+RUN_TIMEOUT_SECONDS = 160
+QUICK_SCENARIOS = ("single-route", "bookinfo-routing", "mtls-keepalive", "mtls-handshakes", "h2c", "grpc-unary")
 SCENARIO_HEADING = re.compile(r"^== (?P<scenario>\S+):", re.M)
 # target  req/s  p50 ms  p99 ms  cpu us/req  errors
 MEASURED_ROW = re.compile(r"^(?P<target>direct|meshproxy|envoy)\s+(?P<rps>[\d,]+)\s.*\s(?P<errors>\d+)$", re.M)
