@@ -100,7 +100,7 @@ async def connect_tls(host: str, port: int, timeout: float, tls: UpstreamTLS, pr
     try:
         async with asyncio.timeout(timeout):
             if protocol == TCP:
-                stream = TLSStream(context, tls.sni(protocol))
+                stream = TLSStream.client(context, tls.sni(protocol))
                 transport, _ = await loop.create_connection(lambda: stream, host, port,
                                                             local_addr=(bind, 0) if bind else None)
                 try:
@@ -108,7 +108,7 @@ async def connect_tls(host: str, port: int, timeout: float, tls: UpstreamTLS, pr
                 except BaseException:
                     transport.abort()
                     raise
-                transport, held = cast(asyncio.Transport, stream), stream
+                transport, held = stream, stream
             else:
                 transport, waiting = await loop.create_connection(
                     Handshaken, host, port, ssl=context, server_hostname=tls.sni(protocol),
