@@ -82,7 +82,7 @@ def close_notifying_server(listener: socket.socket, context: ssl.SSLContext, han
         if hang_up:
             sock.shutdown(socket.SHUT_WR)
             return b"", False
-        got = []
+        got: list[bytes] = []
         while True:
             try:
                 piece = tls.read(65536)
@@ -107,22 +107,29 @@ def contexts(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server, client
 
 
+async def handshaken(server: ssl.SSLContext, client: ssl.SSLContext, hang_up: bool
+                     ) -> tuple[TLSStream, asyncio.Future[tuple[bytes, bool]], socket.socket]:
+    """A client TLSStream whose handshake with `close_notifying_server` is done (no protocol yet), the server's
+    outcome to come, and the listener (to close)."""
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    served = loop.run_in_executor(None, close_notifying_server, listener, server, hang_up)
+    stream = TLSStream.client(client, "")
+    await loop.create_connection(lambda: stream, *listener.getsockname())
+    await asyncio.wait_for(stream.handshake, 15)
+    return stream, served, listener
+
+
 def test_the_servers_close_notify_ends_its_direction_and_ours_still_flows(tmp_path: Path) -> None:
     server, client = contexts(tmp_path)
 
     async def main() -> tuple[tuple[bytes, bool], Recorder, Exception | None]:
-        loop = asyncio.get_running_loop()
-        listener = socket.create_server(("127.0.0.1", 0))
-        served = loop.run_in_executor(None, close_notifying_server, listener, server, False)
-        stream = TLSStream.client(client, "")
-        raw, _ = await loop.create_connection(lambda: stream, *listener.getsockname())
-        await asyncio.wait_for(stream.handshake, 15)
-        app = Recorder(REPLY)
-        stream.hand_over(app)
-        got = await asyncio.wait_for(served, 20)
-        lost = await asyncio.wait_for(app.lost, 15)
-        raw.close()
-        listener.close()
+        stream, served, listener = await handshaken(server, client, hang_up=False)
+        with listener:
+            app = Recorder(REPLY)
+            stream.hand_over(app)
+            got = await asyncio.wait_for(served, 20)
+            lost = await asyncio.wait_for(app.lost, 15)
         return got, app, lost
 
     (got, ended_by_close_notify), app, lost = uvloop.run(main())
@@ -136,21 +143,15 @@ def test_what_arrives_before_the_hand_over_is_delivered_at_it_in_order(tmp_path:
     server, client = contexts(tmp_path)
 
     async def main() -> tuple[Recorder, Exception | None]:
-        loop = asyncio.get_running_loop()
-        listener = socket.create_server(("127.0.0.1", 0))
-        served = loop.run_in_executor(None, close_notifying_server, listener, server, True)
-        stream = TLSStream.client(client, "")
-        raw, _ = await loop.create_connection(lambda: stream, *listener.getsockname())
-        await asyncio.wait_for(stream.handshake, 15)
-        await asyncio.wait_for(served, 15)
-        async with asyncio.timeout(15):  # the server's end reaches the stream, held (no protocol yet)
-            while not stream.peer_ended:
-                await asyncio.sleep(0.01)
-        app = Recorder(b"")  # at the end: no answer, the stream closes
-        stream.hand_over(app)
-        lost = await asyncio.wait_for(app.lost, 15)
-        raw.close()
-        listener.close()
+        stream, served, listener = await handshaken(server, client, hang_up=True)
+        with listener:
+            await asyncio.wait_for(served, 15)
+            async with asyncio.timeout(15):  # the server's end reaches the stream, held (no protocol yet)
+                while not stream.peer_ended:
+                    await asyncio.sleep(0.01)
+            app = Recorder(b"")  # at the end: no answer, the stream closes
+            stream.hand_over(app)
+            lost = await asyncio.wait_for(app.lost, 15)
         return app, lost
 
     app, lost = uvloop.run(main())
