@@ -14,7 +14,7 @@ handshake timeout, failures) and the app protocol's transport, whose `get_extra_
 handshaken `ssl.SSLObject`. The two sides differ only in how the app protocol comes: a server makes it with its
 factory as soon as the handshake is done (`TLSStream.server`); a client waits until its caller has checked the
 server's identity and hands the protocol over then (`TLSStream.client`, `hand_over`: a `HeldConnection`), and what
-the server sent meanwhile (its close_notify, the connection's loss) is kept and delivered at the hand-over.
+came meanwhile (the server's bytes, its close_notify, the connection's loss) is kept and delivered at the hand-over.
 """
 
 from __future__ import annotations
