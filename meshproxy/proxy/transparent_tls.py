@@ -19,8 +19,8 @@ apart as on plaintext (a client that offered no HTTP protocol by ALPN is TCP: Is
 client's principal and SNI feed authorization and metrics. The mode is
 read at each accept: a reload changes it for new connections. The server context is the one current at accept
 time (rotated certificates serve new connections). A client offering HTTP by ALPN (`h2`, `http/1.1`) gets the
-event loop's TLS (uvloop's, fast); one offering none (TCP over mutual TLS) gets `tls_half_close.py`'s, which
-passes a half-close on where the event loop's TLS would close the whole connection at the client's close_notify.
+event loop's TLS (uvloop's, fast); one offering none (TCP over mutual TLS) gets `tls_stream.py`'s, which passes
+a half-close on where the event loop's TLS would close the whole connection at the client's close_notify.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Final
 
 from . import sniff
 from .secure_server import BACKLOG, HANDSHAKE_TIMEOUT, INBOUND_ALPN, MAX_PENDING, PERMISSIVE, STRICT, looks_like_tls
-from .tls_half_close import TLSHalfCloseProtocol
+from .tls_stream import TLSStream
 from .transparent import Intercepted, Interception, original_destination
 
 log = logging.getLogger("meshproxy.transparent")
@@ -169,7 +169,7 @@ class TransparentTLSServer:
                 done = self._loop.create_future()
                 context = self.context()
                 transport, _ = await self._loop.connect_accepted_socket(
-                    lambda: TLSHalfCloseProtocol(context, factory, self.handshake_timeout, done), conn)
+                    lambda: TLSStream.server(context, factory, self.handshake_timeout, done), conn)
                 await done
             elif tls:
                 await self._loop.connect_accepted_socket(factory, conn, ssl=self.context(),

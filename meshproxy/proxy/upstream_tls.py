@@ -9,8 +9,9 @@ TCP greeting), and the real protocol is made and handed the transport only then:
 client's first bytes never reach a server with the wrong identity. The caller makes its protocol knowing the
 server's principal (telemetry labels are bound when a TCP connection opens), then calls `Handshaken.hand_over`.
 
-A TCP connection's TLS is `tls_stream.TLSStream` rather than asyncio's TLS transport, so that it can half-close as
-Envoy's does (close_notify, then keep reading); HTTP connections never half-close.
+A TCP connection's TLS is `tls_stream.TLSStream.client` rather than asyncio's TLS transport, so that it can
+half-close as Envoy's does (close_notify, then keep reading); it holds what arrives until `hand_over` as
+`Handshaken` does. HTTP connections never half-close.
 
 Failures are Envoy's: a refused or timed-out connect `ConnectFailureError` (UF, `delayed connect error: ...`), a
 failed handshake or a SAN mismatch `TLSFailureError` (UF, `TLS_error:|...:TLS_error_end`, security/client_tls.py).
@@ -100,7 +101,7 @@ async def connect_tls(host: str, port: int, timeout: float, tls: UpstreamTLS, pr
     try:
         async with asyncio.timeout(timeout):
             if protocol == TCP:
-                stream = TLSStream(context, tls.sni(protocol))
+                stream = TLSStream.client(context, tls.sni(protocol))
                 transport, _ = await loop.create_connection(lambda: stream, host, port,
                                                             local_addr=(bind, 0) if bind else None)
                 try:
@@ -108,7 +109,7 @@ async def connect_tls(host: str, port: int, timeout: float, tls: UpstreamTLS, pr
                 except BaseException:
                     transport.abort()
                     raise
-                transport, held = cast(asyncio.Transport, stream), stream
+                transport, held = stream, stream
             else:
                 transport, waiting = await loop.create_connection(
                     Handshaken, host, port, ssl=context, server_hostname=tls.sni(protocol),

@@ -1,5 +1,5 @@
-"""proxy/tls_half_close.py over a real loopback connection: a TLS client (OpenSSL through ssl.MemoryBIO on a
-blocking socket, in a thread) sends data, then its close_notify and a FIN, and keeps reading; the server's app
+"""proxy/tls_stream.py's server side over a real loopback connection: a TLS client (OpenSSL through ssl.MemoryBIO
+on a blocking socket, in a thread) sends data, then its close_notify and a FIN, and keeps reading; the server's app
 protocol answers after the EOF and then half-closes in turn. With the event loop's own TLS the answer would be
 lost (it closes the whole connection at the close_notify)."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from meshproxy.proxy.tls_half_close import TLSHalfCloseProtocol
+from meshproxy.proxy.tls_stream import TLSStream
 from meshproxy.security.certs import CertStore
 from tls_peers import make_mesh
 
@@ -118,7 +118,7 @@ def test_a_half_close_over_tls_keeps_the_other_direction(tmp_path: Path) -> None
             return apps[-1]
 
         await loop.connect_accepted_socket(
-            lambda: TLSHalfCloseProtocol(store.server_context(alpn=("h2", "http/1.1")), app, 10.0, done), conn)
+            lambda: TLSStream.server(store.server_context(alpn=("h2", "http/1.1")), app, 10.0, done), conn)
         await done
         got = await asyncio.wait_for(answer, 15)
         lost = await asyncio.wait_for(apps[0].lost, 15)
@@ -147,7 +147,7 @@ def test_a_client_without_a_certificate_fails_the_handshake(tmp_path: Path) -> N
         conn, _ = await loop.sock_accept(listener)
         done = loop.create_future()
         await loop.connect_accepted_socket(
-            lambda: TLSHalfCloseProtocol(store.server_context(), EchoThenAnswer, 10.0, done), conn)
+            lambda: TLSStream.server(store.server_context(), EchoThenAnswer, 10.0, done), conn)
         with pytest.raises(ssl.SSLError):
             await done
         with pytest.raises((ssl.SSLError, OSError)):
