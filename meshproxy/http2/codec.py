@@ -98,6 +98,12 @@ SEND_HIGH_WATER: Final = 256 * 1024  # queued bytes of one stream above which it
 SEND_LOW_WATER: Final = 64 * 1024
 MAX_HEADER_LIST_SIZE: Final = 1 << 16  # decoded; what h2 allowed (the head policy's own limits are lower)
 MAX_HEADER_BLOCK: Final = 1 << 17  # encoded, HEADERS and CONTINUATIONs together: beyond it, ENHANCE_YOUR_CALM
+# Floods, bounded as Envoy bounds them (its http2_protocol_options defaults): answers to the peer's frames (PING and
+# SETTINGS acks, RST_STREAM) queued while the transport's buffer is full (a peer that sends and never reads) end the
+# connection past max_outbound_control_frames; and a peer that resets at least half of its streams before their
+# response ends, once it opened premature_reset_total_stream_count of them (HTTP/2 rapid reset, CVE-2023-44487).
+MAX_QUEUED_CONTROL_FRAMES: Final = 1000
+PREMATURE_RESET_STREAMS: Final = 500
 
 NO_ERROR: Final = 0
 PROTOCOL_ERROR: Final = 1
@@ -209,7 +215,7 @@ class H2Codec:
                  "settings", "pending_out", "out", "inbuf", "encoder", "decoder", "preface_left", "settings_seen",
                  "failed", "next_stream_id", "send_window", "recv_window", "conn_credit", "peer_initial_window",
                  "recv_initial_window", "settings_acked", "peer_max_frame", "block_stream", "block_end_stream",
-                 "block_parts", "block_size")
+                 "block_parts", "block_size", "control_queued", "streams_opened", "premature_resets")
 
     def __init__(self, client: bool, handler: ConnectionEvents, settings: H2Settings = DEFAULT_SETTINGS,
                  policy: HeadPolicy = DEFAULT_POLICY) -> None:
@@ -243,6 +249,9 @@ class H2Codec:
         self.block_end_stream = False
         self.block_parts: list[bytes] = []
         self.block_size = 0
+        self.control_queued = 0  # answers queued while the transport is paused (see MAX_QUEUED_CONTROL_FRAMES)
+        self.streams_opened = 0  # by the peer (server side), and how many of them it reset before their end
+        self.premature_resets = 0
 
     def initiate(self) -> None:
         """The connection preface (a client's magic, both sides' SETTINGS) and the connection window."""
@@ -341,7 +350,7 @@ class H2Codec:
             if len(payload) != 8:
                 self._fail(FRAME_SIZE_ERROR, "PING not 8 bytes")
             if not flags & ACK:
-                self.out.append(frame_head(8, PING, ACK, 0) + payload)
+                self._answer(frame_head(8, PING, ACK, 0) + payload)
         elif kind == GOAWAY:
             if stream_id:
                 self._fail(PROTOCOL_ERROR, "GOAWAY on a stream")
@@ -356,6 +365,14 @@ class H2Codec:
         elif kind == PUSH_PROMISE:
             self._fail(PROTOCOL_ERROR, "PUSH_PROMISE, push is disabled")
         # other types: ignored (RFC 9113 5.5)
+
+    def _answer(self, frame: bytes) -> None:
+        """Queue a frame that answers the peer's: bounded while the peer does not read (see MAX_QUEUED_...)."""
+        self.out.append(frame)
+        if self.write_paused:
+            self.control_queued += 1
+            if self.control_queued > MAX_QUEUED_CONTROL_FRAMES:
+                self._fail(ENHANCE_YOUR_CALM, "too many frames queued for a peer that does not read (flood)")
 
     def _fail(self, error_code: int, detail: str) -> NoReturn:
         """A connection error: GOAWAY with its code, and nothing more is read."""
@@ -372,7 +389,7 @@ class H2Codec:
         return stream_id >= self.next_stream_id if self.client else stream_id > self.last_stream_id
 
     def _stream_error(self, stream_id: int, error_code: int) -> None:
-        self.out.append(rst_stream_frame(stream_id, error_code))
+        self._answer(rst_stream_frame(stream_id, error_code))
         stream = self.streams.pop(stream_id, None)
         if stream is not None and not stream.closed:
             stream.closed = True
@@ -540,8 +557,9 @@ class H2Codec:
         if problem:
             self._fail(PROTOCOL_ERROR, problem)
         if self.goaway_sent or len(self.streams) >= self.settings.max_concurrent_streams:
-            self.out.append(rst_stream_frame(stream_id, REFUSED_STREAM))  # never processed: the client may retry
+            self._answer(rst_stream_frame(stream_id, REFUSED_STREAM))  # never processed: the client may retry
             return
+        self.streams_opened += 1
         stream = H2Stream(stream_id, self.peer_initial_window, self.recv_initial_window)
         stream.in_done = end_stream
         try:
@@ -636,7 +654,7 @@ class H2Codec:
                     self._fail(PROTOCOL_ERROR, "SETTINGS_MAX_FRAME_SIZE out of range")
                 self.peer_max_frame = value
             # SETTINGS_MAX_HEADER_LIST_SIZE is advisory; unknown settings are ignored (RFC 9113 6.5.2)
-        self.out.append(frame_head(0, SETTINGS, ACK, 0))
+        self._answer(frame_head(0, SETTINGS, ACK, 0))
         if window_changed:
             self.pump_all()
         if capacity >= 0:
@@ -681,6 +699,11 @@ class H2Codec:
             stream.out.clear()
             if stream.events is not None:
                 stream.events.on_reset(read_u32(payload, 0), True)
+            if not self.client:
+                self.premature_resets += 1  # reset by the client before its response ended
+                opened = self.streams_opened
+                if opened >= PREMATURE_RESET_STREAMS and self.premature_resets * 2 >= opened:
+                    self._fail(ENHANCE_YOUR_CALM, "too many streams reset by the client before their end (rapid reset)")
 
     # ---- receiving: the consumer's pace
 
@@ -785,6 +808,7 @@ class H2Codec:
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.control_queued = 0
         self.pump_all()
 
     def pump_all(self) -> None:

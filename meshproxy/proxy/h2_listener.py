@@ -100,6 +100,8 @@ class H2DownstreamConnection(Connection, ConnectionEvents):
             log.debug("downstream %s: %s", self.info.peer_ip.decode(), error.detail)
             self.flush()
             self._close()
+            if self.codec.write_paused:  # a peer that does not read would hold a graceful close open forever
+                self.transport.abort()
             return
         self.flush()
 

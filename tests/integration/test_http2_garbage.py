@@ -73,3 +73,42 @@ def test_mutated_frames_never_break_the_proxy(tmp_path: Path, upstream: Upstream
     finally:
         proxy.stop()
     assert "Traceback" not in proxy.log and " ERROR " not in proxy.log, proxy.log[-3000:]
+
+
+def test_a_ping_flood_from_a_client_that_never_reads_is_cut_off(tmp_path: Path, upstream: Upstream) -> None:
+    """A client that sends PINGs and reads nothing: the proxy's answers fill the socket, then its buffer, then the
+    connection ends (Envoy's outbound control-frame bound) instead of the proxy holding every ack; the proxy keeps
+    serving. The client's receive buffer is small so that the proxy's side fills after a few thousand acks."""
+    proxy = ProxyProcess(write_config(tmp_path / "cfg", "c.yaml",
+                                      service_entry("backend", [(upstream.port, {})], port=80), BACKEND_VS))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    preface = conn.data_to_send()
+    conn.ping(b"abcdefgh")
+    ping = conn.data_to_send()
+    cut = False
+    try:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", proxy.port))
+            sock.sendall(preface)
+            try:  # at most 2,000 x 1,000 PINGs (34 MB of acks unread): the kernel's buffers hold a few MB
+                for _ in range(2000):
+                    sock.sendall(ping * 1000)
+            except (ConnectionResetError, BrokenPipeError):
+                cut = True
+            while not cut:  # the proxy may still be reading what was sent: its end shows as EOF or a reset
+                try:
+                    cut = not sock.recv(1 << 20)
+                except ConnectionResetError:
+                    cut = True
+        assert cut, "the proxy never cut off a client that floods PINGs and never reads"
+        peer = H2Peer(proxy.port)
+        try:
+            assert peer.finished(peer.request("/echo")).status == 200
+        finally:
+            peer.close()
+    finally:
+        proxy.stop()
+    assert "Traceback" not in proxy.log and " ERROR " not in proxy.log, proxy.log[-3000:]

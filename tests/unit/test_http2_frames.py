@@ -404,3 +404,58 @@ def test_mutated_input_raises_nothing_but_h2error() -> None:
         except H2Error:
             pass
         codec.data_to_send()
+
+
+def test_a_peer_that_floods_pings_and_never_reads_is_cut_off() -> None:
+    """PING acks queued while the transport is paused (the peer does not read) are bounded: past Envoy's
+    max_outbound_control_frames (1000) the connection ends with ENHANCE_YOUR_CALM; with the transport writable
+    the same PINGs are simply answered."""
+    codec, _ = server()
+    client = h2_client()
+    exchange(client, codec)
+    ping = PingFrame(0, b"12345678").serialize()
+    codec.feed(ping * 2000)  # writable: every one answered
+    assert len(codec.data_to_send()) == 2000 * 17
+    codec.pause_writing()
+    codec.feed(ping * 1000)
+    with pytest.raises(H2Error, match="flood"):
+        codec.feed(ping)
+    terminated = [e for e in client.receive_data(codec.data_to_send()) if isinstance(e, h2.events.ConnectionTerminated)]
+    assert [t.error_code for t in terminated] == [11]  # ENHANCE_YOUR_CALM
+    codec, _ = server()  # the count starts again each time the transport drains
+    exchange(h2_client(), codec)
+    for _ in range(3):
+        codec.pause_writing()
+        codec.feed(ping * 1000)
+        codec.resume_writing()
+    assert not codec.failed
+
+
+def test_rapid_reset_ends_the_connection_once_half_of_500_streams_were_reset() -> None:
+    """HTTP/2 rapid reset (CVE-2023-44487): streams opened and reset by the client before their response ends. As
+    Envoy's premature-reset check: once 500 streams were opened, resets of at least half of them end the connection
+    with ENHANCE_YOUR_CALM; a client whose streams end normally is never cut off."""
+    settings = H2Settings(max_concurrent_streams=1024, initial_stream_window=65535, connection_window=1 << 20)
+    codec, events = server(settings)
+    client = h2_client()
+    exchange(client, codec)
+    stream_id = 0
+    with pytest.raises(H2Error, match="rapid reset"):
+        for stream_id in range(1, 2001, 2):
+            client.send_headers(stream_id, REQUEST)
+            client.reset_stream(stream_id)
+            codec.feed(client.data_to_send())
+    assert stream_id == 999  # the 500th stream's reset
+    assert sum(1 for kind, _, _ in events if kind == "request") == 500
+    terminated = [e for e in client.receive_data(codec.data_to_send()) if isinstance(e, h2.events.ConnectionTerminated)]
+    assert [t.error_code for t in terminated] == [11]
+    codec, events = server(settings)  # 600 streams answered whole and reset by the client after: not premature
+    client = h2_client()
+    exchange(client, codec)
+    for stream_id in range(1, 1201, 2):
+        client.send_headers(stream_id, REQUEST, end_stream=True)
+        codec.feed(client.data_to_send())
+        stream = codec.streams[stream_id]
+        codec.send_headers(stream, [(b":status", b"200")], True)
+        client.receive_data(codec.data_to_send())
+    assert not codec.failed and not codec.streams
