@@ -16,7 +16,7 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_NO_WRK = 77  # benchmarks/run.py: wrk is neither installed nor installable
 RUN_TIMEOUT_SECONDS = 160
-QUICK_SCENARIOS = ("single-route", "bookinfo-routing", "mtls-keepalive", "mtls-handshakes", "h2c", "grpc-unary")
+QUICK_SCENARIOS = ("single-route", "bookinfo-routing", "h2c", "grpc-unary", "mtls-keepalive", "mtls-handshakes")
 SCENARIO_HEADING = re.compile(r"^== (?P<scenario>\S+):", re.M)
 # target  req/s  p50 ms  p99 ms  cpu us/req  errors
 MEASURED_ROW = re.compile(r"^(?P<target>direct|meshproxy|envoy)\s+(?P<rps>[\d,]+)\s.*\s(?P<errors>\d+)$", re.M)
