@@ -200,7 +200,7 @@ class H2UpstreamConnection(ConnectionEvents):
 
     __slots__ = ("pool", "key", "transport", "codec", "streams", "started", "served", "peer_max", "closed",
                  "going_away", "touched", "failure", "idle_timer", "limits_max_streams", "limits_max_requests",
-                 "idle_timeout", "peer_principal", "flush_pending")
+                 "idle_timeout", "peer_principal", "flush_pending", "loop")
 
     def __init__(self, pool: H2EndpointPool, key: tuple[str, str, int], settings: H2Settings,
                  max_requests: int, idle_timeout: float) -> None:
@@ -222,6 +222,8 @@ class H2UpstreamConnection(ConnectionEvents):
         self.idle_timer: asyncio.TimerHandle | None = None
         self.peer_principal = ""  # the server's SPIFFE principal on a mutual TLS connection
         self.flush_pending = False
+        # kept: asyncio.get_running_loop() costs a getpid() system call on CPython 3.11, per request here
+        self.loop = asyncio.get_running_loop()
 
     def has_room(self) -> bool:
         return not self.closed and not self.going_away and \
@@ -244,7 +246,7 @@ class H2UpstreamConnection(ConnectionEvents):
             if self.going_away or self.closed:
                 self.close()
             elif self.idle_timeout:
-                self.idle_timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._on_idle)
+                self.idle_timer = self.loop.call_later(self.idle_timeout, self._on_idle)
         self.pool.room_made()
 
     def flush(self) -> None:
@@ -257,7 +259,7 @@ class H2UpstreamConnection(ConnectionEvents):
         from the same downstream read) go out in one write instead of one each."""
         if not self.flush_pending:
             self.flush_pending = True
-            asyncio.get_running_loop().call_soon(self._flush_pending)
+            self.loop.call_soon(self._flush_pending)
 
     def _flush_pending(self) -> None:
         self.flush_pending = False
