@@ -23,6 +23,8 @@ import ssl
 from collections.abc import Callable
 from typing import Final
 
+from .acceptor import BACKLOG, Acceptor, wait_readable
+
 log = logging.getLogger("meshproxy.listener")
 
 DISABLE: Final = "DISABLE"
@@ -32,15 +34,11 @@ MODES: Final = (DISABLE, PERMISSIVE, STRICT)
 TLS_HANDSHAKE_RECORD: Final = 0x16
 TLS_MAJOR_VERSION: Final = 0x03
 HANDSHAKE_TIMEOUT: Final = 10.0  # Istio's inbound transport_socket_connect_timeout... bounded like a request head
-BACKLOG: Final = 4096
-MAX_PENDING: Final = 1024  # connections between accept and their protocol (detection, handshake); more are closed
 # What an Istio sidecar's inbound TLS context offers (Istio's ALPNDownstream): the client's HTTP version is selected,
 # h2 when it offers it (curl, grpcio; Istio's sidecars offer `istio-h2`, `istio` and `h2` to an HTTP/2 upstream,
 # `istio-http/1.1`, `istio`, `http/1.1` otherwise). The `istio-*` names only pick Envoy's filter chain; none is
 # selected. The connection's first bytes then say which codec serves it (the HTTP/2 preface, or a request line).
 INBOUND_ALPN: Final = ("h2", "http/1.1")
-ACCEPTS_PER_WAKEUP: Final = 64  # connections taken each time the listening socket is readable
-ACCEPT_RETRY_DELAY: Final = 0.1  # seconds without accepting after an accept error (EMFILE): no busy loop
 
 
 def looks_like_tls(first: bytes) -> bool | None:
@@ -59,11 +57,6 @@ def no_context() -> ssl.SSLContext:
     raise RuntimeError("this listener has no certificates: it cannot terminate TLS")
 
 
-def _wake(ready: asyncio.Future[None]) -> None:
-    if not ready.done():
-        ready.set_result(None)
-
-
 class SecureServer:
     """Accepts connections itself (see the module docstring); `close()` as asyncio.Server's."""
 
@@ -78,12 +71,14 @@ class SecureServer:
         self.context = context
         self.detect_timeout = detect_timeout
         self.handshake_timeout = handshake_timeout
-        self.pending: set[asyncio.Task[None]] = set()  # connections between accept and their protocol
         self.handshake_failures = 0
-        self.refused = 0  # closed at accept: too many connections still in detection or handshake
         self._loop = asyncio.get_running_loop()
-        self._paused: asyncio.TimerHandle | None = None
-        self._loop.add_reader(sock.fileno(), self._accept)
+        self.acceptor = Acceptor(self.sockets, self._serve, "inbound")
+
+    @property
+    def pending(self) -> set[asyncio.Task[None]]:
+        """Connections between accept and their protocol (detection, handshake)."""
+        return self.acceptor.pending
 
     @classmethod
     async def listen(cls, host: str, port: int, factory: Callable[[], asyncio.Protocol], mode: str,
@@ -105,44 +100,7 @@ class SecureServer:
 
     def close(self) -> None:
         """Stop accepting (may be called more than once: a drain closes the listeners, so does the stop)."""
-        if self._paused is not None:
-            self._paused.cancel()
-            self._paused = None
-        elif self.sockets[0].fileno() >= 0:
-            self._loop.remove_reader(self.sockets[0].fileno())
-        for sock in self.sockets:
-            sock.close()
-        for task in list(self.pending):
-            task.cancel()
-
-    def _accept(self) -> None:
-        """The listening socket is readable: take what is queued, up to ACCEPTS_PER_WAKEUP (as asyncio's servers do;
-        one accept per wake-up left new connections, and their handshakes, queued behind whole loop iterations)."""
-        loop = self._loop
-        listener = self.sockets[0]
-        for _ in range(ACCEPTS_PER_WAKEUP):
-            try:
-                conn, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and the like: wait a moment rather than spin
-                log.warning("accept failed: %s", exc)
-                loop.remove_reader(listener.fileno())
-                self._paused = loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
-                return
-            if len(self.pending) >= MAX_PENDING:  # a flood of clients that never finish a handshake: bounded memory
-                self.refused += 1
-                conn.close()
-                continue
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(self._serve(conn))
-            self.pending.add(task)
-            task.add_done_callback(self.pending.discard)
-
-    def _resume(self) -> None:
-        self._paused = None
-        self._loop.add_reader(self.sockets[0].fileno(), self._accept)
+        self.acceptor.close()
 
     async def _serve(self, conn: socket.socket) -> None:
         mode = self.mode
@@ -187,15 +145,5 @@ class SecureServer:
                     return True
                 await asyncio.sleep(0.005)
                 continue
-            ready = loop.create_future()
-            loop.add_reader(conn.fileno(), _wake, ready)
-            try:
-                if deadline is None:
-                    await ready
-                else:
-                    async with asyncio.timeout_at(deadline):
-                        await ready
-            except TimeoutError:
+            if not await wait_readable(conn, deadline):
                 return False  # nothing within the detection timeout: a server-first protocol, plaintext
-            finally:
-                loop.remove_reader(conn.fileno())

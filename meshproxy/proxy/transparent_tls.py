@@ -34,7 +34,8 @@ from collections.abc import Callable
 from typing import Final
 
 from . import sniff
-from .secure_server import BACKLOG, HANDSHAKE_TIMEOUT, INBOUND_ALPN, MAX_PENDING, PERMISSIVE, STRICT, looks_like_tls
+from .acceptor import BACKLOG, Acceptor, wait_readable
+from .secure_server import HANDSHAKE_TIMEOUT, INBOUND_ALPN, PERMISSIVE, STRICT, looks_like_tls
 from .tls_stream import TLSStream
 from .transparent import Intercepted, Interception, original_destination
 
@@ -97,40 +98,12 @@ class TransparentTLSServer:
         self.context = context
         self.detect_timeout = detect_timeout  # 0: wait for the client's first bytes (Istio's protocolDetectionTimeout)
         self.handshake_timeout = handshake_timeout
-        self.pending: set[asyncio.Task[None]] = set()
         self.handshake_failures = 0
-        self.refused = 0
         self._loop = asyncio.get_running_loop()
-        self._accepting = [self._loop.create_task(self._accept(sock)) for sock in socks]
+        self.acceptor = Acceptor(socks, self._serve, "transparent inbound")
 
     def close(self) -> None:
-        for task in self._accepting:
-            task.cancel()
-        for sock in self.sockets:
-            sock.close()
-        for task in list(self.pending):
-            task.cancel()
-
-    async def _accept(self, listener: socket.socket) -> None:
-        loop = self._loop
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(listener)
-            except asyncio.CancelledError:
-                raise
-            except OSError as exc:  # EMFILE and the like: wait a moment rather than spin
-                log.warning("transparent inbound: accept failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
-            if len(self.pending) >= MAX_PENDING:
-                self.refused += 1
-                conn.close()
-                continue
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(self._serve(conn))
-            self.pending.add(task)
-            task.add_done_callback(self.pending.discard)
+        self.acceptor.close()
 
     async def _serve(self, conn: socket.socket) -> None:
         transport: asyncio.BaseTransport | None = None  # once made, the connection is the transport's to close
@@ -214,18 +187,8 @@ class TransparentTLSServer:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, MAX_POLL)
                 continue
-            ready = loop.create_future()
-            loop.add_reader(conn.fileno(), _wake, ready)
-            try:
-                if deadline is None:
-                    await ready
-                else:
-                    async with asyncio.timeout_at(deadline):
-                        await ready
-            except TimeoutError:
+            if not await wait_readable(conn, deadline):
                 return b""  # nothing within the detection timeout: a server-first protocol, as it is
-            finally:
-                loop.remove_reader(conn.fileno())
 
 
 def _drop(conn: socket.socket, transport: asyncio.BaseTransport | None) -> None:
@@ -235,7 +198,3 @@ def _drop(conn: socket.socket, transport: asyncio.BaseTransport | None) -> None:
     else:
         conn.close()
 
-
-def _wake(ready: asyncio.Future[None]) -> None:
-    if not ready.done():
-        ready.set_result(None)

@@ -10,7 +10,8 @@ import ssl
 
 import uvloop
 
-from meshproxy.proxy.secure_server import ACCEPTS_PER_WAKEUP, PERMISSIVE, SecureServer
+from meshproxy.proxy.acceptor import ACCEPTS_PER_WAKEUP
+from meshproxy.proxy.secure_server import PERMISSIVE, SecureServer
 
 BURST = 40
 
