@@ -23,7 +23,7 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -207,18 +207,22 @@ def client_context(certs: WorkloadCerts, alpn: Sequence[str] = ALPN_ISTIO_HTTP11
 Stamp = tuple[tuple[int, int, int, int] | None, ...]
 
 
-def _stamp(folder: Path) -> Stamp:
-    """What tells a changed file, for the price of three stats (a Kubernetes secret volume swaps a symlink: the
-    inode changes; an in-place write changes the size or mtime)."""
+def files_stamp(paths: Iterable[Path]) -> Stamp:
+    """What tells a changed file, for the price of a stat each (a Kubernetes secret volume swaps a symlink: the
+    inode changes; an in-place write changes the size or mtime); None for a file that is not there."""
     stamps: list[tuple[int, int, int, int] | None] = []
-    for name in FILES:
+    for path in paths:
         try:
-            st = os.stat(folder / name)
+            st = os.stat(path)
         except OSError:
             stamps.append(None)
             continue
         stamps.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(stamps)
+
+
+def _stamp(folder: Path) -> Stamp:
+    return files_stamp(folder / name for name in FILES)
 
 
 class CertStore:

@@ -33,7 +33,6 @@ error at depth 0: <why>:TLS_error_end`.
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import time
 from collections.abc import Iterable, Mapping
@@ -49,6 +48,7 @@ from .certs import (
     CertError,
     CertStore,
     check_key_pair,
+    files_stamp,
     load_certificates,
     load_private_key,
 )
@@ -148,7 +148,7 @@ class FileContext:
         self.spec = spec
         self.paths = tuple(Path(p) for p in (spec.ca_certificates, spec.ca_crl, spec.client_certificate,
                                              spec.private_key) if p)
-        self.stamp = _file_stamp(self.paths)
+        self.stamp = files_stamp(self.paths)
         # One context per ALPN list asked for (an SSLContext carries its ALPN); HTTP/1.1's made at once, so that
         # CertError refuses the setting at load.
         self.contexts: dict[tuple[str, ...], ssl.SSLContext] = {(HTTP11,): simple_context(self.spec, (HTTP11,))}
@@ -161,7 +161,7 @@ class FileContext:
         now = time.monotonic()
         if now - self.checked_at >= FILE_CHECK_INTERVAL and self.paths:
             self.checked_at = now
-            stamp = _file_stamp(self.paths)
+            stamp = files_stamp(self.paths)
             if stamp != self.stamp and stamp != self.failed:
                 try:
                     contexts = {known: simple_context(self.spec, known) for known in self.contexts}
@@ -178,18 +178,6 @@ class FileContext:
         if context is None:
             context = self.contexts[alpn] = simple_context(self.spec, alpn)
         return context
-
-
-def _file_stamp(paths: tuple[Path, ...]) -> tuple[Any, ...]:
-    stamps: list[Any] = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            stamps.append(None)
-            continue
-        stamps.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(stamps)
 
 
 @dataclass(frozen=True, slots=True, eq=False)

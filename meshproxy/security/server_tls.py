@@ -27,9 +27,8 @@ filter chain match picks it.
 from __future__ import annotations
 
 import logging
-import os
 import ssl
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -38,11 +37,12 @@ from ..istio import model as m
 from ..istio.problems import Problem
 from .certs import (
     CERT_CHAIN,
+    CertError,
     KEY,
     ROOT_CERT,
     TLS12_CIPHERS,
-    CertError,
     check_key_pair,
+    files_stamp,
     load_certificates,
     load_chain_and_key,
     load_private_key,
@@ -170,18 +170,6 @@ def handshake_of(tls: m.ServerTLSSettings) -> Handshake:
     ciphers, _ = cipher_list(tls.cipher_suites)
     return Handshake(VERIFY[tls.mode], VERSIONS.get(tls.min_protocol_version, DEFAULT_MIN),
                      VERSIONS.get(tls.max_protocol_version, DEFAULT_MAX), ciphers)
-
-
-def _stamp(paths: Iterable[Path]) -> tuple[tuple[int, int, int, int] | None, ...]:
-    out: list[tuple[int, int, int, int] | None] = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            out.append(None)
-            continue
-        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-    return tuple(out)
 
 
 def _read(path: Path) -> bytes:
@@ -346,7 +334,7 @@ def _compile_port(number: int, servers: Sequence[tuple[m.Gateway, m.GatewayServe
                 problems.append(Problem(origin.file, origin.doc, f"{server.path}.hosts",
                                         f"{name!r} on port {number} is already served by {earlier.server.path}: "
                                         f"that server's certificate is used", "warning"))
-        compiled.append(CompiledServer(server, origin, files, handshake, names, context, _stamp(files.paths()),
+        compiled.append(CompiledServer(server, origin, files, handshake, names, context, files_stamp(files.paths()),
                                        client_ca))
     other = other_client_ca(compiled)
     if other is not None:
@@ -406,7 +394,7 @@ class GatewayTLS:
         """Re-read the files of ports whose files changed; True when new contexts are in use."""
         changed = False
         for number, port in list(self.ports.items()):
-            stamps = tuple(_stamp(c.files.paths()) for c in port.servers)
+            stamps = tuple(files_stamp(c.files.paths()) for c in port.servers)
             if stamps == tuple(c.stamp for c in port.servers) or stamps == self.failed.get(number):
                 continue
             try:
