@@ -734,10 +734,8 @@ class H2Codec:
         parts: list[bytes] = []
         encoder.start_block(parts)
         for name, value in headers:
-            for char in name:
-                if 0x41 <= char <= 0x5A:
-                    name = name.lower()
-                    break
+            if not name.islower():  # upper case in it (or no letter at all: lower() changes nothing then)
+                name = name.lower()
             if name in CONNECTION_HEADERS or (name == b"te" and value != b"trailers"):
                 continue
             sensitive = name == b"authorization" or name == b"proxy-authorization" or (

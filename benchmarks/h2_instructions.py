@@ -1,0 +1,96 @@
+"""Instructions per proxied HTTP/2 request, counted by callgrind (the `h2c` and `grpc-unary` scenarios' path).
+
+h2load (8 connections x 8 streams, prior knowledge) -> meshproxy -> nginx's h2c listener, the scenarios' route
+(scenarios.h2_route_files). Instrumentation is on only while the measured requests run (after a warm-up run);
+the figure is the proxy's total divided by their number. Needs valgrind, nginx and h2load.
+
+    python benchmarks/h2_instructions.py                        # h2c, this checkout
+    python benchmarks/h2_instructions.py --grpc                 # grpc-unary
+    python benchmarks/h2_instructions.py --python /venv/bin/python   # a compiled venv's interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from children import Children, free_port
+from peers import start_nginx
+from scenarios import GRPC_HEADERS, GRPC_PATH, GRPC_REQUEST, h2_route_files
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def h2load(port: int, requests: int, grpc: bool, work: Path) -> None:
+    """`requests` requests over 8 connections x 8 streams; every one must succeed."""
+    argv = ["h2load", "-n", str(requests), "-c", "8", "-m", "8", "-H", ":authority: backend"]
+    path = "/"
+    if grpc:
+        body = work / "grpc-body.bin"
+        body.write_bytes(GRPC_REQUEST)
+        argv += [arg for name, value in GRPC_HEADERS.items() for arg in ("-H", f"{name}: {value}")]
+        argv += [f"--data={body}"]
+        path = GRPC_PATH
+    done = subprocess.run([*argv, f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True, timeout=600)
+    if f"{requests} succeeded" not in done.stdout or f"{requests} 2xx" not in done.stdout:
+        raise SystemExit("h2load: not every request succeeded\n" + done.stdout[-2000:] + done.stderr[-2000:])
+
+
+def measure(tree: Path, python: str, grpc: bool, requests: int) -> float:
+    work = Path(tempfile.mkdtemp(prefix="h2-instructions-"))
+    listen = free_port()
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    with Children() as children:
+        backend = start_nginx(children, nginx, work, None)
+        files, _ = h2_route_files(work, backend, "GRPC" if grpc else "HTTP2")
+        configs = [word for path in files for word in ("--config", str(path))]
+        argv = [python, "-m", "meshproxy", "run", *configs, "--listen", f"127.0.0.1:{listen}", "--admin", "off",
+                "--watch-interval", "0", "--no-metrics", "--no-tracing"]
+        out = work / "callgrind.out"
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        proxy = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                                  f"--callgrind-out-file={out}", *argv],
+                                 cwd=tree, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        try:
+            assert proxy.stderr is not None
+            for line in proxy.stderr:
+                if "listening on" in line:
+                    break
+            h2load(listen, 1000, grpc, work)  # warm-up: upstream connections, caches
+            subprocess.run(["callgrind_control", "-i", "on", str(proxy.pid)], check=True, capture_output=True)
+            h2load(listen, requests, grpc, work)
+            subprocess.run(["callgrind_control", "-i", "off", str(proxy.pid)], check=True, capture_output=True)
+            subprocess.run(["callgrind_control", "-d", str(proxy.pid)], check=True, capture_output=True)
+            time.sleep(1)
+            total = 0
+            for dump in work.glob("callgrind.out*"):
+                for line in dump.read_text(errors="replace").splitlines():
+                    if line.startswith(("summary:", "totals:")):
+                        total = max(total, int(line.split()[1]))
+            print(f"callgrind dumps in {work}", file=sys.stderr)
+            return total / requests
+        finally:
+            proxy.terminate()
+            proxy.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tree", type=Path, default=REPO_ROOT, help="the checkout to run from (default: this one)")
+    parser.add_argument("--python", default=sys.executable, help="its interpreter (default: this one)")
+    parser.add_argument("--grpc", action="store_true", help="the grpc-unary scenario (default: h2c)")
+    parser.add_argument("--requests", type=int, default=4000, help="measured requests (default 4000)")
+    args = parser.parse_args()
+    per_request = measure(args.tree.resolve(), args.python, args.grpc, args.requests)
+    print(f"{args.tree}: {per_request / 1000:.1f}k instructions per request "
+          f"({'grpc-unary' if args.grpc else 'h2c'}, {args.requests} requests)")
+
+
+if __name__ == "__main__":
+    main()
