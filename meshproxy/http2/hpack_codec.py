@@ -149,25 +149,24 @@ def huffman_length(data: bytes) -> int:
     return (bits + 7) >> 3
 
 
-# Each octet's code as a string of '0' and '1': str.translate strings a whole value's code together in C, and int()
-# reads it back as one number (a byte at a time here costs a boxed int and a bytearray call per octet).
-HUFFMAN_BITS: Final[list[str]] = [format(code, f"0{length}b") for code, length in zip(HUFFMAN_CODES, HUFFMAN_LENGTHS)]
-EOS_PADDING: Final = ("", "1", "11", "111", "1111", "11111", "111111", "1111111")
-
-
-def huffman_bits(data: bytes) -> str:
-    """The Huffman code of `data`, one character per bit, not padded."""
-    return data.decode("latin-1").translate(HUFFMAN_BITS)
-
-
-def huffman_pack(bits: str) -> bytes:
-    """A code from huffman_bits as octets, the last padded with EOS's 1s."""
-    padded = bits + EOS_PADDING[-len(bits) & 7]
-    return int(padded, 2).to_bytes(len(padded) >> 3, "big") if padded else b""
-
-
 def huffman_encode(data: bytes) -> bytes:
-    return huffman_pack(huffman_bits(data))
+    # Octets out as SINGLE's byte strings joined once: a bytearray.append per octet is a method call with a boxed int.
+    out: list[bytes] = []
+    codes, lengths, single = HUFFMAN_CODES, HUFFMAN_LENGTHS, SINGLE
+    buffered = 0  # at most 7 + 30 bits: stays a machine integer
+    count = 0
+    for at in range(len(data)):
+        byte = data[at]
+        length = lengths[byte]
+        buffered = (buffered << length) | codes[byte]
+        count += length
+        while count >= 8:
+            count -= 8
+            out.append(single[(buffered >> count) & 0xFF])
+        buffered &= (1 << count) - 1
+    if count:
+        out.append(single[((buffered << (8 - count)) | ((1 << (8 - count)) - 1)) & 0xFF])  # padded with EOS's 1s
+    return b"".join(out)
 
 
 # The encoder writes a block as a list of byte strings joined once: list.append is cheap compiled, where each
@@ -198,12 +197,11 @@ def encode_integer(value: int, prefix_bits: int, first: int, out: list[bytes]) -
 
 def encoded_string(data: bytes) -> bytes:
     """A string literal (RFC 7541 5.2): Huffman-coded when that is shorter."""
-    bits = huffman_bits(data)
-    size = (len(bits) + 7) >> 3
+    size = huffman_length(data)
     parts: list[bytes] = []
     if size < len(data):
         encode_integer(size, 7, 0x80, parts)
-        parts.append(huffman_pack(bits))
+        parts.append(huffman_encode(data))
     else:
         encode_integer(len(data), 7, 0, parts)
         parts.append(data)
