@@ -105,6 +105,9 @@ MAX_HEADER_BLOCK: Final = 1 << 17  # encoded, HEADERS and CONTINUATIONs together
 MAX_QUEUED_CONTROL_FRAMES: Final = 1000
 PREMATURE_RESET_STREAMS: Final = 500
 
+LOWER_NAMES: set[bytes] = set()  # field names sent already found lower-case (_send_block)
+LOWER_NAMES_MAX: Final = 1024  # then no more are added (names are few; values do not go here)
+
 NO_ERROR: Final = 0
 PROTOCOL_ERROR: Final = 1
 INTERNAL_ERROR: Final = 2
@@ -734,8 +737,11 @@ class H2Codec:
         parts: list[bytes] = []
         encoder.start_block(parts)
         for name, value in headers:
-            if not name.islower():  # upper case in it (or no letter at all: lower() changes nothing then)
-                name = name.lower()
+            if name not in LOWER_NAMES:  # names repeat: one set lookup (their hash is kept), not a scan
+                if not name.islower():  # upper case in it (or no letter at all: lower() changes nothing then)
+                    name = name.lower()
+                elif len(LOWER_NAMES) < LOWER_NAMES_MAX:
+                    LOWER_NAMES.add(name)
             if name in CONNECTION_HEADERS or (name == b"te" and value != b"trailers"):
                 continue
             sensitive = name == b"authorization" or name == b"proxy-authorization" or (
