@@ -27,6 +27,7 @@ from hpack.exceptions import (
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.struct import HeaderTuple, NeverIndexedHeaderTuple
 from hpack.table import HeaderTable
+from mypy_extensions import i64
 
 DEFAULT_TABLE_SIZE: Final = 4096
 DEFAULT_MAX_HEADER_LIST_SIZE: Final = 2 ** 16  # hpack's default (h2 sets its own)
@@ -153,19 +154,20 @@ def huffman_encode(data: bytes) -> bytes:
     # Octets out as SINGLE's byte strings joined once: a bytearray.append per octet is a method call with a boxed int.
     out: list[bytes] = []
     codes, lengths, single = HUFFMAN_CODES, HUFFMAN_LENGTHS, SINGLE
-    buffered = 0  # at most 7 + 30 bits: stays a machine integer
-    count = 0
+    # i64: at most 7 + 30 bits buffered; native shifts (a plain int's are checked for overflow at each step)
+    buffered: i64 = 0
+    count: i64 = 0
     for at in range(len(data)):
         byte = data[at]
-        length = lengths[byte]
-        buffered = (buffered << length) | codes[byte]
+        length = i64(lengths[byte])
+        buffered = (buffered << length) | i64(codes[byte])
         count += length
         while count >= 8:
             count -= 8
             out.append(single[(buffered >> count) & 0xFF])
-        buffered &= (1 << count) - 1
+        buffered &= (i64(1) << count) - 1
     if count:
-        out.append(single[((buffered << (8 - count)) | ((1 << (8 - count)) - 1)) & 0xFF])  # padded with EOS's 1s
+        out.append(single[((buffered << (8 - count)) | ((i64(1) << (8 - count)) - 1)) & 0xFF])  # EOS's 1s pad
     return b"".join(out)
 
 
