@@ -12,15 +12,14 @@ the figure is the proxy's total divided by their number. Needs valgrind, nginx a
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from children import Children, free_port
+from instructions import count_per_request
 from peers import start_nginx
 from scenarios import GRPC_HEADERS, GRPC_PATH, GRPC_REQUEST, h2_route_files
 
@@ -52,32 +51,8 @@ def measure(tree: Path, python: str, grpc: bool, requests: int) -> float:
         configs = [word for path in files for word in ("--config", str(path))]
         argv = [python, "-m", "meshproxy", "run", *configs, "--listen", f"127.0.0.1:{listen}", "--admin", "off",
                 "--watch-interval", "0", "--no-metrics", "--no-tracing"]
-        out = work / "callgrind.out"
-        env = {**os.environ, "PYTHONHASHSEED": "0"}
-        proxy = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                                  f"--callgrind-out-file={out}", *argv],
-                                 cwd=tree, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-        try:
-            assert proxy.stderr is not None
-            for line in proxy.stderr:
-                if "listening on" in line:
-                    break
-            h2load(listen, 1000, grpc, work)  # warm-up: upstream connections, caches
-            subprocess.run(["callgrind_control", "-i", "on", str(proxy.pid)], check=True, capture_output=True)
-            h2load(listen, requests, grpc, work)
-            subprocess.run(["callgrind_control", "-i", "off", str(proxy.pid)], check=True, capture_output=True)
-            subprocess.run(["callgrind_control", "-d", str(proxy.pid)], check=True, capture_output=True)
-            time.sleep(1)
-            total = 0
-            for dump in work.glob("callgrind.out*"):
-                for line in dump.read_text(errors="replace").splitlines():
-                    if line.startswith(("summary:", "totals:")):
-                        total = max(total, int(line.split()[1]))
-            print(f"callgrind dumps in {work}", file=sys.stderr)
-            return total / requests
-        finally:
-            proxy.terminate()
-            proxy.wait(60)
+        return count_per_request(tree, argv, {}, listen, lambda port, n: h2load(port, n, grpc, work), 1000,
+                                 requests)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from children import Children, free_port
@@ -55,23 +56,28 @@ def measure(tree: Path, python: str, telemetry: bool, requests: int) -> float:
         argv = [python, "-m", "meshproxy", "run", *configs, "--listen", f"127.0.0.1:{listen}", "--admin", "off",
                 "--watch-interval", "0"]
         argv += ["--tracing-sampling", "1"] if telemetry else ["--no-metrics", "--no-tracing"]
-        return _count(tree, argv, work, listen, requests)
+        env = {**BOOKINFO_PROXY_OPTIONS, "PYTHONPATH": str(tree)}
+        return count_per_request(tree, argv, env, listen, send, 200, requests)
 
 
-def _count(tree: Path, argv: list[str], work: Path, port: int, requests: int) -> float:
+def count_per_request(tree: Path, argv: list[str], env: Mapping[str, str], port: int,
+                      load: Callable[[int, int], None], warmup: int, requests: int) -> float:
+    """Instructions per request of the proxy `argv` under callgrind: `load(port, n)` sends n requests, first
+    `warmup` of them uncounted (connections, caches), then `requests` with instrumentation on."""
+    work = Path(tempfile.mkdtemp(prefix="callgrind-"))
     out = work / "callgrind.out"
-    env = {**os.environ, **BOOKINFO_PROXY_OPTIONS, "PYTHONHASHSEED": "0", "PYTHONPATH": str(tree)}
     proxy = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
-                              *argv], cwd=tree, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                              *argv], cwd=tree, env={**os.environ, **env, "PYTHONHASHSEED": "0"},
+                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
         assert proxy.stderr is not None
         for line in proxy.stderr:
             if "listening on" in line:
                 break
-        send(port, 200)  # warm-up: connections, caches, the first trace batch
+        load(port, warmup)
         control = ["callgrind_control"]
         subprocess.run([*control, "-i", "on", str(proxy.pid)], check=True, capture_output=True)
-        send(port, requests)
+        load(port, requests)
         subprocess.run([*control, "-i", "off", str(proxy.pid)], check=True, capture_output=True)
         subprocess.run([*control, "-d", str(proxy.pid)], check=True, capture_output=True)
         time.sleep(1)
