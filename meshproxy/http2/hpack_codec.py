@@ -213,12 +213,18 @@ def encoded_string(data: bytes) -> bytes:
 def encode_string(data: bytes, out: list[bytes]) -> None:
     encoded = ENCODED.get(data)
     if encoded is None:
-        encoded = encoded_string(data)
-        if len(data) <= CACHED_STRING_MAX:
-            if len(ENCODED) >= CACHE_ENTRIES:
-                ENCODED.clear()
-            ENCODED[data] = encoded
+        encoded = _remember(ENCODED, data, encoded_string(data))
     out.append(encoded)
+
+
+def _remember(cache: dict[bytes, bytes], key: bytes, value: bytes) -> bytes:
+    """`value`, kept under `key` when the key is short; a full cache starts over (bounded memory, no eviction
+    bookkeeping: the strings that repeat come back at once)."""
+    if len(key) <= CACHED_STRING_MAX:
+        if len(cache) >= CACHE_ENTRIES:
+            cache.clear()
+        cache[key] = value
+    return value
 
 
 # Fields whose values rarely repeat, sent without indexing so they do not push out the ones that do: nghttp2's list
@@ -464,9 +470,5 @@ def decode_string(data: bytes, position: int) -> tuple[bytes, int]:
         return text, end
     decoded = DECODED.get(text)
     if decoded is None:
-        decoded = huffman_decode(text)
-        if len(text) <= CACHED_STRING_MAX:
-            if len(DECODED) >= CACHE_ENTRIES:
-                DECODED.clear()
-            DECODED[text] = decoded
+        decoded = _remember(DECODED, text, huffman_decode(text))
     return decoded, end
