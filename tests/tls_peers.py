@@ -4,7 +4,9 @@ showed (SNI, ALPN, the client's certificate)."""
 
 from __future__ import annotations
 
+import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,3 +79,22 @@ class TLSUpstream(Upstream):
             "client_uris": [v for k, v in (cert or {}).get("subjectAltName", ()) if k == "URI"],
         })
         return await self._dispatch(request)
+
+
+def memory_bio_handshake(sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                         outgoing: ssl.MemoryBIO) -> Callable[[], bool]:
+    """A blocking peer's TLS on memory BIOs (it can half-close, which ssl.SSLSocket cannot): run the handshake over
+    `sock`, and return `pump`, one recv into `incoming` (its EOF at the socket's end), True while bytes came.
+    What the handshake leaves in `outgoing` is the caller's to send."""
+    def pump() -> bool:
+        piece = sock.recv(65536)
+        incoming.write(piece) if piece else incoming.write_eof()
+        return bool(piece)
+
+    while True:
+        try:
+            tls.do_handshake()
+            return pump
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            pump()

@@ -15,7 +15,7 @@ import uvloop
 
 from meshproxy.proxy.tls_stream import TLSStream
 from meshproxy.security.certs import CertStore
-from tls_peers import make_mesh
+from tls_peers import memory_bio_handshake, make_mesh
 
 ANSWER_AFTER_EOF = b"answered after your close_notify"
 
@@ -56,18 +56,7 @@ def half_closing_client(port: int, context: ssl.SSLContext, data: bytes) -> byte
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = context.wrap_bio(incoming, outgoing)
     with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
-        def pump() -> bool:
-            piece = sock.recv(65536)
-            incoming.write(piece) if piece else incoming.write_eof()
-            return bool(piece)
-
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                sock.sendall(outgoing.read())
-                pump()
+        pump = memory_bio_handshake(sock, tls, incoming, outgoing)
         sock.sendall(outgoing.read())
         tls.write(data)
         try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import uvloop
 
 from meshproxy.proxy.tls_stream import TLSStream
-from tls_peers import make_mesh
+from tls_peers import memory_bio_handshake, make_mesh
 
 GREETING = b"server first"
 REPLY = b"the client's answer after the server's close_notify"
@@ -61,18 +61,7 @@ def close_notifying_server(listener: socket.socket, context: ssl.SSLContext, han
     with sock:
         sock.settimeout(15)  # a client that never answers fails the test rather than hanging it
 
-        def pump() -> bool:
-            piece = sock.recv(65536)
-            incoming.write(piece) if piece else incoming.write_eof()
-            return bool(piece)
-
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                sock.sendall(outgoing.read())
-                pump()
+        pump = memory_bio_handshake(sock, tls, incoming, outgoing)
         tls.write(GREETING)
         try:
             tls.unwrap()  # our close_notify; the TCP connection stays open both ways
