@@ -8,7 +8,6 @@ beside its own base class and compiled code still calls it natively.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Final
 
 from mypy_extensions import trait
@@ -72,13 +71,11 @@ class HeaderTemplate:
     def __repr__(self) -> str:
         return f"HeaderTemplate({self.names!r})"
 
-    def pairs(self, values: tuple[bytes, ...]) -> list[tuple[bytes, bytes]]:
-        return list(zip(self.names, self.fixed or values))
 
 
 HeaderBlock = tuple[HeaderTemplate, tuple[bytes, ...]]  # a template and this request's values for it
 
-_TEMPLATES: dict[tuple[bytes, ...], HeaderTemplate] = {}
+_TEMPLATES: Final[dict[tuple[bytes, ...], HeaderTemplate]] = {}
 
 
 def template_of(names: tuple[bytes, ...]) -> HeaderTemplate:
@@ -97,11 +94,16 @@ def constant_block(pairs: tuple[tuple[bytes, bytes], ...]) -> tuple[HeaderBlock,
     return ((HeaderTemplate(tuple(n for n, _ in pairs), tuple(v for _, v in pairs)), ()),)
 
 
-def block_pairs(blocks: Iterable[HeaderBlock]) -> list[tuple[bytes, bytes]]:
-    """Blocks as (name, value) pairs, for a codec that encodes header by header and for local replies."""
+def block_pairs(blocks: list[HeaderBlock]) -> list[tuple[bytes, bytes]]:
+    """Blocks as (name, value) pairs, for a codec that encodes header by header and for local replies. Indexed
+    loops, not list(zip()): compiled, this is a tenth of the instructions (measured for the HTTP/2 issue)."""
     out: list[tuple[bytes, bytes]] = []
     for template, values in blocks:
-        out += template.pairs(values)
+        names = template.names
+        if template.fixed:
+            values = template.fixed
+        for i in range(len(names)):
+            out.append((names[i], values[i]))
     return out
 
 

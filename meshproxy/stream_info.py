@@ -56,7 +56,7 @@ FLAG_NAMES: Final = (
     (IH, "IH"), (DPE, "DPE"), (UMSDR, "UMSDR"), (RFCF, "RFCF"), (NFCF, "NFCF"), (DT, "DT"), (UPE, "UPE"), (NC, "NC"),
     (OM, "OM"), (DF, "DF"), (DO, "DO"), (DR, "DR"), (UDO, "UDO"),
 )
-_FLAG_TEXT: dict[int, str] = {0: "-"}
+_FLAG_TEXT: Final[dict[int, str]] = {0: "-"}
 
 
 def flags_text(flags: int) -> str:

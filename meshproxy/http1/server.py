@@ -29,7 +29,7 @@ from .head import DEFAULT_POLICY, HeadPolicy, build_request_head
 
 log = logging.getLogger("meshproxy.http1")
 
-NO_HEADERS: list[tuple[bytes, bytes]] = []  # never appended to: on_message_begin gives each head its own list
+NO_HEADERS: Final[list[tuple[bytes, bytes]]] = []  # never appended to: on_message_begin gives each head its own list
 HEAD_SLACK: Final = 4096  # bytes of a head beyond max_header_bytes before 431 (the request line, separators)
 # The start of HTTP/2's connection preface (RFC 9113 3.4): llhttp stops on it; the transport may switch to HTTP/2.
 H2_PREFACE_START: Final = b"PRI * HTTP/2.0\r\n\r\n"

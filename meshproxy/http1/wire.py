@@ -183,7 +183,7 @@ def local_reply(status: int, body: bytes = b"", *, close: bool = False, server: 
 
 # Keyed by status and body: Envoy's fixed bodies and the config's directResponse bodies, a small set.
 LOCAL_REPLIES_MAX: Final = 1024
-_LOCAL_REPLIES: dict[tuple[int, bytes, bool, bytes, bool], tuple[bytes, bytes]] = {}
+_LOCAL_REPLIES: Final[dict[tuple[int, bytes, bool, bytes, bool], tuple[bytes, bytes]]] = {}
 
 
 def _local_reply_parts(status: int, body: bytes, close: bool, server: bytes, head_only: bool) -> tuple[bytes, bytes]:

@@ -105,7 +105,7 @@ MAX_HEADER_BLOCK: Final = 1 << 17  # encoded, HEADERS and CONTINUATIONs together
 MAX_QUEUED_CONTROL_FRAMES: Final = 1000
 PREMATURE_RESET_STREAMS: Final = 500
 
-LOWER_NAMES: set[bytes] = set()  # field names sent already found lower-case (_send_block)
+LOWER_NAMES: Final[set[bytes]] = set()  # field names sent already found lower-case (_send_block)
 LOWER_NAMES_MAX: Final = 1024  # then no more are added (names are few; values do not go here)
 
 NO_ERROR: Final = 0

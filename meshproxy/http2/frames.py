@@ -100,7 +100,7 @@ def read_u32(data: bytes, at: int) -> int:
     return (data[at] << 24) | (data[at + 1] << 16) | (data[at + 2] << 8) | data[at + 3]
 
 
-GOOD_NAMES: set[bytes] = set()  # names already found valid (they repeat): not checked again
+GOOD_NAMES: Final[set[bytes]] = set()  # names already found valid (they repeat): not checked again
 GOOD_NAMES_MAX: Final = 1024  # then the set starts over
 
 
@@ -121,7 +121,7 @@ def _name_problem(name: bytes) -> str:
     return ""
 
 
-GOOD_VALUES: set[bytes] = set()  # short values already found valid (most repeat): one set lookup, not three scans
+GOOD_VALUES: Final[set[bytes]] = set()  # short values already found valid (most repeat): one set lookup, not three scans
 GOOD_VALUE_MAX_LENGTH: Final = 128
 GOOD_VALUES_MAX: Final = 4096  # then the set starts over
 

@@ -369,6 +369,7 @@ class H2DownstreamStream(Downstream, StreamEvents):
             elif not stream.request_complete:
                 self.codec.reset(h2stream, NO_ERROR)  # answered whole: the rest of the request is not wanted
         h2stream.events = None
+        self.stream = None  # no cycle left: freed by its last reference, not by the cyclic collector
         self.connection.stream_finished(self)
 
     # ---- Connection (a stream is drained with its connection)

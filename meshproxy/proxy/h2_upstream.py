@@ -76,7 +76,7 @@ class H2UpstreamStream(UpstreamStream, StreamEvents):
         block = [(b":method", method), (b":scheme", b"http"), (b":authority", authority), (b":path", path)]
         for name, value in headers:
             if name in drop:
-                if name == TE and TRAILERS in value.lower():
+                if name == TE and (value == TRAILERS or value.lower().find(TRAILERS) >= 0):  # not `in`: see http1/head.py
                     block.append((TE, TRAILERS))  # the one `te` HTTP/2 allows (gRPC needs it)
                 continue
             block.append((name, value))
