@@ -191,7 +191,8 @@ class H2Stream:
     def __init__(self, stream_id: int, send_window: int = SPEC_WINDOW, recv_window: int = SPEC_WINDOW) -> None:
         self.id = stream_id
         self.events: StreamEvents | None = None
-        self.out: deque[bytes] = deque()  # body chunks not yet framed (the first from `offset`)
+        # body chunks not yet framed (the first from `offset`); made when a chunk must wait (most never do)
+        self.out: deque[bytes] | None = None
         self.offset = 0
         self.out_size = 0
         self.end_queued = False  # the sender ended the stream: END_STREAM goes after the queue
@@ -396,7 +397,7 @@ class H2Codec:
         stream = self.streams.pop(stream_id, None)
         if stream is not None and not stream.closed:
             stream.closed = True
-            stream.out.clear()
+            stream.out = None
             if stream.events is not None:
                 stream.events.on_reset(error_code, False)
 
@@ -699,7 +700,7 @@ class H2Codec:
         stream = self.streams.pop(stream_id, None)
         if stream is not None and not stream.closed:
             stream.closed = True
-            stream.out.clear()
+            stream.out = None
             if stream.events is not None:
                 stream.events.on_reset(read_u32(payload, 0), True)
             if not self.client:
@@ -776,8 +777,19 @@ class H2Codec:
     def send_data(self, stream: H2Stream, data: bytes) -> None:
         if stream.closed or stream.end_queued or not data:
             return
-        stream.out.append(data)
-        stream.out_size += len(data)
+        out = stream.out
+        size = len(data)
+        if not out and not self.write_paused and size <= stream.send_window and size <= self.send_window and (
+                size <= self.peer_max_frame):  # the common case: framed at once, nothing queued
+            self.out.append(frame_head(size, DATA, 0, stream.id))
+            self.out.append(data)
+            stream.send_window -= size
+            self.send_window -= size
+            return
+        if out is None:
+            out = stream.out = deque()
+        out.append(data)
+        stream.out_size += size
         self._pump(stream)
         if stream.out_size > SEND_HIGH_WATER and not stream.blocked and not stream.closed:
             stream.blocked = True
@@ -797,7 +809,7 @@ class H2Codec:
             return
         stream.closed = True
         self.streams.pop(stream.id, None)
-        stream.out.clear()
+        stream.out = None
         self.out.append(rst_stream_frame(stream.id, error_code))
 
     def goaway(self, error_code: int = NO_ERROR) -> None:
@@ -828,7 +840,7 @@ class H2Codec:
         frames = self.out
         stream_id = stream.id
         frame_size = self.peer_max_frame
-        while out:
+        while out is not None and out:
             window = min(stream.send_window, self.send_window)
             if window <= 0:
                 break
