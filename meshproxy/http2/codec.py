@@ -79,11 +79,14 @@ from .frames import (
     TRAILER_FIELDS,
     WINDOW_UPDATE,
     field_problem,
+    decimal,
     frame_head,
+    frame_prefix,
     goaway_frame,
     read_u32,
     rst_stream_frame,
     settings_frame,
+    u32,
     window_update_frame,
 )
 from .frames import PREFACE as PREFACE
@@ -186,10 +189,11 @@ class H2Stream:
 
     __slots__ = ("id", "events", "out", "offset", "out_size", "end_queued", "trailers", "out_done", "in_done",
                  "unacked", "paused", "blocked", "closed", "send_window", "recv_window", "credit", "head_done",
-                 "expected", "received")
+                 "expected", "received", "wire_id")
 
     def __init__(self, stream_id: int, send_window: int = SPEC_WINDOW, recv_window: int = SPEC_WINDOW) -> None:
         self.id = stream_id
+        self.wire_id = u32(stream_id)  # the last four bytes of each of its frames' heads
         self.events: StreamEvents | None = None
         # body chunks not yet framed (the first from `offset`); made when a chunk must wait (most never do)
         self.out: deque[bytes] | None = None
@@ -569,7 +573,7 @@ class H2Codec:
         try:
             head = build_request_head(headers, end_stream, self.policy)
         except ProtocolError as error:  # refused as the HTTP/1.1 codec refuses it (400, 413, 431...), this stream only
-            self._send_block(stream_id, [(b":status", b"%d" % error.status), (b"content-length", b"0")], True)
+            self._send_block(u32(stream_id), [(b":status", b"%d" % error.status), (b"content-length", b"0")], True)
             if not end_stream:
                 self.out.append(rst_stream_frame(stream_id, NO_ERROR))  # the rest of its body is not wanted
             return
@@ -590,12 +594,12 @@ class H2Codec:
         fields: list[tuple[bytes, bytes]] = []
         for name, value in headers:
             if name == b":status":
-                if len(value) != 3 or not value.isdigit():
+                status = decimal(value) if len(value) == 3 else -1
+                if status < 0:
                     self._fail(PROTOCOL_ERROR, "malformed :status")
-                status = int(value)
             else:
-                if name == b"content-length" and value.isdigit():
-                    expected = int(value)
+                if name == b"content-length":
+                    expected = decimal(value)  # -1 (none) when not digits, as before
                 fields.append((name, value))
         if status < 200:
             if end_stream:
@@ -731,7 +735,7 @@ class H2Codec:
         self.streams[stream.id] = stream
         return stream
 
-    def _send_block(self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+    def _send_block(self, wire_id: bytes, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
         """One header block: HEADERS, then CONTINUATIONs when it is larger than the peer's frame size. Field names
         lower-cased, connection-specific fields left out, credentials never indexed, as h2 normalized them."""
         encoder = self.encoder
@@ -754,22 +758,25 @@ class H2Codec:
         flags = END_STREAM if end_stream else 0
         out = self.out
         if size <= limit:
-            out.append(frame_head(size, HEADERS, flags | END_HEADERS, stream_id))
+            out.append(frame_prefix(size, HEADERS, flags | END_HEADERS))
+            out.append(wire_id)
             out.append(block)
             return
-        out.append(frame_head(limit, HEADERS, flags, stream_id))
+        out.append(frame_prefix(limit, HEADERS, flags))
+        out.append(wire_id)
         out.append(block[:limit])
         at = limit
         while at < size:
             piece = block[at:at + limit]
             at += len(piece)
-            out.append(frame_head(len(piece), CONTINUATION, END_HEADERS if at >= size else 0, stream_id))
+            out.append(frame_prefix(len(piece), CONTINUATION, END_HEADERS if at >= size else 0))
+            out.append(wire_id)
             out.append(piece)
 
     def send_headers(self, stream: H2Stream, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
         if stream.closed:
             return
-        self._send_block(stream.id, headers, end_stream)
+        self._send_block(stream.wire_id, headers, end_stream)
         if end_stream:
             stream.end_queued = stream.out_done = True
             self._maybe_forget(stream)
@@ -781,7 +788,8 @@ class H2Codec:
         size = len(data)
         if not out and not self.write_paused and size <= stream.send_window and size <= self.send_window and (
                 size <= self.peer_max_frame):  # the common case: framed at once, nothing queued
-            self.out.append(frame_head(size, DATA, 0, stream.id))
+            self.out.append(frame_prefix(size, DATA, 0))
+            self.out.append(stream.wire_id)
             self.out.append(data)
             stream.send_window -= size
             self.send_window -= size
@@ -838,7 +846,7 @@ class H2Codec:
             return
         out = stream.out
         frames = self.out
-        stream_id = stream.id
+        wire_id = stream.wire_id
         frame_size = self.peer_max_frame
         while out is not None and out:
             window = min(stream.send_window, self.send_window)
@@ -853,7 +861,8 @@ class H2Codec:
                 stream.offset = 0
                 piece = data[offset:] if offset else data
                 last = not out and stream.end_queued and stream.trailers is None
-                frames.append(frame_head(left, DATA, END_STREAM if last else 0, stream_id))
+                frames.append(frame_prefix(left, DATA, END_STREAM if last else 0))
+                frames.append(wire_id)
                 frames.append(piece)
                 stream.send_window -= left
                 self.send_window -= left
@@ -861,7 +870,8 @@ class H2Codec:
                 if last:
                     stream.out_done = True
             else:
-                frames.append(frame_head(size, DATA, 0, stream_id))
+                frames.append(frame_prefix(size, DATA, 0))
+                frames.append(wire_id)
                 frames.append(data[offset:offset + size])
                 stream.offset = offset + size
                 stream.send_window -= size
@@ -870,9 +880,10 @@ class H2Codec:
         if not out and stream.end_queued and not stream.out_done:
             stream.out_done = True
             if stream.trailers is not None:
-                self._send_block(stream_id, stream.trailers, True)
+                self._send_block(wire_id, stream.trailers, True)
             else:
-                frames.append(frame_head(0, DATA, END_STREAM, stream_id))
+                frames.append(frame_prefix(0, DATA, END_STREAM))
+                frames.append(wire_id)
         if stream.out_done:
             self._maybe_forget(stream)
         if stream.blocked and stream.out_size < SEND_LOW_WATER:

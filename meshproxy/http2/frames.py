@@ -6,7 +6,6 @@ Compiled with mypyc (meshproxy/hot_path.py): the codec (codec.py) calls these pe
 
 from __future__ import annotations
 
-import struct
 from typing import Final
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -71,12 +70,41 @@ RESPONSE_FIELDS: Final = 1
 TRAILER_FIELDS: Final = 2
 
 
-_FRAME_HEAD: Final = struct.Struct(">HBBBL").pack  # the 24-bit length as 16 + 8 bits
+_PREFIXES: Final[dict[int, bytes]] = {}  # (length, type, flags) -> a frame head's first five bytes
+PREFIXES_MAX: Final = 4096  # then the cache starts over
+
+
+def frame_prefix(length: int, kind: int, flags: int) -> bytes:
+    """A frame head's first five bytes. They repeat (like messages have like sizes), so they are kept: a lookup
+    is a third of the instructions of int.to_bytes, compiled (callgrind; Struct.pack is no cheaper)."""
+    key = (length << 16) | (kind << 8) | flags
+    prefix = _PREFIXES.get(key)
+    if prefix is None:
+        prefix = key.to_bytes(5, "big")
+        if len(_PREFIXES) >= PREFIXES_MAX:
+            _PREFIXES.clear()
+        _PREFIXES[key] = prefix
+    return prefix
+
+
+def decimal(value: bytes) -> int:
+    """A field value of ASCII digits as an int, -1 when it is anything else. Compiled, a loop over native ints: a
+    tenth of `int(bytes)`, a generic call (callgrind)."""
+    if len(value) > 18:  # beyond a native int: the slow way
+        return int(value) if value.isdigit() else -1
+    if not value:
+        return -1
+    number = 0
+    for char in value:
+        if char < 0x30 or char > 0x39:
+            return -1
+        number = number * 10 + (char - 0x30)
+    return number
 
 
 def frame_head(length: int, kind: int, flags: int, stream_id: int) -> bytes:
-    # one Struct.pack: a third of the instructions of two int.to_bytes and a concatenation, compiled (callgrind)
-    return _FRAME_HEAD(length >> 8, length & 0xFF, kind, flags, stream_id & MAX_STREAM_ID)
+    """A whole frame head; a stream's frames use frame_prefix and the stream's own `wire_id` instead."""
+    return frame_prefix(length, kind, flags) + u32(stream_id & MAX_STREAM_ID)
 
 
 def u32(value: int) -> bytes:

@@ -14,6 +14,7 @@ from typing import Final
 from ..http1.errors import ProtocolError
 from ..http1.head import DEFAULT_POLICY, UNDERSCORE_ALLOW, UNDERSCORE_REJECT, HeadPolicy, remove_dot_segments
 from ..messages import HTTP2, RequestHead
+from .frames import decimal
 
 COOKIE: Final = b"cookie"
 NO_TOKENS: Final[frozenset[bytes]] = frozenset()
@@ -29,7 +30,7 @@ def build_request_head(block: list[tuple[bytes, bytes]], end_stream: bool,
     size = 0
     for name, value in block:
         size += len(name) + len(value)
-        if name[:1] == b":":
+        if name[0] == 0x3A:  # ":" (names are never empty: the codec checked them)
             if name == b":method":
                 method = value
             elif name == b":path":
@@ -51,9 +52,10 @@ def build_request_head(block: list[tuple[bytes, bytes]], end_stream: bool,
             host = value
             continue  # the authority travels as :authority (HTTP/2) or Host (HTTP/1.1), written by the codec
         if name == b"content-length":
-            if content_length is not None or not value.isdigit():
+            length = decimal(value)
+            if content_length is not None or length < 0:
                 raise ProtocolError(400, "http2.content_length_not_allowed")
-            content_length = int(value)
+            content_length = length
         headers.append((name, value))
     if size > policy.max_header_bytes or len(headers) > policy.max_header_count:
         raise ProtocolError(431, "http2.headers_too_large")
@@ -65,7 +67,10 @@ def build_request_head(block: list[tuple[bytes, bytes]], end_stream: bool,
         raise ProtocolError(403, "http2.connect_not_supported")
     if content_length is not None and policy.max_body_bytes and content_length > policy.max_body_bytes:
         raise ProtocolError(413, "request_payload_too_large")
-    raw, _, query = path.partition(b"?")
-    raw = raw.partition(b"#")[0]
+    raw, query = path, b""
+    if 0x3F in path:  # "?"; ints: memchr, no method call for the usual path without a query
+        raw, _, query = path.partition(b"?")
+    if 0x23 in raw:  # "#"
+        raw = raw.partition(b"#")[0]
     return RequestHead(method, path, remove_dot_segments(raw) if raw != b"*" else raw, query, authority, headers,
                        HTTP2, True, content_length, not end_stream and content_length is None, False, NO_TOKENS)

@@ -6,6 +6,7 @@ is `exchange.Downstream`, beside the Stream it passes.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 import resource
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
@@ -133,10 +134,12 @@ class ListenerContext:
     secure: bool = False  # its connections may be TLS (secure_server.py): each reads its peer's identity once
 
     strip_request: frozenset[bytes] = field(init=False)  # the client's request headers never forwarded (computed)
+    randbelow: Callable[[int], int] = field(init=False)  # rng.randrange, bound once (each HTTP/2 stream reads it)
 
     def __post_init__(self) -> None:
         if self.telemetry is None:
             self.telemetry = Telemetry(self.name, "outbound", AccessLog())
+        self.randbelow = self.rng.randrange
         # once, not per connection: hop-by-hop, what the proxy sets itself, what telemetry replaces, and on a listener
         # whose clients are not the local app (inbound, gateway) the peer metadata, never given to the app even when
         # the metrics that read it are off

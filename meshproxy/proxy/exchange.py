@@ -119,13 +119,13 @@ class Downstream(Connection):
     __slots__ = ("ctx", "loop", "pool", "clusters", "random", "randbelow", "telemetry", "strip_request",
                  "active_task", "read_paused")
 
-    def __init__(self, ctx: ListenerContext) -> None:
+    def __init__(self, ctx: ListenerContext, loop: asyncio.AbstractEventLoop) -> None:
         self.ctx = ctx
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop  # passed in: get_running_loop() is a getpid system call on 3.11, too dear per HTTP/2 stream
         self.pool = ctx.pool  # what the exchange reads, as plain attributes (ctx.draining and ctx.table change)
         self.clusters = ctx.clusters
         self.random = ctx.rng
-        self.randbelow = ctx.rng.randrange
+        self.randbelow = ctx.randbelow
         assert ctx.telemetry is not None
         self.telemetry = ctx.telemetry
         self.strip_request = ctx.strip_request

@@ -23,16 +23,13 @@ from typing import Final
 from ..http1.errors import ProtocolError
 from ..http1.wire import DATE
 from ..http2.codec import CANCEL, INTERNAL_ERROR, NO_ERROR, ConnectionEvents, H2Codec, H2Error, H2Stream, StreamEvents
-from ..http2.grpc import MessageCounter
+from ..http2.grpc import MessageCounter, grpc_status_of, grpc_timeout, is_grpc
 from ..messages import HeaderBlock, RequestHead, block_pairs
 from ..stream_info import DC, DR, GRPC_NO_STATUS, ConnectionInfo
 from .downstream import Connection, ListenerContext
 from .exchange import Downstream, Stream, abandon, start
 from .local_reply import (
     grpc_local_reply_headers,
-    grpc_status_of,
-    grpc_timeout,
-    is_grpc,
     protocol_error_body,
     protocol_error_flag,
     stream_idle_timeout,
@@ -241,7 +238,7 @@ class H2DownstreamStream(Downstream, StreamEvents):
                  "error", "max_body", "body_bytes", "messages_in", "messages_out")
 
     def __init__(self, connection: H2DownstreamConnection, h2stream: H2Stream, head: RequestHead) -> None:
-        super().__init__(connection.ctx)
+        super().__init__(connection.ctx, connection.loop)
         self.pool = connection.pool  # clusters that follow the client's protocol go HTTP/2 for this stream
         self.connection = connection
         self.codec = connection.codec

@@ -140,10 +140,8 @@ class H2UpstreamStream(UpstreamStream, StreamEvents):
         if sink is None:
             return
         self.head_done = True
-        content_length: int | None = None
-        for name, value in headers:
-            if name == b"content-length" and value.isdigit():
-                content_length = int(value)
+        h2 = self.h2
+        content_length = h2.expected if h2 is not None and h2.expected >= 0 else None  # the codec read it
         self._touch()
         sink.on_response_head(status, headers, 0 if end_stream else content_length, end_stream)
 

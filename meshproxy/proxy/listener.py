@@ -67,7 +67,7 @@ class DownstreamProtocol(Downstream, RequestEvents):
     )
 
     def __init__(self, ctx: ListenerContext) -> None:
-        super().__init__(ctx)
+        super().__init__(ctx, asyncio.get_running_loop())
         self.server_name = ctx.server_name
         self.transport: asyncio.Transport | None = None
         self.codec = ServerCodec(self, ctx.limits.head)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..http1.errors import ProtocolError
-from ..messages import RequestHead
+from ..http2.grpc import GRPC_CONTENT_TYPE, GRPC_STATUS, GRPC_UNKNOWN
 from ..stream_info import DPE, NC, NR, SI, UC, UF, UH, UO, UPE, UR, UT
 
 RESET_PREFIX: Final = "upstream connect error or disconnect/reset before headers. "
@@ -196,10 +196,7 @@ def jwt_denied(status: int, message: str, details: str, uri: bytes) -> tuple[Rep
 
 # ---- gRPC-shaped local replies (Envoy's Utility::sendLocalReply with is_grpc, Grpc::Utility::httpToGrpcStatus)
 
-GRPC_CONTENT_TYPE: Final = b"application/grpc"
-GRPC_STATUS: Final = b"grpc-status"
 GRPC_MESSAGE: Final = b"grpc-message"
-GRPC_UNKNOWN: Final = 2
 _HTTP_TO_GRPC: Final = {
     400: 13,  # INTERNAL
     401: 16,  # UNAUTHENTICATED
@@ -210,33 +207,6 @@ _HTTP_TO_GRPC: Final = {
     503: 14,
     504: 14,
 }
-
-
-GRPC_TIMEOUT_UNITS: Final = {0x48: 3600.0, 0x4D: 60.0, 0x53: 1.0, 0x6D: 1e-3, 0x75: 1e-6, 0x6E: 1e-9}  # H M S m u n
-
-
-def grpc_timeout(value: bytes | None) -> float:
-    """A `grpc-timeout` header (1-8 digits and a unit) in seconds; 0.0 when absent or malformed (then ignored, as
-    Envoy's Grpc::Common::getGrpcTimeout)."""
-    if value is None or not 2 <= len(value) <= 9 or not value[:-1].isdigit():
-        return 0.0
-    unit = GRPC_TIMEOUT_UNITS.get(value[-1])
-    return int(value[:-1]) * unit if unit is not None else 0.0
-
-
-def grpc_status_of(headers: list[tuple[bytes, bytes]]) -> int:
-    """The grpc-status in a header block (a trailers-only response, or trailers); -2 when there is none."""
-    for name, value in headers:
-        if name == GRPC_STATUS:
-            return int(value) if value.isdigit() else GRPC_UNKNOWN
-    return -2
-
-
-def is_grpc(head: RequestHead) -> bool:
-    """A gRPC request (content-type application/grpc, +proto, +json...), as Envoy's Grpc::Common::isGrpcRequestHeaders."""
-    content_type = head.header(b"content-type")
-    return content_type is not None and content_type.startswith(GRPC_CONTENT_TYPE) and \
-        (len(content_type) == len(GRPC_CONTENT_TYPE) or content_type[len(GRPC_CONTENT_TYPE)] in b"+;")
 
 
 def http_to_grpc_status(status: int) -> int:
