@@ -42,7 +42,7 @@ from mypy_extensions import trait
 
 from ..http1.errors import ProtocolError
 from ..http1.head import DEFAULT_POLICY, HeadPolicy
-from ..messages import RequestHead
+from ..messages import HeaderBlock, RequestHead
 from .frames import (
     ACK,
     COMPRESSION_ERROR,
@@ -109,6 +109,10 @@ MAX_QUEUED_CONTROL_FRAMES: Final = 1000
 PREMATURE_RESET_STREAMS: Final = 500
 
 LOWER_NAMES: Final[set[bytes]] = set()  # field names sent already found lower-case (_send_block)
+TE: Final = b"te"
+TRAILERS: Final = b"trailers"
+DATE: Final = b"date"
+NO_NAMES: Final[frozenset[bytes]] = frozenset()
 LOWER_NAMES_MAX: Final = 1024  # then no more are added (names are few; values do not go here)
 
 NO_ERROR: Final = 0
@@ -573,7 +577,9 @@ class H2Codec:
         try:
             head = build_request_head(headers, end_stream, self.policy)
         except ProtocolError as error:  # refused as the HTTP/1.1 codec refuses it (400, 413, 431...), this stream only
-            self._send_block(u32(stream_id), [(b":status", b"%d" % error.status), (b"content-length", b"0")], True)
+            parts = self._block_parts()
+            self._add_fields(parts, [(b":status", b"%d" % error.status), (b"content-length", b"0")], NO_NAMES)
+            self._send_block(u32(stream_id), parts, True)
             if not end_stream:
                 self.out.append(rst_stream_frame(stream_id, NO_ERROR))  # the rest of its body is not wanted
             return
@@ -589,18 +595,16 @@ class H2Codec:
         problem = field_problem(headers, RESPONSE_FIELDS)
         if problem:
             self._fail(PROTOCOL_ERROR, problem)
-        status = 0
+        # field_problem saw :status first and the only pseudo-header field: the rest is a slice (no copies)
+        value = headers[0][1]
+        status = decimal(value) if len(value) == 3 else -1
+        if status < 0:
+            self._fail(PROTOCOL_ERROR, "malformed :status")
+        fields = headers[1:]
         expected = -1
-        fields: list[tuple[bytes, bytes]] = []
-        for name, value in headers:
-            if name == b":status":
-                status = decimal(value) if len(value) == 3 else -1
-                if status < 0:
-                    self._fail(PROTOCOL_ERROR, "malformed :status")
-            else:
-                if name == b"content-length":
-                    expected = decimal(value)  # -1 (none) when not digits, as before
-                fields.append((name, value))
+        for name, value in fields:
+            if name == b"content-length":
+                expected = decimal(value)  # -1 (none) when not digits
         if status < 200:
             if end_stream:
                 self._fail(PROTOCOL_ERROR, "an informational response ends its stream")
@@ -735,23 +739,46 @@ class H2Codec:
         self.streams[stream.id] = stream
         return stream
 
-    def _send_block(self, wire_id: bytes, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
-        """One header block: HEADERS, then CONTINUATIONs when it is larger than the peer's frame size. Field names
-        lower-cased, connection-specific fields left out, credentials never indexed, as h2 normalized them."""
+    def _add_fields(self, parts: list[bytes], headers: list[tuple[bytes, bytes]], skip: frozenset[bytes]) -> bool:
+        """Encode `headers` but those named in `skip`: names lower-cased, connection-specific fields left out, `te`
+        only as `trailers`, credentials never indexed, as h2 normalized them. True when a `date` was among them.
+        Read in place: a block made of copies would box a new tuple per field (compiled)."""
         encoder = self.encoder
-        parts: list[bytes] = []
-        encoder.start_block(parts)
+        dated = False
         for name, value in headers:
             if name not in LOWER_NAMES:  # names repeat: one set lookup (their hash is kept), not a scan
                 if not name.islower():  # upper case in it (or no letter at all: lower() changes nothing then)
                     name = name.lower()
                 elif len(LOWER_NAMES) < LOWER_NAMES_MAX:
                     LOWER_NAMES.add(name)
-            if name in CONNECTION_HEADERS or (name == b"te" and value != b"trailers"):
+            if name == TE:  # the one `te` HTTP/2 allows (gRPC needs it), whatever else the sender listed
+                if value == TRAILERS or value.lower().find(TRAILERS) >= 0:  # not `in`: see http1/head.py
+                    encoder.add(TE, TRAILERS, False, parts)
                 continue
+            if name in skip or name in CONNECTION_HEADERS:
+                continue
+            if name == DATE:
+                dated = True
             sensitive = name == b"authorization" or name == b"proxy-authorization" or (
                 name == b"cookie" and len(value) < 20)
             encoder.add(name, value, sensitive, parts)
+        return dated
+
+    def _add_blocks(self, parts: list[bytes], blocks: list[HeaderBlock]) -> None:
+        """Encode the proxy's own added headers (templates and this message's values), connection-specific ones
+        (a WebSocket upgrade's, say) left out: HTTP/2 has none (RFC 9113 8.2.2)."""
+        encoder = self.encoder
+        for template, values in blocks:
+            names = template.names
+            if template.fixed:
+                values = template.fixed
+            for i in range(len(names)):
+                name = names[i]
+                if name not in CONNECTION_HEADERS:
+                    encoder.add(name, values[i], False, parts)
+
+    def _send_block(self, wire_id: bytes, parts: list[bytes], end_stream: bool) -> None:
+        """One encoded header block: HEADERS, then CONTINUATIONs when it is larger than the peer's frame size."""
         block = b"".join(parts)
         size = len(block)
         limit = self.peer_max_frame
@@ -773,13 +800,55 @@ class H2Codec:
             out.append(wire_id)
             out.append(piece)
 
-    def send_headers(self, stream: H2Stream, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
-        if stream.closed:
-            return
-        self._send_block(stream.wire_id, headers, end_stream)
+    def _block_parts(self) -> list[bytes]:
+        parts: list[bytes] = []
+        self.encoder.start_block(parts)
+        return parts
+
+    def _headers_sent(self, stream: H2Stream, parts: list[bytes], end_stream: bool) -> None:
+        self._send_block(stream.wire_id, parts, end_stream)
         if end_stream:
             stream.end_queued = stream.out_done = True
             self._maybe_forget(stream)
+
+    def send_request_head(self, stream: H2Stream, method: bytes, authority: bytes, path: bytes,
+                          headers: list[tuple[bytes, bytes]], skip: frozenset[bytes], extra: list[HeaderBlock],
+                          content_length: int, end_stream: bool) -> None:
+        """A request's HEADERS: the pseudo-header fields, `headers` but those in `skip`, the proxy's `extra`, and
+        `content-length` unless it is -1. Nothing is copied into a block first (see _add_fields)."""
+        if stream.closed:
+            return
+        parts = self._block_parts()
+        encoder = self.encoder
+        encoder.add(b":method", method, False, parts)
+        encoder.add(b":scheme", b"http", False, parts)
+        encoder.add(b":authority", authority, False, parts)
+        encoder.add(b":path", path, False, parts)
+        self._add_fields(parts, headers, skip)
+        self._add_blocks(parts, extra)
+        if content_length >= 0:
+            encoder.add(b"content-length", b"%d" % content_length, False, parts)
+        self._headers_sent(stream, parts, end_stream)
+
+    def send_response_head(self, stream: H2Stream, status: bytes, headers: list[tuple[bytes, bytes]],
+                           extra: list[HeaderBlock], date: bytes, end_stream: bool) -> None:
+        """A response's HEADERS: `:status`, `headers`, the proxy's `extra`, and `date` unless `headers` had one."""
+        if stream.closed:
+            return
+        parts = self._block_parts()
+        self.encoder.add(b":status", status, False, parts)
+        dated = self._add_fields(parts, headers, NO_NAMES)
+        self._add_blocks(parts, extra)
+        if not dated:
+            self.encoder.add(DATE, date, False, parts)
+        self._headers_sent(stream, parts, end_stream)
+
+    def send_headers(self, stream: H2Stream, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
+        if stream.closed:
+            return
+        parts = self._block_parts()
+        self._add_fields(parts, headers, NO_NAMES)
+        self._headers_sent(stream, parts, end_stream)
 
     def send_data(self, stream: H2Stream, data: bytes) -> None:
         if stream.closed or stream.end_queued or not data:
@@ -880,7 +949,9 @@ class H2Codec:
         if not out and stream.end_queued and not stream.out_done:
             stream.out_done = True
             if stream.trailers is not None:
-                self._send_block(wire_id, stream.trailers, True)
+                parts = self._block_parts()
+                self._add_fields(parts, stream.trailers, NO_NAMES)
+                self._send_block(wire_id, parts, True)
             else:
                 frames.append(frame_prefix(0, DATA, END_STREAM))
                 frames.append(wire_id)
@@ -894,7 +965,9 @@ class H2Codec:
     def _maybe_forget(self, stream: H2Stream) -> None:
         if stream.in_done and stream.out_done and not stream.closed:
             stream.closed = True
-            self.streams.pop(stream.id, None)
+            streams = self.streams
+            if stream.id in streams:  # `in` and `del` compile to calls of their own; `pop` is a method lookup
+                del streams[stream.id]
 
     def fail_all(self, error_code: int) -> None:
         """The connection is gone: every open stream hears a (local) reset."""

@@ -24,13 +24,18 @@ def build_request_head(block: list[tuple[bytes, bytes]], end_stream: bool,
                        policy: HeadPolicy = DEFAULT_POLICY) -> RequestHead:
     method = path = authority = b""
     host = b""
-    headers: list[tuple[bytes, bytes]] = []
+    # The regular fields kept, in order. None while every one is kept: then they are a slice of `block` (pseudo-
+    # header fields come first, the codec checked), made at the end; compiled, a copy would box a tuple per field.
+    headers: list[tuple[bytes, bytes]] | None = None
+    first = 0  # where the regular fields begin
     cookies: list[bytes] = []
     content_length: int | None = None
     size = 0
-    for name, value in block:
+    for index in range(len(block)):
+        name, value = block[index]
         size += len(name) + len(value)
         if name[0] == 0x3A:  # ":" (names are never empty: the codec checked them)
+            first = index + 1
             if name == b":method":
                 method = value
             elif name == b":path":
@@ -38,25 +43,33 @@ def build_request_head(block: list[tuple[bytes, bytes]], end_stream: bool,
             elif name == b":authority":
                 authority = value
             continue  # :scheme: the upstream scheme is the proxy's own
+        keep = True
         if policy.filters_names:
             if policy.underscores != UNDERSCORE_ALLOW and 0x5F in name:  # an int: memchr (see http1/head.py)
                 if policy.underscores == UNDERSCORE_REJECT:
                     raise ProtocolError(400, "http2.unexpected_underscore")
-                continue
-            if name in policy.strip_names or (policy.strip_prefix and name.startswith(policy.strip_prefix)):
-                continue
-        if name == COOKIE:
-            cookies.append(value)
-            continue
-        if name == b"host":
-            host = value
-            continue  # the authority travels as :authority (HTTP/2) or Host (HTTP/1.1), written by the codec
-        if name == b"content-length":
-            length = decimal(value)
-            if content_length is not None or length < 0:
-                raise ProtocolError(400, "http2.content_length_not_allowed")
-            content_length = length
-        headers.append((name, value))
+                keep = False
+            elif name in policy.strip_names or (policy.strip_prefix and name.startswith(policy.strip_prefix)):
+                keep = False
+        if keep:
+            if name == COOKIE:
+                cookies.append(value)
+                keep = False
+            elif name == b"host":
+                host = value
+                keep = False  # the authority travels as :authority (HTTP/2) or Host (HTTP/1.1), written by the codec
+            elif name == b"content-length":
+                length = decimal(value)
+                if content_length is not None or length < 0:
+                    raise ProtocolError(400, "http2.content_length_not_allowed")
+                content_length = length
+        if not keep:
+            if headers is None:
+                headers = block[first:index]
+        elif headers is not None:
+            headers.append((name, value))
+    if headers is None:
+        headers = block[first:]
     if size > policy.max_header_bytes or len(headers) > policy.max_header_count:
         raise ProtocolError(431, "http2.headers_too_large")
     if cookies:

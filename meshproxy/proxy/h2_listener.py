@@ -24,7 +24,7 @@ from ..http1.errors import ProtocolError
 from ..http1.wire import DATE
 from ..http2.codec import CANCEL, INTERNAL_ERROR, NO_ERROR, ConnectionEvents, H2Codec, H2Error, H2Stream, StreamEvents
 from ..http2.grpc import MessageCounter, grpc_status_of, grpc_timeout, is_grpc
-from ..messages import HeaderBlock, RequestHead, block_pairs
+from ..messages import HeaderBlock, RequestHead
 from ..stream_info import DC, DR, GRPC_NO_STATUS, ConnectionInfo
 from .downstream import Connection, ListenerContext
 from .exchange import Downstream, Stream, abandon, start
@@ -39,9 +39,6 @@ log = logging.getLogger("meshproxy.h2")
 
 REMOTE_RESET: Final = "http2.remote_reset"
 BODY_TOO_LARGE: Final = ProtocolError(413, "request_payload_too_large")  # Envoy's response code details for a stream the client reset
-# Connection-specific fields (RFC 9113 8.2.2) an HTTP/1.1 upstream may send; never on an HTTP/2 connection.
-H2_RESPONSE_DROP: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
-                                     b"upgrade"})
 STATUS_VALUES: Final = {code: b"%d" % code for code in range(100, 600)}
 
 
@@ -259,22 +256,11 @@ class H2DownstreamStream(Downstream, StreamEvents):
 
     def send_response_head(self, stream: Stream, status: int, headers: list[tuple[bytes, bytes]],
                            extra: list[HeaderBlock], content_length: int | None, end_stream: bool) -> None:
-        block = [(b":status", status_value(status))]
-        dated = False
-        for name, value in headers:
-            if name in H2_RESPONSE_DROP:
-                continue
-            if name == b"date":
-                dated = True
-            block.append((name, value))
-        block += block_pairs(extra)
-        if not dated:
-            block.append((b"date", DATE.line()[6:-2]))
         if self.grpc and end_stream:
             stream.grpc_status = grpc_status_of(headers)  # trailers-only
         self.last_activity = self.loop.time()
-        if not self.h2.closed:
-            self.codec.send_headers(self.h2, block, end_stream)
+        # connection-specific fields an HTTP/1.1 upstream sent are left out by the codec (RFC 9113 8.2.2)
+        self.codec.send_response_head(self.h2, status_value(status), headers, extra, DATE.line()[6:-2], end_stream)
 
     def send_response_body(self, data: bytes) -> None:
         self.last_activity = self.loop.time()

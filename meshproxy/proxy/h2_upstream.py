@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
 from ..http2.codec import CANCEL, REFUSED_STREAM, ConnectionEvents, H2Codec, H2Error, H2Settings, H2Stream, StreamEvents
-from ..messages import HeaderBlock, RequestHead, block_pairs
+from ..messages import HeaderBlock, RequestHead
 from .local_reply import (
     ConnectFailureError,
     ConnectionTerminationError,
@@ -43,10 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshproxy.h2.upstream")
 
 DEFAULT_MAX_STREAMS: Final = 1024  # Envoy's max_concurrent_streams default
-TE: Final = b"te"
-CONNECTION_SPECIFIC: Final = frozenset({b"connection", b"upgrade", b"keep-alive", b"proxy-connection",
-                                       b"transfer-encoding"})
-TRAILERS: Final = b"trailers"
 
 
 class H2UpstreamStream(UpstreamStream, StreamEvents):
@@ -73,21 +69,10 @@ class H2UpstreamStream(UpstreamStream, StreamEvents):
     def send_head(self, method: bytes, path: bytes, authority: bytes, headers: list[tuple[bytes, bytes]],
                   drop: frozenset[bytes], extra: list[HeaderBlock], content_length: int | None,
                   end_stream: bool) -> None:
-        block = [(b":method", method), (b":scheme", b"http"), (b":authority", authority), (b":path", path)]
-        for name, value in headers:
-            if name in drop:
-                if name == TE and (value == TRAILERS or value.lower().find(TRAILERS) >= 0):  # not `in`: see http1/head.py
-                    block.append((TE, TRAILERS))  # the one `te` HTTP/2 allows (gRPC needs it)
-                continue
-            block.append((name, value))
-        for name, value in block_pairs(extra):
-            if name not in CONNECTION_SPECIFIC:  # a WebSocket upgrade's, say: HTTP/2 has none (RFC 9113 8.2.2)
-                block.append((name, value))
-        if content_length is not None and not end_stream:
-            block.append((b"content-length", b"%d" % content_length))
         connection = self.connection
-        self.h2 = connection.codec.open_stream(self)
-        connection.codec.send_headers(self.h2, block, end_stream)
+        self.h2 = h2 = connection.codec.open_stream(self)
+        length = content_length if content_length is not None and not end_stream else -1
+        connection.codec.send_request_head(h2, method, authority, path, headers, drop, extra, length, end_stream)
         connection.flush_soon()
 
     def send_body(self, data: bytes) -> None:
