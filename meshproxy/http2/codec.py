@@ -113,7 +113,9 @@ TE: Final = b"te"
 TRAILERS: Final = b"trailers"
 DATE: Final = b"date"
 NO_NAMES: Final[frozenset[bytes]] = frozenset()
-LOWER_NAMES_MAX: Final = 1024  # then no more are added (names are few; values do not go here)
+LOWER_NAMES_MAX: Final = 1024
+KNOWN_BLOCKS_MAX: Final = 16  # header blocks kept per connection (_decode), then the cache starts over
+KNOWN_BLOCK_MAX_SIZE: Final = 512  # octets: a large block is decoded each time (and costs no memory kept)  # then no more are added (names are few; values do not go here)
 
 NO_ERROR: Final = 0
 PROTOCOL_ERROR: Final = 1
@@ -219,6 +221,17 @@ class H2Stream:
         self.received = 0
 
 
+class KnownBlock:
+    """A header block decoded before: its fields, the decoder's table state then, the kinds they were valid as."""
+
+    __slots__ = ("fields", "changes", "valid")
+
+    def __init__(self, fields: list[tuple[bytes, bytes]], changes: int) -> None:
+        self.fields = fields
+        self.changes = changes  # the decoder's `changes` when decoded (and after: the block changed nothing)
+        self.valid = 0  # bit 1 << kind (REQUEST_FIELDS...): field_problem found nothing for that kind
+
+
 class H2Codec:
     """One HTTP/2 connection (see the module docstring). Calls `handler` for connection events and each stream's
     `events` for its own."""
@@ -227,7 +240,8 @@ class H2Codec:
                  "settings", "pending_out", "out", "inbuf", "encoder", "decoder", "preface_left", "settings_seen",
                  "failed", "next_stream_id", "send_window", "recv_window", "conn_credit", "peer_initial_window",
                  "recv_initial_window", "settings_acked", "peer_max_frame", "block_stream", "block_end_stream",
-                 "block_parts", "block_size", "control_queued", "streams_opened", "premature_resets")
+                 "block_parts", "block_size", "control_queued", "streams_opened", "premature_resets",
+                 "known_blocks", "current")
 
     def __init__(self, client: bool, handler: ConnectionEvents, settings: H2Settings = DEFAULT_SETTINGS,
                  policy: HeadPolicy = DEFAULT_POLICY) -> None:
@@ -264,6 +278,8 @@ class H2Codec:
         self.control_queued = 0  # answers queued while the transport is paused (see MAX_QUEUED_CONTROL_FRAMES)
         self.streams_opened = 0  # by the peer (server side), and how many of them it reset before their end
         self.premature_resets = 0
+        self.known_blocks: dict[bytes, KnownBlock] = {}  # see _decode
+        self.current: KnownBlock | None = None  # the kept block the fields being handled came from
 
     def initiate(self) -> None:
         """The connection preface (a client's magic, both sides' SETTINGS) and the connection window."""
@@ -521,13 +537,40 @@ class H2Codec:
             self._on_header_block(stream_id, self.block_end_stream, block)
 
     def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """The block's fields. A block seen before that left the table as it was (every field indexed, or literals
+        not added to it) decodes to the same fields while the table has not changed since: they are kept, by the
+        block's octets, with the checks they passed. A peer repeats its blocks (the same call again), so most
+        blocks cost one lookup, not a decoding and a validation. Never mutated by the caller."""
+        decoder = self.decoder
+        changes = decoder.changes
+        known = self.known_blocks.get(block)
+        if known is not None and known.changes == changes:
+            self.current = known
+            return known.fields
         try:
-            headers: list[tuple[bytes, bytes]] = self.decoder.decode(block, True)
+            headers: list[tuple[bytes, bytes]] = decoder.decode(block, True)
         except OversizedHeaderListError:
             self._fail(ENHANCE_YOUR_CALM, "header list too large")
         except HPACKError as error:
             self._fail(COMPRESSION_ERROR, f"HPACK: {error}")
+        if decoder.changes == changes and len(block) <= KNOWN_BLOCK_MAX_SIZE:
+            if len(self.known_blocks) >= KNOWN_BLOCKS_MAX:
+                self.known_blocks.clear()
+            self.current = self.known_blocks[block] = KnownBlock(headers, changes)
+        else:
+            self.current = None
         return headers
+
+    def _check_fields(self, headers: list[tuple[bytes, bytes]], kind: int) -> None:
+        """A malformed field list is a connection error (h2's); a kept block is checked once per kind."""
+        known = self.current
+        if known is not None and known.valid & (1 << kind):
+            return
+        problem = field_problem(headers, kind)
+        if problem:
+            self._fail(PROTOCOL_ERROR, problem)
+        if known is not None:
+            known.valid |= 1 << kind
 
     def _on_header_block(self, stream_id: int, end_stream: bool, block: bytes) -> None:
         headers = self._decode(block)  # always, even for a stream that is gone: the HPACK state must follow
@@ -552,22 +595,18 @@ class H2Codec:
             return
         if not end_stream:
             self._fail(PROTOCOL_ERROR, "trailers without END_STREAM")
-        problem = field_problem(headers, TRAILER_FIELDS)
-        if problem:
-            self._fail(PROTOCOL_ERROR, problem)
+        self._check_fields(headers, TRAILER_FIELDS)
         if stream.expected >= 0 and not self._length_complete(stream):
             self._stream_error(stream_id, PROTOCOL_ERROR)
             return
         stream.in_done = True
         self._maybe_forget(stream)
         if stream.events is not None:
-            stream.events.on_trailers(headers)
+            stream.events.on_trailers(headers[:])  # a copy: the decoded list may be a kept block's
 
     def _on_request(self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
         self.last_stream_id = stream_id
-        problem = field_problem(headers, REQUEST_FIELDS)
-        if problem:
-            self._fail(PROTOCOL_ERROR, problem)
+        self._check_fields(headers, REQUEST_FIELDS)
         if self.goaway_sent or len(self.streams) >= self.settings.max_concurrent_streams:
             self._answer(rst_stream_frame(stream_id, REFUSED_STREAM))  # never processed: the client may retry
             return
@@ -592,9 +631,7 @@ class H2Codec:
         self.handler.on_request(stream, head, end_stream)
 
     def _on_response(self, stream: H2Stream, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
-        problem = field_problem(headers, RESPONSE_FIELDS)
-        if problem:
-            self._fail(PROTOCOL_ERROR, problem)
+        self._check_fields(headers, RESPONSE_FIELDS)
         # field_problem saw :status first and the only pseudo-header field: the rest is a slice (no copies)
         value = headers[0][1]
         status = decimal(value) if len(value) == 3 else -1

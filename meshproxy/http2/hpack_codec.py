@@ -351,6 +351,7 @@ class Decoder:
         self.max_size = DEFAULT_TABLE_SIZE
         self.size = 0
         self.entries: list[tuple[bytes, bytes]] = []  # oldest first
+        self.changes = 0  # counts every change to the table: a block that changes nothing decodes alike while equal
 
     @property
     def header_table_size(self) -> int:
@@ -359,6 +360,7 @@ class Decoder:
     @header_table_size.setter
     def header_table_size(self, value: int) -> None:
         self.max_size = value
+        self.changes += 1
         self._evict(0)
 
     def _evict(self, room: int) -> None:
@@ -368,6 +370,7 @@ class Decoder:
             self.size -= len(name) + len(value) + ENTRY_OVERHEAD
 
     def _add(self, name: bytes, value: bytes) -> None:
+        self.changes += 1
         entry_size = len(name) + len(value) + ENTRY_OVERHEAD
         if entry_size > self.max_size:
             self.entries.clear()

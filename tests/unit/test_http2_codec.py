@@ -158,3 +158,46 @@ def test_response_trailers_reset_and_graceful_goaway() -> None:
     late = request(client, handler, client_events, b"/late", end=True)  # above the GOAWAY's last stream id
     pump(client, server)
     assert ("reset", late.id, (7, True)) in client_events  # REFUSED_STREAM: never processed, retriable
+
+
+def headers_frame(stream_id: int, block: bytes) -> bytes:
+    import hyperframe.frame
+
+    frame = hyperframe.frame.HeadersFrame(stream_id, block)
+    frame.flags.add("END_HEADERS")
+    frame.flags.add("END_STREAM")
+    return frame.serialize()
+
+
+def test_a_repeated_block_is_decoded_once_and_again_after_the_table_changes() -> None:
+    """A block seen before decodes from the kept fields only while the decoder's table is as it was: the same
+    octets after the table changed mean other fields (indexes move), checked against hpack's own decoder."""
+    import hpack
+
+    encoder, reference = hpack.Encoder(), hpack.Decoder()
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    events, handler = recorder()
+    codec = H2Codec(False, handler)
+    codec.feed(conn.data_to_send())
+
+    def fields(tag: bytes) -> list[tuple[bytes, ...]]:
+        # all but x-tag from the static table or never indexed: x-tag's entries are the whole dynamic table
+        return [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"svc", True), (b":path", b"/"),
+                (b"x-tag", tag)]
+
+    def send(stream_id: int, block: bytes) -> tuple[object, ...]:
+        expected = [(n, v) for n, v in reference.decode(block, raw=True) if not n.startswith(b":")]
+        codec.feed(headers_frame(stream_id, block))
+        head = next(value for kind, s, value in events if kind == "request" and s == stream_id)[0]  # type: ignore[index]
+        assert head.headers == expected
+        return tuple(head.headers)
+
+    send(1, encoder.encode(fields(b"first")))  # literals: the table changes, nothing kept
+    assert not codec.known_blocks
+    indexed = encoder.encode(fields(b"first"))  # every field indexed now: the same octets each time
+    assert send(3, indexed) == ((b"x-tag", b"first"),)
+    assert set(codec.known_blocks) == {indexed}
+    assert send(5, indexed) == ((b"x-tag", b"first"),)  # from the kept fields
+    send(7, encoder.encode(fields(b"second")))  # a new entry: every dynamic index moves by one
+    assert send(9, indexed) == ((b"x-tag", b"second"),)  # the same octets, decoded again in the new table
