@@ -37,16 +37,6 @@ STATIC: Final[tuple[tuple[bytes, bytes], ...]] = tuple(HeaderTable.STATIC_TABLE)
 STATIC_LENGTH: Final = len(STATIC)  # 61
 
 
-def _static_maps() -> tuple[dict[tuple[bytes, bytes], int], dict[bytes, int]]:
-    pairs: dict[tuple[bytes, bytes], int] = {}
-    names: dict[bytes, int] = {}
-    for index, (name, value) in enumerate(STATIC, start=1):
-        pairs.setdefault((name, value), index)
-        names.setdefault(name, index)
-    return pairs, names
-
-
-STATIC_PAIRS, STATIC_NAMES = _static_maps()
 HUFFMAN_CODES: Final[list[int]] = list(REQUEST_CODES)
 HUFFMAN_LENGTHS: Final = bytes(REQUEST_CODES_LENGTH[:256])  # bytes: indexed without boxing (EOS's is not needed)
 EOS: Final = 256
@@ -142,71 +132,85 @@ def huffman_decode(data: bytes) -> bytes:
     return bytes(out)
 
 
-def huffman_length(data: bytes) -> int:
-    bits = 0
-    lengths = HUFFMAN_LENGTHS
-    for byte in data:
-        bits += lengths[byte]
-    return (bits + 7) >> 3
+def huffman_chunks(data: bytes, chunks: list[bytes]) -> int:
+    """`data` Huffman-coded (RFC 7541 5.2, EOS's 1s as padding) into `chunks`; returns its length in octets.
 
-
-def huffman_encode(data: bytes) -> bytes:
-    # Octets out as SINGLE's byte strings joined once: a bytearray.append per octet is a method call with a boxed int.
-    out: list[bytes] = []
-    codes, lengths, single = HUFFMAN_CODES, HUFFMAN_LENGTHS, SINGLE
-    # i64: at most 7 + 30 bits buffered; native shifts (a plain int's are checked for overflow at each step)
-    buffered: i64 = 0
+    The bits gather in a native i64 and go out a few octets at a time (one to_bytes for up to 7 octets), so a
+    36-character request id costs five byte strings, not one per octet."""
+    codes, lengths = HUFFMAN_CODES, HUFFMAN_LENGTHS
+    buffered: i64 = 0  # the last `count` bits, not yet out
     count: i64 = 0
+    size: i64 = 0
     for at in range(len(data)):
         byte = data[at]
         length = i64(lengths[byte])
+        if count + length > 63:  # no room (codes are at most 30 bits): out with the whole octets
+            rest = count & 7
+            chunks.append(int(buffered >> rest).to_bytes(int(count >> 3), "big"))
+            size += count >> 3
+            buffered &= (i64(1) << rest) - 1
+            count = rest
         buffered = (buffered << length) | i64(codes[byte])
         count += length
-        while count >= 8:
-            count -= 8
-            out.append(single[(buffered >> count) & 0xFF])
-        buffered &= (i64(1) << count) - 1
+    if count >= 8:
+        rest = count & 7
+        chunks.append(int(buffered >> rest).to_bytes(int(count >> 3), "big"))
+        size += count >> 3
+        buffered &= (i64(1) << rest) - 1
+        count = rest
     if count:
-        out.append(single[((buffered << (8 - count)) | ((i64(1) << (8 - count)) - 1)) & 0xFF])  # EOS's 1s pad
-    return b"".join(out)
+        pad = 8 - count
+        chunks.append(SINGLE[((buffered << pad) | ((i64(1) << pad) - 1)) & 0xFF])
+        size += 1
+    return int(size)
+
+
+def huffman_encode(data: bytes) -> bytes:
+    chunks: list[bytes] = []
+    huffman_chunks(data, chunks)
+    return b"".join(chunks)
 
 
 # The encoder writes a block as a list of byte strings joined once: list.append is cheap compiled, where each
 # bytearray.append is a method call with a boxed int.
 SINGLE: Final = tuple(bytes((octet,)) for octet in range(256))
 # Strings repeat (header values, names): their encoded form is kept, and Huffman-coded strings' decoded form.
+# Final: compiled code reaches them directly, not through the module's globals dict.
 CACHED_STRING_MAX: Final = 128  # longer strings are coded each time
 CACHE_ENTRIES: Final = 2048  # then the cache starts over
-ENCODED: dict[bytes, bytes] = {}
-DECODED: dict[bytes, bytes] = {}
+ENCODED: Final[dict[bytes, bytes]] = {}
+DECODED: Final[dict[bytes, bytes]] = {}
 
 
-def encode_integer(value: int, prefix_bits: int, first: int, out: list[bytes]) -> None:
-    """`value` with a `prefix_bits` prefix, the first byte's other bits from `first` (RFC 7541 5.1)."""
-    limit = (1 << prefix_bits) - 1
+def encode_integer(value: int, limit: int, first: int, out: list[bytes]) -> None:
+    """`value` with a prefix of `limit` (2^N - 1 for an N-bit prefix), the first octet's other bits from `first`
+    (RFC 7541 5.1). Every octet is one of SINGLE's: nothing allocated."""
     if value < limit:
         out.append(SINGLE[first | value])
         return
-    octets = bytearray()
-    octets.append(first | limit)
+    out.append(SINGLE[first | limit])
     value -= limit
     while value >= 128:
-        octets.append((value & 0x7F) | 0x80)
+        out.append(SINGLE[(value & 0x7F) | 0x80])
         value >>= 7
-    octets.append(value)
-    out.append(bytes(octets))
+    out.append(SINGLE[value])
+
+
+def encode_literal(data: bytes, out: list[bytes]) -> None:
+    """A string literal (RFC 7541 5.2) into `out`: Huffman-coded when that is shorter."""
+    chunks: list[bytes] = []
+    size = huffman_chunks(data, chunks)
+    if size < len(data):
+        encode_integer(size, 0x7F, 0x80, out)
+        out.extend(chunks)
+    else:
+        encode_integer(len(data), 0x7F, 0, out)
+        out.append(data)
 
 
 def encoded_string(data: bytes) -> bytes:
-    """A string literal (RFC 7541 5.2): Huffman-coded when that is shorter."""
-    size = huffman_length(data)
     parts: list[bytes] = []
-    if size < len(data):
-        encode_integer(size, 7, 0x80, parts)
-        parts.append(huffman_encode(data))
-    else:
-        encode_integer(len(data), 7, 0, parts)
-        parts.append(data)
+    encode_literal(data, parts)
     return b"".join(parts)
 
 
@@ -227,11 +231,50 @@ def _remember(cache: dict[bytes, bytes], key: bytes, value: bytes) -> bytes:
     return value
 
 
+# How a field that is not in a table goes out (Field.literal).
+INDEXED: Final = 0  # literal with incremental indexing
+UNINDEXED: Final = 1  # literal without indexing, its value through the string cache
+FRESH: Final = 2  # literal without indexing, its value coded anew (it never repeats: kept out of the cache)
 # Fields whose values rarely repeat, sent without indexing so they do not push out the ones that do: nghttp2's list
-# (its hd_deflate should_indexing), and the request id every request gets anew.
+# (its hd_deflate should_indexing), and the request id every request gets anew (RFC 7541 6.2.2).
 REQUEST_ID: Final = b"x-request-id"
-UNINDEXED: Final = frozenset({b":path", b"age", b"content-length", b"etag", b"if-modified-since", b"if-none-match",
-                              b"location", b"set-cookie", b"x-request-id"})
+UNINDEXED_NAMES: Final = (b":path", b"age", b"content-length", b"etag", b"if-modified-since", b"if-none-match",
+                          b"location", b"set-cookie")
+
+
+class Field:
+    """What an encoder knows of one field name: its static table index (0: not there), how a literal of it goes
+    out, its newest dynamic entry (0: none) and how many it has, and its values found in a table: value -> minus
+    the static index, or the dynamic entry's number. Keyed by bytes (their hash is kept on the object), so an
+    indexed field costs two dict lookups and no tuple."""
+
+    def __init__(self, static_index: int, literal: int, values: dict[bytes, int], shared: bool) -> None:
+        self.static_index = static_index
+        self.literal = literal
+        self.values = values
+        self.newest = 0
+        self.count = 0
+        self.shared = shared  # STATIC_FIELDS' own (every encoder's): copied before an entry is added
+
+    def copy(self) -> Field:
+        return Field(self.static_index, self.literal, dict(self.values), False)
+
+
+def _static_fields() -> dict[bytes, Field]:
+    fields: dict[bytes, Field] = {}
+    for index, (name, value) in enumerate(STATIC, start=1):
+        field = fields.get(name)
+        if field is None:
+            field = fields[name] = Field(index, INDEXED, {}, True)
+        field.values.setdefault(value, -index)
+    for name in UNINDEXED_NAMES:
+        fields.setdefault(name, Field(0, UNINDEXED, {}, True)).literal = UNINDEXED
+    fields[REQUEST_ID] = Field(0, FRESH, {}, True)
+    return fields
+
+
+STATIC_FIELDS: Final = _static_fields()
+NEW_NAME: Final = Field(0, INDEXED, {}, True)  # a name in no table
 
 
 def _as_bytes(value: object) -> bytes:
@@ -245,15 +288,20 @@ def _as_bytes(value: object) -> bytes:
 
 
 class Encoder:
-    """`hpack.Encoder`'s interface: `encode(headers)`, `header_table_size` (the peer's SETTINGS_HEADER_TABLE_SIZE)."""
+    """`hpack.Encoder`'s interface: `encode(headers)`, `header_table_size` (the peer's SETTINGS_HEADER_TABLE_SIZE).
+
+    The dynamic table is `entries[oldest:]`, oldest first, numbered on: the newest has number `inserted` (index
+    62). Eviction moves `oldest` on; the list is cut when the evicted part is its larger half."""
 
     def __init__(self) -> None:
         self.max_size = DEFAULT_TABLE_SIZE
         self.size = 0
-        self.inserted = 0  # entries ever added; entry number n has index STATIC_LENGTH + inserted - n
-        self.entries: list[tuple[bytes, bytes, int]] = []  # oldest first: (name, value, number)
-        self.pairs: dict[tuple[bytes, bytes], int] = {}  # -> the newest entry number holding it
-        self.names: dict[bytes, int] = {}
+        self.inserted = 0  # entries ever added: the newest one's number
+        self.entries: list[tuple[bytes, bytes]] = []
+        self.oldest = 0  # entries[oldest] is the oldest entry still in the table
+        # The names seen: STATIC_FIELDS' own field until the name has a dynamic entry, then a copy with them.
+        # Bounded: a name goes when its last entry does, and names in no table are not kept.
+        self.fields: dict[bytes, Field] = {}
         self.size_changes: list[int] = []
 
     @property
@@ -267,15 +315,29 @@ class Encoder:
             self._evict(0)
             self.size_changes.append(value)
 
+    def table(self) -> list[tuple[bytes, bytes]]:
+        """The dynamic table, newest first (index 62 on)."""
+        return self.entries[self.oldest:][::-1]
+
     def _evict(self, room: int) -> None:
         entries = self.entries
-        while entries and self.size + room > self.max_size:
-            name, value, number = entries.pop(0)
+        oldest = self.oldest
+        end = len(entries)
+        while oldest < end and self.size + room > self.max_size:
+            name, value = entries[oldest]
+            number = self.inserted - (end - 1 - oldest)
+            oldest += 1
             self.size -= len(name) + len(value) + ENTRY_OVERHEAD
-            if self.pairs.get((name, value)) == number:
-                del self.pairs[(name, value)]
-            if self.names.get(name) == number:
-                del self.names[name]
+            field = self.fields[name]
+            if field.values.get(value, 0) == number:
+                del field.values[value]
+            field.count -= 1
+            if not field.count:  # its newest entry went too
+                del self.fields[name]  # (a static name comes back as STATIC_FIELDS' at its next use)
+        if oldest * 2 > end:
+            del entries[:oldest]
+            oldest = 0
+        self.oldest = oldest
 
     def _add(self, name: bytes, value: bytes) -> None:
         entry_size = len(name) + len(value) + ENTRY_OVERHEAD
@@ -283,18 +345,25 @@ class Encoder:
             self._evict(self.max_size + 1)
             return
         self._evict(entry_size)
-        number = self.inserted
-        self.inserted = number + 1
-        self.entries.append((name, value, number))
+        field = self.fields.get(name)  # after the eviction, which may have dropped it
+        if field is None:
+            field = STATIC_FIELDS.get(name, NEW_NAME)
+        if field.shared:
+            field = field.copy()
+            self.fields[name] = field
+        number = self.inserted + 1
+        self.inserted = number
+        self.entries.append((name, value))
         self.size += entry_size
-        self.pairs[(name, value)] = number
-        self.names[name] = number
+        field.values[value] = number
+        field.newest = number
+        field.count += 1
 
     def start_block(self, out: list[bytes]) -> None:
         """A header block's beginning: the table size changes since the last one (RFC 7541 4.2)."""
         if self.size_changes:
             for size in self.size_changes:
-                encode_integer(size, 5, 0x20, out)
+                encode_integer(size, 0x1F, 0x20, out)
             self.size_changes = []
 
     def encode(self, headers: object, huffman: bool = True) -> bytes:
@@ -311,33 +380,38 @@ class Encoder:
         return b"".join(out)
 
     def add(self, name: bytes, value: bytes, sensitive: bool, out: list[bytes]) -> None:
-        pair = (name, value)
-        index = STATIC_PAIRS.get(pair, 0)
-        if not index:
-            number = self.pairs.get(pair, -1)
-            if number >= 0:
-                index = STATIC_LENGTH + self.inserted - number
-        if index:
-            encode_integer(index, 7, 0x80, out)
+        field = self.fields.get(name)
+        if field is None:
+            field = STATIC_FIELDS.get(name)
+            if field is None:
+                field = NEW_NAME
+            else:
+                self.fields[name] = field  # one lookup from now on
+        code = field.values.get(value, 0)
+        if code:  # the whole field is in a table: its index
+            index = -code if code < 0 else STATIC_LENGTH + 1 + self.inserted - code
+            if index < 0x7F:
+                out.append(SINGLE[0x80 | index])
+            else:
+                encode_integer(index, 0x7F, 0x80, out)
             return
-        name_index = STATIC_NAMES.get(name, 0)
-        if not name_index:
-            number = self.names.get(name, -1)
-            if number >= 0:
-                name_index = STATIC_LENGTH + self.inserted - number
+        name_index = field.static_index
+        if not name_index and field.newest:
+            name_index = STATIC_LENGTH + 1 + self.inserted - field.newest
+        literal = field.literal
         if sensitive:
-            encode_integer(name_index, 4, 0x10, out)
-        elif name in UNINDEXED:
-            encode_integer(name_index, 4, 0, out)  # literal without indexing
+            encode_integer(name_index, 0x0F, 0x10, out)  # never indexed (RFC 7541 6.2.3)
+        elif literal != INDEXED:
+            encode_integer(name_index, 0x0F, 0, out)  # without indexing
         else:
-            encode_integer(name_index, 6, 0x40, out)
+            encode_integer(name_index, 0x3F, 0x40, out)
         if not name_index:
             encode_string(name, out)
-        if name == REQUEST_ID:
-            out.append(encoded_string(value))  # new each time: kept out of the cache
+        if literal == FRESH:
+            encode_literal(value, out)
         else:
             encode_string(value, out)
-        if not sensitive and name not in UNINDEXED:
+        if not sensitive and literal == INDEXED:
             self._add(name, value)
 
 
