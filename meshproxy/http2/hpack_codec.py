@@ -33,7 +33,10 @@ DEFAULT_TABLE_SIZE: Final = 4096
 DEFAULT_MAX_HEADER_LIST_SIZE: Final = 2 ** 16  # hpack's default (h2 sets its own)
 ENTRY_OVERHEAD: Final = 32  # RFC 7541 4.1
 MAX_INTEGER_BYTES: Final = 6  # continuation bytes of one integer: 2^35 and more is nobody's header length
-STATIC: Final[tuple[tuple[bytes, bytes], ...]] = tuple(HeaderTable.STATIC_TABLE)
+# A field as `Pair`, not tuple[bytes, bytes]: mypyc keeps a fixed-size tuple unboxed (a C struct) and boxes it into
+# a new tuple object each time it goes into a list; a variable-size tuple type stays the object it is.
+Pair = tuple[bytes, ...]
+STATIC: Final[tuple[Pair, ...]] = tuple(HeaderTable.STATIC_TABLE)
 STATIC_LENGTH: Final = len(STATIC)  # 61
 
 
@@ -152,16 +155,18 @@ def huffman_chunks(data: bytes, chunks: list[bytes]) -> int:
             count = rest
         buffered = (buffered << length) | i64(codes[byte])
         count += length
-    if count >= 8:
+    pad = -count & 7  # EOS's 1s to the octet's end
+    if count + pad > 63:
         rest = count & 7
         chunks.append(int(buffered >> rest).to_bytes(int(count >> 3), "big"))
         size += count >> 3
         buffered &= (i64(1) << rest) - 1
         count = rest
     if count:
-        pad = 8 - count
-        chunks.append(SINGLE[((buffered << pad) | ((i64(1) << pad) - 1)) & 0xFF])
-        size += 1
+        buffered = (buffered << pad) | ((i64(1) << pad) - 1)
+        count += pad
+        chunks.append(int(buffered).to_bytes(int(count >> 3), "big"))
+        size += count >> 3
     return int(size)
 
 
@@ -417,14 +422,18 @@ class Encoder:
 
 class Decoder:
     """`hpack.Decoder`'s interface: `decode(block, raw=True)`, `max_header_list_size`, `max_allowed_table_size`,
-    `header_table_size`; the same exceptions (h2 turns them into a connection error)."""
+    `header_table_size`; the same exceptions (h2 turns them into a connection error).
+
+    The dynamic table is `entries[oldest:]`, oldest first, as in the encoder; an entry is the very tuple the
+    decoded list got."""
 
     def __init__(self, max_header_list_size: int = DEFAULT_MAX_HEADER_LIST_SIZE) -> None:
         self.max_header_list_size = max_header_list_size
         self.max_allowed_table_size = DEFAULT_TABLE_SIZE
         self.max_size = DEFAULT_TABLE_SIZE
         self.size = 0
-        self.entries: list[tuple[bytes, bytes]] = []  # oldest first
+        self.entries: list[Pair] = []
+        self.oldest = 0
 
     @property
     def header_table_size(self) -> int:
@@ -435,32 +444,46 @@ class Decoder:
         self.max_size = value
         self._evict(0)
 
+    def table(self) -> list[Pair]:
+        """The dynamic table, newest first (index 62 on)."""
+        return self.entries[self.oldest:][::-1]
+
     def _evict(self, room: int) -> None:
         entries = self.entries
-        while entries and self.size + room > self.max_size:
-            name, value = entries.pop(0)
+        oldest = self.oldest
+        end = len(entries)
+        while oldest < end and self.size + room > self.max_size:
+            name, value = entries[oldest]
+            oldest += 1
             self.size -= len(name) + len(value) + ENTRY_OVERHEAD
+        if oldest * 2 > end:
+            del entries[:oldest]
+            oldest = 0
+        self.oldest = oldest
 
-    def _add(self, name: bytes, value: bytes) -> None:
-        entry_size = len(name) + len(value) + ENTRY_OVERHEAD
-        if entry_size > self.max_size:
+    def _add(self, header: Pair) -> None:
+        entry_size = len(header[0]) + len(header[1]) + ENTRY_OVERHEAD
+        if entry_size > self.max_size:  # RFC 7541 4.4: the table is emptied, nothing added
             self.entries.clear()
+            self.oldest = 0
             self.size = 0
             return
-        self._evict(entry_size)
-        self.entries.append((name, value))
+        if self.size + entry_size > self.max_size:
+            self._evict(entry_size)
+        self.entries.append(header)
         self.size += entry_size
 
-    def _entry(self, index: int) -> tuple[bytes, bytes]:
+    def _entry(self, index: int) -> Pair:
         if 0 < index <= STATIC_LENGTH:
             return STATIC[index - 1]
         position = len(self.entries) - (index - STATIC_LENGTH)
-        if index <= 0 or position < 0:
+        if index <= 0 or position < self.oldest:
             raise InvalidTableIndexError(f"Invalid table index {index}")
         return self.entries[position]
 
     def decode(self, data: bytes, raw: bool = False) -> list[Any]:
-        data = bytes(data)
+        if not isinstance(data, bytes):  # a memoryview or bytearray: bytes() of bytes would cost a call
+            data = bytes(data)
         headers: list[Any] = []  # Any, not a tuple type: mypyc would rebuild a NeverIndexedHeaderTuple as a tuple
         end = len(data)
         position = 0
@@ -468,22 +491,37 @@ class Decoder:
         while position < end:
             first = data[position]
             never = False
-            if first & 0x80:
-                index, position = decode_integer(data, position, 7)
-                header = self._entry(index)
-            elif first & 0x40 or not first & 0x20:
+            if first & 0x80:  # indexed (6.1)
+                index = first & 0x7F
+                if index < 0x7F:
+                    position += 1
+                else:
+                    index, position = decode_integer(data, position, 7)
+                header: Pair = STATIC[index - 1] if 0 < index <= STATIC_LENGTH else self._entry(index)
+            elif first & 0x40 or not first & 0x20:  # a literal (6.2)
                 indexing = bool(first & 0x40)
-                never = not indexing and bool(first & 0x10)
-                index, position = decode_integer(data, position, 6 if indexing else 4)
+                if indexing:
+                    index = first & 0x3F
+                    if index < 0x3F:
+                        position += 1
+                    else:
+                        index, position = decode_integer(data, position, 6)
+                else:
+                    never = bool(first & 0x10)
+                    index = first & 0x0F
+                    if index < 0x0F:
+                        position += 1
+                    else:
+                        index, position = decode_integer(data, position, 4)
                 if index:
-                    name = self._entry(index)[0]
+                    name = STATIC[index - 1][0] if index <= STATIC_LENGTH else self._entry(index)[0]
                 else:
                     name, position = decode_string(data, position)
                 value, position = decode_string(data, position)
                 header = (name, value)
                 if indexing:
-                    self._add(name, value)
-            else:  # dynamic table size update
+                    self._add(header)
+            else:  # dynamic table size update (6.3)
                 if headers:
                     raise HPACKDecodingError("Table size update not at the start of the block")
                 size, position = decode_integer(data, position, 5)
