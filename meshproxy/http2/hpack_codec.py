@@ -572,13 +572,17 @@ def decode_integer(data: bytes, position: int, prefix_bits: int) -> tuple[int, i
 def decode_string(data: bytes, position: int) -> tuple[bytes, int]:
     if position >= len(data):
         raise HPACKDecodingError("Truncated header block")
-    huffman = bool(data[position] & 0x80)
-    length, position = decode_integer(data, position, 7)
+    first = data[position]
+    length = first & 0x7F
+    if length < 0x7F:
+        position += 1
+    else:
+        length, position = decode_integer(data, position, 7)
     end = position + length
     if end > len(data):
         raise HPACKDecodingError("Truncated header block")
     text = data[position:end]
-    if not huffman:
+    if not first & 0x80:
         return text, end
     decoded = DECODED.get(text)
     if decoded is None:
