@@ -7,8 +7,10 @@ package's own; what is ours is the code that runs per header:
 
 - Encoder: a header found whole in the static or dynamic table is sent as its index; else a literal with
   incremental indexing (never indexed when the header is a `NeverIndexedHeaderTuple` or a sensitive 3-tuple, as
-  h2 marks authorization and short cookies), its name indexed when the name is known, its strings Huffman-coded
-  when that is shorter. Table size changes from the peer's SETTINGS go out at the start of the next block.
+  h2 marks authorization and short cookies; without indexing for fields whose values rarely repeat, x-request-id
+  among them), its name indexed when the name is known, its strings Huffman-coded when that is shorter. Table
+  size changes from the peer's SETTINGS go out at the start of the next block. The tables are searched by name,
+  then value (`Field`): bytes keys, whose hash the object keeps, and no tuple built per header.
 - Decoder: every representation, the Huffman code through a 4-bit state machine built once at import, padding
   and EOS checked as section 5.2 says, the decoded list size bounded by `max_header_list_size`, table size
   updates only at the start of a block and within `max_allowed_table_size`.
