@@ -253,7 +253,8 @@ class Field:
     """What an encoder knows of one field name: its static table index (0: not there), how a literal of it goes
     out, its newest dynamic entry (0: none) and how many it has, and its values found in a table: value -> minus
     the static index, or the dynamic entry's number. Keyed by bytes (their hash is kept on the object), so an
-    indexed field costs two dict lookups and no tuple."""
+    indexed field costs two dict lookups and no tuple; one when its value is the very object last found (values
+    repeat as the same object: a decoder's table entries, the string caches, constants)."""
 
     def __init__(self, static_index: int, literal: int, values: dict[bytes, int], shared: bool) -> None:
         self.static_index = static_index
@@ -262,6 +263,10 @@ class Field:
         self.newest = 0
         self.count = 0
         self.shared = shared  # STATIC_FIELDS' own (every encoder's): copied before an entry is added
+        # The value last found and its code; a dynamic entry's number holds while the entry is in the table.
+        # A shared field only ever remembers static codes (the only ones it has), good for every encoder.
+        self.last_value: bytes | None = None
+        self.last_code = 0
 
     def copy(self) -> Field:
         return Field(self.static_index, self.literal, dict(self.values), False)
@@ -394,7 +399,14 @@ class Encoder:
                 field = NEW_NAME
             else:
                 self.fields[name] = field  # one lookup from now on
-        code = field.values.get(value, 0)
+        if value is field.last_value and (field.last_code < 0 or field.last_code > self.inserted - len(
+                self.entries) + self.oldest):  # static, or a dynamic entry not evicted since
+            code = field.last_code
+        else:
+            code = field.values.get(value, 0)
+            if code:
+                field.last_value = value
+                field.last_code = code
         if code:  # the whole field is in a table: its index
             index = -code if code < 0 else STATIC_LENGTH + 1 + self.inserted - code
             if index < 0x7F:

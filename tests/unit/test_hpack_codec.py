@@ -221,3 +221,18 @@ def test_huffman_and_integers_match_the_hpack_package() -> None:
             out: list[bytes] = []
             encode_integer(value, (1 << prefix_bits) - 1, 0, out)
             assert b"".join(out) == bytes(hpack.hpack.encode_integer(value, prefix_bits))
+
+
+def test_a_value_sent_again_after_its_entry_was_evicted_is_a_literal_again() -> None:
+    """The encoder remembers the value object it last found for a name; an evicted entry's index must not be
+    reused from that memory. A 100-octet table holds one of these 60-octet entries at a time."""
+    value, other = b"v" * 20, b"w" * 20
+    ours, theirs = Encoder(), hpack.Decoder()
+    ours.header_table_size = 100
+    theirs.max_allowed_table_size = 100
+    for headers, indexed in (([(b"x-aaaaaa", value)], False), ([(b"x-aaaaaa", value)], True),
+                             ([(b"x-aaaaaa", other)], False), ([(b"x-aaaaaa", value)], False),
+                             ([(b"x-aaaaaa", value)], True)):
+        block = ours.encode(headers)
+        assert theirs.decode(block, raw=True) == headers
+        assert (block[-1] == 0x80 | 62) is indexed  # the one entry, index 62, or a literal that replaces it
