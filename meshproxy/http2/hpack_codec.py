@@ -434,6 +434,15 @@ class Encoder:
             self._add(name, value)
 
 
+class LastLiteral:
+    """A literal field's value octets as they came (length prefix included: it carries the Huffman flag) and the
+    field they decoded to."""
+
+    def __init__(self, octets: bytes, header: Pair) -> None:
+        self.octets = octets
+        self.header = header
+
+
 class Decoder:
     """`hpack.Decoder`'s interface: `decode(block, raw=True)`, `max_header_list_size`, `max_allowed_table_size`,
     `header_table_size`; the same exceptions (h2 turns them into a connection error).
@@ -448,6 +457,7 @@ class Decoder:
         self.size = 0
         self.entries: list[Pair] = []
         self.oldest = 0
+        self.last_literals: dict[int, LastLiteral] = {}  # by static name index (bounded: 61 at most)
 
     @property
     def header_table_size(self) -> int:
@@ -527,12 +537,25 @@ class Decoder:
                         position += 1
                     else:
                         index, position = decode_integer(data, position, 4)
-                if index:
-                    name = STATIC[index - 1][0] if index <= STATIC_LENGTH else self._entry(index)[0]
+                if index <= STATIC_LENGTH and index and position < end and data[position] & 0x80:
+                    # A static name and a Huffman-coded value: the same octets as this name's last such value
+                    # are the same field (a compare instead of the decoded-string cache's hash and lookup).
+                    start = position
+                    position = string_end(data, position)
+                    octets = data[start:position]
+                    last = self.last_literals.get(index)
+                    if last is not None and octets == last.octets:
+                        header = last.header
+                    else:
+                        header = (STATIC[index - 1][0], decode_string(data, start)[0])
+                        self.last_literals[index] = LastLiteral(octets, header)
                 else:
-                    name, position = decode_string(data, position)
-                value, position = decode_string(data, position)
-                header = (name, value)
+                    if index:
+                        name = STATIC[index - 1][0] if index <= STATIC_LENGTH else self._entry(index)[0]
+                    else:
+                        name, position = decode_string(data, position)
+                    value, position = decode_string(data, position)
+                    header = (name, value)
                 if indexing:
                     self._add(header)
             else:  # dynamic table size update (6.3)
@@ -581,6 +604,20 @@ def decode_integer(data: bytes, position: int, prefix_bits: int) -> tuple[int, i
         shift += 7
         if not byte & 0x80:
             return value, position
+
+
+def string_end(data: bytes, position: int) -> int:
+    """The position after the string literal at `position`."""
+    first = data[position]
+    length = first & 0x7F
+    if length < 0x7F:
+        position += 1
+    else:
+        length, position = decode_integer(data, position, 7)
+    end = position + length
+    if end > len(data):
+        raise HPACKDecodingError("Truncated header block")
+    return end
 
 
 def decode_string(data: bytes, position: int) -> tuple[bytes, int]:

@@ -236,3 +236,20 @@ def test_a_value_sent_again_after_its_entry_was_evicted_is_a_literal_again() -> 
         block = ours.encode(headers)
         assert theirs.decode(block, raw=True) == headers
         assert (block[-1] == 0x80 | 62) is indexed  # the one entry, index 62, or a literal that replaces it
+
+
+def test_literals_of_static_names_repeated_or_changed_decode_as_sent() -> None:
+    """The decoder takes a static name's Huffman-coded value as last time when its octets are the same: the
+    same octets under another name, a changed value, and the entries each literal adds all stay right."""
+    ours = Decoder()
+    sent = [(b"server", b"nginx/1.22.1"), (b"server", b"nginx/1.22.1"), (b"user-agent", b"nginx/1.22.1"),
+            (b"server", b"nginx/1.22.2"), (b"server", b"nginx/1.22.1"), (b":path", b"/bench.Echo/Unary")]
+    for number, field in enumerate(sent, start=1):
+        for theirs in (hpack.Encoder(), hpack.Encoder()):  # a fresh encoder: a literal with indexing each time
+            block = theirs.encode([field])
+            assert block[0] & 0xC0 == 0x40 and block[1] & 0x80  # static name, Huffman-coded value
+            assert ours.decode(block, raw=True) == [field]
+        never = hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(*field)])
+        decoded = ours.decode(never, raw=True)
+        assert decoded == [field] and isinstance(decoded[0], hpack.NeverIndexedHeaderTuple)
+        assert ours.table()[:2] == [field, field] and len(ours.table()) == 2 * number
