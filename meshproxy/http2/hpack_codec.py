@@ -548,7 +548,8 @@ class Decoder:
                         header = last.header
                     else:
                         header = (STATIC[index - 1][0], decode_string(data, start)[0])
-                        self.last_literals[index] = LastLiteral(octets, header)
+                        if len(octets) <= CACHED_STRING_MAX:  # a peer cannot make a connection keep large ones
+                            self.last_literals[index] = LastLiteral(octets, header)
                 else:
                     if index:
                         name = STATIC[index - 1][0] if index <= STATIC_LENGTH else self._entry(index)[0]

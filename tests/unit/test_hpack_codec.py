@@ -253,3 +253,15 @@ def test_literals_of_static_names_repeated_or_changed_decode_as_sent() -> None:
         decoded = ours.decode(never, raw=True)
         assert decoded == [field] and isinstance(decoded[0], hpack.NeverIndexedHeaderTuple)
         assert ours.table()[:2] == [field, field] and len(ours.table()) == 2 * number
+
+
+def test_the_decoder_keeps_no_large_literal_between_blocks() -> None:
+    """What the decoder remembers of literals is bounded per connection, whatever the peer sends."""
+    ours = Decoder(max_header_list_size=2 ** 20)
+    large = [(b"cookie", b"a" * 50_000), (b"user-agent", b"b" * 50_000)]
+    assert ours.decode(hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(*field) for field in large]),
+                       raw=True) == large
+    assert ours.last_literals == {}
+    small = [(b"cookie", b"c=d")]
+    assert ours.decode(hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(*small[0])]), raw=True) == small
+    assert list(ours.last_literals) == [32] and ours.last_literals[32].header == small[0]  # cookie: static 32
