@@ -141,7 +141,7 @@ def huffman_chunks(data: bytes, chunks: list[bytes]) -> int:
     """`data` Huffman-coded (RFC 7541 5.2, EOS's 1s as padding) into `chunks`; returns its length in octets.
 
     The bits gather in a native i64 and go out a few octets at a time (one to_bytes for up to 7 octets), so a
-    36-character request id costs five byte strings, not one per octet."""
+    36-character request id costs four or five byte strings, not one per octet."""
     codes, lengths = HUFFMAN_CODES, HUFFMAN_LENGTHS
     buffered: i64 = 0  # the last `count` bits, not yet out
     count: i64 = 0
@@ -189,7 +189,7 @@ ENCODED: Final[dict[bytes, bytes]] = {}
 DECODED: Final[dict[bytes, bytes]] = {}
 
 
-def encode_integer(value: int, limit: int, first: int, out: list[bytes]) -> None:
+def encode_prefixed(value: int, limit: int, first: int, out: list[bytes]) -> None:
     """`value` with a prefix of `limit` (2^N - 1 for an N-bit prefix), the first octet's other bits from `first`
     (RFC 7541 5.1). Every octet is one of SINGLE's: nothing allocated."""
     if value < limit:
@@ -208,10 +208,10 @@ def encode_literal(data: bytes, out: list[bytes]) -> None:
     chunks: list[bytes] = []
     size = huffman_chunks(data, chunks)
     if size < len(data):
-        encode_integer(size, 0x7F, 0x80, out)
+        encode_prefixed(size, 0x7F, 0x80, out)
         out.extend(chunks)
     else:
-        encode_integer(len(data), 0x7F, 0, out)
+        encode_prefixed(len(data), 0x7F, 0, out)
         out.append(data)
 
 
@@ -375,7 +375,7 @@ class Encoder:
         """A header block's beginning: the table size changes since the last one (RFC 7541 4.2)."""
         if self.size_changes:
             for size in self.size_changes:
-                encode_integer(size, 0x1F, 0x20, out)
+                encode_prefixed(size, 0x1F, 0x20, out)
             self.size_changes = []
 
     def encode(self, headers: object, huffman: bool = True) -> bytes:
@@ -399,9 +399,10 @@ class Encoder:
                 field = NEW_NAME
             else:
                 self.fields[name] = field  # one lookup from now on
-        if value is field.last_value and (field.last_code < 0 or field.last_code > self.inserted - len(
-                self.entries) + self.oldest):  # static, or a dynamic entry not evicted since
-            code = field.last_code
+        last = field.last_code
+        # static, or a dynamic entry still in the table (the live ones are numbered above inserted - live count)
+        if value is field.last_value and (last < 0 or last > self.inserted - len(self.entries) + self.oldest):
+            code = last
         else:
             code = field.values.get(value, 0)
             if code:
@@ -412,18 +413,18 @@ class Encoder:
             if index < 0x7F:
                 out.append(SINGLE[0x80 | index])
             else:
-                encode_integer(index, 0x7F, 0x80, out)
+                encode_prefixed(index, 0x7F, 0x80, out)
             return
         name_index = field.static_index
         if not name_index and field.newest:
             name_index = STATIC_LENGTH + 1 + self.inserted - field.newest
         literal = field.literal
         if sensitive:
-            encode_integer(name_index, 0x0F, 0x10, out)  # never indexed (RFC 7541 6.2.3)
+            encode_prefixed(name_index, 0x0F, 0x10, out)  # never indexed (RFC 7541 6.2.3)
         elif literal != INDEXED:
-            encode_integer(name_index, 0x0F, 0, out)  # without indexing
+            encode_prefixed(name_index, 0x0F, 0, out)  # without indexing
         else:
-            encode_integer(name_index, 0x3F, 0x40, out)
+            encode_prefixed(name_index, 0x3F, 0x40, out)
         if not name_index:
             encode_string(name, out)
         if literal == FRESH:

@@ -8,7 +8,7 @@ import hpack
 import pytest
 from hpack.exceptions import HPACKDecodingError, InvalidTableSizeError, OversizedHeaderListError
 
-from meshproxy.http2.hpack_codec import Decoder, Encoder, encode_integer, huffman_decode, huffman_encode
+from meshproxy.http2.hpack_codec import Decoder, Encoder, encode_prefixed, huffman_decode, huffman_encode
 
 SEED = 1807
 NAMES = [b":method", b":path", b":authority", b":status", b"content-type", b"x-request-id", b"cookie", b"date",
@@ -219,7 +219,7 @@ def test_huffman_and_integers_match_the_hpack_package() -> None:
     for prefix_bits in (4, 5, 6, 7):
         for value in [*range(300), 2 ** 14 - 1, 2 ** 14, 2 ** 21 + 5, 2 ** 28 + 3]:
             out: list[bytes] = []
-            encode_integer(value, (1 << prefix_bits) - 1, 0, out)
+            encode_prefixed(value, (1 << prefix_bits) - 1, 0, out)
             assert b"".join(out) == bytes(hpack.hpack.encode_integer(value, prefix_bits))
 
 
