@@ -7,8 +7,10 @@ package's own; what is ours is the code that runs per header:
 
 - Encoder: a header found whole in the static or dynamic table is sent as its index; else a literal with
   incremental indexing (never indexed when the header is a `NeverIndexedHeaderTuple` or a sensitive 3-tuple, as
-  h2 marks authorization and short cookies), its name indexed when the name is known, its strings Huffman-coded
-  when that is shorter. Table size changes from the peer's SETTINGS go out at the start of the next block.
+  h2 marks authorization and short cookies; without indexing for fields whose values rarely repeat, x-request-id
+  among them), its name indexed when the name is known, its strings Huffman-coded when that is shorter. Table
+  size changes from the peer's SETTINGS go out at the start of the next block. The tables are searched by name,
+  then value (`Field`): bytes keys, whose hash the object keeps, and no tuple built per header.
 - Decoder: every representation, the Huffman code through a 4-bit state machine built once at import, padding
   and EOS checked as section 5.2 says, the decoded list size bounded by `max_header_list_size`, table size
   updates only at the start of a block and within `max_allowed_table_size`.
@@ -33,20 +35,13 @@ DEFAULT_TABLE_SIZE: Final = 4096
 DEFAULT_MAX_HEADER_LIST_SIZE: Final = 2 ** 16  # hpack's default (h2 sets its own)
 ENTRY_OVERHEAD: Final = 32  # RFC 7541 4.1
 MAX_INTEGER_BYTES: Final = 6  # continuation bytes of one integer: 2^35 and more is nobody's header length
-STATIC: Final[tuple[tuple[bytes, bytes], ...]] = tuple(HeaderTable.STATIC_TABLE)
+# A field as `Pair`, not tuple[bytes, bytes]: mypyc keeps a fixed-size tuple unboxed (a C struct) and boxes it into
+# a new tuple object each time it goes into a list; a variable-size tuple type stays the object it is.
+Pair = tuple[bytes, ...]
+STATIC: Final[tuple[Pair, ...]] = tuple(HeaderTable.STATIC_TABLE)
 STATIC_LENGTH: Final = len(STATIC)  # 61
 
 
-def _static_maps() -> tuple[dict[tuple[bytes, bytes], int], dict[bytes, int]]:
-    pairs: dict[tuple[bytes, bytes], int] = {}
-    names: dict[bytes, int] = {}
-    for index, (name, value) in enumerate(STATIC, start=1):
-        pairs.setdefault((name, value), index)
-        names.setdefault(name, index)
-    return pairs, names
-
-
-STATIC_PAIRS, STATIC_NAMES = _static_maps()
 HUFFMAN_CODES: Final[list[int]] = list(REQUEST_CODES)
 HUFFMAN_LENGTHS: Final = bytes(REQUEST_CODES_LENGTH[:256])  # bytes: indexed without boxing (EOS's is not needed)
 EOS: Final = 256
@@ -142,71 +137,87 @@ def huffman_decode(data: bytes) -> bytes:
     return bytes(out)
 
 
-def huffman_length(data: bytes) -> int:
-    bits = 0
-    lengths = HUFFMAN_LENGTHS
-    for byte in data:
-        bits += lengths[byte]
-    return (bits + 7) >> 3
+def huffman_chunks(data: bytes, chunks: list[bytes]) -> int:
+    """`data` Huffman-coded (RFC 7541 5.2, EOS's 1s as padding) into `chunks`; returns its length in octets.
 
-
-def huffman_encode(data: bytes) -> bytes:
-    # Octets out as SINGLE's byte strings joined once: a bytearray.append per octet is a method call with a boxed int.
-    out: list[bytes] = []
-    codes, lengths, single = HUFFMAN_CODES, HUFFMAN_LENGTHS, SINGLE
-    # i64: at most 7 + 30 bits buffered; native shifts (a plain int's are checked for overflow at each step)
-    buffered: i64 = 0
+    The bits gather in a native i64 and go out a few octets at a time (one to_bytes for up to 7 octets), so a
+    36-character request id costs four or five byte strings, not one per octet."""
+    codes, lengths = HUFFMAN_CODES, HUFFMAN_LENGTHS
+    buffered: i64 = 0  # the last `count` bits, not yet out
     count: i64 = 0
+    size: i64 = 0
     for at in range(len(data)):
         byte = data[at]
         length = i64(lengths[byte])
+        if count + length > 63:  # no room (codes are at most 30 bits): out with the whole octets
+            rest = count & 7
+            chunks.append(int(buffered >> rest).to_bytes(int(count >> 3), "big"))
+            size += count >> 3
+            buffered &= (i64(1) << rest) - 1
+            count = rest
         buffered = (buffered << length) | i64(codes[byte])
         count += length
-        while count >= 8:
-            count -= 8
-            out.append(single[(buffered >> count) & 0xFF])
-        buffered &= (i64(1) << count) - 1
+    pad = -count & 7  # EOS's 1s to the octet's end
+    if count + pad > 63:
+        rest = count & 7
+        chunks.append(int(buffered >> rest).to_bytes(int(count >> 3), "big"))
+        size += count >> 3
+        buffered &= (i64(1) << rest) - 1
+        count = rest
     if count:
-        out.append(single[((buffered << (8 - count)) | ((i64(1) << (8 - count)) - 1)) & 0xFF])  # EOS's 1s pad
-    return b"".join(out)
+        buffered = (buffered << pad) | ((i64(1) << pad) - 1)
+        count += pad
+        chunks.append(int(buffered).to_bytes(int(count >> 3), "big"))
+        size += count >> 3
+    return int(size)
+
+
+def huffman_encode(data: bytes) -> bytes:
+    chunks: list[bytes] = []
+    huffman_chunks(data, chunks)
+    return b"".join(chunks)
 
 
 # The encoder writes a block as a list of byte strings joined once: list.append is cheap compiled, where each
 # bytearray.append is a method call with a boxed int.
 SINGLE: Final = tuple(bytes((octet,)) for octet in range(256))
 # Strings repeat (header values, names): their encoded form is kept, and Huffman-coded strings' decoded form.
+# Final: compiled code reaches them directly, not through the module's globals dict.
 CACHED_STRING_MAX: Final = 128  # longer strings are coded each time
 CACHE_ENTRIES: Final = 2048  # then the cache starts over
-ENCODED: dict[bytes, bytes] = {}
-DECODED: dict[bytes, bytes] = {}
+ENCODED: Final[dict[bytes, bytes]] = {}
+DECODED: Final[dict[bytes, bytes]] = {}
 
 
-def encode_integer(value: int, prefix_bits: int, first: int, out: list[bytes]) -> None:
-    """`value` with a `prefix_bits` prefix, the first byte's other bits from `first` (RFC 7541 5.1)."""
-    limit = (1 << prefix_bits) - 1
+def encode_prefixed(value: int, limit: int, first: int, out: list[bytes]) -> None:
+    """`value` with a prefix of `limit` (2^N - 1 for an N-bit prefix), the first octet's other bits from `first`
+    (RFC 7541 5.1). Every octet is one of SINGLE's: nothing allocated."""
     if value < limit:
         out.append(SINGLE[first | value])
         return
-    octets = bytearray()
-    octets.append(first | limit)
+    out.append(SINGLE[first | limit])
     value -= limit
     while value >= 128:
-        octets.append((value & 0x7F) | 0x80)
+        out.append(SINGLE[(value & 0x7F) | 0x80])
         value >>= 7
-    octets.append(value)
-    out.append(bytes(octets))
+    out.append(SINGLE[value])
+
+
+def encode_literal(data: bytes, out: list[bytes]) -> None:
+    """A string literal (RFC 7541 5.2) into `out`: Huffman-coded when that is shorter."""
+    chunks: list[bytes] = []
+    size = huffman_chunks(data, chunks)
+    if size < len(data):
+        encode_prefixed(size, 0x7F, 0x80, out)
+        out.extend(chunks)
+    else:
+        encode_prefixed(len(data), 0x7F, 0, out)
+        out.append(data)
 
 
 def encoded_string(data: bytes) -> bytes:
-    """A string literal (RFC 7541 5.2): Huffman-coded when that is shorter."""
-    size = huffman_length(data)
     parts: list[bytes] = []
-    if size < len(data):
-        encode_integer(size, 7, 0x80, parts)
-        parts.append(huffman_encode(data))
-    else:
-        encode_integer(len(data), 7, 0, parts)
-        parts.append(data)
+    encode_literal(data, parts)
     return b"".join(parts)
 
 
@@ -227,11 +238,55 @@ def _remember(cache: dict[bytes, bytes], key: bytes, value: bytes) -> bytes:
     return value
 
 
+# How a field that is not in a table goes out (Field.literal).
+INDEXED: Final = 0  # literal with incremental indexing
+UNINDEXED: Final = 1  # literal without indexing, its value through the string cache
+FRESH: Final = 2  # literal without indexing, its value coded anew (it never repeats: kept out of the cache)
 # Fields whose values rarely repeat, sent without indexing so they do not push out the ones that do: nghttp2's list
-# (its hd_deflate should_indexing), and the request id every request gets anew.
+# (its hd_deflate should_indexing), and the request id every request gets anew (RFC 7541 6.2.2).
 REQUEST_ID: Final = b"x-request-id"
-UNINDEXED: Final = frozenset({b":path", b"age", b"content-length", b"etag", b"if-modified-since", b"if-none-match",
-                              b"location", b"set-cookie", b"x-request-id"})
+UNINDEXED_NAMES: Final = (b":path", b"age", b"content-length", b"etag", b"if-modified-since", b"if-none-match",
+                          b"location", b"set-cookie")
+
+
+class Field:
+    """What an encoder knows of one field name: its static table index (0: not there), how a literal of it goes
+    out, its newest dynamic entry (0: none) and how many it has, and its values found in a table: value -> minus
+    the static index, or the dynamic entry's number. Keyed by bytes (their hash is kept on the object), so an
+    indexed field costs two dict lookups and no tuple; one when its value is the very object last found (values
+    repeat as the same object: a decoder's table entries, the string caches, constants)."""
+
+    def __init__(self, static_index: int, literal: int, values: dict[bytes, int], shared: bool) -> None:
+        self.static_index = static_index
+        self.literal = literal
+        self.values = values
+        self.newest = 0
+        self.count = 0
+        self.shared = shared  # STATIC_FIELDS' own (every encoder's): copied before an entry is added
+        # The value last found and its code; a dynamic entry's number holds while the entry is in the table.
+        # A shared field only ever remembers static codes (the only ones it has), good for every encoder.
+        self.last_value: bytes | None = None
+        self.last_code = 0
+
+    def copy(self) -> Field:
+        return Field(self.static_index, self.literal, dict(self.values), False)
+
+
+def _static_fields() -> dict[bytes, Field]:
+    fields: dict[bytes, Field] = {}
+    for index, (name, value) in enumerate(STATIC, start=1):
+        field = fields.get(name)
+        if field is None:
+            field = fields[name] = Field(index, INDEXED, {}, True)
+        field.values.setdefault(value, -index)
+    for name in UNINDEXED_NAMES:
+        fields.setdefault(name, Field(0, UNINDEXED, {}, True)).literal = UNINDEXED
+    fields[REQUEST_ID] = Field(0, FRESH, {}, True)
+    return fields
+
+
+STATIC_FIELDS: Final = _static_fields()
+NEW_NAME: Final = Field(0, INDEXED, {}, True)  # a name in no table
 
 
 def _as_bytes(value: object) -> bytes:
@@ -245,15 +300,20 @@ def _as_bytes(value: object) -> bytes:
 
 
 class Encoder:
-    """`hpack.Encoder`'s interface: `encode(headers)`, `header_table_size` (the peer's SETTINGS_HEADER_TABLE_SIZE)."""
+    """`hpack.Encoder`'s interface: `encode(headers)`, `header_table_size` (the peer's SETTINGS_HEADER_TABLE_SIZE).
+
+    The dynamic table is `entries[oldest:]`, oldest first, numbered on: the newest has number `inserted` (index
+    62). Eviction moves `oldest` on; the list is cut when the evicted part is its larger half."""
 
     def __init__(self) -> None:
         self.max_size = DEFAULT_TABLE_SIZE
         self.size = 0
-        self.inserted = 0  # entries ever added; entry number n has index STATIC_LENGTH + inserted - n
-        self.entries: list[tuple[bytes, bytes, int]] = []  # oldest first: (name, value, number)
-        self.pairs: dict[tuple[bytes, bytes], int] = {}  # -> the newest entry number holding it
-        self.names: dict[bytes, int] = {}
+        self.inserted = 0  # entries ever added: the newest one's number
+        self.entries: list[tuple[bytes, bytes]] = []
+        self.oldest = 0  # entries[oldest] is the oldest entry still in the table
+        # The names seen: STATIC_FIELDS' own field until the name has a dynamic entry, then a copy with them.
+        # Bounded: a name goes when its last entry does, and names in no table are not kept.
+        self.fields: dict[bytes, Field] = {}
         self.size_changes: list[int] = []
 
     @property
@@ -267,15 +327,29 @@ class Encoder:
             self._evict(0)
             self.size_changes.append(value)
 
+    def table(self) -> list[tuple[bytes, bytes]]:
+        """The dynamic table, newest first (index 62 on)."""
+        return self.entries[self.oldest:][::-1]
+
     def _evict(self, room: int) -> None:
         entries = self.entries
-        while entries and self.size + room > self.max_size:
-            name, value, number = entries.pop(0)
+        oldest = self.oldest
+        end = len(entries)
+        while oldest < end and self.size + room > self.max_size:
+            name, value = entries[oldest]
+            number = self.inserted - (end - 1 - oldest)
+            oldest += 1
             self.size -= len(name) + len(value) + ENTRY_OVERHEAD
-            if self.pairs.get((name, value)) == number:
-                del self.pairs[(name, value)]
-            if self.names.get(name) == number:
-                del self.names[name]
+            field = self.fields[name]
+            if field.values.get(value, 0) == number:
+                del field.values[value]
+            field.count -= 1
+            if not field.count:  # its newest entry went too
+                del self.fields[name]  # (a static name comes back as STATIC_FIELDS' at its next use)
+        if oldest * 2 > end:
+            del entries[:oldest]
+            oldest = 0
+        self.oldest = oldest
 
     def _add(self, name: bytes, value: bytes) -> None:
         entry_size = len(name) + len(value) + ENTRY_OVERHEAD
@@ -283,18 +357,25 @@ class Encoder:
             self._evict(self.max_size + 1)
             return
         self._evict(entry_size)
-        number = self.inserted
-        self.inserted = number + 1
-        self.entries.append((name, value, number))
+        field = self.fields.get(name)  # after the eviction, which may have dropped it
+        if field is None:
+            field = STATIC_FIELDS.get(name, NEW_NAME)
+        if field.shared:
+            field = field.copy()
+            self.fields[name] = field
+        number = self.inserted + 1
+        self.inserted = number
+        self.entries.append((name, value))
         self.size += entry_size
-        self.pairs[(name, value)] = number
-        self.names[name] = number
+        field.values[value] = number
+        field.newest = number
+        field.count += 1
 
     def start_block(self, out: list[bytes]) -> None:
         """A header block's beginning: the table size changes since the last one (RFC 7541 4.2)."""
         if self.size_changes:
             for size in self.size_changes:
-                encode_integer(size, 5, 0x20, out)
+                encode_prefixed(size, 0x1F, 0x20, out)
             self.size_changes = []
 
     def encode(self, headers: object, huffman: bool = True) -> bytes:
@@ -311,46 +392,73 @@ class Encoder:
         return b"".join(out)
 
     def add(self, name: bytes, value: bytes, sensitive: bool, out: list[bytes]) -> None:
-        pair = (name, value)
-        index = STATIC_PAIRS.get(pair, 0)
-        if not index:
-            number = self.pairs.get(pair, -1)
-            if number >= 0:
-                index = STATIC_LENGTH + self.inserted - number
-        if index:
-            encode_integer(index, 7, 0x80, out)
-            return
-        name_index = STATIC_NAMES.get(name, 0)
-        if not name_index:
-            number = self.names.get(name, -1)
-            if number >= 0:
-                name_index = STATIC_LENGTH + self.inserted - number
-        if sensitive:
-            encode_integer(name_index, 4, 0x10, out)
-        elif name in UNINDEXED:
-            encode_integer(name_index, 4, 0, out)  # literal without indexing
+        field = self.fields.get(name)
+        if field is None:
+            field = STATIC_FIELDS.get(name)
+            if field is None:
+                field = NEW_NAME
+            else:
+                self.fields[name] = field  # one lookup from now on
+        last = field.last_code
+        # static, or a dynamic entry still in the table (the live ones are numbered above inserted - live count)
+        if value is field.last_value and (last < 0 or last > self.inserted - len(self.entries) + self.oldest):
+            code = last
         else:
-            encode_integer(name_index, 6, 0x40, out)
+            code = field.values.get(value, 0)
+            if code:
+                field.last_value = value
+                field.last_code = code
+        if code:  # the whole field is in a table: its index
+            index = -code if code < 0 else STATIC_LENGTH + 1 + self.inserted - code
+            if index < 0x7F:
+                out.append(SINGLE[0x80 | index])
+            else:
+                encode_prefixed(index, 0x7F, 0x80, out)
+            return
+        name_index = field.static_index
+        if not name_index and field.newest:
+            name_index = STATIC_LENGTH + 1 + self.inserted - field.newest
+        literal = field.literal
+        if sensitive:
+            encode_prefixed(name_index, 0x0F, 0x10, out)  # never indexed (RFC 7541 6.2.3)
+        elif literal != INDEXED:
+            encode_prefixed(name_index, 0x0F, 0, out)  # without indexing
+        else:
+            encode_prefixed(name_index, 0x3F, 0x40, out)
         if not name_index:
             encode_string(name, out)
-        if name == REQUEST_ID:
-            out.append(encoded_string(value))  # new each time: kept out of the cache
+        if literal == FRESH:
+            encode_literal(value, out)
         else:
             encode_string(value, out)
-        if not sensitive and name not in UNINDEXED:
+        if not sensitive and literal == INDEXED:
             self._add(name, value)
+
+
+class LastLiteral:
+    """A literal field's value octets as they came (length prefix included: it carries the Huffman flag) and the
+    field they decoded to."""
+
+    def __init__(self, octets: bytes, header: Pair) -> None:
+        self.octets = octets
+        self.header = header
 
 
 class Decoder:
     """`hpack.Decoder`'s interface: `decode(block, raw=True)`, `max_header_list_size`, `max_allowed_table_size`,
-    `header_table_size`; the same exceptions (h2 turns them into a connection error)."""
+    `header_table_size`; the same exceptions (h2 turns them into a connection error).
+
+    The dynamic table is `entries[oldest:]`, oldest first, as in the encoder; an entry is the very tuple the
+    decoded list got."""
 
     def __init__(self, max_header_list_size: int = DEFAULT_MAX_HEADER_LIST_SIZE) -> None:
         self.max_header_list_size = max_header_list_size
         self.max_allowed_table_size = DEFAULT_TABLE_SIZE
         self.max_size = DEFAULT_TABLE_SIZE
         self.size = 0
-        self.entries: list[tuple[bytes, bytes]] = []  # oldest first
+        self.entries: list[Pair] = []
+        self.oldest = 0
+        self.last_literals: dict[int, LastLiteral] = {}  # by static name index (bounded: 61 at most)
         self.changes = 0  # counts every change to the table: a block that changes nothing decodes alike while equal
 
     @property
@@ -363,33 +471,47 @@ class Decoder:
         self.changes += 1
         self._evict(0)
 
+    def table(self) -> list[Pair]:
+        """The dynamic table, newest first (index 62 on)."""
+        return self.entries[self.oldest:][::-1]
+
     def _evict(self, room: int) -> None:
         entries = self.entries
-        while entries and self.size + room > self.max_size:
-            name, value = entries.pop(0)
+        oldest = self.oldest
+        end = len(entries)
+        while oldest < end and self.size + room > self.max_size:
+            name, value = entries[oldest]
+            oldest += 1
             self.size -= len(name) + len(value) + ENTRY_OVERHEAD
+        if oldest * 2 > end:
+            del entries[:oldest]
+            oldest = 0
+        self.oldest = oldest
 
-    def _add(self, name: bytes, value: bytes) -> None:
+    def _add(self, header: Pair) -> None:
         self.changes += 1
-        entry_size = len(name) + len(value) + ENTRY_OVERHEAD
-        if entry_size > self.max_size:
+        entry_size = len(header[0]) + len(header[1]) + ENTRY_OVERHEAD
+        if entry_size > self.max_size:  # RFC 7541 4.4: the table is emptied, nothing added
             self.entries.clear()
+            self.oldest = 0
             self.size = 0
             return
-        self._evict(entry_size)
-        self.entries.append((name, value))
+        if self.size + entry_size > self.max_size:
+            self._evict(entry_size)
+        self.entries.append(header)
         self.size += entry_size
 
-    def _entry(self, index: int) -> tuple[bytes, bytes]:
+    def _entry(self, index: int) -> Pair:
         if 0 < index <= STATIC_LENGTH:
             return STATIC[index - 1]
         position = len(self.entries) - (index - STATIC_LENGTH)
-        if index <= 0 or position < 0:
+        if index <= 0 or position < self.oldest:
             raise InvalidTableIndexError(f"Invalid table index {index}")
         return self.entries[position]
 
     def decode(self, data: bytes, raw: bool = False) -> list[Any]:
-        data = bytes(data)
+        if not isinstance(data, bytes):  # a memoryview or bytearray: bytes() of bytes would cost a call
+            data = bytes(data)
         headers: list[Any] = []  # Any, not a tuple type: mypyc would rebuild a NeverIndexedHeaderTuple as a tuple
         end = len(data)
         position = 0
@@ -397,22 +519,51 @@ class Decoder:
         while position < end:
             first = data[position]
             never = False
-            if first & 0x80:
-                index, position = decode_integer(data, position, 7)
-                header = self._entry(index)
-            elif first & 0x40 or not first & 0x20:
-                indexing = bool(first & 0x40)
-                never = not indexing and bool(first & 0x10)
-                index, position = decode_integer(data, position, 6 if indexing else 4)
-                if index:
-                    name = self._entry(index)[0]
+            if first & 0x80:  # indexed (6.1)
+                index = first & 0x7F
+                if index < 0x7F:
+                    position += 1
                 else:
-                    name, position = decode_string(data, position)
-                value, position = decode_string(data, position)
-                header = (name, value)
+                    index, position = decode_integer(data, position, 7)
+                header: Pair = STATIC[index - 1] if 0 < index <= STATIC_LENGTH else self._entry(index)
+            elif first & 0x40 or not first & 0x20:  # a literal (6.2)
+                indexing = bool(first & 0x40)
                 if indexing:
-                    self._add(name, value)
-            else:  # dynamic table size update
+                    index = first & 0x3F
+                    if index < 0x3F:
+                        position += 1
+                    else:
+                        index, position = decode_integer(data, position, 6)
+                else:
+                    never = bool(first & 0x10)
+                    index = first & 0x0F
+                    if index < 0x0F:
+                        position += 1
+                    else:
+                        index, position = decode_integer(data, position, 4)
+                if index <= STATIC_LENGTH and index and position < end and data[position] & 0x80:
+                    # A static name and a Huffman-coded value: the same octets as this name's last such value
+                    # are the same field (a compare instead of the decoded-string cache's hash and lookup).
+                    start = position
+                    position = string_end(data, position)
+                    octets = data[start:position]
+                    last = self.last_literals.get(index)
+                    if last is not None and octets == last.octets:
+                        header = last.header
+                    else:
+                        header = (STATIC[index - 1][0], decode_string(data, start)[0])
+                        if len(octets) <= CACHED_STRING_MAX:  # a peer cannot make a connection keep large ones
+                            self.last_literals[index] = LastLiteral(octets, header)
+                else:
+                    if index:
+                        name = STATIC[index - 1][0] if index <= STATIC_LENGTH else self._entry(index)[0]
+                    else:
+                        name, position = decode_string(data, position)
+                    value, position = decode_string(data, position)
+                    header = (name, value)
+                if indexing:
+                    self._add(header)
+            else:  # dynamic table size update (6.3)
                 if headers:
                     raise HPACKDecodingError("Table size update not at the start of the block")
                 size, position = decode_integer(data, position, 5)
@@ -460,16 +611,34 @@ def decode_integer(data: bytes, position: int, prefix_bits: int) -> tuple[int, i
             return value, position
 
 
+def string_end(data: bytes, position: int) -> int:
+    """The position after the string literal at `position`."""
+    first = data[position]
+    length = first & 0x7F
+    if length < 0x7F:
+        position += 1
+    else:
+        length, position = decode_integer(data, position, 7)
+    end = position + length
+    if end > len(data):
+        raise HPACKDecodingError("Truncated header block")
+    return end
+
+
 def decode_string(data: bytes, position: int) -> tuple[bytes, int]:
     if position >= len(data):
         raise HPACKDecodingError("Truncated header block")
-    huffman = bool(data[position] & 0x80)
-    length, position = decode_integer(data, position, 7)
+    first = data[position]
+    length = first & 0x7F
+    if length < 0x7F:
+        position += 1
+    else:
+        length, position = decode_integer(data, position, 7)
     end = position + length
     if end > len(data):
         raise HPACKDecodingError("Truncated header block")
     text = data[position:end]
-    if not huffman:
+    if not first & 0x80:
         return text, end
     decoded = DECODED.get(text)
     if decoded is None:
