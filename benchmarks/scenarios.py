@@ -338,12 +338,12 @@ SCENARIO_LIST = (
     Scenario("h2c",
              "single-route over HTTP/2 both ways: h2load (h2c, prior knowledge) -> proxy -> nginx h2c, "
              f"{H2_CONNECTIONS} connections x {H2_STREAMS} concurrent streams, GET, telemetry off",
-             "meshproxy >= 1.5x envoy req/s, p99 <= envoy's", h2c, targets=ROUTING_TARGETS,
+             "meshproxy >= 1.5x envoy req/s per core, p99 <= envoy's", h2c, targets=ROUTING_TARGETS,
              protocol=Protocol.H2C, connections=H2_CONNECTIONS, streams=H2_STREAMS),
     Scenario("grpc-unary",
              "h2c with unary gRPC calls: POST /bench.Echo/Unary, content-type application/grpc, te: trailers, an "
              "8-byte gRPC message each way, grpc-status 0 in the trailers; the port's protocol GRPC",
-             "meshproxy >= 1.5x envoy req/s, p99 <= envoy's", grpc_unary, targets=ROUTING_TARGETS,
+             "meshproxy >= 1.5x envoy req/s per core, p99 <= envoy's", grpc_unary, targets=ROUTING_TARGETS,
              protocol=Protocol.H2C, connections=H2_CONNECTIONS, streams=H2_STREAMS),
     Scenario("telemetry-off", "single-route under its old name (telemetry off); not in the default run", "-",
              single_route, targets=ROUTING_TARGETS, default=False),

@@ -459,3 +459,22 @@ def test_rapid_reset_ends_the_connection_once_half_of_500_streams_were_reset() -
         codec.send_headers(stream, [(b":status", b"200")], True)
         client.receive_data(codec.data_to_send())
     assert not codec.failed and not codec.streams
+
+
+def test_frame_heads_and_decimals_match_the_reference() -> None:
+    """frame_prefix's kept prefixes and a stream's id bytes make hyperframe's frame head; the cache stays bounded.
+    decimal() reads what bytes.isdigit() and int() read, -1 for anything else."""
+    from meshproxy.http2 import frames
+
+    for length, kind, flags, stream_id in [(0, 0, 1, 1), (8, 1, 5, 3), (16_384, 0, 0, 2**31 - 1), (2**24 - 1, 9, 4, 7)]:
+        head = frames.frame_prefix(length, kind, flags) + frames.u32(stream_id)
+        assert head == frames.frame_head(length, kind, flags, stream_id)
+        parsed, parsed_length = Frame.parse_frame_header(memoryview(head))
+        assert (parsed_length, parsed.type, parsed.stream_id, head[4]) == (length, kind, stream_id, flags)
+    for length in range(frames.PREFIXES_MAX + 10):
+        frames.frame_prefix(length, 0, 0)
+    assert len(frames._PREFIXES) <= frames.PREFIXES_MAX
+    for text in [b"0", b"7", b"200", b"18446744073709551616", b"9" * 18, b"9" * 30]:
+        assert frames.decimal(text) == int(text)
+    for text in [b"", b"-1", b"+1", b" 1", b"1 ", b"1a", b"\xd9\xa1", b"1" * 20 + b"x"]:
+        assert frames.decimal(text) == -1
