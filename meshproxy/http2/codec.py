@@ -78,8 +78,8 @@ from .frames import (
     STREAM_CLOSED,
     TRAILER_FIELDS,
     WINDOW_UPDATE,
-    field_problem,
     decimal,
+    field_problem,
     frame_head,
     frame_prefix,
     goaway_frame,
@@ -108,14 +108,14 @@ MAX_HEADER_BLOCK: Final = 1 << 17  # encoded, HEADERS and CONTINUATIONs together
 MAX_QUEUED_CONTROL_FRAMES: Final = 1000
 PREMATURE_RESET_STREAMS: Final = 500
 
-LOWER_NAMES: Final[set[bytes]] = set()  # field names sent already found lower-case (_send_block)
+LOWER_NAMES: Final[set[bytes]] = set()  # field names sent already found lower-case (_add_fields)
+LOWER_NAMES_MAX: Final = 1024  # then no more are added (names are few; values do not go here)
+KNOWN_BLOCKS_MAX: Final = 16  # header blocks kept per connection (_decode), then the cache starts over
+KNOWN_BLOCK_MAX_SIZE: Final = 512  # octets: a larger block is decoded each time (and costs no memory kept)
 TE: Final = b"te"
 TRAILERS: Final = b"trailers"
 DATE: Final = b"date"
 NO_NAMES: Final[frozenset[bytes]] = frozenset()
-LOWER_NAMES_MAX: Final = 1024
-KNOWN_BLOCKS_MAX: Final = 16  # header blocks kept per connection (_decode), then the cache starts over
-KNOWN_BLOCK_MAX_SIZE: Final = 512  # octets: a large block is decoded each time (and costs no memory kept)  # then no more are added (names are few; values do not go here)
 
 NO_ERROR: Final = 0
 PROTOCOL_ERROR: Final = 1

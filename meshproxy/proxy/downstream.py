@@ -6,8 +6,8 @@ is `exchange.Downstream`, beside the Stream it passes.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
