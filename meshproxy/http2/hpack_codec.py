@@ -545,7 +545,7 @@ class Decoder:
                     # A static name and a Huffman-coded value: the same octets as this name's last such value
                     # are the same field (a compare instead of the decoded-string cache's hash and lookup).
                     start = position
-                    position = string_end(data, position)
+                    position = string_bounds(data, position)[1]
                     octets = data[start:position]
                     last = self.last_literals.get(index)
                     if last is not None and octets == last.octets:
@@ -611,10 +611,11 @@ def decode_integer(data: bytes, position: int, prefix_bits: int) -> tuple[int, i
             return value, position
 
 
-def string_end(data: bytes, position: int) -> int:
-    """The position after the string literal at `position`."""
-    first = data[position]
-    length = first & 0x7F
+def string_bounds(data: bytes, position: int) -> tuple[int, int]:
+    """Where the octets of the string literal at `position` begin, after its length prefix, and end."""
+    if position >= len(data):
+        raise HPACKDecodingError("Truncated header block")
+    length = data[position] & 0x7F
     if length < 0x7F:
         position += 1
     else:
@@ -622,23 +623,13 @@ def string_end(data: bytes, position: int) -> int:
     end = position + length
     if end > len(data):
         raise HPACKDecodingError("Truncated header block")
-    return end
+    return position, end
 
 
 def decode_string(data: bytes, position: int) -> tuple[bytes, int]:
-    if position >= len(data):
-        raise HPACKDecodingError("Truncated header block")
-    first = data[position]
-    length = first & 0x7F
-    if length < 0x7F:
-        position += 1
-    else:
-        length, position = decode_integer(data, position, 7)
-    end = position + length
-    if end > len(data):
-        raise HPACKDecodingError("Truncated header block")
-    text = data[position:end]
-    if not first & 0x80:
+    start, end = string_bounds(data, position)
+    text = data[start:end]
+    if not data[position] & 0x80:  # not Huffman-coded
         return text, end
     decoded = DECODED.get(text)
     if decoded is None:
