@@ -8,6 +8,7 @@ beside its own base class and compiled code still calls it natively.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
 from mypy_extensions import trait
@@ -93,7 +94,7 @@ def constant_block(pairs: tuple[tuple[bytes, bytes], ...]) -> tuple[HeaderBlock,
     return ((HeaderTemplate(tuple(n for n, _ in pairs), tuple(v for _, v in pairs)), ()),)
 
 
-def block_pairs(blocks: list[HeaderBlock]) -> list[tuple[bytes, bytes]]:
+def block_pairs(blocks: Iterable[HeaderBlock]) -> list[tuple[bytes, bytes]]:
     """Blocks as (name, value) pairs, for a local reply's headers (the HTTP/2 codec encodes blocks in place)."""
     out: list[tuple[bytes, bytes]] = []
     for template, values in blocks:

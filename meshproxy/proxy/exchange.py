@@ -327,7 +327,7 @@ class Stream(StreamInfo, ResponseSink):
         self.details = details
         self.response_started = True
         self.response_complete = True
-        self.conn.send_local_reply(self, status, body, extra + tuple(block_pairs(list(self.downstream_extra)))
+        self.conn.send_local_reply(self, status, body, extra + tuple(block_pairs(self.downstream_extra))
                                    if self.downstream_extra else extra)
 
     def reply_with(self, reply: Reply) -> None:
