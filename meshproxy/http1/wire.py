@@ -145,20 +145,30 @@ def chunk(data: bytes) -> bytes:
 
 
 class DateHeader:
-    """`date: ...` line rebuilt at most once a second (uvicorn's on_tick idea, lazily)."""
+    """`date: ...` line rebuilt at most once a second (uvicorn's on_tick idea, lazily); `value()` the date alone,
+    for HTTP/2's header fields."""
 
-    __slots__ = ("_second", "_line")
+    __slots__ = ("_second", "_line", "_value")
 
     def __init__(self) -> None:
         self._second = -1
         self._line = b""
+        self._value = b""
 
-    def line(self) -> bytes:
+    def _tick(self) -> None:
         now = int(time.time())
         if now != self._second:
             self._second = now
-            self._line = b"date: " + formatdate(now, usegmt=True).encode() + CRLF
+            self._value = formatdate(now, usegmt=True).encode()
+            self._line = b"date: " + self._value + CRLF
+
+    def line(self) -> bytes:
+        self._tick()
         return self._line
+
+    def value(self) -> bytes:
+        self._tick()
+        return self._value
 
 
 DATE: Final = DateHeader()

@@ -260,7 +260,7 @@ class H2DownstreamStream(Downstream, StreamEvents):
             stream.grpc_status = grpc_status_of(headers)  # trailers-only
         self.last_activity = self.loop.time()
         # connection-specific fields an HTTP/1.1 upstream sent are left out by the codec (RFC 9113 8.2.2)
-        self.codec.send_response_head(self.h2, status_value(status), headers, extra, DATE.line()[6:-2], end_stream)
+        self.codec.send_response_head(self.h2, status_value(status), headers, extra, DATE.value(), end_stream)
 
     def send_response_body(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -282,7 +282,7 @@ class H2DownstreamStream(Downstream, StreamEvents):
     def send_local_reply(self, stream: Stream, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...]) -> None:
         if self.h2.closed:
             return
-        date = (b"date", DATE.line()[6:-2])
+        date = (b"date", DATE.value())
         server = (b"server", self.server_name)
         if self.grpc:  # trailers-only, as Envoy's sendLocalReply answers a gRPC request
             headers = grpc_local_reply_headers(status, body, extra)

@@ -201,3 +201,43 @@ def test_a_repeated_block_is_decoded_once_and_again_after_the_table_changes() ->
     assert send(5, indexed) == ((b"x-tag", b"first"),)  # from the kept fields
     send(7, encoder.encode(fields(b"second")))  # a new entry: every dynamic index moves by one
     assert send(9, indexed) == ((b"x-tag", b"second"),)  # the same octets, decoded again in the new table
+
+
+def test_heads_are_encoded_from_their_parts_with_http2s_field_rules() -> None:
+    """send_request_head: the pseudo-header fields, the forwarded fields less those skipped and the
+    connection-specific ones, `te` cut to `trailers` (as Envoy sanitizes it) or dropped, the proxy's blocks,
+    content-length. send_response_head: `:status`, the fields, the blocks, `date` only when none came."""
+    from meshproxy.messages import HeaderTemplate
+
+    client, client_events, server, server_events, handler = connected()
+    stream = client.open_stream(handler)
+    stream.events = CallbackEvents(handler.record, stream.id)
+    forwarded = [(b"x-kept", b"1"), (b"x-skipped", b"2"), (b"connection", b"keep-alive"),
+                 (b"te", b"trailers, deflate"), (b"X-Upper", b"3")]
+    added = [(HeaderTemplate((b"x-added", b"upgrade")), (b"4", b"websocket"))]
+    client.send_request_head(stream, b"POST", b"svc", b"/p", forwarded, frozenset({b"x-skipped"}), added, 2, False)
+    client.send_data(stream, b"ok")
+    client.end_stream(stream)
+    pump(client, server)
+    head = next(value for kind, _, value in server_events if kind == "request")[0]  # type: ignore[index]
+    assert (head.method, head.authority, head.path, head.content_length) == (b"POST", b"svc", b"/p", 2)
+    assert head.headers == [(b"x-kept", b"1"), (b"te", b"trailers"), (b"x-upper", b"3"), (b"x-added", b"4"),
+                            (b"content-length", b"2")]
+
+    stream2 = client.open_stream(handler)
+    stream2.events = CallbackEvents(handler.record, stream2.id)
+    client.send_request_head(stream2, b"GET", b"svc", b"/", [(b"te", b"gzip")], frozenset(), [], -1, True)
+    pump(client, server)
+    head = [value for kind, _, value in server_events if kind == "request"][1][0]  # type: ignore[index]
+    assert head.headers == []
+
+    served = server.streams[stream.id]
+    server.send_response_head(served, b"200", [(b"x-a", b"1"), (b"transfer-encoding", b"chunked")],
+                              [(HeaderTemplate((b"x-b",)), (b"2",))], b"Sun, 06 Dec 2026 18:00:00 GMT", False)
+    server.send_response_head(server.streams[stream2.id], b"204", [(b"date", b"Mon, 07 Dec 2026 00:00:00 GMT")],
+                              [], b"Sun, 06 Dec 2026 18:00:00 GMT", True)
+    pump(client, server)
+    responses = {s: value for kind, s, value in client_events if kind == "response"}
+    assert responses[stream.id] == (200, [(b"x-a", b"1"), (b"x-b", b"2"),
+                                          (b"date", b"Sun, 06 Dec 2026 18:00:00 GMT")], False)
+    assert responses[stream2.id] == (204, [(b"date", b"Mon, 07 Dec 2026 00:00:00 GMT")], True)

@@ -462,13 +462,12 @@ def test_rapid_reset_ends_the_connection_once_half_of_500_streams_were_reset() -
 
 
 def test_frame_heads_and_decimals_match_the_reference() -> None:
-    """frame_prefix's kept prefixes and a stream's id bytes make hyperframe's frame head; the cache stays bounded.
-    decimal() reads what bytes.isdigit() and int() read, -1 for anything else."""
+    """frame_prefix's kept prefixes and a stream's id bytes make the frame head hyperframe reads; the cache stays
+    bounded. decimal() reads what bytes.isdigit() and int() read, -1 for anything else."""
     from meshproxy.http2 import frames
 
     for length, kind, flags, stream_id in [(0, 0, 1, 1), (8, 1, 5, 3), (16_384, 0, 0, 2**31 - 1), (2**24 - 1, 9, 4, 7)]:
         head = frames.frame_prefix(length, kind, flags) + frames.u32(stream_id)
-        assert head == frames.frame_head(length, kind, flags, stream_id)
         parsed, parsed_length = Frame.parse_frame_header(memoryview(head))
         assert (parsed_length, parsed.type, parsed.stream_id, head[4]) == (length, kind, stream_id, flags)
     for length in range(frames.PREFIXES_MAX + 10):
