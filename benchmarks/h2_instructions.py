@@ -11,19 +11,15 @@ the figure is the proxy's total divided by their number. Needs valgrind, nginx a
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 from children import Children, free_port
-from instructions import count_per_request
+from instructions import cli, count_per_request, proxy_argv
 from peers import start_nginx
 from scenarios import GRPC_HEADERS, GRPC_PATH, GRPC_REQUEST, h2_route_files
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def h2load(port: int, requests: int, grpc: bool, work: Path) -> None:
@@ -48,24 +44,10 @@ def measure(tree: Path, python: str, grpc: bool, requests: int) -> float:
     with Children() as children:
         backend = start_nginx(children, nginx, work, None)
         files, _ = h2_route_files(work, backend, "GRPC" if grpc else "HTTP2")
-        configs = [word for path in files for word in ("--config", str(path))]
-        argv = [python, "-m", "meshproxy", "run", *configs, "--listen", f"127.0.0.1:{listen}", "--admin", "off",
-                "--watch-interval", "0", "--no-metrics", "--no-tracing"]
+        argv = [*proxy_argv(python, files, listen), "--no-metrics", "--no-tracing"]
         return count_per_request(tree, argv, {}, listen, lambda port, n: h2load(port, n, grpc, work), 1000,
                                  requests)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tree", type=Path, default=REPO_ROOT, help="the checkout to run from (default: this one)")
-    parser.add_argument("--python", default=sys.executable, help="its interpreter (default: this one)")
-    parser.add_argument("--grpc", action="store_true", help="the grpc-unary scenario (default: h2c)")
-    parser.add_argument("--requests", type=int, default=4000, help="measured requests (default 4000)")
-    args = parser.parse_args()
-    per_request = measure(args.tree.resolve(), args.python, args.grpc, args.requests)
-    print(f"{args.tree}: {per_request / 1000:.1f}k instructions per request "
-          f"({'grpc-unary' if args.grpc else 'h2c'}, {args.requests} requests)")
-
-
 if __name__ == "__main__":
-    main()
+    cli(__doc__, "--grpc", "the grpc-unary scenario (default: h2c)", 4000, measure, ("h2c", "grpc-unary"))

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from children import Children, free_port
@@ -52,9 +52,7 @@ def measure(tree: Path, python: str, telemetry: bool, requests: int) -> float:
     listen = free_port()
     with Children() as children:
         backend = start_python_backend(children, work, None)
-        configs = [word for path in bookinfo_files(work, backend) for word in ("--config", str(path))]
-        argv = [python, "-m", "meshproxy", "run", *configs, "--listen", f"127.0.0.1:{listen}", "--admin", "off",
-                "--watch-interval", "0"]
+        argv = proxy_argv(python, bookinfo_files(work, backend), listen)
         argv += ["--tracing-sampling", "1"] if telemetry else ["--no-metrics", "--no-tracing"]
         env = {**BOOKINFO_PROXY_OPTIONS, "PYTHONPATH": str(tree)}
         return count_per_request(tree, argv, env, listen, send, 200, requests)
@@ -92,17 +90,27 @@ def count_per_request(tree: Path, argv: list[str], env: Mapping[str, str], port:
         proxy.wait(60)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def proxy_argv(python: str, configs: Iterable[Path], port: int) -> list[str]:
+    """`meshproxy run` on `configs`, listening on `port`, no admin, no file polling."""
+    return [python, "-m", "meshproxy", "run", *(word for path in configs for word in ("--config", str(path))),
+            "--listen", f"127.0.0.1:{port}", "--admin", "off", "--watch-interval", "0"]
+
+
+def cli(doc: str, flag: str, flag_help: str, requests: int, measure: Callable[[Path, str, bool, int], float],
+        modes: tuple[str, str]) -> None:
+    """The command line of the counters (this one, h2_instructions.py): --tree, --python, one on/off `flag`
+    (`modes`: what off and on measure), --requests; prints the figure."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--tree", type=Path, default=REPO_ROOT, help="the checkout to measure (default: this one)")
     parser.add_argument("--python", default=sys.executable, help="its interpreter (default: this one)")
-    parser.add_argument("--telemetry", action="store_true", help="Istio metrics and tracing at 1 %% (default: off)")
-    parser.add_argument("--requests", type=int, default=2000, help="measured requests (default 2000)")
+    parser.add_argument(flag, action="store_true", dest="on", help=flag_help)
+    parser.add_argument("--requests", type=int, default=requests, help=f"measured requests (default {requests})")
     args = parser.parse_args()
-    per_request = measure(args.tree.resolve(), args.python, args.telemetry, args.requests)
-    print(f"{args.tree}: {per_request / 1000:.1f}k instructions per request "
-          f"(telemetry {'on' if args.telemetry else 'off'}, {args.requests} requests)")
+    per_request = measure(args.tree.resolve(), args.python, args.on, args.requests)
+    print(f"{args.tree}: {per_request / 1000:.1f}k instructions per request ({modes[args.on]}, {args.requests} "
+          "requests)")
 
 
 if __name__ == "__main__":
-    main()
+    cli(__doc__, "--telemetry", "Istio metrics and tracing at 1 %% (default: off)", 2000, measure,
+        ("telemetry off", "telemetry on"))
