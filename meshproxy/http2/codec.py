@@ -92,7 +92,7 @@ from .frames import (
 from .frames import PREFACE as PREFACE
 from .frames import SPEC_WINDOW as SPEC_WINDOW
 from .head import build_request_head
-from .hpack_codec import DEFAULT_TABLE_SIZE, Decoder, Encoder
+from .hpack_codec import DEFAULT_TABLE_SIZE, Decoder, Encoder, Pair
 
 MAX_CONCURRENT_STREAMS: Final = 1024  # Envoy's http2_protocol_options defaults
 INITIAL_STREAM_WINDOW: Final = 16 * 1024 * 1024
@@ -222,13 +222,16 @@ class H2Stream:
 
 
 class KnownBlock:
-    """A header block decoded before: its fields, the decoder's table state then, the kinds they were valid as."""
+    """A header block decoded before: its fields, how they hold again, the kinds they were valid as."""
 
-    __slots__ = ("fields", "changes", "valid")
+    __slots__ = ("fields", "changes", "added", "valid")
 
-    def __init__(self, fields: list[tuple[bytes, bytes]], changes: int) -> None:
+    def __init__(self, fields: list[tuple[bytes, bytes]], changes: int, added: list[Pair] | None) -> None:
         self.fields = fields
-        self.changes = changes  # the decoder's `changes` when decoded (and after: the block changed nothing)
+        # A block that read no dynamic entry holds whatever the table: `added`, the entries it adds, go in again.
+        # Else it holds while the table is as it was: the decoder's `changes` then (the block changed nothing).
+        self.added = added
+        self.changes = changes
         self.valid = 0  # bit 1 << kind (REQUEST_FIELDS...): field_problem found nothing for that kind
 
 
@@ -537,28 +540,48 @@ class H2Codec:
             self._on_header_block(stream_id, self.block_end_stream, block)
 
     def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        """The block's fields. A block seen before that left the table as it was (every field indexed, or literals
-        not added to it) decodes to the same fields while the table has not changed since: they are kept, by the
-        block's octets, with the checks they passed. A peer repeats its blocks (the same call again), so most
-        blocks cost one lookup, not a decoding and a validation. Never mutated by the caller."""
+        """The block's fields. A peer repeats its blocks (the same call again), so they are kept, by the block's
+        octets, with the checks they passed, and most blocks cost one lookup, not a decoding and a validation:
+        - a block that read no dynamic entry (static indexes and literals: nginx's way) decodes to the same
+          fields whatever the table holds; the entries it added go in again;
+        - any other block that left the table as it was (every field indexed, or literals not added to it)
+          decodes alike while the table has not changed since.
+        Never mutated by the caller."""
         decoder = self.decoder
         changes = decoder.changes
         known = self.known_blocks.get(block)
-        if known is not None and known.changes == changes:
-            self.current = known
-            return known.fields
+        if known is not None:
+            added = known.added
+            if added is not None:
+                if added:
+                    try:
+                        decoder.replay(added)
+                    except HPACKError as error:
+                        self._fail(COMPRESSION_ERROR, f"HPACK: {error}")
+                self.current = known
+                return known.fields
+            if known.changes == changes:
+                self.current = known
+                return known.fields
         try:
             headers: list[tuple[bytes, bytes]] = decoder.decode(block, True)
         except OversizedHeaderListError:
             self._fail(ENHANCE_YOUR_CALM, "header list too large")
         except HPACKError as error:
             self._fail(COMPRESSION_ERROR, f"HPACK: {error}")
-        if decoder.changes == changes and len(block) <= KNOWN_BLOCK_MAX_SIZE:
-            if len(self.known_blocks) >= KNOWN_BLOCKS_MAX:
-                self.known_blocks.clear()
-            self.current = self.known_blocks[block] = KnownBlock(headers, changes)
-        else:
-            self.current = None
+        kept: KnownBlock | None = None
+        if len(block) <= KNOWN_BLOCK_MAX_SIZE:
+            count = decoder.added
+            if count >= 0:
+                entries = decoder.entries
+                kept = KnownBlock(headers, changes, entries[len(entries) - count:])
+            elif decoder.changes == changes:
+                kept = KnownBlock(headers, changes, None)
+            if kept is not None:
+                if len(self.known_blocks) >= KNOWN_BLOCKS_MAX:
+                    self.known_blocks.clear()
+                self.known_blocks[block] = kept
+        self.current = kept
         return headers
 
     def _check_fields(self, headers: list[tuple[bytes, bytes]], kind: int) -> None:

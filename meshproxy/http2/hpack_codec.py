@@ -460,6 +460,9 @@ class Decoder:
         self.oldest = 0
         self.last_literals: dict[int, LastLiteral] = {}  # by static name index (bounded: 61 at most)
         self.changes = 0  # counts every change to the table: a block that changes nothing decodes alike while equal
+        # The last block's entries added, counted when it read no dynamic entry (-1 otherwise): such a block
+        # decodes alike whatever the table holds, and does to it what `replay(entries)` does.
+        self.added = -1
 
     @property
     def header_table_size(self) -> int:
@@ -501,6 +504,13 @@ class Decoder:
         self.entries.append(header)
         self.size += entry_size
 
+    def replay(self, added: list[Pair]) -> None:
+        """What a block that read no dynamic entry does to the table again: `added`, its entries, in order."""
+        for header in added:
+            self._add(header)
+        if self.max_size > self.max_allowed_table_size:
+            raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
+
     def _entry(self, index: int) -> Pair:
         if 0 < index <= STATIC_LENGTH:
             return STATIC[index - 1]
@@ -516,6 +526,8 @@ class Decoder:
         end = len(data)
         position = 0
         inflated = 0
+        added = 0
+        independent = True  # no dynamic entry read, no size update
         while position < end:
             first = data[position]
             never = False
@@ -525,7 +537,11 @@ class Decoder:
                     position += 1
                 else:
                     index, position = decode_integer(data, position, 7)
-                header: Pair = STATIC[index - 1] if 0 < index <= STATIC_LENGTH else self._entry(index)
+                if 0 < index <= STATIC_LENGTH:
+                    header: Pair = STATIC[index - 1]
+                else:
+                    header = self._entry(index)
+                    independent = False
             elif first & 0x40 or not first & 0x20:  # a literal (6.2)
                 indexing = bool(first & 0x40)
                 if indexing:
@@ -555,14 +571,18 @@ class Decoder:
                         if len(octets) <= CACHED_STRING_MAX:  # a peer cannot make a connection keep large ones
                             self.last_literals[index] = LastLiteral(octets, header)
                 else:
-                    if index:
-                        name = STATIC[index - 1][0] if index <= STATIC_LENGTH else self._entry(index)[0]
+                    if index <= STATIC_LENGTH and index:
+                        name = STATIC[index - 1][0]
+                    elif index:
+                        name = self._entry(index)[0]
+                        independent = False
                     else:
                         name, position = decode_string(data, position)
                     value, position = decode_string(data, position)
                     header = (name, value)
                 if indexing:
                     self._add(header)
+                    added += 1
             else:  # dynamic table size update (6.3)
                 if headers:
                     raise HPACKDecodingError("Table size update not at the start of the block")
@@ -570,6 +590,7 @@ class Decoder:
                 if size > self.max_allowed_table_size:
                     raise InvalidTableSizeError("Encoder exceeded max allowable table size")
                 self.header_table_size = size
+                independent = False
                 continue
             inflated += len(header[0]) + len(header[1]) + ENTRY_OVERHEAD
             if inflated > self.max_header_list_size:
@@ -581,6 +602,8 @@ class Decoder:
                 headers.append(header)
         if self.max_size > self.max_allowed_table_size:
             raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
+        # (an entry too large for the table empties it: then fewer than `added` are there, and none is replayed)
+        self.added = added if independent and len(self.entries) - self.oldest >= added else -1
         if not raw:
             try:
                 return [(name.decode("utf-8"), value.decode("utf-8")) for name, value in headers]

@@ -265,3 +265,26 @@ def test_the_decoder_keeps_no_large_literal_between_blocks() -> None:
     small = [(b"cookie", b"c=d")]
     assert ours.decode(hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(*small[0])]), raw=True) == small
     assert list(ours.last_literals) == [32] and ours.last_literals[32].header == small[0]  # cookie: static 32
+
+
+def test_a_block_that_reads_no_dynamic_entry_counts_the_entries_it_adds() -> None:
+    """`added`: the entries a block added when it read no dynamic entry (what `replay` puts in again), else -1:
+    a dynamic index, a dynamic name, a size update, or an entry too large for the table (which empties it)."""
+    nginx = bytes.fromhex("887689aa6355e580ae212e1f5c0138")  # :status 200, server and content-length added
+    decoder, reference = Decoder(), hpack.Decoder()
+    assert decoder.decode(nginx, raw=True) == reference.decode(nginx, raw=True)
+    assert decoder.added == 2
+    decoder.replay(decoder.table()[::-1][-2:])
+    reference.decode(nginx, raw=True)
+    assert decoder.table() == list(reference.header_table.dynamic_entries)
+    for block in (b"\xbe",  # the dynamic entry 62
+                  b"\x7e\x01x",  # a literal of entry 62's name
+                  b"\x3f\xe1\x1f\x82"):  # a table size update (to 4096), then :method GET
+        decoder.decode(block, raw=True)
+        assert decoder.added == -1
+    assert decoder.decode(b"\x82", raw=True) == [(b":method", b"GET")]  # static indexes only
+    assert decoder.added == 0
+    small = Decoder()
+    small.header_table_size = small.max_allowed_table_size = 64
+    small.decode(b"\x40\x01a\x01b" + b"\x40\x01c\x20" + b"x" * 32, raw=True)  # the second entry empties the table
+    assert small.added == -1 and small.table() == []

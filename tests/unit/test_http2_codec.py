@@ -170,8 +170,10 @@ def headers_frame(stream_id: int, block: bytes) -> bytes:
 
 
 def test_a_repeated_block_is_decoded_once_and_again_after_the_table_changes() -> None:
-    """A block seen before decodes from the kept fields only while the decoder's table is as it was: the same
-    octets after the table changed mean other fields (indexes move), checked against hpack's own decoder."""
+    """A block seen before that read dynamic entries decodes from the kept fields only while the decoder's table
+    is as it was: the same octets after the table changed mean other fields (indexes move). A block that read no
+    dynamic entry is kept whatever the table, and adds its entries again. Checked against hpack's own decoder,
+    table included."""
     import hpack
 
     encoder, reference = hpack.Encoder(), hpack.Decoder()
@@ -191,16 +193,21 @@ def test_a_repeated_block_is_decoded_once_and_again_after_the_table_changes() ->
         codec.feed(headers_frame(stream_id, block))
         head = next(value for kind, s, value in events if kind == "request" and s == stream_id)[0]  # type: ignore[index]
         assert head.headers == expected
+        assert codec.decoder.table() == list(reference.header_table.dynamic_entries)
         return tuple(head.headers)
 
-    send(1, encoder.encode(fields(b"first")))  # literals: the table changes, nothing kept
-    assert not codec.known_blocks
+    literal = encoder.encode(fields(b"first"))  # static indexes and literals: x-tag added to the table
+    send(1, literal)
+    assert set(codec.known_blocks) == {literal}
     indexed = encoder.encode(fields(b"first"))  # every field indexed now: the same octets each time
     assert send(3, indexed) == ((b"x-tag", b"first"),)
-    assert set(codec.known_blocks) == {indexed}
+    assert set(codec.known_blocks) == {literal, indexed}
     assert send(5, indexed) == ((b"x-tag", b"first"),)  # from the kept fields
     send(7, encoder.encode(fields(b"second")))  # a new entry: every dynamic index moves by one
     assert send(9, indexed) == ((b"x-tag", b"second"),)  # the same octets, decoded again in the new table
+    for stream_id in (11, 13):  # kept: the same fields, and x-tag: first added again each time
+        assert send(stream_id, literal) == ((b"x-tag", b"first"),)
+    assert codec.decoder.table()[:2] == [(b"x-tag", b"first")] * 2
 
 
 def test_heads_are_encoded_from_their_parts_with_http2s_field_rules() -> None:
