@@ -204,13 +204,44 @@ def new_span_id(randbits: Callable[[int], int]) -> bytes:
     return (randbits(64) or 1).to_bytes(8, "big").hex().encode()
 
 
-_UUID_KEEP: Final = ((1 << 128) - 1) ^ (0xF000 << 64) ^ (0xC000 << 48)  # all but the version nibble and variant bits
-_UUID_SET: Final = (0x4000 << 64) | (0x8000 << 48)  # version 4, variant RFC 4122
+REQUEST_IDS_PER_DRAW: Final = 64
+UUID_LENGTH: Final = 36
+UUID_DASHES: Final = (8, 13, 18, 23)  # the 8-4-4-4-12 form's
+UUID_VERSION: Final = 14  # its `4`
+UUID_VARIANT: Final = 19  # 8, 9, a or b: two random bits (RFC 4122)
+_VARIANT: Final = bytes.maketrans(b"0123456789abcdef", b"89ab89ab89ab89ab")
 
 
-def uuid4(bits: int) -> bytes:
-    """An RFC 4122 version-4 UUID (Envoy's x-request-id) from 128 random bits."""
-    return uuid_text(hexlify((bits & _UUID_KEEP | _UUID_SET).to_bytes(16, "big")))
+class RequestIds:
+    """RFC 4122 version-4 UUIDs (Envoy's x-request-id), 64 from each random draw, each id one slice of their
+    texts (Envoy's generator also buffers its randomness)."""
+
+    __slots__ = ("randbits", "texts", "at")
+
+    def __init__(self, randbits: Callable[[int], int]) -> None:
+        self.randbits = randbits
+        self.texts = b""
+        self.at = 0
+
+    def next(self) -> bytes:
+        at = self.at
+        if at >= len(self.texts):
+            self.texts = uuid_texts(self.randbits(4 * UUID_LENGTH * REQUEST_IDS_PER_DRAW), REQUEST_IDS_PER_DRAW)
+            at = 0
+        self.at = at + UUID_LENGTH
+        return self.texts[at:at + UUID_LENGTH]
+
+
+def uuid_texts(bits: int, count: int) -> bytes:
+    """`count` version-4 UUIDs' texts, one after the other, from `count` x 144 random bits: 36 random hex digits
+    each, then the dashes, the version and the variant written over their columns (a handful of strided
+    copies for them all, not a formatting per id; 122 random bits are left in each, as RFC 4122 has it)."""
+    texts = bytearray(hexlify(bits.to_bytes(UUID_LENGTH * count // 2, "big")))
+    for place in UUID_DASHES:
+        texts[place::UUID_LENGTH] = b"-" * count
+    texts[UUID_VERSION::UUID_LENGTH] = b"4" * count
+    texts[UUID_VARIANT::UUID_LENGTH] = bytes(texts[UUID_VARIANT::UUID_LENGTH]).translate(_VARIANT)
+    return bytes(texts)
 
 
 def uuid_text(h: bytes) -> bytes:

@@ -23,12 +23,13 @@ from meshproxy.telemetry.core import MeshTelemetry, Telemetry
 from meshproxy.telemetry.peer import Workload
 from meshproxy.telemetry.propagation import (
     TRACE_HEADERS,
+    RequestIds,
     extract,
     first_values,
     parse_b3_single,
     parse_traceparent,
     request_id_dice,
-    uuid4,
+    uuid_texts,
 )
 
 T128 = "463ac35c9f6413ad48485a3953bb6124"
@@ -319,11 +320,27 @@ def test_unsampled_requests_make_no_span() -> None:
     assert recorder.spans == []
 
 
-def test_uuid4_layout() -> None:
-    for bits in (0, (1 << 128) - 1, random.Random(5).getrandbits(128)):
-        text = uuid4(bits).decode()
+def test_request_ids_are_version_4_uuids_of_their_random_digits() -> None:
+    """Each id is 36 hex digits of its draw, in order, with the 8-4-4-4-12 dashes, the version `4` and the RFC 4122
+    variant written over four digits; a new draw every 64 ids."""
+    draws: list[int] = []
+
+    def randbits(count: int) -> int:
+        draws.append(random.Random(len(draws)).getrandbits(count))
+        return draws[-1]
+
+    ids = RequestIds(randbits)
+    texts = [ids.next().decode() for _ in range(130)]
+    assert len(draws) == 3
+    for at, text in enumerate(texts):
+        digits = f"{draws[at // 64]:0{64 * 36}x}"[at % 64 * 36:][:36]
+        variant = "89ab"[int(digits[19], 16) % 4]
+        assert text == f"{digits[:8]}-{digits[9:13]}-4{digits[15:18]}-{variant}{digits[20:23]}-{digits[24:]}"
         value = uuid.UUID(text)
         assert value.version == 4 and value.variant == uuid.RFC_4122 and str(value) == text
+    assert len(set(texts)) == 130
+    for bits in (0, (1 << 144) - 1):
+        assert uuid_texts(bits, 1).decode() == str(uuid.UUID(int=0 if bits == 0 else (1 << 128) - 1, version=4))
 
 
 def test_parsers_never_raise_on_junk() -> None:
