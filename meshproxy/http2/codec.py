@@ -108,8 +108,17 @@ MAX_HEADER_BLOCK: Final = 1 << 17  # encoded, HEADERS and CONTINUATIONs together
 MAX_QUEUED_CONTROL_FRAMES: Final = 1000
 PREMATURE_RESET_STREAMS: Final = 500
 
-LOWER_NAMES: Final[set[bytes]] = set()  # field names sent already found lower-case (_add_fields)
-LOWER_NAMES_MAX: Final = 1024  # then no more are added (names are few; values do not go here)
+# What _add_fields does with a field by its (lower-case) name: one dict lookup per field, its hash kept by the name.
+FORWARD: Final = 0
+LEAVE_OUT: Final = 1  # connection-specific (RFC 9113 8.2.2)
+TE_FIELD: Final = 2  # sent only as `trailers`
+DATE_FIELD: Final = 3  # noted: the response then gets no `date` of the proxy's
+CREDENTIALS: Final = 4  # never indexed (RFC 7541 7.1.3), as h2 sends them
+COOKIE: Final = 5  # never indexed when short (under 20 octets: h2's rule)
+NAME_KINDS: Final[dict[bytes, int]] = {
+    **{name: LEAVE_OUT for name in CONNECTION_HEADERS}, b"te": TE_FIELD, b"date": DATE_FIELD,
+    b"authorization": CREDENTIALS, b"proxy-authorization": CREDENTIALS, b"cookie": COOKIE}
+NAME_KINDS_MAX: Final = 1024  # names sent found lower-case are added as FORWARD up to this many (values never)
 KNOWN_BLOCKS_MAX: Final = 16  # header blocks kept per connection (_decode), then the cache starts over
 KNOWN_BLOCK_MAX_SIZE: Final = 512  # octets: a larger block is decoded each time (and costs no memory kept)
 TE: Final = b"te"
@@ -806,22 +815,30 @@ class H2Codec:
         encoder = self.encoder
         dated = False
         for name, value in headers:
-            if name not in LOWER_NAMES:  # names repeat: one set lookup (their hash is kept), not a scan
+            kind = NAME_KINDS.get(name, -1)
+            if kind < 0:  # a name not seen yet (or one with upper case: lower() then, each time)
                 if not name.islower():  # upper case in it (or no letter at all: lower() changes nothing then)
                     name = name.lower()
-                elif len(LOWER_NAMES) < LOWER_NAMES_MAX:
-                    LOWER_NAMES.add(name)
-            if name == TE:  # the one `te` HTTP/2 allows (gRPC needs it), whatever else the sender listed
-                if value == TRAILERS or value.lower().find(TRAILERS) >= 0:  # not `in`: see http1/head.py
+                    kind = NAME_KINDS.get(name, FORWARD)
+                else:
+                    kind = FORWARD
+                    if len(NAME_KINDS) < NAME_KINDS_MAX:
+                        NAME_KINDS[name] = FORWARD
+            if kind == TE_FIELD:  # the one `te` HTTP/2 allows (gRPC needs it), kept even when `connection` named
+                if value == TRAILERS or value.lower().find(TRAILERS) >= 0:  # it, as Envoy does; `in`: http1/head.py
                     encoder.add(TE, TRAILERS, False, parts)
                 continue
-            if name in skip or name in CONNECTION_HEADERS:
+            if skip and name in skip:
                 continue
-            if name == DATE:
+            if kind == FORWARD:
+                encoder.add(name, value, False, parts)
+            elif kind == DATE_FIELD:
                 dated = True
-            sensitive = name == b"authorization" or name == b"proxy-authorization" or (
-                name == b"cookie" and len(value) < 20)
-            encoder.add(name, value, sensitive, parts)
+                encoder.add(name, value, False, parts)
+            elif kind == CREDENTIALS or (kind == COOKIE and len(value) < 20):
+                encoder.add(name, value, True, parts)
+            elif kind == COOKIE:
+                encoder.add(name, value, False, parts)
         return dated
 
     def _add_blocks(self, parts: list[bytes], blocks: list[HeaderBlock]) -> None:
