@@ -855,17 +855,20 @@ class H2Codec:
                     encoder.add(name, values[i], False, parts)
 
     def _send_block(self, wire_id: bytes, parts: list[bytes], end_stream: bool) -> None:
-        """One encoded header block: HEADERS, then CONTINUATIONs when it is larger than the peer's frame size."""
-        block = b"".join(parts)
-        size = len(block)
+        """One encoded header block: HEADERS, then CONTINUATIONs when it is larger than the peer's frame size. A
+        block in one frame goes out as its parts, joined once with everything else by data_to_send."""
+        size = 0
+        for part in parts:
+            size += len(part)
         limit = self.peer_max_frame
         flags = END_STREAM if end_stream else 0
         out = self.out
         if size <= limit:
             out.append(frame_prefix(size, HEADERS, flags | END_HEADERS))
             out.append(wire_id)
-            out.append(block)
+            out.extend(parts)
             return
+        block = b"".join(parts)
         out.append(frame_prefix(limit, HEADERS, flags))
         out.append(wire_id)
         out.append(block[:limit])
