@@ -505,9 +505,21 @@ class Decoder:
         self.size += entry_size
 
     def replay(self, added: list[Pair]) -> None:
-        """What a block that read no dynamic entry does to the table again: `added`, its entries, in order."""
+        """What a block that read no dynamic entry does to the table again: `added`, its entries, in order. At once
+        when they fit the table together (as they did when the block came): the oldest entries go until they all
+        fit, what adding them one by one leaves too."""
+        size = 0
         for header in added:
-            self._add(header)
+            size += len(header[0]) + len(header[1]) + ENTRY_OVERHEAD
+        if size <= self.max_size:
+            self.changes += 1
+            if self.size + size > self.max_size:
+                self._evict(size)
+            self.entries.extend(added)
+            self.size += size
+        else:
+            for header in added:
+                self._add(header)
         if self.max_size > self.max_allowed_table_size:
             raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
 

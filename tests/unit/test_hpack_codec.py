@@ -288,3 +288,40 @@ def test_a_block_that_reads_no_dynamic_entry_counts_the_entries_it_adds() -> Non
     small.header_table_size = small.max_allowed_table_size = 64
     small.decode(b"\x40\x01a\x01b" + b"\x40\x01c\x20" + b"x" * 32, raw=True)  # the second entry empties the table
     assert small.added == -1 and small.table() == []
+
+
+def literal_block(fields: list[tuple[bytes, bytes]]) -> bytes:
+    """Literals with incremental indexing and a new name, not Huffman-coded: a block that reads no dynamic entry."""
+    out = bytearray()
+    for name, value in fields:
+        out.append(0x40)
+        for string in (name, value):
+            assert len(string) < 0x7F
+            out.append(len(string))
+            out += string
+    return bytes(out)
+
+
+def test_a_replayed_block_leaves_the_table_as_decoding_it_again_does() -> None:
+    """`replay` of a block's entries against hpack's decoder decoding it again, through evictions, and after a size
+    update that leaves the block's entries too large to fit together (then they go in one by one)."""
+    rng = random.Random(SEED)
+    blocks = [literal_block([(b"x-%d" % rng.randrange(50), b"v" * rng.randrange(1, 60))
+                             for _ in range(rng.randrange(1, 5))]) for _ in range(8)]
+    decoder, reference = Decoder(), hpack.Decoder()
+    kept: dict[bytes, list[tuple[bytes, ...]]] = {}
+    for step in range(300):
+        if step == 150:  # both shrink to 100 octets: a kept block of three or four entries no longer fits at once
+            for side in (decoder, reference):
+                side.decode(b"\x3f\x45", raw=True)
+        block = rng.choice(blocks)
+        expected = reference.decode(block, raw=True)
+        if block in kept:
+            decoder.replay(kept[block])
+        else:
+            assert decoder.decode(block, raw=True) == expected
+            if decoder.added >= 0:  # (-1: its entries did not all fit the table)
+                assert decoder.added == len(expected)
+                kept[block] = decoder.table()[:len(expected)][::-1]
+        assert decoder.table() == list(reference.header_table.dynamic_entries)
+        assert decoder.size == reference.header_table._current_size
