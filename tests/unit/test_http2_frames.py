@@ -466,7 +466,11 @@ def test_frame_heads_and_decimals_match_the_reference() -> None:
     bounded. decimal() reads what bytes.isdigit() and int() read, -1 for anything else."""
     from meshproxy.http2 import frames
 
-    for length, kind, flags, stream_id in [(0, 0, 1, 1), (8, 1, 5, 3), (16_384, 0, 0, 2**31 - 1), (2**24 - 1, 9, 4, 7)]:
+    cases = [(0, 0, 1, 1), (8, 1, 5, 3), (16_384, 0, 0, 2**31 - 1), (2**24 - 1, 9, 4, 7)]
+    # the short frames' list (DATA and HEADERS, END_STREAM or not, to 1,023 octets) at its edges, and beside it
+    cases += [(length, kind, flags, 5) for length in (1, 255, 1023, 1024) for kind, flags in
+              [(0, 0), (0, 1), (1, 4), (1, 5), (0, 8), (1, 0), (1, 0x24), (2, 0), (8, 0), (9, 5)]]
+    for length, kind, flags, stream_id in cases * 2:  # made, then kept
         head = frames.frame_prefix(length, kind, flags) + frames.u32(stream_id)
         parsed, parsed_length = Frame.parse_frame_header(memoryview(head))
         assert (parsed_length, parsed.type, parsed.stream_id, head[4]) == (length, kind, stream_id, flags)
