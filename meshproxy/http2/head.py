@@ -31,6 +31,11 @@ def build_request_head(block: list[tuple[bytes, bytes]], end_stream: bool,
     cookies: list[bytes] = []
     content_length: int | None = None
     size = 0
+    filters = policy.filters_names  # the policy read once, not per field
+    underscores = policy.underscores
+    checks_underscores = underscores != UNDERSCORE_ALLOW
+    strip_names = policy.strip_names
+    strip_prefix = policy.strip_prefix
     for index in range(len(block)):
         name, value = block[index]
         size += len(name) + len(value)
@@ -44,12 +49,12 @@ def build_request_head(block: list[tuple[bytes, bytes]], end_stream: bool,
                 authority = value
             continue  # :scheme: the upstream scheme is the proxy's own
         keep = True
-        if policy.filters_names:
-            if policy.underscores != UNDERSCORE_ALLOW and 0x5F in name:  # an int: memchr (see http1/head.py)
-                if policy.underscores == UNDERSCORE_REJECT:
+        if filters:
+            if checks_underscores and 0x5F in name:  # an int: memchr (see http1/head.py)
+                if underscores == UNDERSCORE_REJECT:
                     raise ProtocolError(400, "http2.unexpected_underscore")
                 keep = False
-            elif name in policy.strip_names or (policy.strip_prefix and name.startswith(policy.strip_prefix)):
+            elif (strip_names and name in strip_names) or (strip_prefix and name.startswith(strip_prefix)):
                 keep = False
         if keep:
             if name == COOKIE:
