@@ -638,18 +638,19 @@ def _forward(conn: Downstream, stream: Stream, route: Route, port: int) -> bool:
     timeout = route.timeout
     if stream.grpc_timeout:
         timeout = min(timeout, stream.grpc_timeout) if timeout else stream.grpc_timeout
-    stream.deadline = conn.loop.time() + timeout if timeout else None
+    now = conn.loop.time()
+    stream.deadline = now + timeout if timeout else None
     key = stream.hash_key = state.hash_key(head, stream.connection.peer_ip) if state.policy.hash is not None else None
     stream.avoid_previous = retry.avoid_previous_hosts and key is None  # Istio turns it off with consistent hashing
-    return _attempt(conn, stream)
+    return _attempt(conn, stream, now)
 
 
-def _attempt(conn: Downstream, stream: Stream) -> bool:
-    """Start the next attempt: on an idle connection at once, else in a task that connects first."""
+def _attempt(conn: Downstream, stream: Stream, now: float) -> bool:
+    """Start the next attempt (`now`: the loop's time): on an idle connection at once, else in a task that connects
+    first."""
     state = stream.cluster_state
     assert state is not None
     stream.attempts += 1
-    now = conn.loop.time()
     target = state.only or state.pick(stream.hash_key, stream.tried if stream.avoid_previous else (), conn.random, now)
     if target is None:  # every endpoint ejected
         stream.reply_with(NO_HEALTHY_UPSTREAM)
@@ -663,7 +664,7 @@ def _attempt(conn: Downstream, stream: Stream) -> bool:
     if upstream is None:
         _spawn(conn, stream, _connect, target)
     else:
-        _send(conn, stream, upstream, target)
+        _send(conn, stream, upstream, target, now)
     return False
 
 
@@ -693,12 +694,13 @@ async def _connect(conn: Downstream, stream: Stream, target: EndpointState) -> b
             return _back_off(conn, stream, error.details())
         _give_up(stream, retry, CONNECT_FAILURE, False, error)
         return True
-    _send(conn, stream, upstream, target)
+    _send(conn, stream, upstream, target, loop.time())
     return False
 
 
-def _send(conn: Downstream, stream: Stream, upstream: UpstreamStream, target: EndpointState) -> None:
-    """Send the request on `upstream`; its response comes back through the Stream's sink callbacks."""
+def _send(conn: Downstream, stream: Stream, upstream: UpstreamStream, target: EndpointState, now: float) -> None:
+    """Send the request on `upstream` (`now`: the loop's time); its response comes back through the Stream's sink
+    callbacks."""
     loop = conn.loop
     route = stream.route
     assert route is not None
@@ -707,7 +709,6 @@ def _send(conn: Downstream, stream: Stream, upstream: UpstreamStream, target: En
     stream.upstream_principal = upstream.peer_principal  # "" unless mutual TLS (telemetry's destination_principal)
     target.active += 1
     upstream.attach(stream, stream.head.method == b"HEAD")
-    now = loop.time()
     deadline = stream.deadline
     per_try = route.retry.per_try_timeout
     if per_try is not None and (deadline is None or now + per_try < deadline):
@@ -796,7 +797,7 @@ def _after_failure(conn: Downstream, stream: Stream, upstream: UpstreamStream,
         stream.reused_retries += 1
         stream.tried.pop()
         stream.attempts -= 1
-        return _attempt(conn, stream)
+        return _attempt(conn, stream, conn.loop.time())
     if _should_retry(stream, state, retry, kind, True):
         stream.retrying = True
         return _back_off(conn, stream, "per_try_timeout" if kind == PER_TRY_TIMEOUT else outcome.details())
@@ -1059,7 +1060,7 @@ def _back_off(conn: Downstream, stream: Stream, reason: str) -> bool:
 
 async def _retry_after(conn: Downstream, stream: Stream, wait: float) -> bool:
     await asyncio.sleep(wait)
-    return _attempt(conn, stream)
+    return _attempt(conn, stream, conn.loop.time())
 
 
 async def _time_out_at(conn: Downstream, stream: Stream, deadline: float) -> bool:
