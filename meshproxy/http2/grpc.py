@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Final
 
 from ..messages import RequestHead
+from .frames import decimal
 
 PREFIX: Final = 5  # compressed flag + length
 GRPC_CONTENT_TYPE: Final = b"application/grpc"
@@ -29,7 +30,8 @@ def grpc_status_of(headers: list[tuple[bytes, bytes]]) -> int:
     """The grpc-status in a header block (a trailers-only response, or trailers); -2 when there is none."""
     for name, value in headers:
         if name == GRPC_STATUS:
-            return int(value) if value.isdigit() else GRPC_UNKNOWN
+            status = decimal(value)  # a native loop, not isdigit() and int(): method calls
+            return status if status >= 0 else GRPC_UNKNOWN
     return -2
 
 
