@@ -242,9 +242,11 @@ class H2DownstreamStream(Downstream, StreamEvents):
         self.h2 = h2stream
         self.stream: Stream | None = None
         self.grpc = is_grpc(head)
-        # gRPC messages each way (istio_request_messages_total, istio_response_messages_total); None: not gRPC
-        self.messages_in: MessageCounter | None = MessageCounter() if self.grpc else None
-        self.messages_out: MessageCounter | None = MessageCounter() if self.grpc else None
+        # gRPC messages each way, for Istio's istio_request_messages_total and istio_response_messages_total (their
+        # only reader); None: not gRPC, or no metrics
+        counted = self.grpc and self.telemetry.metrics is not None
+        self.messages_in: MessageCounter | None = MessageCounter() if counted else None
+        self.messages_out: MessageCounter | None = MessageCounter() if counted else None
         self.remote_reset = False
         self.server_name = connection.ctx.server_name
         self.last_activity = self.loop.time()  # of the last byte either way (the stream idle timeout)
