@@ -86,9 +86,21 @@ class HeadPolicy:
 DEFAULT_POLICY: Final = HeadPolicy()
 
 
+def _has_dot_segment(path: bytes) -> bool:
+    """A segment that starts with a dot ("/."): a native scan of a short path (a gRPC method's has a dot, and no
+    such segment), find() for a long one (memmem, past the cost of its method call)."""
+    size = len(path)
+    if size > 64:
+        return path.find(b"/.") >= 0
+    for at in range(1, size):
+        if path[at] == _DOT and path[at - 1] == 0x2F:
+            return True
+    return False
+
+
 def remove_dot_segments(path: bytes) -> bytes:
     """RFC 3986 section 5.2.4, as Envoy's normalize_path (Istio's default BASE normalization)."""
-    if _DOT not in path or path.find(b"/.") < 0:  # an int first: memchr (see split_target)
+    if _DOT not in path or not _has_dot_segment(path):  # an int first: memchr (see split_target)
         return path
     output: list[bytes] = []
     segments = path.split(b"/")

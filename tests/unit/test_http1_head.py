@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from meshproxy.http1.errors import ProtocolError
@@ -10,6 +12,7 @@ from meshproxy.http1.head import (
     ENVOY_PREFIX,
     HeadPolicy,
     build_request_head,
+    remove_dot_segments,
     split_target,
     valid_authority,
 )
@@ -208,3 +211,33 @@ def test_declared_body_over_the_limit_is_413_before_any_byte() -> None:
     assert head(HOST, (b"content-length", b"100"), policy=policy).content_length == 100
     assert refused(HOST, (b"content-length", b"101"), policy=policy) == (413, "request_payload_too_large")
     assert head(HOST, (b"transfer-encoding", b"chunked"), policy=policy).chunked  # counted while streaming
+
+
+def rfc3986_remove_dot_segments(path: str) -> str:
+    """RFC 3986 5.2.4 as written: the input buffer, rules A to E."""
+    output = ""
+    while path:
+        if path.startswith(("../", "./")):
+            path = path[path.index("/") + 1:]
+        elif path.startswith("/./") or path == "/.":
+            path = "/" + path[3 if path.startswith("/./") else 2:]
+        elif path.startswith("/../") or path == "/..":
+            path = "/" + path[4 if path.startswith("/../") else 3:]
+            output = output[:output.rfind("/")] if "/" in output else ""
+        elif path in (".", ".."):
+            path = ""
+        else:
+            end = path.find("/", 1)
+            end = len(path) if end < 0 else end
+            output, path = output + path[:end], path[end:]
+    return output
+
+
+def test_dot_segments_are_removed_as_rfc3986_says_short_and_long_paths() -> None:
+    """Paths around the 64 octets where the scan for "/." changes method, against the RFC's own algorithm."""
+    rng = random.Random(3986)
+    pieces = ["a", "bc", ".", "..", ".x", "x.", "...", "pkg.Service", "Method"]
+    for _ in range(3000):
+        path = "/" + "/".join(rng.choice(pieces) for _ in range(rng.randrange(1, 30)))
+        path = path[:rng.choice([len(path), 63, 64, 65, 66])] or "/"
+        assert remove_dot_segments(path.encode()).decode() == rfc3986_remove_dot_segments(path), path
