@@ -191,7 +191,8 @@ class Telemetry:
 
     __slots__ = ("listener", "direction", "access_log", "strip_request", "mesh", "inbound", "watched", "tracing",
                  "metrics", "request_peer_headers", "response_extra", "reads_response", "randbits", "request_ids",
-                 "series", "clusters", "peers", "peer_cache", "table", "address", "seen_table", "service", "operation", "recent")
+                 "series", "clusters", "peers", "peer_cache", "table", "address", "seen_table", "service", "operation",
+                 "recent")
 
     def __init__(self, listener: str, direction: str, access_log: AccessLog, mesh: MeshTelemetry | None = None, *,
                  table: Callable[[], RouteTable] | None = None, address: tuple[str, int] | None = None) -> None:
