@@ -27,9 +27,11 @@ if TYPE_CHECKING:
 MAX_CONNECTIONS_CAP: Final = 50_000  # Envoy's edge advice for global_downstream_max_connections
 
 H2C_SETTINGS: Final = frozenset({b"http2-settings"})  # only meaningful with an h2c upgrade, which is not taken
-# Request headers the proxy writes itself upstream (the exchange): the client's are never forwarded.
-PROXY_SET_HEADERS: Final = frozenset({b"host", b"x-forwarded-for", b"x-envoy-attempt-count",
-                                      b"x-envoy-expected-rq-timeout-ms", b"x-envoy-original-path"})
+# Request headers the proxy writes itself upstream (the exchange): the client's are never forwarded. And
+# x-forwarded-for on a listener that appends to it (ListenerLimits.appends_forwarded_for).
+PROXY_SET_HEADERS: Final = frozenset({b"host", b"x-envoy-attempt-count", b"x-envoy-expected-rq-timeout-ms",
+                                      b"x-envoy-original-path"})
+FORWARDED_FOR_NAME: Final = frozenset({b"x-forwarded-for"})
 
 EDGE_NONE: Final = "none"  # outbound sidecar listener: the client is the local app
 EDGE_INBOUND: Final = "inbound"  # inbound sidecar listener: Envoy's control headers stripped
@@ -44,6 +46,9 @@ class ListenerLimits:
     request_headers_timeout: float = 10.0
     idle_timeout: float = 3600.0  # Envoy's HTTP connection idle_timeout default (1 h)
     stream_idle_timeout: float = 300.0  # Envoy's default (5 min)
+    # Envoy's use_remote_address, as istiod sets it: a gateway appends its client's address to x-forwarded-for; a
+    # sidecar's listeners (inbound, outbound) pass the header on as it came, and add none
+    appends_forwarded_for: bool = False
 
 
 DEFAULT_LIMITS: Final = ListenerLimits()
@@ -87,7 +92,7 @@ def listener_limits(settings: Settings, edge: str = EDGE_NONE) -> ListenerLimits
                       max_body_bytes=settings.max_request_body, underscores=settings.headers_with_underscores,
                       strip_names=strip_names, strip_prefix=strip_prefix, accept_http10=settings.accept_http10)
     return ListenerLimits(head, settings.request_headers_timeout, settings.idle_timeout,
-                          settings.stream_idle_timeout)
+                          settings.stream_idle_timeout, appends_forwarded_for=edge == EDGE_GATEWAY)
 
 
 def connection_budget(settings: Settings) -> ConnectionBudget:
@@ -145,7 +150,9 @@ class ListenerContext:
         # the metrics that read it are off
         head = self.limits.head
         edge = PEER_HEADERS if head.strip_names or head.strip_prefix else frozenset()
-        self.strip_request = HOP_BY_HOP | H2C_SETTINGS | PROXY_SET_HEADERS | self.telemetry.strip_request | edge
+        appended = FORWARDED_FOR_NAME if self.limits.appends_forwarded_for else frozenset()
+        self.strip_request = HOP_BY_HOP | H2C_SETTINGS | PROXY_SET_HEADERS | self.telemetry.strip_request | edge | \
+            appended
 
     def start_draining(self, close_idle: bool = True) -> None:
         self.draining = True

@@ -93,7 +93,11 @@ EXPECTED_TIMEOUT: Final = b"x-envoy-expected-rq-timeout-ms"
 HTTP: Final = b"http"
 # The headers every upstream request gets (x-forwarded-proto when the client sent none, the expected timeout when
 # the route has one), as one block each: a codec encodes a template once (messages.HeaderTemplate).
-FORWARDED: Final = HeaderTemplate((FORWARDED_FOR, ATTEMPT_COUNT))
+ATTEMPT: Final = HeaderTemplate((ATTEMPT_COUNT,))  # a sidecar's listener: no x-forwarded-for of its own
+ATTEMPT_HTTP: Final = HeaderTemplate((FORWARDED_PROTO, ATTEMPT_COUNT))
+ATTEMPT_TIMEOUT: Final = HeaderTemplate((ATTEMPT_COUNT, EXPECTED_TIMEOUT))
+ATTEMPT_HTTP_TIMEOUT: Final = HeaderTemplate((FORWARDED_PROTO, ATTEMPT_COUNT, EXPECTED_TIMEOUT))
+FORWARDED: Final = HeaderTemplate((FORWARDED_FOR, ATTEMPT_COUNT))  # a gateway's: the client appended to it
 FORWARDED_HTTP: Final = HeaderTemplate((FORWARDED_FOR, FORWARDED_PROTO, ATTEMPT_COUNT))
 FORWARDED_TIMEOUT: Final = HeaderTemplate((FORWARDED_FOR, ATTEMPT_COUNT, EXPECTED_TIMEOUT))
 FORWARDED_HTTP_TIMEOUT: Final = HeaderTemplate((FORWARDED_FOR, FORWARDED_PROTO, ATTEMPT_COUNT, EXPECTED_TIMEOUT))
@@ -117,7 +121,7 @@ class Downstream(Connection):
     (one write); a local reply is made whole by the transport. Reading pauses are counted by reason bits."""
 
     __slots__ = ("ctx", "loop", "pool", "clusters", "random", "randbelow", "telemetry", "strip_request",
-                 "active_task", "read_paused")
+                 "appends_forwarded_for", "active_task", "read_paused")
 
     def __init__(self, ctx: ListenerContext, loop: asyncio.AbstractEventLoop) -> None:
         self.ctx = ctx
@@ -129,6 +133,7 @@ class Downstream(Connection):
         assert ctx.telemetry is not None
         self.telemetry = ctx.telemetry
         self.strip_request = ctx.strip_request
+        self.appends_forwarded_for = ctx.limits.appends_forwarded_for
         self.active_task: asyncio.Task[None] | None = None  # the exchange's task while it waits, if any
         self.read_paused = 0
 
@@ -391,16 +396,22 @@ def send_request_head(stream: Stream, upstream: UpstreamStream, attempt: int, de
             xff = value
         elif name == FORWARDED_PROTO:
             has_proto = True
-    peer = stream.connection.peer_ip
-    forwarded_for = (xff + b", " + peer) if xff else peer
     count = b"%d" % attempt
+    timeout = b"%d" % max(0, int((deadline - now) * 1000)) if deadline is not None else b""
     block: HeaderBlock
-    if deadline is None:
-        block = (FORWARDED, (forwarded_for, count)) if has_proto else (FORWARDED_HTTP, (forwarded_for, HTTP, count))
+    if not conn.appends_forwarded_for:  # a sidecar: the client's x-forwarded-for, if any, went on as it came
+        if deadline is None:
+            block = (ATTEMPT, (count,)) if has_proto else (ATTEMPT_HTTP, (HTTP, count))
+        else:
+            block = (ATTEMPT_TIMEOUT, (count, timeout)) if has_proto else (ATTEMPT_HTTP_TIMEOUT, (HTTP, count, timeout))
     else:
-        timeout = b"%d" % max(0, int((deadline - now) * 1000))
-        block = (FORWARDED_TIMEOUT, (forwarded_for, count, timeout)) if has_proto \
-            else (FORWARDED_HTTP_TIMEOUT, (forwarded_for, HTTP, count, timeout))
+        peer = stream.connection.peer_ip
+        forwarded_for = (xff + b", " + peer) if xff else peer
+        if deadline is None:
+            block = (FORWARDED, (forwarded_for, count)) if has_proto else (FORWARDED_HTTP, (forwarded_for, HTTP, count))
+        else:
+            block = (FORWARDED_TIMEOUT, (forwarded_for, count, timeout)) if has_proto \
+                else (FORWARDED_HTTP_TIMEOUT, (forwarded_for, HTTP, count, timeout))
     extra: list[HeaderBlock] = [block]
     if original_path is not None:
         extra.append((ORIGINAL_PATH_BLOCK, (original_path,)))

@@ -80,9 +80,12 @@ def test_hop_by_hop_removed_and_forwarding_headers_set(proxy: ProxyProcess, upst
     assert resp.status == 200
     names = [k.decode().lower() for k, _ in upstream.requests[-1]["headers"]]
     assert "x-private" not in names and "keep-alive" not in names and "connection" not in names
-    assert upstream.header_values(-1, "x-forwarded-for") == ["10.1.1.1, 127.0.0.1"]
+    # a sidecar's listener passes x-forwarded-for on as it came (istiod: use_remote_address false) and adds none
+    assert upstream.header_values(-1, "x-forwarded-for") == ["10.1.1.1"]
     assert upstream.header_values(-1, "x-forwarded-proto") == ["http"]
     assert upstream.header_values(-1, "x-envoy-attempt-count") == ["1"]
+    get(proxy.port, "/echo")
+    assert upstream.header_values(-1, "x-forwarded-for") == []
 
 
 def test_chunked_upload_and_download(proxy: ProxyProcess) -> None:

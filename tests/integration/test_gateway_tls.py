@@ -186,11 +186,14 @@ def test_simple_tls_serves_istio_secure_ingress(tmp_path: Path, ca: TestCA, upst
     try:
         port = proxy.addresses["gateway:443"][1]
         done = curl(port, "httpbin.example.com", "/status/418", tmp_path / "ca.crt",
-                    "-H", "x-forwarded-proto: http")
+                    "-H", "x-forwarded-proto: http", "-H", "x-forwarded-for: 203.0.113.7")
         assert done.stdout == "418", done.stderr
         assert upstream_app.requests[-1]["path"] == "/status/418"
         # Envoy at the edge: the scheme of the client's connection, whatever the client said
         assert [v for k, v in upstream_app.requests[-1]["headers"] if k.lower() == b"x-forwarded-proto"] == [b"https"]
+        # and the client's address appended to x-forwarded-for (use_remote_address, as istiod sets it for gateways)
+        assert [v for k, v in upstream_app.requests[-1]["headers"] if k.lower() == b"x-forwarded-for"] == \
+            [b"203.0.113.7, 127.0.0.1"]
         # a host the port's servers do not name: 404 NR (no virtual host), though its certificate is refused first
         # by curl; Python's client without host check shows the route side
         status, _ = https_get(port, "httpbin.example.com", "/headers", ca.pem)
