@@ -278,10 +278,8 @@ class Telemetry:
         assert mesh is not None
         randbits = self.randbits
         extra: list[tuple[bytes, bytes]] = []
-        dice = -1
         if request_id is None:
             request_id = self.request_ids.next()
-            dice = int(request_id[:8], 16) % 10000  # as request_id_dice reads it
             extra.append((REQUEST_ID, request_id))
         info.request_id = request_id
         trace_id = parent_id = tracestate = None
@@ -294,9 +292,9 @@ class Telemetry:
         if trace_id is None:
             trace_id = new_trace_id(randbits)
         if sampled is None:  # Envoy's random sampling: the request id's dice, so every hop agrees
-            if dice < 0:
-                rolled = request_id_dice(request_id)
-                dice = randbits(32) % 10000 if rolled is None else rolled
+            dice = request_id_dice(request_id)
+            if dice is None:  # an incoming id that does not start with 8 hex digits
+                dice = randbits(32) % 10000
             sampled = dice < mesh.threshold
         span_id = new_span_id(randbits)
         inject(extra, trace_id, span_id, parent_id, sampled, debug, tracestate, b3_single)
