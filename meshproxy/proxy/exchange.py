@@ -93,14 +93,12 @@ EXPECTED_TIMEOUT: Final = b"x-envoy-expected-rq-timeout-ms"
 HTTP: Final = b"http"
 # The headers every upstream request gets (x-forwarded-proto when the client sent none, the expected timeout when
 # the route has one), as one block each: a codec encodes a template once (messages.HeaderTemplate).
-ATTEMPT: Final = HeaderTemplate((ATTEMPT_COUNT,))  # a sidecar's listener: no x-forwarded-for of its own
-ATTEMPT_HTTP: Final = HeaderTemplate((FORWARDED_PROTO, ATTEMPT_COUNT))
-ATTEMPT_TIMEOUT: Final = HeaderTemplate((ATTEMPT_COUNT, EXPECTED_TIMEOUT))
-ATTEMPT_HTTP_TIMEOUT: Final = HeaderTemplate((FORWARDED_PROTO, ATTEMPT_COUNT, EXPECTED_TIMEOUT))
-FORWARDED: Final = HeaderTemplate((FORWARDED_FOR, ATTEMPT_COUNT))  # a gateway's: the client appended to it
-FORWARDED_HTTP: Final = HeaderTemplate((FORWARDED_FOR, FORWARDED_PROTO, ATTEMPT_COUNT))
-FORWARDED_TIMEOUT: Final = HeaderTemplate((FORWARDED_FOR, ATTEMPT_COUNT, EXPECTED_TIMEOUT))
-FORWARDED_HTTP_TIMEOUT: Final = HeaderTemplate((FORWARDED_FOR, FORWARDED_PROTO, ATTEMPT_COUNT, EXPECTED_TIMEOUT))
+# A gateway's listener puts x-forwarded-for (the client appended to it) before them, a block of its own.
+FORWARDED: Final = HeaderTemplate((ATTEMPT_COUNT,))
+FORWARDED_HTTP: Final = HeaderTemplate((FORWARDED_PROTO, ATTEMPT_COUNT))
+FORWARDED_TIMEOUT: Final = HeaderTemplate((ATTEMPT_COUNT, EXPECTED_TIMEOUT))
+FORWARDED_HTTP_TIMEOUT: Final = HeaderTemplate((FORWARDED_PROTO, ATTEMPT_COUNT, EXPECTED_TIMEOUT))
+FORWARDED_FOR_BLOCK: Final = HeaderTemplate((FORWARDED_FOR,))
 ORIGINAL_PATH_BLOCK: Final = HeaderTemplate((ORIGINAL_PATH,))
 SERVICE_TIME: Final = HeaderTemplate((UPSTREAM_SERVICE_TIME,))
 GRPC_TIMEOUT: Final = b"grpc-timeout"
@@ -397,22 +395,16 @@ def send_request_head(stream: Stream, upstream: UpstreamStream, attempt: int, de
         elif name == FORWARDED_PROTO:
             has_proto = True
     count = b"%d" % attempt
-    timeout = b"%d" % max(0, int((deadline - now) * 1000)) if deadline is not None else b""
     block: HeaderBlock
-    if not conn.appends_forwarded_for:  # a sidecar: the client's x-forwarded-for, if any, went on as it came
-        if deadline is None:
-            block = (ATTEMPT, (count,)) if has_proto else (ATTEMPT_HTTP, (HTTP, count))
-        else:
-            block = (ATTEMPT_TIMEOUT, (count, timeout)) if has_proto else (ATTEMPT_HTTP_TIMEOUT, (HTTP, count, timeout))
+    if deadline is None:
+        block = (FORWARDED, (count,)) if has_proto else (FORWARDED_HTTP, (HTTP, count))
     else:
-        peer = stream.connection.peer_ip
-        forwarded_for = (xff + b", " + peer) if xff else peer
-        if deadline is None:
-            block = (FORWARDED, (forwarded_for, count)) if has_proto else (FORWARDED_HTTP, (forwarded_for, HTTP, count))
-        else:
-            block = (FORWARDED_TIMEOUT, (forwarded_for, count, timeout)) if has_proto \
-                else (FORWARDED_HTTP_TIMEOUT, (forwarded_for, HTTP, count, timeout))
+        timeout = b"%d" % max(0, int((deadline - now) * 1000))
+        block = (FORWARDED_TIMEOUT, (count, timeout)) if has_proto else (FORWARDED_HTTP_TIMEOUT, (HTTP, count, timeout))
     extra: list[HeaderBlock] = [block]
+    if conn.appends_forwarded_for:  # a gateway; a sidecar passed the client's x-forwarded-for on as it came
+        peer = stream.connection.peer_ip
+        extra.insert(0, (FORWARDED_FOR_BLOCK, ((xff + b", " + peer) if xff else peer,)))
     if original_path is not None:
         extra.append((ORIGINAL_PATH_BLOCK, (original_path,)))
     if stream.upstream_extra:
