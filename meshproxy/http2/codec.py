@@ -648,9 +648,8 @@ class H2Codec:
         try:
             head = build_request_head(headers, end_stream, self.policy)
         except ProtocolError as error:  # refused as the HTTP/1.1 codec refuses it (400, 413, 431...), this stream only
-            parts = self._block_parts()
-            self._add_fields(parts, [(b":status", b"%d" % error.status), (b"content-length", b"0")], NO_NAMES)
-            self._send_block(u32(stream_id), parts, True)
+            self._send_block(u32(stream_id), self._fields_block([(b":status", b"%d" % error.status),
+                                                                 (b"content-length", b"0")]), True)
             if not end_stream:
                 self.out.append(rst_stream_frame(stream_id, NO_ERROR))  # the rest of its body is not wanted
             return
@@ -828,17 +827,11 @@ class H2Codec:
                 if value == TRAILERS or value.lower().find(TRAILERS) >= 0:  # it, as Envoy does; `in`: http1/head.py
                     encoder.add(TE, TRAILERS, False, parts)
                 continue
-            if skip and name in skip:
+            if kind == LEAVE_OUT or (skip and name in skip):
                 continue
-            if kind == FORWARD:
-                encoder.add(name, value, False, parts)
-            elif kind == DATE_FIELD:
+            if kind == DATE_FIELD:
                 dated = True
-                encoder.add(name, value, False, parts)
-            elif kind == CREDENTIALS or (kind == COOKIE and len(value) < 20):
-                encoder.add(name, value, True, parts)
-            elif kind == COOKIE:
-                encoder.add(name, value, False, parts)
+            encoder.add(name, value, kind == CREDENTIALS or (kind == COOKIE and len(value) < 20), parts)
         return dated
 
     def _add_blocks(self, parts: list[bytes], blocks: list[HeaderBlock]) -> None:
@@ -885,6 +878,12 @@ class H2Codec:
         self.encoder.start_block(parts)
         return parts
 
+    def _fields_block(self, headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+        """A header block of `headers` alone (trailers, a refusal's head), encoded."""
+        parts = self._block_parts()
+        self._add_fields(parts, headers, NO_NAMES)
+        return parts
+
     def _headers_sent(self, stream: H2Stream, parts: list[bytes], end_stream: bool) -> None:
         self._send_block(stream.wire_id, parts, end_stream)
         if end_stream:
@@ -926,9 +925,7 @@ class H2Codec:
     def send_headers(self, stream: H2Stream, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
         if stream.closed:
             return
-        parts = self._block_parts()
-        self._add_fields(parts, headers, NO_NAMES)
-        self._headers_sent(stream, parts, end_stream)
+        self._headers_sent(stream, self._fields_block(headers), end_stream)
 
     def send_data(self, stream: H2Stream, data: bytes) -> None:
         if stream.closed or stream.end_queued or not data:
@@ -1029,9 +1026,7 @@ class H2Codec:
         if not out and stream.end_queued and not stream.out_done:
             stream.out_done = True
             if stream.trailers is not None:
-                parts = self._block_parts()
-                self._add_fields(parts, stream.trailers, NO_NAMES)
-                self._send_block(wire_id, parts, True)
+                self._send_block(wire_id, self._fields_block(stream.trailers), True)
             else:
                 frames.append(frame_prefix(0, DATA, END_STREAM))
                 frames.append(wire_id)
